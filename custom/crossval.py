@@ -1,0 +1,155 @@
+"""K-fold cross-validation through the bundle's own configs: train each fold, evaluate it, aggregate.
+
+Why it exists: MONAI bundles train one split per run; the paper's evidence (and nnU-Net's habit) is a
+patient-grouped k-fold cross-validation. This module only orchestrates ``python -m monai.bundle run``
+with ``train.json`` and ``evaluate.json`` per fold; training, evaluation and metrics stay in the configs.
+"""
+
+import csv
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from custom.data.datalist import load_dataset_json
+from custom.reporting import summarise, summary_markdown, write_case_csv, write_markdown, write_summary_csv
+
+BUNDLE_ROOT = Path(__file__).resolve().parent.parent / "bundle"
+# evaluate.json's metric names (MetricsSaver files ``<name>_raw.csv``) and the per-case column they become.
+EVALUATION_METRICS = {
+    "val_mean_dice": "dice",
+    "val_hd95_mm": "hd95_mm",
+    "val_assd_mm": "assd_mm",
+    "val_precision": "precision",
+    "val_recall": "recall",
+    "val_avd_ml": "avd_ml",
+    "val_lesion_f1": "lesion_f1",
+}
+CASE_METRICS = tuple(EVALUATION_METRICS.values())
+DONE_FILE = "fold_done.json"
+
+
+def latest_checkpoint(ckpt_dir) -> Path | None:
+    """The newest ``latest_checkpoint_epoch=N.pt`` written by train.json's CheckpointSaver, or None."""
+    found = []
+    for path in Path(ckpt_dir).glob("latest_checkpoint_epoch=*.pt"):
+        match = re.search(r"epoch=(\d+)\.pt$", path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return max(found)[1] if found else None
+
+
+def _override_arguments(overrides: dict) -> list[str]:
+    """Bundle overrides as ``monai.bundle run`` arguments; non-strings are written as Python literals."""
+    arguments = []
+    for key, value in overrides.items():
+        arguments += [f"--{key}", value if isinstance(value, str) else repr(value)]
+    return arguments
+
+
+def _run_bundle(config_files: list[str], arguments: dict, overrides: dict, log_file: Path) -> None:
+    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", repr(config_files)]
+    command += _override_arguments({**arguments, **overrides})
+    print(" ".join(command), flush=True)
+    with open(log_file, "a") as log:
+        completed = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
+    if completed.returncode != 0:
+        raise RuntimeError(f"bundle run failed with exit code {completed.returncode}; see the log '{log_file}'")
+
+
+def _fold_case_rows(dataset_dir: Path, fold: int, eval_dir: Path) -> list[dict]:
+    """Per-case rows of one fold from evaluate.json's MetricsSaver ``*_raw.csv`` files."""
+    dataset = load_dataset_json(dataset_dir)
+    by_image = {str((dataset_dir / e["image"]).resolve()): e for e in dataset["training"]}
+    rows: dict[str, dict] = {}
+    for saver_name, column in EVALUATION_METRICS.items():
+        raw_file = eval_dir / f"{saver_name}_raw.csv"
+        if not raw_file.is_file():
+            raise FileNotFoundError(f"evaluation output '{raw_file}' is missing")
+        with open(raw_file) as f:
+            for record in csv.DictReader(f):
+                entry = by_image.get(str(Path(record["filename"]).resolve()))
+                if entry is None:
+                    raise ValueError(f"'{raw_file}' names '{record['filename']}', which is not in dataset.json")
+                row = rows.setdefault(
+                    entry["case"], {"fold": fold, "case": entry["case"], "patient": entry.get("patient", "")}
+                )
+                row[column] = float(record["mean"])
+    return list(rows.values())
+
+
+def run_cross_validation(
+    dataset_dir: str,
+    out: str,
+    folds: int | None = None,
+    config_files: str | list[str] = "",
+    bundle_root: str = str(BUNDLE_ROOT),
+    save_masks: bool = True,
+    **overrides,
+) -> list[dict]:
+    """Train and evaluate every fold of ``dataset_dir`` with the bundle, then aggregate per fold and overall.
+
+    Args:
+        dataset_dir: converted dataset folder (``python -m custom prepare``); its ``fold`` fields define the split.
+        out: run folder; ``out/fold_K/`` holds the checkpoints, TensorBoard logs, evaluation and masks of fold K.
+        folds: number of folds to run (default: ``num_folds`` of dataset.json).
+        config_files: extra bundle configs applied over train.json (e.g. ``bundle/configs/demo.json``),
+            comma-separated or a list.
+        bundle_root: the bundle folder.
+        save_masks: keep each fold's predicted masks (used by the result figures).
+        overrides: any bundle override, e.g. ``--epochs 50 --loss#lambda_gdl 0``.
+
+    A fold with ``fold_done.json`` is skipped; an interrupted fold resumes from its latest checkpoint.
+    Writes ``out/cases.csv`` (per case), ``out/summary.csv`` and ``out/summary.md`` (mean, std, median per
+    fold and overall) and returns the summary rows.
+    """
+    dataset_dir = Path(dataset_dir).resolve()
+    dataset = load_dataset_json(dataset_dir)
+    num_folds = int(folds if folds is not None else dataset.get("num_folds", 0))
+    present = sorted({int(e["fold"]) for e in dataset["training"]})
+    if num_folds < 1 or any(k not in present for k in range(num_folds)):
+        raise ValueError(f"folds={num_folds} does not match the folds {present} of '{dataset_dir / 'dataset.json'}'")
+    bundle_root = Path(bundle_root).resolve()
+    extra = [c for c in (config_files.split(",") if isinstance(config_files, str) else config_files) if c]
+    train_configs = [str(bundle_root / "configs" / "train.json")] + [str(Path(c).resolve()) for c in extra]
+    evaluate_configs = train_configs + [str(bundle_root / "configs" / "evaluate.json")]
+    run_dir = Path(out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    rows = []
+    for fold in range(num_folds):
+        fold_dir = run_dir / f"fold_{fold}"
+        ckpt_dir = fold_dir / "models"
+        eval_dir = fold_dir / "eval"
+        if not (fold_dir / DONE_FILE).is_file():
+            fold_dir.mkdir(parents=True, exist_ok=True)
+            common = {"bundle_root": str(bundle_root), "dataset_dir": str(dataset_dir), "fold": fold}
+            train_arguments = {**common, "ckpt_dir": str(ckpt_dir), "output_dir": str(fold_dir / "train")}
+            resume = latest_checkpoint(ckpt_dir)
+            if resume is not None:
+                print(f"fold {fold}: resuming from {resume}", flush=True)
+                train_arguments["resume_ckpt"] = str(resume)
+            started = time.time()
+            _run_bundle(train_configs, train_arguments, overrides, fold_dir / "train.log")
+            trained = time.time()
+            evaluate_arguments = {
+                **common,
+                "ckpt_path": str(ckpt_dir / "model.pt"),
+                "output_dir": str(eval_dir),
+                "save_masks": save_masks,
+            }
+            _run_bundle(evaluate_configs, evaluate_arguments, overrides, fold_dir / "evaluate.log")
+            timing = {"train_seconds": round(trained - started, 1), "evaluate_seconds": round(time.time() - trained, 1)}
+            (fold_dir / DONE_FILE).write_text(json.dumps({**timing, "overrides": overrides}, indent=2, default=str))
+        else:
+            print(f"fold {fold}: already done, skipped", flush=True)
+        rows += _fold_case_rows(dataset_dir, fold, eval_dir)
+
+    summary = summarise(rows, CASE_METRICS, group_key="fold")
+    write_case_csv(rows, str(run_dir / "cases.csv"))
+    write_summary_csv(summary, str(run_dir / "summary.csv"))
+    write_markdown(summary_markdown(summary, CASE_METRICS, group_key="fold"), str(run_dir / "summary.md"))
+    print(summary_markdown(summary, CASE_METRICS, group_key="fold"))
+    return summary
