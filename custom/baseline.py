@@ -1,0 +1,158 @@
+"""The clinical threshold rule every model must beat: ischemic core = rCBF < 30 % and Tmax > 6 s.
+
+It runs on the converted dataset (data contract in DESIGN.md) and scores every training case with the same
+per-case metrics and fold summaries as the cross-validation. The rule and its reasons: docs/metrics.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+
+import nibabel as nib
+import numpy as np
+
+from custom.metrics import METRIC_NAMES, case_metrics
+from custom.reporting import summarise, summary_markdown, write_case_csv, write_markdown, write_summary_csv
+
+logger = logging.getLogger(__name__)
+
+
+def threshold_core(
+    cbf: np.ndarray,
+    tmax: np.ndarray,
+    brain: np.ndarray,
+    rcbf_threshold: float = 0.3,
+    tmax_threshold: float = 6.0,
+    healthy_tmax: float = 4.0,
+) -> tuple[np.ndarray, float, bool]:
+    """Core mask of one volume by the threshold rule, with the reference CBF it used.
+
+    The reference is the median CBF of brain voxels with Tmax < ``healthy_tmax`` (normally perfused tissue);
+    when there are none it is the whole brain's median. Core = brain & CBF < ``rcbf_threshold`` x reference &
+    Tmax > ``tmax_threshold``. Returns (core mask, reference CBF, whether the whole-brain fallback was used).
+    """
+    healthy = brain & (tmax < healthy_tmax)
+    used_fallback = not healthy.any()
+    reference = float(np.median(cbf[brain if used_fallback else healthy]))
+    core = brain & (cbf < rcbf_threshold * reference) & (tmax > tmax_threshold)
+    return core, reference, used_fallback
+
+
+def _load_dataset(dataset_dir: str) -> dict:
+    """dataset.json of ``dataset_dir``, or a clear error naming the missing folder, file or key."""
+    if not os.path.isdir(dataset_dir):
+        raise FileNotFoundError(f"dataset folder not found: {dataset_dir}")
+    path = os.path.join(dataset_dir, "dataset.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"dataset.json not found in the dataset folder: {path}")
+    with open(path) as file:
+        dataset = json.load(file)
+    for key in ("modality", "training"):
+        if key not in dataset:
+            raise KeyError(f"{path} has no {key!r} key.")
+    return dataset
+
+
+def _channel_layout(modality: dict, path: str) -> dict:
+    """Channel indices the rule needs, looked up by name in the dataset.json ``modality`` map: CBF, Tmax, the
+    perfusion maps (every channel but CT) and the channel count."""
+    indices = {name: int(index) for index, name in modality.items()}
+    missing = [name for name in ("CT", "CBF", "Tmax") if name not in indices]
+    if missing:
+        raise KeyError(f"{path}: 'modality' has no {missing} channel(s); found {modality}.")
+    return {
+        "CBF": indices["CBF"],
+        "Tmax": indices["Tmax"],
+        "perfusion": sorted(index for name, index in indices.items() if name != "CT"),
+        "channels": len(indices),
+    }
+
+
+def _baseline_case(entry: dict, dataset_dir: str, layout: dict, thresholds: dict) -> tuple[dict, nib.Nifti1Image]:
+    """Apply the rule to one training entry; returns its metrics row and the predicted mask as a NIfTI image."""
+    image_path = os.path.join(dataset_dir, entry["image"])
+    label_path = os.path.join(dataset_dir, entry["label"])
+    image = nib.load(image_path)
+    if image.ndim != 4 or image.shape[3] != layout["channels"]:
+        raise ValueError(f"{image_path}: expected a 4D (H, W, D, {layout['channels']}) image, got {image.shape}.")
+    volume = image.get_fdata(dtype=np.float32)
+    label = np.asanyarray(nib.load(label_path).dataobj)
+    if label.shape != volume.shape[:3]:
+        raise ValueError(f"{label_path}: label shape {label.shape} differs from the image's {volume.shape[:3]}.")
+    if not np.isin(label, (0, 1)).all():
+        raise ValueError(f"{label_path}: label values must be 0 and 1, got {np.unique(label).tolist()}.")
+
+    brain = (volume[..., layout["perfusion"]] != 0).any(axis=-1)
+    if not brain.any():
+        raise ValueError(f"{image_path}: every perfusion map is zero, so there is no brain to threshold.")
+    core, reference, used_fallback = threshold_core(
+        volume[..., layout["CBF"]], volume[..., layout["Tmax"]], brain, **thresholds
+    )
+    if used_fallback:
+        logger.warning(
+            "%s: no brain voxel has Tmax < %s s; the CBF reference is the whole brain's median.",
+            entry["case"],
+            thresholds["healthy_tmax"],
+        )
+    spacing = nib.affines.voxel_sizes(image.affine)
+    row = {"case": entry["case"], "patient": entry.get("patient", ""), "fold": entry["fold"]}
+    row.update(case_metrics(core, label, spacing))
+    row.update({"reference_cbf": reference, "reference_region": "whole_brain" if used_fallback else "tmax_below"})
+    return row, nib.Nifti1Image(core.astype(np.uint8), image.affine)
+
+
+def run_baseline(
+    dataset_dir: str,
+    out: str,
+    rcbf_threshold: float = 0.3,
+    tmax_threshold: float = 6.0,
+    healthy_tmax: float = 4.0,
+    save_masks: bool = False,
+) -> list[dict]:
+    """Score the threshold rule on every training case of a converted dataset and write the tables.
+
+    Writes ``out/cases.csv`` (one row per case, with its fold), ``out/summary.csv`` and ``out/summary.md``
+    (per fold and overall), and with ``save_masks`` the predicted cores as ``out/masks/<case>.nii.gz`` (uint8,
+    the image's affine). Nothing is written unless every case succeeds. Returns the summary rows.
+    """
+    dataset = _load_dataset(dataset_dir)
+    json_path = os.path.join(dataset_dir, "dataset.json")
+    layout = _channel_layout(dataset["modality"], json_path)
+    thresholds = {"rcbf_threshold": rcbf_threshold, "tmax_threshold": tmax_threshold, "healthy_tmax": healthy_tmax}
+    if not dataset["training"]:
+        raise ValueError(f"{json_path} lists no training cases to score.")
+    for number, entry in enumerate(dataset["training"]):
+        missing = [key for key in ("image", "label", "case", "fold") if key not in entry]
+        if missing:
+            raise KeyError(f"{json_path}: training entry {number} has no {missing}.")
+
+    # Masks are staged beside `out` and moved in only once every case has succeeded.
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=parent, prefix=".baseline-") as staging:
+        rows = []
+        for entry in dataset["training"]:
+            row, mask = _baseline_case(entry, dataset_dir, layout, thresholds)
+            rows.append(row)
+            if save_masks:
+                nib.save(mask, os.path.join(staging, f"{entry['case']}.nii.gz"))
+            logger.info("%s: Dice %.3f", entry["case"], row["dice"])
+        if save_masks:
+            os.makedirs(os.path.join(out, "masks"), exist_ok=True)
+            for row in rows:
+                name = f"{row['case']}.nii.gz"
+                os.replace(os.path.join(staging, name), os.path.join(out, "masks", name))
+
+    summary = summarise(rows, METRIC_NAMES, group_key="fold")
+    write_case_csv(rows, os.path.join(out, "cases.csv"))
+    write_summary_csv(summary, os.path.join(out, "summary.csv"))
+    title = (
+        f"# Threshold baseline: core = CBF < {rcbf_threshold:g} x reference and Tmax > {tmax_threshold:g} s; "
+        f"reference = median CBF of brain voxels with Tmax < {healthy_tmax:g} s\n\n"
+    )
+    table = summary_markdown(summary, METRIC_NAMES, group_key="fold")
+    write_markdown(title + table, os.path.join(out, "summary.md"))
+    return summary

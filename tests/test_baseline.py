@@ -1,0 +1,155 @@
+"""The threshold baseline on a tiny dataset written per the data contract, with a known hypoperfused block."""
+
+import csv
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from custom.baseline import run_baseline, threshold_core
+from custom.metrics import METRIC_NAMES
+
+SHAPE = (32, 32, 4)
+AFFINE = np.diag([0.9, 0.9, 5.0, 1.0])
+MODALITY = {"0": "CT", "1": "CBF", "2": "CBV", "3": "MTT", "4": "Tmax"}
+
+
+def ctp_volume():
+    """(H, W, D, 5) maps, zero outside a square brain: healthy CBF 50 / Tmax 2 s, a core block (CBF 10 < 0.3 x 50,
+    Tmax 10 s), and a penumbra block (CBF 30, Tmax 8 s) that is delayed but not hypoperfused enough."""
+    volume = np.zeros((*SHAPE, 5), dtype=np.float32)
+    brain = (slice(2, 30), slice(2, 30), slice(None))
+    volume[brain] = [40.0, 50.0, 4.0, 5.0, 2.0]
+    volume[8:16, 8:16, 1:3, 1], volume[8:16, 8:16, 1:3, 4] = 10.0, 10.0
+    volume[20:26, 20:26, 1:3, 1], volume[20:26, 20:26, 1:3, 4] = 30.0, 8.0
+    return volume
+
+
+def core_block():
+    mask = np.zeros(SHAPE, dtype=np.uint8)
+    mask[8:16, 8:16, 1:3] = 1
+    return mask
+
+
+def write_dataset(root, labels):
+    """A converted dataset folder with one training case per label, alternating folds 0 and 1."""
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    training = []
+    for number, label in enumerate(labels, start=1):
+        case = f"case_{number}"
+        nib.save(nib.Nifti1Image(ctp_volume(), AFFINE), root / "imagesTr" / f"{case}.nii.gz")
+        nib.save(nib.Nifti1Image(label, AFFINE), root / "labelsTr" / f"{case}.nii.gz")
+        training.append(
+            {
+                "image": f"imagesTr/{case}.nii.gz",
+                "label": f"labelsTr/{case}.nii.gz",
+                "fold": (number - 1) % 2,
+                "patient": f"P{number:03d}",
+                "case": case,
+            }
+        )
+    dataset = {
+        "name": "tiny",
+        "description": "test",
+        "modality": MODALITY,
+        "labels": {"0": "background", "1": "lesion"},
+        "numTraining": len(training),
+        "numTest": 0,
+        "num_folds": 2,
+        "training": training,
+        "testing": [],
+    }
+    (root / "dataset.json").write_text(json.dumps(dataset))
+    return root
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    shifted = np.roll(core_block(), 4, axis=0)  # half of the block: Dice 0.5
+    return write_dataset(tmp_path / "dataset", [core_block(), shifted, core_block()])
+
+
+def test_threshold_core_finds_the_hypoperfused_block():
+    volume = ctp_volume()
+    brain = (volume[..., 1:] != 0).any(axis=-1)
+    core, reference, used_fallback = threshold_core(volume[..., 1], volume[..., 4], brain)
+    assert reference == 50.0 and not used_fallback
+    np.testing.assert_array_equal(core, core_block().astype(bool))
+
+
+def test_threshold_core_falls_back_to_the_whole_brain_median():
+    volume = ctp_volume()
+    volume[..., 4][volume[..., 4] != 0] = 5.0  # no voxel below 4 s
+    brain = (volume[..., 1:] != 0).any(axis=-1)
+    core, reference, used_fallback = threshold_core(volume[..., 1], volume[..., 4], brain, tmax_threshold=4.5)
+    assert used_fallback and reference == float(np.median(volume[..., 1][brain]))
+    np.testing.assert_array_equal(core, core_block().astype(bool))
+
+
+def test_run_baseline_scores_every_case_and_keeps_folds(dataset, tmp_path):
+    out = tmp_path / "baseline"
+    summary = run_baseline(str(dataset), str(out), save_masks=True)
+
+    with open(out / "cases.csv") as file:
+        cases = list(csv.DictReader(file))
+    assert [(row["case"], row["fold"], row["patient"]) for row in cases] == [
+        ("case_1", "0", "P001"),
+        ("case_2", "1", "P002"),
+        ("case_3", "0", "P003"),
+    ]
+    assert [float(row["dice"]) for row in cases] == pytest.approx([1.0, 0.5, 1.0])
+    for row in cases:
+        assert 0 <= float(row["dice"]) <= 1 and 0 <= float(row["lesion_f1"]) <= 1
+        assert float(row["hd95_mm"]) >= 0 and float(row["pred_ml"]) == pytest.approx(128 * 4.05e-3)
+        assert row["reference_region"] == "tmax_below" and float(row["reference_cbf"]) == 50.0
+
+    assert [row["fold"] for row in summary] == [0, 1, "all"]
+    assert summary[0]["cases"] == 2 and summary[0]["dice_mean"] == pytest.approx(1.0)
+    assert summary[1]["dice_mean"] == pytest.approx(0.5)
+    assert summary[2]["dice_mean"] == pytest.approx(2.5 / 3)
+    with open(out / "summary.csv") as file:
+        assert [row["fold"] for row in csv.DictReader(file)] == ["0", "1", "all"]
+    markdown = (out / "summary.md").read_text()
+    assert markdown.startswith("# Threshold baseline: core = CBF < 0.3 x reference and Tmax > 6 s")
+    assert "| fold | cases | " + " | ".join(METRIC_NAMES) + " |" in markdown
+
+    mask = nib.load(out / "masks" / "case_2.nii.gz")
+    assert mask.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(mask.affine, AFFINE)
+    np.testing.assert_array_equal(np.asanyarray(mask.dataobj), core_block())
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["baseline", "dataset"]  # staging removed
+
+
+def test_thresholds_are_parameters(dataset, tmp_path):
+    # With Tmax > 7 s and rCBF < 70 % the penumbra block (CBF 30 = 60 %, Tmax 8 s) joins the core.
+    run_baseline(str(dataset), str(tmp_path / "out"), rcbf_threshold=0.7, tmax_threshold=7.0)
+    with open(tmp_path / "out" / "cases.csv") as file:
+        first = next(csv.DictReader(file))
+    assert float(first["pred_ml"]) == pytest.approx((128 + 72) * 4.05e-3)
+    assert not (tmp_path / "out" / "masks").exists()
+
+
+def test_missing_dataset_folder_or_json_is_named(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        run_baseline(str(missing), str(tmp_path / "out"))
+    with pytest.raises(FileNotFoundError, match="dataset.json"):
+        run_baseline(str(tmp_path), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failing_case_leaves_nothing_written(dataset, tmp_path):
+    (dataset / "labelsTr" / "case_3.nii.gz").unlink()
+    out = tmp_path / "out"
+    with pytest.raises(FileNotFoundError, match="case_3"):
+        run_baseline(str(dataset), str(out), save_masks=True)
+    assert not out.exists()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["dataset"]
+
+
+def test_bad_label_values_are_named(tmp_path):
+    dataset = write_dataset(tmp_path / "dataset", [core_block() * 2])
+    with pytest.raises(ValueError, match="case_1.nii.gz: label values"):
+        run_baseline(str(dataset), str(tmp_path / "out"))

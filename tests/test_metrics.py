@@ -1,0 +1,326 @@
+"""Per-case metrics against hand-computed values, CaseMetric through Ignite and MetricsSaver, and the reporting
+aggregations (summarise, summary_markdown, paired_comparison, CSV round trip)."""
+
+import csv
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Engine
+from monai.data import MetaTensor, list_data_collate
+from monai.handlers import IgniteMetricHandler, MetricsSaver, from_engine
+
+from custom.metrics import EMPTY_MASK_CONVENTION, METRIC_NAMES, CaseMetric, case_metrics
+from custom.reporting import (
+    paired_comparison,
+    read_case_csv,
+    summarise,
+    summary_markdown,
+    write_case_csv,
+    write_summary_csv,
+)
+
+# 0.9 mm in plane, 5 mm slices: one voxel is 0.9 * 0.9 * 5 = 4.05 mm^3.
+SPACING = (0.9, 0.9, 5.0)
+SHAPE = (32, 32, 8)
+
+
+def box(x=(10, 20), y=(10, 20), z=(2, 4), shape=SHAPE):
+    """A uint8 volume with one axis-aligned box of ones; every voxel of a 2-slice box lies on its surface."""
+    volume = np.zeros(shape, dtype=np.uint8)
+    volume[x[0] : x[1], y[0] : y[1], z[0] : z[1]] = 1
+    return volume
+
+
+def test_box_shifted_one_slice_along_the_5mm_axis():
+    # 10 x 10 x 2 boxes overlapping on one slice: half of each surface lies on the other (0 mm), half one slice
+    # away (5 mm). HD95 = 5, ASSD = (100 * 0 + 100 * 5) / 200 = 2.5; 200 voxels = 0.81 mL each.
+    values = case_metrics(box(z=(3, 5)), box(), SPACING)
+    assert set(values) == set(METRIC_NAMES)
+    assert values["dice"] == pytest.approx(0.5)
+    assert values["precision"] == pytest.approx(0.5)
+    assert values["recall"] == pytest.approx(0.5)
+    assert values["hd95_mm"] == pytest.approx(5.0)
+    assert values["assd_mm"] == pytest.approx(2.5)
+    assert values["pred_ml"] == pytest.approx(0.81)
+    assert values["label_ml"] == pytest.approx(0.81)
+    assert values["avd_ml"] == pytest.approx(0.0)
+    assert values["lesion_f1"] == 1.0
+
+
+def test_box_shifted_two_voxels_along_a_0p9mm_axis():
+    # 160 of 200 voxels overlap; the 40 non-overlapping surface voxels per side lie 0.9 mm (20) and 1.8 mm (20)
+    # from the other surface: HD95 = 1.8 (per-direction 95th percentile), ASSD = 2 * (20 * 0.9 + 20 * 1.8) / 400.
+    values = case_metrics(box(x=(12, 22)), box(), SPACING)
+    assert values["dice"] == pytest.approx(0.8)
+    assert values["precision"] == pytest.approx(0.8)
+    assert values["recall"] == pytest.approx(0.8)
+    assert values["hd95_mm"] == pytest.approx(1.8)
+    assert values["assd_mm"] == pytest.approx(0.27)
+
+
+def test_spacing_scales_distances_and_volumes_per_axis():
+    # The same one-voxel shift costs 5 mm along the slice axis but 0.9 mm in plane.
+    along_slices = case_metrics(box(z=(3, 5)), box(), SPACING, names=("hd95_mm",))
+    in_plane = case_metrics(box(x=(11, 21)), box(), SPACING, names=("hd95_mm",))
+    assert along_slices["hd95_mm"] == pytest.approx(5.0)
+    assert in_plane["hd95_mm"] == pytest.approx(0.9)
+    thin_slices = case_metrics(box(), box(), (0.9, 0.9, 1.0), names=("label_ml",))
+    assert thin_slices["label_ml"] == pytest.approx(200 * 0.81 / 1000)
+
+
+def test_over_segmentation_volume_precision_recall():
+    # Prediction has one extra slice: 300 vs 200 voxels, all label voxels found.
+    values = case_metrics(box(z=(2, 5)), box(), SPACING, names=("dice", "precision", "recall", "avd_ml", "pred_ml"))
+    assert values == pytest.approx(
+        {"dice": 400 / 500, "precision": 200 / 300, "recall": 1.0, "avd_ml": 100 * 4.05e-3, "pred_ml": 300 * 4.05e-3}
+    )
+
+
+def test_lesion_f1_counts_detected_missed_and_false_lesions():
+    label = box(x=(2, 6), y=(2, 6)) | box(x=(20, 24), y=(20, 24))  # two lesions
+    pred = box(x=(3, 7), y=(3, 7)) | box(x=(10, 14), y=(26, 30))  # hits the first, plus one false lesion
+    # TP = 1, FN = 1, FP = 1: F1 = 2 / (2 + 1 + 1).
+    assert case_metrics(pred, label, SPACING)["lesion_f1"] == pytest.approx(0.5)
+
+
+def test_lesion_f1_uses_26_connectivity():
+    # Two label voxels touching only at a corner are one lesion, so hitting one of them detects it.
+    label = np.zeros(SHAPE, dtype=np.uint8)
+    label[5, 5, 2] = label[6, 6, 3] = 1
+    pred = np.zeros(SHAPE, dtype=np.uint8)
+    pred[5, 5, 2] = 1
+    assert case_metrics(pred, label, SPACING)["lesion_f1"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "pred_empty, label_empty",
+    [(True, True), (False, True), (True, False)],
+    ids=["both_empty", "label_empty", "prediction_empty"],
+)
+def test_empty_mask_convention_without_warnings(pred_empty, label_empty):
+    pred = box() * (not pred_empty)
+    label = box() * (not label_empty)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        values = case_metrics(pred, label, SPACING)
+    expected = EMPTY_MASK_CONVENTION[(pred_empty, label_empty)]
+    for name, value in expected.items():
+        assert (math.isnan(values[name]) and math.isnan(value)) or values[name] == value, name
+    assert values["avd_ml"] == pytest.approx(0.0 if pred_empty == label_empty else 0.81)
+
+
+def test_empty_mask_convention_values():
+    both, label_empty, pred_empty = (EMPTY_MASK_CONVENTION[key] for key in [(True, True), (False, True), (True, False)])
+    assert both == {"dice": 1, "precision": 1, "recall": 1, "lesion_f1": 1, "hd95_mm": 0, "assd_mm": 0}
+    assert label_empty["dice"] == 0 and label_empty["precision"] == 0 and math.isnan(label_empty["recall"])
+    assert pred_empty["dice"] == 0 and pred_empty["recall"] == 0 and math.isnan(pred_empty["precision"])
+    assert all(math.isnan(convention["hd95_mm"]) for convention in (label_empty, pred_empty))
+
+
+def test_torch_and_numpy_inputs_agree():
+    from_numpy = case_metrics(box(z=(3, 5)), box(), SPACING)
+    from_torch = case_metrics(torch.from_numpy(box(z=(3, 5))).float(), torch.from_numpy(box()), torch.tensor(SPACING))
+    assert from_torch == pytest.approx(from_numpy)
+
+
+@pytest.mark.parametrize(
+    "pred, label, spacing, message",
+    [
+        (box() * 0.5, box(), SPACING, "pred must be binary"),
+        (box(), box()[..., 0], SPACING, "label must be a 3D"),
+        (box(), box(shape=(32, 32, 9)), SPACING, "shapes differ"),
+        (box(), box(), (0.9, 0.9), "spacing must be three"),
+        (box(), box(), (0.9, 0.0, 5.0), "spacing must be three"),
+    ],
+)
+def test_bad_inputs_are_named(pred, label, spacing, message):
+    with pytest.raises(ValueError, match=message):
+        case_metrics(pred, label, spacing)
+
+
+def test_unknown_metric_name_is_refused():
+    with pytest.raises(ValueError, match="hd99"):
+        case_metrics(box(), box(), SPACING, names=("hd99",))
+    with pytest.raises(ValueError, match="hd99"):
+        CaseMetric(name="hd99")
+    with pytest.raises(ValueError, match="max"):
+        CaseMetric(name="dice", reduction="max")
+
+
+def affine(spacing):
+    return torch.diag(torch.tensor([*spacing, 1.0], dtype=torch.float64))
+
+
+def one_hot(mask, spacing):
+    """(2, H, W, D) one-hot MetaTensor with the spacing on the affine diagonal."""
+    lesion = torch.from_numpy(mask).float()
+    return MetaTensor(torch.stack([1 - lesion, lesion]), affine=affine(spacing))
+
+
+def index_mask(mask, spacing):
+    """(1, H, W, D) binary MetaTensor."""
+    return MetaTensor(torch.from_numpy(mask)[None].float(), affine=affine(spacing))
+
+
+def evaluation_batches():
+    """Two iterations of decollated outputs: the same one-slice shift at 5 mm and at 3 mm slices, then a missed
+    lesion (HD95 undefined)."""
+    cases = [
+        ("case_1", box(z=(3, 5)), box(), (0.9, 0.9, 5.0)),
+        ("case_2", box(z=(3, 5)), box(), (0.8, 0.8, 3.0)),
+        ("case_3", box() * 0, box(), (0.9, 0.9, 5.0)),
+    ]
+    items = [
+        {
+            "image": MetaTensor(
+                torch.zeros(1, *SHAPE), affine=affine(spacing), meta={"filename_or_obj": f"{name}.nii.gz"}
+            ),
+            "pred": one_hot(pred, spacing),
+            "label": index_mask(label, spacing),
+        }
+        for name, pred, label, spacing in cases
+    ]
+    return [items[:2], items[2:]]
+
+
+@pytest.mark.filterwarnings("ignore:Mean of empty slice")  # MetricsSaver's per-row nanmean of the NaN case
+def test_case_metric_through_ignite_and_metrics_saver(tmp_path):
+    engine = Engine(lambda engine, batch: batch)
+    IgniteMetricHandler(
+        metric_fn=CaseMetric(name="hd95_mm", reduction="mean"),
+        output_transform=from_engine(["pred", "label"]),
+        save_details=True,
+    ).attach(engine, "hd95_mm")
+    MetricsSaver(
+        save_dir=str(tmp_path),
+        metrics="*",
+        metric_details="*",
+        batch_transform=lambda batch: [item["image"].meta for item in batch],
+        summary_ops=["mean", "notnans"],
+    ).attach(engine)
+    engine.run(evaluation_batches(), max_epochs=1)
+
+    # Each case is measured with its own slice thickness; the missed lesion is NaN and left out of the mean.
+    assert engine.state.metrics["hd95_mm"] == pytest.approx(4.0)
+    details = engine.state.metric_details["hd95_mm"]
+    assert details.shape == (3, 1)
+    assert details[:2, 0].tolist() == pytest.approx([5.0, 3.0]) and math.isnan(details[2, 0])
+
+    with open(tmp_path / "hd95_mm_raw.csv") as file:
+        rows = list(csv.reader(file))
+    assert rows[0][0] == "filename"
+    assert [row[0] for row in rows[1:]] == ["case_1.nii.gz", "case_2.nii.gz", "case_3.nii.gz"]
+    assert [row[1] for row in rows[1:]] == ["5.0000", "3.0000", "nan"]
+    assert (tmp_path / "metrics.csv").read_text().strip() == "hd95_mm,4.0"
+    summary = (tmp_path / "hd95_mm_summary.csv").read_text()
+    assert "class0,4.0000,2.0000" in summary
+
+
+def test_case_metric_on_collated_batch_uses_each_affine():
+    batch = list_data_collate(
+        [
+            {"pred": one_hot(box(z=(3, 5)), (0.9, 0.9, 5.0)), "label": one_hot(box(), (0.9, 0.9, 5.0))},
+            {"pred": one_hot(box(z=(3, 5)), (1.0, 1.0, 2.0)), "label": one_hot(box(), (1.0, 1.0, 2.0))},
+        ]
+    )
+    metric = CaseMetric(name="label_ml", reduction="median")
+    values = metric(batch["pred"], batch["label"])
+    assert values[:, 0].tolist() == pytest.approx([200 * 4.05e-3, 200 * 2.0e-3])
+    assert metric.aggregate().item() == pytest.approx((0.81 + 0.4) / 2)
+
+
+def test_case_metric_spacing_from_prediction_or_argument():
+    pred, label = one_hot(box(z=(3, 5)), (0.9, 0.9, 4.0)), torch.from_numpy(box())[None].float()
+    assert CaseMetric(name="hd95_mm")([pred], [label]).item() == pytest.approx(4.0)
+    plain_pred = pred.as_tensor()
+    with pytest.raises(ValueError, match="spacing"):
+        CaseMetric(name="hd95_mm")([plain_pred], [label])
+    assert CaseMetric(name="hd95_mm", spacing=(1, 1, 2))([plain_pred], [label]).item() == pytest.approx(2.0)
+
+
+def test_case_metric_rejects_other_layouts_and_empty_aggregation():
+    metric = CaseMetric(name="dice", spacing=SPACING)
+    with pytest.raises(ValueError, match=r"\(2, H, W, D\) one-hot"):
+        metric([torch.zeros(3, *SHAPE)], [torch.zeros(3, *SHAPE)])
+    with pytest.raises(RuntimeError, match="no cases"):
+        CaseMetric(name="dice").aggregate()
+
+
+NAN = float("nan")
+ROWS = [
+    {"case": "case_1", "fold": 0, "dice": 0.2, "hd95_mm": 10.0},
+    {"case": "case_2", "fold": 0, "dice": 0.4, "hd95_mm": NAN},
+    {"case": "case_3", "fold": 1, "dice": 0.9, "hd95_mm": 2.0},
+]
+
+
+def test_summarise_per_fold_and_overall():
+    summary = summarise(ROWS, ["dice", "hd95_mm"])
+    assert [row["fold"] for row in summary] == [0, 1, "all"]
+    fold_0, fold_1, overall = summary
+    assert fold_0["cases"] == 2
+    assert fold_0["dice_mean"] == pytest.approx(0.3)
+    assert fold_0["dice_std"] == pytest.approx(0.1)
+    assert fold_0["dice_median"] == pytest.approx(0.3)
+    assert fold_0["hd95_mm_n"] == 1 and fold_0["hd95_mm_mean"] == 10.0
+    assert fold_1["dice_n"] == 1 and fold_1["dice_std"] == 0.0
+    assert overall["cases"] == 3 and overall["dice_mean"] == pytest.approx(0.5) and overall["dice_median"] == 0.4
+    assert overall["hd95_mm_n"] == 2 and overall["hd95_mm_median"] == pytest.approx(6.0)
+
+
+def test_summarise_sorts_folds_read_as_strings_and_names_missing_columns():
+    rows = [{"case": f"case_{fold}", "fold": str(fold), "dice": "0.5"} for fold in (10, 2)]
+    assert [row["fold"] for row in summarise(rows, ["dice"])] == ["2", "10", "all"]
+    with pytest.raises(KeyError, match="'case_2'.*'recall'"):
+        summarise(rows, ["recall"])
+    with pytest.raises(KeyError, match="'centre'"):
+        summarise(rows, ["dice"], group_key="centre")
+
+
+def test_summary_markdown_shows_mean_std_median_and_defined_count():
+    table = summary_markdown(summarise(ROWS, ["dice", "hd95_mm"]), ["dice", "hd95_mm"])
+    lines = table.strip().splitlines()
+    assert lines[0] == "| fold | cases | dice | hd95_mm |"
+    assert lines[2] == "| 0 | 2 | 0.300 ± 0.100 (0.300) | 10.000 ± 0.000 (10.000), n=1 |"
+    assert lines[-1].startswith("| all | 3 | 0.500 ± ")
+
+
+def test_paired_comparison_counts_by_metric_direction():
+    better = [dict(row) for row in ROWS]
+    better[0].update(dice=0.3, hd95_mm=8.0)  # improved on both
+    better[1].update(dice=0.4)  # equal dice, HD95 still NaN
+    better[2].update(dice=0.8, hd95_mm=3.0)  # worse on both
+    dice = paired_comparison(ROWS, better, "dice")
+    assert dice["cases"] == 3 and dice["excluded_nan"] == 0
+    assert (dice["improved"], dice["worse"], dice["equal"]) == (1, 1, 1)
+    assert dice["mean_difference"] == pytest.approx(0.0)
+    hd95 = paired_comparison(ROWS, better, "hd95_mm")
+    assert hd95["cases"] == 2 and hd95["excluded_nan"] == 1
+    assert (hd95["improved"], hd95["worse"], hd95["equal"]) == (1, 1, 0)
+    assert hd95["mean_difference"] == pytest.approx(-0.5) and hd95["std_difference"] == pytest.approx(1.5)
+
+
+def test_paired_comparison_refuses_mismatched_runs():
+    with pytest.raises(ValueError, match=r"only in rows_a \['case_3'\]"):
+        paired_comparison(ROWS, ROWS[:2], "dice")
+    with pytest.raises(ValueError, match="direction"):
+        paired_comparison(ROWS, ROWS, "pred_ml")
+    with pytest.raises(ValueError, match="two rows"):
+        paired_comparison(ROWS + ROWS[:1], ROWS, "dice")
+
+
+def test_csv_round_trip_feeds_summaries_and_comparisons(tmp_path):
+    write_case_csv(ROWS, tmp_path / "runs" / "cases.csv")
+    rows = read_case_csv(tmp_path / "runs" / "cases.csv")
+    assert [row["case"] for row in rows] == ["case_1", "case_2", "case_3"]
+    assert rows[1]["hd95_mm"] == "nan"
+    assert summarise(rows, ["hd95_mm"])[-1]["hd95_mm_mean"] == pytest.approx(6.0)
+    assert paired_comparison(rows, ROWS, "dice")["equal"] == 3
+    write_summary_csv(summarise(rows, ["dice"]), tmp_path / "summary.csv")
+    assert (tmp_path / "summary.csv").read_text().splitlines()[0] == "fold,cases,dice_mean,dice_std,dice_median,dice_n"
+    assert not [path for path in tmp_path.rglob(".tmp-*")]
+    with pytest.raises(FileNotFoundError, match="missing.csv"):
+        read_case_csv(tmp_path / "missing.csv")
