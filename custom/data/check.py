@@ -1,0 +1,242 @@
+"""Dataset integrity check: find everything wrong with a converted dataset folder before a long training run.
+
+Like nnU-Net's ``verify_dataset_integrity``, it reads every file ``dataset.json`` references and reports
+all problems at once, each naming its file or ``dataset.json`` key, instead of failing hours into
+training on the first bad case. MONAI's ``load_decathlon_datalist`` only resolves paths.
+"""
+
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from custom.data.datalist import load_dataset_json
+from custom.data.isles2018 import LABEL_NAMES, MODALITY_NAMES, affines_match
+
+EXPECTED_MODALITY = {str(i): name for i, name in enumerate(MODALITY_NAMES)}
+EXPECTED_LABELS = {str(i): name for i, name in enumerate(LABEL_NAMES)}
+TRAINING_KEYS = ("image", "label", "fold", "patient", "case")
+TESTING_KEYS = ("image", "case")
+
+
+@dataclass
+class TrainingCaseSummary:
+    """The figures of one readable training case that the summary table needs."""
+
+    case: str
+    patient: str
+    fold: int
+    slices: int
+    lesion_ml: float
+
+
+@dataclass
+class DatasetReport:
+    """Everything ``check_dataset_command`` prints: the problems and what could be read of the cases."""
+
+    problems: list[str] = field(default_factory=list)
+    training: list[TrainingCaseSummary] = field(default_factory=list)
+    num_testing: int = 0
+    num_folds: int | None = None
+
+
+def _read_nifti(folder: Path, relative, where: str, problems: list[str]):
+    """(image, voxel array) of ``folder/relative``, or None after recording why it cannot be read."""
+    if not isinstance(relative, str) or not relative:
+        problems.append(f"{where}: expected a relative file path, found {relative!r}")
+        return None
+    path = folder / relative
+    if not path.is_file():
+        problems.append(f"{relative}: missing (listed in {where})")
+        return None
+    try:
+        image = nib.load(path)
+        return image, np.asanyarray(image.dataobj)
+    except Exception as err:  # nibabel raises many types for corrupt or truncated files
+        problems.append(f"{relative}: unreadable ({err})")
+        return None
+
+
+def _image_problems(relative: str, data: np.ndarray) -> list[str]:
+    """Problems of a (H, W, D, 5) image: wrong shape, NaN/Inf per channel, an all-zero perfusion map."""
+    if data.ndim != 4 or data.shape[-1] != len(MODALITY_NAMES):
+        return [
+            f"{relative}: expected a 4D image with {len(MODALITY_NAMES)} channels ({', '.join(MODALITY_NAMES)}) "
+            f"on the 4th axis, found shape {data.shape}"
+        ]
+    problems = []
+    for channel, name in enumerate(MODALITY_NAMES):
+        values = data[..., channel]
+        bad = np.count_nonzero(~np.isfinite(values))
+        if bad:
+            problems.append(f"{relative}: {bad} NaN or Inf values in the {name} channel")
+        if channel > 0 and not np.any(values):
+            problems.append(f"{relative}: the {name} channel is all zero (empty brain)")
+    return problems
+
+
+def _label_problems(relative: str, label, image_relative: str, image) -> list[str]:
+    """Problems of a label against its image: not 3D, another grid, values other than 0 and 1."""
+    label_image, data = label
+    problems = []
+    if data.ndim != 3:
+        return [f"{relative}: expected a 3D label, found shape {data.shape}"]
+    if image is not None:
+        image_image, image_data = image
+        if data.shape != image_data.shape[:3]:
+            problems.append(f"{relative}: shape {data.shape} differs from {image_relative} {image_data.shape[:3]}")
+        if not affines_match(label_image.affine, image_image.affine):
+            problems.append(
+                f"{relative}: affine differs from {image_relative}:\n{np.array2string(label_image.affine, precision=4)}"
+                f"\nvs\n{np.array2string(image_image.affine, precision=4)}"
+            )
+    values = np.unique(data)
+    stray = values[~np.isin(values, (0, 1))]
+    if stray.size:
+        problems.append(f"{relative}: label values must be 0 or 1, found {stray.tolist()}")
+    return problems
+
+
+def _valid_fold(fold, num_folds: int | None) -> bool:
+    return isinstance(fold, int) and not isinstance(fold, bool) and (num_folds is None or 0 <= fold < num_folds)
+
+
+def _top_level_problems(dataset: dict, report: DatasetReport) -> dict[str, list]:
+    """Check the contract's top-level keys; set ``report.num_folds``; return the training and testing lists."""
+    problems = report.problems
+    for key, expected in (("modality", EXPECTED_MODALITY), ("labels", EXPECTED_LABELS)):
+        if dataset.get(key) != expected:
+            problems.append(f"dataset.json '{key}': expected {expected}, found {dataset.get(key)!r}")
+    num_folds = dataset.get("num_folds")
+    if isinstance(num_folds, int) and not isinstance(num_folds, bool) and num_folds >= 2:
+        report.num_folds = num_folds
+    else:
+        problems.append(f"dataset.json 'num_folds': expected an integer of at least 2, found {num_folds!r}")
+    lists = {}
+    for key in ("training", "testing"):
+        entries = dataset.get(key)
+        if not isinstance(entries, list) or (key == "training" and not entries):
+            problems.append(f"dataset.json '{key}': expected a {'non-empty ' * (key == 'training')}list")
+            entries = []
+        lists[key] = entries
+    for count_key, key in (("numTraining", "training"), ("numTest", "testing")):
+        if count_key in dataset and dataset[count_key] != len(lists[key]):
+            problems.append(f"dataset.json '{count_key}' is {dataset[count_key]!r} but '{key}' has {len(lists[key])}")
+    return lists
+
+
+def _fold_problems(training: list, num_folds: int | None) -> list[str]:
+    """Patients spread over several folds and folds without cases (entries with invalid folds are skipped)."""
+    folds_of_patient: dict[str, set[int]] = {}
+    cases_of_patient: dict[str, list[str]] = {}
+    used_folds = set()
+    for entry in training:
+        fold, patient = (entry.get("fold"), entry.get("patient")) if isinstance(entry, dict) else (None, None)
+        if not _valid_fold(fold, num_folds):
+            continue
+        used_folds.add(fold)
+        if isinstance(patient, str) and patient:
+            folds_of_patient.setdefault(patient, set()).add(fold)
+            cases_of_patient.setdefault(patient, []).append(str(entry.get("case")))
+    problems = [
+        f"dataset.json training: patient '{patient}' is in folds {sorted(folds)} "
+        f"(cases {', '.join(cases_of_patient[patient])})"
+        for patient, folds in folds_of_patient.items()
+        if len(folds) > 1
+    ]
+    if num_folds is not None:
+        problems += [f"dataset.json training: fold {f} has no cases" for f in range(num_folds) if f not in used_folds]
+    return problems
+
+
+def inspect_dataset(dataset_dir) -> DatasetReport:
+    """Read ``dataset.json`` and every file it references; collect all problems and per-case figures."""
+    folder = Path(dataset_dir)
+    report = DatasetReport()
+    problems = report.problems
+    try:
+        dataset = load_dataset_json(folder)
+    except (FileNotFoundError, ValueError) as err:
+        problems.append(str(err))
+        return report
+    if not isinstance(dataset, dict):
+        problems.append("dataset.json: expected a JSON object at the top level")
+        return report
+    lists = _top_level_problems(dataset, report)
+
+    first_use: dict[str, str] = {}
+    for key, required in (("training", TRAINING_KEYS), ("testing", TESTING_KEYS)):
+        for index, entry in enumerate(lists[key]):
+            where = f"dataset.json {key}[{index}]"
+            if not isinstance(entry, dict):
+                problems.append(f"{where}: expected an object with keys {', '.join(required)}")
+                continue
+            missing = [k for k in required if k not in entry]
+            if missing:
+                problems.append(f"{where}: missing {', '.join(missing)}")
+            case = entry.get("case")
+            if isinstance(case, str) and case:
+                if case in first_use:
+                    problems.append(f"{where}: case '{case}' repeats {first_use[case]}")
+                first_use.setdefault(case, where)
+            elif "case" in entry:
+                problems.append(f"{where}.case: expected a non-empty string, found {case!r}")
+            image = _read_nifti(folder, entry["image"], f"{where}.image", problems) if "image" in entry else None
+            if image is not None:
+                problems += _image_problems(entry["image"], image[1])
+            if key == "testing":
+                report.num_testing += 1
+                continue
+            fold, patient = entry.get("fold"), entry.get("patient")
+            fold_ok = _valid_fold(fold, report.num_folds)
+            if "fold" in entry and not fold_ok:
+                problems.append(f"{where}.fold: expected an integer in [0, {report.num_folds}), found {fold!r}")
+            if "patient" in entry and (not isinstance(patient, str) or not patient):
+                problems.append(f"{where}.patient: expected a non-empty string, found {patient!r}")
+            label = _read_nifti(folder, entry["label"], f"{where}.label", problems) if "label" in entry else None
+            if label is None:
+                continue
+            problems += _label_problems(entry["label"], label, entry.get("image"), image)
+            if fold_ok and label[1].ndim == 3:
+                voxel_ml = float(np.prod(label[0].header.get_zooms()[:3])) / 1000.0
+                lesion_ml = float(np.count_nonzero(label[1] == 1)) * voxel_ml
+                report.training.append(TrainingCaseSummary(case, patient, fold, label[1].shape[2], lesion_ml))
+    problems += _fold_problems(lists["training"], report.num_folds)
+    return report
+
+
+def check_dataset(dataset_dir) -> list[str]:
+    """Every problem of the dataset folder ``dataset_dir``, each naming its file or dataset.json key; [] if fine."""
+    return inspect_dataset(dataset_dir).problems
+
+
+def check_dataset_command(dataset_dir):
+    """Check a converted dataset folder: print a summary per fold and every problem; exit 1 if there are problems.
+
+    Args:
+        dataset_dir: folder holding dataset.json, imagesTr, labelsTr and imagesTs.
+    """
+    report = inspect_dataset(dataset_dir)
+    cases = report.training
+    print(
+        f"{dataset_dir}: {len(cases)} readable training cases from {len({c.patient for c in cases})} patients, "
+        f"{sum(c.slices for c in cases)} slices, {report.num_testing} testing cases, {report.num_folds} folds"
+    )
+    if cases:
+        print(f"{'fold':>4} {'cases':>6} {'patients':>9} {'slices':>7} {'lesion mL':>10}  per case min / median / max")
+        for fold in sorted({c.fold for c in cases}):
+            members = [c for c in cases if c.fold == fold]
+            volumes = [c.lesion_ml for c in members]
+            print(
+                f"{fold:>4} {len(members):>6} {len({c.patient for c in members}):>9} "
+                f"{sum(c.slices for c in members):>7} {sum(volumes):>10.1f}  "
+                f"{min(volumes):.1f} / {statistics.median(volumes):.1f} / {max(volumes):.1f}"
+            )
+    if report.problems:
+        print(f"{len(report.problems)} problem(s):")
+        for problem in report.problems:
+            print(f"  - {problem}")
+        raise SystemExit(1)
+    print("no problems found")

@@ -1,0 +1,330 @@
+"""Convert an ISLES 2018 split (``case_N/SMIR.Brain.XX.O.<MOD>.<id>/...nii``) into the bundle's dataset folder.
+
+MONAI reads NIfTI but knows neither the ISLES 2018 folder layout nor this project's data contract
+(one 5-channel image per case, patient-grouped folds), so this module finds each case's maps by name,
+refuses anything that would silently corrupt training (maps on different grids, NaN, stray label
+values) and writes the dataset folder atomically.
+"""
+
+import csv
+import json
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from custom.data.folds import assign_folds, validate_fold_count
+
+MODALITY_NAMES = ("CT", "CBF", "CBV", "MTT", "Tmax")
+LABEL_NAMES = ("background", "lesion")
+LABEL_MAP = "OT"
+# Two maps share a grid when their affines agree within this tolerance (mm, relative).
+AFFINE_ATOL_MM = 1e-3
+AFFINE_RTOL = 1e-4
+
+# `SMIR.Brain.XX.O.<MOD>.<id>` with MOD like CT, CT_CBF, MR_Tmax, OT, CT_4DPWI; optionally a NIfTI suffix.
+_SMIR_NAME = re.compile(
+    r"^SMIR\.Brain\.[^.]+\.O\.(?:(?:CT|MR)_)?(?P<map>[A-Za-z0-9]+)\.\d+(?:\.nii|\.nii\.gz)?$", re.IGNORECASE
+)
+# Map name (lower case) -> canonical name. Others, such as the large 4D PWI source series, are never opened.
+_KNOWN_MAPS = {name.lower(): name for name in (*MODALITY_NAMES, LABEL_MAP)}
+
+
+@dataclass(frozen=True)
+class CaseFiles:
+    """One case folder's map files, found by name only (nothing loaded yet)."""
+
+    name: str
+    folder: Path
+    maps: dict[str, Path]  # modality name (CT, CBF, CBV, MTT, Tmax) -> NIfTI file
+    label: Path | None  # the OT file; None for unlabelled cases
+
+
+def natural_sort_key(name: str) -> list:
+    """Sort key that orders embedded numbers by value, so ``case_2`` comes before ``case_10``."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+
+
+def affines_match(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two voxel-to-world affines describe the same grid within ``AFFINE_ATOL_MM`` / ``AFFINE_RTOL``."""
+    return bool(np.allclose(a, b, rtol=AFFINE_RTOL, atol=AFFINE_ATOL_MM))
+
+
+def find_case_folders(split_dir) -> list[Path]:
+    """The ``case_*`` folders of an ISLES 2018 split folder, naturally sorted."""
+    split_dir = Path(split_dir)
+    if not split_dir.is_dir():
+        raise FileNotFoundError(f"'{split_dir}' is not a folder (expected an ISLES 2018 split holding case_* folders)")
+    folders = sorted((p for p in split_dir.glob("case_*") if p.is_dir()), key=lambda p: natural_sort_key(p.name))
+    if not folders:
+        raise FileNotFoundError(
+            f"no case_* folders in '{split_dir}': point to the ISLES 2018 split folder (e.g. .../TRAINING)"
+        )
+    return folders
+
+
+def _nifti_in(folder: Path) -> Path:
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith((".nii", ".nii.gz")))
+    if len(files) != 1:
+        raise ValueError(f"'{folder}' should hold exactly one .nii/.nii.gz file, found {len(files)}")
+    return files[0]
+
+
+def find_case_maps(case_dir) -> CaseFiles:
+    """Locate CT, CBF, CBV, MTT, Tmax and (if present) OT in one case folder by their SMIR names.
+
+    Entries may be folders ``SMIR.Brain.XX.O.<MOD>.<id>/`` holding one NIfTI, or NIfTI files named that way.
+    Perfusion maps may be spelled ``CT_<map>`` or ``MR_<map>``; the 4D PWI series and unrelated entries are
+    skipped without being opened. A missing or duplicated map is an error naming the folder and the map.
+    """
+    case_dir = Path(case_dir)
+    found: dict[str, list[Path]] = {}
+    for entry in sorted(case_dir.iterdir()):
+        match = _SMIR_NAME.match(entry.name)
+        map_name = _KNOWN_MAPS.get(match["map"].lower()) if match else None
+        if map_name is None:
+            continue
+        if entry.is_dir():
+            found.setdefault(map_name, []).append(_nifti_in(entry))
+        elif entry.name.endswith((".nii", ".nii.gz")):
+            found.setdefault(map_name, []).append(entry)
+    for map_name, paths in found.items():
+        if len(paths) > 1:
+            raise ValueError(f"'{case_dir}': {map_name} found more than once: {', '.join(map(str, paths))}")
+    missing = [m for m in MODALITY_NAMES if m not in found]
+    if missing:
+        raise ValueError(
+            f"'{case_dir}': missing {', '.join(missing)} (found: {', '.join(sorted(found)) or 'no SMIR maps'})"
+        )
+    label = found.get(LABEL_MAP, [None])[0]
+    return CaseFiles(case_dir.name, case_dir, {m: found[m][0] for m in MODALITY_NAMES}, label)
+
+
+def _load_map(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
+    """A map as float32 (NIfTI scaling applied), trailing singleton axes squeezed; 3D and finite or an error."""
+    try:
+        image = nib.load(path)
+        data = image.get_fdata(dtype=np.float32)
+    except Exception as err:  # nibabel raises many types for corrupt or truncated files
+        raise ValueError(f"'{path}': cannot read as NIfTI ({err})") from err
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise ValueError(f"'{path}': expected a 3D map, found shape {data.shape}")
+    bad = np.count_nonzero(~np.isfinite(data))
+    if bad:
+        raise ValueError(f"'{path}': {bad} NaN or Inf values")
+    return image, data
+
+
+def _require_ct_grid(path: Path, image: nib.Nifti1Image, data: np.ndarray, ct_path: Path, ct_image, ct_data):
+    if data.shape != ct_data.shape:
+        raise ValueError(f"'{path}': shape {data.shape} differs from the CT's {ct_data.shape} ('{ct_path}')")
+    if not affines_match(image.affine, ct_image.affine):
+        raise ValueError(
+            f"'{path}': affine differs from the CT's ('{ct_path}'); nothing is resampled.\n"
+            f"{path.name}:\n{np.array2string(image.affine, precision=4)}\n"
+            f"CT:\n{np.array2string(ct_image.affine, precision=4)}"
+        )
+
+
+def load_case(case: CaseFiles, with_label: bool) -> tuple[nib.Nifti1Image, np.ndarray, np.ndarray | None]:
+    """The CT image (grid reference), the (H, W, D, 5) float32 stack CT, CBF, CBV, MTT, Tmax and the uint8 label.
+
+    Every map must lie on the CT's grid; label values must be 0 or 1. The label is None unless
+    ``with_label`` and the case has an OT map.
+    """
+    ct_path = case.maps["CT"]
+    ct_image, ct_data = _load_map(ct_path)
+    channels = [ct_data]
+    for modality in MODALITY_NAMES[1:]:
+        path = case.maps[modality]
+        image, data = _load_map(path)
+        _require_ct_grid(path, image, data, ct_path, ct_image, ct_data)
+        channels.append(data)
+    label = None
+    if with_label and case.label is not None:
+        image, data = _load_map(case.label)
+        _require_ct_grid(case.label, image, data, ct_path, ct_image, ct_data)
+        values = np.unique(data)
+        stray = values[~np.isin(values, (0, 1))]
+        if stray.size:
+            raise ValueError(f"'{case.label}': label values must be 0 or 1, found {stray.tolist()}")
+        label = data.astype(np.uint8)
+    return ct_image, np.stack(channels, axis=-1), label
+
+
+def _save_on_ct_grid(data: np.ndarray, ct_image: nib.Nifti1Image, path: Path):
+    """Write ``data`` with the CT's affine and header (spacing, qform/sform codes), in ``data``'s dtype."""
+    header = ct_image.header.copy()
+    header.set_data_dtype(data.dtype)
+    image = nib.Nifti1Image(data, ct_image.affine, header)
+    spacing = tuple(ct_image.header.get_zooms()[:3])
+    image.header.set_zooms(spacing + (1.0,) * (data.ndim - 3))
+    nib.save(image, path)
+
+
+def read_patient_map(csv_path, cases) -> dict[str, str]:
+    """``case -> patient`` for ``cases`` from a CSV with at least the columns ``case`` and ``patient``."""
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise FileNotFoundError(f"patients CSV '{csv_path}' does not exist")
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        columns = [c.strip() for c in reader.fieldnames or []]
+        if "case" not in columns or "patient" not in columns:
+            raise ValueError(f"'{csv_path}' needs a header with 'case' and 'patient' columns, found {columns}")
+        mapping: dict[str, str] = {}
+        for row in reader:
+            row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
+            case, patient = row["case"], row["patient"]
+            if not case:
+                continue
+            if not patient:
+                raise ValueError(f"'{csv_path}': case '{case}' has an empty patient")
+            if mapping.get(case, patient) != patient:
+                raise ValueError(f"'{csv_path}': case '{case}' has two patients, '{mapping[case]}' and '{patient}'")
+            mapping[case] = patient
+    absent = [c for c in cases if c not in mapping]
+    if absent:
+        raise ValueError(f"'{csv_path}' has no patient for training case(s): {', '.join(absent)}")
+    return {c: mapping[c] for c in cases}
+
+
+def _testing_cases(testing, source_names: set[str]) -> list[CaseFiles]:
+    """Cases of the extra testing folder; renamed ``<folder>_<case>`` if any name clashes with SRC's cases."""
+    testing = Path(testing)
+    cases = [find_case_maps(folder) for folder in find_case_folders(testing)]
+    prefix = ""
+    if any(case.name in source_names for case in cases):
+        prefix = f"{testing.name}_"
+        print(f"case names in '{testing}' repeat those of the source folder: naming them {prefix}<case>")
+    renamed = [CaseFiles(prefix + c.name, c.folder, c.maps, None) for c in cases]
+    clashes = [c.name for c in renamed if c.name in source_names]
+    if clashes:
+        raise ValueError(f"testing case names {clashes} from '{testing}' clash with the source folder's cases")
+    return renamed
+
+
+def _refuse_source_inside(dst: Path, *sources: Path):
+    for source in sources:
+        if dst.resolve() == source.resolve() or dst.resolve() in source.resolve().parents:
+            raise ValueError(f"DST '{dst}' would contain the source folder '{source}'; choose another DST")
+
+
+def _sibling_folder(dst: Path, suffix: str) -> Path:
+    """Create an empty hidden folder beside ``dst`` (same file system, so renames are atomic; umask respected)."""
+    folder = dst.parent / f".{dst.name}.{uuid.uuid4().hex[:8]}.{suffix}"
+    folder.mkdir()
+    return folder
+
+
+def _replace_folder(new: Path, dst: Path):
+    """Move the completed ``new`` folder to ``dst``, replacing an existing ``dst`` only once ``new`` is complete."""
+    if not dst.exists():
+        new.rename(dst)
+        return
+    retired = _sibling_folder(dst, "old")
+    try:
+        dst.rename(retired / dst.name)
+        try:
+            new.rename(dst)
+        except BaseException:
+            (retired / dst.name).rename(dst)
+            raise
+    finally:
+        shutil.rmtree(retired, ignore_errors=True)
+
+
+def prepare_isles2018(src, dst, patients=None, folds=4, seed=0, testing=None, overwrite=False):
+    """Convert an ISLES 2018 split folder SRC (holding case_*) into the dataset folder DST; returns DST.
+
+    Cases with an OT map go to ``training`` with a patient-grouped, lesion-volume-balanced ``fold``; the
+    other cases of SRC and every case of ``testing`` go to ``testing``. DST is written to a temporary
+    sibling folder and renamed at the end, so a failure leaves no DST.
+
+    Args:
+        src: ISLES 2018 split folder holding case_* folders, e.g. ISLES2018/TRAINING.
+        dst: dataset folder to write (see docs/data.md).
+        patients: CSV with columns ``case`` and ``patient`` (others ignored); without it each case is its
+            own patient.
+        folds: number of cross-validation folds.
+        seed: seed of the fold assignment's tie-breaking.
+        testing: optional extra split folder (e.g. ISLES2018/TESTING) whose cases all go to ``testing``.
+        overwrite: replace an existing DST (only once the new one is complete).
+    """
+    src, dst = Path(src), Path(dst)
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"'{dst}' already exists; pass --overwrite to replace it")
+    _refuse_source_inside(dst, src, *([Path(testing)] if testing is not None else []))
+
+    cases = [find_case_maps(folder) for folder in find_case_folders(src)]
+    training = [c for c in cases if c.label is not None]
+    if not training:
+        raise ValueError(f"no labelled case (with an {LABEL_MAP} map) in '{src}': nothing to train on")
+    testing_cases = [c for c in cases if c.label is None]
+    if testing is not None:
+        testing_cases += _testing_cases(testing, {c.name for c in cases})
+    training_names = [c.name for c in training]
+    if patients is None:
+        case_patient = {name: name for name in training_names}
+    else:
+        case_patient = read_patient_map(patients, training_names)
+    validate_fold_count(len(set(case_patient.values())), folds)
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    work = _sibling_folder(dst, "tmp")
+    try:
+        lesion_ml = {}
+        for folder in ("imagesTr", "labelsTr", "imagesTs"):
+            (work / folder).mkdir()
+        all_cases = [(c, True) for c in training] + [(c, False) for c in testing_cases]
+        for index, (case, is_training) in enumerate(all_cases, start=1):
+            ct_image, image, label = load_case(case, with_label=is_training)
+            image_folder = "imagesTr" if is_training else "imagesTs"
+            _save_on_ct_grid(image, ct_image, work / image_folder / f"{case.name}.nii.gz")
+            summary = f"[{index}/{len(all_cases)}] {case.name}: {'x'.join(map(str, image.shape[:3]))}"
+            if is_training:
+                _save_on_ct_grid(label, ct_image, work / "labelsTr" / f"{case.name}.nii.gz")
+                voxel_ml = float(np.prod(ct_image.header.get_zooms()[:3])) / 1000.0
+                lesion_ml[case.name] = float(label.sum()) * voxel_ml
+                summary += f", training, lesion {lesion_ml[case.name]:.1f} mL"
+            else:
+                summary += ", testing"
+            print(summary)
+
+        fold_of = assign_folds(case_patient, lesion_ml, folds, seed)
+        dataset = {
+            "name": dst.name,
+            "description": "Ischemic stroke lesion segmentation from CT perfusion maps, converted from the "
+            "ISLES 2018 layout; folds grouped by patient",
+            "modality": {str(i): name for i, name in enumerate(MODALITY_NAMES)},
+            "labels": {str(i): name for i, name in enumerate(LABEL_NAMES)},
+            "numTraining": len(training),
+            "numTest": len(testing_cases),
+            "num_folds": folds,
+            "training": [
+                {
+                    "image": f"imagesTr/{name}.nii.gz",
+                    "label": f"labelsTr/{name}.nii.gz",
+                    "fold": fold_of[name],
+                    "patient": case_patient[name],
+                    "case": name,
+                }
+                for name in training_names
+            ],
+            "testing": [{"image": f"imagesTs/{c.name}.nii.gz", "case": c.name} for c in testing_cases],
+        }
+        (work / "dataset.json").write_text(json.dumps(dataset, indent=2) + "\n")
+        if dst.exists() and not overwrite:
+            raise FileExistsError(f"'{dst}' appeared during the conversion; pass --overwrite to replace it")
+        _replace_folder(work, dst)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    print(f"wrote '{dst}': {len(training)} training cases in {folds} folds, {len(testing_cases)} testing cases")
+    return dst

@@ -1,0 +1,200 @@
+"""The dataset check: passes a good dataset folder, names the file or key of every broken variant."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from custom.data.check import check_dataset, check_dataset_command
+
+SHAPE = (16, 16, 3)
+AFFINE = np.diag([0.9, 0.9, 5.0, 1.0])
+BRAIN = (slice(2, 14), slice(2, 14), slice(None))
+# case -> (patient, fold, lesion voxels): two patients with two slabs each, one per fold.
+TRAINING = {"case_1": ("P1", 0, 10), "case_2": ("P1", 0, 20), "case_3": ("P2", 1, 30), "case_4": ("P2", 1, 0)}
+
+
+def make_image(channels=5):
+    """A (16, 16, 3, channels) float32 image: channel c holds c + 1 inside a brain box, 0 outside."""
+    data = np.zeros(SHAPE + (channels,), np.float32)
+    data[BRAIN] = np.arange(1, channels + 1, dtype=np.float32)
+    return data
+
+
+def make_label(lesion_voxels):
+    label = np.zeros(SHAPE, np.uint8)
+    label[4:14, 4:7, 1].flat[:lesion_voxels] = 1
+    return label
+
+
+def save(folder, relative, data, affine=AFFINE):
+    nib.save(nib.Nifti1Image(data, affine), folder / relative)
+
+
+def edit_json(folder, change):
+    path = folder / "dataset.json"
+    dataset = json.loads(path.read_text())
+    change(dataset)
+    path.write_text(json.dumps(dataset))
+
+
+@pytest.fixture
+def dataset_dir(tmp_path):
+    """A good dataset folder in the data contract: four training cases in two folds, one testing case."""
+    for sub in ("imagesTr", "labelsTr", "imagesTs"):
+        (tmp_path / sub).mkdir()
+    training = []
+    for case, (patient, fold, voxels) in TRAINING.items():
+        save(tmp_path, f"imagesTr/{case}.nii.gz", make_image())
+        save(tmp_path, f"labelsTr/{case}.nii.gz", make_label(voxels))
+        training.append(
+            {
+                "image": f"imagesTr/{case}.nii.gz",
+                "label": f"labelsTr/{case}.nii.gz",
+                "fold": fold,
+                "patient": patient,
+                "case": case,
+            }
+        )
+    save(tmp_path, "imagesTs/case_5.nii.gz", make_image())
+    dataset = {
+        "name": "toy",
+        "description": "check test",
+        "modality": {"0": "CT", "1": "CBF", "2": "CBV", "3": "MTT", "4": "Tmax"},
+        "labels": {"0": "background", "1": "lesion"},
+        "numTraining": 4,
+        "numTest": 1,
+        "num_folds": 2,
+        "training": training,
+        "testing": [{"image": "imagesTs/case_5.nii.gz", "case": "case_5"}],
+    }
+    (tmp_path / "dataset.json").write_text(json.dumps(dataset))
+    return tmp_path
+
+
+def test_good_dataset_passes_with_a_summary(dataset_dir, capsys):
+    assert check_dataset(dataset_dir) == []
+    assert check_dataset_command(dataset_dir) is None
+    out = capsys.readouterr().out
+    assert "4 readable training cases from 2 patients, 12 slices, 1 testing cases, 2 folds" in out
+    voxel_ml = 0.9 * 0.9 * 5.0 / 1000
+    per_case = f"{10 * voxel_ml:.1f} / {15 * voxel_ml:.1f} / {20 * voxel_ml:.1f}"
+    assert f"   0      2         1       6 {30 * voxel_ml:>10.1f}  {per_case}" in out and "no problems found" in out
+
+
+def _remove_label(folder):
+    (folder / "labelsTr/case_2.nii.gz").unlink()
+
+
+def _four_channels(folder):
+    save(folder, "imagesTr/case_1.nii.gz", make_image(channels=4))
+
+
+def _label_shape(folder):
+    save(folder, "labelsTr/case_3.nii.gz", np.zeros((16, 16, 4), np.uint8))
+
+
+def _label_affine(folder):
+    affine = AFFINE.copy()
+    affine[2, 3] = 5.0
+    save(folder, "labelsTr/case_1.nii.gz", make_label(10), affine)
+
+
+def _label_two(folder):
+    label = make_label(5)
+    label[8, 8, 2] = 2
+    save(folder, "labelsTr/case_4.nii.gz", label)
+
+
+def _nan_image(folder):
+    image = make_image()
+    image[5, 5, 0, 2] = np.nan
+    save(folder, "imagesTr/case_2.nii.gz", image)
+
+
+def _empty_brain(folder):
+    image = make_image()
+    image[..., 1:] = 0
+    save(folder, "imagesTr/case_3.nii.gz", image)
+
+
+def _inf_testing_image(folder):
+    image = make_image()
+    image[5, 5, 0, 4] = np.inf
+    save(folder, "imagesTs/case_5.nii.gz", image)
+
+
+def _corrupt_image(folder):
+    (folder / "imagesTr/case_4.nii.gz").write_bytes(b"not a gzip stream")
+
+
+def _patient_in_two_folds(folder):
+    edit_json(folder, lambda d: d["training"][1].update(fold=1))
+
+
+def _fold_out_of_range(folder):
+    edit_json(folder, lambda d: d["training"][0].update(fold=2))
+
+
+def _empty_fold(folder):
+    edit_json(folder, lambda d: [e.update(fold=0) for e in d["training"]])
+
+
+def _duplicate_case(folder):
+    edit_json(folder, lambda d: d["testing"][0].update(case="case_3"))
+
+
+def _missing_patient(folder):
+    edit_json(folder, lambda d: d["training"][2].pop("patient"))
+
+
+def _wrong_modality(folder):
+    edit_json(folder, lambda d: d["modality"].update({"1": "rCBF"}))
+
+
+def _miscount(folder):
+    edit_json(folder, lambda d: d.update(numTraining=5))
+
+
+def _no_dataset_json(folder):
+    (folder / "dataset.json").unlink()
+
+
+@pytest.mark.parametrize(
+    "break_dataset, expected",
+    [
+        (_remove_label, ["labelsTr/case_2.nii.gz: missing", "training[1].label"]),
+        (_four_channels, ["imagesTr/case_1.nii.gz", "5 channels", "(16, 16, 3, 4)"]),
+        (_label_shape, ["labelsTr/case_3.nii.gz", "shape (16, 16, 4) differs from imagesTr/case_3.nii.gz"]),
+        (_label_affine, ["labelsTr/case_1.nii.gz", "affine differs from imagesTr/case_1.nii.gz"]),
+        (_label_two, ["labelsTr/case_4.nii.gz", "found [2]"]),
+        (_nan_image, ["imagesTr/case_2.nii.gz", "1 NaN or Inf values in the CBV channel"]),
+        (_empty_brain, ["imagesTr/case_3.nii.gz", "CBF channel is all zero"]),
+        (_inf_testing_image, ["imagesTs/case_5.nii.gz", "Tmax channel"]),
+        (_corrupt_image, ["imagesTr/case_4.nii.gz: unreadable"]),
+        (_patient_in_two_folds, ["patient 'P1' is in folds [0, 1] (cases case_1, case_2)"]),
+        (_fold_out_of_range, ["training[0].fold", "in [0, 2)", "found 2"]),
+        (_empty_fold, ["dataset.json training: fold 1 has no cases"]),
+        (_duplicate_case, ["testing[0]: case 'case_3' repeats dataset.json training[2]"]),
+        (_missing_patient, ["training[2]: missing patient"]),
+        (_wrong_modality, ["dataset.json 'modality'", "rCBF"]),
+        (_miscount, ["'numTraining' is 5 but 'training' has 4"]),
+        (_no_dataset_json, ["dataset.json' is missing"]),
+    ],
+    ids=lambda v: v.__name__.strip("_") if callable(v) else "",
+)
+def test_broken_dataset_is_reported(dataset_dir, break_dataset, expected):
+    break_dataset(dataset_dir)
+    problems = check_dataset(dataset_dir)
+    assert any(all(part in problem for part in expected) for problem in problems), problems
+
+
+def test_command_prints_every_problem_and_exits_non_zero(dataset_dir, capsys):
+    _label_two(dataset_dir)
+    _nan_image(dataset_dir)
+    with pytest.raises(SystemExit) as exit_info:
+        check_dataset_command(dataset_dir)
+    assert exit_info.value.code == 1
+    out = capsys.readouterr().out
+    assert "2 problem(s):" in out and "labelsTr/case_4.nii.gz" in out and "imagesTr/case_2.nii.gz" in out

@@ -1,0 +1,316 @@
+"""The ISLES 2018 converter (discovery, conversion, refusals) and the patient-grouped fold assignment."""
+
+import itertools
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from custom.data.check import check_dataset
+from custom.data.folds import assign_folds
+from custom.data.isles2018 import MODALITY_NAMES, find_case_folders, find_case_maps, prepare_isles2018
+
+SHAPE = (16, 16, 3)
+AFFINE = np.array([[-0.9, 0, 0, 115.0], [0, 0.9, 0, -100.0], [0, 0, 5.0, -20.0], [0, 0, 0, 1]])
+VOXEL_ML = 0.9 * 0.9 * 5.0 / 1000.0
+# A distinct value per map inside the brain, so a channel swap cannot go unnoticed.
+MAP_VALUES = {"CT": 40, "CBF": 30.5, "CBV": 2.5, "MTT": 6.5, "Tmax": 3.5}
+BRAIN = (slice(2, 14), slice(2, 14), slice(None))
+_series_ids = itertools.count(345562)
+
+
+def write_isles_case(
+    split_dir, case, lesion_voxels=4, labelled=True, prefix="CT", skip=(), replace=None, with_pwi=False, gz=()
+):
+    """Write ``split_dir/case`` in the ISLES 2018 layout: ``SMIR.Brain.XX.O.<MOD>.<id>/<same>.nii`` per map.
+
+    CT is int16, perfusion maps float32 (``MAP_VALUES`` inside a brain box, 0 outside), OT uint8 with
+    ``lesion_voxels`` lesion voxels. ``replace`` maps a map name (CT, CBF, ..., OT) to the array, or
+    (array, affine), to write instead; ``skip`` omits maps; ``gz`` lists maps written as .nii.gz;
+    ``with_pwi`` adds a 4DPWI folder whose file is not NIfTI, so opening it would fail.
+    """
+    replace = replace or {}
+    folder = split_dir / case
+    folder.mkdir(parents=True)
+    maps = {}
+    for name in (*MODALITY_NAMES, "OT"):
+        if name in skip or (name == "OT" and not labelled):
+            continue
+        if name == "OT":
+            data = np.zeros(SHAPE, np.uint8)
+            data[4, 4 : 4 + lesion_voxels, 1] = 1
+        else:
+            data = np.zeros(SHAPE, np.int16 if name == "CT" else np.float32)
+            data[BRAIN] = MAP_VALUES[name]
+        affine = AFFINE
+        if name in replace:
+            data, affine = replace[name] if isinstance(replace[name], tuple) else (replace[name], AFFINE)
+        modality = name if name in ("CT", "OT") else f"{prefix}_{name}"
+        series = f"SMIR.Brain.XX.O.{modality}.{next(_series_ids)}"
+        (folder / series).mkdir()
+        path = folder / series / f"{series}.nii{'.gz' if name in gz else ''}"
+        nib.save(nib.Nifti1Image(data, affine), path)
+        maps[name] = path
+    if with_pwi:
+        series = f"SMIR.Brain.XX.O.{prefix}_4DPWI.{next(_series_ids)}"
+        (folder / series).mkdir()
+        (folder / series / f"{series}.nii").write_text("not a NIfTI file: the converter must never open it")
+    return maps
+
+
+def write_patients_csv(path, rows):
+    """A patients CSV with an extra, ignored column."""
+    path.write_text("case,patient,centre\n" + "".join(f"{case},{patient},A\n" for case, patient in rows))
+    return path
+
+
+def leftovers(folder, expected):
+    """Entries of ``folder`` other than ``expected`` (temporary folders a failed conversion must not leave)."""
+    return sorted(p.name for p in folder.iterdir() if p.name not in expected)
+
+
+def test_case_folders_sorted_naturally(tmp_path):
+    for name in ("case_10", "case_2", "case_1", "notes"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "case_3.txt").write_text("not a folder")
+    assert [p.name for p in find_case_folders(tmp_path)] == ["case_1", "case_2", "case_10"]
+
+
+def test_maps_found_by_name_with_mr_spelling_and_pwi_ignored(tmp_path):
+    written = write_isles_case(tmp_path, "case_1", prefix="MR", with_pwi=True, gz=("CBV",))
+    found = find_case_maps(tmp_path / "case_1")
+    assert found.name == "case_1"
+    assert found.maps == {name: written[name] for name in MODALITY_NAMES}
+    assert found.label == written["OT"]
+    assert ".MR_CBF." in found.maps["CBF"].name and found.maps["CBV"].name.endswith(".nii.gz")
+    assert not any("4DPWI" in str(p) for p in found.maps.values())
+
+
+def test_duplicated_modality_names_case_and_map(tmp_path):
+    write_isles_case(tmp_path, "case_1")
+    series = "SMIR.Brain.XX.O.MR_CBF.999"
+    (tmp_path / "case_1" / series).mkdir()
+    nib.save(nib.Nifti1Image(np.ones(SHAPE, np.float32), AFFINE), tmp_path / "case_1" / series / f"{series}.nii")
+    with pytest.raises(ValueError, match=r"case_1.*CBF found more than once"):
+        find_case_maps(tmp_path / "case_1")
+
+
+def test_good_conversion(tmp_path, capsys):
+    src, testing = tmp_path / "TRAINING", tmp_path / "TESTING"
+    lesions = {"case_1": 3, "case_2": 5, "case_10": 7}
+    for case, voxels in lesions.items():
+        write_isles_case(src, case, lesion_voxels=voxels, prefix="MR" if case == "case_2" else "CT", with_pwi=True)
+    write_isles_case(src, "case_3", labelled=False)
+    for case in ("case_20", "case_21"):
+        write_isles_case(testing, case, labelled=False)
+    patients = write_patients_csv(tmp_path / "patients.csv", [("case_1", "P1"), ("case_2", "P1"), ("case_10", "P2")])
+    dst = tmp_path / "dataset"
+
+    assert prepare_isles2018(src, dst, patients=patients, folds=2, seed=3, testing=testing) == dst
+
+    dataset = json.loads((dst / "dataset.json").read_text())
+    assert dataset["modality"] == {"0": "CT", "1": "CBF", "2": "CBV", "3": "MTT", "4": "Tmax"}
+    assert dataset["labels"] == {"0": "background", "1": "lesion"}
+    assert (dataset["num_folds"], dataset["numTraining"], dataset["numTest"]) == (2, 3, 3)
+    assert [(e["case"], e["patient"], e["image"], e["label"]) for e in dataset["training"]] == [
+        (c, p, f"imagesTr/{c}.nii.gz", f"labelsTr/{c}.nii.gz")
+        for c, p in [("case_1", "P1"), ("case_2", "P1"), ("case_10", "P2")]
+    ]
+    fold = {e["case"]: e["fold"] for e in dataset["training"]}
+    assert fold["case_1"] == fold["case_2"] != fold["case_10"]
+    assert dataset["testing"] == [
+        {"image": f"imagesTs/{c}.nii.gz", "case": c} for c in ("case_3", "case_20", "case_21")
+    ]
+
+    for entry in dataset["training"] + dataset["testing"]:
+        image = nib.load(dst / entry["image"])
+        data = np.asanyarray(image.dataobj)
+        assert data.shape == SHAPE + (5,) and data.dtype == np.float32
+        np.testing.assert_allclose(image.affine, AFFINE)
+        np.testing.assert_allclose(image.header.get_zooms()[:3], (0.9, 0.9, 5.0))
+        assert data[8, 8, 1].tolist() == [MAP_VALUES[m] for m in MODALITY_NAMES]
+        assert not data[0, 0, 1].any()
+    for entry in dataset["training"]:
+        label = nib.load(dst / entry["label"])
+        assert label.get_data_dtype() == np.uint8 and label.shape == SHAPE
+        np.testing.assert_allclose(label.affine, AFFINE)
+        assert np.asanyarray(label.dataobj).sum() == lesions[entry["case"]]
+
+    progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    assert len(progress) == 6 and "case_10" in progress[2] and f"{7 * VOXEL_ML:.1f} mL" in progress[2]
+    assert check_dataset(dst) == []
+    assert leftovers(tmp_path, {"TRAINING", "TESTING", "patients.csv", "dataset"}) == []
+
+
+def test_testing_cases_renamed_when_names_clash(tmp_path):
+    write_isles_case(tmp_path / "TRAINING", "case_1")
+    write_isles_case(tmp_path / "TRAINING", "case_2")
+    write_isles_case(tmp_path / "TESTING", "case_1", labelled=False)
+    dst = prepare_isles2018(tmp_path / "TRAINING", tmp_path / "out", folds=2, testing=tmp_path / "TESTING")
+    testing = json.loads((dst / "dataset.json").read_text())["testing"]
+    assert testing == [{"image": "imagesTs/TESTING_case_1.nii.gz", "case": "TESTING_case_1"}]
+    assert (dst / "imagesTs" / "TESTING_case_1.nii.gz").is_file()
+
+
+def test_trailing_singleton_axis_is_squeezed(tmp_path):
+    cbf = np.zeros(SHAPE + (1,), np.float32)
+    cbf[BRAIN] = MAP_VALUES["CBF"]
+    write_isles_case(tmp_path / "TRAINING", "case_1", replace={"CBF": cbf})
+    write_isles_case(tmp_path / "TRAINING", "case_2")
+    dst = prepare_isles2018(tmp_path / "TRAINING", tmp_path / "out", folds=2)
+    image = nib.load(dst / "imagesTr" / "case_1.nii.gz")
+    assert image.shape == SHAPE + (5,) and image.dataobj[8, 8, 1, 1] == MAP_VALUES["CBF"]
+
+
+def _shifted_affine():
+    affine = AFFINE.copy()
+    affine[0, 3] += 1.0
+    return affine
+
+
+def _with_nan():
+    data = np.full(SHAPE, MAP_VALUES["CBF"], np.float32)
+    data[3, 3, 0] = np.nan
+    return data
+
+
+def _label_with_two():
+    data = np.zeros(SHAPE, np.uint8)
+    data[5, 5, 1] = 2
+    return data
+
+
+@pytest.mark.parametrize(
+    "broken, message",
+    [
+        ({"skip": ("MTT",)}, r"case_3.*missing MTT"),
+        ({"replace": {"CBV": np.ones((16, 16, 4), np.float32)}}, r"CT_CBV.*shape \(16, 16, 4\) differs"),
+        ({"replace": {"Tmax": (np.ones(SHAPE, np.float32), _shifted_affine())}}, r"CT_Tmax.*affine differs"),
+        ({"replace": {"CBF": _with_nan()}}, r"CT_CBF.*1 NaN or Inf"),
+        ({"replace": {"OT": _label_with_two()}}, r"\.OT\..*found \[2\.0\]"),
+    ],
+    ids=["missing-modality", "shape", "affine", "nan", "label-2"],
+)
+def test_broken_case_is_refused_and_leaves_nothing(tmp_path, broken, message):
+    src = tmp_path / "TRAINING"
+    write_isles_case(src, "case_1")
+    write_isles_case(src, "case_2")
+    write_isles_case(src, "case_3", **broken)
+    with pytest.raises(ValueError, match=message):
+        prepare_isles2018(src, tmp_path / "dataset", folds=2)
+    assert leftovers(tmp_path, {"TRAINING"}) == []
+
+
+def test_empty_source_is_refused(tmp_path):
+    (tmp_path / "TRAINING").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no case_\* folders in '.*TRAINING'"):
+        prepare_isles2018(tmp_path / "TRAINING", tmp_path / "dataset")
+    assert leftovers(tmp_path, {"TRAINING"}) == []
+
+
+def test_existing_dst_needs_overwrite_and_survives_a_failed_overwrite(tmp_path):
+    src = tmp_path / "TRAINING"
+    write_isles_case(src, "case_1")
+    write_isles_case(src, "case_2")
+    dst = tmp_path / "dataset"
+    dst.mkdir()
+    (dst / "marker").write_text("previous conversion")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        prepare_isles2018(src, dst, folds=2)
+
+    write_isles_case(src, "case_3", replace={"CBF": _with_nan()})
+    with pytest.raises(ValueError, match="NaN"):
+        prepare_isles2018(src, dst, folds=2, overwrite=True)
+    assert (dst / "marker").is_file()
+    assert leftovers(tmp_path, {"TRAINING", "dataset"}) == []
+
+    (src / "case_3").rename(tmp_path / "set_aside")
+    prepare_isles2018(src, dst, folds=2, overwrite=True)
+    assert not (dst / "marker").exists() and (dst / "dataset.json").is_file()
+    assert leftovers(tmp_path, {"TRAINING", "dataset", "set_aside"}) == []
+
+
+def test_patients_csv_must_cover_training_cases(tmp_path):
+    src = tmp_path / "TRAINING"
+    for case in ("case_1", "case_2", "case_3"):
+        write_isles_case(src, case)
+    patients = write_patients_csv(tmp_path / "patients.csv", [("case_1", "P1"), ("case_2", "P2")])
+    with pytest.raises(ValueError, match=r"patients\.csv' has no patient for training case\(s\): case_3"):
+        prepare_isles2018(src, tmp_path / "dataset", patients=patients, folds=2)
+    (tmp_path / "bad.csv").write_text("case,subject\ncase_1,P1\n")
+    with pytest.raises(ValueError, match=r"bad\.csv' needs a header with 'case' and 'patient'"):
+        prepare_isles2018(src, tmp_path / "dataset", patients=tmp_path / "bad.csv", folds=2)
+    assert not (tmp_path / "dataset").exists()
+
+
+def test_fewer_patients_than_folds_is_refused_before_converting(tmp_path):
+    src = tmp_path / "TRAINING"
+    for case in ("case_1", "case_2", "case_3"):
+        write_isles_case(src, case)
+    patients = write_patients_csv(tmp_path / "patients.csv", [("case_1", "P1"), ("case_2", "P1"), ("case_3", "P2")])
+    with pytest.raises(ValueError, match=r"fewer patients \(2\) than folds \(4\)"):
+        prepare_isles2018(src, tmp_path / "dataset", patients=patients, folds=4)
+    assert leftovers(tmp_path, {"TRAINING", "patients.csv"}) == []
+
+
+def _two_slab_cohort():
+    """20 patients, every third with two slabs, lesion volumes spread over two orders of magnitude."""
+    case_patient, lesion_ml = {}, {}
+    for patient in range(20):
+        for slab in range(2 if patient % 3 == 0 else 1):
+            case = f"case_{len(case_patient) + 1}"
+            case_patient[case] = f"P{patient}"
+            lesion_ml[case] = float((patient * 37) % 23) ** 2 / 4 + slab
+    return case_patient, lesion_ml
+
+
+def test_folds_keep_patients_together_and_cover_every_case():
+    case_patient, lesion_ml = _two_slab_cohort()
+    folds = assign_folds(case_patient, lesion_ml, num_folds=4, seed=0)
+    assert list(folds) == list(case_patient) and set(folds.values()) == {0, 1, 2, 3}
+    for patient in set(case_patient.values()):
+        assert len({folds[c] for c, p in case_patient.items() if p == patient}) == 1
+    counts = [list(folds.values()).count(f) for f in range(4)]
+    assert max(counts) - min(counts) <= 2
+
+
+def test_folds_balance_lesion_volume():
+    volumes = [100.0, 50.0, 40.0, 30.0, 20.0, 10.0, 5.0, 1.0]
+    cases = {f"case_{i}": f"P{i}" for i in range(len(volumes))}
+    folds = assign_folds(cases, {f"case_{i}": v for i, v in enumerate(volumes)}, num_folds=4, seed=0)
+    totals = [sum(v for i, v in enumerate(volumes) if folds[f"case_{i}"] == f) for f in range(4)]
+    counts = [list(folds.values()).count(f) for f in range(4)]
+    # Dealt largest first to the lightest fold: {100, 1}, {50, 5}, {40, 10}, {30, 20}.
+    assert sorted(totals) == [50.0, 50.0, 55.0, 101.0] and counts == [2, 2, 2, 2]
+
+
+def test_folds_are_deterministic_for_a_seed():
+    case_patient = {f"case_{i}": f"P{i}" for i in range(12)}
+    no_lesions = dict.fromkeys(case_patient, 0.0)
+    assert assign_folds(case_patient, no_lesions, 3, seed=5) == assign_folds(case_patient, no_lesions, 3, seed=5)
+    assert len({tuple(assign_folds(case_patient, no_lesions, 3, seed=s).values()) for s in range(5)}) > 1
+
+
+def test_folds_refuse_too_few_patients_and_mismatched_cases():
+    with pytest.raises(ValueError, match=r"fewer patients \(2\) than folds \(3\)"):
+        assign_folds({"a": "P1", "b": "P1", "c": "P2"}, {"a": 1.0, "b": 2.0, "c": 3.0}, num_folds=3)
+    with pytest.raises(ValueError, match=r"differ on \['b'\]"):
+        assign_folds({"a": "P1", "b": "P2"}, {"a": 1.0}, num_folds=2)
+
+
+@pytest.mark.integration
+def test_phantom_converts_and_passes_the_check(tmp_path):
+    from custom.data.phantom import write_phantom
+
+    raw = write_phantom(tmp_path / "raw", cases=6, test_cases=1, seed=1, size=32)
+    dst = prepare_isles2018(
+        f"{raw}/TRAINING", tmp_path / "dataset", patients=f"{raw}/patients.csv", folds=2, testing=f"{raw}/TESTING"
+    )
+    dataset = json.loads((dst / "dataset.json").read_text())
+    assert len(dataset["training"]) == 6 and len(dataset["testing"]) == 1
+    folds_of_patient = {}
+    for entry in dataset["training"]:
+        folds_of_patient.setdefault(entry["patient"], set()).add(entry["fold"])
+    assert all(len(folds) == 1 for folds in folds_of_patient.values())
+    assert check_dataset(dst) == []
