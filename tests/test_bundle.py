@@ -1,0 +1,198 @@
+"""The bundle's configs: workflow properties, train/evaluate/infer end to end, resume, the CLI entry points."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import BUNDLE, CONFIGS, TINY_TRAINING
+from ignite.engine import Events
+from monai.bundle import ConfigParser, ConfigWorkflow
+
+from custom.crossval import latest_checkpoint
+
+
+def _workflow(config_files, workflow_type, **override):
+    return ConfigWorkflow(
+        config_file=[str(CONFIGS / c) for c in config_files],
+        meta_file=str(CONFIGS / "metadata.json"),
+        logging_file=False,
+        workflow_type=workflow_type,
+        bundle_root=str(BUNDLE),
+        **override,
+    )
+
+
+def _bundle_run(*arguments, run_id=None):
+    command = [sys.executable, "-m", "monai.bundle", "run"] + ([run_id] if run_id else []) + list(arguments)
+    completed = subprocess.run(command, capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    return completed.stdout + completed.stderr
+
+
+def _override_arguments(overrides):
+    arguments = []
+    for key, value in overrides.items():
+        arguments += [f"--{key}", value if isinstance(value, str) else repr(value)]
+    return arguments
+
+
+@pytest.mark.parametrize(
+    "config_files, workflow_type",
+    [(["train.json"], "train"), (["inference.json"], "infer")],
+)
+def test_workflow_properties_complete(config_files, workflow_type, tiny_phantom_dataset):
+    workflow = _workflow(config_files, workflow_type, dataset_dir=str(tiny_phantom_dataset), num_workers=0)
+    workflow.initialize()
+    assert workflow.check_properties() == []
+
+
+def test_network_and_preprocessing_identical_in_train_and_inference():
+    train = ConfigParser.load_config_file(CONFIGS / "train.json")
+    inference = ConfigParser.load_config_file(CONFIGS / "inference.json")
+    assert train["network_def"] == inference["network_def"]
+    train_image_steps = [
+        {k: v for k, v in t.items() if k != "keys"} for t in train["train"]["deterministic_transforms"]
+    ]
+    inference_steps = [{k: v for k, v in t.items() if k != "keys"} for t in inference["preprocessing"]["transforms"]]
+    assert [t["_target_"] for t in train_image_steps] == [t["_target_"] for t in inference_steps]
+    assert train_image_steps[2:4] == inference_steps[2:4]  # brain normalisation and padding
+
+
+def test_metadata_declares_what_the_network_does():
+    meta = json.loads((CONFIGS / "metadata.json").read_text())
+    assert meta["version"] in meta["changelog"]
+    image = meta["network_data_format"]["inputs"]["image"]
+    assert image["num_channels"] == 5 and list(image["channel_def"].values()) == ["CT", "CBF", "CBV", "MTT", "Tmax"]
+    assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {"0": "background", "1": "lesion"}
+    network = ConfigParser(ConfigParser.load_config_file(CONFIGS / "inference.json")).get_parsed_content("network_def")
+    with torch.no_grad():
+        assert network(torch.zeros(1, 5, 32, 32)).shape == (1, 2, 32, 32)
+
+
+def test_missing_dataset_dir_is_named(tmp_path):
+    missing = tmp_path / "nowhere"
+    workflow = _workflow(["train.json"], "train", dataset_dir=str(missing))
+    workflow.initialize()
+    with pytest.raises(Exception) as raised:
+        workflow.run()
+    assert str(missing) in "".join(str(e) for e in (raised.value, raised.value.__cause__) if e)
+
+
+def test_demo_keeps_a_user_dataset_dir_that_does_not_exist(tmp_path):
+    missing = tmp_path / "nowhere"
+    workflow = _workflow(["train.json", "demo.json"], "train", dataset_dir=str(missing))
+    workflow.initialize()
+    assert workflow.parser.get_parsed_content("dataset_dir") == str(missing)
+    with pytest.raises(Exception):
+        workflow.parser.get_parsed_content("train#datalist")
+    assert not missing.exists()
+
+
+@pytest.mark.integration
+def test_train_evaluate_infer_end_to_end(tiny_phantom_dataset, tmp_path):
+    ckpt_dir, train_dir = tmp_path / "models", tmp_path / "train"
+    common = ["--bundle_root", str(BUNDLE), "--dataset_dir", str(tiny_phantom_dataset)]
+    output = _bundle_run(
+        "--config_file", str(CONFIGS / "train.json"), *common,
+        "--ckpt_dir", str(ckpt_dir), "--output_dir", str(train_dir), *_override_arguments(TINY_TRAINING),
+        run_id="training",
+    )
+    assert "Epoch[2] Metrics" in output
+    assert (ckpt_dir / "model.pt").is_file() and latest_checkpoint(ckpt_dir).name == "latest_checkpoint_epoch=2.pt"
+    state = torch.load(ckpt_dir / "model.pt", weights_only=True)
+    assert any(k.endswith("weight") for k in state)
+
+    eval_dir = tmp_path / "eval"
+    _bundle_run(
+        "--config_file", str([str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")]), *common,
+        "--ckpt_path", str(ckpt_dir / "model.pt"), "--output_dir", str(eval_dir), "--num_workers", "0",
+        "--save_masks", "True",
+    )
+    dataset = json.loads((tiny_phantom_dataset / "dataset.json").read_text())
+    validation = [e for e in dataset["training"] if e["fold"] == 0]
+    with open(eval_dir / "val_mean_dice_raw.csv") as f:
+        dice = {row["filename"]: float(row["mean"]) for row in csv.DictReader(f)}
+    assert sorted(dice) == sorted(str(tiny_phantom_dataset / e["image"]) for e in validation)
+    assert all(0.0 <= d <= 1.0 for d in dice.values())
+    for entry in validation:
+        mask = nib.load(eval_dir / "masks" / f"{entry['case']}_seg.nii.gz")
+        label = nib.load(tiny_phantom_dataset / entry["label"])
+        assert mask.shape == label.shape and np.allclose(mask.affine, label.affine)
+
+    infer_dir = tmp_path / "infer"
+    _bundle_run(
+        "--config_file", str(CONFIGS / "inference.json"), *common,
+        "--ckpt_path", str(ckpt_dir / "model.pt"), "--output_dir", str(infer_dir), "--num_workers", "0",
+    )
+    with open(infer_dir / "lesion_volumes.csv") as f:
+        volumes = list(csv.DictReader(f))
+    assert [row["case"] for row in volumes] == [e["case"] for e in dataset["testing"]]
+    for entry, row in zip(dataset["testing"], volumes):
+        image = nib.load(tiny_phantom_dataset / entry["image"])
+        mask = nib.load(infer_dir / f"{entry['case']}_seg.nii.gz")
+        assert mask.shape == image.shape[:3] and np.allclose(mask.affine, image.affine)
+        assert mask.get_data_dtype() == np.uint8 and set(np.unique(mask.get_fdata())) <= {0.0, 1.0}
+        voxel_ml = float(np.prod(image.header.get_zooms()[:3])) / 1000.0
+        assert float(row["lesion_ml"]) == pytest.approx(mask.get_fdata().sum() * voxel_ml, rel=1e-3)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("slices", [1, 2])
+def test_inference_keeps_shape_of_thin_slabs(tiny_phantom_dataset, tmp_path, slices):
+    entry = json.loads((tiny_phantom_dataset / "dataset.json").read_text())["training"][0]
+    image = nib.load(tiny_phantom_dataset / entry["image"])
+    thin = tmp_path / f"thin_{slices}.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[:, :, :slices], image.affine, image.header), thin)
+    workflow = _workflow(
+        ["inference.json"], "infer", datalist=[str(thin)], output_dir=str(tmp_path / "out"), num_workers=0,
+    )
+    workflow.initialize()
+    workflow.parser["handlers"][0]["_disabled_"] = True  # untrained weights are enough for shapes
+    workflow.run()
+    mask = nib.load(tmp_path / "out" / f"thin_{slices}_seg.nii.gz")
+    assert mask.shape == image.shape[:2] + (slices,)
+    assert np.allclose(mask.affine, image.affine)
+
+
+def _train_in_process(dataset_dir, ckpt_dir, stop_after_epoch=None, resume_ckpt=None):
+    overrides = {**TINY_TRAINING, "epochs": 3, "val_interval": 10}
+    workflow = _workflow(
+        ["train.json"], "train", dataset_dir=str(dataset_dir), ckpt_dir=str(ckpt_dir),
+        output_dir=str(ckpt_dir / "logs"), resume_ckpt=resume_ckpt, **overrides,
+    )
+    workflow.initialize()
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    if stop_after_epoch is not None:
+        trainer.add_event_handler(Events.EPOCH_COMPLETED(once=stop_after_epoch), lambda engine: engine.terminate())
+    workflow.run()
+    optimizer = workflow.parser.get_parsed_content("optimizer")
+    return trainer.state.epoch, trainer.state.iteration, optimizer.param_groups[0]["lr"]
+
+
+@pytest.mark.integration
+def test_resume_continues_epochs_and_learning_rate(tiny_phantom_dataset, tmp_path):
+    uninterrupted = _train_in_process(tiny_phantom_dataset, tmp_path / "full")
+    interrupted = _train_in_process(tiny_phantom_dataset, tmp_path / "cut", stop_after_epoch=1)
+    assert interrupted[0] == 1
+    resume = latest_checkpoint(tmp_path / "cut")
+    assert resume.name == "latest_checkpoint_epoch=1.pt"
+    resumed = _train_in_process(tiny_phantom_dataset, tmp_path / "cut", resume_ckpt=str(resume))
+    assert resumed[:2] == uninterrupted[:2] == (3, uninterrupted[1])
+    assert resumed[2] == pytest.approx(uninterrupted[2])
+    assert resumed[2] != pytest.approx(interrupted[2])
+
+
+@pytest.mark.integration
+def test_plain_run_trains(tiny_phantom_dataset, tmp_path):
+    output = _bundle_run(
+        "--config_file", str(CONFIGS / "train.json"), "--bundle_root", str(BUNDLE),
+        "--dataset_dir", str(tiny_phantom_dataset), "--ckpt_dir", str(tmp_path / "models"),
+        "--output_dir", str(tmp_path / "logs"), *_override_arguments({**TINY_TRAINING, "epochs": 1}),
+    )
+    assert "Epoch[1] Metrics" in output
+    assert (tmp_path / "models" / "model.pt").is_file()
