@@ -1,0 +1,97 @@
+"""Figures of a cross-validation run: learning curves per fold and a montage of best, median and worst cases.
+
+Why it exists: MONAI writes TensorBoard logs and masks, but the results page needs static PNGs made by a
+command anyone can re-run. matplotlib is imported inside the functions (the ``figures`` extra).
+"""
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from custom.data.datalist import load_dataset_json
+from custom.reporting import read_case_csv
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series of the TensorBoard event files in ``log_dir``, as (epoch, value) pairs."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    series: dict[str, list[tuple[int, float]]] = {}
+    for event_file in sorted(log_dir.glob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(event_file))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            series.setdefault(tag, []).extend((e.step, e.value) for e in accumulator.Scalars(tag))
+    return {tag: sorted(values) for tag, values in series.items()}
+
+
+def plot_curves(cv_dir: str, out: str) -> str:
+    """Training loss and validation Dice per epoch for every fold of a ``python -m custom cv`` run."""
+    plt = _pyplot()
+    fold_dirs = sorted(Path(cv_dir).glob("fold_*"), key=lambda p: int(p.name.split("_")[1]))
+    if not fold_dirs:
+        raise FileNotFoundError(f"no fold_* folders in '{cv_dir}'")
+    figure, (loss_axis, dice_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    for fold_dir in fold_dirs:
+        series = _scalars(fold_dir / "train")
+        for axis, tag in ((loss_axis, "train_loss"), (dice_axis, "val_mean_dice")):
+            if tag not in series:
+                raise ValueError(f"'{fold_dir / 'train'}' has no '{tag}' scalars")
+            epochs, values = zip(*series[tag])
+            axis.plot(epochs, values, marker="." if tag == "val_mean_dice" else None, label=fold_dir.name)
+    loss_axis.set(title="training loss (WCE + GDL)", xlabel="epoch", ylabel="loss")
+    dice_axis.set(title="validation Dice (per volume, 3D)", xlabel="epoch", ylabel="mean Dice", ylim=(0, 1))
+    for axis in (loss_axis, dice_axis):
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=110)
+    plt.close(figure)
+    return out
+
+
+def _lesion_slice(label: np.ndarray, pred: np.ndarray) -> int:
+    area = (label > 0).sum(axis=(0, 1)) + (pred > 0).sum(axis=(0, 1))
+    return int(area.argmax())
+
+
+def plot_montage(cv_dir: str, dataset_dir: str, out: str) -> str:
+    """Best, median and worst validation case by Dice: CT and Tmax with the label and prediction outlined."""
+    plt = _pyplot()
+    cv_dir, dataset_dir = Path(cv_dir), Path(dataset_dir)
+    rows = [r for r in read_case_csv(str(cv_dir / "cases.csv")) if float(r["dice"]) == float(r["dice"])]
+    entries = {e["case"]: e for e in load_dataset_json(dataset_dir)["training"]}
+    lesion_rows = [r for r in rows if nib.load(dataset_dir / entries[r["case"]]["label"]).get_fdata().any()]
+    ranked = sorted(lesion_rows or rows, key=lambda r: float(r["dice"]))
+    picks = {"best": ranked[-1], "median": ranked[len(ranked) // 2], "worst": ranked[0]}
+    figure, axes = plt.subplots(len(picks), 2, figsize=(7, 3.4 * len(picks)))
+    for row_axes, (title, row) in zip(axes, picks.items()):
+        entry = entries[row["case"]]
+        image = np.asarray(nib.load(dataset_dir / entry["image"]).dataobj, dtype=np.float32)
+        label = np.asarray(nib.load(dataset_dir / entry["label"]).dataobj)
+        mask_file = cv_dir / f"fold_{row['fold']}" / "eval" / "masks" / f"{row['case']}_seg.nii.gz"
+        pred = np.asarray(nib.load(mask_file).dataobj)
+        z = _lesion_slice(label, pred)
+        for axis, channel, name, window in ((row_axes[0], 0, "CT", (0, 80)), (row_axes[1], 4, "Tmax", (0, 15))):
+            axis.imshow(np.rot90(image[:, :, z, channel]), cmap="gray" if channel == 0 else "magma", clim=window)
+            axis.contour(np.rot90(label[:, :, z]), levels=[0.5], colors="lime", linewidths=1.2)
+            axis.contour(np.rot90(pred[:, :, z]), levels=[0.5], colors="red", linewidths=1.2, linestyles="--")
+            axis.set_title(f"{title}: {row['case']} (fold {row['fold']}), {name}, Dice {float(row['dice']):.2f}")
+            axis.axis("off")
+    figure.suptitle("label (green) and prediction (red, dashed)")
+    figure.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=110)
+    plt.close(figure)
+    return out
