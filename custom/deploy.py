@@ -1,0 +1,327 @@
+"""Standalone lesion segmentation with the exported TorchScript model: torch, numpy and nibabel only.
+
+Clinical machines that run the model often cannot install MONAI. This module reproduces the bundle's
+``configs/inference.json`` step by step, so its masks equal the bundle's voxel for voxel:
+``LoadImaged`` (nibabel) -> ``EnsureChannelFirstd`` -> ``NormalizeWithinBraind`` -> ``DivisiblePadd(k=16,
+symmetric)`` -> ``SliceInferer`` (2D slices in batches) -> softmax -> crop the padding (``Invertd``) ->
+argmax -> uint8 NIfTI on the input grid, plus the ``LesionVolumeWriter`` table.
+
+It imports nothing from MONAI or from the rest of ``custom`` (whose modules import MONAI): keep it so,
+the tests run it with MONAI made unimportable. ``custom/transforms.py`` is the reference for the
+normalisation; a change there must be mirrored here (the agreement test catches a mismatch).
+"""
+
+import argparse
+import csv
+import os
+import re
+import uuid
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+MODALITIES = ("CT", "CBF", "CBV", "MTT", "Tmax")
+CLASSES = ("background", "lesion")
+BRAIN_CHANNELS = (1, 2, 3, 4)  # a voxel is brain when any perfusion map (CBF, CBV, MTT, Tmax) is non-zero
+CLIP_PERCENTILES = (0.5, 99.5)
+NORMALIZE_EPS = 1e-6
+SPATIAL_DIVISOR = 16  # the U-Net's four stride-2 levels need H and W divisible by 2**4
+# ISLES maps share the CT's grid when their affines agree within these tolerances (as the converter checks).
+AFFINE_ATOL_MM = 1e-3
+AFFINE_RTOL = 1e-4
+VOLUME_COLUMNS = ("case", "image", "lesion_voxels", "lesion_ml")
+VOLUME_TABLE = "lesion_volumes.csv"
+
+# `SMIR.Brain.XX.O.<MOD>.<id>` with MOD such as CT, CT_CBF, MR_Tmax, CT_4DPWI, OT; optionally a NIfTI suffix.
+_SMIR_NAME = re.compile(
+    r"^SMIR\.Brain\.[^.]+\.O\.(?:(?:CT|MR)_)?(?P<map>[A-Za-z0-9]+)\.\d+(?:\.nii|\.nii\.gz)?$", re.IGNORECASE
+)
+_MAP_NAMES = {name.lower(): name for name in MODALITIES}
+
+
+def case_name(path) -> str:
+    """The case name of an input: the file name without ``.nii``/``.nii.gz``, or the case folder's name."""
+    path = Path(path)
+    return path.name if path.is_dir() else path.name.split(".nii")[0]
+
+
+def find_isles_maps(folder) -> dict[str, Path]:
+    """The CT, CBF, CBV, MTT and Tmax NIfTI files of an ISLES 2018 case folder, found by their SMIR names.
+
+    Entries are ``SMIR.Brain.XX.O.<MOD>.<id>/`` folders holding one NIfTI, or NIfTI files named that way;
+    perfusion maps may be spelled ``CT_<map>`` or ``MR_<map>``; the 4D PWI series and the label are ignored.
+    """
+    folder = Path(folder)
+    found: dict[str, list[Path]] = {}
+    for entry in sorted(folder.iterdir()):
+        match = _SMIR_NAME.match(entry.name)
+        modality = _MAP_NAMES.get(match["map"].lower()) if match else None
+        if modality is None:
+            continue
+        if entry.is_dir():
+            files = sorted(p for p in entry.iterdir() if p.is_file() and p.name.endswith((".nii", ".nii.gz")))
+            if len(files) != 1:
+                raise ValueError(f"'{entry}' should hold exactly one .nii/.nii.gz file, found {len(files)}")
+            found.setdefault(modality, []).append(files[0])
+        elif entry.name.endswith((".nii", ".nii.gz")):
+            found.setdefault(modality, []).append(entry)
+    for modality, paths in found.items():
+        if len(paths) > 1:
+            raise ValueError(f"'{folder}': {modality} found more than once: {', '.join(map(str, paths))}")
+    missing = [m for m in MODALITIES if m not in found]
+    if missing:
+        raise ValueError(
+            f"'{folder}': missing {', '.join(missing)} (found: {', '.join(sorted(found)) or 'no SMIR maps'}); "
+            "an input folder must be one ISLES 2018 case folder (case_N)"
+        )
+    return {m: found[m][0] for m in MODALITIES}
+
+
+def _load_nifti(path: Path) -> nib.Nifti1Image:
+    """The NIfTI image at ``path`` (data not read yet), or an error naming the file."""
+    try:
+        return nib.load(path)
+    except Exception as err:  # nibabel raises many types for corrupt or truncated files
+        raise ValueError(f"'{path}': cannot read as NIfTI ({err})") from err
+
+
+def _require_finite(path: Path, data: np.ndarray) -> None:
+    """Refuse NaN and Inf: they would silently corrupt the brain statistics of the normalisation."""
+    bad = np.count_nonzero(~np.isfinite(data))
+    if bad:
+        raise ValueError(f"'{path}': {bad} NaN or Inf values")
+
+
+def _read_isles_map(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A map as float32 with NIfTI scaling applied (as the ISLES converter reads it) and its affine."""
+    image = _load_nifti(path)
+    data = image.get_fdata(dtype=np.float32)
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise ValueError(f"'{path}': expected a 3D map, found shape {data.shape}")
+    _require_finite(path, data)
+    return data, image.affine
+
+
+def read_isles_case(folder) -> tuple[np.ndarray, np.ndarray]:
+    """The (H, W, D, 5) float32 stack CT, CBF, CBV, MTT, Tmax of an ISLES 2018 case folder and the CT's affine.
+
+    Every map must lie on the CT's grid (same shape, same affine): nothing is resampled.
+    """
+    maps = find_isles_maps(folder)
+    ct, ct_affine = _read_isles_map(maps["CT"])
+    channels = [ct]
+    for modality in MODALITIES[1:]:
+        path = maps[modality]
+        data, affine = _read_isles_map(path)
+        if data.shape != ct.shape:
+            raise ValueError(f"'{path}': shape {data.shape} differs from the CT's {ct.shape} ('{maps['CT']}')")
+        if not np.allclose(affine, ct_affine, rtol=AFFINE_RTOL, atol=AFFINE_ATOL_MM):
+            raise ValueError(f"'{path}': affine differs from the CT's ('{maps['CT']}'); nothing is resampled")
+        channels.append(data)
+    return np.stack(channels, axis=-1), ct_affine
+
+
+def _check_stacked_header(path: Path) -> nib.Nifti1Image:
+    """The image at ``path`` if its header shape is (H, W, D, 5); an error naming the file otherwise."""
+    image = _load_nifti(path)
+    if len(image.shape) != 4 or image.shape[3] != len(MODALITIES):
+        raise ValueError(
+            f"'{path}': expected a 4D image (H, W, D, {len(MODALITIES)}) with channels {', '.join(MODALITIES)}, "
+            f"found shape {image.shape}"
+        )
+    return image
+
+
+def read_stacked_image(path) -> tuple[np.ndarray, np.ndarray]:
+    """The (H, W, D, 5) float32 data and affine of a converted 5-channel NIfTI, read as MONAI's NibabelReader does."""
+    path = Path(path)
+    image = _check_stacked_header(path)
+    data = np.asarray(np.asanyarray(image.dataobj), dtype=np.float32)
+    _require_finite(path, data)
+    return data, image.affine
+
+
+def read_case(path) -> tuple[np.ndarray, np.ndarray]:
+    """(H, W, D, 5) float32 data and affine of an input: a 5-channel NIfTI file or an ISLES 2018 case folder."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"input '{path}' does not exist")
+    return read_isles_case(path) if path.is_dir() else read_stacked_image(path)
+
+
+def normalize_within_brain(volume: torch.Tensor) -> torch.Tensor:
+    """``custom.transforms.NormalizeWithinBrain`` on a channel-first (5, H, W, D) float32 tensor.
+
+    Per channel: clip the brain voxels to their 0.5 / 99.5 percentiles (linear interpolation), z-score
+    them with the population std (floored at 1e-6), zero everything outside the brain.
+    """
+    brain = (volume[list(BRAIN_CHANNELS)] != 0).any(dim=0)
+    out = torch.zeros_like(volume)
+    if brain.any():
+        quantiles = torch.tensor([p / 100.0 for p in CLIP_PERCENTILES], dtype=torch.float64)
+        for c in range(volume.shape[0]):
+            values = volume[c][brain].double()
+            low, high = torch.quantile(values, quantiles)
+            values = values.clamp(low, high)
+            mean, std = values.mean(), values.std(unbiased=False)
+            out[c][brain] = ((values - mean) / std.clamp_min(NORMALIZE_EPS)).float()
+    return out
+
+
+def symmetric_padding(size: int, divisor: int = SPATIAL_DIVISOR) -> tuple[int, int]:
+    """Padding (before, after) that makes ``size`` a multiple of ``divisor``, split as MONAI's
+    ``DivisiblePad(method="symmetric")`` splits it: half before, the odd remainder after."""
+    total = -size % divisor
+    return total // 2, total - total // 2
+
+
+@torch.inference_mode()
+def segment_volume(network, volume: np.ndarray, batch_size: int = 16, device="cpu") -> np.ndarray:
+    """The uint8 lesion mask (H, W, D) of one (H, W, D, 5) volume, segmented slice by slice.
+
+    ``network`` maps a (B, 5, H', W') float32 batch to (B, 2, H', W') logits (the TorchScript model,
+    or any callable doing the same); H' and W' are H and W padded to multiples of 16.
+    """
+    image = normalize_within_brain(torch.movedim(torch.from_numpy(np.asarray(volume, dtype=np.float32)), -1, 0))
+    (h_before, h_after), (w_before, w_after) = (symmetric_padding(s) for s in image.shape[1:3])
+    padded = torch.nn.functional.pad(image, (0, 0, w_before, w_after, h_before, h_after))
+    slices = torch.movedim(padded, -1, 0)  # (D, 5, H', W')
+    # Filled in place, in the (classes, H', W', D) layout MONAI's SliceInferer produces, so the softmax
+    # below runs on the same layout as in the bundle (the agreement test compares masks voxel for voxel).
+    logits = torch.zeros((len(CLASSES), *padded.shape[1:]), dtype=torch.float32)
+    for start in range(0, slices.shape[0], batch_size):
+        batch = slices[start : start + batch_size].contiguous().to(device)
+        logits[..., start : start + batch.shape[0]] = torch.movedim(network(batch).float().cpu(), 0, -1)
+    probabilities = torch.softmax(logits, dim=0)
+    height, width = image.shape[1:3]
+    cropped = probabilities[:, h_before : h_before + height, w_before : w_before + width]
+    return torch.argmax(cropped, dim=0).numpy().astype(np.uint8)
+
+
+def lesion_volume_ml(voxels: int, affine: np.ndarray) -> float:
+    """Lesion volume in mL, rounded to 0.1 uL, computed as ``custom.handlers.LesionVolumeWriter`` computes it.
+
+    The voxel spacing is the length of each affine axis column, as MONAI's ``MetaTensor.pixdim``.
+    """
+    spacing = np.sqrt(np.sum(np.asarray(affine, dtype=np.float64)[:3, :3] ** 2, axis=0))
+    return round(voxels * float(np.prod(spacing)) / 1000.0, 4)
+
+
+def _write_atomically(path: Path, write) -> None:
+    """Call ``write(temporary)`` for a hidden file beside ``path`` (same extension), then rename it to ``path``."""
+    temporary = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def write_mask(mask: np.ndarray, affine: np.ndarray, path) -> None:
+    """Write a uint8 mask as NIfTI with ``affine``, atomically (never a half-written file under ``path``).
+
+    The sform and qform codes are set to 1 (scanner), as MONAI's ``NibabelWriter`` sets them, so the masks
+    of this runner and of the bundle are interchangeable.
+    """
+    image = nib.Nifti1Image(mask.astype(np.uint8), affine)
+    image.header.set_data_dtype(np.uint8)
+    image.set_sform(affine, code=1)
+    image.set_qform(affine, code=1)
+    _write_atomically(Path(path), lambda temporary: nib.save(image, temporary))
+
+
+def write_volume_table(rows: list[dict], path) -> None:
+    """Write the ``case,image,lesion_voxels,lesion_ml`` table atomically."""
+
+    def write(temporary):
+        with open(temporary, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=VOLUME_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    _write_atomically(Path(path), write)
+
+
+def _check_inputs(inputs: list[Path]) -> None:
+    """Fail before any computation on a missing input, a bad header or layout, or two inputs with one case name."""
+    if not inputs:
+        raise ValueError("no input given: pass 5-channel NIfTI files and/or ISLES 2018 case folders")
+    seen: dict[str, Path] = {}
+    for path in inputs:
+        if not path.exists():
+            raise FileNotFoundError(f"input '{path}' does not exist")
+        if path.is_dir():
+            find_isles_maps(path)
+        else:
+            _check_stacked_header(path)
+        name = case_name(path)
+        if name in seen:
+            raise ValueError(f"inputs '{seen[name]}' and '{path}' would both write '{name}_seg.nii.gz'")
+        seen[name] = path
+
+
+def deploy(*inputs, model="bundle/models/model.ts", out="deploy_out", batch_size=16, device="cpu"):
+    """Segment stroke lesions with the exported TorchScript model, without MONAI.
+
+    Args:
+        inputs: 5-channel NIfTI files (H, W, D, 5; CT, CBF, CBV, MTT, Tmax on the CT grid) and/or
+            ISLES 2018 case folders (``case_N/SMIR.Brain.XX.O.<MOD>.<id>/...nii``).
+        model: the TorchScript file written by ``python -m monai.bundle ckpt_export``.
+        out: output folder; receives ``<case>_seg.nii.gz`` (uint8, 1 = lesion, the input's grid and
+            affine) per input and ``lesion_volumes.csv`` (case, image, lesion_voxels, lesion_ml).
+        batch_size: slices per forward pass.
+        device: torch device, e.g. ``cpu`` or ``cuda:0``.
+
+    Returns:
+        The path of ``lesion_volumes.csv``.
+    """
+    paths = [Path(str(p)) for p in inputs]
+    _check_inputs(paths)
+    model = Path(str(model))
+    if not model.is_file():
+        raise FileNotFoundError(f"TorchScript model '{model}' does not exist (export it with monai.bundle ckpt_export)")
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    network = torch.jit.load(str(model), map_location=device).eval()
+    out = Path(str(out))
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for path in paths:
+        volume, affine = read_case(path)
+        mask = segment_volume(network, volume, int(batch_size), device)
+        name = case_name(path)
+        write_mask(mask, affine, out / f"{name}_seg.nii.gz")
+        voxels = int(np.count_nonzero(mask))
+        volume_ml = lesion_volume_ml(voxels, affine)
+        rows.append({"case": name, "image": str(path), "lesion_voxels": voxels, "lesion_ml": volume_ml})
+        print(f"{name}: {voxels} lesion voxels, {volume_ml} mL -> {out / f'{name}_seg.nii.gz'}")
+    table = out / VOLUME_TABLE
+    write_volume_table(rows, table)
+    return str(table)
+
+
+def main(argv=None) -> None:
+    """Command line for machines with neither MONAI nor this project: ``python deploy.py INPUT... --model m.ts``."""
+    parser = argparse.ArgumentParser(description=deploy.__doc__.split("\n")[0])
+    parser.add_argument("inputs", nargs="+", help="5-channel NIfTI files and/or ISLES 2018 case folders")
+    parser.add_argument("--model", default="bundle/models/model.ts", help="TorchScript model (ckpt_export)")
+    parser.add_argument("--out", default="deploy_out", help="output folder")
+    parser.add_argument("--batch_size", type=int, default=16, help="slices per forward pass")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    arguments = parser.parse_args(argv)
+    deploy(
+        *arguments.inputs,
+        model=arguments.model,
+        out=arguments.out,
+        batch_size=arguments.batch_size,
+        device=arguments.device,
+    )
+
+
+if __name__ == "__main__":
+    main()

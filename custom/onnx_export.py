@@ -1,0 +1,124 @@
+"""ONNX export of the bundle's network with dynamic batch, height and width, and an onnxruntime runner.
+
+MONAI's ``monai.bundle onnx_export`` does the conversion but, called bare, traces a fixed input shape,
+uses PyTorch's default (dynamo) exporter, which needs ``onnxscript``, and stores neither the metadata
+nor the configs in the file. :func:`export_onnx` calls it with the arguments this bundle needs, checks
+the result with onnxruntime, embeds ``metadata.json`` and ``inference.json`` as ONNX metadata and
+writes the file atomically. :class:`OnnxNetwork` runs the export like the TorchScript model, so the
+MONAI-free runner ``custom.deploy.segment_volume`` accepts either.
+
+Command line: ``python -m custom.onnx_export --ckpt bundle/models/model.pt --out bundle/models/model.onnx``.
+"""
+
+import importlib
+import json
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+
+INPUT_NAME = "image"
+OUTPUT_NAME = "pred"
+# Batch (slices), height and width vary per study; channels (5 in, 2 out) are fixed.
+DYNAMIC_AXES = {name: {0: "batch", 2: "height", 3: "width"} for name in (INPUT_NAME, OUTPUT_NAME)}
+OPSET_VERSION = 17  # pinned so exports do not change with the PyTorch default
+# onnxruntime vs PyTorch logits on the export check (float32 arithmetic in a different order).
+VERIFY_RTOL = 1e-3
+VERIFY_ATOL = 1e-4
+
+
+def export_onnx(
+    ckpt="bundle/models/model.pt",
+    out="bundle/models/model.onnx",
+    config="bundle/configs/inference.json",
+    meta="bundle/configs/metadata.json",
+    bundle_root="bundle",
+    net_id="network_def",
+):
+    """Export the checkpoint ``ckpt`` of ``net_id`` in ``config`` to ONNX at ``out``; returns ``out``.
+
+    The model is traced with the legacy TorchScript-based exporter on an input shaped from
+    ``network_data_format`` in ``meta``, with dynamic batch/height/width axes, and verified against
+    PyTorch with onnxruntime before the file is moved into place.
+    """
+    # Imported here, not at module level: OnnxNetwork runs where MONAI is not installed, and the project's
+    # command line can list this function where the onnx extra is not installed.
+    from monai.bundle import onnx_export
+
+    onnx = _import_onnx_extra("onnx")
+
+    for path, what in ((ckpt, "checkpoint"), (config, "config"), (meta, "metadata")):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{what} file '{path}' does not exist")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temporary = out.with_name(f".tmp-{uuid.uuid4().hex}-{out.name}")
+    try:
+        onnx_export(
+            net_id=net_id,
+            filepath=str(temporary),
+            ckpt_file=str(ckpt),
+            meta_file=str(meta),
+            config_file=str(config),
+            use_trace=True,
+            converter_kwargs={
+                "input_names": [INPUT_NAME],
+                "output_names": [OUTPUT_NAME],
+                "dynamic_axes": DYNAMIC_AXES,
+                "opset_version": OPSET_VERSION,
+                "dynamo": False,
+                "verify": True,
+                "use_ort": True,
+                "rtol": VERIFY_RTOL,
+                "atol": VERIFY_ATOL,
+            },
+            bundle_root=str(bundle_root),
+        )
+        model = onnx.load(temporary)
+        for path in (meta, config):
+            entry = model.metadata_props.add()
+            entry.key, entry.value = Path(path).name, Path(path).read_text()
+        onnx.save(model, temporary)
+        os.replace(temporary, out)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return str(out)
+
+
+def _import_onnx_extra(name: str):
+    """Import ``onnx`` or ``onnxruntime``, with an error that says which extra installs them."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as err:
+        raise ImportError(f"'{name}' is missing: install the onnx extra (pip install -e '.[onnx]')") from err
+
+
+class OnnxNetwork:
+    """An ONNX export run by onnxruntime with the network's call signature.
+
+    Why it exists: lets the MONAI-free runner (``custom.deploy.segment_volume``) and the tests use the
+    ONNX file exactly like the TorchScript model: a (B, 5, H, W) float32 tensor in, (B, 2, H, W)
+    float32 logits out. ``metadata`` holds the bundle's ``metadata.json`` embedded by :func:`export_onnx`.
+    """
+
+    def __init__(self, onnx_file, providers=("CPUExecutionProvider",)):
+        if not Path(onnx_file).is_file():
+            raise FileNotFoundError(f"ONNX model '{onnx_file}' does not exist")
+        onnxruntime = _import_onnx_extra("onnxruntime")
+        self.session = onnxruntime.InferenceSession(str(onnx_file), providers=list(providers))
+        self.input_name = self.session.get_inputs()[0].name
+        embedded = self.session.get_modelmeta().custom_metadata_map.get("metadata.json")
+        self.metadata = json.loads(embedded) if embedded else {}
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        images = np.ascontiguousarray(batch.detach().cpu().numpy(), dtype=np.float32)
+        return torch.from_numpy(self.session.run(None, {self.input_name: images})[0])
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire(export_onnx)

@@ -1,0 +1,80 @@
+"""A self-contained bundle archive: the bundle folder plus a copy of the ``custom`` package inside it.
+
+The bundle's configs import ``custom`` (transforms, writers, handlers, datalists). MONAI Label and a
+model-zoo checkout do not install this project, but both put the bundle root on ``sys.path``
+(``python -m monai.bundle run`` before running the workflow, MONAI Label while parsing the configs), so
+a ``custom/`` folder inside the bundle root makes the archive run on its own, provided the configs
+reach ``custom`` through ``_target_`` and not through their ``imports`` list (which MONAI evaluates
+before it extends ``sys.path``). MONAI has no packaging command that adds such code, hence this module.
+"""
+
+import os
+import uuid
+import zipfile
+from pathlib import Path
+
+# What a bundle archive carries (MONAI bundle specification plus the LICENSE the model zoo requires).
+BUNDLE_FOLDERS = ("configs", "docs")
+BUNDLE_FILES = ("LICENSE",)
+MODEL_FILES = ("model.pt", "model.ts", "model.onnx")  # weights; model.pt is required, the exports optional
+REQUIRED = ("configs/metadata.json", "configs/inference.json", "LICENSE")
+SKIPPED_NAMES = ("__pycache__",)
+SKIPPED_SUFFIXES = (".pyc", ".pyo")
+
+
+def _files_under(folder: Path):
+    """Files below ``folder``, sorted, without caches, compiled files or hidden entries."""
+    for path in sorted(folder.rglob("*")):
+        parts = path.relative_to(folder).parts
+        if any(p in SKIPPED_NAMES or p.startswith(".") for p in parts) or path.suffix in SKIPPED_SUFFIXES:
+            continue
+        if path.is_file():
+            yield path
+
+
+def bundle_members(bundle_root="bundle", include_models=True) -> list[tuple[Path, str]]:
+    """(source file, path inside the bundle root) of every file a bundle archive carries.
+
+    Run outputs (``eval/``, training checkpoints other than ``models/model.*``) are left out; the
+    ``custom`` package this module belongs to goes to ``custom/``.
+    """
+    root = Path(bundle_root)
+    missing = [name for name in REQUIRED if not (root / name).is_file()]
+    if include_models and not (root / "models" / MODEL_FILES[0]).is_file():
+        missing.append(f"models/{MODEL_FILES[0]}")
+    if missing:
+        raise FileNotFoundError(f"bundle root '{root}' lacks {', '.join(missing)}")
+    members = [(root / name, name) for name in BUNDLE_FILES]
+    for folder in BUNDLE_FOLDERS:
+        members += [(p, p.relative_to(root).as_posix()) for p in _files_under(root / folder)]
+    if include_models:
+        members += [(root / "models" / n, f"models/{n}") for n in MODEL_FILES if (root / "models" / n).is_file()]
+    package = Path(__file__).resolve().parent
+    members += [(p, f"custom/{p.relative_to(package).as_posix()}") for p in _files_under(package)]
+    return members
+
+
+def package_bundle(out, bundle_root="bundle", include_models=True):
+    """Write the bundle at ``bundle_root`` with a copy of ``custom/`` inside it to the zip ``out``; returns ``out``.
+
+    As the MONAI bundle specification asks, the archive holds one folder named after it
+    (``ctp_stroke.zip`` -> ``ctp_stroke/configs/...``, ``ctp_stroke/custom/...``), so unzipping gives a
+    bundle root that ``python -m monai.bundle run --bundle_root ctp_stroke ...`` and MONAI Label load
+    without this project installed. ``include_models=False`` leaves the weights out (configs and code
+    only; not a complete bundle). The zip is written under a temporary name and renamed when complete.
+    """
+    out = Path(str(out))
+    if out.suffix != ".zip":
+        raise ValueError(f"output '{out}' must end in .zip")
+    members = bundle_members(bundle_root, include_models)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temporary = out.with_name(f".tmp-{uuid.uuid4().hex}-{out.name}")
+    try:
+        with zipfile.ZipFile(temporary, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            for source, name in members:
+                archive.write(source, f"{out.stem}/{name}")
+        os.replace(temporary, out)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return str(out)

@@ -1,0 +1,207 @@
+"""The MONAI-free runner: same masks and volumes as the bundle's inference.json, clear errors, atomic outputs."""
+
+import ast
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import BUNDLE, CONFIGS, REPO
+from monai.bundle import ConfigParser, ckpt_export
+from monai.transforms import DivisiblePad
+
+from custom.deploy import deploy, normalize_within_brain, read_stacked_image, symmetric_padding
+from custom.transforms import NormalizeWithinBrain
+
+MODALITIES = ("CT", "CBF", "CBV", "MTT", "Tmax")
+
+
+@pytest.fixture(scope="module")
+def exported_model(tmp_path_factory) -> tuple[Path, Path]:
+    """(model.pt, model.ts): seeded random weights of inference.json's network_def, exported by MONAI."""
+    folder = tmp_path_factory.mktemp("model")
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "inference.json"))
+    torch.manual_seed(0)
+    torch.save(parser.get_parsed_content("network_def").state_dict(), folder / "model.pt")
+    ckpt_export(
+        net_id="network_def",
+        filepath=str(folder / "model.ts"),
+        ckpt_file=str(folder / "model.pt"),
+        meta_file=str(CONFIGS / "metadata.json"),
+        config_file=str(CONFIGS / "inference.json"),
+        bundle_root=str(BUNDLE),
+    )
+    return folder / "model.pt", folder / "model.ts"
+
+
+@pytest.fixture(scope="module")
+def inputs(tiny_phantom_dataset, tmp_path_factory) -> dict[str, Path]:
+    """Converted phantom images plus crops that need padding with odd remainders, and one-slice volumes."""
+    folder = tmp_path_factory.mktemp("inputs")
+    dataset = json.loads((tiny_phantom_dataset / "dataset.json").read_text())
+    images = {e["case"]: tiny_phantom_dataset / e["image"] for e in dataset["testing"]}
+    source = nib.load(tiny_phantom_dataset / dataset["training"][0]["image"])
+    data = np.asanyarray(source.dataobj)
+    crops = {
+        "crop_57x45x3": data[:57, 3:48, :3],  # pads 7 = 3 + 4 and 3 = 1 + 2
+        "slice_64x64x1": data[:, :, 1:2],
+        "slice_50x39x1": data[5:55, 10:49, 0:1],
+    }
+    for name, crop in crops.items():
+        nib.save(nib.Nifti1Image(np.ascontiguousarray(crop), source.affine), folder / f"{name}.nii.gz")
+        images[name] = folder / f"{name}.nii.gz"
+    return images
+
+
+def _fake_monai(folder: Path) -> Path:
+    """A folder that, first on PYTHONPATH, makes ``import monai`` fail."""
+    (folder / "monai").mkdir(parents=True)
+    (folder / "monai" / "__init__.py").write_text("raise ImportError('monai is unavailable in this test')\n")
+    return folder
+
+
+def _run_without_monai(code: str, tmp_path: Path) -> None:
+    guard = "try:\n    import monai\nexcept ImportError:\n    pass\nelse:\n    raise SystemExit('monai imported')\n"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(_fake_monai(tmp_path / "fake")), str(REPO)])}
+    command = [sys.executable, "-c", guard + code]
+    completed = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+
+
+def _bundle_inference(images: list[Path], ckpt: Path, output_dir: Path) -> None:
+    command = [
+        sys.executable, "-m", "monai.bundle", "run",
+        "--config_file", str(CONFIGS / "inference.json"),
+        "--bundle_root", str(BUNDLE),
+        "--datalist", repr([str(p) for p in images]),
+        "--ckpt_path", str(ckpt),
+        "--output_dir", str(output_dir),
+        "--num_workers", "0",
+    ]  # fmt: skip
+    completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+
+
+def _table(path: Path) -> dict[str, dict]:
+    with open(path, newline="") as f:
+        return {row["case"]: row for row in csv.DictReader(f)}
+
+
+@pytest.mark.integration
+def test_deploy_without_monai_equals_bundle_inference(inputs, exported_model, tiny_phantom_dataset, tmp_path):
+    ckpt, torchscript = exported_model
+    _bundle_inference(list(inputs.values()), ckpt, tmp_path / "bundle_out")
+    raw_testing = tiny_phantom_dataset.parent / "isles2018" / "TESTING"
+    testing_cases = [name for name in inputs if name.startswith("case_")]
+    folders = [raw_testing / name for name in testing_cases]
+    command_line = [*map(str, folders), "--model", str(torchscript), "--out", str(tmp_path / "folders")]
+    _run_without_monai(
+        "from custom.deploy import deploy, main\n"
+        f"deploy(*{[str(p) for p in inputs.values()]!r}, model={str(torchscript)!r}, out={str(tmp_path / 'files')!r})\n"
+        f"main({command_line!r})\n",
+        tmp_path,
+    )
+    expected = _table(tmp_path / "bundle_out" / "lesion_volumes.csv")
+    assert _table(tmp_path / "files" / "lesion_volumes.csv") == expected
+    by_folder = _table(tmp_path / "folders" / "lesion_volumes.csv")
+    for name, folder in zip(testing_cases, folders):
+        assert by_folder[name] == {**expected[name], "image": str(folder)}
+    for name, image in inputs.items():
+        reference = nib.load(tmp_path / "bundle_out" / f"{name}_seg.nii.gz")
+        runs = ("files", "folders") if name in testing_cases else ("files",)
+        for run in runs:
+            mask = nib.load(tmp_path / run / f"{name}_seg.nii.gz")
+            assert mask.get_data_dtype() == np.uint8
+            assert mask.shape == nib.load(image).shape[:3] == reference.shape
+            np.testing.assert_array_equal(np.asanyarray(mask.dataobj), np.asanyarray(reference.dataobj))
+            np.testing.assert_allclose(mask.affine, nib.load(image).affine, atol=1e-6)
+    masks = [np.asanyarray(nib.load(tmp_path / "files" / f"{name}_seg.nii.gz").dataobj) for name in inputs]
+    lesion = np.concatenate([mask.ravel() for mask in masks])
+    assert 0 < lesion.mean() < 1, "random weights should give masks with both classes, or the comparison is vacuous"
+    assert not [p.name for p in (tmp_path / "files").iterdir() if p.name.startswith(".")], "temporary files left"
+
+
+def test_deploy_imports_only_torch_numpy_nibabel_and_the_standard_library():
+    tree = ast.parse((REPO / "custom" / "deploy.py").read_text())
+    modules = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            modules |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            modules.add(node.module.split(".")[0])
+    assert modules - set(sys.stdlib_module_names) == {"torch", "numpy", "nibabel"}
+
+
+def test_normalisation_equals_the_bundle_transform(tiny_phantom_dataset):
+    dataset = json.loads((tiny_phantom_dataset / "dataset.json").read_text())
+    volume, _ = read_stacked_image(tiny_phantom_dataset / dataset["training"][0]["image"])
+    image = torch.movedim(torch.from_numpy(volume), -1, 0)
+    assert torch.equal(normalize_within_brain(image), NormalizeWithinBrain()(image))
+    assert torch.equal(normalize_within_brain(torch.zeros(5, 4, 4, 2)), torch.zeros(5, 4, 4, 2))
+
+
+@pytest.mark.parametrize("size", [1, 15, 16, 17, 45, 57, 63, 64, 256])
+def test_padding_splits_like_monai_divisible_pad(size):
+    monai_widths = DivisiblePad(k=16, method="symmetric").compute_pad_width((size,))
+    assert symmetric_padding(size) == monai_widths[1]
+
+
+def _write(path: Path, data: np.ndarray) -> Path:
+    nib.save(nib.Nifti1Image(data.astype(np.float32), np.diag([1.0, 1.0, 5.0, 1.0])), path)
+    return path
+
+
+def test_bad_inputs_are_named_and_leave_nothing_behind(exported_model, tiny_phantom_dataset, tmp_path):
+    _, torchscript = exported_model
+    volume = np.ones((16, 16, 2, 5), dtype=np.float32)
+    out = tmp_path / "out"
+    four_channels = _write(tmp_path / "four.nii.gz", volume[..., :4])
+    with pytest.raises(ValueError, match=r"four\.nii\.gz.*\(H, W, D, 5\)"):
+        deploy(four_channels, model=torchscript, out=out)
+    with pytest.raises(ValueError, match=r"three_d\.nii\.gz"):
+        deploy(_write(tmp_path / "three_d.nii.gz", volume[..., 0]), model=torchscript, out=out)
+    with_nan = volume.copy()
+    with_nan[3, 3, 1, 2] = np.nan
+    with pytest.raises(ValueError, match=r"nan\.nii\.gz': 1 NaN or Inf"):
+        deploy(_write(tmp_path / "nan.nii.gz", with_nan), model=torchscript, out=out)
+    assert not out.exists() or not any(out.iterdir())
+
+    raw_case = sorted((tiny_phantom_dataset.parent / "isles2018" / "TESTING").iterdir())[0]
+    case = shutil.copytree(raw_case, tmp_path / raw_case.name)
+    shutil.rmtree(next(case.glob("*CT_MTT*")))
+    with pytest.raises(ValueError, match=rf"{raw_case.name}': missing MTT"):
+        deploy(case, model=torchscript, out=out)
+    good = _write(tmp_path / "good.nii.gz", volume)
+    with pytest.raises(FileNotFoundError, match="missing.ts"):
+        deploy(good, model=tmp_path / "missing.ts", out=out)
+    with pytest.raises(FileNotFoundError, match="absent.nii.gz"):
+        deploy(good, tmp_path / "absent.nii.gz", model=torchscript, out=out)
+    (tmp_path / "other").mkdir()
+    twin = _write(tmp_path / "other" / "good.nii.gz", volume)
+    with pytest.raises(ValueError, match="would both write 'good_seg.nii.gz'"):
+        deploy(good, twin, model=torchscript, out=out)
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_outputs_of_a_run_replace_older_ones_completely(exported_model, tmp_path):
+    _, torchscript = exported_model
+    rng = np.random.default_rng(0)
+    volume = rng.normal(size=(20, 24, 3, 5)).astype(np.float32)
+    image = _write(tmp_path / "noise.nii.gz", volume)
+    out = tmp_path / "out"
+    (out / "noise_seg.nii.gz").parent.mkdir()
+    (out / "noise_seg.nii.gz").write_bytes(b"stale")
+    table = deploy(str(image), model=str(torchscript), out=str(out), batch_size=2)
+    assert table == str(out / "lesion_volumes.csv")
+    mask = nib.load(out / "noise_seg.nii.gz")
+    assert mask.shape == (20, 24, 3)
+    assert int(_table(Path(table))["noise"]["lesion_voxels"]) == int(np.count_nonzero(np.asanyarray(mask.dataobj)))
+    assert sorted(p.name for p in out.iterdir()) == ["lesion_volumes.csv", "noise_seg.nii.gz"]

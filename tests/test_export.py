@@ -1,0 +1,144 @@
+"""TorchScript export through MONAI's ckpt_export and ONNX export: metadata embedded, predictions agree with eager."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import BUNDLE, CONFIGS, REPO
+from monai.bundle import ConfigParser
+
+from custom.deploy import normalize_within_brain, segment_volume
+
+
+@pytest.fixture(scope="module")
+def network_and_checkpoint(tmp_path_factory):
+    """inference.json's network_def with seeded random weights (eval mode) and its state dict saved as model.pt."""
+    folder = tmp_path_factory.mktemp("checkpoint")
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "inference.json"))
+    torch.manual_seed(0)
+    network = parser.get_parsed_content("network_def").eval()
+    torch.save(network.state_dict(), folder / "model.pt")
+    return network, folder / "model.pt"
+
+
+@pytest.fixture(scope="module")
+def torchscript_file(network_and_checkpoint, tmp_path_factory) -> Path:
+    """model.ts written by the documented command line: ckpt_export with default scripting."""
+    _, checkpoint = network_and_checkpoint
+    out = tmp_path_factory.mktemp("torchscript") / "model.ts"
+    command = [
+        sys.executable, "-m", "monai.bundle", "ckpt_export", "--net_id", "network_def",
+        "--filepath", str(out), "--ckpt_file", str(checkpoint),
+        "--meta_file", str(CONFIGS / "metadata.json"), "--config_file", str(CONFIGS / "inference.json"),
+        "--bundle_root", str(BUNDLE),
+    ]  # fmt: skip
+    completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def phantom_slices(tiny_phantom_dataset) -> torch.Tensor:
+    """Normalised slices (N, 5, 64, 64) of a phantom case, as the network sees them."""
+    dataset = json.loads((tiny_phantom_dataset / "dataset.json").read_text())
+    volume = np.asanyarray(nib.load(tiny_phantom_dataset / dataset["training"][0]["image"]).dataobj)
+    image = normalize_within_brain(torch.movedim(torch.from_numpy(volume.astype(np.float32)), -1, 0))
+    return torch.movedim(image, -1, 0)[:3].contiguous()
+
+
+def _batch(slices: torch.Tensor, size: int) -> torch.Tensor:
+    """Phantom slices at ``size`` x ``size`` (nearest-neighbour upsampling keeps the intensity structure)."""
+    if size == slices.shape[-1]:
+        return slices
+    return torch.nn.functional.interpolate(slices, size=(size, size), mode="nearest")
+
+
+def test_ckpt_export_embeds_metadata_and_configs(torchscript_file):
+    extra_files = {"metadata.json": "", "inference.json": ""}
+    module = torch.jit.load(str(torchscript_file), _extra_files=extra_files)
+    assert isinstance(module, torch.jit.ScriptModule)
+    metadata = json.loads(extra_files["metadata.json"])
+    shipped = json.loads((CONFIGS / "metadata.json").read_text())
+    assert metadata["version"] == shipped["version"]
+    assert metadata["network_data_format"] == shipped["network_data_format"]
+    assert json.loads(extra_files["inference.json"]) == json.loads((CONFIGS / "inference.json").read_text())
+
+
+@pytest.mark.parametrize("size", [64, 256])
+def test_torchscript_agrees_with_eager(network_and_checkpoint, torchscript_file, phantom_slices, size):
+    network, _ = network_and_checkpoint
+    scripted = torch.jit.load(str(torchscript_file)).eval()
+    batch = _batch(phantom_slices, size)
+    with torch.inference_mode():
+        eager, exported = torch.softmax(network(batch), 1), torch.softmax(scripted(batch), 1)
+    assert exported.shape == (batch.shape[0], 2, size, size)
+    assert (eager - exported).abs().max() < 1e-4
+
+
+@pytest.fixture(scope="module")
+def onnx_file(network_and_checkpoint, tmp_path_factory) -> Path:
+    pytest.importorskip("onnxruntime", reason="the onnx extra (onnx, onnxruntime) is not installed")
+    from custom.onnx_export import export_onnx
+
+    _, checkpoint = network_and_checkpoint
+    out = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    assert export_onnx(checkpoint, out, CONFIGS / "inference.json", CONFIGS / "metadata.json", BUNDLE) == str(out)
+    return out
+
+
+@pytest.mark.parametrize("size", [64, 256])
+def test_onnx_agrees_with_eager_at_any_size(network_and_checkpoint, onnx_file, phantom_slices, size):
+    from custom.onnx_export import OnnxNetwork
+
+    network, _ = network_and_checkpoint
+    runtime = OnnxNetwork(onnx_file)
+    batch = _batch(phantom_slices, size)
+    with torch.inference_mode():
+        eager = torch.softmax(network(batch), 1)
+    exported = torch.softmax(runtime(batch), 1)
+    assert exported.shape == eager.shape
+    assert (eager - exported).abs().max() < 1e-3
+    assert runtime.metadata["version"] == json.loads((CONFIGS / "metadata.json").read_text())["version"]
+    assert not [p.name for p in onnx_file.parent.iterdir() if p.name.startswith(".")], "temporary files left"
+
+
+def test_onnx_export_names_a_missing_checkpoint(tmp_path):
+    pytest.importorskip("onnxruntime", reason="the onnx extra (onnx, onnxruntime) is not installed")
+    from custom.onnx_export import export_onnx
+
+    with pytest.raises(FileNotFoundError, match="absent.pt"):
+        export_onnx(tmp_path / "absent.pt", tmp_path / "model.onnx", CONFIGS / "inference.json")
+    assert not list(tmp_path.iterdir())
+
+
+def test_onnx_runs_in_the_monai_free_runner(onnx_file, torchscript_file, tiny_phantom_dataset, tmp_path):
+    """custom.deploy.segment_volume with OnnxNetwork, where MONAI cannot be imported; masks match TorchScript's
+    except where the two runtimes' last-bit differences flip a near-tie voxel."""
+    dataset = json.loads((tiny_phantom_dataset / "dataset.json").read_text())
+    image = tiny_phantom_dataset / dataset["testing"][0]["image"]
+    (tmp_path / "fake" / "monai").mkdir(parents=True)
+    (tmp_path / "fake" / "monai" / "__init__.py").write_text("raise ImportError('monai is unavailable in this test')\n")
+    code = (
+        "import numpy as np, torch\n"
+        "from custom.deploy import read_stacked_image, segment_volume\n"
+        "from custom.onnx_export import OnnxNetwork\n"
+        f"volume, _ = read_stacked_image({str(image)!r})\n"
+        f"np.save({str(tmp_path / 'onnx.npy')!r}, segment_volume(OnnxNetwork({str(onnx_file)!r}), volume))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "fake"), str(REPO)])}
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    from custom.deploy import read_stacked_image
+
+    volume, _ = read_stacked_image(image)
+    reference = segment_volume(torch.jit.load(str(torchscript_file)).eval(), volume)
+    onnx_mask = np.load(tmp_path / "onnx.npy")
+    assert onnx_mask.shape == reference.shape == volume.shape[:3]
+    assert np.mean(onnx_mask != reference) < 1e-3
