@@ -1,0 +1,244 @@
+"""The synthetic CTP phantom: ISLES 2018 layout, value ranges, determinism, lesion model, atomic writing, figure."""
+
+import csv
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from custom.data import phantom
+from custom.data.phantom import CENTRES, CORE_SEVERITY, GREY, REFERENCE_SIZE, WHITE, write_phantom
+
+SIZE = 64
+TRAINING_CASES = 12
+TESTING_CASES = 2
+SERIES = re.compile(r"^SMIR\.Brain\.XX\.O\.(CT|CT_CBF|CT_CBV|CT_MTT|CT_Tmax|OT)\.(\d+)$")
+IMAGE_MAPS = {"CT", "CT_CBF", "CT_CBV", "CT_MTT", "CT_Tmax"}
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> Path:
+    return write_phantom(
+        tmp_path_factory.mktemp("phantom") / "isles", cases=TRAINING_CASES, test_cases=TESTING_CASES, size=SIZE
+    )
+
+
+def read_patients(root: Path) -> list[dict]:
+    with open(root / "patients.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def case_maps(root: Path, split: str, case: str) -> dict:
+    """Map name -> loaded NIfTI image of one case folder."""
+    images = {}
+    for series in (root / split / case).iterdir():
+        images[SERIES.match(series.name)[1]] = nib.load(series / f"{series.name}.nii")
+    return images
+
+
+def training_arrays(root: Path):
+    """(label, CBF, Tmax, voxel mL) per training case."""
+    for row in read_patients(root):
+        if row["split"] == "TRAINING":
+            maps = case_maps(root, "TRAINING", row["case"])
+            voxel_ml = float(np.prod(maps["OT"].header.get_zooms())) / 1e3
+            label = np.asanyarray(maps["OT"].dataobj) > 0
+            yield label, maps["CT_CBF"].get_fdata(), maps["CT_Tmax"].get_fdata(), voxel_ml
+
+
+def test_layout_and_names_follow_isles2018(cohort):
+    assert sorted(p.name for p in cohort.iterdir()) == ["TESTING", "TRAINING", "patients.csv"]
+    ids = []
+    for split, first, count, maps in (
+        ("TRAINING", 1, TRAINING_CASES, IMAGE_MAPS | {"OT"}),
+        ("TESTING", TRAINING_CASES + 1, TESTING_CASES, IMAGE_MAPS),
+    ):
+        cases = sorted((p.name for p in (cohort / split).iterdir()), key=lambda name: int(name.split("_")[1]))
+        assert cases == [f"case_{k}" for k in range(first, first + count)]
+        for case in cases:
+            found = set()
+            for series in (cohort / split / case).iterdir():
+                match = SERIES.match(series.name)
+                assert match, f"{split}/{case}/{series.name} is not an ISLES 2018 series name"
+                assert [p.name for p in series.iterdir()] == [f"{series.name}.nii"]
+                found.add(match[1])
+                ids.append(int(match[2]))
+            assert found == maps, f"{split}/{case} holds {sorted(found)}"
+    assert len(ids) == len(set(ids)), "series ids must be unique"
+
+
+def test_patients_csv_matches_the_folders(cohort):
+    rows = read_patients(cohort)
+    assert list(rows[0]) == ["case", "patient", "centre", "split", "slices"]
+    assert {(r["split"], r["case"]) for r in rows} == {
+        (split, p.name) for split in ("TRAINING", "TESTING") for p in (cohort / split).iterdir()
+    }
+    slabs = defaultdict(list)
+    for row in rows:
+        ct = case_maps(cohort, row["split"], row["case"])["CT"]
+        assert ct.shape == (SIZE, SIZE, int(row["slices"]))
+        assert 2 <= int(row["slices"]) <= 16
+        slabs[row["patient"]].append(row)
+    assert len({r["centre"] for r in rows}) >= 3
+    split_patients = [p for p, rs in slabs.items() if len(rs) == 2]
+    assert split_patients, "the cohort should hold at least one patient with two slabs"
+    for patient in split_patients:
+        first, second = slabs[patient]
+        assert int(second["case"].split("_")[1]) == int(first["case"].split("_")[1]) + 1
+        assert (first["centre"], first["split"]) == (second["centre"], second["split"])
+        a = case_maps(cohort, first["split"], first["case"])["CT"].affine
+        b = case_maps(cohort, second["split"], second["case"])["CT"].affine
+        # Slab B continues slab A on the same in-plane grid, one slice spacing after A's last slice.
+        np.testing.assert_allclose(b[:2], a[:2])
+        assert b[2, 3] == pytest.approx(a[2, 3] + a[2, 2] * int(first["slices"]))
+    assert len(set(slabs)) == len({r["patient"] for r in rows})
+
+
+def test_dtypes_affines_and_spacing(cohort):
+    centres = {c.name: c for c in CENTRES}
+    for row in read_patients(cohort):
+        maps = case_maps(cohort, row["split"], row["case"])
+        centre = centres[row["centre"]]
+        pixel = centre.pixel_mm * REFERENCE_SIZE / SIZE
+        for name, image in maps.items():
+            expected = {"CT": np.int16, "OT": np.uint8}.get(name, np.float32)
+            assert image.get_data_dtype() == expected, f"{row['case']} {name}"
+            assert image.shape == maps["CT"].shape
+            np.testing.assert_allclose(image.affine, maps["CT"].affine)
+            assert image.header.get_zooms() == pytest.approx((pixel, pixel, centre.slice_mm))
+            assert int(image.header["qform_code"]) == 1 and int(image.header["sform_code"]) == 1
+            np.testing.assert_allclose(image.get_qform(), image.get_sform(), atol=1e-4)
+        if "OT" in maps:
+            assert set(np.unique(np.asanyarray(maps["OT"].dataobj))) <= {0, 1}
+
+
+def test_noise_free_physiology_has_literature_values():
+    """Healthy grey/white CBF, CBV, MTT and Tmax, near-zero CSF, and the core's relative CBF, before acquisition."""
+    for index in range(4):
+        patient = phantom.draw_patient(seed=0, index=index, centre=CENTRES[0])
+        slab = phantom.Slab("case_1", "TRAINING", patient, 8, patient.stroke.z_mm - 17.5)
+        _, x, y, z = phantom.slab_grid(slab, SIZE)
+        tissue, depth, vessels = phantom.tissue_map(patient, x, y, z)
+        severity = phantom.severity_map(patient, x, y, z, depth)
+        cbf, cbv, tmax = phantom.physiological_maps(patient, tissue, vessels, severity, x, y, z)
+        healthy = severity == 0
+        for kind, cbf_range, cbv_range in ((GREY, (50, 60), (3, 4)), (WHITE, (20, 25), (1.8, 2.2))):
+            voxels = healthy & (tissue == kind)
+            assert cbf_range[0] - 1 < np.median(cbf[voxels]) < cbf_range[1] + 1
+            assert cbv_range[0] - 0.1 < np.median(cbv[voxels]) < cbv_range[1] + 0.1
+            assert 3.0 < np.median(60 * cbv[voxels] / cbf[voxels]) < 6.5  # MTT in s
+            assert np.all((tmax[voxels] >= 0) & (tmax[voxels] <= 2))
+        csf = (tissue == phantom.CSF) & ~vessels
+        assert np.median(cbf[csf]) < 1 and np.median(cbv[csf]) < 0.1
+        assert np.all(cbf[tissue < phantom.CSF] == 0)
+        healthy_cbf, _, _ = phantom.physiological_maps(patient, tissue, vessels, np.zeros_like(severity), x, y, z)
+        core = (severity >= CORE_SEVERITY) & np.isin(tissue, phantom.BRAIN_TISSUES)
+        if patient.stroke.present and core.any():
+            assert np.all(cbf[core] < 0.3 * healthy_cbf[core])
+            assert np.all(tmax[core] > 6)
+            lesion = phantom.lesion_mask(patient, tissue, severity, x, y, z)
+            assert lesion[core].all(), "the core always becomes lesion"
+
+
+def test_acquired_maps_are_zero_outside_the_intracranial_space():
+    patient = phantom.draw_patient(seed=0, index=1, centre=CENTRES[3])
+    slab = phantom.Slab("case_1", "TRAINING", patient, 6, patient.stroke.z_mm - 12.5)
+    _, arrays = phantom.render_slab(slab, SIZE, np.random.default_rng(0))
+    tissue = phantom.tissue_map(patient, *phantom.slab_grid(slab, SIZE)[1:])[0]
+    for name in ("CT_CBF", "CT_CBV", "CT_MTT", "CT_Tmax"):
+        assert np.all(arrays[name][tissue < phantom.CSF] == 0), name
+        if name != "CT_Tmax":  # healthy Tmax is near 0 s, so noise leaves some zeros there as in real maps
+            assert np.mean(arrays[name][np.isin(tissue, phantom.BRAIN_TISSUES)] > 0) > 0.95, name
+    ct = arrays["CT"]
+    assert np.median(ct[tissue == phantom.BONE]) > 500 and np.median(ct[tissue == phantom.AIR]) < -900
+    assert 20 < np.median(ct[np.isin(tissue, phantom.BRAIN_TISSUES)]) < 45
+
+
+def test_written_maps_zero_in_air_and_centres_differ(cohort):
+    healthy_cbf = defaultdict(list)
+    for row in read_patients(cohort):
+        maps = case_maps(cohort, row["split"], row["case"])
+        ct = np.asanyarray(maps["CT"].dataobj)
+        perfusion = np.stack([maps[m].get_fdata() for m in ("CT_CBF", "CT_CBV", "CT_MTT", "CT_Tmax")])
+        assert np.all(perfusion >= 0)
+        assert np.all(perfusion[:, ct < -500] == 0), "maps must be zero in air"
+        brain = perfusion[0] > 0
+        healthy = brain & (perfusion[3] < 4)
+        if healthy.sum() > 50:
+            assert 0.0 <= np.median(perfusion[3][healthy]) <= 2.0  # Tmax in s at every centre
+            assert 2.0 <= np.median(perfusion[2][healthy]) <= 8.0  # MTT in s at every centre
+            healthy_cbf[row["centre"]].append(np.median(perfusion[0][healthy]))
+    medians = {centre: np.median(values) for centre, values in healthy_cbf.items()}
+    assert len(medians) >= 3
+    assert max(medians.values()) / min(medians.values()) > 3, f"CBF scales should differ by centre: {medians}"
+
+
+def test_threshold_rule_misses_the_label_that_still_follows_the_maps(cohort):
+    """rCBF < 30 % within Tmax > 6 s (reference: median CBF where Tmax < 4 s) is far from the label."""
+    dices, lesion_voxels, inside_voxels, volumes = [], 0, 0, []
+    for label, cbf, tmax, voxel_ml in training_arrays(cohort):
+        brain = cbf > 0
+        reference = np.median(cbf[brain & (tmax < 4)])
+        rule = brain & (cbf < 0.3 * reference) & (tmax > 6)
+        if label.any():
+            dices.append(2 * (rule & label).sum() / (rule.sum() + label.sum()))
+        lesion_voxels += label.sum()
+        inside_voxels += (label & (tmax > 6)).sum()
+        volumes.append(label.sum() * voxel_ml)
+    assert len(dices) >= TRAINING_CASES // 2
+    assert np.mean(dices) < 0.6, dices
+    assert inside_voxels / lesion_voxels > 0.6, "the lesion should lie mostly where Tmax > 6 s"
+    assert 3 < np.median(volumes) < 50, volumes
+
+
+def test_same_seed_same_bytes_other_seed_other_data(tmp_path):
+    first = write_phantom(tmp_path / "a", cases=2, test_cases=1, seed=3, size=48)
+    second = write_phantom(tmp_path / "b", cases=2, test_cases=1, seed=3, size=48)
+    other = write_phantom(tmp_path / "c", cases=2, test_cases=1, seed=4, size=48)
+    files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(second) for p in second.rglob("*") if p.is_file())
+    assert len(files) == 3 * 5 + 2 + 1
+    for name in files:
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+    ct = sorted(first.glob("TRAINING/case_1/SMIR.Brain.XX.O.CT.*/*.nii"))[0]
+    other_ct = sorted(other.glob("TRAINING/case_1/SMIR.Brain.XX.O.CT.*/*.nii"))[0]
+    assert ct.read_bytes() != other_ct.read_bytes()
+
+
+def test_refuses_non_empty_out_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    with pytest.raises(FileExistsError, match="not empty"):
+        write_phantom(out, cases=1, test_cases=0, size=32)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+    write_phantom(out, cases=1, test_cases=0, size=32, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["TRAINING", "patients.csv"]
+
+    def fail(*args):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(phantom, "write_case", fail)
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_phantom(tmp_path / "new", cases=1, test_cases=0, size=32)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "a failed run must leave no folder behind"
+
+
+def test_figure_writes_a_png(cohort, tmp_path):
+    pytest.importorskip("matplotlib")
+    from custom.data.figure import phantom_figure
+    from custom.data.isles2018 import prepare_isles2018
+
+    dataset = prepare_isles2018(
+        cohort / "TRAINING", tmp_path / "dataset", patients=cohort / "patients.csv", testing=cohort / "TESTING"
+    )
+    out = phantom_figure(dataset, tmp_path / "figures" / "case.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert out.stat().st_size > 20_000
+    with pytest.raises(KeyError, match="case_99"):
+        phantom_figure(dataset, tmp_path / "other.png", case="case_99")
+    assert not (tmp_path / "other.png").exists()
