@@ -6,7 +6,7 @@ whole cross-validations; this runs them with identical folds and budget and writ
 
 from pathlib import Path
 
-from custom.crossval import CASE_METRICS, run_cross_validation
+from custom.crossval import run_cross_validation
 from custom.reporting import OVERALL, paired_comparison, read_case_csv, write_markdown, write_summary_csv
 
 # Each variant is a set of bundle overrides of ``loss`` (train.json builds WeightedCEGeneralizedDiceLoss).
