@@ -42,7 +42,7 @@ def run_ablation(
     same ``overrides`` (the budget: epochs, patch size, ...). Each row reports the overall mean ± std of the
     case metrics and the paired per-case Dice difference against ``reference``. Finished folds are reused.
     """
-    names = [v for v in (variants.split(",") if isinstance(variants, str) else variants) if v]
+    names = [v for v in (variants.split(",") if isinstance(variants, str) else list(variants)) if v]
     unknown = [v for v in names + [reference] if v not in LOSS_VARIANTS]
     if unknown:
         raise ValueError(f"unknown loss variants {unknown}; choose from {list(LOSS_VARIANTS)}")
