@@ -106,9 +106,12 @@ def test_deploy_without_monai_equals_bundle_inference(inputs, exported_model, ti
     _run_without_monai(
         "from custom.deploy import deploy, main\n"
         f"deploy(*{[str(p) for p in inputs.values()]!r}, model={str(torchscript)!r}, out={str(tmp_path / 'files')!r})\n"
-        f"main({command_line!r})\n",
+        f"main({command_line!r})\n"
+        "from custom.__main__ import main as project_command_line\n"
+        f"project_command_line(['deploy', *{command_line!r}[:-1], {str(tmp_path / 'cli')!r}])\n",
         tmp_path,
     )
+    assert _table(tmp_path / "cli" / "lesion_volumes.csv") == _table(tmp_path / "folders" / "lesion_volumes.csv")
     expected = _table(tmp_path / "bundle_out" / "lesion_volumes.csv")
     assert _table(tmp_path / "files" / "lesion_volumes.csv") == expected
     by_folder = _table(tmp_path / "folders" / "lesion_volumes.csv")
