@@ -13,14 +13,16 @@ from custom.reporting import OVERALL, paired_comparison, read_case_csv, write_ma
 LOSS_VARIANTS = {
     "ce": {"loss#lambda_gdl": 0.0, "loss#ce_weight_mode": "fixed"},
     "gdl": {"loss#lambda_ce": 0.0},
-    "wce_gdl": {},
+    "wce_gdl": {"loss#ce_max_weight": 10.0},
+    "wce3_gdl": {"loss#ce_max_weight": 3.0},
     "wce_boundary_gdl": {"loss#boundary_weight": 5.0},
     "dice_ce": {"loss": {"_target_": "DiceCELoss", "to_onehot_y": True, "softmax": True}},
 }
 DESCRIPTIONS = {
     "ce": "cross-entropy alone (uniform class weights)",
     "gdl": "generalized Dice alone",
-    "wce_gdl": "batch-weighted CE + generalized Dice (bundle default)",
+    "wce_gdl": "batch-weighted CE (lesion weight capped at 10) + generalized Dice",
+    "wce3_gdl": "batch-weighted CE (lesion weight capped at 3) + generalized Dice (bundle default)",
     "wce_boundary_gdl": "batch-weighted CE with boundary map (w0 = 5) + generalized Dice",
     "dice_ce": "MONAI DiceCELoss (reference)",
 }
