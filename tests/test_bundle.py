@@ -196,3 +196,33 @@ def test_plain_run_trains(tiny_phantom_dataset, tmp_path):
     )
     assert "Epoch[1] Metrics" in output
     assert (tmp_path / "models" / "model.pt").is_file()
+
+
+@pytest.mark.integration
+def test_multi_gpu_configs_run_distributed_on_cpu(tiny_phantom_dataset, tmp_path):
+    """torchrun with two CPU processes (gloo): the multi-GPU overrides train, checkpoint and evaluate."""
+    common = ["--bundle_root", str(BUNDLE), "--dataset_dir", str(tiny_phantom_dataset)]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    torchrun += ["-m", "monai.bundle", "run"]
+    train = subprocess.run(
+        torchrun + ["--config_file", str([str(CONFIGS / "train.json"), str(CONFIGS / "multi_gpu_train.json")])]
+        + common + ["--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "logs")]
+        + _override_arguments({**TINY_TRAINING, "epochs": 1}),
+        capture_output=True, text=True,
+    )
+    assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
+    assert (tmp_path / "models" / "model.pt").is_file()
+    assert latest_checkpoint(tmp_path / "models").name == "latest_checkpoint_epoch=1.pt"
+    configs = [str(CONFIGS / c) for c in ("train.json", "evaluate.json", "multi_gpu_evaluate.json")]
+    evaluate = subprocess.run(
+        torchrun + ["--config_file", str(configs)] + common
+        + ["--ckpt_path", str(tmp_path / "models" / "model.pt"), "--output_dir", str(tmp_path / "eval"),
+           "--num_workers", "0"],
+        capture_output=True, text=True,
+    )
+    assert evaluate.returncode == 0, evaluate.stdout[-3000:] + evaluate.stderr[-3000:]
+    dataset = json.loads((tiny_phantom_dataset / "dataset.json").read_text())
+    with open(tmp_path / "eval" / "val_mean_dice_raw.csv") as f:
+        cases = [row["filename"] for row in csv.DictReader(f)]
+    fold_0 = [str(tiny_phantom_dataset / e["image"]) for e in dataset["training"] if e["fold"] == 0]
+    assert sorted(cases) == sorted(fold_0)
