@@ -6,7 +6,6 @@ per-case metrics and fold summaries as the cross-validation. The rule and its re
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -14,6 +13,7 @@ import tempfile
 import nibabel as nib
 import numpy as np
 
+from custom.data.datalist import load_dataset_json
 from custom.metrics import METRIC_NAMES, case_metrics
 from custom.reporting import summarise, summary_markdown, write_case_csv, write_markdown, write_summary_csv
 
@@ -39,21 +39,6 @@ def threshold_core(
     reference = float(np.median(cbf[brain if used_fallback else healthy]))
     core = brain & (cbf < rcbf_threshold * reference) & (tmax > tmax_threshold)
     return core, reference, used_fallback
-
-
-def _load_dataset(dataset_dir: str) -> dict:
-    """dataset.json of ``dataset_dir``, or a clear error naming the missing folder, file or key."""
-    if not os.path.isdir(dataset_dir):
-        raise FileNotFoundError(f"dataset folder not found: {dataset_dir}")
-    path = os.path.join(dataset_dir, "dataset.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"dataset.json not found in the dataset folder: {path}")
-    with open(path) as file:
-        dataset = json.load(file)
-    for key in ("modality", "training"):
-        if key not in dataset:
-            raise KeyError(f"{path} has no {key!r} key.")
-    return dataset
 
 
 def _channel_layout(modality: dict, path: str) -> dict:
@@ -118,7 +103,7 @@ def run_baseline(
     (per fold and overall), and with ``save_masks`` the predicted cores as ``out/masks/<case>.nii.gz`` (uint8,
     the image's affine). Nothing is written unless every case succeeds. Returns the summary rows.
     """
-    dataset = _load_dataset(dataset_dir)
+    dataset = load_dataset_json(dataset_dir, required_keys=("modality", "training"))
     json_path = os.path.join(dataset_dir, "dataset.json")
     layout = _channel_layout(dataset["modality"], json_path)
     thresholds = {"rcbf_threshold": rcbf_threshold, "tmax_threshold": tmax_threshold, "healthy_tmax": healthy_tmax}

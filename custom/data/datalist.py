@@ -11,8 +11,8 @@ from pathlib import Path
 ROLES = ("train", "validate")
 
 
-def load_dataset_json(dataset_dir) -> dict:
-    """The parsed ``dataset.json`` of ``dataset_dir``; clear errors when the folder or file is missing."""
+def load_dataset_json(dataset_dir, required_keys: tuple[str, ...] = ()) -> dict:
+    """The parsed ``dataset.json`` of ``dataset_dir``; clear errors for a missing folder, file or required key."""
     folder = Path(dataset_dir)
     if not folder.is_dir():
         raise FileNotFoundError(f"dataset_dir '{folder}' does not exist (convert data with `python -m custom prepare`)")
@@ -21,9 +21,13 @@ def load_dataset_json(dataset_dir) -> dict:
         raise FileNotFoundError(f"'{path}' is missing: '{folder}' is not a converted dataset folder")
     with open(path) as f:
         try:
-            return json.load(f)
+            dataset = json.load(f)
         except json.JSONDecodeError as err:
             raise ValueError(f"'{path}' is not valid JSON: {err}") from err
+    for key in required_keys:
+        if key not in dataset:
+            raise KeyError(f"'{path}' has no '{key}' key")
+    return dataset
 
 
 def _absolute(folder: Path, entry: dict, keys) -> dict:

@@ -4,11 +4,12 @@ Exists to show, in the docs and to anyone checking a conversion, what the model 
 optional dependency (the ``figures`` extra), imported only here and only when a figure is drawn.
 """
 
-import json
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+
+from custom.data.datalist import load_dataset_json
 
 CHANNELS = ("CT", "CBF", "CBV", "MTT", "Tmax")
 # Panel title and colour-bar label per channel; CBF and CBV keep each centre's own scale.
@@ -20,20 +21,6 @@ PANELS = {
     "Tmax": ("Tmax", "s"),
 }
 BRAIN_WINDOW_HU = (0.0, 80.0)  # level 40, width 80
-
-
-def _load_dataset_json(dataset_dir: Path) -> dict:
-    """dataset.json of ``dataset_dir`` with its ``training`` and ``modality`` keys, or an error naming them."""
-    path = dataset_dir / "dataset.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"'{path}' does not exist: DATASET_DIR must be a converted dataset folder")
-    meta = json.loads(path.read_text())
-    for key in ("training", "modality"):
-        if key not in meta:
-            raise KeyError(f"'{path}' has no '{key}' key")
-    if not meta["training"]:
-        raise ValueError(f"'{path}': the 'training' list is empty, there is no labelled case to show")
-    return meta
 
 
 def _lesion_ml(dataset_dir: Path, entry: dict) -> float:
@@ -58,7 +45,9 @@ def phantom_figure(dataset_dir, out, case=None, slice_index=None):
     from matplotlib.figure import Figure
 
     dataset_dir = Path(dataset_dir)
-    meta = _load_dataset_json(dataset_dir)
+    meta = load_dataset_json(dataset_dir, required_keys=("training", "modality"))
+    if not meta["training"]:
+        raise ValueError(f"'{dataset_dir / 'dataset.json'}': the 'training' list is empty, there is no case to show")
     channel = {name: int(index) for index, name in meta["modality"].items()}
     missing = [name for name in CHANNELS if name not in channel]
     if missing:
