@@ -41,7 +41,7 @@ def latest_checkpoint(ckpt_dir) -> Path | None:
     return max(found)[1] if found else None
 
 
-def _override_arguments(overrides: dict) -> list[str]:
+def override_arguments(overrides: dict) -> list[str]:
     """Bundle overrides as ``monai.bundle run`` arguments; non-strings are written as Python literals."""
     arguments = []
     for key, value in overrides.items():
@@ -51,7 +51,7 @@ def _override_arguments(overrides: dict) -> list[str]:
 
 def _run_bundle(config_files: list[str], arguments: dict, overrides: dict, log_file: Path) -> None:
     command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", repr(config_files)]
-    command += _override_arguments({**arguments, **overrides})
+    command += override_arguments({**arguments, **overrides})
     print(" ".join(command), flush=True)
     with open(log_file, "a") as log:
         completed = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
@@ -59,9 +59,8 @@ def _run_bundle(config_files: list[str], arguments: dict, overrides: dict, log_f
         raise RuntimeError(f"bundle run failed with exit code {completed.returncode}; see the log '{log_file}'")
 
 
-def _fold_case_rows(dataset_dir: Path, fold: int, eval_dir: Path) -> list[dict]:
+def _fold_case_rows(dataset_dir: Path, dataset: dict, fold: int, eval_dir: Path) -> list[dict]:
     """Per-case rows of one fold from evaluate.json's MetricsSaver ``*_raw.csv`` files."""
-    dataset = load_dataset_json(dataset_dir)
     by_image = {str((dataset_dir / e["image"]).resolve()): e for e in dataset["training"]}
     rows: dict[str, dict] = {}
     for saver_name, column in EVALUATION_METRICS.items():
@@ -145,7 +144,7 @@ def run_cross_validation(
             (fold_dir / DONE_FILE).write_text(json.dumps({**timing, "overrides": overrides}, indent=2, default=str))
         else:
             print(f"fold {fold}: already done, skipped", flush=True)
-        rows += _fold_case_rows(dataset_dir, fold, eval_dir)
+        rows += _fold_case_rows(dataset_dir, dataset, fold, eval_dir)
 
     summary = summarise(rows, CASE_METRICS, group_key="fold")
     write_case_csv(rows, str(run_dir / "cases.csv"))

@@ -36,8 +36,7 @@ class LesionVolumeWriter:
             if not isinstance(pred, MetaTensor):
                 raise TypeError(f"'{self.pred_key}' must be a MetaTensor carrying its affine, got {type(pred)}")
             image = str(pred.meta.get("filename_or_obj", ""))
-            spatial_dims = 3
-            spacing = np.asarray(pred.pixdim[:spatial_dims], dtype=float)
+            spacing = np.asarray(pred.pixdim[:3], dtype=float)
             voxels = int((pred > 0).sum())
             self.rows.append(
                 {

@@ -13,7 +13,7 @@ from conftest import BUNDLE, CONFIGS, TINY_TRAINING
 from ignite.engine import Events
 from monai.bundle import ConfigParser, ConfigWorkflow
 
-from custom.crossval import latest_checkpoint
+from custom.crossval import latest_checkpoint, override_arguments
 
 
 def _workflow(config_files, workflow_type, **override):
@@ -32,13 +32,6 @@ def _bundle_run(*arguments, run_id=None):
     completed = subprocess.run(command, capture_output=True, text=True)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     return completed.stdout + completed.stderr
-
-
-def _override_arguments(overrides):
-    arguments = []
-    for key, value in overrides.items():
-        arguments += [f"--{key}", value if isinstance(value, str) else repr(value)]
-    return arguments
 
 
 @pytest.mark.parametrize(
@@ -99,7 +92,7 @@ def test_train_evaluate_infer_end_to_end(tiny_phantom_dataset, tmp_path):
     common = ["--bundle_root", str(BUNDLE), "--dataset_dir", str(tiny_phantom_dataset)]
     output = _bundle_run(
         "--config_file", str(CONFIGS / "train.json"), *common,
-        "--ckpt_dir", str(ckpt_dir), "--output_dir", str(train_dir), *_override_arguments(TINY_TRAINING),
+        "--ckpt_dir", str(ckpt_dir), "--output_dir", str(train_dir), *override_arguments(TINY_TRAINING),
         run_id="training",
     )
     assert "Epoch[2] Metrics" in output
@@ -192,7 +185,7 @@ def test_plain_run_trains(tiny_phantom_dataset, tmp_path):
     output = _bundle_run(
         "--config_file", str(CONFIGS / "train.json"), "--bundle_root", str(BUNDLE),
         "--dataset_dir", str(tiny_phantom_dataset), "--ckpt_dir", str(tmp_path / "models"),
-        "--output_dir", str(tmp_path / "logs"), *_override_arguments({**TINY_TRAINING, "epochs": 1}),
+        "--output_dir", str(tmp_path / "logs"), *override_arguments({**TINY_TRAINING, "epochs": 1}),
     )
     assert "Epoch[1] Metrics" in output
     assert (tmp_path / "models" / "model.pt").is_file()
@@ -207,7 +200,7 @@ def test_multi_gpu_configs_run_distributed_on_cpu(tiny_phantom_dataset, tmp_path
     train = subprocess.run(
         torchrun + ["--config_file", str([str(CONFIGS / "train.json"), str(CONFIGS / "multi_gpu_train.json")])]
         + common + ["--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "logs")]
-        + _override_arguments({**TINY_TRAINING, "epochs": 1}),
+        + override_arguments({**TINY_TRAINING, "epochs": 1}),
         capture_output=True, text=True,
     )
     assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
