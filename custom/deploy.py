@@ -6,21 +6,22 @@ Clinical machines that run the model often cannot install MONAI. This module rep
 symmetric)`` -> ``SliceInferer`` (2D slices in batches) -> softmax -> crop the padding (``Invertd``) ->
 argmax -> uint8 NIfTI on the input grid, plus the ``LesionVolumeWriter`` table.
 
-It imports nothing from MONAI or from the rest of ``custom`` (whose modules import MONAI): keep it so,
-the tests run it with MONAI made unimportable. ``custom/transforms.py`` is the reference for the
+It imports nothing from MONAI, and from the rest of ``custom`` only the standard-library
+``custom.atomic`` (the other modules import MONAI): keep it so, the tests run it with MONAI made
+unimportable. ``custom/transforms.py`` is the reference for the
 normalisation; a change there must be mirrored here (the agreement test catches a mismatch).
 """
 
 import argparse
 import csv
-import os
 import re
-import uuid
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import torch
+
+from custom.atomic import write_atomically
 
 MODALITIES = ("CT", "CBF", "CBV", "MTT", "Tmax")
 CLASSES = ("background", "lesion")
@@ -211,17 +212,6 @@ def lesion_volume_ml(voxels: int, affine: np.ndarray) -> float:
     return round(voxels * float(np.prod(spacing)) / 1000.0, 4)
 
 
-def _write_atomically(path: Path, write) -> None:
-    """Call ``write(temporary)`` for a hidden file beside ``path`` (same extension), then rename it to ``path``."""
-    temporary = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-
-
 def write_mask(mask: np.ndarray, affine: np.ndarray, path) -> None:
     """Write a uint8 mask as NIfTI with ``affine``, atomically (never a half-written file under ``path``).
 
@@ -232,7 +222,7 @@ def write_mask(mask: np.ndarray, affine: np.ndarray, path) -> None:
     image.header.set_data_dtype(np.uint8)
     image.set_sform(affine, code=1)
     image.set_qform(affine, code=1)
-    _write_atomically(Path(path), lambda temporary: nib.save(image, temporary))
+    write_atomically(path, lambda temporary: nib.save(image, temporary))
 
 
 def write_volume_table(rows: list[dict], path) -> None:
@@ -244,7 +234,7 @@ def write_volume_table(rows: list[dict], path) -> None:
             writer.writeheader()
             writer.writerows(rows)
 
-    _write_atomically(Path(path), write)
+    write_atomically(path, write)
 
 
 def _check_inputs(inputs: list[Path]) -> None:

@@ -1,0 +1,47 @@
+"""The project's one way to write a file: never a half-written file under the final name.
+
+Why it exists: a crash, a full disk or ``kill -9`` in the middle of a write must leave either the old
+file or the new one, never a truncated checkpoint, mask or table. Python's standard library has no
+atomic write. Standard library only, so the MONAI-free runner (``custom/deploy.py``) can use it too.
+"""
+
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+
+def temporary_sibling(path) -> Path:
+    """A hidden, unused name in ``path``'s folder ending like ``path`` (so writers that pick a format by
+    extension, such as nibabel, still do); same file system, so the final rename is atomic."""
+    path = Path(path)
+    return path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def write_atomically(path, write: Callable[[Path], object]) -> Path:
+    """Call ``write(temporary)`` for a temporary file beside ``path``, fsync it, then rename it to ``path``.
+
+    The folder of ``path`` is created if needed. If ``write`` (or anything after it) fails, the temporary
+    file is removed and ``path`` is left as it was. Returns ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = temporary_sibling(path)
+    try:
+        write(temporary)
+        _fsync(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text_atomically(path, text: str) -> Path:
+    """Write ``text`` (UTF-8, newlines as given) to ``path`` atomically; returns ``path``."""
+    return write_atomically(path, lambda temporary: Path(temporary).write_text(text, encoding="utf-8", newline=""))
