@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 
 import nibabel as nib
 import numpy as np
 
+from custom.atomic import write_atomically
 from custom.data.datalist import load_dataset_json
 from custom.metrics import METRIC_NAMES, case_metrics
 from custom.reporting import summarise, summary_markdown, write_case_csv, write_markdown, write_summary_csv
@@ -114,22 +114,16 @@ def run_baseline(
         if missing:
             raise KeyError(f"{json_path}: training entry {number} has no {missing}.")
 
-    # Masks are staged beside `out` and moved in only once every case has succeeded.
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=parent, prefix=".baseline-") as staging:
-        rows = []
-        for entry in dataset["training"]:
-            row, mask = _baseline_case(entry, dataset_dir, layout, thresholds)
-            rows.append(row)
-            if save_masks:
-                nib.save(mask, os.path.join(staging, f"{entry['case']}.nii.gz"))
-            logger.info("%s: Dice %.3f", entry["case"], row["dice"])
+    rows, masks = [], {}
+    for entry in dataset["training"]:
+        row, mask = _baseline_case(entry, dataset_dir, layout, thresholds)
+        rows.append(row)
         if save_masks:
-            os.makedirs(os.path.join(out, "masks"), exist_ok=True)
-            for row in rows:
-                name = f"{row['case']}.nii.gz"
-                os.replace(os.path.join(staging, name), os.path.join(out, "masks", name))
+            masks[entry["case"]] = mask
+        logger.info("%s: Dice %.3f", entry["case"], row["dice"])
+    # Written only once every case has succeeded, each file atomically.
+    for case, mask in masks.items():
+        write_atomically(os.path.join(out, "masks", f"{case}.nii.gz"), lambda temporary: nib.save(mask, temporary))
 
     summary = summarise(rows, METRIC_NAMES, group_key="fold")
     write_case_csv(rows, os.path.join(out, "cases.csv"))

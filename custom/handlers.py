@@ -1,11 +1,14 @@
 """Ignite handler for the inference workflow that MONAI lacks: a per-case lesion volume table."""
 
 import csv
+import io
 from pathlib import Path
 
 import numpy as np
 from ignite.engine import Engine, Events
 from monai.data import MetaTensor
+
+from custom.atomic import write_text_atomically
 
 
 class LesionVolumeWriter:
@@ -48,8 +51,8 @@ class LesionVolumeWriter:
             )
 
     def _write(self, engine: Engine) -> None:
-        self.output_file.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.output_file, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["case", "image", "lesion_voxels", "lesion_ml"])
-            writer.writeheader()
-            writer.writerows(self.rows)
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=["case", "image", "lesion_voxels", "lesion_ml"])
+        writer.writeheader()
+        writer.writerows(self.rows)
+        write_text_atomically(self.output_file, text.getvalue())

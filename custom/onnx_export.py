@@ -12,12 +12,12 @@ Command line: ``python -m custom.onnx_export --ckpt bundle/models/model.pt --out
 
 import importlib
 import json
-import os
-import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from custom.atomic import write_atomically
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "pred"
@@ -53,9 +53,8 @@ def export_onnx(
         if not Path(path).is_file():
             raise FileNotFoundError(f"{what} file '{path}' does not exist")
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out.with_name(f".tmp-{uuid.uuid4().hex}-{out.name}")
-    try:
+
+    def write(temporary):
         onnx_export(
             net_id=net_id,
             filepath=str(temporary),
@@ -81,10 +80,8 @@ def export_onnx(
             entry = model.metadata_props.add()
             entry.key, entry.value = Path(path).name, Path(path).read_text()
         onnx.save(model, temporary)
-        os.replace(temporary, out)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+
+    write_atomically(out, write)
     return str(out)
 
 

@@ -8,10 +8,10 @@ reach ``custom`` through ``_target_`` and not through their ``imports`` list (wh
 before it extends ``sys.path``). MONAI has no packaging command that adds such code, hence this module.
 """
 
-import os
-import uuid
 import zipfile
 from pathlib import Path
+
+from custom.atomic import write_atomically
 
 # What a bundle archive carries (MONAI bundle specification plus the LICENSE the model zoo requires).
 BUNDLE_FOLDERS = ("configs", "docs")
@@ -61,20 +61,17 @@ def package_bundle(out, bundle_root="bundle", include_models=True):
     (``ctp_stroke.zip`` -> ``ctp_stroke/configs/...``, ``ctp_stroke/custom/...``), so unzipping gives a
     bundle root that ``python -m monai.bundle run --bundle_root ctp_stroke ...`` and MONAI Label load
     without this project installed. ``include_models=False`` leaves the weights out (configs and code
-    only; not a complete bundle). The zip is written under a temporary name and renamed when complete.
+    only; not a complete bundle). The zip is written atomically (``custom.atomic``).
     """
     out = Path(str(out))
     if out.suffix != ".zip":
         raise ValueError(f"output '{out}' must end in .zip")
     members = bundle_members(bundle_root, include_models)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out.with_name(f".tmp-{uuid.uuid4().hex}-{out.name}")
-    try:
+
+    def write(temporary):
         with zipfile.ZipFile(temporary, "w", compression=zipfile.ZIP_DEFLATED) as archive:
             for source, name in members:
                 archive.write(source, f"{out.stem}/{name}")
-        os.replace(temporary, out)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+
+    write_atomically(out, write)
     return str(out)

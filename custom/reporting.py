@@ -10,11 +10,11 @@ import csv
 import io
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 
 import numpy as np
 
+from custom.atomic import write_text_atomically
 from custom.metrics import HIGHER_IS_BETTER
 
 OVERALL = "all"
@@ -87,21 +87,7 @@ def _write_rows(rows: list[dict], path: str) -> None:
     writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    _write_text(text.getvalue(), path)
-
-
-def _write_text(text: str, path: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder, so readers never see half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(handle, "w", newline="") as file:
-            file.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    write_text_atomically(path, text.getvalue())
 
 
 def write_case_csv(rows: list[dict], path: str) -> None:
@@ -116,7 +102,7 @@ def write_summary_csv(summary: list[dict], path: str) -> None:
 
 def write_markdown(text: str, path: str) -> None:
     """Write a Markdown table (e.g. from ``summary_markdown``) to ``path``."""
-    _write_text(text, path)
+    write_text_atomically(path, text)
 
 
 def read_case_csv(path: str) -> list[dict]:
