@@ -15,6 +15,8 @@ normalisation; a change there must be mirrored here (the agreement test catches 
 import argparse
 import csv
 import re
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
@@ -88,6 +90,15 @@ def _load_nifti(path: Path) -> nib.Nifti1Image:
         raise ValueError(f"'{path}': cannot read as NIfTI ({err})") from err
 
 
+def _read_data(path: Path, read: Callable[[], np.ndarray]) -> np.ndarray:
+    """``read()``, the voxels of the file ``path``, or an error naming the file: a truncated or corrupt file
+    often fails only when its voxels are read, after its header was."""
+    try:
+        return read()
+    except Exception as err:  # nibabel, gzip and zlib raise many types for truncated data
+        raise ValueError(f"'{path}': cannot read the voxels ({err})") from err
+
+
 def _require_finite(path: Path, data: np.ndarray) -> None:
     """Refuse NaN and Inf: they would silently corrupt the brain statistics of the normalisation."""
     bad = np.count_nonzero(~np.isfinite(data))
@@ -95,10 +106,18 @@ def _require_finite(path: Path, data: np.ndarray) -> None:
         raise ValueError(f"'{path}': {bad} NaN or Inf values")
 
 
+def _require_perfusion_maps(path: Path, volume: np.ndarray) -> None:
+    """Refuse an all-zero perfusion map (as the bundle's ``ValidateStudy`` does): with no brain, or a map
+    the model never saw empty, the mask would be a confident wrong answer."""
+    for channel in BRAIN_CHANNELS:
+        if not np.any(volume[..., channel]):
+            raise ValueError(f"'{path}': the {MODALITIES[channel]} map is all zero (empty brain)")
+
+
 def _read_isles_map(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """A map as float32 with NIfTI scaling applied (as the ISLES converter reads it) and its affine."""
     image = _load_nifti(path)
-    data = image.get_fdata(dtype=np.float32)
+    data = _read_data(path, lambda: image.get_fdata(dtype=np.float32))
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim != 3:
@@ -141,17 +160,21 @@ def read_stacked_image(path) -> tuple[np.ndarray, np.ndarray]:
     """The (H, W, D, 5) float32 data and affine of a converted 5-channel NIfTI, read as MONAI's NibabelReader does."""
     path = Path(path)
     image = _check_stacked_header(path)
-    data = np.asarray(np.asanyarray(image.dataobj), dtype=np.float32)
+    data = _read_data(path, lambda: np.asarray(np.asanyarray(image.dataobj), dtype=np.float32))
     _require_finite(path, data)
     return data, image.affine
 
 
 def read_case(path) -> tuple[np.ndarray, np.ndarray]:
-    """(H, W, D, 5) float32 data and affine of an input: a 5-channel NIfTI file or an ISLES 2018 case folder."""
+    """(H, W, D, 5) float32 data and affine of an input: a 5-channel NIfTI file or an ISLES 2018 case folder.
+
+    Every problem of the input raises a ValueError naming the file."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"input '{path}' does not exist")
-    return read_isles_case(path) if path.is_dir() else read_stacked_image(path)
+    volume, affine = read_isles_case(path) if path.is_dir() else read_stacked_image(path)
+    _require_perfusion_maps(path, volume)
+    return volume, affine
 
 
 def normalize_within_brain(volume: torch.Tensor) -> torch.Tensor:
@@ -163,10 +186,11 @@ def normalize_within_brain(volume: torch.Tensor) -> torch.Tensor:
     brain = (volume[list(BRAIN_CHANNELS)] != 0).any(dim=0)
     out = torch.zeros_like(volume)
     if brain.any():
-        quantiles = torch.tensor([p / 100.0 for p in CLIP_PERCENTILES], dtype=torch.float64)
+        quantiles = [p / 100.0 for p in CLIP_PERCENTILES]
         for c in range(volume.shape[0]):
             values = volume[c][brain].double()
-            low, high = torch.quantile(values, quantiles)
+            # numpy, not torch.quantile (limited to 2**24 elements), as custom.transforms.brain_quantiles
+            low, high = (float(q) for q in np.quantile(values.numpy(), quantiles))
             values = values.clamp(low, high)
             mean, std = values.mean(), values.std(unbiased=False)
             out[c][brain] = ((values - mean) / std.clamp_min(NORMALIZE_EPS)).float()
@@ -237,18 +261,35 @@ def write_volume_table(rows: list[dict], path) -> None:
     write_atomically(path, write)
 
 
+def load_model(path: Path, device="cpu"):
+    """The TorchScript model at ``path``, checked to map a (1, 5, 32, 32) batch to (1, 2, 32, 32) logits;
+    otherwise an error naming the file and what differs (another architecture or channel count)."""
+    try:
+        network = torch.jit.load(str(path), map_location=device).eval()
+    except Exception as err:  # torch raises RuntimeError or ValueError for files that are not TorchScript
+        raise ValueError(f"model '{path}' is not a TorchScript file ({err})") from err
+    probe = torch.zeros((1, len(MODALITIES), 32, 32), device=device)
+    try:
+        with torch.inference_mode():
+            shape = tuple(network(probe).shape)
+    except Exception as err:  # a scripted model fails with a RuntimeError naming its own layer
+        raise ValueError(
+            f"model '{path}' does not take a (1, {len(MODALITIES)}, 32, 32) input ({', '.join(MODALITIES)}): {err}"
+        ) from err
+    if shape != (1, len(CLASSES), 32, 32):
+        raise ValueError(f"model '{path}' gives output shape {shape}, expected (1, {len(CLASSES)}, 32, 32)")
+    return network
+
+
 def _check_inputs(inputs: list[Path]) -> None:
-    """Fail before any computation on a missing input, a bad header or layout, or two inputs with one case name."""
+    """Fail before any computation on no input, a missing input, or two inputs with one case name (a mistake in
+    the command, not in the data: the contents of each input are checked case by case)."""
     if not inputs:
         raise ValueError("no input given: pass 5-channel NIfTI files and/or ISLES 2018 case folders")
     seen: dict[str, Path] = {}
     for path in inputs:
         if not path.exists():
             raise FileNotFoundError(f"input '{path}' does not exist")
-        if path.is_dir():
-            find_isles_maps(path)
-        else:
-            _check_stacked_header(path)
         name = case_name(path)
         if name in seen:
             raise ValueError(f"inputs '{seen[name]}' and '{path}' would both write '{name}_seg.nii.gz'")
@@ -277,12 +318,17 @@ def deploy(*inputs, model="bundle/models/model.ts", out="deploy_out", batch_size
         raise FileNotFoundError(f"TorchScript model '{model}' does not exist (export it with monai.bundle ckpt_export)")
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    network = torch.jit.load(str(model), map_location=device).eval()
+    network = load_model(model, device)
     out = Path(str(out))
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, failures = [], []
     for path in paths:
-        volume, affine = read_case(path)
+        try:
+            volume, affine = read_case(path)
+        except ValueError as err:  # this input's fault: report it, go on with the others
+            failures.append(str(err))
+            print(f"not segmented: {err}", file=sys.stderr)
+            continue
         mask = segment_volume(network, volume, int(batch_size), device)
         name = case_name(path)
         write_mask(mask, affine, out / f"{name}_seg.nii.gz")
@@ -291,7 +337,14 @@ def deploy(*inputs, model="bundle/models/model.ts", out="deploy_out", batch_size
         rows.append({"case": name, "image": str(path), "lesion_voxels": voxels, "lesion_ml": volume_ml})
         print(f"{name}: {voxels} lesion voxels, {volume_ml} mL -> {out / f'{name}_seg.nii.gz'}")
     table = out / VOLUME_TABLE
-    write_volume_table(rows, table)
+    if rows:
+        write_volume_table(rows, table)
+    if failures:
+        listing = "\n  - ".join(failures)
+        raise ValueError(
+            f"{len(failures)} of {len(paths)} input(s) not segmented"
+            f"{f' (the others were written to {out})' if rows else ''}:\n  - {listing}"
+        )
     return str(table)
 
 

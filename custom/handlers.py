@@ -1,4 +1,4 @@
-"""Ignite handler for the inference workflow that MONAI lacks: a per-case lesion volume table."""
+"""Ignite handlers MONAI lacks: a per-case lesion volume table, a report of rejected inputs, named checkpoint errors."""
 
 import csv
 import io
@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 from ignite.engine import Engine, Events
 from monai.data import MetaTensor
+from monai.handlers import CheckpointLoader
 
 from custom.atomic import write_text_atomically
 
@@ -56,3 +57,46 @@ class LesionVolumeWriter:
         writer.writeheader()
         writer.writerows(self.rows)
         write_text_atomically(self.output_file, text.getvalue())
+
+
+class RejectedImagesReporter:
+    """Fail an inference run at its end, naming every image that was set aside and why.
+
+    Why it exists: one bad case must not stop the others, yet must not pass unnoticed. The images are
+    screened before the run (``custom.data.datalist.screen_inference_images``); the good ones are segmented
+    and written, then this handler, attached after the writers, logs each rejected image and raises, so the
+    command exits non-zero.
+    """
+
+    def __init__(self, rejected: dict[str, str]) -> None:
+        self.rejected = dict(rejected)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self._report)
+
+    def _report(self, engine: Engine) -> None:
+        if not self.rejected:
+            return
+        for reason in self.rejected.values():
+            engine.logger.error(f"not segmented: {reason}")
+        listing = "\n  - ".join(self.rejected.values())
+        raise RuntimeError(
+            f"{len(self.rejected)} image(s) not segmented (the other images were written):\n  - {listing}"
+        )
+
+
+class NamedCheckpointLoader(CheckpointLoader):
+    """MONAI's ``CheckpointLoader`` whose errors name the checkpoint file.
+
+    Why it exists: a checkpoint of another architecture or channel count makes ``load_state_dict`` list the
+    missing, unexpected and mismatched weights, but not the file they came from.
+    """
+
+    def __call__(self, engine: Engine) -> None:
+        try:
+            super().__call__(engine)
+        except (RuntimeError, KeyError) as err:
+            raise RuntimeError(
+                f"checkpoint '{self.load_path}' does not fit {', '.join(map(str, self.load_dict))} "
+                f"(another architecture or channel count?): {err}"
+            ) from err

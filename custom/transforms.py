@@ -1,13 +1,82 @@
-"""Intensity normalisation of CTP studies that MONAI does not offer as one transform."""
+"""CTP study transforms MONAI does not offer: load-time validation naming the file, brain normalisation."""
 
 from collections.abc import Hashable, Mapping, Sequence
 
+import numpy as np
 import torch
 from monai.config import KeysCollection, NdarrayOrTensor
+from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
-from monai.utils import TransformBackends, convert_to_dst_type, convert_to_tensor
+from monai.utils import TransformBackends, convert_to_dst_type, convert_to_numpy, convert_to_tensor
+
+from custom.data.check import image_problems, label_problems
 
 PERFUSION_CHANNELS = (1, 2, 3, 4)  # CBF, CBV, MTT, Tmax; channel 0 is CT
+
+
+def _file_name(array) -> str:
+    """The file an array was read from (``LoadImage`` records it in the MetaTensor's meta), for messages."""
+    meta = array.meta if isinstance(array, MetaTensor) else {}
+    return str(meta.get("filename_or_obj") or "<array without file name>")
+
+
+class ValidateStudy(Transform):
+    """Raise a ValueError naming the file when an image (and its label) breaks the data contract.
+
+    Why it exists: nothing in MONAI checks that values are finite or labels binary, and a bad study gives a
+    silently wrong result: one NaN voxel turns the brain statistics of ``NormalizeWithinBrain`` into NaN and
+    the mask into background; a 0.5 label is truncated by the loss; an all-zero perfusion map crashes
+    ``RandCropByPosNegLabeld`` deep inside a DataLoader worker. The rules are those of
+    ``python -m custom check`` (``custom.data.check``).
+
+    Place it right after ``LoadImage``: ``image`` is the array as read, (H, W, D, 5) with channels CT, CBF,
+    CBV, MTT, Tmax (NaN/Inf, an all-zero perfusion map and other shapes are refused); the optional
+    ``label`` (H, W, D) must have the image's shape and only the values 0 and 1. Returns ``image`` unchanged.
+    """
+
+    backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
+
+    def __call__(self, image: NdarrayOrTensor, label: NdarrayOrTensor | None = None) -> NdarrayOrTensor:
+        image_name = _file_name(image)
+        image_array = convert_to_numpy(image)
+        problems = image_problems(image_name, image_array)
+        if label is not None:
+            problems += label_problems(_file_name(label), convert_to_numpy(label), image_name, image_array.shape)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return image
+
+
+class ValidateStudyd(MapTransform):
+    """Dictionary wrapper of :class:`ValidateStudy`: ``keys`` holds the image key, then optionally the label key."""
+
+    backend = ValidateStudy.backend
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if not 1 <= len(self.keys) <= 2:
+            raise ValueError(f"keys must be the image key and optionally the label key, got {self.keys}")
+        self.validator = ValidateStudy()
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
+        d = dict(data)
+        image_key, label_key = (*self.keys, None)[:2]
+        if image_key not in d and self.allow_missing_keys:
+            return d
+        label = None if label_key is None or (label_key not in d and self.allow_missing_keys) else d[label_key]
+        self.validator(d[image_key], label)
+        return d
+
+
+def brain_quantiles(values: torch.Tensor, quantiles: Sequence[float]) -> tuple[float, ...]:
+    """Quantiles (linear interpolation) of a 1D float64 tensor, any number of elements.
+
+    ``torch.quantile`` refuses inputs above 2**24 elements (16.7 M, less than the brain of a 512 x 512 x 320
+    volume); numpy's
+    ``quantile`` has no limit and the same definition. ``custom/deploy.py`` computes it the same way, so
+    both stay voxel-identical.
+    """
+    return tuple(float(q) for q in np.quantile(values.cpu().numpy(), quantiles))
 
 
 class NormalizeWithinBrain(Transform):
@@ -52,7 +121,7 @@ class NormalizeWithinBrain(Transform):
         if brain.any():
             for c in range(x.shape[0]):
                 values = x[c][brain].double()
-                low, high = torch.quantile(values, torch.tensor(self.quantiles, dtype=values.dtype))
+                low, high = brain_quantiles(values, self.quantiles)
                 values = values.clamp(low, high)
                 mean, std = values.mean(), values.std(unbiased=False)
                 out[c][brain] = ((values - mean) / std.clamp_min(self.eps)).float()

@@ -53,7 +53,7 @@ def test_network_and_preprocessing_identical_in_train_and_inference():
     ]
     inference_steps = [{k: v for k, v in t.items() if k != "keys"} for t in inference["preprocessing"]["transforms"]]
     assert [t["_target_"] for t in train_image_steps] == [t["_target_"] for t in inference_steps]
-    assert train_image_steps[2:4] == inference_steps[2:4]  # brain normalisation and padding
+    assert train_image_steps[3:5] == inference_steps[3:5]  # brain normalisation and padding
 
 
 def test_metadata_declares_what_the_network_does():

@@ -132,15 +132,20 @@ def test_deploy_without_monai_equals_bundle_inference(inputs, exported_model, ti
     assert not [p.name for p in (tmp_path / "files").iterdir() if p.name.startswith(".")], "temporary files left"
 
 
-def test_deploy_imports_only_torch_numpy_nibabel_and_the_standard_library():
+def test_deploy_imports_only_torch_numpy_nibabel_the_standard_library_and_custom_atomic():
     tree = ast.parse((REPO / "custom" / "deploy.py").read_text())
     modules = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            modules |= {alias.name.split(".")[0] for alias in node.names}
+            modules |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
-            modules.add(node.module.split(".")[0])
-    assert modules - set(sys.stdlib_module_names) == {"torch", "numpy", "nibabel"}
+            modules.add(node.module)
+    third_party = {m for m in modules if m.split(".")[0] not in sys.stdlib_module_names}
+    assert third_party == {"torch", "numpy", "nibabel", "custom.atomic"}
+    atomic = ast.parse((REPO / "custom" / "atomic.py").read_text())
+    atomic_imports = {a.name for n in ast.walk(atomic) if isinstance(n, ast.Import) for a in n.names}
+    atomic_imports |= {n.module for n in ast.walk(atomic) if isinstance(n, ast.ImportFrom)}
+    assert all(m.split(".")[0] in sys.stdlib_module_names for m in atomic_imports)
 
 
 def test_normalisation_equals_the_bundle_transform(tiny_phantom_dataset):

@@ -42,6 +42,17 @@ class DatasetReport:
     num_folds: int | None = None
 
 
+def read_nifti(path, name: str | None = None) -> tuple[nib.Nifti1Image, np.ndarray]:
+    """(image, voxel array) of the NIfTI file ``path``, read in full; a ValueError naming the file (as ``name``,
+    default ``path``) if it cannot be read: corrupt or truncated files make nibabel raise many error types,
+    some only when the data is read."""
+    try:
+        image = nib.load(path)
+        return image, np.asanyarray(image.dataobj)
+    except Exception as err:
+        raise ValueError(f"{name or path}: unreadable ({err})") from err
+
+
 def _read_nifti(folder: Path, relative, where: str, problems: list[str]):
     """(image, voxel array) of ``folder/relative``, or None after recording why it cannot be read."""
     if not isinstance(relative, str) or not relative:
@@ -52,50 +63,74 @@ def _read_nifti(folder: Path, relative, where: str, problems: list[str]):
         problems.append(f"{relative}: missing (listed in {where})")
         return None
     try:
-        image = nib.load(path)
-        return image, np.asanyarray(image.dataobj)
-    except Exception as err:  # nibabel raises many types for corrupt or truncated files
-        problems.append(f"{relative}: unreadable ({err})")
+        return read_nifti(path, relative)
+    except ValueError as err:
+        problems.append(str(err))
         return None
 
 
-def _image_problems(relative: str, data: np.ndarray) -> list[str]:
-    """Problems of a (H, W, D, 5) image: wrong shape, NaN/Inf per channel, an all-zero perfusion map."""
+def image_problems(name: str, data: np.ndarray) -> list[str]:
+    """Problems of an image array as read from its file (H, W, D, 5): wrong shape, NaN/Inf per channel, an
+    all-zero perfusion map. Shared with the bundle's ``custom.transforms.ValidateStudy`` so the check and the
+    load-time validation apply the same rules; ``name`` is the file named in each message."""
     if data.ndim != 4 or data.shape[-1] != len(MODALITY_NAMES):
         return [
-            f"{relative}: expected a 4D image with {len(MODALITY_NAMES)} channels ({', '.join(MODALITY_NAMES)}) "
-            f"on the 4th axis, found shape {data.shape}"
+            f"{name}: expected a 4D image with {len(MODALITY_NAMES)} channels ({', '.join(MODALITY_NAMES)}) "
+            f"on the 4th axis, found shape {tuple(data.shape)}"
         ]
     problems = []
-    for channel, name in enumerate(MODALITY_NAMES):
+    for channel, modality in enumerate(MODALITY_NAMES):
         values = data[..., channel]
         bad = np.count_nonzero(~np.isfinite(values))
         if bad:
-            problems.append(f"{relative}: {bad} NaN or Inf values in the {name} channel")
+            problems.append(f"{name}: {bad} NaN or Inf values in the {modality} channel")
         if channel > 0 and not np.any(values):
-            problems.append(f"{relative}: the {name} channel is all zero (empty brain)")
+            problems.append(f"{name}: the {modality} channel is all zero (empty brain)")
     return problems
 
 
-def _label_problems(relative: str, label, image_relative: str, image) -> list[str]:
-    """Problems of a label against its image: not 3D, another grid, values other than 0 and 1."""
-    label_image, data = label
-    problems = []
+def label_problems(name: str, data: np.ndarray, image_name: str | None = None, image_shape=None) -> list[str]:
+    """Problems of a label array (H, W, D): not 3D, a shape other than its image's (H, W, D), values other
+    than 0 and 1 (0.5 included). Shared with ``custom.transforms.ValidateStudy``."""
     if data.ndim != 3:
-        return [f"{relative}: expected a 3D label, found shape {data.shape}"]
-    if image is not None:
-        image_image, image_data = image
-        if data.shape != image_data.shape[:3]:
-            problems.append(f"{relative}: shape {data.shape} differs from {image_relative} {image_data.shape[:3]}")
-        if not affines_match(label_image.affine, image_image.affine):
-            problems.append(
-                f"{relative}: affine differs from {image_relative}:\n{np.array2string(label_image.affine, precision=4)}"
-                f"\nvs\n{np.array2string(image_image.affine, precision=4)}"
-            )
+        return [f"{name}: expected a 3D label, found shape {tuple(data.shape)}"]
+    problems = []
+    if image_shape is not None and tuple(data.shape) != tuple(image_shape)[:3]:
+        problems.append(f"{name}: shape {tuple(data.shape)} differs from {image_name} {tuple(image_shape)[:3]}")
     values = np.unique(data)
     stray = values[~np.isin(values, (0, 1))]
     if stray.size:
-        problems.append(f"{relative}: label values must be 0 or 1, found {stray.tolist()}")
+        problems.append(f"{name}: label values must be 0 or 1, found {stray.tolist()}")
+    return problems
+
+
+def _label_image_problems(relative: str, label, image_relative: str, image) -> list[str]:
+    """Problems of a label file against its image file: those of :func:`label_problems` and another affine."""
+    label_image, data = label
+    if image is None:
+        return label_problems(relative, data)
+    image_image, image_data = image
+    problems = label_problems(relative, data, image_relative, image_data.shape)
+    if data.ndim == 3 and not affines_match(label_image.affine, image_image.affine):
+        problems.append(
+            f"{relative}: affine differs from {image_relative}:\n{np.array2string(label_image.affine, precision=4)}"
+            f"\nvs\n{np.array2string(image_image.affine, precision=4)}"
+        )
+    return problems
+
+
+def training_entry_problems(folder: Path, entry: dict, where: str) -> list[str]:
+    """Problems of the files of one ``training`` entry (image and label read in full), each naming its file.
+
+    Used by the fold datalists (``custom.data.datalist``) to refuse bad cases before any DataLoader starts.
+    """
+    problems: list[str] = []
+    image = _read_nifti(folder, entry.get("image"), f"{where}.image", problems)
+    if image is not None:
+        problems += image_problems(entry["image"], image[1])
+    label = _read_nifti(folder, entry.get("label"), f"{where}.label", problems)
+    if label is not None:
+        problems += _label_image_problems(entry["label"], label, entry.get("image"), image)
     return problems
 
 
@@ -185,7 +220,7 @@ def inspect_dataset(dataset_dir) -> DatasetReport:
                 problems.append(f"{where}.case: expected a non-empty string, found {case!r}")
             image = _read_nifti(folder, entry["image"], f"{where}.image", problems) if "image" in entry else None
             if image is not None:
-                problems += _image_problems(entry["image"], image[1])
+                problems += image_problems(entry["image"], image[1])
             if key == "testing":
                 report.num_testing += 1
                 continue
@@ -198,7 +233,7 @@ def inspect_dataset(dataset_dir) -> DatasetReport:
             label = _read_nifti(folder, entry["label"], f"{where}.label", problems) if "label" in entry else None
             if label is None:
                 continue
-            problems += _label_problems(entry["label"], label, entry.get("image"), image)
+            problems += _label_image_problems(entry["label"], label, entry.get("image"), image)
             if fold_ok and label[1].ndim == 3:
                 voxel_ml = float(np.prod(label[0].header.get_zooms()[:3])) / 1000.0
                 lesion_ml = float(np.count_nonzero(label[1] == 1)) * voxel_ml

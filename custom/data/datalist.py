@@ -6,6 +6,7 @@ select a cross-validation fold and name the folder or key at fault.
 """
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 ROLES = ("train", "validate")
@@ -39,7 +40,8 @@ def fold_datalist(dataset_dir, fold: int, role: str) -> list[dict]:
 
     ``role="train"`` gives every case whose ``fold`` differs from ``fold``; ``role="validate"`` the
     cases of ``fold``. ``fold=-1`` trains on all cases and validates on all of them (a fit check, not
-    a held-out score).
+    a held-out score). Every selected case is read first and the list is refused, naming each bad file,
+    if any case cannot be trained or scored on (see ``_refuse_unusable_cases``).
     """
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got '{role}'")
@@ -59,14 +61,98 @@ def fold_datalist(dataset_dir, fold: int, role: str) -> list[dict]:
         selected = [e for e in training if e["fold"] == fold]
     if not selected:
         raise ValueError(f"no '{role}' cases for fold {fold} in '{folder / 'dataset.json'}'")
+    _refuse_unusable_cases(folder, selected, f"fold {fold} '{role}'")
     return [_absolute(folder, e, ("image", "label")) for e in selected]
 
 
+def _refuse_unusable_cases(folder: Path, entries: list[dict], what: str) -> None:
+    """Read every image and label of ``entries`` and refuse them all, naming each bad file and its problem.
+
+    Why: a case that is unreadable, has NaN/Inf, the wrong channels, a non-binary or mismatched label, or an
+    all-zero perfusion map otherwise fails deep inside a DataLoader worker (an all-zero map gives
+    ``RandCropByPosNegLabeld`` "No sampling location available") or trains on garbage. The rules are those of
+    ``python -m custom check``; the policy is to refuse, not to leave cases out, so a score is never computed
+    on fewer cases than ``dataset.json`` lists without the user deciding it.
+    """
+    from custom.data.check import training_entry_problems  # here, not at the top: check imports this module
+
+    problems = [
+        problem
+        for entry in entries
+        for problem in training_entry_problems(folder, entry, f"dataset.json training case {entry.get('case')!r}")
+    ]
+    if problems:
+        listing = "\n  - ".join(problems)
+        raise ValueError(
+            f"'{folder / 'dataset.json'}': {what} cases cannot be used:\n  - {listing}\n"
+            "Fix or remove these cases from dataset.json (`python -m custom check` lists every problem)."
+        )
+
+
 def inference_datalist(dataset_dir) -> list[str]:
-    """Image files to segment: the dataset's ``testing`` list, or every training image when it has none."""
+    """Image files to segment: the dataset's ``testing`` list.
+
+    A dataset without testing images is refused rather than segmenting its training images instead: masks of
+    images the model was trained on look better than they are. Pass the files explicitly (``--datalist``) to
+    segment any other images.
+    """
     folder = Path(dataset_dir)
     dataset = load_dataset_json(folder)
-    entries = dataset.get("testing") or dataset.get("training") or []
+    entries = dataset.get("testing")
     if not entries:
-        raise ValueError(f"'{folder / 'dataset.json'}' lists no 'testing' or 'training' images")
+        raise ValueError(
+            f"'{folder / 'dataset.json'}' lists no 'testing' images; to segment other images name them "
+            "explicitly, e.g. --datalist \"['/data/a.nii.gz', '/data/b.nii.gz']\""
+        )
     return [str(folder / (e["image"] if isinstance(e, dict) else e)) for e in entries]
+
+
+def output_case_name(image) -> str:
+    """The case name under which inference writes an image's outputs: its file name without ``.nii[.gz]``
+    (``<case>_seg.nii.gz`` by ``SaveImaged``, the ``case`` column of ``lesion_volumes.csv``)."""
+    return Path(str(image)).name.split(".nii")[0]
+
+
+@dataclass
+class ScreenedImages:
+    """The images inference can segment (``usable``) and the others with their reason (``rejected``)."""
+
+    usable: list[str]
+    rejected: dict[str, str]
+
+
+def screen_inference_images(images) -> ScreenedImages:
+    """Read every image to segment and set aside those that cannot be segmented, so one bad case never stops
+    the others (``custom.handlers.RejectedImagesReporter`` reports them and fails the run at its end).
+
+    Refused up front, with both paths named: two images that would write one output (same case name from two
+    folders). Set aside: a missing or unreadable file, or one breaking the data contract (shape, NaN/Inf,
+    an all-zero perfusion map; the rules of ``python -m custom check``). Raises when no image is usable.
+    """
+    from custom.data.check import image_problems, read_nifti  # here, not at the top: check imports this module
+
+    images = [str(image) for image in images]
+    if not images:
+        raise ValueError("datalist: no image to segment")
+    seen: dict[str, str] = {}
+    for image in images:
+        name = output_case_name(image)
+        if name in seen:
+            raise ValueError(f"datalist: '{seen[name]}' and '{image}' would both write '{name}_seg.nii.gz'; rename one")
+        seen[name] = image
+    usable, rejected = [], {}
+    for image in images:
+        if not Path(image).is_file():
+            rejected[image] = f"{image}: missing"
+            continue
+        try:
+            problems = image_problems(image, read_nifti(image)[1])
+        except ValueError as err:
+            problems = [str(err)]
+        if problems:
+            rejected[image] = "; ".join(problems)
+        else:
+            usable.append(image)
+    if not usable:
+        raise ValueError("datalist: no image can be segmented:\n  - " + "\n  - ".join(rejected.values()))
+    return ScreenedImages(usable, rejected)
