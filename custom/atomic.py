@@ -27,7 +27,7 @@ def write_atomically(path, write: Callable[[Path], object]) -> Path:
     """Call ``write(temporary)`` for a temporary file beside ``path``, fsync it, then rename it to ``path``.
 
     The folder of ``path`` is created if needed. If ``write`` (or anything after it) fails, the temporary
-    file is removed and ``path`` is left as it was. Returns ``path``.
+    file is removed and ``path`` is left as it was; an ``OSError`` gets a note naming ``path``. Returns ``path``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -36,8 +36,10 @@ def write_atomically(path, write: Callable[[Path], object]) -> Path:
         write(temporary)
         _fsync(temporary)
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as err:
         temporary.unlink(missing_ok=True)
+        if isinstance(err, OSError):  # a full disk or a read-only folder: say which file was being written
+            err.add_note(f"while writing '{path}' (nothing was written under that name)")
         raise
     return path
 

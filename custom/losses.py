@@ -226,6 +226,10 @@ class WeightedCEGeneralizedDiceLoss(_Loss):
             if target.min() < 0 or target.max() >= num_classes:
                 raise ValueError(f"{name}: target holds labels outside [0, {num_classes - 1}] "
                                  f"(min {target.min().item()}, max {target.max().item()}).")
+            if target.is_floating_point() and not torch.equal(target, target.round()):
+                fraction = target[target != target.round()].flatten()[0].item()
+                raise ValueError(f"{name}: target holds non-integer labels (e.g. {fraction}), which one_hot would "
+                                 "truncate; the bundle's ValidateStudyd names the label file at load time.")
             target_onehot = one_hot(target, num_classes=num_classes, dtype=input.dtype)
         else:
             target_onehot = target.to(input.dtype)

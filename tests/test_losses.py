@@ -237,6 +237,10 @@ def test_invalid_inputs_raise():
     loss = WeightedCEGeneralizedDiceLoss()
     with pytest.raises(ValueError, match="outside"):
         loss(logits, 2 * labels[:, None])
+    half = labels[:, None].float()
+    half[0, 0, 0, 0] = 0.5
+    with pytest.raises(ValueError, match=r"non-integer labels \(e.g. 0.5\)"):
+        loss(logits, half)
     with pytest.raises(ValueError, match="to_onehot_y=True"):
         loss(logits, labels)
     with pytest.raises(ValueError, match="C >= 2"):

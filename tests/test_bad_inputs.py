@@ -1,0 +1,299 @@
+"""Bad input in the bundle's train, evaluate and inference paths: refused by file name, nothing half-written,
+one bad case never stops the others (the MONAI-free runner's equivalents are in test_deploy.py)."""
+
+import csv
+import errno
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import BUNDLE, CONFIGS, REPO, TINY_TRAINING
+from monai.bundle import ConfigParser, ConfigWorkflow
+
+from custom.data.datalist import fold_datalist, inference_datalist, screen_inference_images
+from custom.transforms import NormalizeWithinBrain, brain_quantiles
+from custom.writers import ShapePreservingNibabelWriter
+
+AFFINE = np.diag([1.0, 1.0, 5.0, 1.0])
+
+
+def _study(shape=(32, 32, 3)) -> np.ndarray:
+    """A (H, W, D, 5) float32 study whose perfusion maps are non-zero in a central 'brain'."""
+    rng = np.random.default_rng(0)
+    volume = np.zeros((*shape, 5), dtype=np.float32)
+    volume[..., 0] = rng.normal(40.0, 10.0, shape)
+    volume[4:-4, 4:-4, :, 1:] = rng.uniform(0.5, 5.0, (shape[0] - 8, shape[1] - 8, shape[2], 4))
+    return volume
+
+
+def _save(path: Path, data: np.ndarray) -> Path:
+    nib.save(nib.Nifti1Image(np.asarray(data), AFFINE), path)
+    return path
+
+
+def _truncate(path: Path) -> Path:
+    """Cut a .nii.gz in half: the header still reads, the voxels do not (a copy interrupted mid-way)."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def _messages(error: BaseException) -> str:
+    """The messages of an error and of every error it was raised from (MONAI wraps transform errors)."""
+    messages = []
+    while error is not None:
+        messages.append(str(error))
+        error = error.__cause__ or error.__context__
+    return "\n".join(messages)
+
+
+def _workflow(config_files, workflow_type, **override):
+    return ConfigWorkflow(
+        config_file=[str(CONFIGS / c) for c in config_files],
+        meta_file=str(CONFIGS / "metadata.json"),
+        logging_file=False,
+        workflow_type=workflow_type,
+        bundle_root=str(BUNDLE),
+        **override,
+    )
+
+
+def _network_checkpoint(path: Path, **network_changes) -> Path:
+    """Seeded random weights of inference.json's network_def (with ``network_changes``) saved to ``path``."""
+    config = ConfigParser.load_config_file(CONFIGS / "inference.json")
+    parser = ConfigParser({"network_def": {**config["network_def"], **network_changes}})
+    torch.manual_seed(0)
+    torch.save(parser.get_parsed_content("network_def").state_dict(), path)
+    return path
+
+
+@pytest.fixture
+def dataset_copy(tiny_phantom_dataset, tmp_path) -> tuple[Path, dict]:
+    """A private copy of the tiny phantom dataset (to damage) and its dataset.json."""
+    folder = shutil.copytree(tiny_phantom_dataset, tmp_path / "dataset")
+    return folder, json.loads((folder / "dataset.json").read_text())
+
+
+# The bundle's load-time validation (custom.transforms.ValidateStudyd), as the configs use it.
+def _bad_study(problem: str) -> tuple[np.ndarray, np.ndarray]:
+    image, label = _study(), np.zeros((32, 32, 3), dtype=np.uint8)
+    label[10:14, 10:14, 1] = 1
+    if problem == "nan":
+        image[5, 5, 1, 2] = np.nan
+    elif problem == "inf":
+        image[5, 5, 1, 4] = np.inf
+    elif problem == "four channels":
+        image = image[..., :4]
+    elif problem == "six channels":
+        image = np.concatenate([image, image[..., :1]], axis=-1)
+    elif problem == "3D image":
+        image = image[..., 1]
+    elif problem == "all-zero image":
+        image = np.zeros_like(image)
+    elif problem == "label 0.5":
+        label = label.astype(np.float32) * 0.5
+    elif problem == "label 2":
+        label = label * 2
+    elif problem == "label shape":
+        label = np.zeros((32, 32, 4), dtype=np.uint8)
+    return image, label
+
+
+BAD_STUDIES = {
+    "nan": r"image\.nii\.gz: 1 NaN or Inf values in the CBV channel",
+    "inf": r"image\.nii\.gz: 1 NaN or Inf values in the Tmax channel",
+    "four channels": r"image\.nii\.gz: expected a 4D image with 5 channels .* found shape \(32, 32, 3, 4\)",
+    "six channels": r"image\.nii\.gz: expected a 4D image with 5 channels .* found shape \(32, 32, 3, 6\)",
+    "3D image": r"image\.nii\.gz: expected a 4D image with 5 channels .* found shape \(32, 32, 3\)",
+    "all-zero image": r"image\.nii\.gz: the CBF channel is all zero",
+    "label 0.5": r"label\.nii\.gz: label values must be 0 or 1, found \[0\.5\]",
+    "label 2": r"label\.nii\.gz: label values must be 0 or 1, found \[2",
+    "label shape": r"label\.nii\.gz: shape \(32, 32, 4\) differs from .*image\.nii\.gz \(32, 32, 3\)",
+}
+
+
+@pytest.mark.parametrize(
+    "problem, config, transforms",
+    [(p, "train.json", "validate#preprocessing") for p in BAD_STUDIES]
+    + [(p, "inference.json", "preprocessing") for p in BAD_STUDIES if not p.startswith("label")],
+)
+def test_load_time_validation_names_the_file_and_the_problem(tmp_path, problem, config, transforms):
+    image, label = _bad_study(problem)
+    item = {"image": str(_save(tmp_path / "image.nii.gz", image)), "label": str(_save(tmp_path / "label.nii.gz", label))}
+    if config == "inference.json":
+        del item["label"]
+    preprocessing = ConfigParser(ConfigParser.load_config_file(CONFIGS / config)).get_parsed_content(transforms)
+    with pytest.raises(Exception) as raised:
+        preprocessing(item)
+    assert re.search(BAD_STUDIES[problem], _messages(raised.value)), _messages(raised.value)
+
+
+def test_load_time_validation_passes_a_good_study(tmp_path):
+    image, label = _bad_study("none")
+    item = {"image": str(_save(tmp_path / "image.nii.gz", image)), "label": str(_save(tmp_path / "label.nii.gz", label))}
+    preprocessing = ConfigParser(ConfigParser.load_config_file(CONFIGS / "train.json")).get_parsed_content(
+        "validate#preprocessing"
+    )
+    out = preprocessing(item)
+    assert out["image"].shape == (5, 32, 32, 3) and torch.isfinite(out["image"]).all()
+
+
+# Training and evaluation: bad cases named before any DataLoader starts (custom.data.datalist.fold_datalist).
+def _damage(folder: Path, dataset: dict) -> dict[str, str]:
+    """Give one fold-0 case all-zero perfusion maps and truncate another's image; return {case: image path}."""
+    fold_0 = [e for e in dataset["training"] if e["fold"] == 0]
+    empty, corrupt = fold_0[0], fold_0[1]
+    image = nib.load(folder / empty["image"])
+    data = np.asarray(image.dataobj).copy()
+    data[..., 1:] = 0
+    nib.save(nib.Nifti1Image(data, image.affine, image.header), folder / empty["image"])
+    _truncate(folder / corrupt["image"])
+    return {"empty": empty["image"], "corrupt": corrupt["image"]}
+
+
+def test_fold_datalists_refuse_unusable_cases_naming_each(dataset_copy):
+    folder, dataset = dataset_copy
+    damaged = _damage(folder, dataset)
+    for fold, role in ((1, "train"), (0, "validate"), (-1, "train")):
+        with pytest.raises(ValueError) as raised:
+            fold_datalist(folder, fold, role)
+        message = str(raised.value)
+        assert f"{damaged['empty']}: the CBF channel is all zero" in message
+        assert f"{damaged['corrupt']}: unreadable" in message
+    assert fold_datalist(folder, 0, "train")  # fold 0's training cases (folds 1) are intact
+
+
+@pytest.mark.parametrize("configs", [["train.json"], ["train.json", "evaluate.json"]])
+def test_training_and_evaluation_refuse_before_any_dataloader(dataset_copy, tmp_path, configs):
+    folder, dataset = dataset_copy
+    damaged = _damage(folder, dataset)
+    workflow = _workflow(
+        configs, "train", dataset_dir=str(folder), ckpt_dir=str(tmp_path / "models"), output_dir=str(tmp_path / "out"),
+        ckpt_path=str(_network_checkpoint(tmp_path / "model.pt")), **TINY_TRAINING,
+    )
+    workflow.initialize()
+    with pytest.raises(Exception) as raised:
+        workflow.run()
+    assert f"{damaged['empty']}: the CBF channel is all zero" in _messages(raised.value)
+    assert "No sampling location" not in _messages(raised.value)
+    assert not (tmp_path / "models").exists() and not (tmp_path / "out" / "metrics.csv").exists()
+
+
+def test_missing_and_empty_datasets_are_named(dataset_copy, tmp_path):
+    folder, dataset = dataset_copy
+    with pytest.raises(FileNotFoundError, match=f"dataset_dir '{tmp_path / 'nowhere'}' does not exist"):
+        inference_datalist(tmp_path / "nowhere")
+    (folder / "dataset.json").write_text(json.dumps({**dataset, "training": [], "testing": []}))
+    with pytest.raises(ValueError, match="has no 'training' entries"):
+        fold_datalist(folder, 0, "train")
+    with pytest.raises(ValueError, match="lists no 'testing' images"):
+        inference_datalist(folder)
+
+
+def test_inference_refuses_a_dataset_without_testing_images(dataset_copy):
+    folder, dataset = dataset_copy
+    del dataset["testing"]
+    (folder / "dataset.json").write_text(json.dumps(dataset))
+    with pytest.raises(ValueError, match=r"lists no 'testing' images; .* --datalist"):
+        inference_datalist(folder)
+
+
+# Inference: every good case written, the bad ones reported by name, a non-zero exit code.
+def test_two_inputs_never_write_one_output(tmp_path):
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    first, second = _save(tmp_path / "a" / "case.nii.gz", _study()), _save(tmp_path / "b" / "case.nii.gz", _study())
+    with pytest.raises(ValueError, match=f"'{first}' and '{second}' would both write 'case_seg.nii.gz'"):
+        screen_inference_images([first, second])
+    workflow = _workflow(["inference.json"], "infer", datalist=[str(first), str(second)], output_dir=str(tmp_path / "o"))
+    workflow.initialize()
+    with pytest.raises(Exception) as raised:
+        workflow.run()
+    assert "would both write 'case_seg.nii.gz'" in _messages(raised.value)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.integration
+def test_bundle_inference_writes_good_cases_and_fails_naming_bad_ones(tmp_path):
+    good = [_save(tmp_path / f"good_{i}.nii.gz", _study()) for i in range(2)]
+    with_nan = _study()
+    with_nan[3, 3, 0, 1] = np.nan
+    bad = {
+        "nan": _save(tmp_path / "nan.nii.gz", with_nan),
+        "corrupt": _truncate(_save(tmp_path / "corrupt.nii.gz", _study())),
+        "four": _save(tmp_path / "four.nii.gz", _study()[..., :4]),
+        "zero": _save(tmp_path / "zero.nii.gz", np.zeros((32, 32, 3, 5), dtype=np.float32)),
+    }
+    out = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIGS / "inference.json"),
+        "--bundle_root", str(BUNDLE), "--datalist", repr([str(p) for p in [good[0], *bad.values(), good[1]]]),
+        "--ckpt_path", str(_network_checkpoint(tmp_path / "model.pt")), "--output_dir", str(out), "--num_workers", "0",
+    ]  # fmt: skip
+    completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    assert completed.returncode != 0
+    log = completed.stdout + completed.stderr
+    assert "4 image(s) not segmented" in log
+    assert f"{bad['nan']}: 1 NaN or Inf values in the CBF channel" in log
+    assert f"{bad['corrupt']}: unreadable" in log
+    assert f"{bad['four']}: expected a 4D image with 5 channels" in log
+    assert f"{bad['zero']}: the CBF channel is all zero" in log
+    assert sorted(p.name for p in out.iterdir()) == ["good_0_seg.nii.gz", "good_1_seg.nii.gz", "lesion_volumes.csv"]
+    with open(out / "lesion_volumes.csv") as f:
+        assert [row["case"] for row in csv.DictReader(f)] == ["good_0", "good_1"]
+
+
+@pytest.mark.parametrize("configs", [["inference.json"], ["train.json", "evaluate.json"]])
+def test_checkpoint_of_another_network_is_named(tiny_phantom_dataset, tmp_path, configs):
+    checkpoint = _network_checkpoint(tmp_path / "four_channels.pt", in_channels=4)
+    workflow = _workflow(
+        configs, "infer" if configs == ["inference.json"] else "train", dataset_dir=str(tiny_phantom_dataset),
+        ckpt_path=str(checkpoint), output_dir=str(tmp_path / "out"), num_workers=0,
+    )
+    workflow.initialize()
+    with pytest.raises(Exception) as raised:
+        workflow.run()
+    assert f"checkpoint '{checkpoint}' does not fit model" in _messages(raised.value)
+    assert "size mismatch for model.0.conv.unit0.conv.weight" in _messages(raised.value)
+
+
+# Outputs: a failed write (full disk, read-only folder) leaves nothing under the final name, and says which.
+@pytest.mark.parametrize("error", [errno.ENOSPC, errno.EACCES])
+def test_mask_writer_is_atomic_and_names_the_file(tmp_path, monkeypatch, error):
+    def failing_save(image, filename):
+        Path(filename).write_bytes(b"half a mask")
+        raise OSError(error, "simulated")
+
+    monkeypatch.setattr(nib, "save", failing_save)
+    writer = ShapePreservingNibabelWriter(output_dtype=np.uint8)
+    writer.set_data_array(torch.ones(1, 8, 8, 2), channel_dim=0)
+    writer.set_metadata({"affine": AFFINE, "original_affine": AFFINE}, resample=False)
+    target = tmp_path / "case_seg.nii.gz"
+    with pytest.raises(OSError) as raised:
+        writer.write(target)
+    assert f"while writing '{target}'" in " ".join(getattr(raised.value, "__notes__", []))
+    assert list(tmp_path.iterdir()) == []
+
+
+# torch.quantile refuses more than 2**24 elements; the brain of a 512 x 512 x 320 volume has more.
+def test_normalisation_of_more_than_2_24_brain_voxels():
+    torch.manual_seed(0)
+    image = torch.rand(2, 4097, 4097)  # 16.8 M voxels per channel, all brain
+    normalised = NormalizeWithinBrain(mask_channels=(1,))(image)
+    values = image[1].double().flatten().numpy()
+    low, high = np.quantile(values, [0.005, 0.995])
+    clipped = np.clip(values, low, high)
+    expected = ((clipped - clipped.mean()) / clipped.std()).astype(np.float32)
+    np.testing.assert_allclose(normalised[1].flatten().numpy(), expected, atol=1e-5)
+
+
+def test_brain_quantiles_equal_torch_quantile_where_it_works():
+    values = torch.randn(10001, dtype=torch.float64)
+    expected = torch.quantile(values, torch.tensor([0.005, 0.995], dtype=torch.float64))
+    assert brain_quantiles(values, (0.005, 0.995)) == pytest.approx(expected.tolist(), rel=0, abs=1e-12)
