@@ -31,6 +31,8 @@ BRAIN_CHANNELS = (1, 2, 3, 4)  # a voxel is brain when any perfusion map (CBF, C
 CLIP_PERCENTILES = (0.5, 99.5)
 NORMALIZE_EPS = 1e-6
 SPATIAL_DIVISOR = 16  # the U-Net's four stride-2 levels need H and W divisible by 2**4
+# A side of 16 or less pads to 16 and reaches a 1 x 1 bottleneck, where instance normalisation fails.
+MIN_IN_PLANE_SIZE = 17
 # ISLES maps share the CT's grid when their affines agree within these tolerances (as the converter checks).
 AFFINE_ATOL_MM = 1e-3
 AFFINE_RTOL = 1e-4
@@ -173,6 +175,11 @@ def read_case(path) -> tuple[np.ndarray, np.ndarray]:
     if not path.exists():
         raise FileNotFoundError(f"input '{path}' does not exist")
     volume, affine = read_isles_case(path) if path.is_dir() else read_stacked_image(path)
+    if min(volume.shape[:2]) < MIN_IN_PLANE_SIZE:
+        raise ValueError(
+            f"'{path}': in-plane size {volume.shape[0]} x {volume.shape[1]} is below the network's minimum "
+            f"{MIN_IN_PLANE_SIZE} x {MIN_IN_PLANE_SIZE}"
+        )
     _require_perfusion_maps(path, volume)
     return volume, affine
 

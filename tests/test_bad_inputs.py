@@ -95,6 +95,8 @@ def _bad_study(problem: str) -> tuple[np.ndarray, np.ndarray]:
         image = np.concatenate([image, image[..., :1]], axis=-1)
     elif problem == "3D image":
         image = image[..., 1]
+    elif problem == "in-plane 16 x 16":
+        image = image[8:24, 8:24]
     elif problem == "all-zero image":
         image = np.zeros_like(image)
     elif problem == "label 0.5":
@@ -112,6 +114,7 @@ BAD_STUDIES = {
     "four channels": r"image\.nii\.gz: expected a 4D image with 5 channels .* found shape \(32, 32, 3, 4\)",
     "six channels": r"image\.nii\.gz: expected a 4D image with 5 channels .* found shape \(32, 32, 3, 6\)",
     "3D image": r"image\.nii\.gz: expected a 4D image with 5 channels .* found shape \(32, 32, 3\)",
+    "in-plane 16 x 16": r"image\.nii\.gz: in-plane size 16 x 16 is below the network's minimum 17 x 17",
     "all-zero image": r"image\.nii\.gz: the CBF channel is all zero",
     "label 0.5": r"label\.nii\.gz: label values must be 0 or 1, found \[0\.5\]",
     "label 2": r"label\.nii\.gz: label values must be 0 or 1, found \[2",

@@ -8,7 +8,7 @@ import pytest
 
 from custom.data.check import check_dataset, check_dataset_command
 
-SHAPE = (16, 16, 3)
+SHAPE = (20, 20, 3)
 AFFINE = np.diag([0.9, 0.9, 5.0, 1.0])
 BRAIN = (slice(2, 14), slice(2, 14), slice(None))
 # case -> (patient, fold, lesion voxels): two patients with two slabs each, one per fold.
@@ -16,7 +16,7 @@ TRAINING = {"case_1": ("P1", 0, 10), "case_2": ("P1", 0, 20), "case_3": ("P2", 1
 
 
 def make_image(channels=5):
-    """A (16, 16, 3, channels) float32 image: channel c holds c + 1 inside a brain box, 0 outside."""
+    """A (20, 20, 3, channels) float32 image: channel c holds c + 1 inside a brain box, 0 outside."""
     data = np.zeros(SHAPE + (channels,), np.float32)
     data[BRAIN] = np.arange(1, channels + 1, dtype=np.float32)
     return data
@@ -92,7 +92,7 @@ def _four_channels(folder):
 
 
 def _label_shape(folder):
-    save(folder, "labelsTr/case_3.nii.gz", np.zeros((16, 16, 4), np.uint8))
+    save(folder, "labelsTr/case_3.nii.gz", np.zeros((20, 20, 4), np.uint8))
 
 
 def _label_affine(folder):
@@ -157,6 +157,10 @@ def _miscount(folder):
     edit_json(folder, lambda d: d.update(numTraining=5))
 
 
+def _too_small(folder):
+    save(folder, "imagesTs/case_5.nii.gz", make_image()[:16, :16])
+
+
 def _no_dataset_json(folder):
     (folder / "dataset.json").unlink()
 
@@ -165,8 +169,8 @@ def _no_dataset_json(folder):
     "break_dataset, expected",
     [
         (_remove_label, ["labelsTr/case_2.nii.gz: missing", "training[1].label"]),
-        (_four_channels, ["imagesTr/case_1.nii.gz", "5 channels", "(16, 16, 3, 4)"]),
-        (_label_shape, ["labelsTr/case_3.nii.gz", "shape (16, 16, 4) differs from imagesTr/case_3.nii.gz"]),
+        (_four_channels, ["imagesTr/case_1.nii.gz", "5 channels", "(20, 20, 3, 4)"]),
+        (_label_shape, ["labelsTr/case_3.nii.gz", "shape (20, 20, 4) differs from imagesTr/case_3.nii.gz"]),
         (_label_affine, ["labelsTr/case_1.nii.gz", "affine differs from imagesTr/case_1.nii.gz"]),
         (_label_two, ["labelsTr/case_4.nii.gz", "found [2]"]),
         (_nan_image, ["imagesTr/case_2.nii.gz", "1 NaN or Inf values in the CBV channel"]),
@@ -180,6 +184,7 @@ def _no_dataset_json(folder):
         (_missing_patient, ["training[2]: missing patient"]),
         (_wrong_modality, ["dataset.json 'modality'", "rCBF"]),
         (_miscount, ["'numTraining' is 5 but 'training' has 4"]),
+        (_too_small, ["imagesTs/case_5.nii.gz: in-plane size 16 x 16 is below the network's minimum 17 x 17"]),
         (_no_dataset_json, ["dataset.json' is missing"]),
     ],
     ids=lambda v: v.__name__.strip("_") if callable(v) else "",

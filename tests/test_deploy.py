@@ -2,6 +2,7 @@
 
 import ast
 import csv
+import errno
 import json
 import os
 import shutil
@@ -213,3 +214,96 @@ def test_outputs_of_a_run_replace_older_ones_completely(exported_model, tmp_path
     assert mask.shape == (20, 24, 3)
     assert int(_table(Path(table))["noise"]["lesion_voxels"]) == int(np.count_nonzero(np.asanyarray(mask.dataobj)))
     assert sorted(p.name for p in out.iterdir()) == ["lesion_volumes.csv", "noise_seg.nii.gz"]
+
+
+def _truncated(path: Path) -> Path:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def test_one_bad_case_never_stops_the_others(exported_model, tiny_phantom_dataset, tmp_path):
+    _, torchscript = exported_model
+    rng = np.random.default_rng(1)
+    good = [_write(tmp_path / f"good_{i}.nii.gz", rng.uniform(1, 2, (20, 24, 2, 5))) for i in range(2)]
+    with_inf = rng.uniform(1, 2, (20, 24, 2, 5))
+    with_inf[1, 1, 1, 4] = np.inf
+    raw_case = sorted((tiny_phantom_dataset.parent / "isles2018" / "TESTING").iterdir())[0]
+    folder = shutil.copytree(raw_case, tmp_path / raw_case.name)
+    mtt = next(next(folder.glob("*CT_MTT*")).glob("*.nii*"))
+    bad = {
+        "inf": _write(tmp_path / "inf.nii.gz", with_inf),
+        "corrupt": _truncated(_write(tmp_path / "corrupt.nii.gz", rng.uniform(1, 2, (20, 24, 2, 5)))),
+        "six": _write(tmp_path / "six.nii.gz", rng.uniform(1, 2, (20, 24, 2, 6))),
+        "zero": _write(tmp_path / "zero.nii.gz", np.zeros((20, 24, 2, 5))),
+        "small": _write(tmp_path / "small.nii.gz", rng.uniform(1, 2, (16, 40, 2, 5))),
+        "folder": folder,
+    }
+    nib.save(nib.Nifti1Image(np.zeros(nib.load(mtt).shape, np.float32), nib.load(mtt).affine), mtt)
+    inputs = [good[0], *bad.values(), good[1]]
+    out = tmp_path / "out"
+    with pytest.raises(ValueError) as raised:
+        deploy(*inputs, model=torchscript, out=out)
+    message = str(raised.value)
+    assert message.startswith(f"6 of 8 input(s) not segmented (the others were written to {out})")
+    assert f"'{bad['inf']}': 1 NaN or Inf values" in message
+    assert f"'{bad['corrupt']}': cannot read the voxels" in message
+    assert f"'{bad['six']}': expected a 4D image (H, W, D, 5)" in message
+    assert f"'{bad['zero']}': the CBF map is all zero" in message
+    assert f"'{bad['folder']}': the MTT map is all zero" in message
+    assert f"'{bad['small']}': in-plane size 16 x 40 is below the network's minimum 17 x 17" in message
+    assert sorted(p.name for p in out.iterdir()) == ["good_0_seg.nii.gz", "good_1_seg.nii.gz", "lesion_volumes.csv"]
+    assert list(_table(out / "lesion_volumes.csv")) == ["good_0", "good_1"]
+
+    command = [sys.executable, "-m", "custom", "deploy", *map(str, inputs), "--model", str(torchscript)]
+    completed = subprocess.run(command + ["--out", str(tmp_path / "cli")], capture_output=True, text=True, cwd=REPO)
+    assert completed.returncode != 0
+    assert "6 of 8 input(s) not segmented" in completed.stderr and str(bad["corrupt"]) in completed.stderr
+    assert (tmp_path / "cli" / "good_1_seg.nii.gz").is_file()
+
+
+def _scripted_unet(tmp_path: Path, name: str, **changes) -> Path:
+    config = ConfigParser.load_config_file(CONFIGS / "inference.json")
+    network = ConfigParser({"network_def": {**config["network_def"], **changes}}).get_parsed_content("network_def")
+    torch.jit.save(torch.jit.script(network.eval()), tmp_path / name)
+    return tmp_path / name
+
+
+def test_model_of_another_network_is_named(tmp_path):
+    image = _write(tmp_path / "image.nii.gz", np.ones((16, 16, 2, 5)))
+    four_in = _scripted_unet(tmp_path, "four_in.ts", in_channels=4)
+    with pytest.raises(ValueError, match=rf"model '{four_in}' does not take a \(1, 5, 32, 32\) input"):
+        deploy(image, model=four_in, out=tmp_path / "out")
+    three_out = _scripted_unet(tmp_path, "three_out.ts", out_channels=3)
+    with pytest.raises(ValueError, match=rf"model '{three_out}' gives output shape \(1, 3, 32, 32\), expected"):
+        deploy(image, model=three_out, out=tmp_path / "out")
+    state_dict = tmp_path / "model.pt"
+    torch.save({"weight": torch.zeros(1)}, state_dict)
+    with pytest.raises(ValueError, match=rf"model '{state_dict}' is not a TorchScript file"):
+        deploy(image, model=state_dict, out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("error", [errno.ENOSPC, errno.EACCES])
+def test_a_failed_write_leaves_no_mask_and_names_it(exported_model, tmp_path, monkeypatch, error):
+    _, torchscript = exported_model
+    image = _write(tmp_path / "image.nii.gz", np.random.default_rng(0).uniform(1, 2, (24, 24, 2, 5)))
+
+    def failing_save(nifti, filename):
+        Path(filename).write_bytes(b"half a mask")
+        raise OSError(error, "simulated")
+
+    monkeypatch.setattr(nib, "save", failing_save)
+    out = tmp_path / "out"
+    with pytest.raises(OSError) as raised:
+        deploy(image, model=torchscript, out=out)
+    assert f"while writing '{out / 'image_seg.nii.gz'}'" in " ".join(raised.value.__notes__)
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_normalisation_of_a_volume_above_2_24_brain_voxels_equals_the_bundle_transform():
+    """torch.quantile refuses more than 2**24 elements; 512 x 512 x 72 brain voxels are 18.9 M."""
+    torch.manual_seed(0)
+    image = torch.rand(5, 512, 512, 72)
+    assert torch.equal(normalize_within_brain(image), NormalizeWithinBrain()(image))

@@ -19,6 +19,9 @@ EXPECTED_MODALITY = {str(i): name for i, name in enumerate(MODALITY_NAMES)}
 EXPECTED_LABELS = {str(i): name for i, name in enumerate(LABEL_NAMES)}
 TRAINING_KEYS = ("image", "label", "fold", "patient", "case")
 TESTING_KEYS = ("image", "case")
+# H and W are padded to multiples of 16 for the U-Net's four stride-2 levels; a side of 16 or less reaches a
+# 1 x 1 bottleneck, where instance normalisation fails. Larger sides are accepted whatever their size.
+MIN_IN_PLANE_SIZE = 17
 
 
 @dataclass
@@ -70,8 +73,8 @@ def _read_nifti(folder: Path, relative, where: str, problems: list[str]):
 
 
 def image_problems(name: str, data: np.ndarray) -> list[str]:
-    """Problems of an image array as read from its file (H, W, D, 5): wrong shape, NaN/Inf per channel, an
-    all-zero perfusion map. Shared with the bundle's ``custom.transforms.ValidateStudy`` so the check and the
+    """Problems of an image array as read from its file (H, W, D, 5): wrong shape, H or W too small, NaN/Inf per
+    channel, an all-zero perfusion map. Shared with the bundle's ``custom.transforms.ValidateStudy`` so the check and the
     load-time validation apply the same rules; ``name`` is the file named in each message."""
     if data.ndim != 4 or data.shape[-1] != len(MODALITY_NAMES):
         return [
@@ -79,6 +82,11 @@ def image_problems(name: str, data: np.ndarray) -> list[str]:
             f"on the 4th axis, found shape {tuple(data.shape)}"
         ]
     problems = []
+    if min(data.shape[:2]) < MIN_IN_PLANE_SIZE:
+        problems.append(
+            f"{name}: in-plane size {data.shape[0]} x {data.shape[1]} is below the network's minimum "
+            f"{MIN_IN_PLANE_SIZE} x {MIN_IN_PLANE_SIZE}"
+        )
     for channel, modality in enumerate(MODALITY_NAMES):
         values = data[..., channel]
         bad = np.count_nonzero(~np.isfinite(values))
