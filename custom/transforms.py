@@ -71,10 +71,10 @@ class ValidateStudyd(MapTransform):
 def brain_quantiles(values: torch.Tensor, quantiles: Sequence[float]) -> tuple[float, ...]:
     """Quantiles (linear interpolation) of a 1D float64 tensor, any number of elements.
 
-    ``torch.quantile`` refuses inputs above 2**24 elements (16.7 M, less than the brain of a 512 x 512 x 320
-    volume); numpy's
-    ``quantile`` has no limit and the same definition. ``custom/deploy.py`` computes it the same way, so
-    both stay voxel-identical.
+    ``torch.quantile`` of the PyTorch releases this project supports (setup.cfg: >= 2.4) refuses inputs
+    above 2**24 elements (16.7 M, less than the brain of a 512 x 512 x 320 volume; pytorch/pytorch#64947,
+    lifted only in 2026); numpy's ``quantile`` has no limit and the same definition. ``custom/deploy.py``
+    computes it the same way, so both stay voxel-identical.
     """
     return tuple(float(q) for q in np.quantile(values.cpu().numpy(), quantiles))
 

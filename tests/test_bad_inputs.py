@@ -284,8 +284,21 @@ def test_mask_writer_is_atomic_and_names_the_file(tmp_path, monkeypatch, error):
     assert list(tmp_path.iterdir()) == []
 
 
-# torch.quantile refuses more than 2**24 elements; the brain of a 512 x 512 x 320 volume has more.
-def test_normalisation_of_more_than_2_24_brain_voxels():
+def cap_torch_quantile(monkeypatch):
+    """Make ``torch.quantile`` refuse more than 2**24 elements, as the PyTorch releases setup.cfg allows
+    (>= 2.4) do before the fix of pytorch/pytorch#64947 (the installed one may have the fix)."""
+    quantile = torch.quantile
+
+    def capped(input, *args, **kwargs):
+        if input.numel() > 2**24:
+            raise RuntimeError("quantile() input tensor is too large")
+        return quantile(input, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "quantile", capped)
+
+
+def test_normalisation_of_more_than_2_24_brain_voxels(monkeypatch):
+    cap_torch_quantile(monkeypatch)
     torch.manual_seed(0)
     image = torch.rand(2, 4097, 4097)  # 16.8 M voxels per channel, all brain
     normalised = NormalizeWithinBrain(mask_channels=(1,))(image)
@@ -300,3 +313,25 @@ def test_brain_quantiles_equal_torch_quantile_where_it_works():
     values = torch.randn(10001, dtype=torch.float64)
     expected = torch.quantile(values, torch.tensor([0.005, 0.995], dtype=torch.float64))
     assert brain_quantiles(values, (0.005, 0.995)) == pytest.approx(expected.tolist(), rel=0, abs=1e-12)
+
+
+def test_tables_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    from custom import atomic
+    from custom.handlers import LesionVolumeWriter
+    from custom.reporting import write_case_csv
+
+    def full_disk(path):
+        raise OSError(errno.ENOSPC, "simulated")
+
+    monkeypatch.setattr(atomic, "_fsync", full_disk)
+    volumes, cases = tmp_path / "lesion_volumes.csv", tmp_path / "cases.csv"
+    for table in (volumes, cases):
+        table.write_text("the previous run's table\n")
+    writer = LesionVolumeWriter(str(volumes))
+    writer.rows = [{"case": "a", "image": "a.nii.gz", "lesion_voxels": 1, "lesion_ml": 0.1}]
+    with pytest.raises(OSError, match="simulated"):
+        writer._write(None)
+    with pytest.raises(OSError, match="simulated"):
+        write_case_csv([{"case": "a", "dice": 0.5}], str(cases))
+    assert [t.read_text() for t in (volumes, cases)] == ["the previous run's table\n"] * 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cases.csv", "lesion_volumes.csv"]
