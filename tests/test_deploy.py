@@ -149,6 +149,22 @@ def test_deploy_imports_only_torch_numpy_nibabel_the_standard_library_and_custom
     assert all(m.split(".")[0] in sys.stdlib_module_names for m in atomic_imports)
 
 
+def test_runner_copied_without_the_project(exported_model, tmp_path):
+    """docs/deployment.md: custom/__init__.py, deploy.py and atomic.py copied next to model.ts run on their own."""
+    _, torchscript = exported_model
+    runner = tmp_path / "runner"
+    (runner / "custom").mkdir(parents=True)
+    for name in ("__init__.py", "deploy.py", "atomic.py"):
+        shutil.copy(REPO / "custom" / name, runner / "custom" / name)
+    shutil.copy(torchscript, runner / "model.ts")
+    image = _write(tmp_path / "image.nii.gz", np.random.default_rng(0).uniform(1, 2, (20, 24, 2, 5)))
+    env = {**os.environ, "PYTHONPATH": str(_fake_monai(tmp_path / "fake"))}
+    command = [sys.executable, "-m", "custom.deploy", str(image), "--model", "model.ts", "--out", "results"]
+    completed = subprocess.run(command, capture_output=True, text=True, env=env, cwd=runner)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    assert sorted(p.name for p in (runner / "results").iterdir()) == ["image_seg.nii.gz", "lesion_volumes.csv"]
+
+
 def test_normalisation_equals_the_bundle_transform(tiny_phantom_dataset):
     dataset = json.loads((tiny_phantom_dataset / "dataset.json").read_text())
     volume, _ = read_stacked_image(tiny_phantom_dataset / dataset["training"][0]["image"])
