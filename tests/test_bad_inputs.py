@@ -200,6 +200,17 @@ def test_missing_and_empty_datasets_are_named(dataset_copy, tmp_path):
         inference_datalist(folder)
 
 
+def test_prepare_names_a_truncated_map_and_writes_nothing(tiny_phantom_dataset, tmp_path):
+    from custom.data.isles2018 import prepare_isles2018
+
+    source = shutil.copytree(tiny_phantom_dataset.parent / "isles2018" / "TRAINING", tmp_path / "TRAINING")
+    cbf = next(next((source / "case_2").glob("*CT_CBF*")).glob("*.nii*"))
+    _truncate(cbf)
+    with pytest.raises(ValueError, match=rf"'{re.escape(str(cbf))}': cannot read as NIfTI"):
+        prepare_isles2018(source, tmp_path / "dataset", folds=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["TRAINING"]
+
+
 def test_inference_refuses_a_dataset_without_testing_images(dataset_copy):
     folder, dataset = dataset_copy
     del dataset["testing"]

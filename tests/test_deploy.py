@@ -205,6 +205,8 @@ def test_bad_inputs_are_named_and_leave_nothing_behind(exported_model, tiny_phan
     with pytest.raises(ValueError, match=rf"{raw_case.name}': missing MTT"):
         deploy(case, model=torchscript, out=out)
     good = _write(tmp_path / "good.nii.gz", volume)
+    with pytest.raises(ValueError, match="no input given"):
+        deploy(model=torchscript, out=out)
     with pytest.raises(FileNotFoundError, match="missing.ts"):
         deploy(good, model=tmp_path / "missing.ts", out=out)
     with pytest.raises(FileNotFoundError, match="absent.nii.gz"):
