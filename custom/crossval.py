@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from monai.bundle import ConfigWorkflow
+
 from custom.atomic import require_writable_folder, write_text_atomically
 from custom.data.datalist import load_dataset_json
 from custom.reporting import summarise, summary_markdown, write_case_csv, write_markdown, write_summary_csv
@@ -125,6 +127,15 @@ def claim_run_folder(run_dir: Path, configuration: dict) -> None:
     write_text_atomically(record, json.dumps(configuration, indent=2) + "\n")
 
 
+def check_overrides(config_files: list[str], arguments: dict, overrides: dict) -> None:
+    """Run the configs' ``initialize`` (custom.config_check) in this process, so that a mistyped or unknown
+    override stops the cross-validation before its folder is claimed, not in the first fold's log."""
+    meta_file = str(Path(config_files[0]).parent / "metadata.json")
+    ConfigWorkflow(
+        config_file=config_files, meta_file=meta_file, logging_file=False, **arguments, **overrides
+    ).initialize()
+
+
 def _run_bundle(config_files: list[str], arguments: dict, overrides: dict, log_file: Path) -> None:
     command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", repr(config_files)]
     command += override_arguments({**arguments, **overrides})
@@ -193,6 +204,7 @@ def run_cross_validation(
     extra = [c for c in (config_files.split(",") if isinstance(config_files, str) else config_files) if c]
     train_configs = [str(bundle_root / "configs" / "train.json")] + [str(Path(c).resolve()) for c in extra]
     evaluate_configs = train_configs + [str(bundle_root / "configs" / "evaluate.json")]
+    check_overrides(evaluate_configs, {"bundle_root": str(bundle_root), "dataset_dir": str(dataset_dir)}, overrides)
     run_dir = require_writable_folder(out)
     claim_run_folder(run_dir, run_configuration(evaluate_configs, overrides, dataset_dir, bundle_root, save_masks))
 

@@ -98,6 +98,13 @@ def test_rerun_with_other_settings_into_the_same_folder_is_refused(tiny_phantom_
     assert bundle_runs[-1]["resume_ckpt"] == str(checkpoint)
 
 
+def test_bad_override_is_refused_before_the_run_folder_is_claimed(tiny_phantom_dataset, tmp_path, bundle_runs):
+    with pytest.raises(RuntimeError) as raised:
+        run_cross_validation(str(tiny_phantom_dataset), str(tmp_path / "cv"), folds=2, epochz=5)
+    assert "config id 'epochz' is used by nothing" in str(raised.value.__cause__)
+    assert bundle_runs == [] and not (tmp_path / "cv").exists()
+
+
 def test_run_folder_with_folds_but_no_record_is_refused(tiny_phantom_dataset, tmp_path, bundle_runs):
     (tmp_path / "cv" / "fold_0" / "models").mkdir(parents=True)
     with pytest.raises(ValueError, match=f"holds folds \\(fold_0\\) but no '{RUN_RECORD}'"):

@@ -1,0 +1,77 @@
+"""Run safety: settings checked by name, same seed same losses, no code run from checkpoints, no network."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import BUNDLE, CONFIGS, REPO, TINY_TRAINING
+from ignite.engine import Events
+from monai.bundle import ConfigWorkflow
+from monai.handlers import from_engine
+
+from custom.crossval import override_arguments
+
+
+def _workflow(config_files, workflow_type, **override):
+    return ConfigWorkflow(
+        config_file=[str(CONFIGS / c) for c in config_files],
+        meta_file=str(CONFIGS / "metadata.json"),
+        logging_file=False,
+        workflow_type=workflow_type,
+        bundle_root=str(BUNDLE),
+        **override,
+    )
+
+
+def _bundle_run(*arguments, env=None):
+    command = [sys.executable, "-m", "monai.bundle", "run", *arguments]
+    return subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env)
+
+
+def _error_chain(error: BaseException) -> str:
+    """The messages of an exception and of its causes (MONAI wraps errors raised while parsing a config)."""
+    messages = []
+    while error is not None:
+        messages.append(str(error))
+        error = error.__cause__
+    return "\n".join(messages)
+
+
+@pytest.mark.parametrize(
+    "config_files, workflow_type, override, message",
+    [
+        (["train.json"], "train", {"epochs": "abc"}, "config id 'epochs' must be a whole number >= 1, got 'abc'"),
+        (["train.json"], "train", {"patch_size": [30, 30]}, "config id 'patch_size' must be two whole numbers"),
+        (["train.json"], "train", {"fold": 4}, "config id 'fold' must be a whole number from 0 to num_folds - 1"),
+        (["train.json"], "train", {"learning_rate": "0.1"}, "config id 'learning_rate' must be a number > 0"),
+        (["train.json"], "train", {"epochz": 5}, "config id 'epochz' is used by nothing in the configuration"),
+        (["train.json", "evaluate.json"], "train", {"ckpt_pth": "m.pt"}, "config id 'ckpt_pth' is used by nothing"),
+        (["inference.json"], "infer", {"num_workers": -1}, "config id 'num_workers' must be a whole number >= 0"),
+        (["inference.json"], "infer", {"ckpt_pth": "m.pt"}, "config id 'ckpt_pth' is used by nothing"),
+    ],
+)
+def test_bad_override_is_refused_naming_the_id(tmp_path, config_files, workflow_type, override, message):
+    workflow = _workflow(config_files, workflow_type, dataset_dir=str(tmp_path), **override)
+    with pytest.raises(Exception) as raised:
+        workflow.initialize()
+    assert message in _error_chain(raised.value)
+
+
+def test_documented_overrides_pass_the_check(tiny_phantom_dataset, tmp_path):
+    for config_files, workflow_type in ((["train.json"], "train"), (["train.json", "demo.json"], "train"),
+                                        (["train.json", "evaluate.json"], "train"), (["inference.json"], "infer")):
+        overrides = {**TINY_TRAINING, "fold": 1, "resume_ckpt": None} if workflow_type == "train" else {}
+        workflow = _workflow(config_files, workflow_type, dataset_dir=str(tiny_phantom_dataset), **overrides)
+        workflow.initialize()
+
+
+def test_bundle_command_line_names_every_bad_override(tmp_path):
+    completed = _bundle_run(
+        "--config_file", str(CONFIGS / "train.json"), "--bundle_root", str(BUNDLE),
+        "--dataset_dir", str(tmp_path), "--epochs", "abc", "--epochz", "5",
+    )
+    assert completed.returncode != 0
+    assert "config id 'epochs' must be a whole number >= 1, got 'abc'" in completed.stderr
+    assert "config id 'epochz' is used by nothing in the configuration" in completed.stderr
