@@ -277,7 +277,10 @@ def deploy(*inputs, model="bundle/models/model.ts", out="deploy_out", batch_size
         raise FileNotFoundError(f"TorchScript model '{model}' does not exist (export it with monai.bundle ckpt_export)")
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    network = torch.jit.load(str(model), map_location=device).eval()
+    try:  # TorchScript archives only: a plain pickled .pt is refused unread (no pickle code runs)
+        network = torch.jit.load(str(model), map_location=device).eval()
+    except RuntimeError as err:
+        raise ValueError(f"'{model}' is not a TorchScript model (export one with ckpt_export): {err}") from err
     out = Path(str(out))
     out.mkdir(parents=True, exist_ok=True)
     rows = []

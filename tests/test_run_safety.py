@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,3 +76,61 @@ def test_bundle_command_line_names_every_bad_override(tmp_path):
     assert completed.returncode != 0
     assert "config id 'epochs' must be a whole number >= 1, got 'abc'" in completed.stderr
     assert "config id 'epochz' is used by nothing in the configuration" in completed.stderr
+
+
+class _RunsCodeWhenUnpickled:
+    """Pickles as a call of ``Path.touch(marker)``: loading it with plain pickle creates the marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+@pytest.fixture
+def code_running_checkpoint(tmp_path):
+    """A ``.pt`` whose unpickling runs code (creates ``marker``); checked to do so when loaded unsafely."""
+    marker, checkpoint = tmp_path / "code_ran", tmp_path / "evil.pt"
+    torch.save({"model": _RunsCodeWhenUnpickled(marker)}, checkpoint)
+    torch.load(checkpoint, weights_only=False)
+    assert marker.is_file(), "the test checkpoint should run code when unpickled without weights_only"
+    marker.unlink()
+    return checkpoint, marker
+
+
+@pytest.mark.parametrize(
+    "config_files, overrides",
+    [
+        (["train.json"], {**TINY_TRAINING, "epochs": 1, "resume_ckpt": "{checkpoint}"}),
+        (["train.json", "evaluate.json"], {"num_workers": 0, "ckpt_path": "{checkpoint}"}),
+        (["inference.json"], {"num_workers": 0, "ckpt_path": "{checkpoint}"}),
+    ],
+    ids=["training resume", "evaluation", "inference"],
+)
+def test_checkpoint_that_runs_code_is_refused_by_the_bundle(
+    tiny_phantom_dataset, tmp_path, code_running_checkpoint, config_files, overrides
+):
+    checkpoint, marker = code_running_checkpoint
+    overrides = {k: str(checkpoint) if v == "{checkpoint}" else v for k, v in overrides.items()}
+    workflow = _workflow(
+        config_files, None, dataset_dir=str(tiny_phantom_dataset), ckpt_dir=str(tmp_path / "models"),
+        output_dir=str(tmp_path / "out"), **overrides,
+    )
+    workflow.initialize()
+    with pytest.raises(Exception) as raised:
+        workflow.run()
+    assert "Weights only load failed" in _error_chain(raised.value)
+    assert not marker.exists()
+
+
+def test_checkpoint_that_runs_code_is_refused_by_deploy(tiny_phantom_dataset, tmp_path, code_running_checkpoint):
+    checkpoint, marker = code_running_checkpoint
+    image = tiny_phantom_dataset / "imagesTs" / "case_9.nii.gz"
+    completed = subprocess.run(
+        [sys.executable, "-m", "custom", "deploy", str(image), "--model", str(checkpoint), "--out", str(tmp_path / "o")],
+        capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert completed.returncode != 0
+    assert f"'{checkpoint}' is not a TorchScript model" in completed.stderr
+    assert not marker.exists() and not (tmp_path / "o" / "case_9_seg.nii.gz").exists()
