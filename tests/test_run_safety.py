@@ -134,3 +134,93 @@ def test_checkpoint_that_runs_code_is_refused_by_deploy(tiny_phantom_dataset, tm
     assert completed.returncode != 0
     assert f"'{checkpoint}' is not a TorchScript model" in completed.stderr
     assert not marker.exists() and not (tmp_path / "o" / "case_9_seg.nii.gz").exists()
+
+
+NETWORK_BLOCKER = '''
+"""Loaded at interpreter start (sitecustomize): every internet socket connection or name lookup is logged
+to $NETWORK_ATTEMPTS_LOG and refused; local (AF_UNIX) sockets, used by DataLoader workers, still work."""
+import os
+import socket
+
+_INTERNET = (socket.AF_INET, socket.AF_INET6)
+
+
+def _refuse(*args):
+    with open(os.environ["NETWORK_ATTEMPTS_LOG"], "a") as log:
+        log.write(repr(args) + "\\n")
+    raise OSError("network access blocked by the test")
+
+
+def _guard(method):
+    def guarded(self, *args):
+        if self.family in _INTERNET:
+            _refuse(method.__name__, *args)
+        return method(self, *args)
+    return guarded
+
+
+for _name in ("connect", "connect_ex", "sendto"):
+    setattr(socket.socket, _name, _guard(getattr(socket.socket, _name)))
+socket.getaddrinfo = lambda *args, **kwargs: _refuse("getaddrinfo", *args)
+socket.gethostbyname = lambda *args: _refuse("gethostbyname", *args)
+'''
+
+
+@pytest.mark.integration
+def test_training_and_inference_open_no_network_connection(tiny_phantom_dataset, tmp_path):
+    blocker = tmp_path / "site"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(NETWORK_BLOCKER)
+    attempts = tmp_path / "network_attempts.log"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(blocker), str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "NETWORK_ATTEMPTS_LOG": str(attempts),
+    }
+    probe = subprocess.run(
+        [sys.executable, "-c", "import socket; socket.create_connection(('127.0.0.1', 9), timeout=1)"],
+        capture_output=True, text=True, env=env,
+    )
+    assert "network access blocked by the test" in probe.stderr and attempts.is_file()
+    attempts.unlink()
+
+    common = ["--bundle_root", str(BUNDLE), "--dataset_dir", str(tiny_phantom_dataset)]
+    training = _bundle_run(
+        "training", "--config_file", str(CONFIGS / "train.json"), *common, "--ckpt_dir", str(tmp_path / "models"),
+        "--output_dir", str(tmp_path / "logs"), *override_arguments({**TINY_TRAINING, "epochs": 1}), env=env,
+    )
+    assert training.returncode == 0, training.stderr[-3000:]
+    inference = _bundle_run(
+        "--config_file", str(CONFIGS / "inference.json"), *common, "--num_workers", "0",
+        "--ckpt_path", str(tmp_path / "models" / "model.pt"), "--output_dir", str(tmp_path / "infer"), env=env,
+    )
+    assert inference.returncode == 0, inference.stderr[-3000:]
+    assert (tmp_path / "infer" / "lesion_volumes.csv").is_file()
+    assert not attempts.exists(), attempts.read_text()
+
+
+def _first_losses(dataset_dir, ckpt_dir, iterations=3, **overrides):
+    """The training losses of the first ``iterations`` iterations of a fresh train.json run in this process."""
+    workflow = _workflow(
+        ["train.json"], "train", dataset_dir=str(dataset_dir), ckpt_dir=str(ckpt_dir),
+        output_dir=str(ckpt_dir / "logs"), **{**TINY_TRAINING, "val_interval": 100, **overrides},
+    )
+    workflow.initialize()
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    losses = []
+    loss_of = from_engine(["loss"], first=True)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: losses.append(loss_of(engine.state.output)))
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=iterations), lambda engine: engine.terminate())
+    workflow.run()
+    return [float(loss) for loss in losses]
+
+
+@pytest.mark.integration
+def test_same_seed_gives_the_same_losses_on_cpu(tiny_phantom_dataset, tmp_path):
+    """train.json's initialize seeds everything (``set_determinism``) and MONAI's DataLoader seeds each
+    worker from it, so random crops and augmentations repeat even with worker processes."""
+    first = _first_losses(tiny_phantom_dataset, tmp_path / "a", num_workers=2)
+    second = _first_losses(tiny_phantom_dataset, tmp_path / "b", num_workers=2)
+    other_seed = _first_losses(tiny_phantom_dataset, tmp_path / "c", num_workers=2, seed=7)
+    assert len(first) == 3 and first == second
+    assert other_seed != first
