@@ -47,3 +47,22 @@ def write_atomically(path, write: Callable[[Path], object]) -> Path:
 def write_text_atomically(path, text: str) -> Path:
     """Write ``text`` (UTF-8, newlines as given) to ``path`` atomically; returns ``path``."""
     return write_atomically(path, lambda temporary: Path(temporary).write_text(text, encoding="utf-8", newline=""))
+
+
+def require_writable_folder(folder) -> Path:
+    """Create ``folder`` if needed and write (then remove) a temporary file in it; returns ``folder``.
+
+    Commands call this before any long work, so a read-only folder, a full disk or a path under a file
+    fails at once with an error naming the folder instead of hours later in the middle of a write.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = temporary_sibling(folder / "write-test")
+        try:
+            probe.write_bytes(b"\0")
+        finally:
+            probe.unlink(missing_ok=True)
+    except OSError as err:
+        raise OSError(f"output folder '{folder}' is not writable: {err.strerror or err}") from err
+    return folder

@@ -6,6 +6,7 @@ with ``train.json`` and ``evaluate.json`` per fold; training, evaluation and met
 """
 
 import csv
+import hashlib
 import json
 import re
 import subprocess
@@ -13,6 +14,9 @@ import sys
 import time
 from pathlib import Path
 
+from monai.bundle import ConfigWorkflow
+
+from custom.atomic import require_writable_folder, write_text_atomically
 from custom.data.datalist import load_dataset_json
 from custom.reporting import summarise, summary_markdown, write_case_csv, write_markdown, write_summary_csv
 
@@ -29,6 +33,9 @@ EVALUATION_METRICS = {
 }
 CASE_METRICS = tuple(EVALUATION_METRICS.values())
 DONE_FILE = "fold_done.json"
+RUN_RECORD = "run_configuration.json"
+# Entries of the run record that only inform (paths may move); the others must match to reuse a folder.
+INFORMATIVE_RECORD_KEYS = ("config_paths",)
 
 
 def latest_checkpoint(ckpt_dir) -> Path | None:
@@ -47,6 +54,86 @@ def override_arguments(overrides: dict) -> list[str]:
     for key, value in overrides.items():
         arguments += [f"--{key}", value if isinstance(value, str) else repr(value)]
     return arguments
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def run_configuration(
+    config_files: list[str], overrides: dict, dataset_dir: Path, bundle_root: Path, save_masks: bool
+) -> dict:
+    """Everything that decides a cross-validation's results, as recorded in ``RUN_RECORD``.
+
+    Config files count by content (SHA-256), the dataset by its folder and the hash of its dataset.json,
+    the bundle by the version in ``configs/metadata.json``; overrides as given (JSON-normalised).
+    """
+    metadata = json.loads((bundle_root / "configs" / "metadata.json").read_text())
+    return {
+        "bundle_version": metadata.get("version"),
+        "config_sha256": [_sha256(Path(c)) for c in config_files],
+        "config_paths": [str(c) for c in config_files],
+        "dataset_dir": str(dataset_dir),
+        "dataset_json_sha256": _sha256(dataset_dir / "dataset.json"),
+        "overrides": json.loads(json.dumps(overrides, default=str)),
+        "save_masks": bool(save_masks),
+    }
+
+
+def configuration_differences(recorded: dict, current: dict) -> list[str]:
+    """One line per deciding entry that differs (overrides one line per key), naming what changed."""
+    lines = []
+    for key in sorted((set(recorded) | set(current)) - set(INFORMATIVE_RECORD_KEYS)):
+        old, new = recorded.get(key), current.get(key)
+        if old == new:
+            continue
+        if key == "overrides":
+            for name in sorted(set(old) | set(new)):
+                before, after = old.get(name, "<unset>"), new.get(name, "<unset>")
+                if before != after:
+                    lines.append(f"override --{name}: recorded {before!r}, now {after!r}")
+        elif key == "config_sha256":
+            paths = current["config_paths"]
+            changed = [p for p, a, b in zip(paths, old, new) if a != b] if len(old) == len(new) else paths
+            lines.append(f"config files differ in content or list: {changed} (recorded: {recorded['config_paths']})")
+        else:
+            lines.append(f"{key}: recorded {old!r}, now {new!r}")
+    return lines
+
+
+def claim_run_folder(run_dir: Path, configuration: dict) -> None:
+    """Record ``configuration`` in ``run_dir``, or refuse a folder holding folds of another configuration.
+
+    Why it exists: finished folds are skipped and interrupted ones resume from their checkpoints; that is
+    only sound when the earlier run had the same configs, overrides, dataset and bundle version.
+    """
+    record = run_dir / RUN_RECORD
+    if record.is_file():
+        differences = configuration_differences(json.loads(record.read_text()), configuration)
+        if differences:
+            raise ValueError(
+                f"'{run_dir}' holds a cross-validation run with another configuration (see '{record}'):\n  "
+                + "\n  ".join(differences)
+                + f"\nIts finished folds and checkpoints would be mixed with this run's. To proceed, write to a "
+                f"new --out folder, repeat the recorded settings to resume it, or delete '{run_dir}' to start over."
+            )
+        return
+    started = sorted(p.name for p in run_dir.glob("fold_*"))
+    if started:
+        raise ValueError(
+            f"'{run_dir}' holds folds ({', '.join(started)}) but no '{RUN_RECORD}', so their configuration is "
+            f"unknown. To proceed, write to a new --out folder or delete '{run_dir}' to start over."
+        )
+    write_text_atomically(record, json.dumps(configuration, indent=2) + "\n")
+
+
+def check_overrides(config_files: list[str], arguments: dict, overrides: dict) -> None:
+    """Run the configs' ``initialize`` (custom.config_check) in this process, so that a mistyped or unknown
+    override stops the cross-validation before its folder is claimed, not in the first fold's log."""
+    meta_file = str(Path(config_files[0]).parent / "metadata.json")
+    ConfigWorkflow(
+        config_file=config_files, meta_file=meta_file, logging_file=False, **arguments, **overrides
+    ).initialize()
 
 
 def _run_bundle(config_files: list[str], arguments: dict, overrides: dict, log_file: Path) -> None:
@@ -100,7 +187,10 @@ def run_cross_validation(
         save_masks: keep each fold's predicted masks (used by the result figures).
         overrides: any bundle override, e.g. ``--epochs 50 --loss#lambda_gdl 0``.
 
-    A fold with ``fold_done.json`` is skipped; an interrupted fold resumes from its latest checkpoint.
+    The run's configuration (config file contents, overrides, dataset.json, bundle version) is recorded in
+    ``out/run_configuration.json``; a folder holding a run of another configuration is refused before any
+    work. Within the same configuration a fold with ``fold_done.json`` is skipped and an interrupted fold
+    resumes from its latest checkpoint.
     Writes ``out/cases.csv`` (per case), ``out/summary.csv`` and ``out/summary.md`` (mean, std, median per
     fold and overall) and returns the summary rows.
     """
@@ -114,8 +204,9 @@ def run_cross_validation(
     extra = [c for c in (config_files.split(",") if isinstance(config_files, str) else config_files) if c]
     train_configs = [str(bundle_root / "configs" / "train.json")] + [str(Path(c).resolve()) for c in extra]
     evaluate_configs = train_configs + [str(bundle_root / "configs" / "evaluate.json")]
-    run_dir = Path(out)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    check_overrides(evaluate_configs, {"bundle_root": str(bundle_root), "dataset_dir": str(dataset_dir)}, overrides)
+    run_dir = require_writable_folder(out)
+    claim_run_folder(run_dir, run_configuration(evaluate_configs, overrides, dataset_dir, bundle_root, save_masks))
 
     rows = []
     for fold in range(num_folds):
@@ -141,7 +232,8 @@ def run_cross_validation(
             }
             _run_bundle(evaluate_configs, evaluate_arguments, overrides, fold_dir / "evaluate.log")
             timing = {"train_seconds": round(trained - started, 1), "evaluate_seconds": round(time.time() - trained, 1)}
-            (fold_dir / DONE_FILE).write_text(json.dumps({**timing, "overrides": overrides}, indent=2, default=str))
+            done = json.dumps({**timing, "overrides": overrides}, indent=2, default=str)
+            write_text_atomically(fold_dir / DONE_FILE, done)
         else:
             print(f"fold {fold}: already done, skipped", flush=True)
         rows += _fold_case_rows(dataset_dir, dataset, fold, eval_dir)

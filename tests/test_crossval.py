@@ -2,13 +2,15 @@
 
 import csv
 import json
+import os
 
 import pytest
 from conftest import TINY_TRAINING
 
+import custom.crossval
 from custom.ablation import LOSS_VARIANTS, ablation_markdown
 from custom.baseline import run_baseline
-from custom.crossval import CASE_METRICS, latest_checkpoint, run_cross_validation
+from custom.crossval import CASE_METRICS, RUN_RECORD, latest_checkpoint, run_cross_validation
 
 
 def test_latest_checkpoint_picks_highest_epoch(tmp_path):
@@ -50,6 +52,81 @@ def test_cross_validation_writes_folds_and_skips_finished_ones(tiny_phantom_data
     assert "already done, skipped" in capsys.readouterr().out
     assert (out / "fold_0" / "models" / "model.pt").stat().st_mtime == model_time
     assert again == summary
+    with pytest.raises(ValueError, match="--epochs: recorded 1, now 2"):
+        run_cross_validation(str(tiny_phantom_dataset), str(out), folds=2, **{**overrides, "epochs": 2})
+    assert (out / "fold_0" / "models" / "model.pt").stat().st_mtime == model_time
+
+
+class BundleRunStopped(Exception):
+    """Raised by the stand-in for ``monai.bundle run`` so that a cross-validation stops at its first run."""
+
+
+@pytest.fixture
+def bundle_runs(monkeypatch):
+    """Record the arguments of every bundle run of ``run_cross_validation`` and stop at the first one."""
+    runs = []
+
+    def stop(config_files, arguments, overrides, log_file):
+        runs.append({**arguments, **overrides})
+        raise BundleRunStopped
+
+    monkeypatch.setattr(custom.crossval, "_run_bundle", stop)
+    return runs
+
+
+def test_rerun_with_other_settings_into_the_same_folder_is_refused(tiny_phantom_dataset, tmp_path, bundle_runs):
+    out = tmp_path / "cv"
+    with pytest.raises(BundleRunStopped):
+        run_cross_validation(str(tiny_phantom_dataset), str(out), folds=2, epochs=3, val_interval=1)
+    recorded = json.loads((out / RUN_RECORD).read_text())
+    assert recorded["overrides"] == {"epochs": 3, "val_interval": 1}
+    checkpoint = out / "fold_0" / "models" / "latest_checkpoint_epoch=2.pt"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.touch()
+
+    with pytest.raises(ValueError) as refused:
+        run_cross_validation(str(tiny_phantom_dataset), str(out), folds=2, epochs=5, val_interval=1)
+    message = str(refused.value)
+    assert str(out) in message and "--epochs: recorded 3, now 5" in message and "new --out folder" in message
+    with pytest.raises(ValueError, match="config files differ"):
+        run_cross_validation(str(tiny_phantom_dataset), str(out), folds=2, config_files=[
+            str(custom.crossval.BUNDLE_ROOT / "configs" / "demo.json")], epochs=3, val_interval=1)
+    assert len(bundle_runs) == 1 and json.loads((out / RUN_RECORD).read_text()) == recorded
+
+    with pytest.raises(BundleRunStopped):
+        run_cross_validation(str(tiny_phantom_dataset), str(out), folds=2, epochs=3, val_interval=1)
+    assert bundle_runs[-1]["resume_ckpt"] == str(checkpoint)
+
+
+def test_bad_override_is_refused_before_the_run_folder_is_claimed(tiny_phantom_dataset, tmp_path, bundle_runs):
+    with pytest.raises(RuntimeError) as raised:
+        run_cross_validation(str(tiny_phantom_dataset), str(tmp_path / "cv"), folds=2, epochz=5)
+    assert "config id 'epochz' is used by nothing" in str(raised.value.__cause__)
+    assert bundle_runs == [] and not (tmp_path / "cv").exists()
+
+
+def test_run_folder_with_folds_but_no_record_is_refused(tiny_phantom_dataset, tmp_path, bundle_runs):
+    (tmp_path / "cv" / "fold_0" / "models").mkdir(parents=True)
+    with pytest.raises(ValueError, match=f"holds folds \\(fold_0\\) but no '{RUN_RECORD}'"):
+        run_cross_validation(str(tiny_phantom_dataset), str(tmp_path / "cv"), folds=2, epochs=3)
+    assert bundle_runs == []
+
+
+def test_output_under_a_file_is_refused_before_any_work(tiny_phantom_dataset, tmp_path, bundle_runs):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(OSError, match=f"output folder '{blocker / 'cv'}' is not writable"):
+        run_cross_validation(str(tiny_phantom_dataset), str(blocker / "cv"), folds=2)
+    assert bundle_runs == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders; the test above covers the error")
+def test_read_only_output_folder_is_refused_before_any_work(tiny_phantom_dataset, tmp_path, bundle_runs):
+    read_only = tmp_path / "read_only"
+    read_only.mkdir(mode=0o500)
+    with pytest.raises(OSError, match=f"output folder '{read_only}' is not writable"):
+        run_cross_validation(str(tiny_phantom_dataset), str(read_only), folds=2)
+    assert bundle_runs == [] and not any(read_only.iterdir())
 
 
 def test_ablation_table_reports_paired_difference():

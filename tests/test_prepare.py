@@ -9,7 +9,13 @@ import pytest
 
 from custom.data.check import check_dataset
 from custom.data.folds import assign_folds
-from custom.data.isles2018 import MODALITY_NAMES, find_case_folders, find_case_maps, prepare_isles2018
+from custom.data.isles2018 import (
+    MODALITY_NAMES,
+    find_case_folders,
+    find_case_maps,
+    patients_from_slab_geometry,
+    prepare_isles2018,
+)
 
 SHAPE = (16, 16, 3)
 AFFINE = np.array([[-0.9, 0, 0, 115.0], [0, 0.9, 0, -100.0], [0, 0, 5.0, -20.0], [0, 0, 0, 1]])
@@ -21,14 +27,16 @@ _series_ids = itertools.count(345562)
 
 
 def write_isles_case(
-    split_dir, case, lesion_voxels=4, labelled=True, prefix="CT", skip=(), replace=None, with_pwi=False, gz=()
+    split_dir, case, lesion_voxels=4, labelled=True, prefix="CT", skip=(), replace=None, with_pwi=False, gz=(),
+    affine=AFFINE,
 ):
     """Write ``split_dir/case`` in the ISLES 2018 layout: ``SMIR.Brain.XX.O.<MOD>.<id>/<same>.nii`` per map.
 
     CT is int16, perfusion maps float32 (``MAP_VALUES`` inside a brain box, 0 outside), OT uint8 with
     ``lesion_voxels`` lesion voxels. ``replace`` maps a map name (CT, CBF, ..., OT) to the array, or
     (array, affine), to write instead; ``skip`` omits maps; ``gz`` lists maps written as .nii.gz;
-    ``with_pwi`` adds a 4DPWI folder whose file is not NIfTI, so opening it would fail.
+    ``with_pwi`` adds a 4DPWI folder whose file is not NIfTI, so opening it would fail; ``affine`` is the
+    grid of every map.
     """
     replace = replace or {}
     folder = split_dir / case
@@ -43,14 +51,14 @@ def write_isles_case(
         else:
             data = np.zeros(SHAPE, np.int16 if name == "CT" else np.float32)
             data[BRAIN] = MAP_VALUES[name]
-        affine = AFFINE
+        map_affine = affine
         if name in replace:
-            data, affine = replace[name] if isinstance(replace[name], tuple) else (replace[name], AFFINE)
+            data, map_affine = replace[name] if isinstance(replace[name], tuple) else (replace[name], affine)
         modality = name if name in ("CT", "OT") else f"{prefix}_{name}"
         series = f"SMIR.Brain.XX.O.{modality}.{next(_series_ids)}"
         (folder / series).mkdir()
         path = folder / series / f"{series}.nii{'.gz' if name in gz else ''}"
-        nib.save(nib.Nifti1Image(data, affine), path)
+        nib.save(nib.Nifti1Image(data, map_affine), path)
         maps[name] = path
     if with_pwi:
         series = f"SMIR.Brain.XX.O.{prefix}_4DPWI.{next(_series_ids)}"
@@ -252,6 +260,68 @@ def test_fewer_patients_than_folds_is_refused_before_converting(tmp_path):
     with pytest.raises(ValueError, match=r"fewer patients \(2\) than folds \(4\)"):
         prepare_isles2018(src, tmp_path / "dataset", patients=patients, folds=4)
     assert leftovers(tmp_path, {"TRAINING", "patients.csv"}) == []
+
+
+def test_output_folder_that_cannot_be_written_is_refused_before_converting(tmp_path):
+    write_isles_case(tmp_path / "TRAINING", "case_1")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(OSError, match=f"output folder '{blocker}' is not writable"):
+        prepare_isles2018(tmp_path / "TRAINING", blocker / "dataset", folds=2)
+
+
+def _moved(affine, dx=0.0, dz=0.0, pixel=None):
+    """``affine`` shifted by dx, dz mm (scanner axes), with another in-plane pixel size if given."""
+    moved = affine.copy()
+    moved[:3, 3] += (dx, 0.0, dz)
+    if pixel is not None:
+        moved[0, 0], moved[1, 1] = -pixel, pixel
+    return moved
+
+
+def test_without_patients_csv_neighbouring_slabs_are_grouped_loudly(tmp_path, capsys):
+    src = tmp_path / "TRAINING"
+    slab_height = SHAPE[2] * 5.0
+    other_grid = _moved(AFFINE, pixel=1.0)
+    geometry = {
+        "case_1": AFFINE,
+        "case_2": _moved(AFFINE, dz=slab_height),  # slab B of case_1: same in-plane grid, next heights
+        "case_3": _moved(AFFINE, dz=2 * slab_height),  # same grid, but case_2 is already slab B ...
+        "case_4": _moved(other_grid, dz=3 * slab_height),  # another pixel size
+        "case_5": _moved(other_grid, dx=10.0, dz=4 * slab_height),  # another in-plane origin
+        "case_6": _moved(other_grid, dx=10.0, dz=4 * slab_height),  # the same slice positions as case_5
+        "case_7": _moved(other_grid, dx=10.0, dz=10 * slab_height),  # far above case_6
+        "case_9": _moved(other_grid, dx=10.0, dz=11 * slab_height),  # next heights, but not the next case
+    }
+    for case, affine in geometry.items():
+        write_isles_case(src, case, affine=affine)
+
+    dst = prepare_isles2018(src, tmp_path / "dataset", folds=2)
+
+    patient = {e["case"]: e["patient"] for e in json.loads((dst / "dataset.json").read_text())["training"]}
+    chain = "case_1+case_2+case_3"  # ... so the three are one group: grouping errs on the side of no leak
+    assert patient == {**{c: chain for c in ("case_1", "case_2", "case_3")}, **{c: c for c in list(geometry)[3:]}}
+    warning = capsys.readouterr().err
+    assert "WARNING: no --patients CSV" in warning and "94 slabs of 63 patients" in warning
+    assert "  case_1 + case_2 + case_3\n" in warning and "--patients" in warning
+
+
+def test_slab_grouping_finds_every_two_slab_patient_of_the_phantom(tmp_path, capsys):
+    from custom.data.phantom import write_phantom
+
+    raw = write_phantom(tmp_path / "raw", cases=16, test_cases=0, seed=0, size=32)
+    truth = {}
+    for line in (raw / "patients.csv").read_text().splitlines()[1:]:
+        case, patient = line.split(",")[:2]
+        truth.setdefault(patient, []).append(case)
+    two_slab_patients = [cases for cases in truth.values() if len(cases) == 2]
+    assert two_slab_patients, "the phantom cohort should hold two-slab patients"
+
+    guessed = patients_from_slab_geometry([find_case_maps(f) for f in find_case_folders(raw / "TRAINING")])
+    for cases in truth.values():
+        assert len({guessed[c] for c in cases}) == 1, f"slabs {cases} of one phantom patient were split"
+    warning = capsys.readouterr().err
+    assert all(" + ".join(cases) in warning for cases in two_slab_patients)
 
 
 def _two_slab_cohort():

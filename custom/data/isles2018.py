@@ -10,6 +10,7 @@ import csv
 import json
 import re
 import shutil
+import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from custom.atomic import require_writable_folder
 from custom.data.folds import assign_folds, validate_fold_count
 
 MODALITY_NAMES = ("CT", "CBF", "CBV", "MTT", "Tmax")
@@ -195,6 +197,70 @@ def read_patient_map(csv_path, cases) -> dict[str, str]:
     return {c: mapping[c] for c in cases}
 
 
+def slab_geometry(case: CaseFiles) -> tuple[tuple[int, ...], np.ndarray]:
+    """The CT's shape and affine (header only, no voxel read): what two slabs of one patient are compared by."""
+    try:
+        image = nib.load(case.maps["CT"])
+    except Exception as err:  # nibabel raises many types for corrupt or truncated files
+        raise ValueError(f"'{case.maps['CT']}': cannot read as NIfTI ({err})") from err
+    return tuple(image.shape[:3]), image.affine
+
+
+def look_like_slabs_of_one_patient(first: CaseFiles, second: CaseFiles) -> bool:
+    """Whether two cases look like ISLES 2018 slabs A and B of one patient: consecutive case numbers, the same
+    in-plane shape, pixel spacing and axes, the same slice direction, origins that differ only along it, and
+    neighbouring heights (slice ranges at most one slice apart, overlapping or not) but not the same one."""
+    numbers = [re.fullmatch(r"case_(\d+)", c.name) for c in (first, second)]
+    if not all(numbers) or int(numbers[1][1]) != int(numbers[0][1]) + 1:
+        return False
+    (shape_a, affine_a), (shape_b, affine_b) = slab_geometry(first), slab_geometry(second)
+    spacing_a, spacing_b = np.linalg.norm(affine_a[:3, 2]), np.linalg.norm(affine_b[:3, 2])
+    direction = affine_a[:3, 2] / spacing_a
+    shift = affine_b[:3, 3] - affine_a[:3, 3]
+    start_b = float(shift @ direction)  # slab A's slices span [0, end_a] along ``direction``
+    end_a, end_b = (shape_a[2] - 1) * spacing_a, start_b + (shape_b[2] - 1) * spacing_b
+    gap = max(start_b - end_a, -end_b)
+    return (
+        shape_a[:2] == shape_b[:2]
+        and affines_match(affine_a[:3, :2], affine_b[:3, :2])
+        and affines_match(direction, affine_b[:3, 2] / spacing_b)
+        and affines_match(shift - start_b * direction, np.zeros(3))
+        and abs(start_b) > AFFINE_ATOL_MM
+        and gap <= max(spacing_a, spacing_b) + AFFINE_ATOL_MM
+    )
+
+
+def patients_from_slab_geometry(training: list[CaseFiles]) -> dict[str, str]:
+    """``case -> patient`` when no patient map is given: runs of consecutive cases that look like slabs of one
+    patient (``look_like_slabs_of_one_patient``) share a patient named ``case_5+case_6``; every other case
+    is its own patient. Prints a loud warning with the groups, so that they can be checked.
+
+    Why it exists: ISLES 2018 holds 94 slabs of 63 patients and says nowhere which slabs belong together;
+    treating each slab as a patient would put slabs A and B of one patient in different folds, leaking the
+    patient into validation. Grouping two unrelated patients only makes the folds coarser, so the
+    detection errs towards grouping.
+    """
+    groups = [[training[0]]] if training else []
+    for previous, case in zip(training, training[1:]):
+        if look_like_slabs_of_one_patient(previous, case):
+            groups[-1].append(case)
+        else:
+            groups.append([case])
+    case_patient = {c.name: "+".join(g.name for g in group) for group in groups for c in group}
+    grouped = [group for group in groups if len(group) > 1]
+    lines = [
+        "WARNING: no --patients CSV: the cases' patients are guessed. ISLES 2018 holds 94 slabs of 63 patients;",
+        "slabs of one patient in different folds leak that patient into validation and inflate the scores.",
+        f"Grouped as one patient ({len(grouped)} group(s) of consecutive cases with the same in-plane geometry "
+        "at neighbouring heights):",
+        *(f"  {' + '.join(c.name for c in group)}" for group in grouped),
+        f"The other {len(training) - sum(map(len, grouped))} case(s) count as their own patient. Check this, and "
+        "pass --patients CSV (columns case, patient) to set the patients yourself (see docs/data.md).",
+    ]
+    print("\n".join(lines), file=sys.stderr, flush=True)
+    return case_patient
+
+
 def _testing_cases(testing, source_names: set[str]) -> list[CaseFiles]:
     """Cases of the extra testing folder; renamed ``<folder>_<case>`` if any name clashes with SRC's cases."""
     testing = Path(testing)
@@ -250,8 +316,8 @@ def prepare_isles2018(src, dst, patients=None, folds=4, seed=0, testing=None, ov
     Args:
         src: ISLES 2018 split folder holding case_* folders, e.g. ISLES2018/TRAINING.
         dst: dataset folder to write (see docs/data.md).
-        patients: CSV with columns ``case`` and ``patient`` (others ignored); without it each case is its
-            own patient.
+        patients: CSV with columns ``case`` and ``patient`` (others ignored); without it the patients are
+            guessed from the slab geometry (``patients_from_slab_geometry``), with a warning.
         folds: number of cross-validation folds.
         seed: seed of the fold assignment's tie-breaking.
         testing: optional extra split folder (e.g. ISLES2018/TESTING) whose cases all go to ``testing``.
@@ -261,6 +327,7 @@ def prepare_isles2018(src, dst, patients=None, folds=4, seed=0, testing=None, ov
     if dst.exists() and not overwrite:
         raise FileExistsError(f"'{dst}' already exists; pass --overwrite to replace it")
     _refuse_source_inside(dst, src, *([Path(testing)] if testing is not None else []))
+    require_writable_folder(dst.parent)
 
     cases = [find_case_maps(folder) for folder in find_case_folders(src)]
     training = [c for c in cases if c.label is not None]
@@ -271,12 +338,11 @@ def prepare_isles2018(src, dst, patients=None, folds=4, seed=0, testing=None, ov
         testing_cases += _testing_cases(testing, {c.name for c in cases})
     training_names = [c.name for c in training]
     if patients is None:
-        case_patient = {name: name for name in training_names}
+        case_patient = patients_from_slab_geometry(training)
     else:
         case_patient = read_patient_map(patients, training_names)
     validate_fold_count(len(set(case_patient.values())), folds)
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
     work = _sibling_folder(dst, "tmp")
     try:
         lesion_ml = {}

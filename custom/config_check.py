@@ -1,0 +1,128 @@
+"""Refuse bundle settings of the wrong type and override ids that nothing uses, naming the config id.
+
+Why it exists: ``python -m monai.bundle run --epochs abc`` fails deep inside Ignite with an error that
+names no config id, and ``--epochz 5`` is added to the configuration and silently ignored, so the run
+trains with the default epochs. MONAI validates neither. The configs' ``initialize`` calls
+``check_settings`` with the resolved values of their documented ids before anything is built.
+"""
+
+import inspect
+import json
+import re
+import warnings
+from numbers import Real
+from pathlib import Path
+
+from monai.bundle import ConfigWorkflow
+from monai.bundle.utils import DEFAULT_EXP_MGMT_SETTINGS
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def _patch_size(value) -> bool:
+    return (
+        isinstance(value, (list, tuple))
+        and len(value) == 2
+        and all(_whole(v) and (v == -1 or (v > 0 and v % 16 == 0)) for v in value)
+    )
+
+
+# Documented id -> (test of its resolved value, what the value must be).
+SETTING_RULES = {
+    "epochs": (lambda v: _whole(v) and v >= 1, "a whole number >= 1"),
+    "val_interval": (lambda v: _whole(v) and v >= 1, "a whole number >= 1"),
+    "warmup_epochs": (lambda v: _whole(v) and v >= 0, "a whole number >= 0"),
+    "learning_rate": (lambda v: _number(v) and v > 0, "a number > 0"),
+    "batch_size": (lambda v: _whole(v) and v >= 1, "a whole number >= 1"),
+    "samples_per_volume": (lambda v: _whole(v) and v >= 1, "a whole number >= 1"),
+    "patch_size": (_patch_size, "two whole numbers, each -1 (whole slice) or a positive multiple of 16"),
+    "num_folds": (lambda v: _whole(v) and v >= 2, "a whole number >= 2"),
+    "num_workers": (lambda v: _whole(v) and v >= 0, "a whole number >= 0"),
+    "cache_rate": (lambda v: _number(v) and 0 <= v <= 1, "a number from 0 to 1"),
+    "seed": (_whole, "a whole number"),
+    "resume_ckpt": (lambda v: v is None or isinstance(v, str), "null or a checkpoint path"),
+    "ckpt_path": (lambda v: isinstance(v, str), "a checkpoint path"),
+}
+# Root ids that MONAI's workflow reads by name (entry points, imports, metadata, experiment tracking)
+# rather than through a reference.
+WORKFLOW_IDS = {"imports", "initialize", "run", "training", "finalize", "_meta_"}
+WORKFLOW_IDS |= {key for settings in DEFAULT_EXP_MGMT_SETTINGS.values() for key in settings.get("configs", {})}
+_REFERENCE = re.compile(r"[@%]([\w#:]+)")  # @id, @id#sub, %id::sub; the root id ends at # or ::
+
+
+def check_settings(**settings) -> None:
+    """Refuse any of ``settings`` (documented id -> resolved value) that breaks ``SETTING_RULES``, ``fold``
+    outside ``range(num_folds)``, and any root id of the running workflow that nothing uses and that no
+    config file of its configs folder defines (a misspelt override).
+
+    All problems are reported in one ``ValueError``, each naming its config id.
+    """
+    problems = [
+        f"config id '{key}' must be {SETTING_RULES[key][1]}, got {value!r}"
+        for key, value in settings.items()
+        if key in SETTING_RULES and not SETTING_RULES[key][0](value)
+    ]
+    if "fold" in settings:
+        fold, num_folds = settings["fold"], settings.get("num_folds")
+        if not _whole(fold) or (_whole(num_folds) and not 0 <= fold < num_folds):
+            problems.append(f"config id 'fold' must be a whole number from 0 to num_folds - 1, got {fold!r}")
+    workflow = _running_workflow()
+    if workflow is None:
+        warnings.warn("config_check: not run by a ConfigWorkflow, so override ids were not checked")
+    else:
+        config = workflow.parser.get()
+        known = known_ids(workflow.config_root_path)
+        unknown = [key for key in unused_root_ids(config) if key not in known]
+        valid = ", ".join(sorted(key for key in config if key not in WORKFLOW_IDS and key not in unknown))
+        problems += [
+            f"config id '{key}' is used by nothing in the configuration and defined in no config of "
+            f"'{workflow.config_root_path}': a misspelt override? (ids of this configuration: {valid})"
+            for key in unknown
+        ]
+    if problems:
+        raise ValueError("invalid bundle settings:\n  " + "\n  ".join(problems))
+
+
+def unused_root_ids(config: dict) -> list[str]:
+    """Root ids of ``config`` that no ``@``/``%`` reference names and that the workflow does not run."""
+    referenced = set()
+    pending = [config]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            pending += item.values()
+        elif isinstance(item, list):
+            pending += item
+        elif isinstance(item, str):
+            referenced |= {re.split("#|::", match)[0] for match in _REFERENCE.findall(item)}
+    return sorted(key for key in config if key not in referenced and key not in WORKFLOW_IDS)
+
+
+def known_ids(config_folder) -> set[str]:
+    """Root ids defined by the JSON configs of ``config_folder`` (the bundle's ``configs``)."""
+    ids = set()
+    for path in Path(config_folder).glob("*.json"):
+        if path.name == "metadata.json":  # MONAI reads it as _meta_, its keys are no config ids
+            continue
+        content = json.loads(path.read_text())
+        if isinstance(content, dict):
+            ids |= set(content)
+    return ids
+
+
+def _running_workflow() -> ConfigWorkflow | None:
+    """The ConfigWorkflow whose ``initialize`` is running: MONAI gives a config item no handle on it, but it
+    is on the call stack (``ConfigWorkflow._run_expr`` -> ``ConfigParser.get_parsed_content`` -> here)."""
+    frame = inspect.currentframe()
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, ConfigWorkflow):
+            return candidate
+        frame = frame.f_back
+    return None

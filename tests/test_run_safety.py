@@ -1,0 +1,226 @@
+"""Run safety: settings checked by name, same seed same losses, no code run from checkpoints, no network."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import BUNDLE, CONFIGS, REPO, TINY_TRAINING
+from ignite.engine import Events
+from monai.bundle import ConfigWorkflow
+from monai.handlers import from_engine
+
+from custom.crossval import override_arguments
+
+
+def _workflow(config_files, workflow_type, **override):
+    return ConfigWorkflow(
+        config_file=[str(CONFIGS / c) for c in config_files],
+        meta_file=str(CONFIGS / "metadata.json"),
+        logging_file=False,
+        workflow_type=workflow_type,
+        bundle_root=str(BUNDLE),
+        **override,
+    )
+
+
+def _bundle_run(*arguments, env=None):
+    command = [sys.executable, "-m", "monai.bundle", "run", *arguments]
+    return subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env)
+
+
+def _error_chain(error: BaseException) -> str:
+    """The messages of an exception and of its causes (MONAI wraps errors raised while parsing a config)."""
+    messages = []
+    while error is not None:
+        messages.append(str(error))
+        error = error.__cause__
+    return "\n".join(messages)
+
+
+@pytest.mark.parametrize(
+    "config_files, workflow_type, override, message",
+    [
+        (["train.json"], "train", {"epochs": "abc"}, "config id 'epochs' must be a whole number >= 1, got 'abc'"),
+        (["train.json"], "train", {"patch_size": [30, 30]}, "config id 'patch_size' must be two whole numbers"),
+        (["train.json"], "train", {"fold": 4}, "config id 'fold' must be a whole number from 0 to num_folds - 1"),
+        (["train.json"], "train", {"learning_rate": "0.1"}, "config id 'learning_rate' must be a number > 0"),
+        (["train.json"], "train", {"epochz": 5}, "config id 'epochz' is used by nothing in the configuration"),
+        (["train.json", "evaluate.json"], "train", {"ckpt_pth": "m.pt"}, "config id 'ckpt_pth' is used by nothing"),
+        (["inference.json"], "infer", {"num_workers": -1}, "config id 'num_workers' must be a whole number >= 0"),
+        (["inference.json"], "infer", {"ckpt_pth": "m.pt"}, "config id 'ckpt_pth' is used by nothing"),
+    ],
+)
+def test_bad_override_is_refused_naming_the_id(tmp_path, config_files, workflow_type, override, message):
+    workflow = _workflow(config_files, workflow_type, dataset_dir=str(tmp_path), **override)
+    with pytest.raises(Exception) as raised:
+        workflow.initialize()
+    assert message in _error_chain(raised.value)
+
+
+def test_documented_overrides_pass_the_check(tiny_phantom_dataset, tmp_path):
+    for config_files, workflow_type in ((["train.json"], "train"), (["train.json", "demo.json"], "train"),
+                                        (["train.json", "evaluate.json"], "train"), (["inference.json"], "infer")):
+        overrides = {**TINY_TRAINING, "fold": 1, "resume_ckpt": None} if workflow_type == "train" else {}
+        workflow = _workflow(config_files, workflow_type, dataset_dir=str(tiny_phantom_dataset), **overrides)
+        workflow.initialize()
+
+
+def test_bundle_command_line_names_every_bad_override(tmp_path):
+    completed = _bundle_run(
+        "--config_file", str(CONFIGS / "train.json"), "--bundle_root", str(BUNDLE),
+        "--dataset_dir", str(tmp_path), "--epochs", "abc", "--epochz", "5",
+    )
+    assert completed.returncode != 0
+    assert "config id 'epochs' must be a whole number >= 1, got 'abc'" in completed.stderr
+    assert "config id 'epochz' is used by nothing in the configuration" in completed.stderr
+
+
+class _RunsCodeWhenUnpickled:
+    """Pickles as a call of ``Path.touch(marker)``: loading it with plain pickle creates the marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+@pytest.fixture
+def code_running_checkpoint(tmp_path):
+    """A ``.pt`` whose unpickling runs code (creates ``marker``); checked to do so when loaded unsafely."""
+    marker, checkpoint = tmp_path / "code_ran", tmp_path / "evil.pt"
+    torch.save({"model": _RunsCodeWhenUnpickled(marker)}, checkpoint)
+    torch.load(checkpoint, weights_only=False)
+    assert marker.is_file(), "the test checkpoint should run code when unpickled without weights_only"
+    marker.unlink()
+    return checkpoint, marker
+
+
+@pytest.mark.parametrize(
+    "config_files, overrides",
+    [
+        (["train.json"], {**TINY_TRAINING, "epochs": 1, "resume_ckpt": "{checkpoint}"}),
+        (["train.json", "evaluate.json"], {"num_workers": 0, "ckpt_path": "{checkpoint}"}),
+        (["inference.json"], {"num_workers": 0, "ckpt_path": "{checkpoint}"}),
+    ],
+    ids=["training resume", "evaluation", "inference"],
+)
+def test_checkpoint_that_runs_code_is_refused_by_the_bundle(
+    tiny_phantom_dataset, tmp_path, code_running_checkpoint, config_files, overrides
+):
+    checkpoint, marker = code_running_checkpoint
+    overrides = {k: str(checkpoint) if v == "{checkpoint}" else v for k, v in overrides.items()}
+    workflow = _workflow(
+        config_files, None, dataset_dir=str(tiny_phantom_dataset), ckpt_dir=str(tmp_path / "models"),
+        output_dir=str(tmp_path / "out"), **overrides,
+    )
+    workflow.initialize()
+    with pytest.raises(Exception) as raised:
+        workflow.run()
+    assert "Weights only load failed" in _error_chain(raised.value)
+    assert not marker.exists()
+
+
+def test_checkpoint_that_runs_code_is_refused_by_deploy(tiny_phantom_dataset, tmp_path, code_running_checkpoint):
+    checkpoint, marker = code_running_checkpoint
+    image = tiny_phantom_dataset / "imagesTs" / "case_9.nii.gz"
+    completed = subprocess.run(
+        [sys.executable, "-m", "custom", "deploy", str(image), "--model", str(checkpoint), "--out", str(tmp_path / "o")],
+        capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert completed.returncode != 0
+    assert f"model '{checkpoint}' is not a TorchScript file" in completed.stderr
+    assert not marker.exists() and not (tmp_path / "o" / "case_9_seg.nii.gz").exists()
+
+
+NETWORK_BLOCKER = '''
+"""Loaded at interpreter start (sitecustomize): every internet socket connection or name lookup is logged
+to $NETWORK_ATTEMPTS_LOG and refused; local (AF_UNIX) sockets, used by DataLoader workers, still work."""
+import os
+import socket
+
+_INTERNET = (socket.AF_INET, socket.AF_INET6)
+
+
+def _refuse(*args):
+    with open(os.environ["NETWORK_ATTEMPTS_LOG"], "a") as log:
+        log.write(repr(args) + "\\n")
+    raise OSError("network access blocked by the test")
+
+
+def _guard(method):
+    def guarded(self, *args):
+        if self.family in _INTERNET:
+            _refuse(method.__name__, *args)
+        return method(self, *args)
+    return guarded
+
+
+for _name in ("connect", "connect_ex", "sendto"):
+    setattr(socket.socket, _name, _guard(getattr(socket.socket, _name)))
+socket.getaddrinfo = lambda *args, **kwargs: _refuse("getaddrinfo", *args)
+socket.gethostbyname = lambda *args: _refuse("gethostbyname", *args)
+'''
+
+
+@pytest.mark.integration
+def test_training_and_inference_open_no_network_connection(tiny_phantom_dataset, tmp_path):
+    blocker = tmp_path / "site"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(NETWORK_BLOCKER)
+    attempts = tmp_path / "network_attempts.log"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(blocker), str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "NETWORK_ATTEMPTS_LOG": str(attempts),
+    }
+    probe = subprocess.run(
+        [sys.executable, "-c", "import socket; socket.create_connection(('127.0.0.1', 9), timeout=1)"],
+        capture_output=True, text=True, env=env,
+    )
+    assert "network access blocked by the test" in probe.stderr and attempts.is_file()
+    attempts.unlink()
+
+    common = ["--bundle_root", str(BUNDLE), "--dataset_dir", str(tiny_phantom_dataset)]
+    training = _bundle_run(
+        "training", "--config_file", str(CONFIGS / "train.json"), *common, "--ckpt_dir", str(tmp_path / "models"),
+        "--output_dir", str(tmp_path / "logs"), *override_arguments({**TINY_TRAINING, "epochs": 1}), env=env,
+    )
+    assert training.returncode == 0, training.stderr[-3000:]
+    inference = _bundle_run(
+        "--config_file", str(CONFIGS / "inference.json"), *common, "--num_workers", "0",
+        "--ckpt_path", str(tmp_path / "models" / "model.pt"), "--output_dir", str(tmp_path / "infer"), env=env,
+    )
+    assert inference.returncode == 0, inference.stderr[-3000:]
+    assert (tmp_path / "infer" / "lesion_volumes.csv").is_file()
+    assert not attempts.exists(), attempts.read_text()
+
+
+def _first_losses(dataset_dir, ckpt_dir, iterations=3, **overrides):
+    """The training losses of the first ``iterations`` iterations of a fresh train.json run in this process."""
+    workflow = _workflow(
+        ["train.json"], "train", dataset_dir=str(dataset_dir), ckpt_dir=str(ckpt_dir),
+        output_dir=str(ckpt_dir / "logs"), **{**TINY_TRAINING, "val_interval": 100, **overrides},
+    )
+    workflow.initialize()
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    losses = []
+    loss_of = from_engine(["loss"], first=True)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: losses.append(loss_of(engine.state.output)))
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=iterations), lambda engine: engine.terminate())
+    workflow.run()
+    return [float(loss) for loss in losses]
+
+
+@pytest.mark.integration
+def test_same_seed_gives_the_same_losses_on_cpu(tiny_phantom_dataset, tmp_path):
+    """train.json's initialize seeds everything (``set_determinism``) and MONAI's DataLoader seeds each
+    worker from it, so random crops and augmentations repeat even with worker processes."""
+    first = _first_losses(tiny_phantom_dataset, tmp_path / "a", num_workers=2)
+    second = _first_losses(tiny_phantom_dataset, tmp_path / "b", num_workers=2)
+    other_seed = _first_losses(tiny_phantom_dataset, tmp_path / "c", num_workers=2, seed=7)
+    assert len(first) == 3 and first == second
+    assert other_seed != first
