@@ -81,6 +81,11 @@ def dataset_copy(tiny_phantom_dataset, tmp_path) -> tuple[Path, dict]:
     return folder, json.loads((folder / "dataset.json").read_text())
 
 
+def _files(folder: Path, image: np.ndarray, label: np.ndarray) -> dict[str, str]:
+    """A data-list item: ``image`` and ``label`` saved as ``image.nii.gz`` and ``label.nii.gz`` in ``folder``."""
+    return {"image": str(_save(folder / "image.nii.gz", image)), "label": str(_save(folder / "label.nii.gz", label))}
+
+
 # The bundle's load-time validation (custom.transforms.ValidateStudyd), as the configs use it.
 def _bad_study(problem: str) -> tuple[np.ndarray, np.ndarray]:
     image, label = _study(), np.zeros((32, 32, 3), dtype=np.uint8)
@@ -129,7 +134,7 @@ BAD_STUDIES = {
 )
 def test_load_time_validation_names_the_file_and_the_problem(tmp_path, problem, config, transforms):
     image, label = _bad_study(problem)
-    item = {"image": str(_save(tmp_path / "image.nii.gz", image)), "label": str(_save(tmp_path / "label.nii.gz", label))}
+    item = _files(tmp_path, image, label)
     if config == "inference.json":
         del item["label"]
     preprocessing = ConfigParser(ConfigParser.load_config_file(CONFIGS / config)).get_parsed_content(transforms)
@@ -140,7 +145,7 @@ def test_load_time_validation_names_the_file_and_the_problem(tmp_path, problem, 
 
 def test_load_time_validation_passes_a_good_study(tmp_path):
     image, label = _bad_study("none")
-    item = {"image": str(_save(tmp_path / "image.nii.gz", image)), "label": str(_save(tmp_path / "label.nii.gz", label))}
+    item = _files(tmp_path, image, label)
     preprocessing = ConfigParser(ConfigParser.load_config_file(CONFIGS / "train.json")).get_parsed_content(
         "validate#preprocessing"
     )
@@ -225,7 +230,9 @@ def test_two_inputs_never_write_one_output(tmp_path):
     first, second = _save(tmp_path / "a" / "case.nii.gz", _study()), _save(tmp_path / "b" / "case.nii.gz", _study())
     with pytest.raises(ValueError, match=f"'{first}' and '{second}' would both write 'case_seg.nii.gz'"):
         screen_inference_images([first, second])
-    workflow = _workflow(["inference.json"], "infer", datalist=[str(first), str(second)], output_dir=str(tmp_path / "o"))
+    workflow = _workflow(
+        ["inference.json"], "infer", datalist=[str(first), str(second)], output_dir=str(tmp_path / "o")
+    )
     workflow.initialize()
     with pytest.raises(Exception) as raised:
         workflow.run()

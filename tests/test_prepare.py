@@ -17,7 +17,7 @@ from custom.data.isles2018 import (
     prepare_isles2018,
 )
 
-SHAPE = (16, 16, 3)
+SHAPE = (20, 20, 3)
 AFFINE = np.array([[-0.9, 0, 0, 115.0], [0, 0.9, 0, -100.0], [0, 0, 5.0, -20.0], [0, 0, 0, 1]])
 VOXEL_ML = 0.9 * 0.9 * 5.0 / 1000.0
 # A distinct value per map inside the brain, so a channel swap cannot go unnoticed.
@@ -193,7 +193,7 @@ def _label_with_two():
     "broken, message",
     [
         ({"skip": ("MTT",)}, r"case_3.*missing MTT"),
-        ({"replace": {"CBV": np.ones((16, 16, 4), np.float32)}}, r"CT_CBV.*shape \(16, 16, 4\) differs"),
+        ({"replace": {"CBV": np.ones((20, 20, 4), np.float32)}}, r"CT_CBV.*shape \(20, 20, 4\) differs"),
         ({"replace": {"Tmax": (np.ones(SHAPE, np.float32), _shifted_affine())}}, r"CT_Tmax.*affine differs"),
         ({"replace": {"CBF": _with_nan()}}, r"CT_CBF.*1 NaN or Inf"),
         ({"replace": {"OT": _label_with_two()}}, r"\.OT\..*found \[2\.0\]"),

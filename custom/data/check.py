@@ -74,8 +74,8 @@ def _read_nifti(folder: Path, relative, where: str, problems: list[str]):
 
 def image_problems(name: str, data: np.ndarray) -> list[str]:
     """Problems of an image array as read from its file (H, W, D, 5): wrong shape, H or W too small, NaN/Inf per
-    channel, an all-zero perfusion map. Shared with the bundle's ``custom.transforms.ValidateStudy`` so the check and the
-    load-time validation apply the same rules; ``name`` is the file named in each message."""
+    channel, an all-zero perfusion map. Shared with the bundle's ``custom.transforms.ValidateStudy`` so the check
+    and the load-time validation apply the same rules; ``name`` is the file named in each message."""
     if data.ndim != 4 or data.shape[-1] != len(MODALITY_NAMES):
         return [
             f"{name}: expected a 4D image with {len(MODALITY_NAMES)} channels ({', '.join(MODALITY_NAMES)}) "
