@@ -9,6 +9,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from custom.atomic import write_atomically
 from custom.data.datalist import load_dataset_json
 from custom.reporting import read_case_csv
 
@@ -55,8 +56,7 @@ def plot_curves(cv_dir: str, out: str) -> str:
         axis.grid(alpha=0.3)
         axis.legend()
     figure.tight_layout()
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, dpi=110)
+    write_atomically(out, lambda temporary: figure.savefig(temporary, dpi=110, format="png"))
     plt.close(figure)
     return out
 
@@ -91,7 +91,6 @@ def plot_montage(cv_dir: str, dataset_dir: str, out: str) -> str:
             axis.axis("off")
     figure.suptitle("label (green) and prediction (red, dashed)")
     figure.tight_layout()
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, dpi=110)
+    write_atomically(out, lambda temporary: figure.savefig(temporary, dpi=110, format="png"))
     plt.close(figure)
     return out

@@ -9,6 +9,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from custom.atomic import write_atomically
 from custom.data.datalist import load_dataset_json
 
 CHANNELS = ("CT", "CBF", "CBV", "MTT", "Tmax")
@@ -100,12 +101,4 @@ def phantom_figure(dataset_dir, out, case=None, slice_index=None):
         f"lesion {label[..., slice_index].sum() * voxel_ml:.1f} mL in this slice, {label.sum() * voxel_ml:.1f} mL "
         "in the volume; patient's right on the left"
     )
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.partial")
-    try:
-        figure.savefig(partial, dpi=100, format="png")
-        partial.replace(out)
-    finally:
-        partial.unlink(missing_ok=True)
-    return out
+    return write_atomically(out, lambda temporary: figure.savefig(temporary, dpi=100, format="png"))
