@@ -5,6 +5,7 @@ is not installed (it needs torch, numpy and nibabel only).
 """
 
 import importlib
+import inspect
 import sys
 
 import fire
@@ -32,8 +33,28 @@ def _resolve(target):
     return getattr(importlib.import_module(module), function)
 
 
+def refuse_unknown_options(function, arguments: list[str]) -> None:
+    """Fire calls a command before it complains about an option the command does not take (``prepare ...
+    --foldz 3`` converts with the default folds, then fails): refuse such options before anything runs."""
+    parameters = inspect.signature(function).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        return  # the command takes any option (bundle overrides); it checks them itself
+    names = set(parameters) | {name.replace("_", "-") for name in parameters}
+    own_options = arguments[: arguments.index("--")] if "--" in arguments else arguments  # after "--": Fire's flags
+    for argument in own_options:
+        name = argument[2:].split("=")[0]
+        if argument.startswith("--") and name != "help" and name not in names and name.removeprefix("no") not in names:
+            options = [f"--{p.name}" for p in parameters.values() if p.kind is not p.VAR_POSITIONAL]
+            raise SystemExit(f"python -m custom: unknown option '--{name}'; options: {', '.join(options)}")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
+    command = COMMANDS.get(argv[0]) if argv else None
+    if isinstance(command, dict) and len(argv) > 1 and argv[1] in command:
+        refuse_unknown_options(_resolve(command[argv[1]]), argv[2:])
+    elif isinstance(command, str):
+        refuse_unknown_options(_resolve(command), argv[1:])
     selected = {argv[0]: COMMANDS[argv[0]]} if argv and argv[0] in COMMANDS else COMMANDS
     fire.Fire(_resolve(selected), command=argv, name="python -m custom")
 

@@ -34,6 +34,8 @@ EVALUATION_METRICS = {
 CASE_METRICS = tuple(EVALUATION_METRICS.values())
 DONE_FILE = "fold_done.json"
 RUN_RECORD = "run_configuration.json"
+# Bundle ids that the cross-validation sets itself for each fold; an override of one would apply to every fold.
+FOLD_IDS = ("fold", "ckpt_dir", "output_dir", "ckpt_path", "resume_ckpt")
 # Entries of the run record that only inform (paths may move); the others must match to reuse a folder.
 INFORMATIVE_RECORD_KEYS = ("config_paths",)
 
@@ -194,6 +196,9 @@ def run_cross_validation(
     Writes ``out/cases.csv`` (per case), ``out/summary.csv`` and ``out/summary.md`` (mean, std, median per
     fold and overall) and returns the summary rows.
     """
+    fold_overrides = [key for key in overrides if key in FOLD_IDS]
+    if fold_overrides:
+        raise ValueError(f"cv sets {fold_overrides} itself for each fold under OUT; drop these overrides")
     dataset_dir = Path(dataset_dir).resolve()
     dataset = load_dataset_json(dataset_dir)
     num_folds = int(folds if folds is not None else dataset.get("num_folds", 0))

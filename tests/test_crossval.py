@@ -105,6 +105,12 @@ def test_bad_override_is_refused_before_the_run_folder_is_claimed(tiny_phantom_d
     assert bundle_runs == [] and not (tmp_path / "cv").exists()
 
 
+def test_override_of_an_id_set_per_fold_is_refused(tiny_phantom_dataset, tmp_path, bundle_runs):
+    with pytest.raises(ValueError, match=r"cv sets \['fold'\] itself for each fold"):
+        run_cross_validation(str(tiny_phantom_dataset), str(tmp_path / "cv"), folds=2, fold=1)
+    assert bundle_runs == [] and not (tmp_path / "cv").exists()
+
+
 def test_run_folder_with_folds_but_no_record_is_refused(tiny_phantom_dataset, tmp_path, bundle_runs):
     (tmp_path / "cv" / "fold_0" / "models").mkdir(parents=True)
     with pytest.raises(ValueError, match=f"holds folds \\(fold_0\\) but no '{RUN_RECORD}'"):

@@ -224,3 +224,22 @@ def test_same_seed_gives_the_same_losses_on_cpu(tiny_phantom_dataset, tmp_path):
     other_seed = _first_losses(tiny_phantom_dataset, tmp_path / "c", num_workers=2, seed=7)
     assert len(first) == 3 and first == second
     assert other_seed != first
+
+
+@pytest.mark.parametrize(
+    "arguments, unknown",
+    [
+        (["prepare", "isles2018", "{tmp}/missing", "{tmp}/dataset", "--foldz", "3"], "--foldz"),
+        (["check", "{tmp}/dataset", "--verbose"], "--verbose"),
+        (["deploy", "{tmp}/image.nii.gz", "--modle", "{tmp}/model.ts"], "--modle"),
+    ],
+)
+def test_unknown_command_line_option_is_refused_before_the_command_runs(tmp_path, arguments, unknown):
+    """Without the check Fire would first run the command (here: fail on the missing input) and only then
+    complain about the option it could not use."""
+    from custom.__main__ import main
+
+    with pytest.raises(SystemExit) as refused:
+        main([a.replace("{tmp}", str(tmp_path)) for a in arguments])
+    assert f"unknown option '{unknown}'" in str(refused.value)
+    assert list(tmp_path.iterdir()) == []
