@@ -73,7 +73,7 @@ class Centre:
     ct_padding_hu: int  # CT value outside the reconstruction circle
     frame_s: float  # time step of the 4D perfusion series
     frames: int  # frames of the 4D perfusion series (scan length = frames x frame_s)
-    pwi_noise_hu: float  # standard deviation of the per-frame noise of the 4D series
+    pwi_noise_hu: float  # standard deviation of the per-frame noise of the 4D series at REFERENCE_SIZE
 
 
 CENTRES = (
@@ -691,7 +691,8 @@ def render_pwi(slab: Slab, size: int, rng: np.random.Generator, model: SlabModel
 
     Baseline HU per tissue (the noise-free CT), plus the tissue curves of every intracranial voxel, the AIF
     in the arteries, the venous outflow in the sinus (by partial-volume fraction), plus the centre's white
-    noise per frame; the centre sets the frame rate and scan length.
+    noise per frame (the centre's level at 256 x 256, lower for larger pixels); the centre sets the frame rate
+    and scan length.
     """
     m = slab_model(slab, size) if model is None else model
     centre = slab.patient.centre
@@ -705,13 +706,14 @@ def render_pwi(slab: Slab, size: int, rng: np.random.Generator, model: SlabModel
     fine = np.arange(0.0, times[-1] + FINE_STEP_S, FINE_STEP_S)
     venous = np.interp(times, fine, bolus.venous(fine, FINE_STEP_S))
     table = convolution_table(bolus, times[-1])
+    noise_hu = centre.pwi_noise_hu * size / REFERENCE_SIZE  # larger pixels average more photons
     series = np.empty((*m.tissue.shape, times.size), np.int16)
     for k in range(m.tissue.shape[2]):  # slice by slice keeps the per-frame arrays small
         hu = baseline[..., k, None] + (1.0 - blood[..., k, None]) * tissue_enhancement(
             table, times, cbf[..., k], cbv[..., k], tmax[..., k]
         )
         hu += arteries[..., k, None] * bolus.arterial(times) + sinus[..., k, None] * venous
-        hu += centre.pwi_noise_hu * rng.standard_normal(hu.shape)
+        hu += noise_hu * rng.standard_normal(hu.shape)
         series[..., k, :] = np.clip(np.rint(hu), np.iinfo(np.int16).min, np.iinfo(np.int16).max)
     beyond_fov = _beyond_field_of_view(size)
     series[beyond_fov] = centre.ct_padding_hu

@@ -88,6 +88,13 @@ def brain_mask(baseline: np.ndarray) -> np.ndarray:
     return mask
 
 
+def vessel_search_region(pre_contrast: np.ndarray, brain: np.ndarray) -> np.ndarray:
+    """The brain and the non-bone voxels up to two pixels around it in-plane: the sagittal sinus lies against
+    the skull, where the brain mask (kept away from bone) does not reach."""
+    around = ndimage.binary_dilation(brain, iterations=2, structure=np.ones((3, 3, 1), bool))
+    return around & (pre_contrast > BRAIN_HU[0]) & (pre_contrast < BONE_HU)
+
+
 def bolus_arrival(hu: np.ndarray, brain: np.ndarray, path_name: str) -> int:
     """Number of pre-contrast (baseline) frames: those before the bolus reaches the most enhancing voxels.
 
@@ -137,18 +144,19 @@ def _vascular_curve(curves: np.ndarray, voxels: np.ndarray, frame_s: float) -> V
     return VascularCurve(curve, voxels, float(curve.max()), float(np.argmax(curve) * frame_s))
 
 
-def find_aif_and_vof(concentration: np.ndarray, brain: np.ndarray, frame_s: float):
+def find_aif_and_vof(concentration: np.ndarray, region: np.ndarray, frame_s: float):
     """Automatic AIF (early, high, narrow curves: arteries) and VOF (late, largest area: the sinus).
 
-    Candidates are the top CANDIDATE_FRACTION of brain voxels by curve area. The AIF averages the
-    VESSEL_VOXELS highest-peaked among the earliest quarter of candidates by first moment; the VOF the
+    Candidates are the top CANDIDATE_FRACTION of ``region``'s voxels by peak enhancement (large vessels: even
+    partial-volumed arteries peak far above tissue). The AIF averages the VESSEL_VOXELS highest peaks
+    among the earliest quarter of candidates by first moment (early and narrow); the VOF the
     VESSEL_VOXELS largest areas among candidates peaking later than the AIF (None when none do).
     """
-    positions = np.argwhere(brain)
-    curves = concentration[brain]
+    positions = np.argwhere(region)
+    curves = concentration[region]
     features = curve_features(curves, frame_s)
     count = min(len(curves), max(MIN_CANDIDATES, int(CANDIDATE_FRACTION * len(curves))))
-    candidates = np.argsort(features["area"])[::-1][:count]
+    candidates = np.argsort(features["peak"])[::-1][:count]
     early_count = max(1, count // 4)
     early = candidates[np.argsort(features["moment"][candidates])[:early_count]]
     arterial = early[np.argsort(features["peak"][early])[::-1][:VESSEL_VOXELS]]
@@ -200,15 +208,16 @@ def compute_perfusion_maps(
         raise ValueError(f"'{name}': no brain found (no voxel of {BRAIN_HU[0]:g} to {BRAIN_HU[1]:g} HU inside bone)")
     baseline_frames = bolus_arrival(hu, brain, name)
     concentration = hu - hu[..., :baseline_frames].mean(axis=-1, keepdims=True)
+    vessel_region = vessel_search_region(pre_contrast, brain)
     if aif_mask is None:
-        aif, vof = find_aif_and_vof(concentration, brain, frame_s)
+        aif, vof = find_aif_and_vof(concentration, vessel_region, frame_s)
     else:
         aif_mask = np.asarray(aif_mask) > 0
         if aif_mask.shape != brain.shape or not aif_mask.any():
             raise ValueError(f"'{name}': the AIF mask must be a non-empty 3D mask of shape {brain.shape}")
         voxels = np.argwhere(aif_mask)
         aif = _vascular_curve(concentration[aif_mask], voxels, frame_s)
-        vof = find_aif_and_vof(concentration, brain, frame_s)[1] if venous_scaling else None
+        vof = find_aif_and_vof(concentration, vessel_region, frame_s)[1] if venous_scaling else None
     scale = 1.0
     if venous_scaling and vof is not None:
         scale = max(1.0, float(np.clip(vof.curve, 0, None).sum() / max(np.clip(aif.curve, 0, None).sum(), 1e-6)))
