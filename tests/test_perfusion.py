@@ -178,3 +178,22 @@ def test_converter_with_maps_from_4d_passes_the_check(tmp_path):
     with pytest.raises(ValueError, match=r"case_1'.*missing 4DPWI"):
         without = phantom.write_phantom(tmp_path / "no4d", cases=2, test_cases=0, seed=2, size=32)
         prepare_isles2018(without / "TRAINING", tmp_path / "other", folds=2, maps_from_4d=True)
+
+
+@pytest.mark.slow
+def test_motion_correction_realigns_shifted_frames(phantom_case):
+    from scipy import ndimage
+
+    from custom.perfusion.motion import correct_motion
+
+    model, series, _ = phantom_case
+    frames = series.series[..., :4].astype(np.float32)
+    moved = frames.copy()
+    for t in (2, 3):
+        moved[..., t] = ndimage.shift(frames[..., t], (1.5, -1.0, 0.0), order=1, mode="nearest")
+    corrected = correct_motion(moved, tuple(np.abs(np.diag(model.affine))[:3]))
+    inside = (frames[..., 0] > 0) & (frames[..., 0] < 100)
+    for t in (2, 3):
+        before = np.abs(moved[..., t] - frames[..., t])[inside].mean()
+        after = np.abs(corrected[..., t] - frames[..., t])[inside].mean()
+        assert after < before / 4
