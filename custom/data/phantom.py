@@ -717,9 +717,8 @@ def render_pwi(slab: Slab, size: int, rng: np.random.Generator, model: SlabModel
         series[..., k, :] = np.clip(np.rint(hu), np.iinfo(np.int16).min, np.iinfo(np.int16).max)
     beyond_fov = _beyond_field_of_view(size)
     series[beyond_fov] = centre.ct_padding_hu
-    brain = perfused & np.isin(m.tissue, BRAIN_TISSUES + (CSF, VENTRICLE))
-    mtt = np.divide(60.0 * cbv, cbf, out=np.zeros_like(cbf), where=brain)
-    truth = {"CBF": cbf * brain, "CBV": cbv * brain, "MTT": mtt, "Tmax": tmax * brain}
+    mtt = np.divide(60.0 * cbv, cbf, out=np.zeros_like(cbf), where=perfused)
+    truth = {"CBF": cbf, "CBV": cbv, "MTT": mtt, "Tmax": tmax}
     return PerfusionSeries(series, centre.frame_s, bolus, arteries, sinus, m.tissue, truth)
 
 

@@ -35,7 +35,7 @@ def analyse_series(
     device: str = "cpu",
 ):
     """Load a 4D CTP NIfTI (time step from the header or ``dt``), optionally motion-correct it, compute its
-    maps; returns (PerfusionSeries, PerfusionResult). ``aif_mask``: a 3D NIfTI on the series' grid."""
+    maps; returns (LoadedSeries, PerfusionResult). ``aif_mask``: a 3D NIfTI on the series' grid."""
     loaded = load_series(series, dt)
     hu = loaded.hu
     if motion_correction:

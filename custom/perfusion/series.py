@@ -16,7 +16,7 @@ TIME_UNIT_SECONDS = {"sec": 1.0, "msec": 1e-3, "usec": 1e-6}
 
 
 @dataclass(frozen=True)
-class PerfusionSeries:
+class LoadedSeries:
     """A 4D CT perfusion series in HU, (H, W, D, T), with its time step and the spatial grid's image."""
 
     path: Path
@@ -39,7 +39,7 @@ def header_frame_s(image: nib.Nifti1Image) -> float | None:
     return step * TIME_UNIT_SECONDS[unit]
 
 
-def load_series(path, frame_s: float | None = None) -> PerfusionSeries:
+def load_series(path, frame_s: float | None = None) -> LoadedSeries:
     """Load a 4D CTP NIfTI; the time step comes from ``frame_s`` (seconds) if given, else from the header.
 
     Refused with a ValueError naming ``path``: unreadable files, not 4D (e.g. a 3D map), fewer than
@@ -67,4 +67,4 @@ def load_series(path, frame_s: float | None = None) -> PerfusionSeries:
     hu = image.get_fdata(dtype=np.float32)
     if not np.isfinite(hu).all():
         raise ValueError(f"'{path}': {np.count_nonzero(~np.isfinite(hu))} NaN or Inf values")
-    return PerfusionSeries(path, hu, float(frame_s), image)
+    return LoadedSeries(path, hu, float(frame_s), image)
