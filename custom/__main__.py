@@ -23,6 +23,7 @@ COMMANDS = {
     "deploy": "custom.deploy:deploy",
     "onnx": "custom.onnx_export:export_onnx",
     "package": "custom.package:package_bundle",
+    "perfusion": "custom.perfusion.commands:COMMANDS",
 }
 
 

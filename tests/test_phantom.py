@@ -242,3 +242,45 @@ def test_figure_writes_a_png(cohort, tmp_path):
     with pytest.raises(KeyError, match="case_99"):
         phantom_figure(dataset, tmp_path / "other.png", case="case_99")
     assert not (tmp_path / "other.png").exists()
+
+
+def test_pwi_option_writes_a_4d_series_and_leaves_the_maps_unchanged(tmp_path):
+    with_pwi = write_phantom(tmp_path / "pwi", cases=2, test_cases=0, seed=5, size=48, pwi=True)
+    without = write_phantom(tmp_path / "plain", cases=2, test_cases=0, seed=5, size=48)
+    centres = {c.name: c for c in CENTRES}
+    for row in read_patients(with_pwi):
+        case = with_pwi / "TRAINING" / row["case"]
+        (series_path,) = case.glob("SMIR.Brain.XX.O.CT_4DPWI.*/*.nii.gz")
+        image = nib.load(series_path)
+        ct = nib.load(next(case.glob("SMIR.Brain.XX.O.CT.*/*.nii")))
+        centre = centres[row["centre"]]
+        assert image.get_data_dtype() == np.int16
+        assert image.shape == (*ct.shape, centre.frames)
+        assert image.header.get_zooms()[3] == pytest.approx(centre.frame_s)
+        assert image.header.get_xyzt_units() == ("mm", "sec")
+        np.testing.assert_allclose(image.affine, ct.affine)
+        for name in IMAGE_MAPS | {"OT"}:
+            (a,) = case.glob(f"SMIR.Brain.XX.O.{name}.*/*.nii")
+            (b,) = (without / "TRAINING" / row["case"]).glob(f"SMIR.Brain.XX.O.{name}.*/*.nii")
+            np.testing.assert_array_equal(np.asanyarray(nib.load(a).dataobj), np.asanyarray(nib.load(b).dataobj))
+
+
+def test_pwi_curves_follow_the_indicator_dilution_model():
+    """Area(tissue curve) / area(AIF) gives the truth's CBV; arteries carry the AIF, the sinus peaks later."""
+    from custom.perfusion.units import VOLUME_FACTOR
+
+    slab = next(s for s in phantom.iter_cohort(1, 4, 0) if s.slices >= 4)
+    series = phantom.render_pwi(slab, SIZE, phantom.pwi_generator(1, slab))
+    times = np.arange(series.series.shape[-1]) * series.frame_s
+    aif = series.bolus.arterial(times)
+    hu = series.series.astype(float)
+    enhancement = hu - hu[..., :2].mean(axis=-1, keepdims=True)
+    healthy_grey = (series.tissue == GREY) & (series.arteries == 0) & (series.sinus == 0) & (series.truth["Tmax"] < 2)
+    cbv = VOLUME_FACTOR * enhancement[healthy_grey].sum(axis=-1) / aif.sum()
+    assert np.median(cbv) == pytest.approx(np.median(series.truth["CBV"][healthy_grey]), rel=0.1)
+    artery = series.arteries > 0.5
+    assert artery.any() and (series.sinus > 0.5).any()
+    assert abs(times[enhancement[artery].mean(axis=0).argmax()] - times[aif.argmax()]) <= series.frame_s
+    assert enhancement[series.sinus > 0.5].mean(axis=0).argmax() > enhancement[artery].mean(axis=0).argmax()
+    mtt = series.truth["MTT"][healthy_grey]
+    np.testing.assert_allclose(mtt, 60 * series.truth["CBV"][healthy_grey] / series.truth["CBF"][healthy_grey])

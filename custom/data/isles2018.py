@@ -24,6 +24,7 @@ from custom.data.folds import assign_folds, validate_fold_count
 MODALITY_NAMES = ("CT", "CBF", "CBV", "MTT", "Tmax")
 LABEL_NAMES = ("background", "lesion")
 LABEL_MAP = "OT"
+PWI_MAP = "4DPWI"  # the raw 4D perfusion series, read only with --maps-from-4d
 # Two maps share a grid when their affines agree within this tolerance (mm, relative).
 AFFINE_ATOL_MM = 1e-3
 AFFINE_RTOL = 1e-4
@@ -148,15 +149,56 @@ def load_case(case: CaseFiles, with_label: bool) -> tuple[nib.Nifti1Image, np.nd
         image, data = _load_map(path)
         _require_ct_grid(path, image, data, ct_path, ct_image, ct_data)
         channels.append(data)
-    label = None
-    if with_label and case.label is not None:
-        image, data = _load_map(case.label)
-        _require_ct_grid(case.label, image, data, ct_path, ct_image, ct_data)
-        values = np.unique(data)
-        stray = values[~np.isin(values, (0, 1))]
-        if stray.size:
-            raise ValueError(f"'{case.label}': label values must be 0 or 1, found {stray.tolist()}")
-        label = data.astype(np.uint8)
+    label = _load_label(case, ct_path, ct_image, ct_data) if with_label else None
+    return ct_image, np.stack(channels, axis=-1), label
+
+
+def _load_label(case: CaseFiles, ct_path: Path, ct_image, ct_data) -> np.ndarray | None:
+    """The case's uint8 OT label on the CT grid (values 0 or 1), or None if the case has none."""
+    if case.label is None:
+        return None
+    image, data = _load_map(case.label)
+    _require_ct_grid(case.label, image, data, ct_path, ct_image, ct_data)
+    values = np.unique(data)
+    stray = values[~np.isin(values, (0, 1))]
+    if stray.size:
+        raise ValueError(f"'{case.label}': label values must be 0 or 1, found {stray.tolist()}")
+    return data.astype(np.uint8)
+
+
+def find_case_ct_and_series(case_dir) -> CaseFiles:
+    """Locate CT, the 4D perfusion series (``<prefix>_4DPWI``, as PWI) and OT of one case folder by name, for
+    ``--maps-from-4d``; vendor maps are not needed. A missing or duplicated entry is an error."""
+    case_dir = Path(case_dir)
+    found: dict[str, list[Path]] = {}
+    for entry in sorted(case_dir.iterdir()):
+        match = _SMIR_NAME.match(entry.name)
+        map_name = {"ct": "CT", "4dpwi": PWI_MAP, "ot": LABEL_MAP}.get(match["map"].lower()) if match else None
+        if map_name is not None and (entry.is_dir() or entry.name.endswith((".nii", ".nii.gz"))):
+            found.setdefault(map_name, []).append(_nifti_in(entry) if entry.is_dir() else entry)
+    for map_name in ("CT", PWI_MAP, LABEL_MAP):
+        if len(found.get(map_name, [])) > 1:
+            raise ValueError(f"'{case_dir}': {map_name} found more than once: {', '.join(map(str, found[map_name]))}")
+    missing = [m for m in ("CT", PWI_MAP) if m not in found]
+    if missing:
+        raise ValueError(f"'{case_dir}': missing {', '.join(missing)}, needed by --maps-from-4d")
+    label = found.get(LABEL_MAP, [None])[0]
+    return CaseFiles(case_dir.name, case_dir, {"CT": found["CT"][0], PWI_MAP: found[PWI_MAP][0]}, label)
+
+
+def load_case_from_4d(case: CaseFiles, with_label: bool, dt: float | None = None):
+    """Like ``load_case``, with CBF, CBV, MTT and Tmax computed from the case's 4D series (custom.perfusion)
+    instead of read from vendor maps. The series must lie on the CT's grid."""
+    from custom.perfusion.commands import analyse_series
+
+    ct_path = case.maps["CT"]
+    ct_image, ct_data = _load_map(ct_path)
+    series_path = case.maps[PWI_MAP]
+    series, result = analyse_series(series_path, dt)
+    grid = np.broadcast_to(np.float32(0), series.hu.shape[:3])  # only its shape is compared
+    _require_ct_grid(series_path, series.image, grid, ct_path, ct_image, ct_data)
+    channels = [ct_data] + [result.maps[name] for name in MODALITY_NAMES[1:]]
+    label = _load_label(case, ct_path, ct_image, ct_data) if with_label else None
     return ct_image, np.stack(channels, axis=-1), label
 
 
@@ -261,10 +303,10 @@ def patients_from_slab_geometry(training: list[CaseFiles]) -> dict[str, str]:
     return case_patient
 
 
-def _testing_cases(testing, source_names: set[str]) -> list[CaseFiles]:
+def _testing_cases(testing, source_names: set[str], find_case=find_case_maps) -> list[CaseFiles]:
     """Cases of the extra testing folder; renamed ``<folder>_<case>`` if any name clashes with SRC's cases."""
     testing = Path(testing)
-    cases = [find_case_maps(folder) for folder in find_case_folders(testing)]
+    cases = [find_case(folder) for folder in find_case_folders(testing)]
     prefix = ""
     if any(case.name in source_names for case in cases):
         prefix = f"{testing.name}_"
@@ -306,7 +348,9 @@ def _replace_folder(new: Path, dst: Path):
         shutil.rmtree(retired, ignore_errors=True)
 
 
-def prepare_isles2018(src, dst, patients=None, folds=4, seed=0, testing=None, overwrite=False):
+def prepare_isles2018(
+    src, dst, patients=None, folds=4, seed=0, testing=None, overwrite=False, maps_from_4d=False, dt=None
+):
     """Convert an ISLES 2018 split folder SRC (holding case_*) into the dataset folder DST; returns DST.
 
     Cases with an OT map go to ``training`` with a patient-grouped, lesion-volume-balanced ``fold``; the
@@ -322,6 +366,9 @@ def prepare_isles2018(src, dst, patients=None, folds=4, seed=0, testing=None, ov
         seed: seed of the fold assignment's tie-breaking.
         testing: optional extra split folder (e.g. ISLES2018/TESTING) whose cases all go to ``testing``.
         overwrite: replace an existing DST (only once the new one is complete).
+        maps_from_4d: compute CBF, CBV, MTT and Tmax from each case's 4D series (``CT_4DPWI``) with
+            custom.perfusion instead of reading the vendor maps (docs/perfusion.md).
+        dt: time step (s) of the 4D series when their headers lack it (with ``maps_from_4d``).
     """
     src, dst = Path(src), Path(dst)
     if dst.exists() and not overwrite:
@@ -329,13 +376,14 @@ def prepare_isles2018(src, dst, patients=None, folds=4, seed=0, testing=None, ov
     _refuse_source_inside(dst, src, *([Path(testing)] if testing is not None else []))
     require_writable_folder(dst.parent)
 
-    cases = [find_case_maps(folder) for folder in find_case_folders(src)]
+    find_case = find_case_ct_and_series if maps_from_4d else find_case_maps
+    cases = [find_case(folder) for folder in find_case_folders(src)]
     training = [c for c in cases if c.label is not None]
     if not training:
         raise ValueError(f"no labelled case (with an {LABEL_MAP} map) in '{src}': nothing to train on")
     testing_cases = [c for c in cases if c.label is None]
     if testing is not None:
-        testing_cases += _testing_cases(testing, {c.name for c in cases})
+        testing_cases += _testing_cases(testing, {c.name for c in cases}, find_case)
     training_names = [c.name for c in training]
     if patients is None:
         case_patient = patients_from_slab_geometry(training)
@@ -350,7 +398,10 @@ def prepare_isles2018(src, dst, patients=None, folds=4, seed=0, testing=None, ov
             (work / folder).mkdir()
         all_cases = [(c, True) for c in training] + [(c, False) for c in testing_cases]
         for index, (case, is_training) in enumerate(all_cases, start=1):
-            ct_image, image, label = load_case(case, with_label=is_training)
+            if maps_from_4d:
+                ct_image, image, label = load_case_from_4d(case, with_label=is_training, dt=dt)
+            else:
+                ct_image, image, label = load_case(case, with_label=is_training)
             image_folder = "imagesTr" if is_training else "imagesTs"
             _save_on_ct_grid(image, ct_image, work / image_folder / f"{case.name}.nii.gz")
             summary = f"[{index}/{len(all_cases)}] {case.name}: {'x'.join(map(str, image.shape[:3]))}"

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, signal
+
+from custom.perfusion.units import FLOW_TO_RATE
 
 # Tissue codes of the anatomical model.
 AIR, SCALP, BONE, CSF, GREY, WHITE, DEEP_GREY, VENTRICLE = range(8)
@@ -29,6 +31,7 @@ TISSUE_TMAX_S = np.array([0.0, 0.0, 0.0, 0.0, 0.8, 1.4, 0.8, 0.0])
 
 IMAGE_MAPS = ("CT", "CT_CBF", "CT_CBV", "CT_MTT", "CT_Tmax")
 LABEL_MAP = "OT"
+PWI_MAP = "CT_4DPWI"  # the raw 4D perfusion series, written only on request (it is large)
 REFERENCE_SIZE = 256  # ISLES 2018 in-plane matrix; a smaller size keeps the field of view with coarser pixels
 FIRST_FILE_ID = 345560  # ISLES-like SMIR series numbers, counted up per written file
 
@@ -44,6 +47,14 @@ LOWEST_SLICE_Z_MM = -30.0  # slabs stay above the skull base, which the model la
 # Patient-frame box (mm) holding every brain the model draws, covered by the smooth random fields.
 FIELD_ORIGIN_MM = np.array([-80.0, -95.0, -35.0])
 FIELD_EXTENT_MM = np.array([160.0, 190.0, 110.0])
+# The 4D series: blood HU before contrast, radii (mm) of the large vessels drawn in it only, the MTT grid
+# (s) of the tabulated tissue curves and the fine time step (s) of the convolution.
+BLOOD_HU = 40.0
+ACA_RADIUS_MM = 1.5
+MCA_RADIUS_MM = 2.0
+SINUS_RADIUS_MM = 4.5
+PWI_MTT_TABLE_S = np.geomspace(0.3, 40.0, 128)
+FINE_STEP_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -60,13 +71,16 @@ class Centre:
     smoothing_mm: float  # Gaussian sigma of the in-plane post-processing filter of the maps
     ct_noise_hu: float
     ct_padding_hu: int  # CT value outside the reconstruction circle
+    frame_s: float  # time step of the 4D perfusion series
+    frames: int  # frames of the 4D perfusion series (scan length = frames x frame_s)
+    pwi_noise_hu: float  # standard deviation of the per-frame noise of the 4D series at REFERENCE_SIZE
 
 
 CENTRES = (
-    Centre("centre_1", 0.90, 5.0, 1.0, 1.0, 0.08, 0.4, 1.0, 3.0, -1024),
-    Centre("centre_2", 0.80, 4.0, 1.35, 1.2, 0.12, 0.6, 0.7, 5.0, -3024),
-    Centre("centre_3", 0.98, 6.0, 0.6, 0.7, 0.10, 0.5, 1.5, 4.0, -1024),
-    Centre("centre_4", 0.86, 5.0, 10.0, 10.0, 0.15, 0.8, 1.2, 6.0, -2048),  # per 1000 g instead of per 100 g
+    Centre("centre_1", 0.90, 5.0, 1.0, 1.0, 0.08, 0.4, 1.0, 3.0, -1024, 1.0, 45, 4.0),
+    Centre("centre_2", 0.80, 4.0, 1.35, 1.2, 0.12, 0.6, 0.7, 5.0, -3024, 1.5, 34, 6.0),
+    Centre("centre_3", 0.98, 6.0, 0.6, 0.7, 0.10, 0.5, 1.5, 4.0, -1024, 2.0, 30, 5.0),
+    Centre("centre_4", 0.86, 5.0, 10.0, 10.0, 0.15, 0.8, 1.2, 6.0, -2048, 1.0, 50, 3.0),  # per 1000 g, not 100 g
 )
 
 
@@ -496,10 +510,7 @@ def acquire(patient: Patient, rng: np.random.Generator, pixel_mm: float, tissue,
         values[outside] = 0.0
 
     hu = ndimage.gaussian_filter(hu, (0.6, 0.6, 0.0)) + centre.ct_noise_hu * correlated_noise(rng, shape, 0.7)
-    size = shape[0]
-    i, j = np.ogrid[:size, :size]
-    beyond_fov = (i - (size - 1) / 2) ** 2 + (j - (size - 1) / 2) ** 2 > (size / 2) ** 2
-    hu[beyond_fov] = centre.ct_padding_hu
+    hu[_beyond_field_of_view(shape[0])] = centre.ct_padding_hu
     ct = np.clip(np.rint(hu), np.iinfo(np.int16).min, np.iinfo(np.int16).max).astype(np.int16)
     return ct, *(m.astype(np.float32) for m in maps)
 
@@ -522,8 +533,26 @@ def slab_grid(slab: Slab, size: int):
     return affine, x, y, z
 
 
-def render_slab(slab: Slab, size: int, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
-    """The slab's affine and its arrays by ISLES map name: CT, CT_CBF, CT_CBV, CT_MTT, CT_Tmax, OT."""
+@dataclass(frozen=True)
+class SlabModel:
+    """Noise-free geometry and physiology of one slab, shared by its maps and its 4D perfusion series."""
+
+    affine: np.ndarray
+    x: np.ndarray  # patient-frame coordinates (mm) of the voxel centres, (size, size, slices)
+    y: np.ndarray
+    z: np.ndarray
+    pixel_mm: float
+    tissue: np.ndarray  # tissue codes
+    vessels: np.ndarray  # cortical vessels in the sulci
+    severity: np.ndarray
+    cbf: np.ndarray  # ml/100 g/min
+    cbv: np.ndarray  # ml/100 g
+    tmax: np.ndarray  # s
+    hu: np.ndarray  # noise-free CT
+
+
+def slab_model(slab: Slab, size: int) -> SlabModel:
+    """Draw the slab's anatomy and noise-free perfusion on its voxel grid."""
     affine, x, y, z = slab_grid(slab, size)
     patient = slab.patient
     tissue, depth, vessels = tissue_map(patient, x, y, z)
@@ -531,9 +560,177 @@ def render_slab(slab: Slab, size: int, rng: np.random.Generator) -> tuple[np.nda
     cbf, cbv, tmax = physiological_maps(patient, tissue, vessels, severity, x, y, z)
     hu = ct_hounsfield(patient, tissue, severity)
     pixel = patient.centre.pixel_mm * REFERENCE_SIZE / size
-    arrays = dict(zip(IMAGE_MAPS, acquire(patient, rng, pixel, tissue, cbf, cbv, tmax, hu)))
-    arrays[LABEL_MAP] = lesion_mask(patient, tissue, severity, x, y, z).astype(np.uint8)
-    return affine, arrays
+    return SlabModel(affine, x, y, z, pixel, tissue, vessels, severity, cbf, cbv, tmax, hu)
+
+
+def render_slab(slab: Slab, size: int, rng: np.random.Generator, model: SlabModel | None = None):
+    """The slab's affine and its arrays by ISLES map name: CT, CT_CBF, CT_CBV, CT_MTT, CT_Tmax, OT."""
+    m = slab_model(slab, size) if model is None else model
+    patient = slab.patient
+    arrays = dict(zip(IMAGE_MAPS, acquire(patient, rng, m.pixel_mm, m.tissue, m.cbf, m.cbv, m.tmax, m.hu)))
+    arrays[LABEL_MAP] = lesion_mask(patient, m.tissue, m.severity, m.x, m.y, m.z).astype(np.uint8)
+    return m.affine, arrays
+
+
+@dataclass(frozen=True)
+class Bolus:
+    """The contrast bolus of one acquisition, in HU of whole arterial blood.
+
+    First pass: a gamma variate A x^alpha exp(alpha (1 - x)), x = (t - arrival) / (alpha beta), peaking at A;
+    recirculation: a wider gamma variate (2 beta) of relative height ``recirculation`` some seconds later.
+    The venous outflow (sagittal sinus) is the arterial curve delayed and dispersed by an exponential
+    transit; it keeps the arterial area (indicator conservation), so it measures the AIF's partial volume.
+    """
+
+    arrival_s: float
+    peak_hu: float
+    alpha: float
+    beta_s: float
+    recirculation: float
+    recirculation_delay_s: float  # after the first-pass peak
+    venous_delay_s: float
+    venous_transit_s: float
+
+    def arterial(self, t: np.ndarray) -> np.ndarray:
+        """Arterial enhancement (HU) at times ``t`` (s)."""
+        peak_s = self.alpha * self.beta_s
+        first = gamma_variate(t - self.arrival_s, self.alpha, self.beta_s)
+        second = gamma_variate(t - self.arrival_s - peak_s - self.recirculation_delay_s, self.alpha, 2 * self.beta_s)
+        return self.peak_hu * (first + self.recirculation * second)
+
+    def venous(self, t: np.ndarray, step_s: float) -> np.ndarray:
+        """Venous enhancement (HU) on the regular grid ``t`` of spacing ``step_s`` starting at 0."""
+        transit = np.exp(-t / self.venous_transit_s) * step_s / self.venous_transit_s
+        arterial = self.arterial(t - self.venous_delay_s)
+        return np.convolve(arterial, transit)[: t.size]
+
+
+def gamma_variate(t: np.ndarray, alpha: float, beta: float) -> np.ndarray:
+    """x^alpha exp(alpha (1 - x)) with x = t / (alpha beta) for t > 0, else 0: peak 1 at t = alpha beta."""
+    x = np.clip(t, 0.0, None) / (alpha * beta)
+    return np.where(t > 0, x**alpha * np.exp(alpha * (1.0 - x)), 0.0)
+
+
+def draw_bolus(rng: np.random.Generator) -> Bolus:
+    """Arrival 4-9 s into the scan, arterial peak 300-450 HU, time to peak 2.5-6.4 s after arrival."""
+    return Bolus(
+        arrival_s=rng.uniform(4.0, 9.0),
+        peak_hu=rng.uniform(300.0, 450.0),
+        alpha=rng.uniform(2.5, 4.0),
+        beta_s=rng.uniform(1.0, 1.6),
+        recirculation=rng.uniform(0.12, 0.2),
+        recirculation_delay_s=rng.uniform(6.0, 9.0),
+        venous_delay_s=rng.uniform(3.0, 5.0),
+        venous_transit_s=rng.uniform(2.0, 3.5),
+    )
+
+
+def disk_fraction(dx, dy, radius_mm: float, pixel_mm: float):
+    """Approximate partial-volume fraction of a vessel of ``radius_mm`` centred ``(dx, dy)`` mm away."""
+    edge = np.clip(0.5 + (radius_mm - np.hypot(dx, dy)) / pixel_mm, 0.0, 1.0)
+    return edge * min(1.0, np.pi * radius_mm**2 / pixel_mm**2)
+
+
+def large_vessels(anatomy: Anatomy, x, y, z, pixel_mm: float):
+    """Partial-volume fractions of the arteries (both anterior cerebral arteries in the interhemispheric
+    fissure, both middle cerebral arteries in the open Sylvian fissures) and of the superior sagittal sinus."""
+    section = np.where(z >= 0, dome(z, 0.0, anatomy.height_up), dome(z, 0.0, anatomy.height_down))
+    arteries = np.zeros(x.shape)
+    for side in (1, -1):
+        arteries = np.maximum(
+            arteries, disk_fraction(x - side * 1.6, y - 0.45 * anatomy.half_length * section, ACA_RADIUS_MM, pixel_mm)
+        )
+    sylvian = dome(z, anatomy.sylvian_z_mm, 14.0)
+    for lateral in (0.25, np.pi - 0.25):
+        radius = anatomy.half_width * section - 10.0
+        fraction = disk_fraction(x - radius * np.cos(lateral), y - radius * np.sin(lateral), MCA_RADIUS_MM, pixel_mm)
+        arteries = np.maximum(arteries, fraction * (sylvian > 0.5))
+    outline_back = 1.0 + sum(a * np.cos(-k * np.pi / 2 + p) for k, a, p in anatomy.outline)
+    sinus_y = -anatomy.half_length * section * outline_back - anatomy.csf_gap_mm - 1.0
+    sinus = disk_fraction(x, y - sinus_y, SINUS_RADIUS_MM, pixel_mm) * (section > 0.3)
+    return arteries, np.minimum(sinus, 1.0 - arteries)
+
+
+@dataclass(frozen=True)
+class PerfusionSeries:
+    """A slab's 4D CT perfusion series with the truth it was made from."""
+
+    series: np.ndarray  # (size, size, slices, frames) int16 HU
+    frame_s: float
+    bolus: Bolus
+    arteries: np.ndarray  # partial-volume fraction of the arteries carrying the AIF
+    sinus: np.ndarray  # partial-volume fraction of the superior sagittal sinus
+    tissue: np.ndarray  # tissue codes
+    truth: dict  # noise-free CBF (ml/100 g/min), CBV (ml/100 g), MTT (s), Tmax (s); 0 where not perfused
+
+
+def convolution_table(bolus: Bolus, last_s: float) -> np.ndarray:
+    """(AIF * R)(t) with R(t) = exp(-t / MTT) for the MTTs of PWI_MTT_TABLE_S (rows), t on the fine grid."""
+    fine = np.arange(0.0, last_s + 2 * FINE_STEP_S, FINE_STEP_S)
+    kernels = np.exp(-fine[None, :] / PWI_MTT_TABLE_S[:, None]) * FINE_STEP_S
+    return signal.fftconvolve(bolus.arterial(fine)[None, :], kernels, axes=1)[:, : fine.size]
+
+
+def tissue_enhancement(table: np.ndarray, times: np.ndarray, cbf, cbv, tmax) -> np.ndarray:
+    """C(t) = FLOW_TO_RATE CBF (AIF * R)(t - Tmax) with R(t) = exp(-t / MTT), MTT = 60 CBV / CBF; (..., frames).
+
+    (AIF * R) is tabulated once (``convolution_table``) and interpolated per voxel, so the cost is one
+    table lookup per voxel and frame. With this R the residue's maximum sits at the delay (Tmax truth)
+    and area(C) / area(AIF) gives CBV.
+    """
+    mtt = np.divide(60.0 * cbv, cbf, out=np.ones_like(cbf), where=cbf > 0)
+    row = np.interp(np.log(mtt), np.log(PWI_MTT_TABLE_S), np.arange(PWI_MTT_TABLE_S.size))
+    column = (times[None, :] - tmax.reshape(-1, 1)) / FINE_STEP_S
+    rows = np.broadcast_to(row.reshape(-1, 1), column.shape)
+    curves = ndimage.map_coordinates(table, [rows.ravel(), column.ravel()], order=1, mode="constant", cval=0.0)
+    return (FLOW_TO_RATE * cbf.reshape(-1, 1) * curves.reshape(column.shape)).reshape(*cbf.shape, times.size)
+
+
+def render_pwi(slab: Slab, size: int, rng: np.random.Generator, model: SlabModel | None = None) -> PerfusionSeries:
+    """The slab's 4D perfusion series (HU) on its CT grid, consistent with its noise-free maps.
+
+    Baseline HU per tissue (the noise-free CT), plus the tissue curves of every intracranial voxel, the AIF
+    in the arteries, the venous outflow in the sinus (by partial-volume fraction), plus the centre's white
+    noise per frame (the centre's level at 256 x 256, lower for larger pixels); the centre sets the frame rate
+    and scan length.
+    """
+    m = slab_model(slab, size) if model is None else model
+    centre = slab.patient.centre
+    bolus = draw_bolus(rng)
+    times = np.arange(centre.frames) * centre.frame_s
+    arteries, sinus = large_vessels(slab.patient.anatomy, m.x, m.y, m.z, m.pixel_mm)
+    perfused = (m.tissue >= CSF) & (m.cbf > 0)
+    cbf, cbv, tmax = (np.where(perfused, v, 0.0) for v in (m.cbf, m.cbv, m.tmax))
+    blood = arteries + sinus
+    baseline = ndimage.gaussian_filter(m.hu, (0.6, 0.6, 0.0)) * (1.0 - blood) + BLOOD_HU * blood
+    fine = np.arange(0.0, times[-1] + FINE_STEP_S, FINE_STEP_S)
+    venous = np.interp(times, fine, bolus.venous(fine, FINE_STEP_S))
+    table = convolution_table(bolus, times[-1])
+    noise_hu = centre.pwi_noise_hu * size / REFERENCE_SIZE  # larger pixels average more photons
+    series = np.empty((*m.tissue.shape, times.size), np.int16)
+    for k in range(m.tissue.shape[2]):  # slice by slice keeps the per-frame arrays small
+        hu = baseline[..., k, None] + (1.0 - blood[..., k, None]) * tissue_enhancement(
+            table, times, cbf[..., k], cbv[..., k], tmax[..., k]
+        )
+        hu += arteries[..., k, None] * bolus.arterial(times) + sinus[..., k, None] * venous
+        hu += noise_hu * rng.standard_normal(hu.shape)
+        series[..., k, :] = np.clip(np.rint(hu), np.iinfo(np.int16).min, np.iinfo(np.int16).max)
+    beyond_fov = _beyond_field_of_view(size)
+    series[beyond_fov] = centre.ct_padding_hu
+    mtt = np.divide(60.0 * cbv, cbf, out=np.zeros_like(cbf), where=perfused)
+    truth = {"CBF": cbf, "CBV": cbv, "MTT": mtt, "Tmax": tmax}
+    return PerfusionSeries(series, centre.frame_s, bolus, arteries, sinus, m.tissue, truth)
+
+
+def pwi_generator(seed: int, slab: Slab) -> np.random.Generator:
+    """The random generator of a case's 4D series, separate from its maps' so the maps do not depend on it."""
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(3, int(slab.case.split("_")[1]))))
+
+
+def _beyond_field_of_view(size: int) -> np.ndarray:
+    """In-plane mask of the pixels outside the reconstruction circle."""
+    i, j = np.ogrid[:size, :size]
+    return (i - (size - 1) / 2) ** 2 + (j - (size - 1) / 2) ** 2 > (size / 2) ** 2
 
 
 def place_slabs(patient: Patient, slice_counts: list, rng: np.random.Generator) -> list:
@@ -572,35 +769,53 @@ def iter_cohort(seed: int, cases: int, test_cases: int):
             patient_index += 1
 
 
-def save_nifti(array: np.ndarray, affine: np.ndarray, path: Path):
-    """Uncompressed NIfTI with qform and sform set to the scanner affine and mm / s units."""
+def save_nifti(array: np.ndarray, affine: np.ndarray, path: Path, frame_s: float | None = None):
+    """NIfTI with qform and sform set to the scanner affine and mm / s units; a 4D array gets ``frame_s``
+    as its time step (pixdim[4]). Compressed when ``path`` ends in .gz."""
     image = nib.Nifti1Image(array, affine)
     image.header.set_data_dtype(array.dtype)
+    if array.ndim == 4:
+        image.header.set_zooms((*image.header.get_zooms()[:3], frame_s))
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
     image.header.set_xyzt_units("mm", "sec")
     nib.save(image, path)
 
 
-def write_case(split_dir: Path, slab: Slab, affine: np.ndarray, arrays: dict, first_id: int) -> int:
-    """Write one case folder in the ISLES 2018 layout; returns the next free series id."""
-    names = IMAGE_MAPS + ((LABEL_MAP,) if slab.split == "TRAINING" else ())
+def write_case(
+    split_dir: Path, slab: Slab, affine: np.ndarray, arrays: dict, first_id: int, pwi: PerfusionSeries | None = None
+) -> int:
+    """Write one case folder in the ISLES 2018 layout (with the gzipped 4D series if ``pwi``); returns the
+    next free series id."""
+    names = IMAGE_MAPS + ((LABEL_MAP,) if slab.split == "TRAINING" else ()) + ((PWI_MAP,) if pwi else ())
     for offset, name in enumerate(names):
         series = f"SMIR.Brain.XX.O.{name}.{first_id + offset}"
         folder = split_dir / slab.case / series
         folder.mkdir(parents=True)
-        save_nifti(arrays[name], affine, folder / f"{series}.nii")
+        if name == PWI_MAP:
+            save_nifti(pwi.series, affine, folder / f"{series}.nii.gz", frame_s=pwi.frame_s)
+        else:
+            save_nifti(arrays[name], affine, folder / f"{series}.nii")
     return first_id + len(names)
 
 
-def write_phantom(out, cases: int = 24, test_cases: int = 4, seed: int = 0, size: int = 256, overwrite: bool = False):
+def write_phantom(
+    out,
+    cases: int = 24,
+    test_cases: int = 4,
+    seed: int = 0,
+    size: int = 256,
+    overwrite: bool = False,
+    pwi: bool = False,
+):
     """Write a synthetic CTP cohort in the ISLES 2018 layout to OUT and return OUT.
 
     OUT/TRAINING/case_K (CT, CT_CBF, CT_CBV, CT_MTT, CT_Tmax, OT) for K = 1..cases, OUT/TESTING/case_K
     (no OT) after them, and OUT/patients.csv (case, patient, centre, split, slices). ``size`` is the
-    in-plane matrix (256 as in ISLES; smaller keeps the field of view with coarser pixels). The same seed
-    gives byte-identical files. OUT is written to a temporary sibling and renamed at the end; an existing
-    non-empty OUT is replaced only with ``overwrite``.
+    in-plane matrix (256 as in ISLES; smaller keeps the field of view with coarser pixels). ``pwi`` also
+    writes each case's raw 4D perfusion series (CT_4DPWI, int16 HU, gzipped; docs/phantom.md); the maps
+    are the same with or without it. The same seed gives byte-identical files. OUT is written to a temporary
+    sibling and renamed at the end; an existing non-empty OUT is replaced only with ``overwrite``.
     """
     out = Path(out)
     if cases < 1 or test_cases < 0:
@@ -618,8 +833,12 @@ def write_phantom(out, cases: int = 24, test_cases: int = 4, seed: int = 0, size
         for slab in iter_cohort(seed, cases, test_cases):
             case_number = int(slab.case.split("_")[1])
             rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(1, case_number)))
-            affine, arrays = render_slab(slab, size, rng)
-            file_id = write_case(work / slab.split, slab, affine, arrays, file_id)
+            model = slab_model(slab, size)
+            affine, arrays = render_slab(slab, size, rng, model)
+            series = None
+            if pwi:
+                series = render_pwi(slab, size, pwi_generator(seed, slab), model)
+            file_id = write_case(work / slab.split, slab, affine, arrays, file_id, series)
             rows.append((slab.case, slab.patient.name, slab.patient.centre.name, slab.split, slab.slices))
         with open(work / "patients.csv", "w", newline="") as f:
             writer = csv.writer(f)

@@ -1,0 +1,250 @@
+"""CBF, CBV, MTT, Tmax and TTP maps from a 4D CT perfusion series: mask, baseline, AIF/VOF, deconvolution.
+
+Why it exists: the bundle needs perfusion maps and research sites often hold only the raw series; no
+MONAI component computes them. The model and the equations: docs/perfusion.md.
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from monai.networks.layers import GaussianFilter
+from scipy import ndimage
+
+from custom.perfusion.deconvolution import OSCILLATION_LIMIT, TIKHONOV_LAMBDA, deconvolve
+from custom.perfusion.units import FLOW_TO_RATE, VOLUME_FACTOR
+
+MAP_NAMES = ("CBF", "CBV", "MTT", "Tmax", "TTP")
+# Baseline HU of brain parenchyma, CSF and blood; bone is above, air and padding below.
+BRAIN_HU = (-15.0, 100.0)
+BONE_HU = 150.0
+ARRIVAL_FRACTION = 0.1  # the bolus arrives when the mean brain curve passes this fraction of its peak
+FLAT_ENHANCEMENT_HU = 1.0  # a mean brain enhancement below this means no contrast reached the brain
+CANDIDATE_FRACTION = 0.01  # AIF and VOF are searched among this top fraction of brain voxels by curve area
+MIN_CANDIDATES = 20
+VESSEL_VOXELS = 8  # voxels averaged into the AIF and into the VOF
+MTT_CAP_S = 30.0
+SMOOTHING_MM = 2.0
+
+
+@dataclass(frozen=True)
+class VascularCurve:
+    """An arterial input or venous output function (HU above baseline per frame) and where it came from."""
+
+    curve: np.ndarray  # (T,)
+    voxels: np.ndarray  # (n, 3) voxel indices (i, j, k) averaged into it
+    peak_hu: float
+    time_to_peak_s: float
+
+
+@dataclass
+class PerfusionResult:
+    """The maps (float32, zero outside the brain) with everything needed to judge them."""
+
+    maps: dict  # name -> (H, W, D): CBF ml/100 g/min, CBV ml/100 g, MTT s, Tmax s, TTP s
+    brain: np.ndarray  # (H, W, D) bool
+    aif: VascularCurve
+    vof: VascularCurve | None
+    partial_volume_scale: float  # area(VOF) / area(AIF) applied to the AIF (1 without a VOF)
+    baseline_frames: int
+    frame_s: float
+    notes: list = field(default_factory=list)
+
+    def report(self) -> dict:
+        """A JSON-ready summary: AIF and VOF voxels, peaks, the partial-volume scale, baseline frames."""
+
+        def curve(c):
+            if c is None:
+                return None
+            return {
+                "voxels": c.voxels.tolist(),
+                "peak_hu": round(c.peak_hu, 1),
+                "time_to_peak_s": round(c.time_to_peak_s, 2),
+                "curve_hu": [round(float(v), 1) for v in c.curve],
+            }
+
+        return {
+            "frame_s": self.frame_s,
+            "baseline_frames": self.baseline_frames,
+            "brain_voxels": int(self.brain.sum()),
+            "aif": curve(self.aif),
+            "vof": curve(self.vof),
+            "partial_volume_scale": round(self.partial_volume_scale, 3),
+            "notes": self.notes,
+        }
+
+
+def brain_mask(baseline: np.ndarray) -> np.ndarray:
+    """Intracranial soft tissue on the pre-contrast mean image (H, W, D): HU within BRAIN_HU away from bone,
+    per slice the largest connected region (the skull separates it from the scalp), holes filled."""
+    bone = ndimage.binary_dilation(baseline > BONE_HU, iterations=1, structure=np.ones((3, 3, 1), bool))
+    candidate = (baseline > BRAIN_HU[0]) & (baseline < BRAIN_HU[1]) & ~bone
+    mask = np.zeros_like(candidate)
+    for k in range(candidate.shape[2]):
+        labels, count = ndimage.label(candidate[..., k])
+        if count:
+            largest = np.argmax(np.bincount(labels.ravel())[1:]) + 1
+            mask[..., k] = ndimage.binary_fill_holes(labels == largest)
+    return mask
+
+
+def vessel_search_region(pre_contrast: np.ndarray, brain: np.ndarray) -> np.ndarray:
+    """The brain and the non-bone voxels up to two pixels around it in-plane: the sagittal sinus lies against
+    the skull, where the brain mask (kept away from bone) does not reach."""
+    around = ndimage.binary_dilation(brain, iterations=2, structure=np.ones((3, 3, 1), bool))
+    return around & (pre_contrast > BRAIN_HU[0]) & (pre_contrast < BONE_HU)
+
+
+def bolus_arrival(hu: np.ndarray, brain: np.ndarray, path_name: str) -> int:
+    """Number of pre-contrast (baseline) frames: those before the bolus reaches the most enhancing voxels.
+
+    The arrival is the first frame where the mean curve of the top CANDIDATE_FRACTION of brain voxels by
+    enhancement (the large vessels, arteries first) passes ARRIVAL_FRACTION of its peak; one frame of
+    margin is kept before it. Refuses a flat series (no enhancement of the mean brain curve) and one
+    whose first frames already hold contrast.
+    """
+    curves = hu[brain]
+    rise = curves.mean(axis=0) - curves[:, 0].mean()
+    if float(rise.max()) < FLAT_ENHANCEMENT_HU:
+        raise ValueError(
+            f"'{path_name}': flat series, the mean brain enhancement peaks at {float(rise.max()):.2f} HU "
+            f"(< {FLAT_ENHANCEMENT_HU} HU): no contrast bolus to analyse"
+        )
+    level = np.median(curves, axis=1, keepdims=True)  # selection on the whole curve, not on its first frames
+    count = max(MIN_CANDIDATES, int(CANDIDATE_FRACTION * len(curves)))
+    vessels = curves[np.argsort((curves - level).max(axis=1))[::-1][:count]]
+    vessel_rise = vessels.mean(axis=0) - np.median(vessels.mean(axis=0)[:3])
+    arrival = int(np.argmax(vessel_rise > ARRIVAL_FRACTION * vessel_rise.max()))
+    if arrival < 2:
+        raise ValueError(f"'{path_name}': the bolus arrives in frame {arrival}: no pre-contrast baseline frame")
+    return arrival - 1
+
+
+def smooth_in_plane(values: torch.Tensor, mask: torch.Tensor, sigma_px: tuple) -> torch.Tensor:
+    """Gaussian smoothing of (H, W, D, T) curves inside ``mask`` (H, W, D) only (normalised convolution)."""
+    gaussian = GaussianFilter(spatial_dims=2, sigma=list(sigma_px), truncated=3.0).to(values.device)
+    weights = mask.to(values.dtype)
+    stacked = (values * weights[..., None]).permute(2, 3, 0, 1)  # (D, T, H, W)
+    smoothed = gaussian(stacked).permute(2, 3, 0, 1)
+    norm = gaussian(weights.permute(2, 0, 1)[:, None]).permute(2, 3, 0, 1)  # (H, W, D, 1)
+    return torch.where(mask[..., None], smoothed / norm.clamp_min(1e-6), torch.zeros_like(values))
+
+
+def curve_features(curves: np.ndarray, frame_s: float) -> dict:
+    """Area, peak, time to peak and first moment (s) of concentration curves (N, T)."""
+    times = np.arange(curves.shape[1]) * frame_s
+    positive = np.clip(curves, 0.0, None)
+    area = positive.sum(axis=1) * frame_s
+    moment = (positive * times).sum(axis=1) * frame_s / np.maximum(area, 1e-6)
+    return {"area": area, "peak": curves.max(axis=1), "ttp": times[curves.argmax(axis=1)], "moment": moment}
+
+
+def _vascular_curve(curves: np.ndarray, voxels: np.ndarray, frame_s: float) -> VascularCurve:
+    curve = curves.mean(axis=0)
+    return VascularCurve(curve, voxels, float(curve.max()), float(np.argmax(curve) * frame_s))
+
+
+def find_aif_and_vof(concentration: np.ndarray, region: np.ndarray, frame_s: float):
+    """Automatic AIF (early, high, narrow curves: arteries) and VOF (late, largest area: the sinus).
+
+    Candidates are the top CANDIDATE_FRACTION of ``region``'s voxels by peak enhancement (large vessels: even
+    partial-volumed arteries peak far above tissue). The AIF averages the VESSEL_VOXELS highest peaks
+    among the earliest quarter of candidates by first moment (early and narrow); the VOF the
+    VESSEL_VOXELS largest areas among candidates peaking later than the AIF (None when none do).
+    """
+    positions = np.argwhere(region)
+    curves = concentration[region]
+    features = curve_features(curves, frame_s)
+    count = min(len(curves), max(MIN_CANDIDATES, int(CANDIDATE_FRACTION * len(curves))))
+    candidates = np.argsort(features["peak"])[::-1][:count]
+    early_count = max(1, count // 4)
+    early = candidates[np.argsort(features["moment"][candidates])[:early_count]]
+    arterial = early[np.argsort(features["peak"][early])[::-1][:VESSEL_VOXELS]]
+    aif = _vascular_curve(curves[arterial], positions[arterial], frame_s)
+    late = candidates[features["ttp"][candidates] > aif.time_to_peak_s + frame_s]
+    if late.size == 0:
+        return aif, None
+    venous = late[np.argsort(features["area"][late])[::-1][:VESSEL_VOXELS]]
+    return aif, _vascular_curve(curves[venous], positions[venous], frame_s)
+
+
+def refine_peak(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Sub-sample position of each row's maximum at ``index`` by a parabola through it and its neighbours."""
+    length = values.shape[1]
+    left = values.gather(1, ((index - 1) % length)[:, None])[:, 0]
+    centre = values.gather(1, index[:, None])[:, 0]
+    right = values.gather(1, ((index + 1) % length)[:, None])[:, 0]
+    curvature = left - 2 * centre + right
+    offset = torch.where(curvature < 0, 0.5 * (left - right) / curvature.clamp_max(-1e-12), torch.zeros_like(centre))
+    return index.to(values.dtype) + offset.clamp(-0.5, 0.5)
+
+
+def compute_perfusion_maps(
+    hu: np.ndarray,
+    frame_s: float,
+    aif_mask: np.ndarray | None = None,
+    method: str = "osvd",
+    oscillation_limit: float = OSCILLATION_LIMIT,
+    tikhonov_lambda: float = TIKHONOV_LAMBDA,
+    smoothing_mm: float = SMOOTHING_MM,
+    spacing_mm: tuple = (1.0, 1.0, 1.0),
+    venous_scaling: bool = True,
+    device: str = "cpu",
+    name: str = "series",
+) -> PerfusionResult:
+    """CBF, CBV, MTT, Tmax, TTP (ISLES units) of a 4D series ``hu`` (H, W, D, T) in HU with time step ``frame_s``.
+
+    Steps: brain mask on the pre-contrast mean; baseline frames before the bolus; concentration = HU minus
+    baseline; AIF from ``aif_mask`` (H, W, D) or found automatically, scaled by area(VOF) / area(AIF) when
+    larger (arterial partial volume); tissue curves smoothed in-plane (``smoothing_mm``) inside the brain;
+    deconvolution (``method`` 'osvd' or 'tikhonov') of all brain voxels in one batch on ``device``.
+    ``name`` names the series in errors.
+    """
+    hu = np.asarray(hu, dtype=np.float32)
+    notes = []
+    pre_contrast = hu[..., :2].mean(axis=-1)
+    brain = brain_mask(pre_contrast)
+    if not brain.any():
+        raise ValueError(f"'{name}': no brain found (no voxel of {BRAIN_HU[0]:g} to {BRAIN_HU[1]:g} HU inside bone)")
+    baseline_frames = bolus_arrival(hu, brain, name)
+    concentration = hu - hu[..., :baseline_frames].mean(axis=-1, keepdims=True)
+    vessel_region = vessel_search_region(pre_contrast, brain)
+    if aif_mask is None:
+        aif, vof = find_aif_and_vof(concentration, vessel_region, frame_s)
+    else:
+        aif_mask = np.asarray(aif_mask) > 0
+        if aif_mask.shape != brain.shape or not aif_mask.any():
+            raise ValueError(f"'{name}': the AIF mask must be a non-empty 3D mask of shape {brain.shape}")
+        voxels = np.argwhere(aif_mask)
+        aif = _vascular_curve(concentration[aif_mask], voxels, frame_s)
+        vof = find_aif_and_vof(concentration, vessel_region, frame_s)[1] if venous_scaling else None
+    scale = 1.0
+    if venous_scaling and vof is not None:
+        scale = max(1.0, float(np.clip(vof.curve, 0, None).sum() / max(np.clip(aif.curve, 0, None).sum(), 1e-6)))
+    elif venous_scaling:
+        notes.append("no venous output found: AIF not corrected for partial volume")
+
+    dev = torch.device(device)
+    box = ndimage.find_objects(brain.astype(np.int8))[0]  # the brain's bounding box: smoothing stays inside it
+    values = torch.from_numpy(np.ascontiguousarray(concentration[box])).to(dev)
+    mask = torch.from_numpy(np.ascontiguousarray(brain[box])).to(dev)
+    if smoothing_mm > 0:
+        values = smooth_in_plane(values, mask, (smoothing_mm / spacing_mm[0], smoothing_mm / spacing_mm[1]))
+    curves = values[mask]  # (N, T)
+    arterial = torch.from_numpy(aif.curve * scale).to(dev, torch.float32)
+    residue = deconvolve(curves, arterial, frame_s, method, oscillation_limit, tikhonov_lambda)
+
+    peak_value, peak_index = residue.max(dim=1)
+    frames = hu.shape[-1]
+    delay = refine_peak(residue, peak_index)
+    delay = torch.where(delay >= frames, delay - residue.shape[1], delay)  # wrapped: tissue ahead of the AIF
+    cbf = peak_value.clamp_min(0) / FLOW_TO_RATE
+    cbv = VOLUME_FACTOR * curves.clamp_min(0).sum(dim=1) / arterial.clamp_min(0).sum()
+    mtt = torch.where(cbf > 0, 60.0 * cbv / cbf.clamp_min(1e-6), torch.zeros_like(cbf)).clamp_max(MTT_CAP_S)
+    ttp = refine_peak(curves, curves.argmax(dim=1))
+    maps = {}
+    for map_name, voxel_values in zip(MAP_NAMES, (cbf, cbv, mtt, delay.clamp_min(0) * frame_s, ttp * frame_s)):
+        volume = np.zeros(brain.shape, np.float32)
+        volume[brain] = voxel_values.cpu().numpy()
+        maps[map_name] = volume
+    return PerfusionResult(maps, brain, aif, vof, scale, baseline_frames, frame_s, notes)

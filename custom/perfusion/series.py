@@ -1,0 +1,70 @@
+"""Read a raw 4D CT perfusion series and refuse what cannot be analysed, naming the file and the problem.
+
+Why it exists: headers of released 4D series differ (time step in pixdim[4] with seconds or milliseconds,
+or missing); a 3D file, a handful of frames or a series without contrast must be refused before any
+deconvolution rather than turned into meaningless maps.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+MIN_FRAMES = 10
+TIME_UNIT_SECONDS = {"sec": 1.0, "msec": 1e-3, "usec": 1e-6}
+
+
+@dataclass(frozen=True)
+class LoadedSeries:
+    """A 4D CT perfusion series in HU, (H, W, D, T), with its time step and the spatial grid's image."""
+
+    path: Path
+    hu: np.ndarray  # float32 (H, W, D, T)
+    frame_s: float
+    image: nib.Nifti1Image  # the 4D image (affine and spatial zooms of the CT grid)
+
+    @property
+    def spacing_mm(self) -> tuple:
+        return tuple(float(z) for z in self.image.header.get_zooms()[:3])
+
+
+def header_frame_s(image: nib.Nifti1Image) -> float | None:
+    """The time step in seconds from pixdim[4] and the NIfTI time unit; None when the header lacks it."""
+    zooms = image.header.get_zooms()
+    step = float(zooms[3]) if len(zooms) > 3 else 0.0
+    unit = image.header.get_xyzt_units()[1]
+    if step <= 0 or unit not in TIME_UNIT_SECONDS:
+        return None
+    return step * TIME_UNIT_SECONDS[unit]
+
+
+def load_series(path, frame_s: float | None = None) -> LoadedSeries:
+    """Load a 4D CTP NIfTI; the time step comes from ``frame_s`` (seconds) if given, else from the header.
+
+    Refused with a ValueError naming ``path``: unreadable files, not 4D (e.g. a 3D map), fewer than
+    MIN_FRAMES frames, no time step in the header and none given, non-finite values.
+    """
+    path = Path(path)
+    try:
+        image = nib.load(path)
+    except Exception as err:  # nibabel raises many types for corrupt or truncated files
+        raise ValueError(f"'{path}': cannot read as NIfTI ({err})") from err
+    if len(image.shape) != 4:
+        raise ValueError(f"'{path}': expected a 4D perfusion series (x, y, z, time), found shape {image.shape}")
+    frames = image.shape[3]
+    if frames < MIN_FRAMES:
+        raise ValueError(f"'{path}': {frames} frames; at least {MIN_FRAMES} are needed to deconvolve a bolus")
+    if frame_s is None:
+        frame_s = header_frame_s(image)
+        if frame_s is None:
+            raise ValueError(
+                f"'{path}': no time step in the header (pixdim[4] = {image.header.get_zooms()[3]}, time unit "
+                f"'{image.header.get_xyzt_units()[1]}'); pass the frame interval with --dt SECONDS"
+            )
+    elif frame_s <= 0:
+        raise ValueError(f"'{path}': the time step must be positive, got --dt {frame_s}")
+    hu = image.get_fdata(dtype=np.float32)
+    if not np.isfinite(hu).all():
+        raise ValueError(f"'{path}': {np.count_nonzero(~np.isfinite(hu))} NaN or Inf values")
+    return LoadedSeries(path, hu, float(frame_s), image)

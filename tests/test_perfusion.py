@@ -1,0 +1,199 @@
+"""Perfusion analysis from raw 4D CTP: deconvolution of analytic curves, AIF/VOF on the phantom, maps against
+the phantom's truth, the converter's --maps-from-4d, and refusal of bad series."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from custom.data import phantom
+from custom.perfusion.deconvolution import deconvolve
+from custom.perfusion.maps import compute_perfusion_maps
+from custom.perfusion.units import FLOW_TO_RATE, VOLUME_FACTOR
+
+FINE_S = 0.01
+
+
+def analytic_curves(frame_s, frames, cbf, mtt, delay, noise_hu, voxels, seed=0):
+    """AIF (gamma variate, 400 HU peak, arrival 5 s) and ``voxels`` noisy tissue curves
+    C = FLOW_TO_RATE CBF (AIF * exp(-t / MTT))(t - delay), integrated on a 0.01 s grid, sampled every frame_s."""
+    fine = np.arange(0.0, frames * frame_s, FINE_S)
+    x = np.clip(fine - 5.0, 0, None) / 4.5
+    aif_fine = np.where(fine > 5.0, 400.0 * x**3 * np.exp(3 * (1 - x)), 0.0)
+    residue = np.where(fine >= delay, np.exp(-(fine - delay) / mtt), 0.0)
+    tissue_fine = FLOW_TO_RATE * cbf * np.convolve(aif_fine, residue)[: fine.size] * FINE_S
+    step = int(round(frame_s / FINE_S))
+    aif, tissue = aif_fine[::step][:frames], tissue_fine[::step][:frames]
+    rng = np.random.default_rng(seed)
+    curves = tissue[None, :] + noise_hu * rng.standard_normal((voxels, frames))
+    return torch.tensor(aif, dtype=torch.float32), torch.tensor(curves, dtype=torch.float32)
+
+
+# Tolerances on the median over 200 voxels, by noise (HU per frame; the tissue peaks at 5-10 HU): CBV (area
+# ratio) within 5 %; CBF within 35 / 45 / 55 % and MTT within 60 / 80 / 110 % (oSVD underestimates CBF, more
+# for short transit times, long frames and noise); Tmax late by 0 to 2 frames + 1 s (the discretised,
+# truncated residue peaks late), never early.
+CBF_TOLERANCE = {0.0: 0.35, 0.5: 0.45, 2.0: 0.55}
+MTT_TOLERANCE = {0.0: 0.6, 0.5: 0.8, 2.0: 1.1}
+
+
+@pytest.mark.parametrize("frame_s", [1.0, 2.0])
+@pytest.mark.parametrize("noise_hu", [0.0, 0.5, 2.0])
+@pytest.mark.parametrize("delay", [0.0, 6.0])
+@pytest.mark.parametrize("cbf, mtt", [(50.0, 4.0), (20.0, 8.0)])
+def test_osvd_recovers_cbf_mtt_tmax_of_analytic_curves(frame_s, noise_hu, delay, cbf, mtt):
+    frames = int(60 / frame_s)
+    aif, curves = analytic_curves(frame_s, frames, cbf, mtt, delay, noise_hu, voxels=200)
+    residue = deconvolve(curves, aif, frame_s)
+    found_cbf = residue.max(dim=1).values / FLOW_TO_RATE
+    index = residue.argmax(dim=1).float()
+    found_tmax = torch.where(index >= frames, index - 2 * frames, index) * frame_s
+    found_cbv = VOLUME_FACTOR * curves.sum(1) / aif.sum()
+    found_mtt = 60 * found_cbv / found_cbf
+    assert float(found_cbv.median()) == pytest.approx(cbf * mtt / 60, rel=0.05)
+    assert float(found_cbf.median()) == pytest.approx(cbf, rel=CBF_TOLERANCE[noise_hu])
+    assert float(found_mtt.median()) == pytest.approx(mtt, rel=MTT_TOLERANCE[noise_hu])
+    assert 0.0 <= float(found_tmax.median()) - delay <= 2 * frame_s + 1.0
+
+
+def test_tikhonov_option_and_unknown_method():
+    aif, curves = analytic_curves(1.0, 50, 40.0, 5.0, 2.0, 0.5, voxels=50)
+    residue = deconvolve(curves, aif, 1.0, method="tikhonov")
+    assert float((residue.max(dim=1).values / FLOW_TO_RATE).median()) == pytest.approx(40.0, rel=0.35)
+    with pytest.raises(ValueError, match="unknown deconvolution method 'svd'"):
+        deconvolve(curves, aif, 1.0, method="svd")
+
+
+@pytest.fixture(scope="module")
+def phantom_case():
+    """A 64 x 64 phantom case with a stroke (8 slices, centre_4: 50 frames of 1 s) and its computed maps."""
+    slab = next(s for s in phantom.iter_cohort(0, 8, 0) if s.slices >= 8 and s.patient.stroke.present)
+    model = phantom.slab_model(slab, 64)
+    series = phantom.render_pwi(slab, 64, phantom.pwi_generator(0, slab), model)
+    spacing = tuple(np.abs(np.diag(model.affine))[:3])
+    return model, series, compute_perfusion_maps(series.series, series.frame_s, spacing_mm=spacing)
+
+
+def test_aif_is_found_in_an_artery_and_vof_in_the_sinus(phantom_case):
+    _, series, result = phantom_case
+    in_artery = [series.arteries[tuple(v)] > 0 for v in result.aif.voxels]
+    assert np.mean(in_artery) >= 0.75
+    assert result.vof is not None and np.mean([series.sinus[tuple(v)] > 0 for v in result.vof.voxels]) >= 0.75
+    assert result.partial_volume_scale >= 1.0
+    assert result.report()["aif"]["voxels"] == result.aif.voxels.tolist()
+
+
+# Phantom tolerances (64 x 64): median CBF within 50 % of the truth per tissue (oSVD underestimates grey
+# matter), CBV within 25 %, Tmax within 2.5 s (late); voxelwise Tmax correlates with the truth (r > 0.7)
+# and the Tmax > 6 s volume is within 50 %.
+def test_phantom_maps_agree_with_truth(phantom_case):
+    model, series, result = phantom_case
+    clean = result.brain & (series.arteries == 0) & (series.sinus == 0) & ~model.vessels
+    for code in (phantom.GREY, phantom.WHITE):
+        region = clean & (model.tissue == code) & (series.truth["Tmax"] < 3)
+        for name, rel in (("CBF", 0.5), ("CBV", 0.25)):
+            assert np.median(result.maps[name][region]) == pytest.approx(np.median(series.truth[name][region]), rel=rel)
+        assert abs(np.median(result.maps["Tmax"][region]) - np.median(series.truth["Tmax"][region])) < 2.5
+    tissue = clean & np.isin(model.tissue, phantom.BRAIN_TISSUES)
+    assert np.corrcoef(result.maps["Tmax"][tissue], series.truth["Tmax"][tissue])[0, 1] > 0.7
+    true_volume = np.count_nonzero(series.truth["Tmax"][tissue] > 6)
+    assert true_volume > 50
+    assert np.count_nonzero(result.maps["Tmax"][tissue] > 6) == pytest.approx(true_volume, rel=0.5)
+    assert np.all(result.maps["CBF"][~result.brain] == 0)
+
+
+def write_series(path, array, frame_s=1.0, unit="sec"):
+    image = nib.Nifti1Image(array, np.diag([2.0, 2.0, 5.0, 1.0]))
+    if array.ndim == 4:
+        image.header.set_zooms((2.0, 2.0, 5.0, frame_s))
+    image.header.set_xyzt_units("mm", unit)
+    nib.save(image, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def good_series(phantom_case):
+    return phantom_case[1].series
+
+
+def test_bad_series_are_refused_by_name(tmp_path, good_series):
+    from custom.perfusion.series import load_series
+
+    three_d = write_series(tmp_path / "ct.nii.gz", good_series[..., 0])
+    with pytest.raises(ValueError, match=r"ct\.nii\.gz'.*expected a 4D perfusion series"):
+        load_series(three_d)
+    short = write_series(tmp_path / "short.nii.gz", good_series[..., :6])
+    with pytest.raises(ValueError, match=r"short\.nii\.gz'.*6 frames; at least 10"):
+        load_series(short)
+    no_step = write_series(tmp_path / "nostep.nii.gz", good_series, frame_s=0.0, unit="unknown")
+    with pytest.raises(ValueError, match=r"nostep\.nii\.gz'.*no time step.*--dt"):
+        load_series(no_step)
+    assert load_series(no_step, frame_s=1.5).frame_s == 1.5
+    milliseconds = write_series(tmp_path / "ms.nii.gz", good_series, frame_s=1000.0, unit="msec")
+    assert load_series(milliseconds).frame_s == pytest.approx(1.0)
+    flat = write_series(tmp_path / "flat.nii.gz", np.repeat(good_series[..., :1], 20, axis=-1))
+    with pytest.raises(ValueError, match=r"flat\.nii\.gz'.*flat series"):
+        from custom.perfusion.commands import analyse_series
+
+        analyse_series(flat)
+
+
+def test_maps_command_writes_maps_and_report(tmp_path, good_series):
+    from custom.perfusion.commands import maps
+
+    series = write_series(tmp_path / "series.nii.gz", good_series)
+    out = maps(series, tmp_path / "maps")
+    for name in ("CBF", "CBV", "MTT", "Tmax", "TTP"):
+        image = nib.load(f"{out}/{name}.nii.gz")
+        assert image.shape == good_series.shape[:3]
+        np.testing.assert_allclose(image.affine, nib.load(series).affine)
+    report = json.loads((tmp_path / "maps" / "perfusion.json").read_text())
+    assert report["frame_s"] == 1.0 and len(report["aif"]["voxels"]) > 0
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        maps(series, tmp_path / "maps")
+    mask = np.zeros(good_series.shape[:3], np.uint8)
+    mask[tuple(np.array(report["aif"]["voxels"]).T)] = 1
+    nib.save(nib.Nifti1Image(mask, nib.load(series).affine), tmp_path / "aif.nii.gz")
+    maps(series, tmp_path / "maps", aif_mask=tmp_path / "aif.nii.gz", overwrite=True)
+    given = json.loads((tmp_path / "maps" / "perfusion.json").read_text())
+    assert given["aif"]["curve_hu"] == pytest.approx(report["aif"]["curve_hu"], abs=0.2)
+
+
+def test_converter_with_maps_from_4d_passes_the_check(tmp_path):
+    from custom.data.check import check_dataset
+    from custom.data.isles2018 import prepare_isles2018
+
+    raw = phantom.write_phantom(tmp_path / "raw", cases=4, test_cases=1, seed=2, size=48, pwi=True)
+    dst = prepare_isles2018(
+        raw / "TRAINING", tmp_path / "dataset", patients=raw / "patients.csv", folds=2, testing=raw / "TESTING",
+        maps_from_4d=True,
+    )
+    assert check_dataset(dst) == []
+    dataset = json.loads((dst / "dataset.json").read_text())
+    image = nib.load(dst / dataset["training"][0]["image"]).get_fdata()
+    vendor = nib.load(next((raw / "TRAINING" / "case_1").glob("*CT_CBF*/*.nii"))).get_fdata()
+    assert image.shape[-1] == 5 and not np.allclose(image[..., 1], vendor)  # CBF computed, not copied
+    with pytest.raises(ValueError, match=r"case_1'.*missing 4DPWI"):
+        without = phantom.write_phantom(tmp_path / "no4d", cases=2, test_cases=0, seed=2, size=32)
+        prepare_isles2018(without / "TRAINING", tmp_path / "other", folds=2, maps_from_4d=True)
+
+
+@pytest.mark.slow
+def test_motion_correction_realigns_shifted_frames(phantom_case):
+    from scipy import ndimage
+
+    from custom.perfusion.motion import correct_motion
+
+    model, series, _ = phantom_case
+    frames = series.series[..., :4].astype(np.float32)
+    moved = frames.copy()
+    for t in (2, 3):
+        moved[..., t] = ndimage.shift(frames[..., t], (1.5, -1.0, 0.0), order=1, mode="nearest")
+    corrected = correct_motion(moved, tuple(np.abs(np.diag(model.affine))[:3]))
+    inside = (frames[..., 0] > 0) & (frames[..., 0] < 100)
+    for t in (2, 3):
+        before = np.abs(moved[..., t] - frames[..., t])[inside].mean()
+        after = np.abs(corrected[..., t] - frames[..., t])[inside].mean()
+        assert after < before / 4
