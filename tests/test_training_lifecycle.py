@@ -44,15 +44,6 @@ def test_validation_runs_at_interval_and_after_last_epoch():
     assert validated == [2, 4, 5]
 
 
-def test_run_shorter_than_val_interval_ends_with_model(tiny_phantom_dataset, tmp_path):
-    workflow = _workflow(tiny_phantom_dataset, ckpt_dir=str(tmp_path), output_dir=str(tmp_path / "logs"), epochs=1,
-                         val_interval=10)  # fmt: skip
-    workflow.run()
-    assert workflow.parser.get_parsed_content("validate#evaluator").state.best_metric_epoch == 1
-    state = torch.load(tmp_path / "model.pt", weights_only=True)
-    assert state.keys() == workflow.parser.get_parsed_content("network").state_dict().keys()
-
-
 def test_schedule_follows_the_trainers_max_epochs(tiny_phantom_dataset, tmp_path):
     """MONAI Label overrides train#trainer#max_epochs only; the schedule must fit that run, not ``epochs``."""
     workflow = _workflow(tiny_phantom_dataset, ckpt_dir=str(tmp_path), epochs=300, warmup_epochs=10,
@@ -63,15 +54,18 @@ def test_schedule_follows_the_trainers_max_epochs(tiny_phantom_dataset, tmp_path
     assert scheduler.warmup_steps <= scheduler.t_total / 10
 
 
-def test_default_training_keeps_the_shipped_weights(tiny_phantom_dataset, tmp_path):
+def test_default_run_shorter_than_val_interval_ends_with_model_and_keeps_shipped_weights(tiny_phantom_dataset, tmp_path):
     bundle_root = tmp_path / "bundle"
     shutil.copytree(BUNDLE / "configs", bundle_root / "configs")
     shutil.copytree(BUNDLE / "models", bundle_root / "models")
     shipped = (bundle_root / "models" / "model.pt").read_bytes()
-    _workflow(tiny_phantom_dataset, bundle_root=bundle_root, epochs=1).run()
+    workflow = _workflow(tiny_phantom_dataset, bundle_root=bundle_root, epochs=1, val_interval=10)
+    workflow.run()
     assert (bundle_root / "models" / "model.pt").read_bytes() == shipped
     assert sorted(p.name for p in (bundle_root / "models").iterdir()) == ["model.pt", "model.ts"]
-    assert (bundle_root / "runs" / "fold0" / "model.pt").is_file()
+    assert workflow.parser.get_parsed_content("validate#evaluator").state.best_metric_epoch == 1
+    state = torch.load(bundle_root / "runs" / "fold0" / "model.pt", weights_only=True)
+    assert state.keys() == workflow.parser.get_parsed_content("network").state_dict().keys()
 
 
 @pytest.mark.parametrize("validation_cases", [2, 0])
@@ -97,7 +91,7 @@ def test_monailabel_fine_tune_updates_the_served_weights(tiny_phantom_dataset, t
             **{"bundle_root": str(served), "train#trainer#max_epochs": 2, "device": torch.device("cpu"),
                "train#dataset#data": cases[validation_cases:], "validate#dataset#data": cases[:validation_cases],
                "train#handlers": train_handlers,
-               **{k: v for k, v in TINY_TRAINING.items() if k != "epochs"}},
+               **{k: v for k, v in TINY_TRAINING.items() if k not in ("epochs", "val_interval")}},
         )  # fmt: skip
     finally:
         sys.path.remove(str(served))
