@@ -137,7 +137,14 @@ def test_server_infers_saves_labels_and_fine_tunes(monailabel_venv, tiny_phantom
 
         reference_after = _bundle_inference(study, served_weights, tmp_path / "reference_after")
         _assert_same_mask(answers / "after.nii.gz", reference_after)
-        print(f"train request: {(answers / 'train_request.json').read_text()}")
+        print(f"GET /info/ labels: {info['labels']}; model {MODEL}: {info['models'][MODEL]['labels']}, "
+              f"dimension {info['models'][MODEL]['dimension']}")  # fmt: skip
+        print(f"POST /infer/{MODEL}?image={study_id}: NIfTI and NRRD masks voxel-identical to inference.json")
+        print(f"PUT /datastore/label (tag final): {sorted(labels)}")
+        print(f"POST /train/{MODEL} {json.loads((answers / 'train_request.json').read_text())}")
+        print(f"GET /train/: status {status['status']} (started {status['start_ts']}, ended {status.get('end_ts')})")
+        print(f"GET /model/info/{MODEL}: checksum {before_info['checksum'][:12]}... -> {after_info['checksum'][:12]}...")
+        print(f"POST /infer/{MODEL}?image={study_id} after training: voxel-identical to inference.json with the new model.pt")
     except BaseException:
         print(f"---- MONAI Label server log ({log}) ----\n{log.read_text()[-20000:]}", file=sys.stderr)
         raise
