@@ -107,7 +107,8 @@ def fill_studies(dataset_dir, studies, views=None) -> list[str]:
         study_id = target.name.split(".nii")[0]
         for view, channel in VIEW_CHANNELS.items():
             view_image = nib.Nifti1Image(volume[..., channel], image.affine)
-            write_atomically(views / f"{study_id}_{view}.nii.gz", lambda temporary, v=view_image: nib.save(v, temporary))
+            view_path = views / f"{study_id}_{view}.nii.gz"
+            write_atomically(view_path, lambda temporary, v=view_image: nib.save(v, temporary))
         ids.append(study_id)
     return ids
 
@@ -162,7 +163,8 @@ def prepare_monailabel_app(app_dir, studies=None, dataset_dir=None, archive=None
         )  # fmt: skip
         sample_app = Path(scratch) / "monaibundle"
         if copied.returncode != 0 or not sample_app.is_dir():
-            raise RuntimeError(f"`monailabel apps --download --name monaibundle` failed:\n{copied.stdout}{copied.stderr}")
+            output = copied.stdout + copied.stderr
+            raise RuntimeError(f"`monailabel apps --download --name monaibundle` failed:\n{output}")
         if archive is None:
             archive = package_bundle(Path(scratch) / f"{BUNDLE_NAME}.zip", bundle_root=bundle_root)
         name = unpack_served_bundle(archive, sample_app / "model").name

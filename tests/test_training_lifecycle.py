@@ -1,4 +1,4 @@
-"""Training lifecycle of configs/train.json: where weights go, runs of any length, resume, MONAI Label fine-tunes, kill -9."""
+"""Training lifecycle of configs/train.json: where weights go, runs of any length, resume, fine-tunes, kill -9."""
 
 import os
 import shutil
@@ -21,8 +21,9 @@ from custom.package import package_bundle
 
 def _workflow(dataset_dir, bundle_root=BUNDLE, **override):
     workflow = monai.bundle.ConfigWorkflow(
-        config_file=str(bundle_root / "configs" / "train.json"), meta_file=str(bundle_root / "configs" / "metadata.json"),
-        logging_file=False, workflow_type="train", bundle_root=str(bundle_root), dataset_dir=str(dataset_dir),
+        config_file=str(bundle_root / "configs" / "train.json"),
+        meta_file=str(bundle_root / "configs" / "metadata.json"), logging_file=False, workflow_type="train",
+        bundle_root=str(bundle_root), dataset_dir=str(dataset_dir),
         **{**TINY_TRAINING, **override},
     )  # fmt: skip
     workflow.initialize()
@@ -54,7 +55,8 @@ def test_schedule_follows_the_trainers_max_epochs(tiny_phantom_dataset, tmp_path
     assert scheduler.warmup_steps <= scheduler.t_total / 10
 
 
-def test_default_run_shorter_than_val_interval_ends_with_model_and_keeps_shipped_weights(tiny_phantom_dataset, tmp_path):
+def test_short_default_run_ends_with_model_and_keeps_shipped_weights(tiny_phantom_dataset, tmp_path):
+    """A run shorter than val_interval, with the default ckpt_dir: model.pt written, bundle/models untouched."""
     bundle_root = tmp_path / "bundle"
     shutil.copytree(BUNDLE / "configs", bundle_root / "configs")
     shutil.copytree(BUNDLE / "models", bundle_root / "models")

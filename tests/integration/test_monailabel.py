@@ -143,8 +143,9 @@ def test_server_infers_saves_labels_and_fine_tunes(monailabel_venv, tiny_phantom
         print(f"PUT /datastore/label (tag final): {sorted(labels)}")
         print(f"POST /train/{MODEL} {json.loads((answers / 'train_request.json').read_text())}")
         print(f"GET /train/: status {status['status']} (started {status['start_ts']}, ended {status.get('end_ts')})")
-        print(f"GET /model/info/{MODEL}: checksum {before_info['checksum'][:12]}... -> {after_info['checksum'][:12]}...")
-        print(f"POST /infer/{MODEL}?image={study_id} after training: voxel-identical to inference.json with the new model.pt")
+        checksums = f"{before_info['checksum'][:12]}... -> {after_info['checksum'][:12]}..."
+        print(f"GET /model/info/{MODEL}: checksum {checksums}")
+        print(f"POST /infer/{MODEL}?image={study_id} after training: voxel-identical to inference.json, new model.pt")
     except BaseException:
         print(f"---- MONAI Label server log ({log}) ----\n{log.read_text()[-20000:]}", file=sys.stderr)
         raise
