@@ -1,16 +1,23 @@
-"""Two pieces of the training lifecycle that MONAI lacks, used by ``configs/train.json``.
+"""Three pieces of the training lifecycle that MONAI lacks, used by ``configs/train.json``.
 
 - :class:`ValidationAtIntervalAndEnd`: validation every ``interval`` epochs *and* after the last epoch,
   so a run of any length ends with a ``model.pt`` chosen by validation.
 - :class:`ResumableBestMetric`: the best validation score as an entry of the resumable checkpoint, so
   ``--resume_ckpt`` does not forget which ``model.pt`` is the best one.
+- :class:`CrashSafeCheckpointSaver`: MONAI's ``CheckpointSaver`` writing through ``custom.atomic``, so
+  ``kill -9`` never leaves a truncated checkpoint under its final name.
 """
 
 from collections.abc import Mapping
 
+import ignite.distributed as idist
+import torch
 from ignite.engine import Engine, Events
+from ignite.handlers.checkpoint import BaseSaveHandler, DiskSaver
 from monai.engines import Evaluator
 from monai.handlers import CheckpointSaver, ValidationHandler
+
+from custom.atomic import write_atomically
 
 
 class ValidationAtIntervalAndEnd(ValidationHandler):
@@ -66,3 +73,41 @@ class ResumableBestMetric:
         self.validator.state.best_metric = state_dict["best_metric"]
         self.validator.state.best_metric_epoch = state_dict["best_metric_epoch"]
         self.best_model_saver.load_state_dict(state_dict["best_model_saver"])
+
+
+class _AtomicDiskSaver(BaseSaveHandler):
+    """The save handler MONAI's CheckpointSaver builds (an ignite ``DiskSaver``), writing atomically.
+
+    A fixed file name (``model.pt``) is never removed before it is replaced: the rename replaces it, so
+    the file exists at every moment, also for a MONAI Label server reading it during a fine-tune.
+    """
+
+    def __init__(self, disk_saver: DiskSaver) -> None:
+        self.disk_saver = disk_saver
+        self.fixed_filename = getattr(disk_saver, "filename", None)  # MONAI's fixed-name DiskSaver subclass
+
+    def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+        if idist.get_rank() == self.disk_saver.save_on_rank:
+            path = self.disk_saver.dirname / (self.fixed_filename or filename)
+            write_atomically(path, lambda temporary: torch.save(checkpoint, temporary))
+
+    def remove(self, filename: str) -> None:
+        if self.fixed_filename is None:
+            self.disk_saver.remove(filename)
+
+
+class CrashSafeCheckpointSaver(CheckpointSaver):
+    """MONAI's ``CheckpointSaver`` (same arguments) whose files go through :func:`custom.atomic.write_atomically`.
+
+    Why it exists: MONAI builds its ignite ``DiskSaver`` with ``atomic=False``, so ``kill -9`` or a full
+    disk during ``torch.save`` leaves a truncated checkpoint under its final name, and ignite removes the
+    previous checkpoint before it writes the next one. Written through a temporary file and a rename,
+    with ``n_saved`` of 2 or more for the periodic checkpoints, the newest complete checkpoint is always
+    on disk under its own name.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
+            if checkpoint is not None:
+                checkpoint.save_handler = _AtomicDiskSaver(checkpoint.save_handler)

@@ -14,7 +14,7 @@ from ignite.engine import Engine, Events
 
 from custom.crossval import latest_checkpoint, override_arguments
 from custom.data.datalist import fold_datalist
-from custom.lifecycle import ValidationAtIntervalAndEnd
+from custom.lifecycle import CrashSafeCheckpointSaver, ValidationAtIntervalAndEnd
 from custom.monailabel_app import unpack_served_bundle
 from custom.package import package_bundle
 
@@ -43,6 +43,32 @@ def test_validation_runs_at_interval_and_after_last_epoch():
     handler.attach(trainer)
     trainer.run([0], max_epochs=5)
     assert validated == [2, 4, 5]
+
+
+def test_failed_checkpoint_write_keeps_the_previous_file(tmp_path):
+    """A write that dies half-way (here: an object pickle cannot store) leaves model.pt as it was.
+
+    MONAI's own CheckpointSaver removes model.pt first and leaves a truncated file (checked by hand)."""
+
+    class Weights:
+        broken = False
+
+        def state_dict(self):
+            return {"w": torch.arange(3.0), **({"unpicklable": lambda: 0} if self.broken else {})}
+
+        def load_state_dict(self, state):
+            pass
+
+    weights = Weights()
+    handler = CrashSafeCheckpointSaver(save_dir=str(tmp_path), save_dict={"model": weights}, save_final=True, final_filename="model.pt")
+    engine = Engine(lambda engine, batch: None)
+    handler.completed(engine)
+    saved = (tmp_path / "model.pt").read_bytes()
+    weights.broken = True
+    with pytest.raises(Exception):
+        handler.completed(engine)
+    assert (tmp_path / "model.pt").read_bytes() == saved
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
 
 
 def test_schedule_follows_the_trainers_max_epochs(tiny_phantom_dataset, tmp_path):
