@@ -24,6 +24,7 @@ COMMANDS = {
     "onnx": "custom.onnx_export:export_onnx",
     "package": "custom.package:package_bundle",
     "perfusion": "custom.perfusion.commands:COMMANDS",
+    "monailabel-app": "custom.monailabel_app:prepare_monailabel_app",
 }
 
 

@@ -1,0 +1,177 @@
+"""Prepare a ready-to-start MONAI Label app that serves and fine-tunes this bundle.
+
+Why it exists: MONAI Label 0.8.5 cannot share the project's environment (it pins another torch), its
+``monaibundle`` sample app finds bundles only as folders under ``APP_DIR/model/``, and a served bundle
+must write its fine-tuned weights to its own ``models/model.pt`` (the file MONAI Label loads and
+reloads), while a plain training run must not overwrite the shipped weights. This module runs in the
+project's environment and drives MONAI Label's own command line from its separate environment
+(``.ci/monailabel_env`` builds it): the sample app is copied with ``monailabel apps --download``, the
+bundle archive of :mod:`custom.package` is unpacked under ``APP_DIR/model/<name>/`` and that copy's
+``ckpt_dir`` is pointed at its ``models/`` folder. Optionally a studies folder is filled with a
+converted dataset's 5-channel images, with 3D CT and Tmax volumes beside it for viewers that do not
+display 4D NIfTI.
+"""
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import tempfile
+import zipfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from custom.atomic import write_atomically, write_text_atomically
+from custom.data.datalist import load_dataset_json
+from custom.package import package_bundle
+
+BUNDLE_NAME = "ctp_stroke"
+DEFAULT_VENV = Path.home() / ".cache" / "ctp-monailabel" / "venv"
+VENV_VARIABLE = "CTP_MONAILABEL_VENV"
+# The served copy's fine-tunes write here: the file MONAI Label's BundleTrainTask loads first and
+# BundleInferTask reloads when its modification time changes.
+SERVED_CKPT_DIR = "$@bundle_root + '/models'"
+VIEW_CHANNELS = {"ct": 0, "tmax": 4}  # channel index in the converter's (H, W, D, 5) images
+
+
+def monailabel_venv(venv=None) -> Path:
+    """The MONAI Label environment: ``venv``, else ``$CTP_MONAILABEL_VENV``, else ``~/.cache/ctp-monailabel/venv``."""
+    venv = Path(venv or os.environ.get(VENV_VARIABLE) or DEFAULT_VENV)
+    if not (venv / "bin" / "monailabel").is_file():
+        raise FileNotFoundError(
+            f"no MONAI Label environment at '{venv}' (bin/monailabel missing): build it with .ci/monailabel_env "
+            f"or name another with --venv or ${VENV_VARIABLE}"
+        )
+    return venv
+
+
+def unpack_served_bundle(archive, model_dir) -> Path:
+    """Unzip a bundle archive into ``model_dir`` and point the copy's ``ckpt_dir`` at its ``models/``.
+
+    The archive's single top folder is the bundle name; returns the bundle root. Only the copy's
+    ``configs/train.json`` changes: plain runs of the repository's bundle keep training outside
+    ``models/``, a MONAI Label fine-tune of the served copy updates ``models/model.pt``; its datalists
+    are emptied, MONAI Label's datastore provides the cases.
+    """
+    model_dir = Path(model_dir)
+    with zipfile.ZipFile(archive) as zipped:
+        tops = {Path(name).parts[0] for name in zipped.namelist()}
+        if len(tops) != 1:
+            raise ValueError(f"bundle archive '{archive}' must hold one folder, found {sorted(tops)}")
+        bundle_root = model_dir / tops.pop()
+        if bundle_root.exists():
+            raise FileExistsError(f"'{bundle_root}' exists; remove it or prepare another app folder")
+        zipped.extractall(model_dir)
+    train_config = bundle_root / "configs" / "train.json"
+    config = json.loads(train_config.read_text())
+    config["ckpt_dir"] = SERVED_CKPT_DIR
+    # MONAI Label supplies train#dataset#data and validate#dataset#data from its datastore. The Slicer
+    # plugin posts an empty run_id, with which MONAI parses the whole config, datalists included: they
+    # must not point at a dataset folder the server does not have.
+    for section in ("train", "validate"):
+        config[section]["datalist"] = []
+    write_text_atomically(train_config, json.dumps(config, indent=4) + "\n")
+    return bundle_root
+
+
+def fill_studies(dataset_dir, studies, views=None) -> list[str]:
+    """Copy every image of a converted dataset (training and testing) to ``studies``; returns the study ids.
+
+    MONAI Label names a study after its file (``case_3.nii.gz`` -> ``case_3``). For each study a 3D CT
+    and a 3D Tmax volume (``<id>_ct.nii.gz``, ``<id>_tmax.nii.gz``, same grid and affine) are written to
+    ``views`` (default: ``<studies>_views`` beside it; not inside ``studies``, where MONAI Label would list
+    them as studies). Existing files are refused, nothing is overwritten.
+    """
+    dataset_dir, studies = Path(dataset_dir), Path(studies)
+    views = Path(views) if views else studies.with_name(studies.name + "_views")
+    dataset = load_dataset_json(dataset_dir)
+    images = [e["image"] for e in dataset.get("training", [])] + [
+        e["image"] if isinstance(e, dict) else e for e in dataset.get("testing", [])
+    ]
+    if not images:
+        raise ValueError(f"'{dataset_dir / 'dataset.json'}' lists no images")
+    ids = []
+    for relative in images:
+        source = dataset_dir / relative
+        target = studies / Path(relative).name
+        if target.exists():
+            raise FileExistsError(f"study '{target}' exists; use an empty studies folder")
+        write_atomically(target, lambda temporary, source=source: shutil.copyfile(source, temporary))
+        image = nib.load(source)
+        volume = np.asarray(image.dataobj, dtype=np.float32)
+        if volume.ndim != 4 or volume.shape[3] != 5:
+            raise ValueError(f"'{source}' has shape {volume.shape}; expected (H, W, D, 5)")
+        study_id = target.name.split(".nii")[0]
+        for view, channel in VIEW_CHANNELS.items():
+            view_image = nib.Nifti1Image(volume[..., channel], image.affine)
+            view_path = views / f"{study_id}_{view}.nii.gz"
+            write_atomically(view_path, lambda temporary, v=view_image: nib.save(v, temporary))
+        ids.append(study_id)
+    return ids
+
+
+def monailabel_command(venv) -> list[str]:
+    """MONAI Label's command line run by its environment's Python.
+
+    Equivalent to ``monailabel`` with the environment activated; the ``bin/monailabel`` script itself
+    runs whichever ``python`` comes first on ``PATH``.
+    """
+    return [str(Path(venv) / "bin" / "python"), "-m", "monailabel.main"]
+
+
+def monailabel_environment() -> dict:
+    """This process's environment without ``PYTHONPATH``, so that the server imports the bundle's own
+    ``custom/`` and never a copy of this repository."""
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+
+def start_server_command(app_dir, studies, venv, port=8000, name=BUNDLE_NAME) -> list[str]:
+    """MONAI Label's ``start_server`` line for the app, offline, on the loopback interface."""
+    return monailabel_command(venv) + [
+        "start_server",
+        "--app", str(app_dir), "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port),
+        "--conf", "models", name, "--conf", "sam2", "false", "--conf", "zoo_source", "github",
+    ]  # fmt: skip
+
+
+def prepare_monailabel_app(app_dir, studies=None, dataset_dir=None, archive=None, bundle_root="bundle", venv=None,
+                           port=8000):  # fmt: skip
+    """Prepare ``app_dir`` (must not exist) for ``monailabel start_server``; returns the start line.
+
+    Args:
+        app_dir: the app folder to create: MONAI Label's ``monaibundle`` sample app, the bundle in
+            ``model/ctp_stroke/``.
+        studies: the studies folder the server will serve (default ``<app_dir>/studies``).
+        dataset_dir: a converted dataset (``python -m custom prepare``); its images are copied to
+            ``studies`` and 3D CT / Tmax views written beside it. Without it ``studies`` is created empty.
+        archive: a bundle archive (``python -m custom package``) to serve; default: package ``bundle_root``.
+        venv: the MONAI Label environment (default ``$CTP_MONAILABEL_VENV`` or ``~/.cache/ctp-monailabel/venv``).
+        port: the port written into the printed command.
+    """
+    venv = monailabel_venv(venv)
+    app_dir = Path(app_dir).absolute()
+    studies = Path(studies).absolute() if studies else app_dir / "studies"
+    if app_dir.exists():
+        raise FileExistsError(f"app folder '{app_dir}' exists; name a new one")
+    with tempfile.TemporaryDirectory(dir=app_dir.parent if app_dir.parent.exists() else None) as scratch:
+        copied = subprocess.run(
+            monailabel_command(venv) + ["apps", "--download", "--name", "monaibundle", "--output", scratch],
+            capture_output=True, text=True, env=monailabel_environment(),
+        )  # fmt: skip
+        sample_app = Path(scratch) / "monaibundle"
+        if copied.returncode != 0 or not sample_app.is_dir():
+            output = copied.stdout + copied.stderr
+            raise RuntimeError(f"`monailabel apps --download --name monaibundle` failed:\n{output}")
+        if archive is None:
+            archive = package_bundle(Path(scratch) / f"{BUNDLE_NAME}.zip", bundle_root=bundle_root)
+        name = unpack_served_bundle(archive, sample_app / "model").name
+        app_dir.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(sample_app), app_dir)
+    studies.mkdir(parents=True, exist_ok=True)
+    if dataset_dir is not None:
+        ids = fill_studies(dataset_dir, studies)
+        print(f"{len(ids)} studies in '{studies}', CT and Tmax views in '{studies.with_name(studies.name + '_views')}'")
+    return shlex.join(start_server_command(app_dir, studies, venv, port, name))

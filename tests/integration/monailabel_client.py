@@ -1,0 +1,63 @@
+"""Drive a running MONAI Label server with MONAI Label's own client, as the 3D Slicer plugin does.
+
+Runs in the MONAI Label environment (the project's does not have ``monailabel``), called by
+``test_monailabel.py``: ``python monailabel_client.py SERVER_URL MODEL STUDY LABELS_JSON EPOCHS OUT_DIR``.
+Every server answer is written to ``OUT_DIR`` for the test to check.
+"""
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from monailabel.client import MONAILabelClient
+from monailabel.client.client import MONAILabelUtils
+
+
+def model_info(server_url, model):
+    status, response, _, _ = MONAILabelUtils.http_method("GET", server_url, f"/model/info/{model}")
+    if status != 200:
+        raise RuntimeError(f"GET /model/info/{model}: status {status}: {response}")
+    return json.loads(response)
+
+
+def slicer_train_payload(info, model, max_epochs):
+    """What the Slicer plugin posts: every trainer option at its default, lists at their first entry."""
+    defaults = info["trainers"][model]["config"]
+    payload = {k: v[0] if isinstance(v, list) else v for k, v in defaults.items()}
+    payload["max_epochs"] = max_epochs
+    return payload
+
+
+def main(server_url, model, study, labels_json, max_epochs, out_dir):
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    client = MONAILabelClient(server_url)
+    info = client.info()
+    (out / "info.json").write_text(json.dumps(info, indent=2))
+
+    slicer_infer = {"result_extension": ".nrrd", "result_dtype": "uint8"}  # what the Slicer plugin asks for
+    for name, params in (("before.nii.gz", {}), ("before.nrrd", slicer_infer)):
+        mask, _ = client.infer(model, study, params)
+        shutil.move(mask, out / name)
+
+    for image_id, label in json.loads(Path(labels_json).read_text()).items():
+        client.save_label(image_id, label, tag="final")
+    (out / "datastore.json").write_text(json.dumps(client.datastore(), indent=2))
+
+    (out / "model_before.json").write_text(json.dumps(model_info(server_url, model)))
+    payload = slicer_train_payload(info, model, int(max_epochs))
+    (out / "train_request.json").write_text(json.dumps(payload, indent=2))
+    client.train_start(model, payload)
+    while client.train_status(check_if_running=True):
+        time.sleep(2)
+    (out / "train_status.json").write_text(json.dumps(client.train_status(), indent=2))
+    (out / "model_after.json").write_text(json.dumps(model_info(server_url, model)))
+
+    mask, _ = client.infer(model, study, {})
+    shutil.move(mask, out / "after.nii.gz")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

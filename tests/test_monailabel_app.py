@@ -1,0 +1,59 @@
+"""What MONAI Label reads from the bundle, and the app preparation that does not need the server."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import CONFIGS
+
+from custom.monailabel_app import fill_studies, start_server_command, unpack_served_bundle
+from custom.package import package_bundle
+
+
+def test_metadata_says_what_monailabel_reads():
+    """BundleInferTask takes the first input and output keys, the non-background channel_def labels and the
+    dimension from the length of spatial_shape."""
+    meta = json.loads((CONFIGS / "metadata.json").read_text())
+    assert "monailabel" in meta["supported_apps"]
+    image_key, image = next(iter(meta["network_data_format"]["inputs"].items()))
+    pred_key, pred = next(iter(meta["network_data_format"]["outputs"].items()))
+    assert (image_key, pred_key) == ("image", "pred")
+    assert len(image["spatial_shape"]) == 2
+    assert {v.lower(): int(k) for k, v in pred["channel_def"].items() if v.lower() != "background"} == {"lesion": 1}
+
+
+def test_served_copy_trains_into_its_models_folder(tmp_path):
+    served = unpack_served_bundle(package_bundle(tmp_path / "ctp_stroke.zip"), tmp_path / "model")
+    assert served == tmp_path / "model" / "ctp_stroke"
+    config = json.loads((served / "configs" / "train.json").read_text())
+    assert config["ckpt_dir"] == "$@bundle_root + '/models'"
+    assert config["train"]["datalist"] == config["validate"]["datalist"] == []
+    assert json.loads((CONFIGS / "train.json").read_text())["ckpt_dir"] != config["ckpt_dir"]
+    assert (served / "custom" / "lifecycle.py").is_file() and (served / "models" / "model.pt").is_file()
+    with pytest.raises(FileExistsError, match="ctp_stroke"):
+        unpack_served_bundle(tmp_path / "ctp_stroke.zip", tmp_path / "model")
+
+
+def test_studies_and_3d_views(tiny_phantom_dataset, tmp_path):
+    ids = fill_studies(tiny_phantom_dataset, tmp_path / "studies")
+    dataset = json.loads((tiny_phantom_dataset / "dataset.json").read_text())
+    assert len(ids) == len(dataset["training"]) + len(dataset["testing"])
+    image = nib.load(tiny_phantom_dataset / dataset["testing"][0]["image"])
+    study_id = dataset["testing"][0]["case"]
+    assert (tmp_path / "studies" / f"{study_id}.nii.gz").read_bytes() == (
+        tiny_phantom_dataset / dataset["testing"][0]["image"]
+    ).read_bytes()
+    tmax = nib.load(tmp_path / "studies_views" / f"{study_id}_tmax.nii.gz")
+    assert tmax.shape == image.shape[:3] and np.allclose(tmax.affine, image.affine)
+    assert np.array_equal(tmax.get_fdata(dtype=np.float32), np.asarray(image.dataobj, dtype=np.float32)[..., 4])
+    with pytest.raises(FileExistsError, match="exists"):
+        fill_studies(tiny_phantom_dataset, tmp_path / "studies")
+
+
+def test_start_line_is_offline_and_loopback(tmp_path):
+    command = start_server_command(tmp_path / "app", tmp_path / "studies", tmp_path / "venv", port=8123)
+    line = " ".join(command)
+    assert "--host 127.0.0.1 --port 8123" in line
+    for conf in ("models ctp_stroke", "sam2 false", "zoo_source github"):
+        assert f"--conf {conf}" in line

@@ -1,0 +1,216 @@
+"""Training lifecycle of configs/train.json: where weights go, runs of any length, resume, fine-tunes, kill -9."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import monai.bundle
+import pytest
+import torch
+from conftest import BUNDLE, CONFIGS, TINY_TRAINING
+from ignite.engine import Engine, Events
+
+from custom.crossval import latest_checkpoint, override_arguments
+from custom.data.datalist import fold_datalist
+from custom.lifecycle import CrashSafeCheckpointSaver, ValidationAtIntervalAndEnd
+from custom.monailabel_app import unpack_served_bundle
+from custom.package import package_bundle
+
+
+def _workflow(dataset_dir, bundle_root=BUNDLE, **override):
+    workflow = monai.bundle.ConfigWorkflow(
+        config_file=str(bundle_root / "configs" / "train.json"),
+        meta_file=str(bundle_root / "configs" / "metadata.json"), logging_file=False, workflow_type="train",
+        bundle_root=str(bundle_root), dataset_dir=str(dataset_dir),
+        **{**TINY_TRAINING, **override},
+    )  # fmt: skip
+    workflow.initialize()
+    return workflow
+
+
+def test_validation_runs_at_interval_and_after_last_epoch():
+    validated = []
+
+    class Validator:
+        def run(self, epoch):
+            validated.append(epoch)
+
+    handler = ValidationAtIntervalAndEnd(interval=2)
+    handler.validator = Validator()
+    trainer = Engine(lambda engine, batch: None)
+    handler.attach(trainer)
+    trainer.run([0], max_epochs=5)
+    assert validated == [2, 4, 5]
+
+
+def test_failed_checkpoint_write_keeps_the_previous_file(tmp_path):
+    """A write that dies half-way (here: an object pickle cannot store) leaves model.pt as it was.
+
+    MONAI's own CheckpointSaver removes model.pt first and leaves a truncated file (checked by hand)."""
+
+    class Weights:
+        broken = False
+
+        def state_dict(self):
+            return {"w": torch.arange(3.0), **({"unpicklable": lambda: 0} if self.broken else {})}
+
+        def load_state_dict(self, state):
+            pass
+
+    weights = Weights()
+    handler = CrashSafeCheckpointSaver(save_dir=str(tmp_path), save_dict={"model": weights}, save_final=True, final_filename="model.pt")
+    engine = Engine(lambda engine, batch: None)
+    handler.completed(engine)
+    saved = (tmp_path / "model.pt").read_bytes()
+    weights.broken = True
+    with pytest.raises(Exception):
+        handler.completed(engine)
+    assert (tmp_path / "model.pt").read_bytes() == saved
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+def test_schedule_follows_the_trainers_max_epochs(tiny_phantom_dataset, tmp_path):
+    """MONAI Label overrides train#trainer#max_epochs only; the schedule must fit that run, not ``epochs``."""
+    workflow = _workflow(tiny_phantom_dataset, ckpt_dir=str(tmp_path), epochs=300, warmup_epochs=10,
+                         **{"train#trainer#max_epochs": 3})  # fmt: skip
+    scheduler = workflow.parser.get_parsed_content("lr_scheduler")
+    iterations = len(workflow.parser.get_parsed_content("train#dataloader"))
+    assert scheduler.t_total == 3 * iterations
+    assert scheduler.warmup_steps <= scheduler.t_total / 10
+
+
+def test_short_default_run_ends_with_model_and_keeps_shipped_weights(tiny_phantom_dataset, tmp_path):
+    """A run shorter than val_interval, with the default ckpt_dir: model.pt written, bundle/models untouched."""
+    bundle_root = tmp_path / "bundle"
+    shutil.copytree(BUNDLE / "configs", bundle_root / "configs")
+    shutil.copytree(BUNDLE / "models", bundle_root / "models")
+    shipped = (bundle_root / "models" / "model.pt").read_bytes()
+    workflow = _workflow(tiny_phantom_dataset, bundle_root=bundle_root, epochs=1, val_interval=10)
+    workflow.run()
+    assert (bundle_root / "models" / "model.pt").read_bytes() == shipped
+    assert sorted(p.name for p in (bundle_root / "models").iterdir()) == ["model.pt", "model.ts"]
+    assert workflow.parser.get_parsed_content("validate#evaluator").state.best_metric_epoch == 1
+    state = torch.load(bundle_root / "runs" / "fold0" / "model.pt", weights_only=True)
+    assert state.keys() == workflow.parser.get_parsed_content("network").state_dict().keys()
+
+
+@pytest.mark.parametrize("validation_cases", [2, 0])
+def test_monailabel_fine_tune_updates_the_served_weights(tiny_phantom_dataset, tmp_path, validation_cases):
+    """What MONAI Label 0.8.5's BundleTrainTask does to the served copy, without the server.
+
+    Same overrides and the same call (``monai.bundle.run`` with the Slicer plugin's empty ``run_id``);
+    MONAI Label's ``val_split`` can leave no validation case, then the final weights are saved.
+    """
+    served = unpack_served_bundle(package_bundle(tmp_path / "ctp_stroke.zip"), tmp_path / "model")
+    weights = served / "models" / "model.pt"
+    shipped = weights.read_bytes()
+    train_config = monai.bundle.ConfigParser.load_config_file(served / "configs" / "train.json")
+    train_handlers = train_config["train"]["handlers"]
+    train_handlers.insert(0, {"_target_": "CheckpointLoader", "load_path": str(weights),
+                              "load_dict": {"model": "$@network"}, "strict": False})  # fmt: skip
+    cases = [{"image": e["image"], "label": e["label"]} for e in fold_datalist(tiny_phantom_dataset, -1, "train")]
+    sys.path.insert(0, str(served))
+    try:
+        monai.bundle.run(
+            run_id="", init_id=None, final_id=None, meta_file=str(served / "configs" / "metadata.json"),
+            config_file=str(served / "configs" / "train.json"), logging_file=False,
+            **{"bundle_root": str(served), "train#trainer#max_epochs": 2, "device": torch.device("cpu"),
+               "train#dataset#data": cases[validation_cases:], "validate#dataset#data": cases[:validation_cases],
+               "train#handlers": train_handlers,
+               **{k: v for k, v in TINY_TRAINING.items() if k not in ("epochs", "val_interval")}},
+        )  # fmt: skip
+    finally:
+        sys.path.remove(str(served))
+    assert weights.read_bytes() != shipped
+    state = torch.load(weights, weights_only=True)
+    assert state.keys() == torch.load(BUNDLE / "models" / "model.pt", weights_only=True).keys()
+
+
+def test_resume_keeps_the_best_metric(tiny_phantom_dataset, tmp_path):
+    """After --resume_ckpt a validation worse than the recorded best must not replace model.pt."""
+    first = _workflow(tiny_phantom_dataset, ckpt_dir=str(tmp_path), output_dir=str(tmp_path / "logs"), epochs=2,
+                      val_interval=1)  # fmt: skip
+    first.parser.get_parsed_content("train#trainer").add_event_handler(
+        Events.EPOCH_COMPLETED(once=1), lambda engine: engine.terminate()
+    )
+    first.run()
+    checkpoint_path = latest_checkpoint(tmp_path)
+    checkpoint = torch.load(checkpoint_path, weights_only=True)
+    assert checkpoint["best_metric"]["best_metric_epoch"] == 1
+    # Record an unbeatable best so that the resumed validation is certainly worse.
+    checkpoint["best_metric"]["best_metric"] = 1.0
+    checkpoint["best_metric"]["best_model_saver"]["_saved"] = [(1.0, "model.pt")]
+    torch.save(checkpoint, checkpoint_path)
+    best_model = (tmp_path / "model.pt").read_bytes()
+
+    resumed = _workflow(tiny_phantom_dataset, ckpt_dir=str(tmp_path), output_dir=str(tmp_path / "logs"), epochs=2,
+                        val_interval=1, resume_ckpt=str(checkpoint_path))  # fmt: skip
+    resumed.run()
+    validator = resumed.parser.get_parsed_content("validate#evaluator")
+    assert validator.state.epoch == 2  # the resumed run did validate
+    assert (validator.state.best_metric, validator.state.best_metric_epoch) == (1.0, 1)
+    assert (tmp_path / "model.pt").read_bytes() == best_model
+
+
+def _training_state(workflow):
+    """Epoch, iteration, learning rate, optimizer moments and best-metric record of a training workflow."""
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    optimizer = workflow.parser.get_parsed_content("optimizer")
+    validator = workflow.parser.get_parsed_content("validate#evaluator")
+    return {
+        "epoch": trainer.state.epoch,
+        "iteration": trainer.state.iteration,
+        "lr": optimizer.param_groups[0]["lr"],
+        "exp_avg": [s["exp_avg"].clone() for s in optimizer.state.values()],
+        "best": (validator.state.best_metric, validator.state.best_metric_epoch),
+    }
+
+
+@pytest.mark.integration
+def test_kill_9_then_resume_continues_with_the_same_state(tiny_phantom_dataset, tmp_path):
+    """Training killed with SIGKILL resumes from its last completed epoch with the uninterrupted run's state."""
+    epochs = 4
+    settings = {"epochs": epochs, "val_interval": 1}
+    uninterrupted = _workflow(tiny_phantom_dataset, ckpt_dir=str(tmp_path / "full"), output_dir=str(tmp_path / "l1"),
+                              **settings)  # fmt: skip
+    per_epoch = {}
+    uninterrupted.parser.get_parsed_content("train#trainer").add_event_handler(
+        Events.EPOCH_COMPLETED, lambda engine: per_epoch.update({engine.state.epoch: _training_state(uninterrupted)})
+    )
+    uninterrupted.run()
+
+    ckpt_dir = tmp_path / "killed"
+    command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(CONFIGS / "train.json"),
+               "--bundle_root", str(BUNDLE), "--dataset_dir", str(tiny_phantom_dataset), "--ckpt_dir", str(ckpt_dir),
+               "--output_dir", str(tmp_path / "l2"), *override_arguments({**TINY_TRAINING, **settings})]  # fmt: skip
+    training = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in training.stdout:  # CheckpointSaver logs this once the epoch's checkpoint is written
+            if "Saved checkpoint at epoch: 2" in line:
+                break
+        else:
+            pytest.fail("training ended before it was killed")
+    finally:
+        os.kill(training.pid, signal.SIGKILL)
+        training.wait()
+    resume = latest_checkpoint(ckpt_dir)
+    completed = int(resume.stem.split("=")[1])
+    assert completed == 2
+
+    resumed = _workflow(tiny_phantom_dataset, ckpt_dir=str(ckpt_dir), output_dir=str(tmp_path / "l3"),
+                        resume_ckpt=str(resume), **settings)  # fmt: skip
+    at_start = {}  # after the checkpoint is loaded (at STARTED), before the first resumed iteration
+    resumed.parser.get_parsed_content("train#trainer").add_event_handler(
+        Events.EPOCH_STARTED, lambda engine: at_start or at_start.update(_training_state(resumed))
+    )
+    resumed.run()
+    expected = per_epoch[completed]
+    assert (at_start["epoch"] - 1, at_start["iteration"]) == (expected["epoch"], expected["iteration"])
+    assert at_start["lr"] == pytest.approx(expected["lr"])
+    assert at_start["best"] == pytest.approx(expected["best"])
+    assert all(torch.allclose(a, b) for a, b in zip(at_start["exp_avg"], expected["exp_avg"]))
+    final = _training_state(resumed)
+    assert (final["epoch"], final["iteration"]) == (per_epoch[epochs]["epoch"], per_epoch[epochs]["iteration"])
+    assert final["lr"] == pytest.approx(per_epoch[epochs]["lr"])
