@@ -23,7 +23,11 @@ COMMANDS = {
     "deploy": "custom.deploy:deploy",
     "onnx": "custom.onnx_export:export_onnx",
     "package": "custom.package:package_bundle",
-    "perfusion": "custom.perfusion.commands:COMMANDS",
+    "perfusion": {
+        "maps": "custom.perfusion.commands:maps",
+        "bench": "custom.perfusion.commands:benchmark",
+        "accuracy": "custom.perfusion.commands:accuracy",
+    },
     "monailabel-app": "custom.monailabel_app:prepare_monailabel_app",
 }
 
