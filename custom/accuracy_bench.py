@@ -7,8 +7,9 @@ case labelled and used only for scoring. Every method gets the same wall-clock t
 same data, and every method's masks are scored by the same code (``custom.metrics.case_metrics``):
 
 - ``bundle``: ``python -m monai.bundle run training`` with train.json as shipped, ``time_budget_s`` set, and
-  ``epochs`` / ``val_interval`` fitted to the budget from a short calibration run (so the learning-rate
-  schedule and validation cadence match the budget); the test set is segmented with inference.json.
+  ``epochs``, ``val_interval`` and ``warmup_epochs`` fitted to the budget from a short calibration run (so the
+  learning-rate schedule and validation cadence match the budget); the test set is segmented with
+  inference.json.
 - ``monai_unet``: the plain recipe a MONAI user writes (``UNet`` + ``DiceCELoss``, percentile normalisation,
   flips, ``SupervisedTrainer``), stopped by the same time limit.
 - ``nnunet_2d``: nnU-Net v2 ``2d`` (dataset conversion, ``nnUNetv2_plan_and_preprocess``, nnU-Net's trainer
@@ -35,7 +36,7 @@ import numpy as np
 
 from custom.atomic import write_atomically, write_text_atomically
 from custom.baseline import run_baseline
-from custom.crossval import override_arguments
+from custom.crossval import latest_checkpoint, override_arguments
 from custom.data.datalist import fold_datalist, load_dataset_json
 from custom.data.isles2018 import prepare_isles2018
 from custom.data.phantom import write_phantom
@@ -122,6 +123,13 @@ def epochs_for_budget(budget_s: float, epoch_s: float, validation_s: float, vali
     return val_interval * (epochs // val_interval), val_interval
 
 
+def scaled_warmup_epochs(epochs: int) -> int:
+    """train.json's warm-up as the same fraction of ``epochs`` as it is of train.json's own ``epochs`` (at least
+    one epoch), so that a budget-sized run is not spent warming up."""
+    recipe = json.loads((BUNDLE_ROOT / "configs" / "train.json").read_text())
+    return max(1, round(epochs * recipe["warmup_epochs"] / recipe["epochs"]))
+
+
 def _bundle_command(config: str, arguments: dict) -> list[str]:
     configs = [str(BUNDLE_ROOT / "configs" / config)]
     return [sys.executable, "-m", "monai.bundle", "run", "--config_file", repr(configs), *override_arguments(arguments)]
@@ -144,7 +152,8 @@ def calibrate_bundle(train_dataset: Path, out: Path, overrides: dict) -> tuple[f
     }
     _run(_bundle_command("train.json", arguments) + ["training"], log_file)
     text = log_file.read_text()
-    trainer, evaluator = ignite_epoch_seconds(text, "SupervisedTrainer"), ignite_epoch_seconds(text, "SupervisedEvaluator")
+    trainer = ignite_epoch_seconds(text, "SupervisedTrainer")
+    evaluator = ignite_epoch_seconds(text, "SupervisedEvaluator")
     if len(trainer) != 3 or len(evaluator) != 1:
         raise RuntimeError(f"'{log_file}' does not hold Ignite's timing of 3 epochs and 1 validation")
     # The trainer's epoch 3 includes the validation that ran at its end.
@@ -159,6 +168,7 @@ def run_bundle(train_dataset: Path, test_images: list[str], out: Path, budget_s:
     epochs, val_interval = epochs_for_budget(budget_s, epoch_s, validation_s, validations)
     print(f"bundle: {epoch_s:.2f} s per epoch, {validation_s:.2f} s per validation -> epochs {epochs}, "
           f"val_interval {val_interval}", flush=True)
+    warmup_epochs = overrides.get("warmup_epochs", scaled_warmup_epochs(epochs))
     models = out / "models"
     shutil.rmtree(models, ignore_errors=True)
     train_arguments = {
@@ -170,26 +180,30 @@ def run_bundle(train_dataset: Path, test_images: list[str], out: Path, budget_s:
         **overrides,
         "epochs": epochs,
         "val_interval": val_interval,
+        "warmup_epochs": warmup_epochs,
         "time_budget_s": budget_s,
     }
     started = time.time()
     _run(_bundle_command("train.json", train_arguments) + ["training"], out / "train.log")
     train_s = time.time() - started
-    if not (models / "model.pt").is_file():
-        raise RuntimeError(f"the bundle saved no '{models / 'model.pt'}' (no validation within the budget?); "
-                           f"see '{out / 'train.log'}'")
+    # model.pt is the best validated model; if the budget ran out before the first validation (a machine slower
+    # than the calibration measured), the last epoch's checkpoint is used and the facts say so.
+    checkpoint = models / "model.pt" if (models / "model.pt").is_file() else latest_checkpoint(models)
+    if checkpoint is None:
+        raise RuntimeError(f"the bundle saved no checkpoint in '{models}'; see '{out / 'train.log'}'")
     epochs_run = len(ignite_epoch_seconds((out / "train.log").read_text(), "SupervisedTrainer"))
     datalist = write_text_atomically(out / "test_images.json", json.dumps(test_images, indent=1))
     infer_arguments = {
         "bundle_root": str(BUNDLE_ROOT),
         "datalist": f"%{datalist}",
-        "ckpt_path": str(models / "model.pt"),
+        "ckpt_path": str(checkpoint),
         "output_dir": str(out / "masks"),
         **{k: v for k, v in overrides.items() if k == "num_workers"},
     }
     _run(_bundle_command("inference.json", infer_arguments) + ["run"], out / "inference.log")
     facts = {"train_seconds": round(train_s, 1), "epochs_planned": epochs, "epochs_run": epochs_run,
-             "val_interval": val_interval, "calibration_epoch_seconds": round(epoch_s, 2),
+             "val_interval": val_interval, "warmup_epochs": warmup_epochs, "checkpoint": checkpoint.name,
+             "calibration_epoch_seconds": round(epoch_s, 2),
              "calibration_validation_seconds": round(validation_s, 2)}
     return facts
 
@@ -248,7 +262,9 @@ def train_plain_unet(dataset_dir: Path, out: Path, budget_s: int, val_interval: 
     device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     network = plain_unet_network().to(device)
     keys = ["image", "label"]
-    train_data = CacheDataset(fold_datalist(dataset_dir, INNER_VALIDATION_FOLD, "train"), plain_unet_transforms(keys, True))
+    train_data = CacheDataset(
+        fold_datalist(dataset_dir, INNER_VALIDATION_FOLD, "train"), plain_unet_transforms(keys, True)
+    )
     validate_data = CacheDataset(
         fold_datalist(dataset_dir, INNER_VALIDATION_FOLD, "validate"), plain_unet_transforms(keys, False)
     )
@@ -301,7 +317,7 @@ def predict_plain_unet(model_path: Path, test_entries: list[dict], test_dataset:
     for entry in test_entries:
         image = preprocess({"image": str(test_dataset / entry["image"])})["image"]
         if image.shape[1] % 16 or image.shape[2] % 16:
-            raise ValueError(f"{entry['image']}: the plain recipe needs H and W divisible by 16, got {image.shape[1:3]}")
+            raise ValueError(f"{entry['image']}: the plain recipe needs H and W divisible by 16, got {image.shape}")
         with torch.no_grad():
             logits = inferer(image[None].to(device), network)
         _save_mask(logits[0].argmax(0).cpu().numpy(), image.affine.numpy(), masks / f"{entry['case']}.nii.gz")
@@ -378,9 +394,8 @@ def train_nnunet_for_budget(budget_s: float, iterations_per_epoch: int, val_iter
         )
         with torch.no_grad():
             trainer.on_validation_epoch_start()
-            trainer.on_validation_epoch_end(
-                [trainer.validation_step(next(trainer.dataloader_val)) for _ in range(trainer.num_val_iterations_per_epoch)]
-            )
+            batches = range(trainer.num_val_iterations_per_epoch)
+            trainer.on_validation_epoch_end([trainer.validation_step(next(trainer.dataloader_val)) for _ in batches])
         trainer.on_epoch_end()
         epoch_s = time.time() - epoch_started
         if trainer.current_epoch == 1:
@@ -404,8 +419,8 @@ def run_nnunet(train_dataset: Path, test_dataset: Path, out: Path, budget_s: int
     test_images, split = write_nnunet_raw(train_dataset, test_dataset, Path(env["nnUNet_raw"]))
     bin_dir = Path(sys.executable).parent
     log_file = out / "nnunet.log"
-    _run([str(bin_dir / "nnUNetv2_plan_and_preprocess"), "-d", str(NNUNET_DATASET_ID), "-c", "2d", "-np", "1", "-npfp", "1",
-          "--verify_dataset_integrity"], log_file, env)
+    plan = [str(bin_dir / "nnUNetv2_plan_and_preprocess"), "-d", str(NNUNET_DATASET_ID), "-c", "2d"]
+    _run(plan + ["-np", "1", "-npfp", "1", "--verify_dataset_integrity"], log_file, env)
     write_text_atomically(Path(env["nnUNet_preprocessed"]) / NNUNET_DATASET / "splits_final.json", json.dumps([split]))
     facts_file = out / "nnunet_training.json"
     call = (f"from custom.accuracy_bench import train_nnunet_for_budget; "
@@ -528,10 +543,10 @@ def run_accuracy_bench(
     if unknown or not names:
         raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}")
     out = Path(out).resolve()
-    train_dataset = phantom_dataset(out / "train", train_cases or sizes["train_cases"], train_seed, size or sizes["size"],
-                                    folds=4 if not quick else 2)
-    test_dataset = phantom_dataset(out / "test", test_cases or sizes["test_cases"], test_seed, size or sizes["size"],
-                                   folds=2)
+    size = size or sizes["size"]
+    train_folds = 2 if quick else 4  # fold 0 is the inner validation split
+    train_dataset = phantom_dataset(out / "train", train_cases or sizes["train_cases"], train_seed, size, train_folds)
+    test_dataset = phantom_dataset(out / "test", test_cases or sizes["test_cases"], test_seed, size, 2)
     test_entries = load_dataset_json(test_dataset, ("training",))["training"]
     overrides = {**(QUICK_BUNDLE_OVERRIDES if quick else {}), **bundle_overrides}
 

@@ -1,4 +1,4 @@
-"""The fixed-budget accuracy benchmark: budget arithmetic, the table, the bundle's time budget, the command end to end."""
+"""The fixed-budget accuracy benchmark: budget arithmetic, the table, the time budget, the command end to end."""
 
 import csv
 import math
@@ -94,3 +94,10 @@ def test_quick_benchmark_scores_every_method_on_the_same_cases(tmp_path):
         assert all(math.isfinite(float(row["dice"])) for row in rows)
         case_sets.append({row["case"] for row in rows})
     assert all(cases == case_sets[0] for cases in case_sets) and len(case_sets[0]) == int(table["bundle"]["cases"])
+
+
+def test_warm_up_keeps_the_recipe_fraction_of_a_budget_sized_run():
+    from custom.accuracy_bench import scaled_warmup_epochs
+
+    assert scaled_warmup_epochs(2) == 1
+    assert 1 <= scaled_warmup_epochs(30) < 30 / 4

@@ -99,3 +99,27 @@ def test_a_volume_without_brain_is_refused():
 def test_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="mode"):
         ContralateralChannels("sideways")
+
+
+def test_documented_override_feeds_the_network_twice_the_channels(tiny_phantom_dataset):
+    """The override of docs/results.md ("Hemisphere symmetry"): validation data and network agree on 10 channels."""
+    from conftest import CONFIGS
+    from monai.bundle import ConfigParser
+
+    override = {
+        "network_def#in_channels": 10,
+        "train#deterministic_transforms#2": {
+            "_target_": "Compose",
+            "transforms": [
+                {"_target_": "custom.transforms.NormalizeWithinBraind", "keys": "image"},
+                {"_target_": "custom.symmetry.ContralateralChannelsd", "keys": "image", "mode": "difference"},
+            ],
+        },
+    }
+    parser = ConfigParser(ConfigParser.load_config_files([str(CONFIGS / "train.json")]))
+    for key, value in {**override, "dataset_dir": str(tiny_phantom_dataset), "device": "cpu"}.items():
+        parser[key] = value
+    item = parser.get_parsed_content("validate#preprocessing")(parser.get_parsed_content("validate#datalist")[0])
+    assert item["image"].shape[0] == 10
+    logits = parser.get_parsed_content("network")(item["image"][None, ..., 0])
+    assert logits.shape[:2] == (1, 2)
