@@ -136,8 +136,9 @@ def _bundle_command(config: str, arguments: dict) -> list[str]:
 
 
 def calibrate_bundle(train_dataset: Path, out: Path, overrides: dict) -> tuple[float, float]:
-    """Seconds per training epoch and per validation of the bundle, measured by a 3-epoch run (validated at
-    epoch 3); the first epoch is left out of the epoch time (it pays for warming up)."""
+    """Seconds per training epoch and per validation of the bundle, measured by a 3-epoch run validated at
+    epoch 3: epoch 2 gives the epoch time (epoch 1 pays for warming up), epoch 3 minus epoch 2 the validation
+    with its handlers."""
     log_file = out / "calibration.log"
     log_file.unlink(missing_ok=True)
     arguments = {
@@ -156,8 +157,8 @@ def calibrate_bundle(train_dataset: Path, out: Path, overrides: dict) -> tuple[f
     evaluator = ignite_epoch_seconds(text, "SupervisedEvaluator")
     if len(trainer) != 3 or len(evaluator) != 1:
         raise RuntimeError(f"'{log_file}' does not hold Ignite's timing of 3 epochs and 1 validation")
-    # The trainer's epoch 3 includes the validation that ran at its end.
-    return (trainer[1] + trainer[2] - evaluator[0]) / 2, evaluator[0]
+    # The trainer's epoch 3 includes the validation that ran at its end and its handlers (checkpoint, images).
+    return trainer[1], max(trainer[2] - trainer[1], evaluator[0])
 
 
 def run_bundle(train_dataset: Path, test_images: list[str], out: Path, budget_s: int, overrides: dict) -> dict:
@@ -373,8 +374,9 @@ def train_nnunet_for_budget(budget_s: float, iterations_per_epoch: int, val_iter
 
     nnU-Net has no time limit and plans 1000 epochs of 250 iterations. Here one epoch is trained and timed,
     then the epoch count (and the poly learning-rate schedule, which runs over it) is set to what fits the
-    budget; training also stops before an epoch that would not finish in time. nnU-Net's own epoch steps
-    (train, pseudo-Dice validation, checkpoint_best, checkpoint_final) are called as its ``run_training`` does.
+    budget; training stops at the first iteration past the budget (that epoch's pseudo-Dice validation still
+    runs). nnU-Net's own epoch steps (train, pseudo-Dice validation, checkpoint_best, checkpoint_final) are
+    called as its ``run_training`` does.
     """
     import torch
     from nnunetv2.run.run_training import get_trainer_from_args
@@ -384,14 +386,18 @@ def train_nnunet_for_budget(budget_s: float, iterations_per_epoch: int, val_iter
     trainer.num_iterations_per_epoch = iterations_per_epoch
     trainer.num_val_iterations_per_epoch = val_iterations
     trainer.on_train_start()
-    started, epoch_s = time.time(), 0.0
-    while trainer.current_epoch < trainer.num_epochs and time.time() - started + epoch_s <= budget_s:
+    started, iterations = time.time(), 0
+    while trainer.current_epoch < trainer.num_epochs and time.time() - started < budget_s:
         epoch_started = time.time()
         trainer.on_epoch_start()
         trainer.on_train_epoch_start()
-        trainer.on_train_epoch_end(
-            [trainer.train_step(next(trainer.dataloader_train)) for _ in range(trainer.num_iterations_per_epoch)]
-        )
+        outputs = []
+        for _ in range(trainer.num_iterations_per_epoch):
+            outputs.append(trainer.train_step(next(trainer.dataloader_train)))
+            iterations += 1
+            if time.time() - started > budget_s:
+                break
+        trainer.on_train_epoch_end(outputs)
         with torch.no_grad():
             trainer.on_validation_epoch_start()
             batches = range(trainer.num_val_iterations_per_epoch)
@@ -405,6 +411,7 @@ def train_nnunet_for_budget(budget_s: float, iterations_per_epoch: int, val_iter
     trainer.on_train_end()
     facts = {"budgeted_loop_seconds": round(train_s, 1), "epochs_planned": trainer.num_epochs,
              "epochs_run": trainer.current_epoch, "iterations_per_epoch": iterations_per_epoch,
+             "iterations_run": iterations,
              "batch_size": trainer.batch_size, "patch_size": list(trainer.configuration_manager.patch_size)}
     write_text_atomically(facts_file, json.dumps(facts, indent=2))
 
