@@ -172,6 +172,8 @@ def run_bundle(train_dataset: Path, test_images: list[str], out: Path, budget_s:
     warmup_epochs = overrides.get("warmup_epochs", scaled_warmup_epochs(epochs))
     models = out / "models"
     shutil.rmtree(models, ignore_errors=True)
+    for log in ("train.log", "inference.log"):
+        (out / log).unlink(missing_ok=True)
     train_arguments = {
         "bundle_root": str(BUNDLE_ROOT),
         "dataset_dir": str(train_dataset),
@@ -199,7 +201,8 @@ def run_bundle(train_dataset: Path, test_images: list[str], out: Path, budget_s:
         "datalist": f"%{datalist}",
         "ckpt_path": str(checkpoint),
         "output_dir": str(out / "masks"),
-        **{k: v for k, v in overrides.items() if k == "num_workers"},
+        # overrides that mean the same in inference.json (the network, e.g. more input channels)
+        **{k: v for k, v in overrides.items() if k == "num_workers" or k.startswith("network_def")},
     }
     _run(_bundle_command("inference.json", infer_arguments) + ["run"], out / "inference.log")
     facts = {"train_seconds": round(train_s, 1), "epochs_planned": epochs, "epochs_run": epochs_run,
@@ -534,7 +537,8 @@ def run_accuracy_bench(
         train_cases, test_cases, size: phantom sizes (default 40, 60, 256).
         train_seed, test_seed: phantom seeds; they must differ, so the test patients are new patients.
         monai_unet_val_interval: epochs between validations of the plain recipe (default 5; 1 with ``--quick``).
-        bundle_overrides: bundle overrides for the ``bundle`` method, e.g. ``--loss#ce_max_weight 1``.
+        bundle_overrides: bundle overrides for the ``bundle`` method's training, e.g. ``--loss#ce_max_weight 1``;
+            ``network_def#...`` and ``num_workers`` reach its inference too.
 
     A method whose ``cases.csv`` exists in ``out`` is reused, not rerun (delete its folder to rerun). A
     method that fails is reported and the others still run; the command then raises.
