@@ -20,6 +20,7 @@ COMMANDS = {
     "curves": "custom.result_figures:plot_curves",
     "montage": "custom.result_figures:plot_montage",
     "baseline": "custom.baseline:run_baseline",
+    "accuracy-bench": "custom.accuracy_bench:run_accuracy_bench",
     "deploy": "custom.deploy:deploy",
     "onnx": "custom.onnx_export:export_onnx",
     "package": "custom.package:package_bundle",

@@ -1,0 +1,612 @@
+"""Fixed-budget accuracy benchmark: the bundle against what a user would run instead, on an independent test phantom.
+
+Why it exists: cross-validation on the demo phantom selects checkpoints and defaults on the cases it then
+scores. This benchmark keeps a test set that nothing is tuned on: a training phantom (checkpoints are
+selected on fold 0 of it, an inner validation split) and a test phantom drawn from another seed, every
+case labelled and used only for scoring. Every method gets the same wall-clock training budget and the
+same data, and every method's masks are scored by the same code (``custom.metrics.case_metrics``):
+
+- ``bundle``: ``python -m monai.bundle run training`` with train.json as shipped, ``time_budget_s`` set, and
+  ``epochs``, ``val_interval`` and ``warmup_epochs`` fitted to the budget from a short calibration run (so the
+  learning-rate schedule and validation cadence match the budget); the test set is segmented with
+  inference.json.
+- ``monai_unet``: the plain recipe a MONAI user writes (``UNet`` + ``DiceCELoss``, percentile normalisation,
+  flips, ``SupervisedTrainer``), stopped by the same time limit.
+- ``nnunet_2d``: nnU-Net v2 ``2d`` (dataset conversion, ``nnUNetv2_plan_and_preprocess``, nnU-Net's trainer
+  with its epoch count fitted to the budget after one measured epoch, ``nnUNetv2_predict``).
+- ``threshold``: the rCBF < 30 % rule of ``custom.baseline`` (no training).
+
+``python -m custom accuracy-bench --help`` lists the options; docs/results.md has the commands and results.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from custom.atomic import write_atomically, write_text_atomically
+from custom.baseline import run_baseline
+from custom.crossval import latest_checkpoint, override_arguments
+from custom.data.datalist import fold_datalist, load_dataset_json
+from custom.data.isles2018 import prepare_isles2018
+from custom.data.phantom import write_phantom
+from custom.metrics import case_metrics
+from custom.reporting import (
+    paired_comparison,
+    read_case_csv,
+    summarise,
+    write_case_csv,
+    write_markdown,
+    write_summary_csv,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+BUNDLE_ROOT = REPO / "bundle"
+METHODS = ("bundle", "monai_unet", "nnunet_2d", "threshold")
+DESCRIPTIONS = {
+    "bundle": "the bundle (train.json defaults, epochs fitted to the budget)",
+    "monai_unet": "plain MONAI UNet + DiceCELoss recipe",
+    "nnunet_2d": "nnU-Net v2, 2d configuration",
+    "threshold": "threshold rule rCBF < 30 % within Tmax > 6 s",
+}
+TABLE_METRICS = ("dice", "hd95_mm", "avd_ml", "lesion_f1")
+INNER_VALIDATION_FOLD = 0
+# Full size as in the issue; --quick: seconds-long runs for the end-to-end test.
+FULL = {"train_cases": 40, "test_cases": 60, "size": 256}
+QUICK = {"train_cases": 8, "test_cases": 4, "size": 64}
+QUICK_BUNDLE_OVERRIDES = {"num_workers": 0, "batch_size": 2, "samples_per_volume": 2, "patch_size": [32, 32]}
+NNUNET_DATASET_ID = 990
+NNUNET_DATASET = f"Dataset{NNUNET_DATASET_ID}_CTPPhantom"
+# The bundle validates (and may save model.pt) this many times within the budget, spending at most
+# VALIDATION_SHARE of it on validation, but at least once (the end of the run).
+VALIDATIONS_PER_RUN = 5
+VALIDATION_SHARE = 0.25
+
+
+def _run(command: list[str], log_file: Path, env: dict | None = None) -> None:
+    """Run ``command`` with its output appended to ``log_file``; raise naming the log if it fails."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    print(" ".join(command), flush=True)
+    environment = {**os.environ, **(env or {})}
+    environment["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), environment.get("PYTHONPATH", "")) if p)
+    with open(log_file, "a") as log:
+        completed = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=environment, cwd=REPO)
+    if completed.returncode != 0:
+        raise RuntimeError(f"'{command[0]} ...' failed with exit code {completed.returncode}; see '{log_file}'")
+
+
+def phantom_dataset(folder: Path, cases: int, seed: int, size: int, folds: int) -> Path:
+    """A converted dataset of ``cases`` labelled phantom cases in ``folder/dataset`` (reused when present).
+
+    Every case is written to the ISLES 2018 TRAINING split (so it has a label) and converted by the real
+    converter, exactly as a user's data would be.
+    """
+    dataset_dir = folder / "dataset"
+    if (dataset_dir / "dataset.json").is_file():
+        print(f"reusing the dataset '{dataset_dir}'", flush=True)
+        return dataset_dir
+    raw = Path(write_phantom(folder / "isles2018", cases=cases, test_cases=0, seed=seed, size=size, overwrite=True))
+    prepare_isles2018(raw / "TRAINING", dataset_dir, patients=raw / "patients.csv", folds=folds, overwrite=True)
+    return dataset_dir
+
+
+# ---------------------------------------------------------------------------------------------- the bundle
+
+
+def ignite_epoch_seconds(log_text: str, engine: str) -> list[float]:
+    """Seconds per epoch of ``engine`` ("SupervisedTrainer" or "SupervisedEvaluator") from Ignite's log lines
+    ``... ignite.engine.engine.<engine> - INFO - Epoch[N] Complete. Time taken: HH:MM:SS.fff``."""
+    pattern = rf"engine\.{engine} - INFO - Epoch\[\d+\] Complete\. Time taken: (\d+):(\d+):([\d.]+)"
+    return [int(h) * 3600 + int(m) * 60 + float(s) for h, m, s in re.findall(pattern, log_text)]
+
+
+def epochs_for_budget(budget_s: float, epoch_s: float, validation_s: float, validations: int) -> tuple[int, int]:
+    """(epochs, val_interval) so that ``epochs`` training epochs and about ``validations`` validations fit in
+    ``budget_s``; ``epochs`` is a multiple of ``val_interval`` so the last epoch is validated. At least one
+    epoch: when not even that fits, the time limit ends it and the latest checkpoint is used."""
+    epochs = int((budget_s - validations * validation_s) // epoch_s)
+    if epochs < 1:
+        print(f"a budget of {budget_s:g} s does not fit one epoch ({epoch_s:.1f} s) and {validations} validation(s) "
+              f"({validation_s:.1f} s each): planning one epoch, which the time limit will cut", flush=True)
+        return 1, 1
+    val_interval = max(1, epochs // validations)
+    return val_interval * (epochs // val_interval), val_interval
+
+
+def scaled_warmup_epochs(epochs: int) -> int:
+    """train.json's warm-up as the same fraction of ``epochs`` as it is of train.json's own ``epochs`` (at least
+    one epoch), so that a budget-sized run is not spent warming up."""
+    recipe = json.loads((BUNDLE_ROOT / "configs" / "train.json").read_text())
+    return max(1, round(epochs * recipe["warmup_epochs"] / recipe["epochs"]))
+
+
+def _bundle_command(config: str, arguments: dict) -> list[str]:
+    configs = [str(BUNDLE_ROOT / "configs" / config)]
+    return [sys.executable, "-m", "monai.bundle", "run", "--config_file", repr(configs), *override_arguments(arguments)]
+
+
+def calibrate_bundle(train_dataset: Path, out: Path, overrides: dict) -> tuple[float, float]:
+    """Seconds per training epoch and per validation of the bundle, measured by a 3-epoch run validated at
+    epoch 3: epoch 2 gives the epoch time (epoch 1 pays for warming up), epoch 3 minus epoch 2 the validation
+    with its handlers."""
+    log_file = out / "calibration.log"
+    log_file.unlink(missing_ok=True)
+    arguments = {
+        "bundle_root": str(BUNDLE_ROOT),
+        "dataset_dir": str(train_dataset),
+        "fold": INNER_VALIDATION_FOLD,
+        "ckpt_dir": str(out / "calibration_models"),
+        "output_dir": str(out / "calibration_logs"),
+        **overrides,
+        "epochs": 3,
+        "val_interval": 3,
+    }
+    _run(_bundle_command("train.json", arguments) + ["training"], log_file)
+    text = log_file.read_text()
+    trainer = ignite_epoch_seconds(text, "SupervisedTrainer")
+    evaluator = ignite_epoch_seconds(text, "SupervisedEvaluator")
+    if len(trainer) != 3 or len(evaluator) != 1:
+        raise RuntimeError(f"'{log_file}' does not hold Ignite's timing of 3 epochs and 1 validation")
+    # The trainer's epoch 3 includes the validation that ran at its end and its handlers (checkpoint, images).
+    return trainer[1], max(trainer[2] - trainer[1], evaluator[0])
+
+
+def run_bundle(train_dataset: Path, test_images: list[str], out: Path, budget_s: int, overrides: dict) -> dict:
+    """Train the bundle for ``budget_s`` seconds, segment ``test_images`` with inference.json into
+    ``out/masks/<image>_seg.nii.gz``; returns facts about the run."""
+    epoch_s, validation_s = calibrate_bundle(train_dataset, out, overrides)
+    validations = max(1, min(VALIDATIONS_PER_RUN, int(VALIDATION_SHARE * budget_s // validation_s)))
+    epochs, val_interval = epochs_for_budget(budget_s, epoch_s, validation_s, validations)
+    print(f"bundle: {epoch_s:.2f} s per epoch, {validation_s:.2f} s per validation -> epochs {epochs}, "
+          f"val_interval {val_interval}", flush=True)
+    warmup_epochs = overrides.get("warmup_epochs", scaled_warmup_epochs(epochs))
+    models = out / "models"
+    shutil.rmtree(models, ignore_errors=True)
+    for log in ("train.log", "inference.log"):
+        (out / log).unlink(missing_ok=True)
+    train_arguments = {
+        "bundle_root": str(BUNDLE_ROOT),
+        "dataset_dir": str(train_dataset),
+        "fold": INNER_VALIDATION_FOLD,
+        "ckpt_dir": str(models),
+        "output_dir": str(out / "train_logs"),
+        **overrides,
+        "epochs": epochs,
+        "val_interval": val_interval,
+        "warmup_epochs": warmup_epochs,
+        "time_budget_s": budget_s,
+    }
+    started = time.time()
+    _run(_bundle_command("train.json", train_arguments) + ["training"], out / "train.log")
+    train_s = time.time() - started
+    # model.pt is the best validated model; if the budget ran out before the first validation (a machine slower
+    # than the calibration measured), the last epoch's checkpoint is used and the facts say so.
+    checkpoint = models / "model.pt" if (models / "model.pt").is_file() else latest_checkpoint(models)
+    if checkpoint is None:
+        raise RuntimeError(f"the bundle saved no checkpoint in '{models}'; see '{out / 'train.log'}'")
+    epochs_run = len(ignite_epoch_seconds((out / "train.log").read_text(), "SupervisedTrainer"))
+    datalist = write_text_atomically(out / "test_images.json", json.dumps(test_images, indent=1))
+    infer_arguments = {
+        "bundle_root": str(BUNDLE_ROOT),
+        "datalist": f"%{datalist}",
+        "ckpt_path": str(checkpoint),
+        "output_dir": str(out / "masks"),
+        # overrides that mean the same in inference.json (the network, e.g. more input channels)
+        **{k: v for k, v in overrides.items() if k == "num_workers" or k.startswith("network_def")},
+    }
+    _run(_bundle_command("inference.json", infer_arguments) + ["run"], out / "inference.log")
+    facts = {"train_seconds": round(train_s, 1), "epochs_planned": epochs, "epochs_run": epochs_run,
+             "val_interval": val_interval, "warmup_epochs": warmup_epochs, "checkpoint": checkpoint.name,
+             "calibration_epoch_seconds": round(epoch_s, 2),
+             "calibration_validation_seconds": round(validation_s, 2)}
+    return facts
+
+
+# ------------------------------------------------------------------------- the plain MONAI recipe (a peer)
+
+
+def plain_unet_transforms(keys: list[str], training: bool):
+    """The plain recipe's transforms: percentile normalisation per channel; for training, whole-slice crops
+    (1:1 lesion : background centres) and flips."""
+    from monai import transforms as mt
+
+    steps = [
+        mt.LoadImaged(keys, image_only=True),
+        mt.EnsureChannelFirstd(keys),
+        mt.ScaleIntensityRangePercentilesd(
+            "image", lower=1, upper=99, b_min=0.0, b_max=1.0, clip=True, channel_wise=True
+        ),
+    ]
+    if training:
+        steps += [
+            mt.RandCropByPosNegLabeld(keys, label_key="label", spatial_size=(-1, -1, 1), pos=1, neg=1, num_samples=4),
+            mt.SqueezeDimd(keys, dim=3),
+            mt.RandFlipd(keys, prob=0.5, spatial_axis=0),
+            mt.RandFlipd(keys, prob=0.5, spatial_axis=1),
+        ]
+    return mt.Compose(steps)
+
+
+def plain_unet_network():
+    """MONAI's UNet as the tutorials build it: 2D, five levels, residual units, batch norm."""
+    from monai.networks.nets import UNet
+
+    return UNet(spatial_dims=2, in_channels=5, out_channels=2, channels=(16, 32, 64, 128, 256),
+                strides=(2, 2, 2, 2), num_res_units=2)
+
+
+def train_plain_unet(dataset_dir: Path, out: Path, budget_s: int, val_interval: int, num_workers: int) -> dict:
+    """Train the plain recipe on the training folds for ``budget_s`` seconds, validating every ``val_interval``
+    epochs and at the end, and keep the checkpoint with the best validation Dice on the inner fold as
+    ``out/model.pt``; returns facts about the run."""
+    import torch
+    from ignite.engine import Events
+    from monai.data import CacheDataset, DataLoader
+    from monai.engines import SupervisedEvaluator, SupervisedTrainer
+    from monai.handlers import CheckpointSaver, MeanDice, ValidationHandler, from_engine
+    from monai.inferers import SliceInferer
+    from monai.losses import DiceCELoss
+    from monai.transforms import Activationsd, AsDiscreted, Compose
+    from monai.utils import set_determinism
+
+    from custom.time_budget import TrainingTimeLimit
+
+    started = time.time()
+    set_determinism(seed=0)
+    device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    network = plain_unet_network().to(device)
+    keys = ["image", "label"]
+    train_data = CacheDataset(
+        fold_datalist(dataset_dir, INNER_VALIDATION_FOLD, "train"), plain_unet_transforms(keys, True)
+    )
+    validate_data = CacheDataset(
+        fold_datalist(dataset_dir, INNER_VALIDATION_FOLD, "validate"), plain_unet_transforms(keys, False)
+    )
+    evaluator = SupervisedEvaluator(
+        device=device,
+        val_data_loader=DataLoader(validate_data, batch_size=1, num_workers=num_workers),
+        network=network,
+        inferer=SliceInferer(roi_size=(-1, -1), spatial_dim=2, sw_batch_size=16),
+        postprocessing=Compose([Activationsd("pred", softmax=True),
+                                AsDiscreted(["pred", "label"], argmax=[True, False], to_onehot=2)]),
+        key_val_metric={"val_mean_dice": MeanDice(include_background=False,
+                                                  output_transform=from_engine(["pred", "label"]))},
+        val_handlers=[CheckpointSaver(str(out), {"model": network}, save_key_metric=True,
+                                      key_metric_filename="model.pt")],
+    )
+    validation = ValidationHandler(val_interval, evaluator)
+    trainer = SupervisedTrainer(
+        device=device,
+        max_epochs=1_000_000,  # the time limit ends the run
+        train_data_loader=DataLoader(train_data, batch_size=4, shuffle=True, num_workers=num_workers),
+        network=network,
+        optimizer=torch.optim.Adam(network.parameters(), 1e-3),
+        loss_function=DiceCELoss(to_onehot_y=True, softmax=True),
+        train_handlers=[validation, TrainingTimeLimit(budget_s)],
+    )
+    trainer.add_event_handler(Events.COMPLETED, validation)  # the model the time limit stopped at is a candidate too
+    trainer.run()
+    if not (out / "model.pt").is_file():
+        raise RuntimeError(f"the plain recipe saved no '{out / 'model.pt'}' (no validation Dice above 0?)")
+    return {"train_seconds": round(time.time() - started, 1), "epochs_run": trainer.state.epoch,
+            "val_interval": val_interval, "best_validation_dice": round(float(evaluator.state.best_metric), 4)}
+
+
+
+def _save_mask(mask: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    write_atomically(path, lambda temporary: nib.save(nib.Nifti1Image(mask.astype(np.uint8), affine), temporary))
+
+
+def predict_plain_unet(model_path: Path, test_entries: list[dict], test_dataset: Path, masks: Path) -> None:
+    """Segment every test case slice by slice with the plain recipe's model into ``masks/<case>.nii.gz``."""
+    import torch
+    from ignite.handlers import Checkpoint
+    from monai.inferers import SliceInferer
+
+    device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    network = plain_unet_network().to(device).eval()
+    Checkpoint.load_objects({"model": network}, torch.load(model_path, map_location=device, weights_only=True))
+    inferer = SliceInferer(roi_size=(-1, -1), spatial_dim=2, sw_batch_size=16)
+    preprocess = plain_unet_transforms(["image"], training=False)
+    for entry in test_entries:
+        image = preprocess({"image": str(test_dataset / entry["image"])})["image"]
+        if image.shape[1] % 16 or image.shape[2] % 16:
+            raise ValueError(f"{entry['image']}: the plain recipe needs H and W divisible by 16, got {image.shape}")
+        with torch.no_grad():
+            logits = inferer(image[None].to(device), network)
+        _save_mask(logits[0].argmax(0).cpu().numpy(), image.affine.numpy(), masks / f"{entry['case']}.nii.gz")
+
+
+# ------------------------------------------------------------------------------------- nnU-Net v2 (a peer)
+
+
+def nnunet_environment(root: Path) -> dict:
+    """nnU-Net's three folders, set as environment variables for its commands (it reads them at import)."""
+    return {name: str(root / folder) for name, folder in
+            (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "preprocessed"), ("nnUNet_results", "results"))}
+
+
+def _split_channels(image_path: Path, case: str, folder: Path) -> None:
+    """Write a (H, W, D, C) image as nnU-Net's one file per channel, ``<case>_<CCCC>.nii.gz``."""
+    image = nib.load(image_path)
+    data = np.asanyarray(image.dataobj)
+    for channel in range(data.shape[3]):
+        target = folder / f"{case}_{channel:04d}.nii.gz"
+        channel_image = nib.Nifti1Image(np.ascontiguousarray(data[..., channel]), image.affine)
+        write_atomically(target, lambda temporary, img=channel_image: nib.save(img, temporary))
+
+
+def write_nnunet_raw(train_dataset: Path, test_dataset: Path, raw_root: Path) -> tuple[Path, dict]:
+    """Convert the training dataset (with labels) and the test images to nnU-Net's raw format; returns the test
+    image folder and the split (fold 0 = the inner validation fold, as for the other methods)."""
+    train, test = load_dataset_json(train_dataset, ("modality", "training")), load_dataset_json(test_dataset)
+    folder = raw_root / NNUNET_DATASET
+    for entry in train["training"]:
+        _split_channels(train_dataset / entry["image"], entry["case"], folder / "imagesTr")
+        label = nib.load(train_dataset / entry["label"])
+        _save_mask(np.asanyarray(label.dataobj), label.affine, folder / "labelsTr" / f"{entry['case']}.nii.gz")
+    for entry in test["training"]:
+        _split_channels(test_dataset / entry["image"], entry["case"], folder / "imagesTs")
+    description = {
+        "channel_names": train["modality"],
+        "labels": {"background": 0, "lesion": 1},
+        "numTraining": len(train["training"]),
+        "file_ending": ".nii.gz",
+    }
+    write_text_atomically(folder / "dataset.json", json.dumps(description, indent=2))
+    split = {
+        "train": [e["case"] for e in train["training"] if e["fold"] != INNER_VALIDATION_FOLD],
+        "val": [e["case"] for e in train["training"] if e["fold"] == INNER_VALIDATION_FOLD],
+    }
+    return folder / "imagesTs", split
+
+
+def train_nnunet_for_budget(budget_s: float, iterations_per_epoch: int, val_iterations: int, facts_file: str) -> None:
+    """Train nnU-Net's default trainer (2d, fold 0) for ``budget_s`` seconds; run in a process whose environment
+    names nnU-Net's folders.
+
+    nnU-Net has no time limit and plans 1000 epochs of 250 iterations. Here one epoch is trained and timed,
+    then the epoch count (and the poly learning-rate schedule, which runs over it) is set to what fits the
+    budget; training stops at the first iteration past the budget (that epoch's pseudo-Dice validation still
+    runs). nnU-Net's own epoch steps (train, pseudo-Dice validation, checkpoint_best, checkpoint_final) are
+    called as its ``run_training`` does.
+    """
+    import torch
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    trainer = get_trainer_from_args(str(NNUNET_DATASET_ID), "2d", INNER_VALIDATION_FOLD, device=device)
+    trainer.num_iterations_per_epoch = iterations_per_epoch
+    trainer.num_val_iterations_per_epoch = val_iterations
+    trainer.on_train_start()
+    started, iterations = time.time(), 0
+    while trainer.current_epoch < trainer.num_epochs and time.time() - started < budget_s:
+        epoch_started = time.time()
+        trainer.on_epoch_start()
+        trainer.on_train_epoch_start()
+        outputs = []
+        for _ in range(trainer.num_iterations_per_epoch):
+            outputs.append(trainer.train_step(next(trainer.dataloader_train)))
+            iterations += 1
+            if time.time() - started > budget_s:
+                break
+        trainer.on_train_epoch_end(outputs)
+        with torch.no_grad():
+            trainer.on_validation_epoch_start()
+            batches = range(trainer.num_val_iterations_per_epoch)
+            trainer.on_validation_epoch_end([trainer.validation_step(next(trainer.dataloader_val)) for _ in batches])
+        trainer.on_epoch_end()
+        epoch_s = time.time() - epoch_started
+        if trainer.current_epoch == 1:
+            trainer.num_epochs = max(1, int(budget_s // epoch_s))
+            trainer.lr_scheduler.max_steps = trainer.num_epochs
+    train_s = time.time() - started
+    trainer.on_train_end()
+    facts = {"budgeted_loop_seconds": round(train_s, 1), "epochs_planned": trainer.num_epochs,
+             "epochs_run": trainer.current_epoch, "iterations_per_epoch": iterations_per_epoch,
+             "iterations_run": iterations,
+             "batch_size": trainer.batch_size, "patch_size": list(trainer.configuration_manager.patch_size)}
+    write_text_atomically(facts_file, json.dumps(facts, indent=2))
+
+
+def run_nnunet(train_dataset: Path, test_dataset: Path, out: Path, budget_s: int, iterations: tuple[int, int]) -> dict:
+    """nnU-Net v2 2d end to end in ``out/nnunet`` (raw, preprocessed, results); masks in ``out/masks``."""
+    import torch
+
+    root = out / "nnunet"
+    shutil.rmtree(root, ignore_errors=True)
+    env = nnunet_environment(root)
+    test_images, split = write_nnunet_raw(train_dataset, test_dataset, Path(env["nnUNet_raw"]))
+    bin_dir = Path(sys.executable).parent
+    log_file = out / "nnunet.log"
+    plan = [str(bin_dir / "nnUNetv2_plan_and_preprocess"), "-d", str(NNUNET_DATASET_ID), "-c", "2d"]
+    _run(plan + ["-np", "1", "-npfp", "1", "--verify_dataset_integrity"], log_file, env)
+    write_text_atomically(Path(env["nnUNet_preprocessed"]) / NNUNET_DATASET / "splits_final.json", json.dumps([split]))
+    facts_file = out / "nnunet_training.json"
+    call = (f"from custom.accuracy_bench import train_nnunet_for_budget; "
+            f"train_nnunet_for_budget({budget_s}, {iterations[0]}, {iterations[1]}, {str(facts_file)!r})")
+    started = time.time()
+    _run([sys.executable, "-c", call], log_file, env)
+    wall_s = time.time() - started
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    _run([str(bin_dir / "nnUNetv2_predict"), "-i", str(test_images), "-o", str(out / "masks"), "-d",
+          str(NNUNET_DATASET_ID), "-c", "2d", "-f", str(INNER_VALIDATION_FOLD), "-chk", "checkpoint_final.pth",
+          "-device", device, "-npp", "1", "-nps", "1", "--disable_progress_bar"], log_file, env)
+    facts = json.loads(facts_file.read_text())
+    return {**facts, "train_seconds": round(wall_s, 1)}
+
+
+# ------------------------------------------------------------------------------------------- scoring
+
+
+def score_masks(test_dataset: Path, method: str, mask_path) -> list[dict]:
+    """Per-case metrics of one method: ``mask_path(entry)`` names its mask of each labelled test case."""
+    rows = []
+    for entry in load_dataset_json(test_dataset, ("training",))["training"]:
+        path = Path(mask_path(entry))
+        if not path.is_file():
+            raise FileNotFoundError(f"{method}: no mask '{path}' for test case '{entry['case']}'")
+        label_image = nib.load(test_dataset / entry["label"])
+        label, pred = np.asanyarray(label_image.dataobj), np.asanyarray(nib.load(path).dataobj)
+        if pred.shape != label.shape:
+            raise ValueError(f"{method}: mask '{path}' has shape {pred.shape}, its label {label.shape}")
+        row = {"method": method, "case": entry["case"], "patient": entry.get("patient", "")}
+        row.update(case_metrics(pred, label, nib.affines.voxel_sizes(label_image.affine)))
+        rows.append(row)
+    return rows
+
+
+def comparison_rows(cases: dict[str, list[dict]], facts: dict[str, dict], reference: str) -> list[dict]:
+    """One row per method: mean, std and median of the table metrics over the test cases, HD95 over the cases
+    where every method has one (so the means compare the same cases), and the paired Dice difference to
+    ``reference``."""
+    hd95_defined = [{r["case"] for r in rows if not math.isnan(float(r["hd95_mm"]))} for rows in cases.values()]
+    common = set.intersection(*hd95_defined)
+    result = []
+    for method, rows in cases.items():
+        overall = summarise(rows, TABLE_METRICS, group_key="method")[-1]
+        row = {"method": method, "description": DESCRIPTIONS[method], "cases": len(rows)}
+        for metric in TABLE_METRICS:
+            values = [float(r[metric]) for r in rows if metric != "hd95_mm" or r["case"] in common]
+            finite = np.array([v for v in values if not math.isnan(v)])
+            row[f"{metric}_mean"] = float(finite.mean()) if finite.size else math.nan
+            row[f"{metric}_std"] = float(finite.std()) if finite.size else math.nan
+            row[f"{metric}_median"] = float(np.median(finite)) if finite.size else math.nan
+            row[f"{metric}_n"] = int(finite.size)
+        row["dice_median"] = overall["dice_median"]
+        comparison = paired_comparison(cases[reference], rows, "dice")
+        row.update({f"dice_vs_{reference}_{k}": v for k, v in comparison.items() if k != "metric"})
+        row.update(facts.get(method, {}))
+        result.append(row)
+    return result
+
+
+def comparison_markdown(rows: list[dict], reference: str) -> str:
+    """The benchmark table: metric means ± std (median) and the paired Dice difference to ``reference``."""
+    header = ["method", "test cases", "Dice", "HD95 mm (same cases)", "AVD mL", "lesion F1",
+              f"Dice - {reference} (paired mean ± std; better / worse)", "training wall s", "epochs"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [f"{row['method']}: {row['description']}", str(row["cases"])]
+        for metric in TABLE_METRICS:
+            cell = f"{row[f'{metric}_mean']:.3f} ± {row[f'{metric}_std']:.3f} ({row[f'{metric}_median']:.3f})"
+            cells.append(cell + (f", n={row[f'{metric}_n']}" if metric == "hd95_mm" else ""))
+        prefix = f"dice_vs_{reference}_"
+        cells.append(f"{row[prefix + 'mean_difference']:+.3f} ± {row[prefix + 'std_difference']:.3f}; "
+                     f"{row[prefix + 'improved']} / {row[prefix + 'worse']}")
+        cells.append(str(row.get("train_seconds", "-")))
+        cells.append(str(row.get("epochs_run", "-")))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------- the command
+
+
+def run_accuracy_bench(
+    out: str = "runs/accuracy",
+    budget_s: int | None = None,
+    quick: bool = False,
+    methods: str | list[str] = ",".join(METHODS),
+    train_cases: int | None = None,
+    test_cases: int | None = None,
+    size: int | None = None,
+    train_seed: int = 2026,
+    test_seed: int = 9026,
+    monai_unet_val_interval: int | None = None,
+    **bundle_overrides,
+) -> list[dict]:
+    """Train every method for the same wall-clock budget on a training phantom and score it on a test phantom.
+
+    Args:
+        out: run folder: ``train/`` and ``test/`` (the phantoms), one folder per method (logs, models,
+            ``masks/``, ``cases.csv``, ``facts.json``), and ``accuracy.md`` / ``accuracy.csv``.
+        budget_s: training seconds per method (default 720; 15 with ``--quick``).
+        quick: tiny sizes (8 training cases, 4 test cases, 64 x 64, small batches) for the end-to-end test.
+        methods: comma-separated subset of bundle, monai_unet, nnunet_2d, threshold.
+        train_cases, test_cases, size: phantom sizes (default 40, 60, 256).
+        train_seed, test_seed: phantom seeds; they must differ, so the test patients are new patients.
+        monai_unet_val_interval: epochs between validations of the plain recipe (default 5; 1 with ``--quick``).
+        bundle_overrides: bundle overrides for the ``bundle`` method's training, e.g. ``--loss#ce_max_weight 1``;
+            ``network_def#...`` and ``num_workers`` reach its inference too.
+
+    A method whose ``cases.csv`` exists in ``out`` is reused, not rerun (delete its folder to rerun). A
+    method that fails is reported and the others still run; the command then raises.
+    """
+    if train_seed == test_seed:
+        raise ValueError("train_seed and test_seed must differ: the test phantom must hold other patients")
+    sizes = QUICK if quick else FULL
+    budget_s = int(budget_s if budget_s is not None else (15 if quick else 720))
+    if budget_s <= 0:
+        raise ValueError(f"--budget_s must be a positive number of seconds, got {budget_s}")
+    names = [m for m in (methods.split(",") if isinstance(methods, str) else list(methods)) if m]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown or not names:
+        raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    out = Path(out).resolve()
+    size = size or sizes["size"]
+    train_folds = 2 if quick else 4  # fold 0 is the inner validation split
+    train_dataset = phantom_dataset(out / "train", train_cases or sizes["train_cases"], train_seed, size, train_folds)
+    test_dataset = phantom_dataset(out / "test", test_cases or sizes["test_cases"], test_seed, size, 2)
+    test_entries = load_dataset_json(test_dataset, ("training",))["training"]
+    overrides = {**(QUICK_BUNDLE_OVERRIDES if quick else {}), **bundle_overrides}
+
+    def run_method(method: str, folder: Path) -> tuple[dict, object]:
+        """Run one method; returns its facts and the function naming its mask of a test entry."""
+        masks = folder / "masks"
+        by_case = lambda entry: masks / f"{entry['case']}.nii.gz"  # noqa: E731
+        if method == "bundle":
+            images = [str(test_dataset / e["image"]) for e in test_entries]
+            facts = run_bundle(train_dataset, images, folder, budget_s, overrides)
+            return facts, lambda entry: masks / f"{Path(entry['image']).name.split('.')[0]}_seg.nii.gz"
+        if method == "monai_unet":
+            val_interval = monai_unet_val_interval or (1 if quick else 5)
+            facts = train_plain_unet(train_dataset, folder, budget_s, val_interval=val_interval,
+                                     num_workers=0 if quick else 2)
+            predict_plain_unet(folder / "model.pt", test_entries, test_dataset, masks)
+            return facts, by_case
+        if method == "nnunet_2d":
+            return run_nnunet(train_dataset, test_dataset, folder, budget_s, (5, 2) if quick else (50, 10)), by_case
+        run_baseline(str(test_dataset), str(folder), save_masks=True)
+        return {}, by_case
+
+    cases, facts, failures = {}, {}, {}
+    for method in names:
+        folder = out / method
+        if (folder / "cases.csv").is_file():
+            print(f"{method}: reusing '{folder / 'cases.csv'}'", flush=True)
+        else:
+            folder.mkdir(parents=True, exist_ok=True)
+            try:
+                method_facts, mask_path = run_method(method, folder)
+            except Exception as error:  # one failing peer must not cost the others' hours
+                failures[method] = f"{type(error).__name__}: {error}"
+                print(f"{method} FAILED: {failures[method]}", flush=True)
+                continue
+            method_facts = {"budget_s": budget_s if method != "threshold" else 0, **method_facts}
+            write_text_atomically(folder / "facts.json", json.dumps(method_facts, indent=2, default=str))
+            write_case_csv(score_masks(test_dataset, method, mask_path), str(folder / "cases.csv"))
+        cases[method] = read_case_csv(str(folder / "cases.csv"))
+        facts[method] = json.loads((folder / "facts.json").read_text())
+
+    if cases:
+        reference = "bundle" if "bundle" in cases else next(iter(cases))
+        rows = comparison_rows(cases, facts, reference)
+        title = (f"# Accuracy at a {budget_s} s training budget: {len(test_entries)} test cases "
+                 f"(phantom seed {test_seed}), trained on phantom seed {train_seed}\n\n")
+        write_summary_csv(rows, str(out / "accuracy.csv"))
+        write_markdown(title + comparison_markdown(rows, reference), str(out / "accuracy.md"))
+        print(title + comparison_markdown(rows, reference))
+    if failures:
+        raise RuntimeError(f"methods failed: {failures}")
+    return rows

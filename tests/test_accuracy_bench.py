@@ -1,0 +1,102 @@
+"""The fixed-budget accuracy benchmark: budget arithmetic, the table, the time budget, the command end to end."""
+
+import csv
+import math
+
+import pytest
+from conftest import CONFIGS, TINY_TRAINING
+from monai.bundle import ConfigWorkflow
+
+from custom.accuracy_bench import METHODS, comparison_rows, epochs_for_budget, ignite_epoch_seconds
+from custom.time_budget import TrainingTimeLimit
+
+
+def test_epochs_fit_the_budget_and_end_on_a_validation():
+    budget, epoch_s, validation_s, validations = 720, 19.0, 7.0, 5
+    epochs, val_interval = epochs_for_budget(budget, epoch_s, validation_s, validations)
+    assert epochs >= 1 and epochs % val_interval == 0
+    assert epochs * epoch_s + (epochs // val_interval) * validation_s <= budget
+    assert (epochs + val_interval) * epoch_s + (epochs // val_interval + 1) * validation_s > budget * 0.8
+
+
+def test_a_budget_too_small_for_one_epoch_plans_one_epoch_for_the_time_limit_to_cut():
+    assert epochs_for_budget(10, 12.0, 1.0, 5) == (1, 1)
+
+
+def test_epoch_times_are_read_from_ignite_logs():
+    log = (
+        "2026-11-25 01:04:12,432 - ignite.engine.engine.SupervisedTrainer - INFO - Epoch[1] Complete. "
+        "Time taken: 00:01:02.500\n"
+        "2026-11-25 01:04:12,741 - ignite.engine.engine.SupervisedEvaluator - INFO - Epoch[3] Complete. "
+        "Time taken: 00:00:00.165\n"
+    )
+    assert ignite_epoch_seconds(log, "SupervisedTrainer") == [62.5]
+    assert ignite_epoch_seconds(log, "SupervisedEvaluator") == [0.165]
+
+
+def _rows(method, dice, hd95):
+    return [
+        {"method": method, "case": f"case_{i}", "dice": d, "hd95_mm": h, "avd_ml": 1.0, "lesion_f1": 1.0}
+        for i, (d, h) in enumerate(zip(dice, hd95))
+    ]
+
+
+def test_distances_are_compared_on_the_cases_every_method_has():
+    nan = math.nan
+    cases = {"bundle": _rows("bundle", [0.5, 0.6, 0.0], [10.0, 20.0, nan]),
+             "threshold": _rows("threshold", [0.4, 0.0, 0.3], [30.0, nan, 50.0])}
+    rows = {row["method"]: row for row in comparison_rows(cases, {}, "bundle")}
+    assert rows["bundle"]["hd95_mm_n"] == rows["threshold"]["hd95_mm_n"] == 1  # only case_0 has both
+    assert rows["bundle"]["hd95_mm_mean"] == 10.0 and rows["threshold"]["hd95_mm_mean"] == 30.0
+    assert rows["threshold"]["dice_vs_bundle_mean_difference"] == pytest.approx((-0.1 - 0.6 + 0.3) / 3)
+
+
+@pytest.mark.parametrize("limit", [0, -3, 1.5, True, "60"])
+def test_time_budget_must_be_whole_positive_seconds(limit):
+    with pytest.raises(ValueError, match="time_budget_s"):
+        TrainingTimeLimit(limit)
+
+
+def test_time_budget_ends_a_bundle_training_run(tiny_phantom_dataset, tmp_path):
+    epochs = 300  # minutes of training at this size; the budget must end it after seconds
+    workflow = ConfigWorkflow(
+        config_file=str(CONFIGS / "train.json"),
+        meta_file=str(CONFIGS / "metadata.json"),
+        logging_file=False,
+        workflow_type="train",
+        bundle_root=str(CONFIGS.parent),
+        **{**TINY_TRAINING, "epochs": epochs, "val_interval": 1000},
+        dataset_dir=str(tiny_phantom_dataset),
+        ckpt_dir=str(tmp_path / "models"),
+        output_dir=str(tmp_path / "logs"),
+        time_budget_s=2,
+    )
+    workflow.initialize()
+    workflow.run()
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    assert 0 < trainer.state.epoch < epochs
+
+
+@pytest.mark.slow
+def test_quick_benchmark_scores_every_method_on_the_same_cases(tmp_path):
+    from custom.accuracy_bench import run_accuracy_bench
+
+    run_accuracy_bench(out=str(tmp_path), quick=True)
+    with open(tmp_path / "accuracy.csv") as f:
+        table = {row["method"]: row for row in csv.DictReader(f)}
+    assert set(table) == set(METHODS)
+    case_sets = []
+    for method in METHODS:
+        assert math.isfinite(float(table[method]["dice_mean"]))
+        with open(tmp_path / method / "cases.csv") as f:
+            rows = list(csv.DictReader(f))
+        assert all(math.isfinite(float(row["dice"])) for row in rows)
+        case_sets.append({row["case"] for row in rows})
+    assert all(cases == case_sets[0] for cases in case_sets) and len(case_sets[0]) == int(table["bundle"]["cases"])
+
+
+def test_warm_up_keeps_the_recipe_fraction_of_a_budget_sized_run():
+    from custom.accuracy_bench import scaled_warmup_epochs
+
+    assert scaled_warmup_epochs(2) == 1
+    assert 1 <= scaled_warmup_epochs(30) < 30 / 4
