@@ -27,8 +27,8 @@ class ValidationAtIntervalAndEnd(ValidationHandler):
     shorter than ``interval`` (``--epochs 1``, a MONAI Label fine-tune of a few epochs) never validates,
     the best-metric ``CheckpointSaver`` never writes ``model.pt``, and the epochs after the last multiple
     of ``interval`` are never considered. The last epoch is ``engine.state.max_epochs``, which is what
-    MONAI Label overrides (``train#trainer#max_epochs``); a run stopped early by ``terminate()`` keeps
-    the interval schedule only.
+    MONAI Label overrides (``train#trainer#max_epochs``). A run stopped early by ``terminate()`` (the
+    ``time_budget_s`` limit) is validated once more when it stops, so it too ends with a ``model.pt``.
     """
 
     def __init__(self, interval: int, validator: Evaluator | None = None, exec_at_start: bool = False) -> None:
@@ -39,6 +39,7 @@ class ValidationAtIntervalAndEnd(ValidationHandler):
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED(event_filter=self._due), self)
+        engine.add_event_handler(Events.TERMINATE, self)
         if self.exec_at_start:
             engine.add_event_handler(Events.STARTED, self)
 

@@ -75,6 +75,9 @@ def test_time_budget_ends_a_bundle_training_run(tiny_phantom_dataset, tmp_path):
     workflow.run()
     trainer = workflow.parser.get_parsed_content("train#trainer")
     assert 0 < trainer.state.epoch < epochs
+    # stopped by the budget before any interval validation, the run was still validated and left a model
+    assert workflow.parser.get_parsed_content("validate#evaluator").state.best_metric_epoch == trainer.state.epoch
+    assert (tmp_path / "models" / "model.pt").is_file()
 
 
 @pytest.mark.slow
