@@ -42,7 +42,8 @@ def run_ablation(
 
     ``variants`` picks from ``LOSS_VARIANTS`` (comma-separated); every variant gets the same folds and the
     same ``overrides`` (the budget: epochs, patch size, ...). Each row reports the overall mean ± std of the
-    case metrics and the paired per-case Dice difference against ``reference``. Finished folds are reused; a variant folder holding a run of other settings is refused.
+    case metrics and the paired per-case Dice difference against ``reference``. Finished folds are reused;
+    a variant folder holding a run of other settings is refused.
     """
     names = [v for v in (variants.split(",") if isinstance(variants, str) else list(variants)) if v]
     unknown = [v for v in names + [reference] if v not in LOSS_VARIANTS]

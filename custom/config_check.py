@@ -2,8 +2,10 @@
 
 Why it exists: ``python -m monai.bundle run --epochs abc`` fails deep inside Ignite with an error that
 names no config id, and ``--epochz 5`` is added to the configuration and silently ignored, so the run
-trains with the default epochs. MONAI validates neither. The configs' ``initialize`` calls
-``check_settings`` with the resolved values of their documented ids before anything is built.
+trains with the default epochs. MONAI validates neither. The configs' ``check_settings`` id, the first
+step of ``run``, calls ``check_settings`` with the resolved values of their documented ids before anything
+is built (not ``initialize``: MONAI puts the bundle root, and so a bundle's own copy of ``custom``, on the
+Python path only when ``run`` starts).
 """
 
 import inspect
@@ -13,7 +15,7 @@ import warnings
 from numbers import Real
 from pathlib import Path
 
-from monai.bundle import ConfigWorkflow
+from monai.bundle import ConfigParser
 from monai.bundle.utils import DEFAULT_EXP_MGMT_SETTINGS
 
 
@@ -56,10 +58,10 @@ WORKFLOW_IDS |= {key for settings in DEFAULT_EXP_MGMT_SETTINGS.values() for key 
 _REFERENCE = re.compile(r"[@%]([\w#:]+)")  # @id, @id#sub, %id::sub; the root id ends at # or ::
 
 
-def check_settings(**settings) -> None:
+def check_settings(bundle_root, **settings) -> None:
     """Refuse any of ``settings`` (documented id -> resolved value) that breaks ``SETTING_RULES``, ``fold``
-    outside ``range(num_folds)``, and any root id of the running workflow that nothing uses and that no
-    config file of its configs folder defines (a misspelt override).
+    outside ``range(num_folds)``, and any root id of the running configuration that nothing uses and that no
+    config file of ``bundle_root/configs`` defines (a misspelt override).
 
     All problems are reported in one ``ValueError``, each naming its config id.
     """
@@ -72,17 +74,17 @@ def check_settings(**settings) -> None:
         fold, num_folds = settings["fold"], settings.get("num_folds")
         if not _whole(fold) or (_whole(num_folds) and not 0 <= fold < num_folds):
             problems.append(f"config id 'fold' must be a whole number from 0 to num_folds - 1, got {fold!r}")
-    workflow = _running_workflow()
-    if workflow is None:
-        warnings.warn("config_check: not run by a ConfigWorkflow, so override ids were not checked")
+    parser, config_folder = _running_parser(), Path(str(bundle_root)) / "configs"
+    if parser is None or not config_folder.is_dir():
+        warnings.warn(f"config_check: no running ConfigParser or no '{config_folder}': override ids not checked")
     else:
-        config = workflow.parser.get()
-        known = known_ids(workflow.config_root_path)
+        config = parser.get()
+        known = known_ids(config_folder)
         unknown = [key for key in unused_root_ids(config) if key not in known]
         valid = ", ".join(sorted(key for key in config if key not in WORKFLOW_IDS and key not in unknown))
         problems += [
             f"config id '{key}' is used by nothing in the configuration and defined in no config of "
-            f"'{workflow.config_root_path}': a misspelt override? (ids of this configuration: {valid})"
+            f"'{config_folder}': a misspelt override? (ids of this configuration: {valid})"
             for key in unknown
         ]
     if problems:
@@ -116,13 +118,13 @@ def known_ids(config_folder) -> set[str]:
     return ids
 
 
-def _running_workflow() -> ConfigWorkflow | None:
-    """The ConfigWorkflow whose ``initialize`` is running: MONAI gives a config item no handle on it, but it
-    is on the call stack (``ConfigWorkflow._run_expr`` -> ``ConfigParser.get_parsed_content`` -> here)."""
+def _running_parser() -> ConfigParser | None:
+    """The ConfigParser resolving the calling config item: MONAI gives an item no handle on it, but it is on
+    the call stack (``ConfigParser.get_parsed_content`` -> reference resolver -> ``instantiate`` -> here)."""
     frame = inspect.currentframe()
     while frame is not None:
         candidate = frame.f_locals.get("self")
-        if isinstance(candidate, ConfigWorkflow):
+        if isinstance(candidate, ConfigParser):
             return candidate
         frame = frame.f_back
     return None

@@ -130,12 +130,14 @@ def claim_run_folder(run_dir: Path, configuration: dict) -> None:
 
 
 def check_overrides(config_files: list[str], arguments: dict, overrides: dict) -> None:
-    """Run the configs' ``initialize`` (custom.config_check) in this process, so that a mistyped or unknown
-    override stops the cross-validation before its folder is claimed, not in the first fold's log."""
+    """Resolve the configs' ``check_settings`` (custom.config_check) in this process, so that a mistyped or
+    unknown override stops the cross-validation before its folder is claimed, not in the first fold's log."""
     meta_file = str(Path(config_files[0]).parent / "metadata.json")
-    ConfigWorkflow(
+    workflow = ConfigWorkflow(
         config_file=config_files, meta_file=meta_file, logging_file=False, **arguments, **overrides
-    ).initialize()
+    )
+    workflow.initialize()
+    workflow.parser.get_parsed_content("check_settings")
 
 
 def _run_bundle(config_files: list[str], arguments: dict, overrides: dict, log_file: Path) -> None:

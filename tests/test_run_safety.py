@@ -55,8 +55,9 @@ def _error_chain(error: BaseException) -> str:
 )
 def test_bad_override_is_refused_naming_the_id(tmp_path, config_files, workflow_type, override, message):
     workflow = _workflow(config_files, workflow_type, dataset_dir=str(tmp_path), **override)
+    workflow.initialize()
     with pytest.raises(Exception) as raised:
-        workflow.initialize()
+        workflow.run()  # the check is run's first step, before anything is built
     assert message in _error_chain(raised.value)
 
 
@@ -66,6 +67,7 @@ def test_documented_overrides_pass_the_check(tiny_phantom_dataset, tmp_path):
         overrides = {**TINY_TRAINING, "fold": 1, "resume_ckpt": None} if workflow_type == "train" else {}
         workflow = _workflow(config_files, workflow_type, dataset_dir=str(tiny_phantom_dataset), **overrides)
         workflow.initialize()
+        workflow.parser.get_parsed_content("check_settings")
 
 
 def test_bundle_command_line_names_every_bad_override(tmp_path):
@@ -128,7 +130,8 @@ def test_checkpoint_that_runs_code_is_refused_by_deploy(tiny_phantom_dataset, tm
     checkpoint, marker = code_running_checkpoint
     image = tiny_phantom_dataset / "imagesTs" / "case_9.nii.gz"
     completed = subprocess.run(
-        [sys.executable, "-m", "custom", "deploy", str(image), "--model", str(checkpoint), "--out", str(tmp_path / "o")],
+        [sys.executable, "-m", "custom", "deploy", str(image), "--model", str(checkpoint),
+         "--out", str(tmp_path / "o")],
         capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     assert completed.returncode != 0
