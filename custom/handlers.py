@@ -2,6 +2,7 @@
 
 import csv
 import io
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -89,12 +90,16 @@ class NamedCheckpointLoader(CheckpointLoader):
     """MONAI's ``CheckpointLoader`` whose errors name the checkpoint file.
 
     Why it exists: a checkpoint of another architecture or channel count makes ``load_state_dict`` list the
-    missing, unexpected and mismatched weights, but not the file they came from.
+    missing, unexpected and mismatched weights, and ``weights_only=True`` refuses a pickle that would run
+    code, but neither error names the file they came from.
     """
 
     def __call__(self, engine: Engine) -> None:
         try:
             super().__call__(engine)
+        except pickle.UnpicklingError as err:
+            message = f"checkpoint '{self.load_path}' is refused by safe loading (weights_only=True): {err}"
+            raise RuntimeError(message) from err
         except (RuntimeError, KeyError) as err:
             raise RuntimeError(
                 f"checkpoint '{self.load_path}' does not fit {', '.join(map(str, self.load_dict))} "

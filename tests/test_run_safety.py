@@ -123,6 +123,7 @@ def test_checkpoint_that_runs_code_is_refused_by_the_bundle(
     with pytest.raises(Exception) as raised:
         workflow.run()
     assert "Weights only load failed" in _error_chain(raised.value)
+    assert f"checkpoint '{checkpoint}' is refused by safe loading" in _error_chain(raised.value)
     assert not marker.exists()
 
 
