@@ -60,7 +60,9 @@ def test_failed_checkpoint_write_keeps_the_previous_file(tmp_path):
             pass
 
     weights = Weights()
-    handler = CrashSafeCheckpointSaver(save_dir=str(tmp_path), save_dict={"model": weights}, save_final=True, final_filename="model.pt")
+    handler = CrashSafeCheckpointSaver(
+        save_dir=str(tmp_path), save_dict={"model": weights}, save_final=True, final_filename="model.pt"
+    )
     engine = Engine(lambda engine, batch: None)
     handler.completed(engine)
     saved = (tmp_path / "model.pt").read_bytes()

@@ -22,7 +22,7 @@ def _itk_image(volume: np.ndarray, spacing_mm):
 
 
 def register_frame(fixed, moving):
-    """The rigid (versor) 3D transform that maps ``fixed`` points into ``moving`` (ITK images), by ITK v4 registration."""
+    """The rigid (versor) 3D transform mapping ``fixed`` points into ``moving`` (ITK images), by ITK v4 registration."""
     import itk
 
     image_type = itk.Image[itk.F, 3]
