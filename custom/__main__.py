@@ -22,6 +22,7 @@ COMMANDS = {
     "deploy": "custom.deploy:deploy",
     "onnx": "custom.onnx_export:export_onnx",
     "package": "custom.package:package_bundle",
+    "bench": "custom.bench:bench",
 }
 
 
