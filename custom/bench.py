@@ -268,7 +268,8 @@ def time_plain_training(workflow, steps: int, channels_last: bool = False) -> di
     images, labels = batch["image"].as_tensor().to(device), batch["label"].as_tensor().to(device)
     network = parser.get_parsed_content("network_def", instantiate=True).to(device)
     if channels_last:
-        network, images = network.to(memory_format=torch.channels_last), images.contiguous(memory_format=torch.channels_last)
+        network = network.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
     loss_function = parser.get_parsed_content("loss", instantiate=True)
     optimizer = torch.optim.AdamW(network.parameters(), lr=parser["learning_rate"], weight_decay=1e-5)
     network.train()
@@ -287,9 +288,15 @@ def time_plain_training(workflow, steps: int, channels_last: bool = False) -> di
 def training_throughput(volumes, work: Path, sizes: Sizes) -> tuple[list, list, dict]:
     """(a) and (b): bundle against plain loop, full slices and patches; data-loading variants on patches."""
     # (name, patch, samples per volume, batch size, volumes): train.json's full slices and demo.json's patches.
-    configs = [("full slices", [-1, -1], 8, 4, sizes.train_cases), ("demo patches", list(sizes.patch), 4, 4, 2 * sizes.train_cases)]
+    configs = [
+        ("full slices", [-1, -1], 8, 4, sizes.train_cases),
+        ("demo patches", list(sizes.patch), 4, 4, 2 * sizes.train_cases),
+    ]
     if sizes is QUICK:
-        configs = [("full slices", [-1, -1], 2, 2, sizes.train_cases), ("demo patches", list(sizes.patch), 2, 2, sizes.train_cases)]
+        configs = [
+            ("full slices", [-1, -1], 2, 2, sizes.train_cases),
+            ("demo patches", list(sizes.patch), 2, 2, sizes.train_cases),
+        ]
     rows, variant_rows, rates = [], [], {}
     for name, patch, samples, batch, cases in configs:
         images = volumes[sizes.slices][:cases]
@@ -313,7 +320,9 @@ def training_throughput(volumes, work: Path, sizes: Sizes) -> tuple[list, list, 
             rates["patch_batch"] = plain["batch"]
             variants = [
                 (f"{loader}, num_workers={workers}", {"train#dataloader#_target_": loader, "num_workers": workers})
-                for loader, workers in (("DataLoader", 0), ("DataLoader", 2), ("DataLoader", 4), ("ThreadDataLoader", 0))
+                for loader, workers in (
+                    ("DataLoader", 0), ("DataLoader", 2), ("DataLoader", 4), ("ThreadDataLoader", 0)
+                )
             ]
             for label, override in variants:
                 run = time_bundle_training(
@@ -353,7 +362,8 @@ def distributed_throughput(volumes, work: Path, sizes: Sizes) -> list:
     for processes in (1, 2):
         result = work / f"ddp{processes}.json"
         arguments = {
-            "images": [str(p) for p in volumes[sizes.slices][: 2 * sizes.train_cases]], "work": str(work / f"ddp{processes}"),
+            "images": [str(p) for p in volumes[sizes.slices][: 2 * sizes.train_cases]],
+            "work": str(work / f"ddp{processes}"),
             "patch": list(sizes.patch), "epochs": sizes.train_epochs, "result": str(result),
         }
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
@@ -409,7 +419,8 @@ def _runner_pass(network, images, out):
     def run_once():
         for path in images:
             volume, affine = deploy.read_case(path)
-            deploy.write_mask(deploy.segment_volume(network, volume), affine, out / f"{deploy.case_name(path)}_seg.nii.gz")
+            mask = deploy.segment_volume(network, volume)
+            deploy.write_mask(mask, affine, out / f"{deploy.case_name(path)}_seg.nii.gz")
 
     return run_once
 
@@ -453,7 +464,9 @@ def inference_latency(volumes, work: Path, sizes: Sizes, models) -> tuple[list, 
     out = work / "infer"
     runners = {
         "inference.json (monai.bundle)": _bundle_pass(images, out / "bundle"),
-        "TorchScript (custom.deploy)": _runner_pass(torch.jit.load(str(models["torchscript"])).eval(), images, out / "ts"),
+        "TorchScript (custom.deploy)": _runner_pass(
+            torch.jit.load(str(models["torchscript"])).eval(), images, out / "ts"
+        ),
         "ONNX Runtime (OnnxNetwork)": _runner_pass(OnnxNetwork(models["onnx"]), images, out / "onnx"),
     }
     one = str(images[0])
@@ -605,7 +618,8 @@ def bench(quick: bool = False, out: str = "docs/performance.md", work_dir: str |
         "set during the measured block over its size at the block's start.\n",
         "## (a, b) Training throughput: train.json against a plain PyTorch loop\n",
         f"Training volumes of {sizes.slices} slices ({sizes.train_cases} for full slices, 8 per volume, batch 4; "
-        f"{2 * sizes.train_cases} for the demo's patches, 4 per volume, batch 4), {sizes.train_epochs} epochs of which the "
+        f"{2 * sizes.train_cases} for the demo's patches, 4 per volume, batch 4), {sizes.train_epochs} epochs of "
+        "which the "
         "first is the warm-up; slices/s is the median over the other epochs (epoch = from its start to the next, "
         "every handler included). Plain loop: the same network, loss, AdamW and batch on one pre-loaded batch, "
         f"median of {sizes.plain_steps} steps after 2 warm-up steps. Data wait = time inside the loader's `next()`"

@@ -55,7 +55,8 @@ def test_quick_bench_writes_every_table(tmp_path):
 def test_rerun_replaces_only_the_generated_block(tmp_path):
     out = tmp_path / "performance.md"
     out.write_text(f"# Title\nprose before\n{BEGIN}\nold tables\n{END}\nprose after\n")
-    assert with_tables(out, f"{BEGIN}\nnew tables\n{END}") == f"# Title\nprose before\n{BEGIN}\nnew tables\n{END}\nprose after\n"
+    expected = f"# Title\nprose before\n{BEGIN}\nnew tables\n{END}\nprose after\n"
+    assert with_tables(out, f"{BEGIN}\nnew tables\n{END}") == expected
 
 
 def test_refuses_to_overwrite_a_file_without_the_block(tmp_path):
