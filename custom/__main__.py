@@ -30,6 +30,7 @@ COMMANDS = {
         "accuracy": "custom.perfusion.commands:accuracy",
     },
     "monailabel-app": "custom.monailabel_app:prepare_monailabel_app",
+    "bench": "custom.bench:bench",
 }
 
 

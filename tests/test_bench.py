@@ -1,0 +1,66 @@
+"""``python -m custom bench --quick``: the harness runs end to end on tiny sizes and writes every table."""
+
+import re
+
+import pytest
+
+from custom.bench import BEGIN, END, bench, with_tables
+
+SECTIONS = {
+    "## Machine": ["item", "value"],
+    "## (a, b) Training throughput": ["configuration", "slices per step", "bundle slices/s", "plain slices/s", "ratio",
+                                      "data wait", "epochs peak MiB"],
+    "### Data-loading settings": ["train#dataloader", "bundle slices/s", "ratio to plain", "data wait"],
+    "## (c) Inference per volume": ["runner", "warm s/volume", "peak MiB", "cold start s"],
+    "## (d) Scaling": ["cases", "cache fill s", "cache MiB", "train epoch s", "train epoch peak MiB", "inference s",
+                       "inference peak MiB"],
+    "## (e) FLOPs": ["what", "slice", "GFLOP/slice", "achieved GFLOP/s", "of peak"],
+    "## (f) Distributed": ["processes", "threads per process", "slices/s", "data wait (rank 0)"],
+}
+NUMBER = re.compile(r"^\d+(\.\d+)?( %)?$")
+
+
+def _tables(text: str) -> dict[str, list[list[str]]]:
+    """Each section heading's first Markdown table, as rows of cells (header first, separator dropped)."""
+    tables, heading = {}, None
+    for line in text.splitlines():
+        if line.startswith("#"):
+            heading = line
+        elif line.startswith("|") and not line.startswith("|---"):
+            tables.setdefault(heading, []).append([cell.strip() for cell in line.strip("|").split("|")])
+    return tables
+
+
+@pytest.mark.integration
+def test_quick_bench_writes_every_table(tmp_path):
+    out = tmp_path / "performance.md"
+    bench(quick=True, out=str(out))
+    text = out.read_text()
+    assert BEGIN in text and END in text
+    assert "python -m custom bench --quick" in text
+    tables = _tables(text)
+    for prefix, header in SECTIONS.items():
+        (heading,) = [h for h in tables if h.startswith(prefix)]
+        assert tables[heading][0] == header, heading
+        assert len(tables[heading]) > 1, f"{heading} has no rows"
+    training = tables[next(h for h in tables if h.startswith("## (a, b)"))][1:]
+    assert [row[0].split(" (")[0] for row in training] == ["full slices", "demo patches"]
+    assert all(NUMBER.match(cell) for row in training for cell in row[1:]), training
+    runners = [row[0] for row in tables[next(h for h in tables if h.startswith("## (c)"))][1:]]
+    assert runners == ["inference.json (monai.bundle)", "TorchScript (custom.deploy)", "ONNX Runtime (OnnxNetwork)"]
+    processes = [row[0] for row in tables[next(h for h in tables if h.startswith("## (f)"))][1:]]
+    assert processes == ["1", "2"]
+
+
+def test_rerun_replaces_only_the_generated_block(tmp_path):
+    out = tmp_path / "performance.md"
+    out.write_text(f"# Title\nprose before\n{BEGIN}\nold tables\n{END}\nprose after\n")
+    expected = f"# Title\nprose before\n{BEGIN}\nnew tables\n{END}\nprose after\n"
+    assert with_tables(out, f"{BEGIN}\nnew tables\n{END}") == expected
+
+
+def test_refuses_to_overwrite_a_file_without_the_block(tmp_path):
+    out = tmp_path / "notes.md"
+    out.write_text("someone's notes\n")
+    with pytest.raises(ValueError, match="no .* block to replace"):
+        with_tables(out, f"{BEGIN}\nnew\n{END}")
