@@ -108,7 +108,7 @@ def test_documented_override_feeds_the_network_twice_the_channels(tiny_phantom_d
 
     override = {
         "network_def#in_channels": 10,
-        "train#deterministic_transforms#2": {
+        "train#deterministic_transforms#3": {
             "_target_": "Compose",
             "transforms": [
                 {"_target_": "custom.transforms.NormalizeWithinBraind", "keys": "image"},
