@@ -169,7 +169,9 @@ def write_volumes(folder: Path, sizes: Sizes) -> dict[int, list[Path]]:
     sources = json.loads((dataset / "dataset.json").read_text())["training"]
     counts = {depth: sizes.depth_volumes for depth in sizes.slice_counts}
     counts[sizes.case_depth] = max(sizes.case_counts)
-    counts[sizes.slices] = max(counts.get(sizes.slices, 0), 2 * sizes.train_cases, sizes.infer_volumes)
+    # (d) trains on the first N volumes of the training depth for every N in case_counts
+    counts[sizes.slices] = max(counts.get(sizes.slices, 0), 2 * sizes.train_cases, sizes.infer_volumes,
+                               max(sizes.case_counts))
     volumes: dict[int, list[Path]] = {}
     for depth, count in counts.items():
         out = folder / f"d{depth}"
