@@ -40,6 +40,7 @@ from custom.crossval import latest_checkpoint, override_arguments
 from custom.data.datalist import fold_datalist, load_dataset_json
 from custom.data.isles2018 import prepare_isles2018
 from custom.data.phantom import write_phantom
+from custom.deploy import write_mask
 from custom.metrics import case_metrics
 from custom.reporting import (
     paired_comparison,
@@ -302,11 +303,6 @@ def train_plain_unet(dataset_dir: Path, out: Path, budget_s: int, val_interval: 
             "val_interval": val_interval, "best_validation_dice": round(float(evaluator.state.best_metric), 4)}
 
 
-
-def _save_mask(mask: np.ndarray, affine: np.ndarray, path: Path) -> None:
-    write_atomically(path, lambda temporary: nib.save(nib.Nifti1Image(mask.astype(np.uint8), affine), temporary))
-
-
 def predict_plain_unet(model_path: Path, test_entries: list[dict], test_dataset: Path, masks: Path) -> None:
     """Segment every test case slice by slice with the plain recipe's model into ``masks/<case>.nii.gz``."""
     import torch
@@ -324,7 +320,7 @@ def predict_plain_unet(model_path: Path, test_entries: list[dict], test_dataset:
             raise ValueError(f"{entry['image']}: the plain recipe needs H and W divisible by 16, got {image.shape}")
         with torch.no_grad():
             logits = inferer(image[None].to(device), network)
-        _save_mask(logits[0].argmax(0).cpu().numpy(), image.affine.numpy(), masks / f"{entry['case']}.nii.gz")
+        write_mask(logits[0].argmax(0).cpu().numpy(), image.affine.numpy(), masks / f"{entry['case']}.nii.gz")
 
 
 # ------------------------------------------------------------------------------------- nnU-Net v2 (a peer)
@@ -354,7 +350,7 @@ def write_nnunet_raw(train_dataset: Path, test_dataset: Path, raw_root: Path) ->
     for entry in train["training"]:
         _split_channels(train_dataset / entry["image"], entry["case"], folder / "imagesTr")
         label = nib.load(train_dataset / entry["label"])
-        _save_mask(np.asanyarray(label.dataobj), label.affine, folder / "labelsTr" / f"{entry['case']}.nii.gz")
+        write_mask(np.asanyarray(label.dataobj), label.affine, folder / "labelsTr" / f"{entry['case']}.nii.gz")
     for entry in test["training"]:
         _split_channels(test_dataset / entry["image"], entry["case"], folder / "imagesTs")
     description = {

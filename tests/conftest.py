@@ -20,6 +20,20 @@ TINY_TRAINING = {
 }
 
 
+def bundle_workflow(config_files, workflow_type, **override):
+    """A ``ConfigWorkflow`` of the bundle's ``config_files`` (names under ``bundle/configs``) with ``override``."""
+    from monai.bundle import ConfigWorkflow
+
+    return ConfigWorkflow(
+        config_file=[str(CONFIGS / c) for c in config_files],
+        meta_file=str(CONFIGS / "metadata.json"),
+        logging_file=False,
+        workflow_type=workflow_type,
+        bundle_root=str(BUNDLE),
+        **override,
+    )
+
+
 @pytest.fixture(scope="session")
 def tiny_phantom_dataset(tmp_path_factory) -> Path:
     """A converted dataset of 8 training (2 folds) and 2 testing phantom cases, 64 x 64 in-plane."""

@@ -14,8 +14,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLE, CONFIGS, REPO, TINY_TRAINING
-from monai.bundle import ConfigParser, ConfigWorkflow
+from conftest import BUNDLE, CONFIGS, REPO, TINY_TRAINING, bundle_workflow
+from monai.bundle import ConfigParser
 
 from custom.data.datalist import fold_datalist, inference_datalist, screen_inference_images
 from custom.transforms import NormalizeWithinBrain, brain_quantiles
@@ -52,17 +52,6 @@ def _messages(error: BaseException) -> str:
         messages.append(str(error))
         error = error.__cause__ or error.__context__
     return "\n".join(messages)
-
-
-def _workflow(config_files, workflow_type, **override):
-    return ConfigWorkflow(
-        config_file=[str(CONFIGS / c) for c in config_files],
-        meta_file=str(CONFIGS / "metadata.json"),
-        logging_file=False,
-        workflow_type=workflow_type,
-        bundle_root=str(BUNDLE),
-        **override,
-    )
 
 
 def _network_checkpoint(path: Path, **network_changes) -> Path:
@@ -182,7 +171,7 @@ def test_fold_datalists_refuse_unusable_cases_naming_each(dataset_copy):
 def test_training_and_evaluation_refuse_before_any_dataloader(dataset_copy, tmp_path, configs):
     folder, dataset = dataset_copy
     damaged = _damage(folder, dataset)
-    workflow = _workflow(
+    workflow = bundle_workflow(
         configs, "train", dataset_dir=str(folder), ckpt_dir=str(tmp_path / "models"), output_dir=str(tmp_path / "out"),
         ckpt_path=str(_network_checkpoint(tmp_path / "model.pt")), **TINY_TRAINING,
     )
@@ -230,7 +219,7 @@ def test_two_inputs_never_write_one_output(tmp_path):
     first, second = _save(tmp_path / "a" / "case.nii.gz", _study()), _save(tmp_path / "b" / "case.nii.gz", _study())
     with pytest.raises(ValueError, match=f"'{first}' and '{second}' would both write 'case_seg.nii.gz'"):
         screen_inference_images([first, second])
-    workflow = _workflow(
+    workflow = bundle_workflow(
         ["inference.json"], "infer", datalist=[str(first), str(second)], output_dir=str(tmp_path / "o")
     )
     workflow.initialize()
@@ -273,7 +262,7 @@ def test_bundle_inference_writes_good_cases_and_fails_naming_bad_ones(tmp_path):
 @pytest.mark.parametrize("configs", [["inference.json"], ["train.json", "evaluate.json"]])
 def test_checkpoint_of_another_network_is_named(tiny_phantom_dataset, tmp_path, configs):
     checkpoint = _network_checkpoint(tmp_path / "four_channels.pt", in_channels=4)
-    workflow = _workflow(
+    workflow = bundle_workflow(
         configs, "infer" if configs == ["inference.json"] else "train", dataset_dir=str(tiny_phantom_dataset),
         ckpt_path=str(checkpoint), output_dir=str(tmp_path / "out"), num_workers=0,
     )

@@ -9,22 +9,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLE, CONFIGS, TINY_TRAINING
+from conftest import BUNDLE, CONFIGS, TINY_TRAINING, bundle_workflow
 from ignite.engine import Events
-from monai.bundle import ConfigParser, ConfigWorkflow
+from monai.bundle import ConfigParser
 
 from custom.crossval import latest_checkpoint, override_arguments
-
-
-def _workflow(config_files, workflow_type, **override):
-    return ConfigWorkflow(
-        config_file=[str(CONFIGS / c) for c in config_files],
-        meta_file=str(CONFIGS / "metadata.json"),
-        logging_file=False,
-        workflow_type=workflow_type,
-        bundle_root=str(BUNDLE),
-        **override,
-    )
 
 
 def _bundle_run(*arguments, run_id=None):
@@ -39,7 +28,7 @@ def _bundle_run(*arguments, run_id=None):
     [(["train.json"], "train"), (["inference.json"], "infer")],
 )
 def test_workflow_properties_complete(config_files, workflow_type, tiny_phantom_dataset):
-    workflow = _workflow(config_files, workflow_type, dataset_dir=str(tiny_phantom_dataset), num_workers=0)
+    workflow = bundle_workflow(config_files, workflow_type, dataset_dir=str(tiny_phantom_dataset), num_workers=0)
     workflow.initialize()
     assert workflow.check_properties() == []
 
@@ -69,7 +58,7 @@ def test_metadata_declares_what_the_network_does():
 
 def test_missing_dataset_dir_is_named(tmp_path):
     missing = tmp_path / "nowhere"
-    workflow = _workflow(["train.json"], "train", dataset_dir=str(missing))
+    workflow = bundle_workflow(["train.json"], "train", dataset_dir=str(missing))
     workflow.initialize()
     with pytest.raises(Exception) as raised:
         workflow.run()
@@ -78,7 +67,7 @@ def test_missing_dataset_dir_is_named(tmp_path):
 
 def test_demo_keeps_a_user_dataset_dir_that_does_not_exist(tmp_path):
     missing = tmp_path / "nowhere"
-    workflow = _workflow(["train.json", "demo.json"], "train", dataset_dir=str(missing))
+    workflow = bundle_workflow(["train.json", "demo.json"], "train", dataset_dir=str(missing))
     workflow.initialize()
     assert workflow.parser.get_parsed_content("dataset_dir") == str(missing)
     with pytest.raises(Exception):
@@ -141,7 +130,7 @@ def test_inference_keeps_shape_of_thin_slabs(tiny_phantom_dataset, tmp_path, sli
     image = nib.load(tiny_phantom_dataset / entry["image"])
     thin = tmp_path / f"thin_{slices}.nii.gz"
     nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[:, :, :slices], image.affine, image.header), thin)
-    workflow = _workflow(
+    workflow = bundle_workflow(
         ["inference.json"], "infer", datalist=[str(thin)], output_dir=str(tmp_path / "out"), num_workers=0,
     )
     workflow.initialize()
@@ -154,7 +143,7 @@ def test_inference_keeps_shape_of_thin_slabs(tiny_phantom_dataset, tmp_path, sli
 
 def _train_in_process(dataset_dir, ckpt_dir, stop_after_epoch=None, resume_ckpt=None):
     overrides = {**TINY_TRAINING, "epochs": 3, "val_interval": 10}
-    workflow = _workflow(
+    workflow = bundle_workflow(
         ["train.json"], "train", dataset_dir=str(dataset_dir), ckpt_dir=str(ckpt_dir),
         output_dir=str(ckpt_dir / "logs"), resume_ckpt=resume_ckpt, **overrides,
     )

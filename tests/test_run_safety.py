@@ -7,23 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BUNDLE, CONFIGS, REPO, TINY_TRAINING
+from conftest import BUNDLE, CONFIGS, REPO, TINY_TRAINING, bundle_workflow
 from ignite.engine import Events
-from monai.bundle import ConfigWorkflow
 from monai.handlers import from_engine
 
 from custom.crossval import override_arguments
-
-
-def _workflow(config_files, workflow_type, **override):
-    return ConfigWorkflow(
-        config_file=[str(CONFIGS / c) for c in config_files],
-        meta_file=str(CONFIGS / "metadata.json"),
-        logging_file=False,
-        workflow_type=workflow_type,
-        bundle_root=str(BUNDLE),
-        **override,
-    )
 
 
 def _bundle_run(*arguments, env=None):
@@ -54,7 +42,7 @@ def _error_chain(error: BaseException) -> str:
     ],
 )
 def test_bad_override_is_refused_naming_the_id(tmp_path, config_files, workflow_type, override, message):
-    workflow = _workflow(config_files, workflow_type, dataset_dir=str(tmp_path), **override)
+    workflow = bundle_workflow(config_files, workflow_type, dataset_dir=str(tmp_path), **override)
     workflow.initialize()
     with pytest.raises(Exception) as raised:
         workflow.run()  # the check is run's first step, before anything is built
@@ -65,7 +53,7 @@ def test_documented_overrides_pass_the_check(tiny_phantom_dataset, tmp_path):
     for config_files, workflow_type in ((["train.json"], "train"), (["train.json", "demo.json"], "train"),
                                         (["train.json", "evaluate.json"], "train"), (["inference.json"], "infer")):
         overrides = {**TINY_TRAINING, "fold": 1, "resume_ckpt": None} if workflow_type == "train" else {}
-        workflow = _workflow(config_files, workflow_type, dataset_dir=str(tiny_phantom_dataset), **overrides)
+        workflow = bundle_workflow(config_files, workflow_type, dataset_dir=str(tiny_phantom_dataset), **overrides)
         workflow.initialize()
         workflow.parser.get_parsed_content("check_settings")
 
@@ -115,7 +103,7 @@ def test_checkpoint_that_runs_code_is_refused_by_the_bundle(
 ):
     checkpoint, marker = code_running_checkpoint
     overrides = {k: str(checkpoint) if v == "{checkpoint}" else v for k, v in overrides.items()}
-    workflow = _workflow(
+    workflow = bundle_workflow(
         config_files, None, dataset_dir=str(tiny_phantom_dataset), ckpt_dir=str(tmp_path / "models"),
         output_dir=str(tmp_path / "out"), **overrides,
     )
@@ -205,7 +193,7 @@ def test_training_and_inference_open_no_network_connection(tiny_phantom_dataset,
 
 def _first_losses(dataset_dir, ckpt_dir, iterations=3, **overrides):
     """The training losses of the first ``iterations`` iterations of a fresh train.json run in this process."""
-    workflow = _workflow(
+    workflow = bundle_workflow(
         ["train.json"], "train", dataset_dir=str(dataset_dir), ckpt_dir=str(ckpt_dir),
         output_dir=str(ckpt_dir / "logs"), **{**TINY_TRAINING, "val_interval": 100, **overrides},
     )

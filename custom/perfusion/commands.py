@@ -256,4 +256,3 @@ def accuracy(cases: int = 8, size: int = 256, seed: int = 0, method: str = "osvd
     if out is not None:
         write_text_atomically(out, json.dumps(summary, indent=2) + "\n")
     return summary
-
