@@ -14,6 +14,8 @@ from pathlib import Path
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelUtils
 
+TRAIN_TIMEOUT_S = 1200  # a fine-tune of a few epochs on the tiny phantom takes about a minute on 2 cores
+
 
 def model_info(server_url, model):
     status, response, _, _ = MONAILabelUtils.http_method("GET", server_url, f"/model/info/{model}")
@@ -50,9 +52,14 @@ def main(server_url, model, study, labels_json, max_epochs, out_dir):
     payload = slicer_train_payload(info, model, int(max_epochs))
     (out / "train_request.json").write_text(json.dumps(payload, indent=2))
     client.train_start(model, payload)
-    while client.train_status(check_if_running=True):
+    # Poll the task's own status: ``check_if_running`` answers "not running" until the server has started the
+    # training process, so right after the request it can end the wait before training has begun.
+    deadline = time.monotonic() + TRAIN_TIMEOUT_S
+    while (status := client.train_status())["status"] in ("SUBMITTED", "RUNNING"):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"training still {status['status']} after {TRAIN_TIMEOUT_S} s")
         time.sleep(2)
-    (out / "train_status.json").write_text(json.dumps(client.train_status(), indent=2))
+    (out / "train_status.json").write_text(json.dumps(status, indent=2))
     (out / "model_after.json").write_text(json.dumps(model_info(server_url, model)))
 
     mask, _ = client.infer(model, study, {})
