@@ -21,6 +21,7 @@ same data, and every method's masks are scored by the same code (``custom.metric
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -418,6 +419,9 @@ def train_nnunet_for_budget(budget_s: float, iterations_per_epoch: int, val_iter
 def run_nnunet(train_dataset: Path, test_dataset: Path, out: Path, budget_s: int, iterations: tuple[int, int]) -> dict:
     """nnU-Net v2 2d end to end in ``out/nnunet`` (raw, preprocessed, results); masks in ``out/masks``."""
     import torch
+
+    if importlib.util.find_spec("nnunetv2") is None:
+        raise RuntimeError("nnU-Net v2 is not installed in this environment: pip install -e '.[bench]' (nnunetv2)")
 
     root = out / "nnunet"
     shutil.rmtree(root, ignore_errors=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelUtils
 
+_SAVE_RESULT = MONAILabelUtils.save_result
 TRAIN_TIMEOUT_S = 1200  # a fine-tune of a few epochs on the tiny phantom takes about a minute on 2 cores
 
 
@@ -32,10 +33,18 @@ def slicer_train_payload(info, model, max_epochs):
     return payload
 
 
+def save_result_under_its_base_name(files, tmpdir):
+    """MONAI Label 0.8.5's client saves a mask under the file name the server sends, which is the server's own
+    absolute temporary path; with server and client on one machine the server deletes that file after it has
+    answered, at times after the client wrote it there (seen in CI). Saved in the client's folder instead."""
+    return _SAVE_RESULT({Path(name).name: data for name, data in files.items()}, tmpdir)
+
+
 def main(server_url, model, study, labels_json, max_epochs, out_dir):
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    client = MONAILabelClient(server_url)
+    MONAILabelUtils.save_result = staticmethod(save_result_under_its_base_name)
+    client = MONAILabelClient(server_url, tmpdir=str(out / "downloads"))
     info = client.info()
     (out / "info.json").write_text(json.dumps(info, indent=2))
 
