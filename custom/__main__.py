@@ -56,8 +56,22 @@ def refuse_unknown_options(function, arguments: list[str]) -> None:
             raise SystemExit(f"python -m custom: unknown option '--{name}'; options: {', '.join(options)}")
 
 
+def help_to_fire(arguments: list[str]) -> list[str]:
+    """A command taking ``**overrides`` would receive ``--help`` as an override and run (``accuracy-bench --help``
+    started a benchmark): when ``--help``/``-h`` is asked for, keep only the command's name and hand Fire its own
+    ``-- --help``."""
+    own_options = arguments[: arguments.index("--")] if "--" in arguments else arguments
+    if not {"--help", "-h"} & set(own_options):
+        return arguments
+    command = arguments[:1]
+    group = COMMANDS.get(arguments[0]) if arguments else None
+    if isinstance(group, dict) and len(arguments) > 1 and arguments[1] in group:
+        command = arguments[:2]
+    return [*command, "--", "--help"]
+
+
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = help_to_fire(sys.argv[1:] if argv is None else list(argv))
     command = COMMANDS.get(argv[0]) if argv else None
     if isinstance(command, dict) and len(argv) > 1 and argv[1] in command:
         refuse_unknown_options(_resolve(command[argv[1]]), argv[2:])

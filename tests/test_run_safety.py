@@ -235,3 +235,19 @@ def test_unknown_command_line_option_is_refused_before_the_command_runs(tmp_path
         main([a.replace("{tmp}", str(tmp_path)) for a in arguments])
     assert f"unknown option '{unknown}'" in str(refused.value)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("arguments", [["accuracy-bench", "--help"], ["accuracy-bench", "--out", "x", "-h"]])
+def test_help_of_a_command_taking_overrides_prints_help_and_runs_nothing(monkeypatch, capsys, arguments):
+    """``accuracy-bench`` takes ``**bundle_overrides``, so Fire handed ``--help`` to it as an override and the
+    benchmark started (writing phantoms) instead of printing the help."""
+    import custom.accuracy_bench
+    from custom.__main__ import main
+
+    calls = []
+    monkeypatch.setattr(custom.accuracy_bench, "phantom_dataset", lambda *args, **kwargs: calls.append(args))
+    with pytest.raises(SystemExit) as stopped:
+        main(arguments)
+    assert stopped.value.code == 0
+    assert calls == []
+    assert "--budget_s" in capsys.readouterr().err  # Fire prints its help on stderr
