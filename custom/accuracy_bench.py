@@ -373,8 +373,8 @@ def train_nnunet_for_budget(budget_s: float, iterations_per_epoch: int, val_iter
     names nnU-Net's folders.
 
     nnU-Net has no time limit and plans 1000 epochs of 250 iterations. Here one epoch is trained and timed,
-    then the epoch count (and the poly learning-rate schedule, which runs over it) is set to what fits the
-    budget; training stops at the first iteration past the budget (that epoch's pseudo-Dice validation still
+    then the epoch count (and the poly learning-rate schedule, which runs over it) is set to the budget divided by
+    that epoch's time, rounded up; training stops at the first iteration past the budget (that epoch's pseudo-Dice validation still
     runs). nnU-Net's own epoch steps (train, pseudo-Dice validation, checkpoint_best, checkpoint_final) are
     called as its ``run_training`` does.
     """
@@ -405,7 +405,8 @@ def train_nnunet_for_budget(budget_s: float, iterations_per_epoch: int, val_iter
         trainer.on_epoch_end()
         epoch_s = time.time() - epoch_started
         if trainer.current_epoch == 1:
-            trainer.num_epochs = max(1, int(budget_s // epoch_s))
+            # round up: the iteration check above cuts the last epoch at the budget, so no budget is left unused
+            trainer.num_epochs = max(1, math.ceil(budget_s / epoch_s))
             trainer.lr_scheduler.max_steps = trainer.num_epochs
     train_s = time.time() - started
     trainer.on_train_end()
