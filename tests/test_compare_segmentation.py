@@ -4,6 +4,8 @@ import csv
 import json
 import math
 
+import nibabel as nib
+import numpy as np
 import pytest
 from conftest import TINY_TRAINING
 
@@ -13,8 +15,10 @@ from custom.perfusion.compare import (
     comparison_markdown,
     comparison_rows,
     compare_segmentation,
+    false_positive_markdown,
     fold_assignment,
     require_same_folds,
+    threshold_false_positives,
 )
 
 
@@ -59,6 +63,27 @@ def test_bad_override_is_refused_before_any_conversion(tmp_path, override, error
         compare_segmentation(str(tmp_path / "missing"), str(tmp_path / "out"), **override)
     assert "epochz" in str(raised.value.__cause__) or "itself for each fold" in str(raised.value)
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_threshold_false_positives_are_counted_by_ct_density(tmp_path):
+    image = np.zeros((8, 8, 2, 5), np.float32)
+    image[1:7, 1:7, :, 0] = 35.0  # tissue
+    image[1:3, 1:7, :, 0] = 5.0  # fluid: 24 voxels
+    image[1:7, 1:7, :, 1:] = 1.0  # brain: 72 voxels
+    label, flagged = np.zeros((8, 8, 2), np.uint8), np.zeros((8, 8, 2), np.uint8)
+    label[4:6, 4:6, 0] = 1  # 4 voxels
+    flagged[4:6, 4:6, 0] = 1  # on the label
+    flagged[1, 1:4, 0] = 1  # 3 in fluid
+    flagged[5, 1, 1] = 1  # 1 in tissue
+    for folder, data in (("imagesTr", image), ("labelsTr", label), ("masks", flagged)):
+        (tmp_path / folder).mkdir()
+        nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / folder / "case_1.nii.gz")
+    modality = {"0": "CT", "1": "CBF", "2": "CBV", "3": "MTT", "4": "Tmax"}
+    training = [{"image": "imagesTr/case_1.nii.gz", "label": "labelsTr/case_1.nii.gz", "case": "case_1", "fold": 0}]
+    (tmp_path / "dataset.json").write_text(json.dumps({"modality": modality, "training": training}))
+    counts = threshold_false_positives(tmp_path, tmp_path / "masks")
+    assert counts == {"flagged": 8, "false_positive": 4, "false_positive_fluid": 3, "brain_fluid_share": 24 / 72}
+    assert "| computed | 8 | 4 | 3 (75 %) | 33 % |" in false_positive_markdown({"computed": counts})
 
 
 def _rows(dice, hd95=None):
@@ -115,7 +140,8 @@ def test_compare_segmentation_end_to_end_and_resumes(raw_phantom_with_series, tm
         cases = list(csv.DictReader(f))
     assert sorted(c["case"] for c in cases) == [f"case_{i}" for i in range(1, 7)]
     assert all(0.0 <= float(c["dice_bundle_computed"]) <= 1.0 for c in cases)
-    assert "| bundle recipe, maps computed from the 4D series | 6 |" in (out / "comparison.md").read_text()
+    table = (out / "comparison.md").read_text()
+    assert "| bundle recipe, maps computed from the 4D series | 6 |" in table and "| computed | " in table
 
     model = out / "computed" / "cv" / "fold_0" / "models" / "model.pt"
     written = model.stat().st_mtime

@@ -16,6 +16,8 @@ METHODS = ("bundle", "threshold")
 TABLE_METRICS = ("dice", "hd95_mm", "avd_ml", "lesion_f1")
 PAIRED_METRICS = ("dice", "hd95_mm", "avd_ml")
 CONVERSION_RECORD = "conversion.json"
+# CT density (HU) below which a brain voxel counts as fluid (CSF: about 0-15 HU; grey and white matter 25-45 HU).
+FLUID_HU = 20.0
 DESCRIPTIONS = {
     ("bundle", "given"): "bundle recipe, given maps",
     ("bundle", "computed"): "bundle recipe, maps computed from the 4D series",
@@ -76,6 +78,57 @@ def _convert(isles_dir: Path, folder: Path, settings: dict) -> Path:
     )
     write_text_atomically(record, json.dumps(settings, indent=2) + "\n")
     return dataset_dir
+
+
+def threshold_false_positives(dataset_dir, masks_dir, fluid_hu: float = FLUID_HU) -> dict:
+    """Where the threshold rule's voxels outside the label lie, summed over the training cases of a dataset.
+
+    ``masks_dir`` holds the rule's masks (``run_baseline(save_masks=True)``). Returns the voxel counts
+    ``flagged`` (the rule's masks), ``false_positive`` (flagged outside the label), ``false_positive_fluid``
+    (of those, CT < ``fluid_hu``) and ``brain_fluid_share``, the share of brain voxels (any perfusion map
+    non-zero, as the rule's brain) with CT < ``fluid_hu``: what share of the false positives chance would put there.
+    """
+    import nibabel as nib
+    import numpy as np
+
+    dataset_dir, masks_dir = Path(dataset_dir), Path(masks_dir)
+    dataset = json.loads((dataset_dir / "dataset.json").read_text())
+    channel = {name: int(index) for index, name in dataset["modality"].items()}
+    perfusion = [index for name, index in channel.items() if name != "CT"]
+    totals = dict.fromkeys(("flagged", "false_positive", "false_positive_fluid", "brain", "brain_fluid"), 0)
+    for entry in dataset["training"]:
+        image = nib.load(dataset_dir / entry["image"]).get_fdata(dtype=np.float32)
+        label = np.asanyarray(nib.load(dataset_dir / entry["label"]).dataobj) > 0
+        flagged = np.asanyarray(nib.load(masks_dir / f"{entry['case']}.nii.gz").dataobj) > 0
+        brain = (image[..., perfusion] != 0).any(axis=-1)
+        fluid = image[..., channel["CT"]] < fluid_hu
+        counts = {
+            "flagged": flagged,
+            "false_positive": flagged & ~label,
+            "false_positive_fluid": flagged & ~label & fluid,
+            "brain": brain,
+            "brain_fluid": brain & fluid,
+        }
+        for key, mask in counts.items():
+            totals[key] += int(np.count_nonzero(mask))
+    brain, brain_fluid = totals.pop("brain"), totals.pop("brain_fluid")
+    return {**totals, "brain_fluid_share": brain_fluid / brain if brain else float("nan")}
+
+
+def false_positive_markdown(counts: dict[str, dict], fluid_hu: float = FLUID_HU) -> str:
+    """A table of ``threshold_false_positives`` per maps source."""
+    lines = [
+        f"| maps | voxels flagged by the rule | outside the label | of those, CT < {fluid_hu:g} HU (fluid) "
+        f"| brain voxels with CT < {fluid_hu:g} HU |",
+        "|---|---|---|---|---|",
+    ]
+    for source, c in counts.items():
+        fluid_share = c["false_positive_fluid"] / c["false_positive"] if c["false_positive"] else float("nan")
+        lines.append(
+            f"| {source} | {c['flagged']} | {c['false_positive']} | {c['false_positive_fluid']} "
+            f"({100 * fluid_share:.0f} %) | {100 * c['brain_fluid_share']:.0f} % |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def comparison_rows(case_rows: dict[tuple[str, str], list[dict]]) -> list[dict]:
@@ -201,10 +254,12 @@ def compare_segmentation(
         flush=True,
     )
 
-    case_rows = {}
+    case_rows, false_positives = {}, {}
     for source in MAP_SOURCES:
-        run_baseline(str(datasets[source]), str(out / source / "baseline"))
-        case_rows[("threshold", source)] = read_case_csv(str(out / source / "baseline" / "cases.csv"))
+        baseline = out / source / "baseline"
+        run_baseline(str(datasets[source]), str(baseline), save_masks=True)
+        case_rows[("threshold", source)] = read_case_csv(str(baseline / "cases.csv"))
+        false_positives[source] = threshold_false_positives(datasets[source], baseline / "masks")
     for source in MAP_SOURCES:
         run_cross_validation(str(datasets[source]), str(out / source / "cv"), config_files=config_files, **overrides)
         case_rows[("bundle", source)] = read_case_csv(str(out / source / "cv" / "cases.csv"))
@@ -218,6 +273,10 @@ def compare_segmentation(
         f"{len(shared_folds)} training cases of '{isles_dir}', the same {folds} patient-grouped folds for both; "
         f"paired differences are computed - given over the cases where both are defined.\n\n"
     )
-    write_markdown(title + table, str(out / "comparison.md"))
-    print(table)
+    voxels = (
+        "\nThe threshold rule's voxels outside the label, summed over the cases, and how many of them lie in "
+        "fluid by the CT:\n\n" + false_positive_markdown(false_positives)
+    )
+    write_markdown(title + table + voxels, str(out / "comparison.md"))
+    print(table + voxels)
     return rows
