@@ -150,5 +150,9 @@ def test_compare_segmentation_end_to_end_and_resumes(raw_phantom_with_series, tm
     assert "computed: reusing the conversion" in printed and "already done, skipped" in printed
     assert model.stat().st_mtime == written
     assert json.dumps(again, default=str) == json.dumps(rows, default=str)
+    fold_0 = sum(1 for c in cases if c["fold"] == "0")
+    partial = compare_segmentation(str(raw / "TRAINING"), str(out), patients=patients, folds=2, cv_folds=1, **overrides)
+    assert [r["cases"] for r in partial] == [fold_0, fold_0, 6, 6]
+    assert "the first 1 fold(s) only" in (out / "comparison.md").read_text()
     with pytest.raises(ValueError, match="fold_seed differ"):
         compare_segmentation(str(raw / "TRAINING"), str(out), patients=patients, folds=2, fold_seed=1, **overrides)
