@@ -113,6 +113,8 @@ def test_comparison_rows_pair_computed_with_given_case_by_case():
     assert (bundle["hd95_mm_vs_given_improved"], bundle["hd95_mm_vs_given_worse"]) == (1, 1)
     assert rows[3]["dice_vs_given_mean_difference"] == pytest.approx(-0.1)
     assert "dice_vs_given_mean_difference" not in rows[0]
+    without_bundle = comparison_rows({key: value for key, value in case_rows.items() if key[0] == "threshold"})
+    assert without_bundle == rows[2:]
     table = comparison_markdown(rows).splitlines()
     assert len(table) == 6 and "computed - given" in table[0]
     assert "-0.100 ± 0.000; 0 / 3 of 3" in table[5]
@@ -154,5 +156,8 @@ def test_compare_segmentation_end_to_end_and_resumes(raw_phantom_with_series, tm
     partial = compare_segmentation(str(raw / "TRAINING"), str(out), patients=patients, folds=2, cv_folds=1, **overrides)
     assert [r["cases"] for r in partial] == [fold_0, fold_0, 6, 6]
     assert "the first 1 fold(s) only" in (out / "comparison.md").read_text()
+    threshold_only = compare_segmentation(str(raw / "TRAINING"), str(out), patients=patients, folds=2, cv_folds=0)
+    assert [(r["method"], r["cases"]) for r in threshold_only] == [("threshold", 6), ("threshold", 6)]
+    assert threshold_only[1]["dice_vs_given_mean_difference"] == rows[3]["dice_vs_given_mean_difference"]
     with pytest.raises(ValueError, match="fold_seed differ"):
         compare_segmentation(str(raw / "TRAINING"), str(out), patients=patients, folds=2, fold_seed=1, **overrides)

@@ -135,12 +135,13 @@ def comparison_rows(case_rows: dict[tuple[str, str], list[dict]]) -> list[dict]:
     """One row per (method, maps source) with the overall mean, std and median of ``TABLE_METRICS``; each
     ``computed`` row also holds the paired per-case difference computed - given of ``PAIRED_METRICS``.
 
-    ``case_rows``: (method, source) -> per-case metric rows (``cases.csv`` of cv or baseline).
+    ``case_rows``: (method, source) -> per-case metric rows (``cases.csv`` of cv or baseline); a method may be
+    absent (``--cv_folds 0``).
     """
     from custom.reporting import OVERALL, paired_comparison, summarise
 
     rows = []
-    for method in METHODS:
+    for method in (m for m in METHODS if (m, "given") in case_rows):
         for source in MAP_SOURCES:
             cases = case_rows[(method, source)]
             overall = next(r for r in summarise(cases, TABLE_METRICS, group_key="fold") if r["fold"] == OVERALL)
@@ -186,7 +187,7 @@ def _side_by_side(folds: dict[str, tuple[str, int]], case_rows: dict[tuple[str, 
     dice = {key: {r["case"]: float(r["dice"]) for r in rows} for key, rows in case_rows.items()}
     return [
         {"case": case, "patient": patient, "fold": fold}
-        | {f"dice_{m}_{s}": dice[(m, s)].get(case, "") for m in METHODS for s in MAP_SOURCES}  # "": fold not run
+        | {f"dice_{m}_{s}": dice[(m, s)].get(case, "") for m, s in case_rows}  # "": fold not run
         for case, (patient, fold) in folds.items()
     ]
 
@@ -218,7 +219,8 @@ def compare_segmentation(
         config_files: extra bundle configs over train.json for both cross-validations (e.g.
             ``bundle/configs/demo.json`` for the CPU budget).
         cv_folds: cross-validate only the first ``cv_folds`` folds (default: all), for a quicker, partial
-            comparison: the bundle rows then cover those folds' cases; the threshold rule always scores every case.
+            comparison: the bundle rows then cover those folds' cases; the threshold rule always scores every
+            case. 0: no cross-validation, only the conversions, the fold check and the threshold rule (minutes).
         overrides: bundle overrides for both cross-validations (``--epochs 300``, ...); checked before the
             conversions start, so a mistyped one costs nothing.
 
@@ -263,7 +265,7 @@ def compare_segmentation(
         run_baseline(str(datasets[source]), str(baseline), save_masks=True)
         case_rows[("threshold", source)] = read_case_csv(str(baseline / "cases.csv"))
         false_positives[source] = threshold_false_positives(datasets[source], baseline / "masks")
-    for source in MAP_SOURCES:
+    for source in MAP_SOURCES if cv_folds != 0 else ():
         cv_dir = out / source / "cv"
         run_cross_validation(str(datasets[source]), str(cv_dir), folds=cv_folds, config_files=config_files, **overrides)
         case_rows[("bundle", source)] = read_case_csv(str(cv_dir / "cases.csv"))
@@ -272,11 +274,13 @@ def compare_segmentation(
     table = comparison_markdown(rows)
     write_summary_csv(rows, str(out / "comparison.csv"))
     write_case_csv(_side_by_side(shared_folds, case_rows), str(out / "comparison_cases.csv"))
-    run = "every fold" if cv_folds is None else f"the first {cv_folds} fold(s) only"
+    run = {None: "cross-validated on every fold", 0: "not run (--cv_folds 0)"}.get(
+        cv_folds, f"cross-validated on the first {cv_folds} fold(s) only"
+    )
     title = (
         f"# Segmentation on maps computed from the 4D series vs the given maps\n\n"
         f"{len(shared_folds)} training cases of '{isles_dir}', the same {folds} patient-grouped folds for both; "
-        f"the bundle cross-validated on {run}; paired differences are computed - given over the cases where "
+        f"the bundle {run}; paired differences are computed - given over the cases where "
         "both are defined.\n\n"
     )
     voxels = (
