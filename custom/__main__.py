@@ -28,6 +28,7 @@ COMMANDS = {
         "maps": "custom.perfusion.commands:maps",
         "bench": "custom.perfusion.commands:benchmark",
         "accuracy": "custom.perfusion.commands:accuracy",
+        "compare-segmentation": "custom.perfusion.compare:compare_segmentation",
     },
     "monailabel-app": "custom.monailabel_app:prepare_monailabel_app",
     "bench": "custom.bench:bench",
