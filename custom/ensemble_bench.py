@@ -54,7 +54,8 @@ class _FlippedNetwork:
 
 
 def fold_checkpoints(cv_dir, folds: int | None = None) -> list[Path]:
-    """``cv_dir/fold_K/models/model.pt`` for K = 0 .. folds - 1 (default: every consecutive fold that has one)."""
+    """``cv_dir/fold_K/models/model.pt`` for K = 0 .. folds - 1 (default: every consecutive fold that has one, at
+    least one)."""
     cv_dir = Path(cv_dir)
     if folds is None:
         folds = 0
@@ -62,10 +63,10 @@ def fold_checkpoints(cv_dir, folds: int | None = None) -> list[Path]:
             folds += 1
     paths = [cv_dir / f"fold_{k}" / "models" / "model.pt" for k in range(int(folds))]
     missing = [str(p) for p in paths if not p.is_file()]
-    if missing or len(paths) < 2:
+    if missing or not paths:
         raise FileNotFoundError(
-            f"an ensemble needs two or more fold models under '{cv_dir}' (fold_K/models/model.pt, as python -m custom "
-            f"cv writes them); found {len(paths) - len(missing)}, missing: {missing or 'none'}"
+            f"no fold model to score under '{cv_dir}' (fold_K/models/model.pt, as python -m custom cv writes them); "
+            f"missing: {missing or [str(cv_dir / 'fold_0' / 'models' / 'model.pt')]}"
         )
     return paths
 
@@ -76,8 +77,9 @@ def _configurations(folds: int, passes: int) -> dict[str, list[tuple[int, int]]]
     for k in range(folds):
         configurations[f"fold {k}"] = [(k, 0)]
         configurations[f"fold {k} + flips"] = [(k, f) for f in range(passes)]
-    configurations["ensemble"] = [(k, 0) for k in range(folds)]
-    configurations["ensemble + flips"] = [(k, f) for k in range(folds) for f in range(passes)]
+    if folds > 1:  # with one fold, only the flips are measured
+        configurations["ensemble"] = [(k, 0) for k in range(folds)]
+        configurations["ensemble + flips"] = [(k, f) for k in range(folds) for f in range(passes)]
     return configurations
 
 
@@ -95,7 +97,8 @@ def _summary(rows: list[dict], tables: dict, uncertainty: dict, configurations: 
         summary.append(entry)
     singles = [e for e in summary if e["configuration"].startswith("fold ") and "+" not in e["configuration"]]
     flipped = [e for e in summary if e["configuration"].startswith("fold ") and "+" in e["configuration"]]
-    for label, group in (("single fold (mean of folds)", singles), ("single fold + flips (mean of folds)", flipped)):
+    groups = (("single fold (mean of folds)", singles), ("single fold + flips (mean of folds)", flipped))
+    for label, group in groups if len(singles) > 1 else ():
         entry = {"configuration": label, "predictions": group[0]["predictions"], "cases": group[0]["cases"]}
         for column in ("dice", "avd_mask_ml", "avd_prob_ml", "ece", "uncertainty_wrong", "uncertainty_right"):
             entry[column] = float(np.mean([e[column] for e in group]))
@@ -120,6 +123,16 @@ def _markdown(summary: list[dict], bins: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _write_results(out: Path, rows, tables, uncertainty, configurations, bins: int, record: dict) -> list[dict]:
+    """Write cases.csv, summary.json and summary.md of the cases scored so far; returns the summary rows."""
+    summary = _summary(rows, tables, uncertainty, configurations)
+    write_case_csv(rows, str(out / "cases.csv"))
+    record["summary"] = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in e.items()} for e in summary]
+    write_text_atomically(out / "summary.json", json.dumps(record, indent=2) + "\n")
+    write_text_atomically(out / "summary.md", _markdown(summary, int(bins)))
+    return summary
+
+
 def run_ensemble_bench(
     cv_dir: str,
     dataset_dir: str,
@@ -129,8 +142,9 @@ def run_ensemble_bench(
     bins: int = DEFAULT_BINS,
     batch_size: int = 16,
     device: str = "cpu",
+    max_cases: int | None = None,
 ) -> list[dict]:
-    """Score each fold model alone and with flips, the fold ensemble and the ensemble with flips.
+    """Score each fold model alone and with flips, the fold ensemble and the ensemble with flips (two or more folds).
 
     Args:
         cv_dir: a ``python -m custom cv`` run folder (``fold_K/models/model.pt``).
@@ -142,6 +156,7 @@ def run_ensemble_bench(
         bins: equal-width probability bins of the expected calibration error.
         batch_size: slices per forward pass.
         device: torch device.
+        max_cases: score only the first ``max_cases`` labelled cases (default: all).
 
     Returns the summary rows (one per configuration, then the means of the single folds).
     """
@@ -151,6 +166,7 @@ def run_ensemble_bench(
     dataset_dir = Path(dataset_dir)
     dataset = load_dataset_json(dataset_dir)
     cases = [e for e in dataset["training"] if e.get("label")]
+    cases = cases if max_cases is None else cases[: int(max_cases)]
     if not cases:
         raise ValueError(f"'{dataset_dir / 'dataset.json'}' lists no labelled case in 'training'")
     out = require_writable_folder(out)
@@ -206,19 +222,15 @@ def run_ensemble_bench(
                     accumulator[0] += float(spread[voxels].sum())
                     accumulator[1] += int(voxels.sum())
         print(f"[{number}/{len(cases)}] {entry.get('case', entry['image'])}", flush=True)
-    summary = _summary(rows, tables, uncertainty, configurations)
-    write_case_csv(rows, str(out / "cases.csv"))
-    record = {
-        "cv_dir": str(cv_dir),
-        "checkpoints": [str(p) for p in checkpoints],
-        "dataset_dir": str(dataset_dir),
-        "cases": len(cases),
-        "bins": int(bins),
-        "flip_passes": [list(axes) for axes in ALL_SLICE_FLIPS],
-    }
-    record["summary"] = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in e.items()} for e in summary]
-    write_text_atomically(out / "summary.json", json.dumps(record, indent=2) + "\n")
-    table = _markdown(summary, int(bins))
-    write_text_atomically(out / "summary.md", table)
-    print(table)
+        # Written after every case, so an interrupted run leaves the results of the cases it finished.
+        summary = _write_results(out, rows, tables, uncertainty, configurations, bins, {
+            "cv_dir": str(cv_dir),
+            "checkpoints": [str(p) for p in checkpoints],
+            "dataset_dir": str(dataset_dir),
+            "cases": number,
+            "cases_listed": len(cases),
+            "bins": int(bins),
+            "flip_passes": [list(axes) for axes in ALL_SLICE_FLIPS],
+        })  # fmt: skip
+    print(_markdown(summary, int(bins)))
     return summary
