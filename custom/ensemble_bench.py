@@ -72,14 +72,16 @@ def fold_checkpoints(cv_dir, folds: int | None = None) -> list[Path]:
 
 
 def _configurations(folds: int, passes: int) -> dict[str, list[tuple[int, int]]]:
-    """Configuration name -> the (fold, flip pass) probability maps it averages."""
+    """Configuration name -> the (fold, flip pass) probability maps it averages (passes = 1: no flips)."""
     configurations = {}
     for k in range(folds):
         configurations[f"fold {k}"] = [(k, 0)]
-        configurations[f"fold {k} + flips"] = [(k, f) for f in range(passes)]
+        if passes > 1:
+            configurations[f"fold {k} + flips"] = [(k, f) for f in range(passes)]
     if folds > 1:  # with one fold, only the flips are measured
         configurations["ensemble"] = [(k, 0) for k in range(folds)]
-        configurations["ensemble + flips"] = [(k, f) for k in range(folds) for f in range(passes)]
+        if passes > 1:
+            configurations["ensemble + flips"] = [(k, f) for k in range(folds) for f in range(passes)]
     return configurations
 
 
@@ -98,7 +100,7 @@ def _summary(rows: list[dict], tables: dict, uncertainty: dict, configurations: 
     singles = [e for e in summary if e["configuration"].startswith("fold ") and "+" not in e["configuration"]]
     flipped = [e for e in summary if e["configuration"].startswith("fold ") and "+" in e["configuration"]]
     groups = (("single fold (mean of folds)", singles), ("single fold + flips (mean of folds)", flipped))
-    for label, group in groups if len(singles) > 1 else ():
+    for label, group in [(label, group) for label, group in groups if group] if len(singles) > 1 else ():
         entry = {"configuration": label, "predictions": group[0]["predictions"], "cases": group[0]["cases"]}
         for column in ("dice", "avd_mask_ml", "avd_prob_ml", "ece", "uncertainty_wrong", "uncertainty_right"):
             entry[column] = float(np.mean([e[column] for e in group]))
@@ -143,6 +145,7 @@ def run_ensemble_bench(
     batch_size: int = 16,
     device: str = "cpu",
     max_cases: int | None = None,
+    flips: bool = True,
 ) -> list[dict]:
     """Score each fold model alone and with flips, the fold ensemble and the ensemble with flips (two or more folds).
 
@@ -157,6 +160,7 @@ def run_ensemble_bench(
         batch_size: slices per forward pass.
         device: torch device.
         max_cases: score only the first ``max_cases`` labelled cases (default: all).
+        flips: also score the flip test-time augmentation (4 passes per fold instead of 1).
 
     Returns the summary rows (one per configuration, then the means of the single folds).
     """
@@ -177,7 +181,7 @@ def run_ensemble_bench(
         network = parser.get_parsed_content("network_def", lazy=False)
         load_network_checkpoint(path, network)
         networks.append(network.to(device).eval())
-    passes = [[]] + [[a + 2 for a in axes] for axes in ALL_SLICE_FLIPS]
+    passes = [[]] + ([[a + 2 for a in axes] for axes in ALL_SLICE_FLIPS] if flips else [])
     configurations = _configurations(len(networks), len(passes))
     tables = {name: np.zeros((int(bins), 3)) for name in configurations}
     uncertainty = {name: ([0.0, 0], [0.0, 0]) for name in configurations}  # (sum, count) on wrong, right voxels
@@ -230,7 +234,7 @@ def run_ensemble_bench(
             "cases": number,
             "cases_listed": len(cases),
             "bins": int(bins),
-            "flip_passes": [list(axes) for axes in ALL_SLICE_FLIPS],
+            "flip_passes": [list(axes) for axes in ALL_SLICE_FLIPS] if flips else [],
         })  # fmt: skip
     print(_markdown(summary, int(bins)))
     return summary

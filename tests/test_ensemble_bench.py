@@ -71,6 +71,16 @@ def test_ensemble_bench_of_identical_folds(identical_folds, two_labelled_cases, 
     assert "| ensemble + flips | 8 |" in (tmp_path / "out" / "summary.md").read_text()
 
 
+def test_without_flips_only_the_unflipped_configurations(identical_folds, two_labelled_cases, tmp_path):
+    cv, config = identical_folds
+    summary = run_ensemble_bench(
+        str(cv), str(two_labelled_cases), str(tmp_path / "out"), config_file=str(config), flips=False, max_cases=1
+    )
+    assert [(e["configuration"], e["predictions"], e["cases"]) for e in summary] == [
+        ("fold 0", 1, 1), ("fold 1", 1, 1), ("ensemble", 2, 1), ("single fold (mean of folds)", 1, 1)
+    ]  # fmt: skip
+
+
 def test_missing_fold_models_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="no fold model.*fold_0"):
         fold_checkpoints(tmp_path)
