@@ -21,6 +21,8 @@ COMMANDS = {
     "montage": "custom.result_figures:plot_montage",
     "baseline": "custom.baseline:run_baseline",
     "accuracy-bench": "custom.accuracy_bench:run_accuracy_bench",
+    "ensemble-bench": "custom.ensemble_bench:run_ensemble_bench",
+    "ensemble-checkpoint": "custom.ensemble:write_ensemble_checkpoint",
     "deploy": "custom.deploy:deploy",
     "onnx": "custom.onnx_export:export_onnx",
     "package": "custom.package:package_bundle",

@@ -212,8 +212,8 @@ def symmetric_padding(size: int, divisor: int = SPATIAL_DIVISOR) -> tuple[int, i
 
 
 @torch.inference_mode()
-def segment_volume(network, volume: np.ndarray, batch_size: int = 16, device="cpu") -> np.ndarray:
-    """The uint8 lesion mask (H, W, D) of one (H, W, D, 5) volume, segmented slice by slice.
+def class_probabilities(network, volume: np.ndarray, batch_size: int = 16, device="cpu") -> torch.Tensor:
+    """The (2, H, W, D) float32 class probabilities (background, lesion) of one (H, W, D, 5) volume, slice by slice.
 
     ``network`` maps a (B, 5, H', W') float32 batch to (B, 2, H', W') logits (the TorchScript model,
     or any callable doing the same); H' and W' are H and W padded to multiples of 16.
@@ -230,8 +230,13 @@ def segment_volume(network, volume: np.ndarray, batch_size: int = 16, device="cp
         logits[..., start : start + batch.shape[0]] = torch.movedim(network(batch).float().cpu(), 0, -1)
     probabilities = torch.softmax(logits, dim=0)
     height, width = image.shape[1:3]
-    cropped = probabilities[:, h_before : h_before + height, w_before : w_before + width]
-    return torch.argmax(cropped, dim=0).numpy().astype(np.uint8)
+    return probabilities[:, h_before : h_before + height, w_before : w_before + width]
+
+
+def segment_volume(network, volume: np.ndarray, batch_size: int = 16, device="cpu") -> np.ndarray:
+    """The uint8 lesion mask (H, W, D) of one (H, W, D, 5) volume: the argmax of ``class_probabilities``."""
+    probabilities = class_probabilities(network, volume, batch_size, device)
+    return torch.argmax(probabilities, dim=0).numpy().astype(np.uint8)
 
 
 def lesion_volume_ml(voxels: int, affine: np.ndarray) -> float:

@@ -1,11 +1,15 @@
-"""Ignite handlers MONAI lacks: a per-case lesion volume table, a report of rejected inputs, named checkpoint errors."""
+"""Ignite handlers MONAI lacks: a per-case lesion volume table, a report of rejected inputs, named checkpoint errors
+(also for checkpoints loaded without an engine, as the fold ensemble's members are)."""
 
 import csv
 import io
 import pickle
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import torch
 from ignite.engine import Engine, Events
 from monai.data import MetaTensor
 from monai.handlers import CheckpointLoader
@@ -86,6 +90,40 @@ class RejectedImagesReporter:
         )
 
 
+@contextmanager
+def checkpoint_errors_named(path, targets) -> Iterator[None]:
+    """Re-raise a checkpoint loading error with the checkpoint's file name and the ``targets`` it was loaded into.
+
+    ``weights_only=True`` refuses a pickle that would run code, and ``load_state_dict`` lists the missing,
+    unexpected and mismatched weights of a checkpoint of another architecture, but neither names the file.
+    """
+    try:
+        yield
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"checkpoint '{path}' does not exist") from err
+    except pickle.UnpicklingError as err:
+        raise RuntimeError(f"checkpoint '{path}' is refused by safe loading (weights_only=True): {err}") from err
+    except (RuntimeError, KeyError) as err:
+        raise RuntimeError(
+            f"checkpoint '{path}' does not fit {', '.join(map(str, targets))} "
+            f"(another architecture or channel count?): {err}"
+        ) from err
+
+
+def load_network_checkpoint(path, network: torch.nn.Module, key: str = "model", name: str = "model") -> None:
+    """Load the weights of checkpoint ``path`` into ``network`` as ``NamedCheckpointLoader`` does, without an engine.
+
+    The file is read with ``weights_only=True`` on the CPU; a checkpoint holding ``{key: state_dict, ...}`` (as
+    train.json's CheckpointSaver writes) gives its ``key`` entry, any other is taken as the state dict itself.
+    Loading is strict; every failure names the file (``checkpoint_errors_named``).
+    """
+    with checkpoint_errors_named(path, [name]):
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(checkpoint, Mapping):
+            raise RuntimeError(f"expected a state dict, found {type(checkpoint).__name__}")
+        network.load_state_dict(checkpoint[key] if key in checkpoint else checkpoint, strict=True)
+
+
 class NamedCheckpointLoader(CheckpointLoader):
     """MONAI's ``CheckpointLoader`` whose errors name the checkpoint file.
 
@@ -95,13 +133,5 @@ class NamedCheckpointLoader(CheckpointLoader):
     """
 
     def __call__(self, engine: Engine) -> None:
-        try:
+        with checkpoint_errors_named(self.load_path, self.load_dict):
             super().__call__(engine)
-        except pickle.UnpicklingError as err:
-            message = f"checkpoint '{self.load_path}' is refused by safe loading (weights_only=True): {err}"
-            raise RuntimeError(message) from err
-        except (RuntimeError, KeyError) as err:
-            raise RuntimeError(
-                f"checkpoint '{self.load_path}' does not fit {', '.join(map(str, self.load_dict))} "
-                f"(another architecture or channel count?): {err}"
-            ) from err

@@ -1,0 +1,212 @@
+"""Fold ensemble, flip test-time augmentation and the uncertainty map (custom.ensemble), in the bundle and exported."""
+
+import copy
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import BUNDLE, CONFIGS, bundle_workflow
+from monai.bundle import ConfigParser, ckpt_export
+from monai.data import MetaTensor
+from monai.networks.nets import UNet
+
+from custom.deploy import deploy
+from custom.ensemble import (
+    ALL_SLICE_FLIPS,
+    ProbabilityEnsemble,
+    SplitUncertaintyd,
+    flip_axes,
+    inference_network,
+    write_ensemble_checkpoint,
+)
+
+
+def _tiny_unet(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return UNet(2, 5, 2, (4, 8, 16), (2, 2), num_res_units=1, norm="instance").eval()
+
+
+@pytest.fixture(scope="module")
+def batch() -> torch.Tensor:
+    return torch.randn(3, 5, 32, 48, generator=torch.Generator().manual_seed(0))
+
+
+def _probabilities(network, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.softmax(network(x)[:, :2], dim=1)
+
+
+@pytest.mark.parametrize("flips", [(), ALL_SLICE_FLIPS])
+def test_ensemble_of_identical_models_equals_one_model(batch, flips):
+    network = _tiny_unet(0)
+    ensemble = ProbabilityEnsemble([network, copy.deepcopy(network), copy.deepcopy(network)], flips)
+    single = ProbabilityEnsemble([network], flips)
+    for candidate in (ensemble, torch.jit.script(ensemble)):
+        torch.testing.assert_close(_probabilities(candidate, batch), _probabilities(single, batch), atol=1e-6, rtol=0)
+    if not flips:
+        torch.testing.assert_close(_probabilities(ensemble, batch), _probabilities(network, batch), atol=1e-6, rtol=0)
+
+
+def test_one_member_without_flips_is_exactly_the_plain_network(batch):
+    network = _tiny_unet(0)
+    wrapped = ProbabilityEnsemble([network])
+    with torch.no_grad():
+        assert torch.equal(wrapped(batch), network(batch))
+        assert torch.equal(torch.jit.script(wrapped)(batch), network(batch))
+    assert inference_network(network) is network
+
+
+def test_output_is_the_log_of_the_mean_probability_and_the_std_over_passes(batch):
+    members = [_tiny_unet(0), _tiny_unet(1)]
+    ensemble = ProbabilityEnsemble(members, [(1,), (0, 1)], uncertainty=True)
+    with torch.no_grad():
+        expected = []
+        for member in members:
+            for dims in ([], [3], [2, 3]):
+                flipped = batch.flip(dims) if dims else batch
+                probabilities = torch.softmax(member(flipped), dim=1)
+                expected.append(probabilities.flip(dims) if dims else probabilities)
+        stacked = torch.stack(expected)
+        output = ensemble(batch)
+        scripted = torch.jit.script(ensemble)(batch)
+    assert output.shape == (3, 3, 32, 48) and ensemble.num_predictions == 6
+    torch.testing.assert_close(output[:, :2].exp(), stacked.mean(0), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(torch.softmax(output[:, :2], 1), stacked.mean(0), atol=1e-6, rtol=1e-5)
+    spread = torch.from_numpy(stacked[:, :, 1:].numpy().std(axis=0))  # numpy's std divides by N
+    torch.testing.assert_close(output[:, 2:], spread, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(scripted, output, atol=1e-6, rtol=1e-5)
+
+
+def test_flips_of_a_mirror_symmetric_network_change_nothing(batch):
+    """A 1 x 1 convolution commutes with mirroring: flip TTA must give its probabilities back, with zero spread."""
+    torch.manual_seed(0)
+    pointwise = torch.nn.Conv2d(5, 2, kernel_size=1)
+    with_flips = ProbabilityEnsemble([pointwise], ALL_SLICE_FLIPS, uncertainty=True)
+    with torch.no_grad():
+        output = with_flips(batch)
+        torch.testing.assert_close(torch.softmax(output[:, :2], 1), torch.softmax(pointwise(batch), 1))
+    assert output[:, 2].abs().max() < 1e-6
+
+
+def test_a_flip_is_undone_on_the_output():
+    """A network that copies the input's first channel to the lesion logit: each pass, flipped back, lines up."""
+
+    class Copy(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([torch.zeros_like(x[:, :1]), 10 * x[:, :1]], dim=1)
+
+    x = torch.zeros(1, 1, 4, 6)
+    x[0, 0, 0, 0] = 1.0  # one corner voxel is lesion; a flip not undone would move it
+    output = ProbabilityEnsemble([Copy()], ALL_SLICE_FLIPS)(x)
+    assert torch.argmax(output, 1)[0].nonzero().tolist() == [[0, 0]]
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [(False, ()), (None, ()), (True, ALL_SLICE_FLIPS), ([[1]], ((1,),)), ([[0, 1], [0]], ((0, 1), (0,)))],
+)
+def test_tta_flips_values(value, expected):
+    assert flip_axes(value) == expected
+
+
+@pytest.mark.parametrize("value", ["yes", [[2]], [1], [[]], [[True]]])
+def test_bad_tta_flips_name_the_config_id(value):
+    with pytest.raises(ValueError, match="config id 'tta_flips'"):
+        flip_axes(value)
+
+
+def test_uncertainty_of_a_single_prediction_is_refused():
+    with pytest.raises(ValueError, match="config id 'write_uncertainty'.*'ensemble_ckpt_paths'.*'tta_flips'"):
+        inference_network(_tiny_unet(0), None, False, uncertainty=True)
+    assert isinstance(inference_network(_tiny_unet(0), None, True, uncertainty=True), ProbabilityEnsemble)
+
+
+def test_bad_member_checkpoints_are_named(tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save(_tiny_unet(0).state_dict(), good)
+    other = tmp_path / "four_channels.pt"
+    torch.save(UNet(2, 4, 2, (4, 8, 16), (2, 2), num_res_units=1).state_dict(), other)
+    with pytest.raises(RuntimeError, match=f"checkpoint '{other}' does not fit model"):
+        inference_network(_tiny_unet(0), [str(good), str(other)])
+    with pytest.raises(FileNotFoundError, match="absent.pt"):
+        inference_network(_tiny_unet(0), [str(good), str(tmp_path / "absent.pt")])
+    with pytest.raises(ValueError, match=f"'{good}' is no ensemble checkpoint"):
+        inference_network(_tiny_unet(0), str(good))
+    with pytest.raises(ValueError, match="config id 'ensemble_ckpt_paths'"):
+        inference_network(_tiny_unet(0), [])
+
+
+def test_split_uncertainty():
+    split = SplitUncertaintyd(keys="pred")
+    pred = MetaTensor(torch.rand(3, 4, 4, 2), meta={"filename_or_obj": "case.nii.gz"})
+    out = split({"pred": pred})
+    assert out["pred"].shape == (2, 4, 4, 2) and out["uncertainty"].shape == (1, 4, 4, 2)
+    assert torch.equal(out["uncertainty"], pred[2:]) and out["uncertainty"].meta["filename_or_obj"] == "case.nii.gz"
+    assert set(split({"pred": pred[:2]})) == {"pred"}
+    with pytest.raises(ValueError, match="'pred' has 4 channels"):
+        split({"pred": torch.rand(4, 4, 4, 2)})
+
+
+@pytest.fixture(scope="module")
+def member_checkpoints(tmp_path_factory):
+    """Two checkpoints of inference.json's network_def (seeded random weights) and their ensemble checkpoint."""
+    folder = tmp_path_factory.mktemp("members")
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "inference.json"))
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        torch.save(parser.get_parsed_content("network_def", lazy=False).state_dict(), folder / f"fold{seed}.pt")
+        paths.append(folder / f"fold{seed}.pt")
+    ensemble = write_ensemble_checkpoint(*paths, out=str(folder / "ensemble.pt"))
+    return paths, Path(ensemble)
+
+
+def _bundle_masks(dataset, out, **override) -> dict[str, np.ndarray]:
+    workflow = bundle_workflow(
+        ["inference.json"], "infer", dataset_dir=str(dataset), output_dir=str(out), num_workers=0, **override
+    )
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    return {p.name: np.asanyarray(nib.load(p).dataobj) for p in sorted(out.glob("*.nii.gz"))}
+
+
+@pytest.mark.integration
+def test_bundle_ensemble_equals_single_model_and_exports_to_the_runner(
+    member_checkpoints, tiny_phantom_dataset, tmp_path
+):
+    (first, second), ensemble_file = member_checkpoints
+    single = _bundle_masks(tiny_phantom_dataset, tmp_path / "single", ckpt_path=str(first))
+    identical = _bundle_masks(tiny_phantom_dataset, tmp_path / "identical", ensemble_ckpt_paths=[str(first)] * 3)
+    assert identical.keys() == single.keys() and all(np.array_equal(identical[k], single[k]) for k in single)
+
+    override = {"ensemble_ckpt_paths": [str(first), str(second)], "tta_flips": True}
+    masks = _bundle_masks(tiny_phantom_dataset, tmp_path / "ensemble", write_uncertainty=True, **override)
+    dataset = json.loads((tiny_phantom_dataset / "dataset.json").read_text())
+    images = [tiny_phantom_dataset / e["image"] for e in dataset["testing"]]
+    for image in images:
+        case = image.name.split(".nii")[0]
+        uncertainty = nib.load(tmp_path / "ensemble" / f"{case}_uncertainty.nii.gz")
+        assert uncertainty.get_data_dtype() == np.float32 and uncertainty.shape == nib.load(image).shape[:3]
+        np.testing.assert_allclose(uncertainty.affine, nib.load(image).affine, atol=1e-6)
+        values = np.asanyarray(uncertainty.dataobj)
+        assert values.min() >= 0 and values.max() <= 0.5 and values.max() > 0
+    assert not any(name.endswith("_uncertainty.nii.gz") for name in single)
+
+    # One model.ts: the ensemble checkpoint, exported by ckpt_export, run by the MONAI-free runner unchanged.
+    torchscript = tmp_path / "ensemble.ts"
+    ckpt_export(
+        net_id="inference_network", filepath=str(torchscript), ckpt_file=str(ensemble_file),
+        meta_file=str(CONFIGS / "metadata.json"), config_file=str(CONFIGS / "inference.json"),
+        bundle_root=str(BUNDLE), ensemble_ckpt_paths=str(ensemble_file), tta_flips=True,
+    )  # fmt: skip
+    deploy(*images, model=torchscript, out=tmp_path / "deployed")
+    for image in images:
+        name = image.name.split(".nii")[0] + "_seg.nii.gz"
+        np.testing.assert_array_equal(np.asanyarray(nib.load(tmp_path / "deployed" / name).dataobj), masks[name])
+    lesion = np.concatenate([m.ravel() for k, m in masks.items() if k.endswith("_seg.nii.gz")])
+    assert 0 < lesion.mean() < 1, "random weights should give masks with both classes, or the comparison is vacuous"

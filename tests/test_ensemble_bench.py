@@ -1,0 +1,96 @@
+"""python -m custom ensemble-bench on tiny sizes: configurations, identities, outputs."""
+
+import csv
+import json
+
+import pytest
+import torch
+from monai.bundle import ConfigParser
+
+from custom.__main__ import main
+from custom.ensemble_bench import fold_checkpoints, run_ensemble_bench
+
+TINY_NETWORK = {
+    "network_def": {
+        "_target_": "UNet", "spatial_dims": 2, "in_channels": 5, "out_channels": 2,
+        "channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 1, "norm": "instance",
+    }
+}  # fmt: skip
+
+
+@pytest.fixture()
+def identical_folds(tmp_path):
+    """A cv folder whose two folds hold the same tiny network, and the inference config it fits."""
+    config = tmp_path / "tiny_inference.json"
+    config.write_text(json.dumps(TINY_NETWORK))
+    parser = ConfigParser()
+    parser.read_config(str(config))
+    torch.manual_seed(0)
+    state = parser.get_parsed_content("network_def").state_dict()
+    for fold in (0, 1):
+        (tmp_path / "cv" / f"fold_{fold}" / "models").mkdir(parents=True)
+        torch.save(state, tmp_path / "cv" / f"fold_{fold}" / "models" / "model.pt")
+    return tmp_path / "cv", config
+
+
+@pytest.fixture()
+def two_labelled_cases(tiny_phantom_dataset, tmp_path):
+    """A dataset folder listing two of the tiny phantom's labelled cases (absolute paths), to keep the test short."""
+    dataset = json.loads((tiny_phantom_dataset / "dataset.json").read_text())
+    entries = [
+        {**e, "image": str(tiny_phantom_dataset / e["image"]), "label": str(tiny_phantom_dataset / e["label"])}
+        for e in dataset["training"][:2]
+    ]
+    (tmp_path / "two").mkdir()
+    (tmp_path / "two" / "dataset.json").write_text(json.dumps({**dataset, "training": entries, "testing": []}))
+    return tmp_path / "two"
+
+
+def test_ensemble_bench_of_identical_folds(identical_folds, two_labelled_cases, tmp_path):
+    cv, config = identical_folds
+    summary = run_ensemble_bench(str(cv), str(two_labelled_cases), str(tmp_path / "out"), config_file=str(config))
+    by_name = {e["configuration"]: e for e in summary}
+    assert list(by_name) == [
+        "fold 0", "fold 0 + flips", "fold 1", "fold 1 + flips", "ensemble", "ensemble + flips",
+        "single fold (mean of folds)", "single fold + flips (mean of folds)",
+    ]  # fmt: skip
+    assert [by_name[n]["predictions"] for n in ("fold 0", "fold 0 + flips", "ensemble", "ensemble + flips")] == [1, 4, 2, 8]
+    for name in ("dice", "ece", "avd_mask_ml", "avd_prob_ml"):
+        # the ensemble of identical models equals one model, with and without flips
+        assert by_name["ensemble"][name] == pytest.approx(by_name["fold 0"][name], abs=1e-9)
+        assert by_name["ensemble + flips"][name] == pytest.approx(by_name["fold 0 + flips"][name], abs=1e-9)
+    assert by_name["ensemble"]["uncertainty_wrong"] == pytest.approx(0, abs=1e-7)
+    assert 0 <= by_name["fold 0"]["ece"] <= 1
+    with open(tmp_path / "out" / "cases.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6 * 2  # six configurations x two labelled cases
+    for row in rows:
+        assert float(row["avd_prob_ml"]) == pytest.approx(abs(float(row["prob_ml"]) - float(row["label_ml"])))
+    record = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert record["cases"] == 2 and record["summary"][0]["uncertainty_wrong"] is None
+    assert "| ensemble + flips | 8 |" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def test_without_flips_only_the_unflipped_configurations(identical_folds, two_labelled_cases, tmp_path):
+    cv, config = identical_folds
+    summary = run_ensemble_bench(
+        str(cv), str(two_labelled_cases), str(tmp_path / "out"), config_file=str(config), flips=False, max_cases=1
+    )
+    assert [(e["configuration"], e["predictions"], e["cases"]) for e in summary] == [
+        ("fold 0", 1, 1), ("fold 1", 1, 1), ("ensemble", 2, 1), ("single fold (mean of folds)", 1, 1)
+    ]  # fmt: skip
+
+
+def test_missing_fold_models_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no fold model.*fold_0"):
+        fold_checkpoints(tmp_path)
+    (tmp_path / "fold_0" / "models").mkdir(parents=True)
+    (tmp_path / "fold_0" / "models" / "model.pt").write_bytes(b"")
+    assert fold_checkpoints(tmp_path) == [tmp_path / "fold_0" / "models" / "model.pt"]
+    with pytest.raises(FileNotFoundError, match="fold_1"):
+        fold_checkpoints(tmp_path, folds=2)
+
+
+def test_command_line_refuses_unknown_options():
+    with pytest.raises(SystemExit, match="unknown option '--foldz'"):
+        main(["ensemble-bench", "--foldz", "2"])
