@@ -1,7 +1,9 @@
 """The clinical threshold rule every model must beat: ischemic core = rCBF < 30 % and Tmax > 6 s.
 
 It runs on the converted dataset (data contract in DESIGN.md) and scores every training case with the same
-per-case metrics and fold summaries as the cross-validation. The rule and its reasons: docs/metrics.md.
+per-case metrics and fold summaries as the cross-validation. The rule and its reasons: docs/metrics.md. The rule
+itself (``threshold_core``) and the brain mask live in the MONAI-free ``custom.clinical``, which the inference
+table uses too (its ``core_rule_ml`` column).
 """
 
 from __future__ import annotations
@@ -13,32 +15,12 @@ import nibabel as nib
 import numpy as np
 
 from custom.atomic import write_atomically
+from custom.clinical import HEALTHY_TMAX_S, RCBF_THRESHOLD, TMAX_THRESHOLD_S, brain_mask, threshold_core
 from custom.data.datalist import load_dataset_json
 from custom.metrics import METRIC_NAMES, case_metrics
 from custom.reporting import summarise, summary_markdown, write_case_csv, write_markdown, write_summary_csv
 
 logger = logging.getLogger(__name__)
-
-
-def threshold_core(
-    cbf: np.ndarray,
-    tmax: np.ndarray,
-    brain: np.ndarray,
-    rcbf_threshold: float = 0.3,
-    tmax_threshold: float = 6.0,
-    healthy_tmax: float = 4.0,
-) -> tuple[np.ndarray, float, bool]:
-    """Core mask of one volume by the threshold rule, with the reference CBF it used.
-
-    The reference is the median CBF of brain voxels with Tmax < ``healthy_tmax`` (normally perfused tissue);
-    when there are none it is the whole brain's median. Core = brain & CBF < ``rcbf_threshold`` x reference &
-    Tmax > ``tmax_threshold``. Returns (core mask, reference CBF, whether the whole-brain fallback was used).
-    """
-    healthy = brain & (tmax < healthy_tmax)
-    used_fallback = not healthy.any()
-    reference = float(np.median(cbf[brain if used_fallback else healthy]))
-    core = brain & (cbf < rcbf_threshold * reference) & (tmax > tmax_threshold)
-    return core, reference, used_fallback
 
 
 def _channel_layout(modality: dict, path: str) -> dict:
@@ -70,7 +52,7 @@ def _baseline_case(entry: dict, dataset_dir: str, layout: dict, thresholds: dict
     if not np.isin(label, (0, 1)).all():
         raise ValueError(f"{label_path}: label values must be 0 and 1, got {np.unique(label).tolist()}.")
 
-    brain = (volume[..., layout["perfusion"]] != 0).any(axis=-1)
+    brain = brain_mask(volume, layout["perfusion"])
     if not brain.any():
         raise ValueError(f"{image_path}: every perfusion map is zero, so there is no brain to threshold.")
     core, reference, used_fallback = threshold_core(
@@ -92,9 +74,9 @@ def _baseline_case(entry: dict, dataset_dir: str, layout: dict, thresholds: dict
 def run_baseline(
     dataset_dir: str,
     out: str,
-    rcbf_threshold: float = 0.3,
-    tmax_threshold: float = 6.0,
-    healthy_tmax: float = 4.0,
+    rcbf_threshold: float = RCBF_THRESHOLD,
+    tmax_threshold: float = TMAX_THRESHOLD_S,
+    healthy_tmax: float = HEALTHY_TMAX_S,
     save_masks: bool = False,
 ) -> list[dict]:
     """Score the threshold rule on every training case of a converted dataset and write the tables.

@@ -4,16 +4,16 @@ Clinical machines that run the model often cannot install MONAI. This module rep
 ``configs/inference.json`` step by step, so its masks equal the bundle's voxel for voxel:
 ``LoadImaged`` (nibabel) -> ``EnsureChannelFirstd`` -> ``NormalizeWithinBraind`` -> ``DivisiblePadd(k=16,
 symmetric)`` -> ``SliceInferer`` (2D slices in batches) -> softmax -> crop the padding (``Invertd``) ->
-argmax -> uint8 NIfTI on the input grid, plus the ``LesionVolumeWriter`` table.
+argmax -> uint8 NIfTI on the input grid, plus the ``LesionVolumeWriter`` table (``custom.clinical``: lesion
+and clinical volumes from the raw maps, research use only).
 
-It imports nothing from MONAI, and from the rest of ``custom`` only the standard-library
-``custom.atomic`` (the other modules import MONAI): keep it so, the tests run it with MONAI made
-unimportable. ``custom/transforms.py`` is the reference for the
+It imports nothing from MONAI, and from the rest of ``custom`` only the standard-library ``custom.atomic``
+and the numpy-only ``custom.clinical`` (the other modules import MONAI): keep it so, the tests run it with
+MONAI made unimportable. ``custom/transforms.py`` is the reference for the
 normalisation; a change there must be mirrored here (the agreement test catches a mismatch).
 """
 
 import argparse
-import csv
 import re
 import sys
 from collections.abc import Callable
@@ -24,10 +24,11 @@ import numpy as np
 import torch
 
 from custom.atomic import write_atomically
+from custom.clinical import MODALITIES, VOLUME_TABLE, case_volumes, describe, write_volume_table
+from custom.clinical import PERFUSION_CHANNELS as BRAIN_CHANNELS  # brain: any of CBF, CBV, MTT, Tmax non-zero
+from custom.clinical import VOLUME_COLUMNS, volume_ml as lesion_volume_ml  # noqa: F401 (names callers may import)
 
-MODALITIES = ("CT", "CBF", "CBV", "MTT", "Tmax")
 CLASSES = ("background", "lesion")
-BRAIN_CHANNELS = (1, 2, 3, 4)  # a voxel is brain when any perfusion map (CBF, CBV, MTT, Tmax) is non-zero
 CLIP_PERCENTILES = (0.5, 99.5)
 NORMALIZE_EPS = 1e-6
 SPATIAL_DIVISOR = 16  # the U-Net's four stride-2 levels need H and W divisible by 2**4
@@ -36,8 +37,6 @@ MIN_IN_PLANE_SIZE = 17
 # ISLES maps share the CT's grid when their affines agree within these tolerances (as the converter checks).
 AFFINE_ATOL_MM = 1e-3
 AFFINE_RTOL = 1e-4
-VOLUME_COLUMNS = ("case", "image", "lesion_voxels", "lesion_ml")
-VOLUME_TABLE = "lesion_volumes.csv"
 
 # `SMIR.Brain.XX.O.<MOD>.<id>` with MOD such as CT, CT_CBF, MR_Tmax, CT_4DPWI, OT; optionally a NIfTI suffix.
 _SMIR_NAME = re.compile(
@@ -239,15 +238,6 @@ def segment_volume(network, volume: np.ndarray, batch_size: int = 16, device="cp
     return torch.argmax(probabilities, dim=0).numpy().astype(np.uint8)
 
 
-def lesion_volume_ml(voxels: int, affine: np.ndarray) -> float:
-    """Lesion volume in mL, rounded to 0.1 uL, computed as ``custom.handlers.LesionVolumeWriter`` computes it.
-
-    The voxel spacing is the length of each affine axis column, as MONAI's ``MetaTensor.pixdim``.
-    """
-    spacing = np.sqrt(np.sum(np.asarray(affine, dtype=np.float64)[:3, :3] ** 2, axis=0))
-    return round(voxels * float(np.prod(spacing)) / 1000.0, 4)
-
-
 def write_mask(mask: np.ndarray, affine: np.ndarray, path) -> None:
     """Write a uint8 mask as NIfTI with ``affine``, atomically (never a half-written file under ``path``).
 
@@ -259,18 +249,6 @@ def write_mask(mask: np.ndarray, affine: np.ndarray, path) -> None:
     image.set_sform(affine, code=1)
     image.set_qform(affine, code=1)
     write_atomically(path, lambda temporary: nib.save(image, temporary))
-
-
-def write_volume_table(rows: list[dict], path) -> None:
-    """Write the ``case,image,lesion_voxels,lesion_ml`` table atomically."""
-
-    def write(temporary):
-        with open(temporary, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=VOLUME_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-
-    write_atomically(path, write)
 
 
 def load_model(path: Path, device="cpu"):
@@ -316,7 +294,9 @@ def deploy(*inputs, model="bundle/models/model.ts", out="deploy_out", batch_size
             ISLES 2018 case folders (``case_N/SMIR.Brain.XX.O.<MOD>.<id>/...nii``).
         model: the TorchScript file written by ``python -m monai.bundle ckpt_export``.
         out: output folder; receives ``<case>_seg.nii.gz`` (uint8, 1 = lesion, the input's grid and
-            affine) per input and ``lesion_volumes.csv`` (case, image, lesion_voxels, lesion_ml).
+            affine) per input and ``lesion_volumes.csv`` (``custom.clinical.VOLUME_COLUMNS``: case, image,
+            lesion_voxels, lesion_ml, then hypoperfusion_ml, core_rule_ml, mismatch_ml, mismatch_ratio from the
+            raw maps, and intended_use: research use only, not for diagnosis or treatment decisions).
         batch_size: slices per forward pass.
         device: torch device, e.g. ``cpu`` or ``cuda:0``.
 
@@ -344,10 +324,9 @@ def deploy(*inputs, model="bundle/models/model.ts", out="deploy_out", batch_size
         mask = segment_volume(network, volume, int(batch_size), device)
         name = case_name(path)
         write_mask(mask, affine, out / f"{name}_seg.nii.gz")
-        voxels = int(np.count_nonzero(mask))
-        volume_ml = lesion_volume_ml(voxels, affine)
-        rows.append({"case": name, "image": str(path), "lesion_voxels": voxels, "lesion_ml": volume_ml})
-        print(f"{name}: {voxels} lesion voxels, {volume_ml} mL -> {out / f'{name}_seg.nii.gz'}")
+        row = {"case": name, "image": str(path), **case_volumes(volume, mask, affine, name)}
+        rows.append(row)
+        print(f"{describe(row)} -> {out / f'{name}_seg.nii.gz'}")
     table = out / VOLUME_TABLE
     if rows:
         write_volume_table(rows, table)

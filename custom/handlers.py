@@ -1,28 +1,29 @@
 """Ignite handlers MONAI lacks: a per-case lesion volume table, a report of rejected inputs, named checkpoint errors
 (also for checkpoints loaded without an engine, as the fold ensemble's members are)."""
 
-import csv
-import io
 import pickle
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from monai.data import MetaTensor
 from monai.handlers import CheckpointLoader
 
-from custom.atomic import write_text_atomically
+from custom.clinical import case_volumes, describe, write_volume_table
+from custom.deploy import read_stacked_image
 
 
 class LesionVolumeWriter:
-    """Write ``case,image,lesion_voxels,lesion_ml`` for every segmented case to a CSV at the end of a run.
+    """Write ``lesion_volumes.csv`` (``custom.clinical.VOLUME_COLUMNS``) for every segmented case at the end of a run.
 
-    Why it exists: MONAI's ``MetricsSaver`` needs a ground truth; inference has none, yet clinicians
-    read the lesion volume first. Reads each decollated output's ``pred_key`` (a binary mask
-    MetaTensor on the input grid) and takes the voxel volume from its affine.
+    Why it exists: MONAI's ``MetricsSaver`` needs a ground truth; inference has none, yet clinicians read the
+    lesion volume first, next to the perfusion volumes. Reads each decollated output's ``pred_key`` (a binary
+    mask MetaTensor on the input grid, with its affine), re-reads the raw maps of the image file named in its
+    meta (``filename_or_obj``; not the normalised network input) and builds the row with
+    ``custom.clinical.case_volumes``, as ``custom/deploy.py`` does: lesion voxels and mL, hypoperfusion
+    (Tmax > 6 s), threshold-rule core, mismatch, and the research-use-only label. Logs one line per case.
     """
 
     def __init__(self, output_file: str, pred_key: str = "pred") -> None:
@@ -44,24 +45,27 @@ class LesionVolumeWriter:
             pred = output[self.pred_key]
             if not isinstance(pred, MetaTensor):
                 raise TypeError(f"'{self.pred_key}' must be a MetaTensor carrying its affine, got {type(pred)}")
-            image = str(pred.meta.get("filename_or_obj", ""))
-            spacing = np.asarray(pred.pixdim[:3], dtype=float)
-            voxels = int((pred > 0).sum())
-            self.rows.append(
-                {
-                    "case": Path(image).name.split(".nii")[0],
-                    "image": image,
-                    "lesion_voxels": voxels,
-                    "lesion_ml": round(voxels * float(np.prod(spacing)) / 1000.0, 4),
-                }
-            )
+            image = str(pred.meta.get("filename_or_obj") or "")
+            if not image:
+                raise ValueError(
+                    f"'{self.pred_key}' names no image file (meta 'filename_or_obj'); the volume table re-reads the "
+                    "raw maps from it"
+                )
+            case = Path(image).name.split(".nii")[0]
+            maps, _ = read_stacked_image(image)
+            mask = pred.detach().cpu().numpy()
+            if mask.ndim == 4 and mask.shape[0] == 1:  # channel-first (1, H, W, D) after AsDiscreted(argmax)
+                mask = mask[0]
+            try:
+                volumes = case_volumes(maps, mask > 0, pred.affine.cpu().numpy(), case)
+            except ValueError as err:
+                raise ValueError(f"'{image}': {err}") from err
+            row = {"case": case, "image": image, **volumes}
+            self.rows.append(row)
+            engine.logger.info(describe(row))
 
     def _write(self, engine: Engine) -> None:
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=["case", "image", "lesion_voxels", "lesion_ml"])
-        writer.writeheader()
-        writer.writerows(self.rows)
-        write_text_atomically(self.output_file, text.getvalue())
+        write_volume_table(self.rows, self.output_file)
 
 
 class RejectedImagesReporter:

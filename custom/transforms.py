@@ -9,9 +9,8 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 from monai.utils import TransformBackends, convert_to_dst_type, convert_to_numpy, convert_to_tensor
 
+from custom.clinical import PERFUSION_CHANNELS  # CBF, CBV, MTT, Tmax; channel 0 is CT
 from custom.data.check import image_problems, label_problems
-
-PERFUSION_CHANNELS = (1, 2, 3, 4)  # CBF, CBV, MTT, Tmax; channel 0 is CT
 
 
 def _file_name(array) -> str:

@@ -17,7 +17,10 @@ import torch
 from conftest import BUNDLE, CONFIGS, REPO
 from monai.bundle import ConfigParser, ckpt_export
 from monai.transforms import DivisiblePad
+from test_clinical import AFFINE as SYNTHETIC_AFFINE
+from test_clinical import synthetic_case
 
+from custom.clinical import RESEARCH_USE_ONLY, VOLUME_COLUMNS
 from custom.deploy import deploy, normalize_within_brain, read_stacked_image, symmetric_padding
 from custom.transforms import NormalizeWithinBrain
 
@@ -45,7 +48,8 @@ def exported_model(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def inputs(tiny_phantom_dataset, tmp_path_factory) -> dict[str, Path]:
-    """Converted phantom images plus crops that need padding with odd remainders, and one-slice volumes."""
+    """Converted phantom images plus crops that need padding with odd remainders, one-slice volumes, and the
+    synthetic case of test_clinical.py (known hypoperfusion and threshold-rule core volumes)."""
     folder = tmp_path_factory.mktemp("inputs")
     dataset = json.loads((tiny_phantom_dataset / "dataset.json").read_text())
     images = {e["case"]: tiny_phantom_dataset / e["image"] for e in dataset["testing"]}
@@ -59,6 +63,8 @@ def inputs(tiny_phantom_dataset, tmp_path_factory) -> dict[str, Path]:
     for name, crop in crops.items():
         nib.save(nib.Nifti1Image(np.ascontiguousarray(crop), source.affine), folder / f"{name}.nii.gz")
         images[name] = folder / f"{name}.nii.gz"
+    nib.save(nib.Nifti1Image(synthetic_case(), SYNTHETIC_AFFINE), folder / "synthetic.nii.gz")
+    images["synthetic"] = folder / "synthetic.nii.gz"
     return images
 
 
@@ -115,6 +121,12 @@ def test_deploy_without_monai_equals_bundle_inference(inputs, exported_model, ti
     assert _table(tmp_path / "cli" / "lesion_volumes.csv") == _table(tmp_path / "folders" / "lesion_volumes.csv")
     expected = _table(tmp_path / "bundle_out" / "lesion_volumes.csv")
     assert _table(tmp_path / "files" / "lesion_volumes.csv") == expected
+    with open(tmp_path / "bundle_out" / "lesion_volumes.csv", newline="") as f:
+        assert tuple(next(csv.reader(f))) == VOLUME_COLUMNS
+    assert {row["intended_use"] for row in expected.values()} == {RESEARCH_USE_ONLY}
+    assert (expected["synthetic"]["hypoperfusion_ml"], expected["synthetic"]["core_rule_ml"]) == ("0.168", "0.072")
+    phantom = [row for name, row in expected.items() if name.startswith("case_")]
+    assert all(float(row["hypoperfusion_ml"]) > 0 for row in phantom), "the phantom's lesions are hypoperfused"
     by_folder = _table(tmp_path / "folders" / "lesion_volumes.csv")
     for name, folder in zip(testing_cases, folders):
         assert by_folder[name] == {**expected[name], "image": str(folder)}
@@ -133,28 +145,30 @@ def test_deploy_without_monai_equals_bundle_inference(inputs, exported_model, ti
     assert not [p.name for p in (tmp_path / "files").iterdir() if p.name.startswith(".")], "temporary files left"
 
 
-def test_deploy_imports_only_torch_numpy_nibabel_the_standard_library_and_custom_atomic():
-    tree = ast.parse((REPO / "custom" / "deploy.py").read_text())
+def _third_party_imports(module: str) -> set[str]:
+    tree = ast.parse((REPO / "custom" / module).read_text())
     modules = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             modules |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
             modules.add(node.module)
-    third_party = {m for m in modules if m.split(".")[0] not in sys.stdlib_module_names}
-    assert third_party == {"torch", "numpy", "nibabel", "custom.atomic"}
-    atomic = ast.parse((REPO / "custom" / "atomic.py").read_text())
-    atomic_imports = {a.name for n in ast.walk(atomic) if isinstance(n, ast.Import) for a in n.names}
-    atomic_imports |= {n.module for n in ast.walk(atomic) if isinstance(n, ast.ImportFrom)}
-    assert all(m.split(".")[0] in sys.stdlib_module_names for m in atomic_imports)
+    return {m for m in modules if m.split(".")[0] not in sys.stdlib_module_names}
+
+
+def test_deploy_imports_only_torch_numpy_nibabel_the_standard_library_and_two_project_modules():
+    assert _third_party_imports("deploy.py") == {"torch", "numpy", "nibabel", "custom.atomic", "custom.clinical"}
+    assert _third_party_imports("clinical.py") == {"numpy", "custom.atomic"}
+    assert _third_party_imports("atomic.py") == set()
 
 
 def test_runner_copied_without_the_project(exported_model, tmp_path):
-    """docs/deployment.md: custom/__init__.py, deploy.py and atomic.py copied next to model.ts run on their own."""
+    """docs/deployment.md: custom/__init__.py, deploy.py, clinical.py and atomic.py copied next to model.ts run on
+    their own."""
     _, torchscript = exported_model
     runner = tmp_path / "runner"
     (runner / "custom").mkdir(parents=True)
-    for name in ("__init__.py", "deploy.py", "atomic.py"):
+    for name in ("__init__.py", "deploy.py", "clinical.py", "atomic.py"):
         shutil.copy(REPO / "custom" / name, runner / "custom" / name)
     shutil.copy(torchscript, runner / "model.ts")
     image = _write(tmp_path / "image.nii.gz", np.random.default_rng(0).uniform(1, 2, (20, 24, 2, 5)))
@@ -163,6 +177,21 @@ def test_runner_copied_without_the_project(exported_model, tmp_path):
     completed = subprocess.run(command, capture_output=True, text=True, env=env, cwd=runner)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     assert sorted(p.name for p in (runner / "results").iterdir()) == ["image_seg.nii.gz", "lesion_volumes.csv"]
+    assert _table(runner / "results" / "lesion_volumes.csv")["image"]["intended_use"] == RESEARCH_USE_ONLY
+    assert RESEARCH_USE_ONLY in completed.stdout
+
+
+def test_deploy_reports_the_clinical_volumes_of_the_raw_maps(exported_model, tmp_path):
+    """The hand-computed volumes of test_clinical.py's synthetic case; the mismatch follows the predicted lesion."""
+    _, torchscript = exported_model
+    image = tmp_path / "synthetic.nii.gz"
+    nib.save(nib.Nifti1Image(synthetic_case(), SYNTHETIC_AFFINE), image)
+    row = _table(Path(deploy(image, model=torchscript, out=tmp_path / "out")))["synthetic"]
+    assert list(row) == list(VOLUME_COLUMNS)
+    assert (row["hypoperfusion_ml"], row["core_rule_ml"], row["intended_use"]) == ("0.168", "0.072", RESEARCH_USE_ONLY)
+    lesion_voxels = int(row["lesion_voxels"])
+    assert float(row["mismatch_ml"]) == pytest.approx((14 - lesion_voxels) * 0.012, abs=1e-9)
+    assert float(row["mismatch_ratio"]) == (round(14 / lesion_voxels, 4) if lesion_voxels else float("inf"))
 
 
 def test_normalisation_equals_the_bundle_transform(tiny_phantom_dataset):

@@ -1,0 +1,163 @@
+"""The per-case table of an inference run (``lesion_volumes.csv``): predicted lesion and clinical volumes.
+
+Why it exists: a clinician reads volumes first, and next to the predicted lesion wants the numbers the
+perfusion software would show: the hypoperfused tissue (Tmax > 6 s), the threshold-rule core (rCBF < 30 %
+within Tmax > 6 s) and the mismatch between them. The bundle's ``custom.handlers.LesionVolumeWriter`` and the
+MONAI-free runner ``custom/deploy.py`` both build their rows with :func:`case_volumes` and write them with
+:func:`write_volume_table`, so the two tables agree column for column. Research use only, not for diagnosis
+or treatment decisions.
+
+It also holds what the threshold rule needs and every caller shares: the bundle's channel order, the brain
+mask (any perfusion map non-zero), and the rule itself (``custom.baseline`` scores it on a dataset).
+numpy and the standard-library ``custom.atomic`` only: ``custom/deploy.py`` imports it and must run without
+MONAI (copy this file with it).
+"""
+
+import csv
+import logging
+import math
+
+import numpy as np
+
+from custom.atomic import write_atomically
+
+logger = logging.getLogger(__name__)
+
+# The bundle's fixed channel order (DESIGN.md, data contract; dataset.json "modality"): channels last in the
+# NIfTI, first in the network input.
+MODALITIES = ("CT", "CBF", "CBV", "MTT", "Tmax")
+CBF_CHANNEL = MODALITIES.index("CBF")
+TMAX_CHANNEL = MODALITIES.index("Tmax")
+# A voxel is brain when any perfusion map (every channel but CT) is non-zero: the maps are zero outside the brain.
+PERFUSION_CHANNELS = tuple(index for index, name in enumerate(MODALITIES) if name != "CT")
+
+TMAX_THRESHOLD_S = 6.0  # hypoperfused: Tmax above this (seconds), the DEFUSE 3 / RAPID threshold
+RCBF_THRESHOLD = 0.3  # threshold-rule core: CBF below 30 % of the healthy-tissue reference
+HEALTHY_TMAX_S = 4.0  # healthy tissue for the CBF reference: Tmax below this (seconds)
+
+RESEARCH_USE_ONLY = "research use only, not for diagnosis or treatment decisions"
+VOLUME_TABLE = "lesion_volumes.csv"
+VOLUME_COLUMNS = (
+    "case",
+    "image",
+    "lesion_voxels",
+    "lesion_ml",
+    "hypoperfusion_ml",
+    "core_rule_ml",
+    "mismatch_ml",
+    "mismatch_ratio",
+    "intended_use",
+)
+DECIMALS = 4  # volumes in mL rounded to 0.1 uL, ratios to 1e-4
+
+
+def brain_mask(volume: np.ndarray, perfusion_channels=PERFUSION_CHANNELS) -> np.ndarray:
+    """Boolean (H, W, D) brain of a channels-last (H, W, D, C) volume: voxels where any perfusion map is non-zero."""
+    return (np.asarray(volume)[..., list(perfusion_channels)] != 0).any(axis=-1)
+
+
+def threshold_core(
+    cbf: np.ndarray,
+    tmax: np.ndarray,
+    brain: np.ndarray,
+    rcbf_threshold: float = RCBF_THRESHOLD,
+    tmax_threshold: float = TMAX_THRESHOLD_S,
+    healthy_tmax: float = HEALTHY_TMAX_S,
+) -> tuple[np.ndarray, float, bool]:
+    """Core mask of one volume by the threshold rule, with the reference CBF it used.
+
+    The reference is the median CBF of brain voxels with Tmax < ``healthy_tmax`` (normally perfused tissue);
+    when there are none it is the whole brain's median. Core = brain & CBF < ``rcbf_threshold`` x reference &
+    Tmax > ``tmax_threshold``. Returns (core mask, reference CBF, whether the whole-brain fallback was used).
+    """
+    healthy = brain & (tmax < healthy_tmax)
+    used_fallback = not healthy.any()
+    reference = float(np.median(cbf[brain if used_fallback else healthy]))
+    core = brain & (cbf < rcbf_threshold * reference) & (tmax > tmax_threshold)
+    return core, reference, used_fallback
+
+
+def voxel_volume_ml(affine) -> float:
+    """The volume of one voxel in mL; the spacing is the length of each affine axis column, as MONAI's
+    ``MetaTensor.pixdim``."""
+    spacing = np.sqrt(np.sum(np.asarray(affine, dtype=np.float64)[:3, :3] ** 2, axis=0))
+    return float(np.prod(spacing)) / 1000.0
+
+
+def volume_ml(voxels: int, affine) -> float:
+    """``voxels`` voxels of the grid ``affine`` in mL, rounded to 0.1 uL (the table's rounding)."""
+    return round(voxels * voxel_volume_ml(affine), DECIMALS)
+
+
+def case_volumes(volume: np.ndarray, lesion: np.ndarray, affine, name: str = "") -> dict:
+    """The volume columns of one case, from its raw maps and its predicted lesion mask.
+
+    Args:
+        volume: (H, W, D, 5) maps as read from the file (not normalised), channels CT, CBF, CBV, MTT, Tmax;
+            Tmax in seconds, CBF in any unit (the rule is relative).
+        lesion: (H, W, D) predicted mask; non-zero = lesion.
+        affine: the 4 x 4 affine of the grid (voxel volume).
+        name: the case, for the warning when the rule falls back to the whole brain's CBF median.
+
+    Returns:
+        ``lesion_voxels``; ``lesion_ml``; ``hypoperfusion_ml`` (brain & Tmax > 6 s); ``core_rule_ml``
+        (:func:`threshold_core` with its defaults); ``mismatch_ml`` = hypoperfusion - lesion (negative when the
+        predicted lesion is the larger) and ``mismatch_ratio`` = hypoperfusion / lesion, both with the
+        predicted lesion as the core and computed from voxel counts before rounding; a zero lesion gives a
+        ratio of ``inf`` when there is hypoperfusion and ``None`` (an empty CSV cell: undefined) when there is
+        none; ``intended_use`` = :data:`RESEARCH_USE_ONLY`.
+    """
+    volume = np.asarray(volume)
+    lesion = np.asarray(lesion)
+    if volume.ndim != 4 or volume.shape[-1] != len(MODALITIES):
+        raise ValueError(f"expected (H, W, D, {len(MODALITIES)}) maps {', '.join(MODALITIES)}, got {volume.shape}")
+    if lesion.shape != volume.shape[:3]:
+        raise ValueError(f"lesion mask shape {lesion.shape} differs from the maps' {volume.shape[:3]}")
+    cbf, tmax = volume[..., CBF_CHANNEL], volume[..., TMAX_CHANNEL]
+    brain = brain_mask(volume)
+    core, _, used_fallback = threshold_core(cbf, tmax, brain) if brain.any() else (brain, 0.0, False)
+    if used_fallback:
+        logger.warning(
+            "%s: no brain voxel has Tmax < %s s; the rCBF reference of core_rule_ml is the whole brain's median CBF",
+            name or "case",
+            HEALTHY_TMAX_S,
+        )
+    lesion_voxels = int(np.count_nonzero(lesion))
+    hypoperfusion_voxels = int(np.count_nonzero(brain & (tmax > TMAX_THRESHOLD_S)))
+    if lesion_voxels:
+        ratio = round(hypoperfusion_voxels / lesion_voxels, DECIMALS)
+    else:
+        ratio = math.inf if hypoperfusion_voxels else None
+    return {
+        "lesion_voxels": lesion_voxels,
+        "lesion_ml": volume_ml(lesion_voxels, affine),
+        "hypoperfusion_ml": volume_ml(hypoperfusion_voxels, affine),
+        "core_rule_ml": volume_ml(int(np.count_nonzero(core)), affine),
+        "mismatch_ml": volume_ml(hypoperfusion_voxels - lesion_voxels, affine),
+        "mismatch_ratio": ratio,
+        "intended_use": RESEARCH_USE_ONLY,
+    }
+
+
+def describe(row: dict) -> str:
+    """The log line of one table row, ending with the research-use label."""
+    ratio = row["mismatch_ratio"]
+    ratio = "undefined" if ratio is None else f"{ratio:g}"
+    return (
+        f"{row['case']}: {row['lesion_voxels']} lesion voxels, {row['lesion_ml']} mL; "
+        f"Tmax > {TMAX_THRESHOLD_S:g} s {row['hypoperfusion_ml']} mL; "
+        f"rCBF < {RCBF_THRESHOLD * 100:g} % core {row['core_rule_ml']} mL; "
+        f"mismatch {row['mismatch_ml']} mL, ratio {ratio} ({RESEARCH_USE_ONLY})"
+    )
+
+
+def write_volume_table(rows: list[dict], path) -> None:
+    """Write the :data:`VOLUME_COLUMNS` table atomically; ``inf`` is written as ``inf``, ``None`` as an empty cell."""
+
+    def write(temporary):
+        with open(temporary, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=VOLUME_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    write_atomically(path, write)
