@@ -16,11 +16,10 @@ import numpy as np
 import torch
 
 from custom.atomic import write_atomically, write_text_atomically
+from custom.clinical import TMAX_THRESHOLD_S  # the DEFUSE 3 hypoperfusion threshold, for the volume agreement
 from custom.perfusion.deconvolution import OSCILLATION_LIMIT, TIKHONOV_LAMBDA
 from custom.perfusion.maps import MAP_NAMES, SMOOTHING_MM, compute_perfusion_maps
 from custom.perfusion.series import load_series
-
-TMAX_THRESHOLD_S = 6.0  # the DEFUSE 3 hypoperfusion threshold used for the volume agreement
 
 
 def analyse_series(
