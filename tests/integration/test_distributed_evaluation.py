@@ -48,3 +48,37 @@ def test_distributed_evaluation_matches_single_process(tiny_phantom_dataset, tmp
     assert _per_case(tmp_path / "distributed", "val_mean_dice") == pytest.approx(per_case, rel=1e-6)
     # Validation cases of fold 0 are split over the two ranks: each rank sees only part of them.
     assert len(per_case) >= 2 and len(set(per_case.values())) > 1, "the check needs cases with different Dice"
+
+
+@pytest.mark.integration
+def test_distributed_evaluation_leaves_no_process_group_alive(tiny_phantom_dataset, tmp_path, monkeypatch):
+    """After ``finalize`` nothing holds the gloo process group, so it is torn down while Python is alive.
+
+    A process group that outlives ``destroy_process_group`` (a ``DistributedDataParallel`` wrapper keeps a
+    reference) is freed during interpreter shutdown, where gloo's threads can abort the process
+    ("terminate called without an active exception", exit -6) after a successful evaluation."""
+    import gc
+    import socket
+
+    import torch.distributed as dist
+    from conftest import bundle_workflow
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for name, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(name, value)
+    workflow = bundle_workflow(
+        ["train.json", "evaluate.json", "multi_gpu_evaluate.json"], "infer",
+        dataset_dir=str(tiny_phantom_dataset), ckpt_path=str(SHIPPED_MODEL), output_dir=str(tmp_path / "eval"),
+        num_workers=0,
+    )
+    workflow.initialize()
+    group = dist.group.WORLD
+    workflow.run()
+    workflow.finalize()
+    gc.collect()
+    assert not dist.is_initialized()
+    assert (tmp_path / "eval" / "metrics.csv").is_file()
+    # getrefcount counts its own argument and the local name: 2 means nothing else holds the group
+    assert sys.getrefcount(group) == 2
