@@ -450,14 +450,14 @@ def run_nnunet(train_dataset: Path, test_dataset: Path, out: Path, budget_s: int
 # ------------------------------------------------------------------------------------------- scoring
 
 
-def score_masks(test_dataset: Path, method: str, mask_path) -> list[dict]:
-    """Per-case metrics of one method: ``mask_path(entry)`` names its mask of each labelled test case."""
+def score_masks(dataset_dir: Path, entries: list[dict], method: str, mask_path) -> list[dict]:
+    """Per-case metrics of one method: ``mask_path(entry)`` names its mask of each labelled entry of ``dataset_dir``."""
     rows = []
-    for entry in load_dataset_json(test_dataset, ("training",))["training"]:
+    for entry in entries:
         path = Path(mask_path(entry))
         if not path.is_file():
-            raise FileNotFoundError(f"{method}: no mask '{path}' for test case '{entry['case']}'")
-        label_image = nib.load(test_dataset / entry["label"])
+            raise FileNotFoundError(f"{method}: no mask '{path}' for scored case '{entry['case']}'")
+        label_image = nib.load(dataset_dir / entry["label"])
         label, pred = np.asanyarray(label_image.dataobj), np.asanyarray(nib.load(path).dataobj)
         if pred.shape != label.shape:
             raise ValueError(f"{method}: mask '{path}' has shape {pred.shape}, its label {label.shape}")
@@ -525,6 +525,7 @@ def run_accuracy_bench(
     train_seed: int = 2026,
     test_seed: int = 9026,
     monai_unet_val_interval: int | None = None,
+    score_on: str = "test",
     **bundle_overrides,
 ) -> list[dict]:
     """Train every method for the same wall-clock budget on a training phantom and score it on a test phantom.
@@ -538,6 +539,10 @@ def run_accuracy_bench(
         train_cases, test_cases, size: phantom sizes (default 40, 60, 256).
         train_seed, test_seed: phantom seeds; they must differ, so the test patients are new patients.
         monai_unet_val_interval: epochs between validations of the plain recipe (default 5; 1 with ``--quick``).
+        score_on: ``test``: segment and score the test phantom; ``inner``: segment and score the training
+            phantom's inner validation fold instead (the cases that select the checkpoints), for choosing
+            defaults without looking at the test phantom; nnU-Net, which predicts only the test phantom, is
+            refused there.
         bundle_overrides: bundle overrides for the ``bundle`` method's training, e.g. ``--loss#ce_max_weight 1``;
             ``network_def#...`` and ``num_workers`` reach its inference too.
 
@@ -554,37 +559,53 @@ def run_accuracy_bench(
     unknown = [m for m in names if m not in METHODS]
     if unknown or not names:
         raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    if score_on not in ("test", "inner"):
+        raise ValueError(f"--score_on must be 'test' or 'inner', got {score_on!r}")
+    if score_on == "inner" and "nnunet_2d" in names:
+        raise ValueError("--score_on inner: nnunet_2d predicts only the test phantom; leave it out of --methods")
     out = Path(out).resolve()
     size = size or sizes["size"]
     train_folds = 2 if quick else 4  # fold 0 is the inner validation split
     train_dataset = phantom_dataset(out / "train", train_cases or sizes["train_cases"], train_seed, size, train_folds)
-    test_dataset = phantom_dataset(out / "test", test_cases or sizes["test_cases"], test_seed, size, 2)
-    test_entries = load_dataset_json(test_dataset, ("training",))["training"]
+    if score_on == "test":
+        scored_dataset = phantom_dataset(out / "test", test_cases or sizes["test_cases"], test_seed, size, 2)
+        scored_entries = load_dataset_json(scored_dataset, ("training",))["training"]
+        scored = f"{len(scored_entries)} test cases (phantom seed {test_seed})"
+    else:
+        scored_dataset = train_dataset
+        scored_entries = [
+            e for e in load_dataset_json(train_dataset, ("training",))["training"] if e["fold"] == INNER_VALIDATION_FOLD
+        ]
+        scored = f"the {len(scored_entries)} cases of the inner validation fold (not the test phantom)"
     overrides = {**(QUICK_BUNDLE_OVERRIDES if quick else {}), **bundle_overrides}
 
     def run_method(method: str, folder: Path) -> tuple[dict, object]:
-        """Run one method; returns its facts and the function naming its mask of a test entry."""
+        """Run one method; returns its facts and the function naming its mask of a scored entry."""
         masks = folder / "masks"
         by_case = lambda entry: masks / f"{entry['case']}.nii.gz"  # noqa: E731
         if method == "bundle":
-            images = [str(test_dataset / e["image"]) for e in test_entries]
+            images = [str(scored_dataset / e["image"]) for e in scored_entries]
             facts = run_bundle(train_dataset, images, folder, budget_s, overrides)
             return facts, lambda entry: masks / f"{Path(entry['image']).name.split('.')[0]}_seg.nii.gz"
         if method == "monai_unet":
             val_interval = monai_unet_val_interval or (1 if quick else 5)
             facts = train_plain_unet(train_dataset, folder, budget_s, val_interval=val_interval,
                                      num_workers=0 if quick else 2)
-            predict_plain_unet(folder / "model.pt", test_entries, test_dataset, masks)
+            predict_plain_unet(folder / "model.pt", scored_entries, scored_dataset, masks)
             return facts, by_case
         if method == "nnunet_2d":
-            return run_nnunet(train_dataset, test_dataset, folder, budget_s, (5, 2) if quick else (50, 10)), by_case
-        run_baseline(str(test_dataset), str(folder), save_masks=True)
+            return run_nnunet(train_dataset, scored_dataset, folder, budget_s, (5, 2) if quick else (50, 10)), by_case
+        run_baseline(str(scored_dataset), str(folder), save_masks=True)
         return {}, by_case
 
     cases, facts, failures = {}, {}, {}
     for method in names:
         folder = out / method
         if (folder / "cases.csv").is_file():
+            scored_on = json.loads((folder / "facts.json").read_text()).get("scored_on", "test")
+            if scored_on != score_on:
+                raise ValueError(f"'{folder}' was scored on the {scored_on} cases, not on the {score_on} cases; "
+                                 f"choose another --out or delete the folder")
             print(f"{method}: reusing '{folder / 'cases.csv'}'", flush=True)
         else:
             folder.mkdir(parents=True, exist_ok=True)
@@ -594,17 +615,17 @@ def run_accuracy_bench(
                 failures[method] = f"{type(error).__name__}: {error}"
                 print(f"{method} FAILED: {failures[method]}", flush=True)
                 continue
-            method_facts = {"budget_s": budget_s if method != "threshold" else 0, **method_facts}
+            method_facts = {"budget_s": budget_s if method != "threshold" else 0, "scored_on": score_on,
+                            **method_facts}
             write_text_atomically(folder / "facts.json", json.dumps(method_facts, indent=2, default=str))
-            write_case_csv(score_masks(test_dataset, method, mask_path), str(folder / "cases.csv"))
+            write_case_csv(score_masks(scored_dataset, scored_entries, method, mask_path), str(folder / "cases.csv"))
         cases[method] = read_case_csv(str(folder / "cases.csv"))
         facts[method] = json.loads((folder / "facts.json").read_text())
 
     if cases:
         reference = "bundle" if "bundle" in cases else next(iter(cases))
         rows = comparison_rows(cases, facts, reference)
-        title = (f"# Accuracy at a {budget_s} s training budget: {len(test_entries)} test cases "
-                 f"(phantom seed {test_seed}), trained on phantom seed {train_seed}\n\n")
+        title = f"# Accuracy at a {budget_s} s training budget: {scored}, trained on phantom seed {train_seed}\n\n"
         write_summary_csv(rows, str(out / "accuracy.csv"))
         write_markdown(title + comparison_markdown(rows, reference), str(out / "accuracy.md"))
         print(title + comparison_markdown(rows, reference))

@@ -106,3 +106,30 @@ def test_warm_up_keeps_the_recipe_fraction_of_a_budget_sized_run():
 
     assert scaled_warmup_epochs(2) == 1
     assert 1 <= scaled_warmup_epochs(30) < 30 / 4
+
+
+@pytest.mark.parametrize("methods, score_on", [("bundle,nnunet_2d", "inner"), ("bundle", "validation")])
+def test_score_on_refuses_what_it_cannot_score_before_writing_anything(tmp_path, methods, score_on):
+    from custom.accuracy_bench import run_accuracy_bench
+
+    with pytest.raises(ValueError, match="--score_on"):
+        run_accuracy_bench(out=str(tmp_path / "bench"), quick=True, methods=methods, score_on=score_on)
+    assert not (tmp_path / "bench").exists()
+
+
+@pytest.mark.slow
+def test_quick_benchmark_scored_on_the_inner_fold_never_reads_a_test_phantom(tmp_path):
+    from custom.accuracy_bench import INNER_VALIDATION_FOLD, run_accuracy_bench
+    from custom.data.datalist import load_dataset_json
+
+    run_accuracy_bench(out=str(tmp_path), quick=True, methods="bundle,threshold", score_on="inner")
+    inner = {e["case"] for e in load_dataset_json(tmp_path / "train" / "dataset")["training"]
+             if e["fold"] == INNER_VALIDATION_FOLD}
+    for method in ("bundle", "threshold"):
+        with open(tmp_path / method / "cases.csv") as f:
+            assert {row["case"] for row in csv.DictReader(f)} == inner
+    assert not (tmp_path / "test").exists()
+    assert "inner validation fold" in (tmp_path / "accuracy.md").read_text()
+    # a folder scored on the inner fold is not reused for a test-phantom table
+    with pytest.raises(ValueError, match="scored on the inner cases"):
+        run_accuracy_bench(out=str(tmp_path), quick=True, methods="threshold")
