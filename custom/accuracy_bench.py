@@ -375,8 +375,8 @@ def train_nnunet_for_budget(budget_s: float, iterations_per_epoch: int, val_iter
     nnU-Net has no time limit and plans 1000 epochs of 250 iterations. Here one epoch is trained and timed,
     then the epoch count (and the poly learning-rate schedule, which runs over it) is set to the budget divided by
     that epoch's time, rounded up; training stops at the first iteration past the budget (that epoch's
-    pseudo-Dice validation still runs). nnU-Net's own epoch steps (train, pseudo-Dice validation, checkpoint_best, checkpoint_final) are
-    called as its ``run_training`` does.
+    pseudo-Dice validation still runs). nnU-Net's own epoch steps (train, pseudo-Dice validation, checkpoint_best,
+    checkpoint_final) are called as its ``run_training`` does.
     """
     import torch
     from nnunetv2.run.run_training import get_trainer_from_args

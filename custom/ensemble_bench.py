@@ -116,7 +116,8 @@ def _markdown(summary: list[dict], bins: int) -> str:
     ]
     for e in summary:
         spread = (
-            "n/a" if math.isnan(e["uncertainty_wrong"]) else f"{e['uncertainty_wrong']:.3f} / {e['uncertainty_right']:.3f}"
+            "n/a" if math.isnan(e["uncertainty_wrong"])
+            else f"{e['uncertainty_wrong']:.3f} / {e['uncertainty_right']:.3f}"
         )
         lines.append(
             f"| {e['configuration']} | {e['predictions']} | {e['dice']:.3f} | {e['ece']:.4f} | "
@@ -129,7 +130,9 @@ def _write_results(out: Path, rows, tables, uncertainty, configurations, bins: i
     """Write cases.csv, summary.json and summary.md of the cases scored so far; returns the summary rows."""
     summary = _summary(rows, tables, uncertainty, configurations)
     write_case_csv(rows, str(out / "cases.csv"))
-    record["summary"] = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in e.items()} for e in summary]
+    record["summary"] = [
+        {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in e.items()} for e in summary
+    ]
     write_text_atomically(out / "summary.json", json.dumps(record, indent=2) + "\n")
     write_text_atomically(out / "summary.md", _markdown(summary, int(bins)))
     return summary
@@ -203,7 +206,8 @@ def run_ensemble_bench(
             mask = np.argmax(mean, axis=0).astype(np.uint8)
             lesion_probability = mean[1].clip(0.0, 1.0)
             dice = case_metrics(mask, label, spacing, names=("dice",))["dice"]
-            mask_ml, prob_ml, label_ml = mask.sum() * voxel_ml, float(lesion_probability.sum()) * voxel_ml, label.sum() * voxel_ml
+            mask_ml, label_ml = mask.sum() * voxel_ml, label.sum() * voxel_ml
+            prob_ml = float(lesion_probability.sum()) * voxel_ml
             rows.append(
                 {
                     "configuration": name,

@@ -54,7 +54,8 @@ def test_ensemble_bench_of_identical_folds(identical_folds, two_labelled_cases, 
         "fold 0", "fold 0 + flips", "fold 1", "fold 1 + flips", "ensemble", "ensemble + flips",
         "single fold (mean of folds)", "single fold + flips (mean of folds)",
     ]  # fmt: skip
-    assert [by_name[n]["predictions"] for n in ("fold 0", "fold 0 + flips", "ensemble", "ensemble + flips")] == [1, 4, 2, 8]
+    configurations = ("fold 0", "fold 0 + flips", "ensemble", "ensemble + flips")
+    assert [by_name[n]["predictions"] for n in configurations] == [1, 4, 2, 8]
     for name in ("dice", "ece", "avd_mask_ml", "avd_prob_ml"):
         # the ensemble of identical models equals one model, with and without flips
         assert by_name["ensemble"][name] == pytest.approx(by_name["fold 0"][name], abs=1e-9)
