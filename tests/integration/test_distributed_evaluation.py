@@ -50,35 +50,48 @@ def test_distributed_evaluation_matches_single_process(tiny_phantom_dataset, tmp
     assert len(per_case) >= 2 and len(set(per_case.values())) > 1, "the check needs cases with different Dice"
 
 
+
+# Run in a child process: a process group and Ignite's distributed state must not leak into the other tests.
+PROCESS_GROUP_REFERENCES = """
+import gc, json, sys
+import torch.distributed as dist
+from monai.bundle import ConfigWorkflow
+
+configs, meta_file, bundle_root, overrides = json.loads(sys.argv[1])
+workflow = ConfigWorkflow(config_file=configs, meta_file=meta_file, logging_file=False, workflow_type="infer",
+                          bundle_root=bundle_root, **overrides)
+workflow.initialize()
+group = dist.group.WORLD
+workflow.run()
+workflow.finalize()
+gc.collect()
+assert not dist.is_initialized()
+print("references", sys.getrefcount(group) - 2)  # less getrefcount's argument and the name `group`
+"""
+
+
 @pytest.mark.integration
-def test_distributed_evaluation_leaves_no_process_group_alive(tiny_phantom_dataset, tmp_path, monkeypatch):
+def test_distributed_evaluation_leaves_no_process_group_alive(tiny_phantom_dataset, tmp_path):
     """After ``finalize`` nothing holds the gloo process group, so it is torn down while Python is alive.
 
     A process group that outlives ``destroy_process_group`` (a ``DistributedDataParallel`` wrapper keeps a
     reference) is freed during interpreter shutdown, where gloo's threads can abort the process
     ("terminate called without an active exception", exit -6) after a successful evaluation."""
-    import gc
+    import json
+    import os
     import socket
-
-    import torch.distributed as dist
-    from conftest import bundle_workflow
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    for name, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1"}.items():
-        monkeypatch.setenv(name, value)
-    workflow = bundle_workflow(
-        ["train.json", "evaluate.json", "multi_gpu_evaluate.json"], "infer",
-        dataset_dir=str(tiny_phantom_dataset), ckpt_path=str(SHIPPED_MODEL), output_dir=str(tmp_path / "eval"),
-        num_workers=0,
-    )
-    workflow.initialize()
-    group = dist.group.WORLD
-    workflow.run()
-    workflow.finalize()
-    gc.collect()
-    assert not dist.is_initialized()
+    environment = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0",
+                   "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    configs = [str(CONFIGS / c) for c in ("train.json", "evaluate.json", "multi_gpu_evaluate.json")]
+    overrides = {"dataset_dir": str(tiny_phantom_dataset), "ckpt_path": str(SHIPPED_MODEL),
+                 "output_dir": str(tmp_path / "eval"), "num_workers": 0}
+    arguments = json.dumps([configs, str(CONFIGS / "metadata.json"), str(BUNDLE), overrides])
+    completed = subprocess.run([sys.executable, "-c", PROCESS_GROUP_REFERENCES, arguments],
+                               capture_output=True, text=True, env=environment)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     assert (tmp_path / "eval" / "metrics.csv").is_file()
-    # getrefcount counts its own argument and the local name: 2 means nothing else holds the group
-    assert sys.getrefcount(group) == 2
+    assert "references 0" in completed.stdout.splitlines()
