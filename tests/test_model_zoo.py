@@ -206,3 +206,9 @@ def test_unzipped_archive_uses_its_own_code_even_where_the_repository_is_install
     arguments = ("--dataset_dir", str(tiny_phantom_dataset), "--output_dir", str(tmp_path / "out"))
     assert Path(_run_unzipped_bundle(root, work, env, *arguments)).is_relative_to(root)
     assert len(_table(tmp_path / "out" / "lesion_volumes.csv")) == 2
+
+
+def test_package_version_is_the_bundle_version():
+    import custom
+
+    assert custom.__version__ == json.loads(METADATA.read_text())["version"]
