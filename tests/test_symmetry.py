@@ -101,25 +101,36 @@ def test_unknown_mode_is_refused():
         ContralateralChannels("sideways")
 
 
-def test_documented_override_feeds_the_network_twice_the_channels(tiny_phantom_dataset):
-    """The override of docs/results.md ("Hemisphere symmetry"): validation data and network agree on 10 channels."""
+def test_documented_override_feeds_the_network_twice_the_channels_from_the_cache(tiny_phantom_dataset, tmp_path):
+    """The override file of docs/results.md ("Hemisphere symmetry"): validation data and network agree on 10
+    channels, and the line search sits before the first random transform, so CacheDataset runs it once per case
+    (a nested ``Compose`` is ``Randomizable`` and would end the cached part there)."""
+    import json
+
     from conftest import CONFIGS
     from monai.bundle import ConfigParser
+    from monai.transforms import RandomizableTrait, Transform
+
+    from custom.symmetry import ContralateralChannelsd
 
     override = {
         "network_def#in_channels": 10,
-        "train#deterministic_transforms#3": {
-            "_target_": "Compose",
-            "transforms": [
-                {"_target_": "custom.transforms.NormalizeWithinBraind", "keys": "image"},
-                {"_target_": "custom.symmetry.ContralateralChannelsd", "keys": "image", "mode": "difference"},
-            ],
-        },
+        "+train#deterministic_transforms": [
+            {"_target_": "custom.symmetry.ContralateralChannelsd", "keys": "image", "mode": "difference"}
+        ],
     }
-    parser = ConfigParser(ConfigParser.load_config_files([str(CONFIGS / "train.json")]))
-    for key, value in {**override, "dataset_dir": str(tiny_phantom_dataset), "device": "cpu"}.items():
+    (tmp_path / "symmetry.json").write_text(json.dumps(override))
+    files = [str(CONFIGS / "train.json"), str(tmp_path / "symmetry.json")]
+    parser = ConfigParser(ConfigParser.load_config_files(files))
+    for key, value in {"dataset_dir": str(tiny_phantom_dataset), "device": "cpu"}.items():
         parser[key] = value
     item = parser.get_parsed_content("validate#preprocessing")(parser.get_parsed_content("validate#datalist")[0])
     assert item["image"].shape[0] == 10
     logits = parser.get_parsed_content("network")(item["image"][None, ..., 0])
     assert logits.shape[:2] == (1, 2)
+    training = parser.get_parsed_content("train#preprocessing")
+    first_random = training.get_index_of_first(
+        lambda t: isinstance(t, RandomizableTrait) or not isinstance(t, Transform)
+    )
+    symmetry = [i for i, t in enumerate(training.transforms) if isinstance(t, ContralateralChannelsd)]
+    assert len(symmetry) == 1 and symmetry[0] < first_random
