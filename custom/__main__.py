@@ -17,6 +17,7 @@ COMMANDS = {
     "figure": "custom.data.figure:phantom_figure",
     "cv": "custom.crossval:run_cross_validation",
     "ablation": "custom.ablation:run_ablation",
+    "compare-cv": "custom.ablation:compare_cross_validations",
     "curves": "custom.result_figures:plot_curves",
     "montage": "custom.result_figures:plot_montage",
     "baseline": "custom.baseline:run_baseline",

@@ -7,7 +7,7 @@ whole cross-validations; this runs them with identical folds and budget and writ
 from pathlib import Path
 
 from custom.crossval import run_cross_validation
-from custom.reporting import OVERALL, paired_comparison, read_case_csv, write_markdown, write_summary_csv
+from custom.reporting import OVERALL, paired_comparison, read_case_csv, summarise, write_markdown, write_summary_csv
 
 # Each variant is a set of bundle overrides of ``loss`` (train.json builds WeightedCEGeneralizedDiceLoss).
 LOSS_VARIANTS = {
@@ -87,3 +87,35 @@ def ablation_markdown(rows: list[dict], reference: str) -> str:
         cells.append(f"{row[prefix + 'improved']} / {row[prefix + 'worse']} (of {row[prefix + 'cases']})")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def compare_cross_validations(reference: str, other: str, out: str | None = None) -> list[dict]:
+    """Case-by-case comparison of two ``python -m custom cv`` runs on the cases that ``other`` scored.
+
+    Why it exists: a variant outside ``LOSS_VARIANTS`` (an override file, e.g. the hemisphere channels) is
+    cross-validated with ``cv``, often on fewer folds (``--folds 2``) than the reference run; this compares
+    the two on the cases both hold, with the table of ``ablation``. Every case of ``other`` must be in
+    ``reference``; the reference cases left out are counted in the table. Writes ``out`` (markdown) if given.
+    """
+    runs = {"reference": Path(reference), "other": Path(other)}
+    cases = {name: read_case_csv(str(folder / "cases.csv")) for name, folder in runs.items()}
+    scored = {row["case"] for row in cases["other"]}
+    missing = sorted(scored - {row["case"] for row in cases["reference"]})
+    if missing:
+        raise ValueError(f"'{runs['reference'] / 'cases.csv'}' has no rows for the cases {missing} of '{other}'")
+    cases["reference"] = [row for row in cases["reference"] if row["case"] in scored]
+    rows = []
+    for name, folder in runs.items():
+        overall = next(row for row in summarise(cases[name], TABLE_METRICS) if str(row["fold"]) == OVERALL)
+        row = {"variant": name, "description": str(folder), "cases": overall["cases"]}
+        row.update({f"{m}_{s}": overall[f"{m}_{s}"] for m in TABLE_METRICS for s in ("mean", "std")})
+        comparison = paired_comparison(cases["reference"], cases[name], "dice")
+        row.update({f"dice_vs_reference_{k}": v for k, v in comparison.items() if k != "metric"})
+        rows.append(row)
+    table = ablation_markdown(rows, "reference")
+    folds = sorted({str(row["fold"]) for row in cases["other"]})
+    text = f"{len(scored)} cases (folds {', '.join(folds)}) scored by both runs\n\n{table}"
+    if out:
+        write_markdown(text, out)
+    print(text)
+    return rows

@@ -161,3 +161,37 @@ def test_baseline_on_phantom_is_in_range(tiny_phantom_dataset, tmp_path):
             assert value != value or value >= 0.0  # NaN (undefined) or non-negative
             if metric in ("dice", "precision", "recall", "lesion_f1"):
                 assert value != value or value <= 1.0
+
+
+def _write_cases(folder, dice_by_case: dict, fold_of: dict):
+    from custom.reporting import write_case_csv
+
+    rows = [{"case": case, "fold": fold_of[case], "dice": dice, "hd95_mm": 5.0, "avd_ml": 1.0, "lesion_f1": 1.0}
+            for case, dice in dice_by_case.items()]
+    write_case_csv(rows, str(folder / "cases.csv"))
+    return folder
+
+
+def test_compare_cv_pairs_the_cases_of_the_shorter_run(tmp_path):
+    from custom.ablation import compare_cross_validations
+
+    folds = {"a": 0, "b": 0, "c": 1, "d": 1}
+    reference = _write_cases(tmp_path / "reference", {"a": 0.5, "b": 0.7, "c": 0.1, "d": 0.9}, folds)
+    other = _write_cases(tmp_path / "other", {"a": 0.6, "b": 0.6}, folds)  # fold 0 only
+    table = tmp_path / "table.md"
+    rows = {row["variant"]: row for row in compare_cross_validations(str(reference), str(other), out=str(table))}
+    assert rows["reference"]["cases"] == rows["other"]["cases"] == 2
+    assert rows["reference"]["dice_mean"] == pytest.approx(0.6) and rows["other"]["dice_mean"] == pytest.approx(0.6)
+    assert rows["other"]["dice_vs_reference_mean_difference"] == pytest.approx(0.0)
+    assert (rows["other"]["dice_vs_reference_improved"], rows["other"]["dice_vs_reference_worse"]) == (1, 1)
+    assert table.read_text().startswith("2 cases (folds 0) scored by both runs")
+
+
+def test_compare_cv_refuses_cases_the_reference_lacks(tmp_path):
+    from custom.ablation import compare_cross_validations
+
+    folds = {"a": 0, "z": 0}
+    reference = _write_cases(tmp_path / "reference", {"a": 0.5}, folds)
+    other = _write_cases(tmp_path / "other", {"a": 0.6, "z": 0.6}, folds)
+    with pytest.raises(ValueError, match=r"no rows for the cases \['z'\]"):
+        compare_cross_validations(str(reference), str(other))
