@@ -95,7 +95,8 @@ def compare_cross_validations(reference: str, other: str, out: str | None = None
     Why it exists: a variant outside ``LOSS_VARIANTS`` (an override file, e.g. the hemisphere channels) is
     cross-validated with ``cv``, often on fewer folds (``--folds 2``) than the reference run; this compares
     the two on the cases both hold, with the table of ``ablation``. Every case of ``other`` must be in
-    ``reference``; the reference cases left out are counted in the table. Writes ``out`` (markdown) if given.
+    ``reference``; the reference's other cases are left out, and the table's first line says which folds
+    remain. Writes ``out`` (markdown) if given.
     """
     runs = {"reference": Path(reference), "other": Path(other)}
     cases = {name: read_case_csv(str(folder / "cases.csv")) for name, folder in runs.items()}
