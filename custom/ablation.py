@@ -58,21 +58,23 @@ def run_ablation(
         summary = run_cross_validation(
             dataset_dir, str(out / name), folds=folds, config_files=config_files, **{**overrides, **LOSS_VARIANTS[name]}
         )
-        overall = next(row for row in summary if str(row["fold"]) == OVERALL)
         cases[name] = read_case_csv(str(out / name / "cases.csv"))
-        row = {"variant": name, "description": DESCRIPTIONS[name], "cases": overall["cases"]}
-        for metric in TABLE_METRICS:
-            row[f"{metric}_mean"] = overall[f"{metric}_mean"]
-            row[f"{metric}_std"] = overall[f"{metric}_std"]
-        rows.append(row)
-    for row in rows:
-        comparison = paired_comparison(cases[reference], cases[row["variant"]], "dice")
-        row.update({f"dice_vs_{reference}_{k}": v for k, v in comparison.items() if k != "metric"})
+        rows.append((name, DESCRIPTIONS[name], next(row for row in summary if str(row["fold"]) == OVERALL)))
+    rows = [_table_row(name, description, overall, cases, reference) for name, description, overall in rows]
 
     write_summary_csv(rows, str(out / "ablation.csv"))
     write_markdown(ablation_markdown(rows, reference), str(out / "ablation.md"))
     print(ablation_markdown(rows, reference))
     return rows
+
+
+def _table_row(variant: str, description: str, overall: dict, cases: dict[str, list[dict]], reference: str) -> dict:
+    """One table row: the overall mean and std of ``TABLE_METRICS`` and the paired Dice difference to ``reference``."""
+    row = {"variant": variant, "description": description, "cases": overall["cases"]}
+    row.update({f"{m}_{s}": overall[f"{m}_{s}"] for m in TABLE_METRICS for s in ("mean", "std")})
+    comparison = paired_comparison(cases[reference], cases[variant], "dice")
+    row.update({f"dice_vs_{reference}_{k}": v for k, v in comparison.items() if k != "metric"})
+    return row
 
 
 def ablation_markdown(rows: list[dict], reference: str) -> str:
@@ -105,14 +107,10 @@ def compare_cross_validations(reference: str, other: str, out: str | None = None
     if missing:
         raise ValueError(f"'{runs['reference'] / 'cases.csv'}' has no rows for the cases {missing} of '{other}'")
     cases["reference"] = [row for row in cases["reference"] if row["case"] in scored]
-    rows = []
-    for name, folder in runs.items():
-        overall = next(row for row in summarise(cases[name], TABLE_METRICS) if str(row["fold"]) == OVERALL)
-        row = {"variant": name, "description": str(folder), "cases": overall["cases"]}
-        row.update({f"{m}_{s}": overall[f"{m}_{s}"] for m in TABLE_METRICS for s in ("mean", "std")})
-        comparison = paired_comparison(cases["reference"], cases[name], "dice")
-        row.update({f"dice_vs_reference_{k}": v for k, v in comparison.items() if k != "metric"})
-        rows.append(row)
+    rows = [
+        _table_row(name, str(folder), summarise(cases[name], TABLE_METRICS)[-1], cases, "reference")
+        for name, folder in runs.items()
+    ]
     table = ablation_markdown(rows, "reference")
     folds = sorted({str(row["fold"]) for row in cases["other"]})
     text = f"{len(scored)} cases (folds {', '.join(folds)}) scored by both runs\n\n{table}"
