@@ -63,6 +63,8 @@ DESCRIPTIONS = {
 }
 TABLE_METRICS = ("dice", "hd95_mm", "avd_ml", "lesion_f1")
 INNER_VALIDATION_FOLD = 0
+# bundle overrides that inference.json shares with train.json (besides network_def#...)
+INFERENCE_KEYS = ("num_workers", "contralateral_channels")
 # Full size as in the issue; --quick: seconds-long runs for the end-to-end test.
 FULL = {"train_cases": 40, "test_cases": 60, "size": 256}
 QUICK = {"train_cases": 8, "test_cases": 4, "size": 64}
@@ -203,8 +205,8 @@ def run_bundle(train_dataset: Path, test_images: list[str], out: Path, budget_s:
         "datalist": f"%{datalist}",
         "ckpt_path": str(checkpoint),
         "output_dir": str(out / "masks"),
-        # overrides that mean the same in inference.json (the network, e.g. more input channels)
-        **{k: v for k, v in overrides.items() if k == "num_workers" or k.startswith("network_def")},
+        # overrides that mean the same in inference.json (the network and its inputs)
+        **{k: v for k, v in overrides.items() if k in INFERENCE_KEYS or k.startswith("network_def")},
     }
     _run(_bundle_command("inference.json", infer_arguments) + ["run"], out / "inference.log")
     facts = {"train_seconds": round(train_s, 1), "epochs_planned": epochs, "epochs_run": epochs_run,
@@ -544,7 +546,7 @@ def run_accuracy_bench(
             defaults without looking at the test phantom; nnU-Net, which predicts only the test phantom, is
             refused there.
         bundle_overrides: bundle overrides for the ``bundle`` method's training, e.g. ``--loss#ce_max_weight 1``;
-            ``network_def#...`` and ``num_workers`` reach its inference too.
+            ``network_def#...``, ``num_workers`` and ``contralateral_channels`` reach its inference too.
 
     A method whose ``cases.csv`` exists in ``out`` is reused, not rerun (delete its folder to rerun). A
     method that fails is reported and the others still run; the command then raises.

@@ -34,6 +34,16 @@ def bundle_workflow(config_files, workflow_type, **override):
     )
 
 
+def inference_network(**network_changes):
+    """inference.json's ``network_def`` with ``network_changes`` (e.g. ``in_channels=4``), built on its own."""
+    from monai.bundle import ConfigParser
+
+    config = ConfigParser.load_config_file(CONFIGS / "inference.json")
+    network_def = {**config["network_def"], **network_changes}
+    parser = ConfigParser({"network_def": network_def, "contralateral_channels": config["contralateral_channels"]})
+    return parser.get_parsed_content("network_def")
+
+
 @pytest.fixture(scope="session")
 def tiny_phantom_dataset(tmp_path_factory) -> Path:
     """A converted dataset of 8 training (2 folds) and 2 testing phantom cases, 64 x 64 in-plane."""

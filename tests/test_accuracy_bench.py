@@ -133,3 +133,32 @@ def test_quick_benchmark_scored_on_the_inner_fold_never_reads_a_test_phantom(tmp
     # a folder scored on the inner fold is not reused for a test-phantom table
     with pytest.raises(ValueError, match="scored on the inner cases"):
         run_accuracy_bench(out=str(tmp_path), quick=True, methods="threshold")
+
+
+def test_bundle_overrides_that_change_the_network_input_reach_inference(tmp_path, monkeypatch):
+    """A model trained with more input channels (``contralateral_channels``) or another ``network_def`` is only
+    usable by an inference run with the same keys; training-only keys stay out of it."""
+    import custom.accuracy_bench as bench
+
+    commands = {}
+
+    def fake_run(command, log_file, env=None):
+        name = "inference" if str(bench.BUNDLE_ROOT / "configs" / "inference.json") in " ".join(command) else "train"
+        commands[name] = command
+        if name == "train":
+            (tmp_path / "models").mkdir(exist_ok=True)
+            (tmp_path / "models" / "model.pt").write_bytes(b"")
+            log_file.write_text("- ignite.engine.engine.SupervisedTrainer - INFO - Epoch[1] Complete. "
+                                "Time taken: 00:00:01.000\n")
+
+    monkeypatch.setattr(bench, "_run", fake_run)
+    monkeypatch.setattr(bench, "calibrate_bundle", lambda dataset, out, overrides: (1.0, 1.0))
+    overrides = {"contralateral_channels": "difference", "network_def#norm": "batch", "learning_rate": 0.01}
+    bench.run_bundle(tmp_path / "dataset", ["a.nii.gz"], tmp_path, 30, overrides)
+
+    def value(command, key):
+        return command[command.index(f"--{key}") + 1] if f"--{key}" in command else None
+
+    for key, expected in (("contralateral_channels", "difference"), ("network_def#norm", "batch")):
+        assert value(commands["train"], key) == expected and value(commands["inference"], key) == expected
+    assert value(commands["train"], "learning_rate") == "0.01" and value(commands["inference"], "learning_rate") is None

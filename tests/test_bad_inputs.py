@@ -14,7 +14,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLE, CONFIGS, REPO, TINY_TRAINING, bundle_workflow
+from conftest import BUNDLE, CONFIGS, REPO, TINY_TRAINING, bundle_workflow, inference_network
 from monai.bundle import ConfigParser
 
 from custom.data.datalist import fold_datalist, inference_datalist, screen_inference_images
@@ -56,10 +56,8 @@ def _messages(error: BaseException) -> str:
 
 def _network_checkpoint(path: Path, **network_changes) -> Path:
     """Seeded random weights of inference.json's network_def (with ``network_changes``) saved to ``path``."""
-    config = ConfigParser.load_config_file(CONFIGS / "inference.json")
-    parser = ConfigParser({"network_def": {**config["network_def"], **network_changes}})
     torch.manual_seed(0)
-    torch.save(parser.get_parsed_content("network_def").state_dict(), path)
+    torch.save(inference_network(**network_changes).state_dict(), path)
     return path
 
 

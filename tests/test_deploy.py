@@ -14,7 +14,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLE, CONFIGS, REPO
+from conftest import BUNDLE, CONFIGS, REPO, inference_network
 from monai.bundle import ConfigParser, ckpt_export
 from monai.transforms import DivisiblePad
 from test_clinical import AFFINE as SYNTHETIC_AFFINE
@@ -310,8 +310,7 @@ def test_one_bad_case_never_stops_the_others(exported_model, tiny_phantom_datase
 
 
 def _scripted_unet(tmp_path: Path, name: str, **changes) -> Path:
-    config = ConfigParser.load_config_file(CONFIGS / "inference.json")
-    network = ConfigParser({"network_def": {**config["network_def"], **changes}}).get_parsed_content("network_def")
+    network = inference_network(**changes)
     torch.jit.save(torch.jit.script(network.eval()), tmp_path / name)
     return tmp_path / name
 

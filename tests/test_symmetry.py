@@ -101,31 +101,26 @@ def test_unknown_mode_is_refused():
         ContralateralChannels("sideways")
 
 
-def test_documented_override_feeds_the_network_twice_the_channels_from_the_cache(tiny_phantom_dataset, tmp_path):
-    """The override file of docs/results.md ("Hemisphere symmetry"): validation data and network agree on 10
-    channels, and the line search sits before the first random transform, so CacheDataset runs it once per case
-    (a nested ``Compose`` is ``Randomizable`` and would end the cached part there)."""
-    import json
-
+@pytest.mark.parametrize("mode", [None, "difference", "mirror"])
+def test_contralateral_channels_key_feeds_training_validation_and_inference(tiny_phantom_dataset, mode):
+    """``contralateral_channels`` of train.json and inference.json: the network takes 5 channels without it and
+    10 with it, validation and inference feed it as many, and the line search sits before the first random
+    transform, so CacheDataset runs it once per case (a nested ``Compose`` is ``Randomizable`` and would end the
+    cached part there)."""
     from conftest import CONFIGS
     from monai.bundle import ConfigParser
     from monai.transforms import RandomizableTrait, Transform
 
     from custom.symmetry import ContralateralChannelsd
 
-    override = {
-        "network_def#in_channels": 10,
-        "+train#deterministic_transforms": [
-            {"_target_": "custom.symmetry.ContralateralChannelsd", "keys": "image", "mode": "difference"}
-        ],
-    }
-    (tmp_path / "symmetry.json").write_text(json.dumps(override))
-    files = [str(CONFIGS / "train.json"), str(tmp_path / "symmetry.json")]
-    parser = ConfigParser(ConfigParser.load_config_files(files))
-    for key, value in {"dataset_dir": str(tiny_phantom_dataset), "device": "cpu"}.items():
+    channels = 5 if mode is None else 10
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "train.json"))
+    settings = {"dataset_dir": str(tiny_phantom_dataset), "device": "cpu", "contralateral_channels": mode}
+    for key, value in settings.items():
         parser[key] = value
     item = parser.get_parsed_content("validate#preprocessing")(parser.get_parsed_content("validate#datalist")[0])
-    assert item["image"].shape[0] == 10
+    assert item["image"].shape[0] == channels
     logits = parser.get_parsed_content("network")(item["image"][None, ..., 0])
     assert logits.shape[:2] == (1, 2)
     training = parser.get_parsed_content("train#preprocessing")
@@ -133,4 +128,17 @@ def test_documented_override_feeds_the_network_twice_the_channels_from_the_cache
         lambda t: isinstance(t, RandomizableTrait) or not isinstance(t, Transform)
     )
     symmetry = [i for i, t in enumerate(training.transforms) if isinstance(t, ContralateralChannelsd)]
-    assert len(symmetry) == 1 and symmetry[0] < first_random
+    if mode is None:
+        assert symmetry == []
+    else:
+        assert len(symmetry) == 1 and symmetry[0] < first_random
+        assert training.transforms[symmetry[0]].contralateral.mode == mode
+
+    inference = ConfigParser()
+    inference.read_config(str(CONFIGS / "inference.json"))
+    for key, value in {"device": "cpu", "contralateral_channels": mode}.items():
+        inference[key] = value
+    image = parser.get_parsed_content("validate#datalist")[0]["image"]
+    inferred = inference.get_parsed_content("preprocessing")({"image": image})["image"]
+    assert inferred.shape[0] == channels and torch.allclose(inferred, item["image"])
+    assert inference.get_parsed_content("network_def")(inferred[None, ..., 0]).shape[:2] == (1, 2)
