@@ -92,7 +92,8 @@ def ablation_markdown(rows: list[dict], reference: str) -> str:
 
 
 def compare_cross_validations(reference: str, other: str, out: str | None = None) -> list[dict]:
-    """Case-by-case comparison of two ``python -m custom cv`` runs on the cases that ``other`` scored.
+    """Case-by-case comparison of two ``python -m custom cv`` runs on the cases that ``other`` scored; any two
+    folders with a ``cases.csv`` of the same cases work (e.g. two ``accuracy-bench`` method folders).
 
     Why it exists: a variant outside ``LOSS_VARIANTS`` (an override file, e.g. the hemisphere channels) is
     cross-validated with ``cv``, often on fewer folds (``--folds 2``) than the reference run; this compares
@@ -108,12 +109,14 @@ def compare_cross_validations(reference: str, other: str, out: str | None = None
         raise ValueError(f"'{runs['reference'] / 'cases.csv'}' has no rows for the cases {missing} of '{other}'")
     cases["reference"] = [row for row in cases["reference"] if row["case"] in scored]
     rows = [
-        _table_row(name, str(folder), summarise(cases[name], TABLE_METRICS)[-1], cases, "reference")
+        # the last summary row is over all cases; every row has a "case" column, not every one a "fold"
+        _table_row(name, str(folder), summarise(cases[name], TABLE_METRICS, group_key="case")[-1], cases, "reference")
         for name, folder in runs.items()
     ]
     table = ablation_markdown(rows, "reference")
-    folds = sorted({str(row["fold"]) for row in cases["other"]})
-    text = f"{len(scored)} cases (folds {', '.join(folds)}) scored by both runs\n\n{table}"
+    folds = sorted({str(row["fold"]) for row in cases["other"] if "fold" in row})
+    where = f" (folds {', '.join(folds)})" if folds else ""
+    text = f"{len(scored)} cases{where} scored by both runs\n\n{table}"
     if out:
         write_markdown(text, out)
     print(text)

@@ -50,7 +50,6 @@ def test_distributed_evaluation_matches_single_process(tiny_phantom_dataset, tmp
     assert len(per_case) >= 2 and len(set(per_case.values())) > 1, "the check needs cases with different Dice"
 
 
-
 # Run in a child process: a process group and Ignite's distributed state must not leak into the other tests.
 PROCESS_GROUP_REFERENCES = """
 import gc, json, sys
