@@ -38,9 +38,9 @@ def inference_network(**network_changes):
     """inference.json's ``network_def`` with ``network_changes`` (e.g. ``in_channels=4``), built on its own."""
     from monai.bundle import ConfigParser
 
-    config = ConfigParser.load_config_file(CONFIGS / "inference.json")
-    network_def = {**config["network_def"], **network_changes}
-    parser = ConfigParser({"network_def": network_def, "contralateral_channels": config["contralateral_channels"]})
+    parser = ConfigParser(ConfigParser.load_config_file(CONFIGS / "inference.json"))
+    for key, value in network_changes.items():
+        parser[f"network_def#{key}"] = value
     return parser.get_parsed_content("network_def")
 
 
