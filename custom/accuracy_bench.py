@@ -64,7 +64,7 @@ DESCRIPTIONS = {
 TABLE_METRICS = ("dice", "hd95_mm", "avd_ml", "lesion_f1")
 INNER_VALIDATION_FOLD = 0
 # bundle overrides that inference.json shares with train.json (besides network_def#...)
-INFERENCE_KEYS = ("num_workers", "contralateral_channels")
+INFERENCE_KEYS = ("num_workers", "contralateral_channels", "adjacent_slices")
 # Full size as in the issue; --quick: seconds-long runs for the end-to-end test.
 FULL = {"train_cases": 40, "test_cases": 60, "size": 256}
 QUICK = {"train_cases": 8, "test_cases": 4, "size": 64}
@@ -546,7 +546,8 @@ def run_accuracy_bench(
             defaults without looking at the test phantom; nnU-Net, which predicts only the test phantom, is
             refused there.
         bundle_overrides: bundle overrides for the ``bundle`` method's training, e.g. ``--loss#ce_max_weight 1``;
-            ``network_def#...``, ``num_workers`` and ``contralateral_channels`` reach its inference too.
+            ``network_def#...``, ``num_workers``, ``contralateral_channels`` and ``adjacent_slices`` reach its
+            inference too.
 
     A method whose ``cases.csv`` exists in ``out`` is reused, not rerun (delete its folder to rerun). A
     method that fails is reported and the others still run; the command then raises.

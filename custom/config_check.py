@@ -46,6 +46,7 @@ SETTING_RULES = {
     "patch_size": (_patch_size, "two whole numbers, each -1 (whole slice) or a positive multiple of 16"),
     "num_folds": (lambda v: _whole(v) and v >= 2, "a whole number >= 2"),
     "num_workers": (lambda v: _whole(v) and v >= 0, "a whole number >= 0"),
+    "adjacent_slices": (lambda v: _whole(v) and v >= 0, "a whole number >= 0 (slices on each side; 0 is off)"),
     "cache_rate": (lambda v: _number(v) and 0 <= v <= 1, "a number from 0 to 1"),
     "seed": (_whole, "a whole number"),
     "resume_ckpt": (lambda v: v is None or isinstance(v, str), "null or a checkpoint path"),

@@ -1,4 +1,5 @@
-"""CTP study transforms MONAI does not offer: load-time validation naming the file, brain normalisation."""
+"""CTP study transforms MONAI does not offer: load-time validation naming the file, brain normalisation,
+slice context."""
 
 from collections.abc import Hashable, Mapping, Sequence
 
@@ -147,4 +148,50 @@ class NormalizeWithinBraind(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             d[key] = self.normalizer(d[key])
+        return d
+
+
+class AdjacentSlices(Transform):
+    """Append each slice's neighbours along the last (slice) axis as extra channels: 2.5D input for a 2D network.
+
+    Why it exists: a 2D network sees one slice, but perfusion-map noise is independent from slice to slice
+    while the hypoperfused territory is smooth across slices, so the neighbours are further observations
+    of the same tissue. MONAI has no transform that turns slice context into channels.
+
+    Input: channel-first (C, H, W, D). Output: float32 (C * (2n + 1), H, W, D) with n = ``neighbours``:
+    channel block k holds the slice at offset k - n (offsets -n .. n; block n is the input itself), the slab's
+    first and last slices repeated beyond its ends (a 1-slice slab gets n copies of itself on each side).
+    """
+
+    backend = [TransformBackends.TORCH]
+
+    def __init__(self, neighbours: int = 1) -> None:
+        if isinstance(neighbours, bool) or not isinstance(neighbours, int) or neighbours < 1:
+            raise ValueError(f"AdjacentSlices needs neighbours >= 1 (slices on each side), got {neighbours!r}")
+        self.neighbours = neighbours
+
+    def __call__(self, img: NdarrayOrTensor) -> NdarrayOrTensor:
+        x = convert_to_tensor(img, track_meta=False, dtype=torch.float32)
+        if x.ndim != 4:
+            raise ValueError(f"AdjacentSlices expects a channel-first (C, H, W, D) volume, got shape {tuple(x.shape)}")
+        depth = x.shape[-1]
+        slices = torch.arange(depth, device=x.device)
+        offsets = range(-self.neighbours, self.neighbours + 1)
+        blocks = [x[..., (slices + offset).clamp(0, depth - 1)] for offset in offsets]
+        return convert_to_dst_type(torch.cat(blocks), img, dtype=torch.float32)[0]
+
+
+class AdjacentSlicesd(MapTransform):
+    """Dictionary wrapper of :class:`AdjacentSlices`."""
+
+    backend = AdjacentSlices.backend
+
+    def __init__(self, keys: KeysCollection, neighbours: int = 1, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.adjacent = AdjacentSlices(neighbours)
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.adjacent(d[key])
         return d

@@ -136,8 +136,8 @@ def test_quick_benchmark_scored_on_the_inner_fold_never_reads_a_test_phantom(tmp
 
 
 def test_bundle_overrides_that_change_the_network_input_reach_inference(tmp_path, monkeypatch):
-    """A model trained with more input channels (``contralateral_channels``) or another ``network_def`` is only
-    usable by an inference run with the same keys; training-only keys stay out of it."""
+    """A model trained with more input channels (``contralateral_channels``, ``adjacent_slices``) or another
+    ``network_def`` is only usable by an inference run with the same keys; training-only keys stay out of it."""
     import custom.accuracy_bench as bench
 
     commands = {}
@@ -153,12 +153,14 @@ def test_bundle_overrides_that_change_the_network_input_reach_inference(tmp_path
 
     monkeypatch.setattr(bench, "_run", fake_run)
     monkeypatch.setattr(bench, "calibrate_bundle", lambda dataset, out, overrides: (1.0, 1.0))
-    overrides = {"contralateral_channels": "difference", "network_def#norm": "batch", "learning_rate": 0.01}
+    overrides = {"contralateral_channels": "difference", "adjacent_slices": 1, "network_def#norm": "batch",
+                 "learning_rate": 0.01}
     bench.run_bundle(tmp_path / "dataset", ["a.nii.gz"], tmp_path, 30, overrides)
 
     def value(command, key):
         return command[command.index(f"--{key}") + 1] if f"--{key}" in command else None
 
-    for key, expected in (("contralateral_channels", "difference"), ("network_def#norm", "batch")):
+    expected_in_both = {"contralateral_channels": "difference", "adjacent_slices": "1", "network_def#norm": "batch"}
+    for key, expected in expected_in_both.items():
         assert value(commands["train"], key) == expected and value(commands["inference"], key) == expected
     assert value(commands["train"], "learning_rate") == "0.01" and value(commands["inference"], "learning_rate") is None

@@ -39,6 +39,8 @@ def _error_chain(error: BaseException) -> str:
         (["train.json", "evaluate.json"], "train", {"ckpt_pth": "m.pt"}, "config id 'ckpt_pth' is used by nothing"),
         (["inference.json"], "infer", {"num_workers": -1}, "config id 'num_workers' must be a whole number >= 0"),
         (["inference.json"], "infer", {"ckpt_pth": "m.pt"}, "config id 'ckpt_pth' is used by nothing"),
+        (["train.json"], "train", {"adjacent_slices": -1}, "config id 'adjacent_slices' must be a whole number >= 0"),
+        (["inference.json"], "infer", {"adjacent_slices": 0.5}, "config id 'adjacent_slices' must be a whole number"),
     ],
 )
 def test_bad_override_is_refused_naming_the_id(tmp_path, config_files, workflow_type, override, message):
