@@ -15,6 +15,7 @@ COMMANDS = {
     "prepare": {"isles2018": "custom.data.isles2018:prepare_isles2018"},
     "check": "custom.data.check:check_dataset_command",
     "figure": "custom.data.figure:phantom_figure",
+    "phantom-ceiling": "custom.data.ceiling:phantom_ceiling",
     "cv": "custom.crossval:run_cross_validation",
     "ablation": "custom.ablation:run_ablation",
     "compare-cv": "custom.ablation:compare_cross_validations",

@@ -284,3 +284,51 @@ def test_pwi_curves_follow_the_indicator_dilution_model():
     assert enhancement[series.sinus > 0.5].mean(axis=0).argmax() > enhancement[artery].mean(axis=0).argmax()
     mtt = series.truth["MTT"][healthy_grey]
     np.testing.assert_allclose(mtt, 60 * series.truth["CBV"][healthy_grey] / series.truth["CBF"][healthy_grey])
+
+
+class _ZeroField:
+    """A noise field that is zero everywhere: removes the label's irregular-boundary term."""
+
+    def sample(self, x, y, z):
+        return np.zeros(np.shape(x))
+
+
+def test_observable_lesion_is_the_label_without_what_no_map_shows():
+    """``observable_lesion_mask`` (the phantom's Dice ceiling) is ``lesion_mask`` with the patient's growth at its
+    expected value, no boundary noise and no lacunes; with them, the label differs from it."""
+    from dataclasses import replace
+
+    for index in range(4):
+        patient = phantom.draw_patient(seed=0, index=index, centre=CENTRES[1])
+        if not patient.stroke.present:
+            continue
+        slab = phantom.Slab("case_1", "TRAINING", patient, 8, patient.stroke.z_mm - 17.5)
+        _, x, y, z = phantom.slab_grid(slab, SIZE)
+        tissue, depth, _ = phantom.tissue_map(patient, x, y, z)
+        severity = phantom.severity_map(patient, x, y, z, depth)
+        observable = phantom.observable_lesion_mask(patient, tissue, severity)
+        assert observable.any()
+        assert not np.array_equal(phantom.lesion_mask(patient, tissue, severity, x, y, z), observable)
+        expected = CORE_SEVERITY - phantom.expected_growth(patient.stroke.collaterals)
+        visible_only = replace(
+            patient,
+            stroke=replace(patient.stroke, growth_threshold=expected, lacunes=np.zeros((0, 4))),
+            fields={**patient.fields, "lesion": _ZeroField()},
+        )
+        assert np.array_equal(phantom.lesion_mask(visible_only, tissue, severity, x, y, z), observable)
+
+
+def test_ceiling_scores_the_labels_that_write_phantom_writes(cohort, tmp_path):
+    """``python -m custom phantom-ceiling`` draws the cohort again from its seed: its labels are the OT files."""
+    from custom.data.ceiling import phantom_ceiling
+
+    rows = phantom_ceiling(str(tmp_path / "ceiling"), cases=TRAINING_CASES, seed=0, size=SIZE)
+    assert [row["case"] for row in rows] == [f"case_{k}" for k in range(1, TRAINING_CASES + 1)]
+    for row in rows:
+        ot = case_maps(cohort, "TRAINING", row["case"])["OT"]
+        label_ml = np.count_nonzero(np.asanyarray(ot.dataobj)) * np.prod(ot.header.get_zooms()) / 1000.0
+        assert row["label_ml"] == pytest.approx(label_ml)
+        assert 0.0 <= row["dice"] <= 1.0
+    assert any(row["label_ml"] > 0 and row["dice"] < 1.0 for row in rows)
+    assert (tmp_path / "ceiling" / "cases.csv").is_file()
+    assert "| all | 12 |" in (tmp_path / "ceiling" / "ceiling.md").read_text()

@@ -264,6 +264,12 @@ def draw_physiology(rng: np.random.Generator) -> Physiology:
     )
 
 
+def expected_growth(collaterals: float) -> float:
+    """How far below the core severity the follow-up lesion reaches on average: further with poor collaterals.
+    Each patient's own growth scatters about it by N(0, 0.03), which no map shows."""
+    return 0.1 + 0.35 * (1.0 - collaterals)
+
+
 def draw_stroke(rng: np.random.Generator, anatomy: Anatomy) -> Stroke:
     """A middle cerebral artery wedge in one hemisphere; about one patient in ten has no territorial stroke."""
     side = 1 if rng.random() < 0.5 else -1
@@ -271,7 +277,7 @@ def draw_stroke(rng: np.random.Generator, anatomy: Anatomy) -> Stroke:
     apex = (side * rng.uniform(12.0, 18.0) * scale, rng.uniform(-8.0, 8.0))
     tilt = rng.uniform(-0.7, 0.7)  # towards the anterior (superior division) or posterior (inferior division)
     collaterals = rng.beta(2.0, 2.0)
-    growth = 0.1 + 0.35 * (1.0 - collaterals) + rng.normal(0.0, 0.03)
+    growth = expected_growth(collaterals) + rng.normal(0.0, 0.03)
     lacune_count = rng.binomial(2, 0.15)
     lacunes = np.column_stack(
         [
@@ -467,6 +473,16 @@ def lesion_mask(patient: Patient, tissue, severity, x, y, z):
     for cx, cy, cz, radius in stroke.lacunes:
         lesion |= intracranial & ((x - cx) ** 2 + (y - cy) ** 2 + ((z - cz) / 1.5) ** 2 < radius**2)
     return lesion
+
+
+def observable_lesion_mask(patient: Patient, tissue, severity):
+    """``lesion_mask`` as far as noise-free perfusion maps and the collaterals can tell it: the core and the
+    growth to the patient's expected threshold, without what no map shows (the patient's scatter about that
+    threshold, the irregular boundary term, lacunes). Scored against the label, it estimates the phantom's
+    Dice ceiling (``custom.data.ceiling``)."""
+    intracranial = (tissue >= CSF) & (tissue != VENTRICLE)
+    threshold = CORE_SEVERITY - expected_growth(patient.stroke.collaterals)
+    return intracranial & ((severity > threshold) | (severity >= CORE_SEVERITY))
 
 
 def ct_hounsfield(patient: Patient, tissue, severity):
