@@ -332,3 +332,14 @@ def test_ceiling_scores_the_labels_that_write_phantom_writes(cohort, tmp_path):
     assert any(row["label_ml"] > 0 and row["dice"] < 1.0 for row in rows)
     assert (tmp_path / "ceiling" / "cases.csv").is_file()
     assert "| all | 12 |" in (tmp_path / "ceiling" / "ceiling.md").read_text()
+
+
+def test_observable_lesion_grows_as_its_threshold_is_shifted_down():
+    patient = next(p for i in range(10) if (p := phantom.draw_patient(0, i, CENTRES[2])).stroke.present)
+    slab = phantom.Slab("case_1", "TRAINING", patient, 8, patient.stroke.z_mm - 17.5)
+    _, x, y, z = phantom.slab_grid(slab, SIZE)
+    tissue, depth, _ = phantom.tissue_map(patient, x, y, z)
+    severity = phantom.severity_map(patient, x, y, z, depth)
+    masks = [phantom.observable_lesion_mask(patient, tissue, severity, shift) for shift in (0.05, 0.0, -0.05)]
+    assert np.all(masks[0] <= masks[1]) and np.all(masks[1] <= masks[2])
+    assert masks[0].sum() < masks[1].sum() < masks[2].sum()

@@ -475,13 +475,13 @@ def lesion_mask(patient: Patient, tissue, severity, x, y, z):
     return lesion
 
 
-def observable_lesion_mask(patient: Patient, tissue, severity):
+def observable_lesion_mask(patient: Patient, tissue, severity, threshold_shift: float = 0.0):
     """``lesion_mask`` as far as noise-free perfusion maps and the collaterals can tell it: the core and the
-    growth to the patient's expected threshold, without what no map shows (the patient's scatter about that
-    threshold, the irregular boundary term, lacunes). Scored against the label, it estimates the phantom's
-    Dice ceiling (``custom.data.ceiling``)."""
+    growth to the patient's expected threshold (moved by ``threshold_shift``), without what no map shows (the
+    patient's scatter about that threshold, the irregular boundary term, lacunes). Scored against the label, it
+    estimates the phantom's Dice ceiling (``custom.data.ceiling``)."""
     intracranial = (tissue >= CSF) & (tissue != VENTRICLE)
-    threshold = CORE_SEVERITY - expected_growth(patient.stroke.collaterals)
+    threshold = CORE_SEVERITY - expected_growth(patient.stroke.collaterals) + threshold_shift
     return intracranial & ((severity > threshold) | (severity >= CORE_SEVERITY))
 
 
