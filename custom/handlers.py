@@ -110,7 +110,8 @@ def checkpoint_errors_named(path, targets) -> Iterator[None]:
     except (RuntimeError, KeyError) as err:
         raise RuntimeError(
             f"checkpoint '{path}' does not fit {', '.join(map(str, targets))} "
-            f"(another architecture or channel count?): {err}"
+            "(another architecture, or weights trained with other input channels: contralateral_channels or "
+            f"adjacent_slices?): {err}"
         ) from err
 
 

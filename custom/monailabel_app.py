@@ -35,6 +35,8 @@ VENV_VARIABLE = "CTP_MONAILABEL_VENV"
 # BundleInferTask reloads when its modification time changes.
 SERVED_CKPT_DIR = "$@bundle_root + '/models'"
 VIEW_CHANNELS = {"ct": 0, "tmax": 4}  # channel index in the converter's (H, W, D, 5) images
+# The config ids that set the network's input channels; weights trained with them are served with the same values.
+INPUT_CHANNEL_KEYS = ("contralateral_channels", "adjacent_slices")
 
 
 def monailabel_venv(venv=None) -> Path:
@@ -48,14 +50,21 @@ def monailabel_venv(venv=None) -> Path:
     return venv
 
 
-def unpack_served_bundle(archive, model_dir) -> Path:
+def unpack_served_bundle(archive, model_dir, input_settings=None) -> Path:
     """Unzip a bundle archive into ``model_dir`` and point the copy's ``ckpt_dir`` at its ``models/``.
 
-    The archive's single top folder is the bundle name; returns the bundle root. Only the copy's
+    The archive's single top folder is the bundle name; returns the bundle root. The copy's
     ``configs/train.json`` changes: plain runs of the repository's bundle keep training outside
     ``models/``, a MONAI Label fine-tune of the served copy updates ``models/model.pt``; its datalists
-    are emptied, MONAI Label's datastore provides the cases.
+    are emptied, MONAI Label's datastore provides the cases. ``input_settings`` (a subset of
+    ``INPUT_CHANNEL_KEYS`` -> value) are written into the copy's ``train.json`` and ``inference.json``
+    alike: MONAI Label runs the configs as they are, and weights trained with extra input channels
+    need the same keys to be served and fine-tuned.
     """
+    input_settings = dict(input_settings or {})
+    unknown = sorted(set(input_settings) - set(INPUT_CHANNEL_KEYS))
+    if unknown:
+        raise ValueError(f"input settings {unknown} are not among {list(INPUT_CHANNEL_KEYS)}")
     model_dir = Path(model_dir)
     with zipfile.ZipFile(archive) as zipped:
         tops = {Path(name).parts[0] for name in zipped.namelist()}
@@ -73,8 +82,51 @@ def unpack_served_bundle(archive, model_dir) -> Path:
     # must not point at a dataset folder the server does not have.
     for section in ("train", "validate"):
         config[section]["datalist"] = []
+    config.update(input_settings)
     write_text_atomically(train_config, json.dumps(config, indent=4) + "\n")
+    if input_settings:
+        inference_config = bundle_root / "configs" / "inference.json"
+        config = json.loads(inference_config.read_text())
+        config.update(input_settings)
+        write_text_atomically(inference_config, json.dumps(config, indent=4) + "\n")
     return bundle_root
+
+
+def serve_weights(bundle_root, ckpt_path) -> None:
+    """Make ``ckpt_path`` (a checkpoint of ``train.json``, or a plain state dict) the served copy's
+    ``models/model.pt``, the file MONAI Label loads first; the copy's ``model.ts``, an export of other
+    weights, is removed (export again from the served copy after a fine-tune anyway, docs/monailabel.md)."""
+    models = Path(bundle_root) / "models"
+    models.mkdir(exist_ok=True)
+    write_atomically(models / "model.pt", lambda temporary: shutil.copyfile(ckpt_path, temporary))
+    (models / "model.ts").unlink(missing_ok=True)
+
+
+def check_served_bundle(bundle_root, weights=None) -> None:
+    """Build the served copy's inference preprocessing and network from its ``configs/inference.json`` and load
+    ``weights`` (default: its ``models/model.pt``) into the network.
+
+    Why it exists: MONAI Label starts and lists a bundle whose weights do not fit its configs (weights trained
+    with other ``contralateral_channels`` or ``adjacent_slices``, a bad setting) and fails only at the first
+    inference, inside the server; here the preparation fails instead, naming the file or the setting.
+    """
+    from monai.bundle import ConfigParser
+
+    from custom.handlers import load_network_checkpoint
+
+    bundle_root = Path(bundle_root)
+    config_file = bundle_root / "configs" / "inference.json"
+    parser = ConfigParser()
+    parser.read_config(config_file)
+    parser["bundle_root"] = str(bundle_root)
+    try:
+        parser.get_parsed_content("preprocessing")
+        network = parser.get_parsed_content("network_def")
+    except Exception as err:
+        settings = ", ".join(f"{key}={parser.get(key)!r}" for key in INPUT_CHANNEL_KEYS)
+        cause = f"\n  {err.__cause__}" if err.__cause__ else ""
+        raise ValueError(f"'{config_file}' ({settings}) does not build: {err}{cause}") from err
+    load_network_checkpoint(weights or bundle_root / "models" / "model.pt", network)
 
 
 def fill_studies(dataset_dir, studies, views=None) -> list[str]:
@@ -138,7 +190,7 @@ def start_server_command(app_dir, studies, venv, port=8000, name=BUNDLE_NAME) ->
 
 
 def prepare_monailabel_app(app_dir, studies=None, dataset_dir=None, archive=None, bundle_root="bundle", venv=None,
-                           port=8000):  # fmt: skip
+                           port=8000, ckpt_path=None, contralateral_channels=None, adjacent_slices=None):  # fmt: skip
     """Prepare ``app_dir`` (must not exist) for ``monailabel start_server``; returns the start line.
 
     Args:
@@ -150,8 +202,16 @@ def prepare_monailabel_app(app_dir, studies=None, dataset_dir=None, archive=None
         archive: a bundle archive (``python -m custom package``) to serve; default: package ``bundle_root``.
         venv: the MONAI Label environment (default ``$CTP_MONAILABEL_VENV`` or ``~/.cache/ctp-monailabel/venv``).
         port: the port written into the printed command.
+        ckpt_path: weights to serve instead of the archive's (e.g. ``runs/fold0/model.pt`` of a training run).
+        contralateral_channels, adjacent_slices: the input settings the served weights were trained with
+            (``train.json``'s keys), written into the served copy's configs; ``None`` keeps the archive's.
+
+    The served weights are loaded into the served configs' network before anything is moved into place,
+    so weights that do not fit the settings fail here, naming the file.
     """
     venv = monailabel_venv(venv)
+    if ckpt_path is not None and not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"checkpoint '{ckpt_path}' does not exist")
     app_dir = Path(app_dir).absolute()
     studies = Path(studies).absolute() if studies else app_dir / "studies"
     if app_dir.exists():
@@ -167,7 +227,13 @@ def prepare_monailabel_app(app_dir, studies=None, dataset_dir=None, archive=None
             raise RuntimeError(f"`monailabel apps --download --name monaibundle` failed:\n{output}")
         if archive is None:
             archive = package_bundle(Path(scratch) / f"{BUNDLE_NAME}.zip", bundle_root=bundle_root)
-        name = unpack_served_bundle(archive, sample_app / "model").name
+        given = {"contralateral_channels": contralateral_channels, "adjacent_slices": adjacent_slices}
+        input_settings = {key: value for key, value in given.items() if value is not None}
+        served = unpack_served_bundle(archive, sample_app / "model", input_settings)
+        if ckpt_path is not None:
+            serve_weights(served, ckpt_path)
+        check_served_bundle(served, ckpt_path)  # names the given file, not its copy in the scratch folder
+        name = served.name
         app_dir.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(sample_app), app_dir)
     studies.mkdir(parents=True, exist_ok=True)

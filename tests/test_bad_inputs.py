@@ -268,6 +268,7 @@ def test_checkpoint_of_another_network_is_named(tiny_phantom_dataset, tmp_path, 
     with pytest.raises(Exception) as raised:
         workflow.run()
     assert f"checkpoint '{checkpoint}' does not fit model" in _messages(raised.value)
+    assert "contralateral_channels or adjacent_slices" in _messages(raised.value)
     assert "size mismatch for model.0.conv.unit0.conv.weight" in _messages(raised.value)
 
 

@@ -5,9 +5,16 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import CONFIGS
+import torch
+from conftest import CONFIGS, inference_network
 
-from custom.monailabel_app import fill_studies, start_server_command, unpack_served_bundle
+from custom.monailabel_app import (
+    check_served_bundle,
+    fill_studies,
+    serve_weights,
+    start_server_command,
+    unpack_served_bundle,
+)
 from custom.package import package_bundle
 
 
@@ -33,6 +40,36 @@ def test_served_copy_trains_into_its_models_folder(tmp_path):
     assert (served / "custom" / "lifecycle.py").is_file() and (served / "models" / "model.pt").is_file()
     with pytest.raises(FileExistsError, match="ctp_stroke"):
         unpack_served_bundle(tmp_path / "ctp_stroke.zip", tmp_path / "model")
+
+
+def test_served_copy_takes_the_input_settings_of_its_weights(tmp_path):
+    """Weights trained with slice context and hemisphere differences (30 input channels) are served with both
+    keys in the copy's train.json and inference.json; the shipped 5-channel weights do not fit those configs,
+    and the check says so before a server starts."""
+    archive = package_bundle(tmp_path / "ctp_stroke.zip")
+    settings = {"contralateral_channels": "difference", "adjacent_slices": 1}
+    served = unpack_served_bundle(archive, tmp_path / "model", settings)
+    for name in ("train.json", "inference.json"):
+        config = json.loads((served / "configs" / name).read_text())
+        assert {key: config[key] for key in settings} == settings, name
+    with pytest.raises(RuntimeError, match="model.pt' does not fit model .*contralateral_channels or adjacent_slices"):
+        check_served_bundle(served)
+
+    trained = tmp_path / "thirty_channels.pt"
+    torch.save({"model": inference_network(in_channels=30).state_dict()}, trained)
+    serve_weights(served, trained)
+    assert (served / "models" / "model.pt").read_bytes() == trained.read_bytes()
+    assert not (served / "models" / "model.ts").exists()  # an export of the shipped weights
+    check_served_bundle(served)
+
+
+def test_served_copy_refuses_bad_input_settings(tmp_path):
+    archive = package_bundle(tmp_path / "ctp_stroke.zip")
+    with pytest.raises(ValueError, match=r"\['adjacent_slice'\] are not among"):
+        unpack_served_bundle(archive, tmp_path / "model", {"adjacent_slice": 1})
+    served = unpack_served_bundle(archive, tmp_path / "model", {"contralateral_channels": "mirrored"})
+    with pytest.raises(ValueError, match="(?s)contralateral_channels='mirrored'.*mode must be one of .*got 'mirrored'"):
+        check_served_bundle(served)
 
 
 def test_studies_and_3d_views(tiny_phantom_dataset, tmp_path):

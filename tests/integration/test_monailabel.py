@@ -21,7 +21,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLE, CONFIGS, REPO
+from conftest import BUNDLE, CONFIGS, REPO, inference_network
 from monai.transforms import LoadImage
 
 from custom.monailabel_app import monailabel_environment, prepare_monailabel_app
@@ -54,12 +54,13 @@ def _wait_for_server(url, process, log):
     raise TimeoutError(f"no answer from {url}/info/ after {SERVER_START_S} s")
 
 
-def _bundle_inference(study, ckpt, out_dir) -> Path:
-    """The mask ``configs/inference.json`` writes for ``study`` with the weights ``ckpt``."""
+def _bundle_inference(study, ckpt, out_dir, input_settings) -> Path:
+    """The mask ``configs/inference.json`` writes for ``study`` with the weights ``ckpt`` and ``input_settings``."""
+    overrides = [str(part) for key, value in input_settings.items() for part in (f"--{key}", value)]
     completed = subprocess.run(
         [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIGS / "inference.json"),
          "--bundle_root", str(BUNDLE), "--datalist", str([str(study)]), "--ckpt_path", str(ckpt),
-         "--output_dir", str(out_dir), "--num_workers", "0"],
+         "--output_dir", str(out_dir), "--num_workers", "0", *overrides],
         capture_output=True, text=True, cwd=REPO,
     )  # fmt: skip
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
@@ -82,12 +83,22 @@ def monailabel_venv() -> Path:
     return Path(built.stdout.strip().splitlines()[-1])
 
 
-def test_server_infers_saves_labels_and_fine_tunes(monailabel_venv, tiny_phantom_dataset, tmp_path):
+# The shipped weights as packaged, and other weights trained with slice context (15 input channels: seeded
+# random weights stand in for a training run) served with --ckpt_path and --adjacent_slices 1.
+@pytest.mark.parametrize("input_settings", [{}, {"adjacent_slices": 1}], ids=["shipped", "slice_context"])
+def test_server_infers_saves_labels_and_fine_tunes(monailabel_venv, tiny_phantom_dataset, tmp_path, input_settings):
     app, studies, answers = tmp_path / "app", tmp_path / "studies", tmp_path / "answers"
     port = _free_port()
+    ckpt_path = None
+    if input_settings:
+        ckpt_path = tmp_path / "trained_elsewhere.pt"
+        torch.manual_seed(0)
+        torch.save({"model": inference_network(in_channels=15).state_dict()}, ckpt_path)
     command = prepare_monailabel_app(app, studies=studies, dataset_dir=tiny_phantom_dataset, venv=monailabel_venv,
-                                     port=port)  # fmt: skip
+                                     port=port, ckpt_path=ckpt_path, **input_settings)  # fmt: skip
     served_weights = app / "model" / MODEL / "models" / "model.pt"
+    if ckpt_path:
+        assert served_weights.read_bytes() == ckpt_path.read_bytes()
     initial_weights = tmp_path / "initial_model.pt"
     initial_weights.write_bytes(served_weights.read_bytes())
 
@@ -118,7 +129,7 @@ def test_server_infers_saves_labels_and_fine_tunes(monailabel_venv, tiny_phantom
         assert info["models"][MODEL]["labels"] == {"lesion": 1}
         assert info["models"][MODEL]["dimension"] == 2
 
-        reference = _bundle_inference(study, initial_weights, tmp_path / "reference_before")
+        reference = _bundle_inference(study, initial_weights, tmp_path / "reference_before", input_settings)
         assert nib.load(answers / "before.nii.gz").shape == nib.load(study).shape[:3]
         _assert_same_mask(answers / "before.nii.gz", reference)  # float32 0/1 unless result_dtype is asked
         _assert_same_mask(answers / "before.nrrd", reference)
@@ -135,7 +146,7 @@ def test_server_infers_saves_labels_and_fine_tunes(monailabel_venv, tiny_phantom
         assert after_info["checksum"] != before_info["checksum"]
         assert served_weights.read_bytes() != initial_weights.read_bytes()
 
-        reference_after = _bundle_inference(study, served_weights, tmp_path / "reference_after")
+        reference_after = _bundle_inference(study, served_weights, tmp_path / "reference_after", input_settings)
         _assert_same_mask(answers / "after.nii.gz", reference_after)
         print(f"GET /info/ labels: {info['labels']}; model {MODEL}: {info['models'][MODEL]['labels']}, "
               f"dimension {info['models'][MODEL]['dimension']}")  # fmt: skip
