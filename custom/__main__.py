@@ -1,7 +1,7 @@
 """Command line of the project: ``python -m custom <command> --help`` lists each command's options.
 
 Only the module of the command being run is imported, so ``python -m custom deploy`` works where MONAI
-is not installed (it needs torch, numpy and nibabel only).
+is not installed (it needs torch, numpy, scipy and nibabel only).
 """
 
 import importlib
@@ -23,6 +23,7 @@ COMMANDS = {
     "montage": "custom.result_figures:plot_montage",
     "baseline": "custom.baseline:run_baseline",
     "accuracy-bench": "custom.accuracy_bench:run_accuracy_bench",
+    "score-masks": "custom.accuracy_bench:score_masks_command",
     "ensemble-bench": "custom.ensemble_bench:run_ensemble_bench",
     "ensemble-checkpoint": "custom.ensemble:write_ensemble_checkpoint",
     "deploy": "custom.deploy:deploy",

@@ -64,7 +64,7 @@ DESCRIPTIONS = {
 TABLE_METRICS = ("dice", "hd95_mm", "avd_ml", "lesion_f1")
 INNER_VALIDATION_FOLD = 0
 # bundle overrides that inference.json shares with train.json (besides network_def#...)
-INFERENCE_KEYS = ("num_workers", "contralateral_channels", "adjacent_slices")
+INFERENCE_KEYS = ("num_workers", "contralateral_channels", "adjacent_slices", "min_lesion_ml")
 # Full size as in the issue; --quick: seconds-long runs for the end-to-end test.
 FULL = {"train_cases": 40, "test_cases": 60, "size": 256}
 QUICK = {"train_cases": 8, "test_cases": 4, "size": 64}
@@ -469,6 +469,41 @@ def score_masks(dataset_dir: Path, entries: list[dict], method: str, mask_path) 
     return rows
 
 
+def score_masks_command(masks: str, dataset_dir: str, out: str, method: str = "masks") -> str:
+    """Score a folder of masks against every label of a converted dataset's ``training`` list with the benchmark's
+    metrics (``custom.metrics.case_metrics``); writes ``out/cases.csv``, prints the means and returns its path.
+
+    Why it exists: to score any tool's masks (the bundle's inference with other settings, the runner, nnU-Net,
+    vendor software) on the same cases and metrics as ``accuracy-bench``; ``python -m custom compare-cv`` then
+    compares two such folders case by case. A case's mask is ``<case>_seg.nii.gz`` (as ``inference.json`` and
+    the runner name it) or ``<case>.nii.gz``, where ``<case>`` is the image's file name without ``.nii.gz``;
+    a case without a mask is an error, and an existing ``out/cases.csv`` is never overwritten.
+    """
+    masks, dataset_dir, out = Path(masks), Path(dataset_dir), Path(out)
+    entries = load_dataset_json(dataset_dir, ("training",))["training"]
+    if (out / "cases.csv").exists():
+        raise FileExistsError(f"'{out / 'cases.csv'}' exists; choose another --out")
+
+    def mask_path(entry: dict) -> Path:
+        case = Path(entry["image"]).name.split(".nii")[0]
+        candidates = [masks / f"{case}_seg.nii.gz", masks / f"{case}.nii.gz"]
+        return next((path for path in candidates if path.is_file()), candidates[0])
+
+    missing = [str(mask_path(e)) for e in entries if not mask_path(e).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {len(entries)} cases of '{dataset_dir}' have no mask in "
+                                f"'{masks}': {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    rows = score_masks(dataset_dir, entries, method, mask_path)
+    out.mkdir(parents=True, exist_ok=True)
+    write_case_csv(rows, str(out / "cases.csv"))
+    overall = summarise(rows, TABLE_METRICS, group_key="method")[-1]
+    for metric in TABLE_METRICS:
+        print(f"{metric}: {overall[f'{metric}_mean']:.3f} ± {overall[f'{metric}_std']:.3f} "
+              f"(median {overall[f'{metric}_median']:.3f}, n={overall[f'{metric}_n']})")
+    print(f"{len(rows)} cases -> {out / 'cases.csv'}")
+    return str(out / "cases.csv")
+
+
 def comparison_rows(cases: dict[str, list[dict]], facts: dict[str, dict], reference: str) -> list[dict]:
     """One row per method: mean, std and median of the table metrics over the test cases, HD95 over the cases
     where every method has one (so the means compare the same cases), and the paired Dice difference to
@@ -546,8 +581,8 @@ def run_accuracy_bench(
             defaults without looking at the test phantom; nnU-Net, which predicts only the test phantom, is
             refused there.
         bundle_overrides: bundle overrides for the ``bundle`` method's training, e.g. ``--loss#ce_max_weight 1``;
-            ``network_def#...``, ``num_workers``, ``contralateral_channels`` and ``adjacent_slices`` reach its
-            inference too.
+            ``network_def#...``, ``num_workers``, ``contralateral_channels``, ``adjacent_slices`` and
+            ``min_lesion_ml`` reach its inference too.
 
     A method whose ``cases.csv`` exists in ``out`` is reused, not rerun (delete its folder to rerun). A
     method that fails is reported and the others still run; the command then raises.

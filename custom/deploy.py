@@ -1,14 +1,16 @@
-"""Standalone lesion segmentation with the exported TorchScript model: torch, numpy and nibabel only.
+"""Standalone lesion segmentation with the exported TorchScript model: torch, numpy, scipy and nibabel only.
 
 Clinical machines that run the model often cannot install MONAI. This module reproduces the bundle's
 ``configs/inference.json`` step by step, so its masks equal the bundle's voxel for voxel:
 ``LoadImaged`` (nibabel) -> ``EnsureChannelFirstd`` -> ``NormalizeWithinBraind`` -> ``DivisiblePadd(k=16,
 symmetric)`` -> ``SliceInferer`` (2D slices in batches) -> softmax -> crop the padding (``Invertd``) ->
-argmax -> uint8 NIfTI on the input grid, plus the ``LesionVolumeWriter`` table (``custom.clinical``: lesion
-and clinical volumes from the raw maps, research use only).
+argmax -> lesions under ``min_lesion_ml`` removed (``RemoveSmallLesionsd``) -> uint8 NIfTI on the input grid,
+plus the ``LesionVolumeWriter`` table (``custom.clinical``: lesion and clinical volumes from the raw maps,
+research use only).
 
-It imports nothing from MONAI, and from the rest of ``custom`` only the standard-library ``custom.atomic``
-and the numpy-only ``custom.clinical`` (the other modules import MONAI): keep it so, the tests run it with
+It imports nothing from MONAI, and from the rest of ``custom`` only the standard-library ``custom.atomic``,
+the numpy-only ``custom.clinical`` and the numpy and scipy ``custom.lesions`` (the other modules import
+MONAI): keep it so, the tests run it with
 MONAI made unimportable. ``custom/transforms.py`` is the reference for the
 normalisation; a change there must be mirrored here (the agreement test catches a mismatch).
 """
@@ -27,10 +29,12 @@ from custom.atomic import write_atomically
 from custom.clinical import MODALITIES, VOLUME_TABLE, case_volumes, describe, write_volume_table
 from custom.clinical import PERFUSION_CHANNELS as BRAIN_CHANNELS  # brain: any of CBF, CBV, MTT, Tmax non-zero
 from custom.clinical import VOLUME_COLUMNS, volume_ml as lesion_volume_ml  # noqa: F401 (names callers may import)
+from custom.lesions import check_min_volume, remove_small_lesions
 
 CLASSES = ("background", "lesion")
 CLIP_PERCENTILES = (0.5, 99.5)
 NORMALIZE_EPS = 1e-6
+MIN_LESION_ML = 0.5  # inference.json's min_lesion_ml (a test checks that they agree)
 SPATIAL_DIVISOR = 16  # the U-Net's four stride-2 levels need H and W divisible by 2**4
 # A side of 16 or less pads to 16 and reaches a 1 x 1 bottleneck, where instance normalisation fails.
 MIN_IN_PLANE_SIZE = 17
@@ -238,6 +242,14 @@ def segment_volume(network, volume: np.ndarray, batch_size: int = 16, device="cp
     return torch.argmax(probabilities, dim=0).numpy().astype(np.uint8)
 
 
+def lesion_mask(network, volume: np.ndarray, affine: np.ndarray, batch_size: int = 16, device="cpu",
+                min_lesion_ml: float = MIN_LESION_ML) -> np.ndarray:  # fmt: skip
+    """The bundle's mask of one (H, W, D, 5) volume with its ``affine``: ``segment_volume``, then the lesions
+    under ``min_lesion_ml`` mL removed (``custom.lesions.remove_small_lesions``, voxel sizes from ``affine``)."""
+    mask = segment_volume(network, volume, batch_size, device)
+    return remove_small_lesions(mask, nib.affines.voxel_sizes(affine), min_lesion_ml)
+
+
 def write_mask(mask: np.ndarray, affine: np.ndarray, path) -> None:
     """Write a uint8 mask as NIfTI with ``affine``, atomically (never a half-written file under ``path``).
 
@@ -286,7 +298,8 @@ def _check_inputs(inputs: list[Path]) -> None:
         seen[name] = path
 
 
-def deploy(*inputs, model="bundle/models/model.ts", out="deploy_out", batch_size=16, device="cpu"):
+def deploy(*inputs, model="bundle/models/model.ts", out="deploy_out", batch_size=16, device="cpu",
+           min_lesion_ml=MIN_LESION_ML):  # fmt: skip
     """Segment stroke lesions with the exported TorchScript model, without MONAI.
 
     Args:
@@ -299,6 +312,8 @@ def deploy(*inputs, model="bundle/models/model.ts", out="deploy_out", batch_size
             raw maps, and intended_use: research use only, not for diagnosis or treatment decisions).
         batch_size: slices per forward pass.
         device: torch device, e.g. ``cpu`` or ``cuda:0``.
+        min_lesion_ml: predicted lesions (26-connected) smaller than this are removed, as ``inference.json``'s
+            ``min_lesion_ml`` does; 0 keeps every lesion.
 
     Returns:
         The path of ``lesion_volumes.csv``.
@@ -310,6 +325,7 @@ def deploy(*inputs, model="bundle/models/model.ts", out="deploy_out", batch_size
         raise FileNotFoundError(f"TorchScript model '{model}' does not exist (export it with monai.bundle ckpt_export)")
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    min_lesion_ml = check_min_volume(min_lesion_ml)
     network = load_model(model, device)
     out = Path(str(out))
     out.mkdir(parents=True, exist_ok=True)
@@ -321,7 +337,7 @@ def deploy(*inputs, model="bundle/models/model.ts", out="deploy_out", batch_size
             failures.append(str(err))
             print(f"not segmented: {err}", file=sys.stderr)
             continue
-        mask = segment_volume(network, volume, int(batch_size), device)
+        mask = lesion_mask(network, volume, affine, int(batch_size), device, min_lesion_ml)
         name = case_name(path)
         write_mask(mask, affine, out / f"{name}_seg.nii.gz")
         row = {"case": name, "image": str(path), **case_volumes(volume, mask, affine, name)}
@@ -347,6 +363,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default="deploy_out", help="output folder")
     parser.add_argument("--batch_size", type=int, default=16, help="slices per forward pass")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    parser.add_argument("--min_lesion_ml", type=float, default=MIN_LESION_ML,
+                        help="remove predicted lesions smaller than this (mL); 0 keeps every lesion")  # fmt: skip
     arguments = parser.parse_args(argv)
     deploy(
         *arguments.inputs,
@@ -354,6 +372,7 @@ def main(argv=None) -> None:
         out=arguments.out,
         batch_size=arguments.batch_size,
         device=arguments.device,
+        min_lesion_ml=arguments.min_lesion_ml,
     )
 
 

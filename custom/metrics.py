@@ -27,6 +27,8 @@ from monai.metrics import (
 from monai.utils import convert_to_tensor
 from scipy import ndimage
 
+from custom.lesions import LESION_CONNECTIVITY
+
 METRIC_NAMES = (
     "dice",
     "hd95_mm",
@@ -60,9 +62,6 @@ EMPTY_MASK_CONVENTION = {
     (False, True): {"dice": 0.0, "precision": 0.0, "recall": NAN, "lesion_f1": 0.0, "hd95_mm": NAN, "assd_mm": NAN},
     (True, False): {"dice": 0.0, "precision": NAN, "recall": 0.0, "lesion_f1": 0.0, "hd95_mm": NAN, "assd_mm": NAN},
 }
-
-# 26-connectivity: voxels sharing a face, an edge or a corner belong to the same lesion.
-LESION_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
 
 
 def _binary_mask(mask, argument: str) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """CTP study transforms MONAI does not offer: load-time validation naming the file, brain normalisation,
-slice context."""
+slice context, removal of small predicted lesions."""
 
 from collections.abc import Hashable, Mapping, Sequence
 
@@ -12,6 +12,7 @@ from monai.utils import TransformBackends, convert_to_dst_type, convert_to_numpy
 
 from custom.clinical import PERFUSION_CHANNELS  # CBF, CBV, MTT, Tmax; channel 0 is CT
 from custom.data.check import image_problems, label_problems
+from custom.lesions import check_min_volume, remove_small_lesions
 
 
 def _file_name(array) -> str:
@@ -194,4 +195,33 @@ class AdjacentSlicesd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             d[key] = self.adjacent(d[key])
+        return d
+
+
+class RemoveSmallLesionsd(MapTransform):
+    """Set the predicted lesions under ``min_volume_ml`` mL to 0 in a channel-first (1, H, W, D) mask
+    (:func:`custom.lesions.remove_small_lesions`, shared with the MONAI-free runner).
+
+    The voxel sizes come from the mask's affine (a MetaTensor, as ``Invertd`` and ``LoadImage`` give it), the
+    ones nibabel reports for the input; ``min_volume_ml`` 0 keeps every lesion.
+    """
+
+    backend = [TransformBackends.NUMPY]
+
+    def __init__(self, keys: KeysCollection, min_volume_ml: float, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.min_volume_ml = check_min_volume(min_volume_ml)
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            mask = d[key]
+            if not isinstance(mask, MetaTensor) or mask.ndim != 4 or mask.shape[0] != 1:
+                raise ValueError(
+                    f"RemoveSmallLesionsd expects '{key}' as a (1, H, W, D) MetaTensor with its affine, got "
+                    f"{type(mask).__name__} of shape {tuple(mask.shape)}"
+                )
+            spacing = [float(s) for s in mask.pixdim]
+            kept = remove_small_lesions(convert_to_numpy(mask[0]), spacing, self.min_volume_ml)
+            d[key] = convert_to_dst_type(kept[None], mask)[0]
         return d

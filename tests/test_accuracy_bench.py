@@ -3,12 +3,23 @@
 import csv
 import importlib.util
 import math
+import shutil
+from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 from conftest import CONFIGS, TINY_TRAINING
 from monai.bundle import ConfigWorkflow
 
-from custom.accuracy_bench import METHODS, comparison_rows, epochs_for_budget, ignite_epoch_seconds
+from custom.accuracy_bench import (
+    METHODS,
+    comparison_rows,
+    epochs_for_budget,
+    ignite_epoch_seconds,
+    score_masks_command,
+)
+from custom.data.datalist import load_dataset_json
 from custom.time_budget import TrainingTimeLimit
 
 
@@ -137,7 +148,8 @@ def test_quick_benchmark_scored_on_the_inner_fold_never_reads_a_test_phantom(tmp
 
 def test_bundle_overrides_that_change_the_network_input_reach_inference(tmp_path, monkeypatch):
     """A model trained with more input channels (``contralateral_channels``, ``adjacent_slices``) or another
-    ``network_def`` is only usable by an inference run with the same keys; training-only keys stay out of it."""
+    ``network_def`` is only usable by an inference run with the same keys; training-only keys stay out of it;
+    ``min_lesion_ml`` (post-processing) reaches it."""
     import custom.accuracy_bench as bench
 
     commands = {}
@@ -154,7 +166,7 @@ def test_bundle_overrides_that_change_the_network_input_reach_inference(tmp_path
     monkeypatch.setattr(bench, "_run", fake_run)
     monkeypatch.setattr(bench, "calibrate_bundle", lambda dataset, out, overrides: (1.0, 1.0))
     overrides = {"contralateral_channels": "difference", "adjacent_slices": 1, "network_def#norm": "batch",
-                 "learning_rate": 0.01}
+                 "learning_rate": 0.01, "min_lesion_ml": 0}
     bench.run_bundle(tmp_path / "dataset", ["a.nii.gz"], tmp_path, 30, overrides)
 
     def value(command, key):
@@ -164,3 +176,33 @@ def test_bundle_overrides_that_change_the_network_input_reach_inference(tmp_path
     for key, expected in expected_in_both.items():
         assert value(commands["train"], key) == expected and value(commands["inference"], key) == expected
     assert value(commands["train"], "learning_rate") == "0.01" and value(commands["inference"], "learning_rate") is None
+    assert value(commands["inference"], "min_lesion_ml") == "0"  # the post-processing, e.g. off to measure it
+
+
+def test_score_masks_scores_every_labelled_case_and_refuses_gaps_and_overwrites(tiny_phantom_dataset, tmp_path):
+    """Labels scored as masks give Dice 1 on every lesion case; an emptied mask gives 0 on that case; a case
+    without a mask is named, and an existing cases.csv is kept."""
+    entries = load_dataset_json(tiny_phantom_dataset, ("training",))["training"]
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for entry in entries:
+        case = Path(entry["image"]).name.split(".nii")[0]
+        shutil.copy(tiny_phantom_dataset / entry["label"], masks / f"{case}_seg.nii.gz")
+    emptied = Path(entries[0]["image"]).name.split(".nii")[0]
+    label = nib.load(tiny_phantom_dataset / entries[0]["label"])
+    assert np.asanyarray(label.dataobj).any(), "the first tiny phantom case should have a lesion"
+    nib.save(nib.Nifti1Image(np.zeros(label.shape, np.uint8), label.affine), masks / f"{emptied}_seg.nii.gz")
+
+    table = score_masks_command(str(masks), str(tiny_phantom_dataset), str(tmp_path / "scored"))
+    with open(table, newline="") as f:
+        rows = {row["case"]: row for row in csv.DictReader(f)}
+    assert sorted(rows) == sorted(e["case"] for e in entries)
+    assert float(rows[entries[0]["case"]]["dice"]) == 0.0
+    assert all(float(rows[e["case"]]["dice"]) == 1.0 for e in entries[1:])
+    with pytest.raises(FileExistsError, match="cases.csv' exists"):
+        score_masks_command(str(masks), str(tiny_phantom_dataset), str(tmp_path / "scored"))
+
+    (masks / f"{emptied}_seg.nii.gz").unlink()
+    with pytest.raises(FileNotFoundError, match=f"1 of {len(entries)} cases .* no mask .*{emptied}_seg.nii.gz"):
+        score_masks_command(str(masks), str(tiny_phantom_dataset), str(tmp_path / "scored_again"))
+    assert not (tmp_path / "scored_again").exists()

@@ -113,6 +113,8 @@ def test_deploy_without_monai_equals_bundle_inference(inputs, exported_model, ti
     _run_without_monai(
         "from custom.deploy import deploy, main\n"
         f"deploy(*{[str(p) for p in inputs.values()]!r}, model={str(torchscript)!r}, out={str(tmp_path / 'files')!r})\n"
+        f"deploy(*{[str(p) for p in inputs.values()]!r}, model={str(torchscript)!r}, out={str(tmp_path / 'all')!r}, "
+        "min_lesion_ml=0)\n"
         f"main({command_line!r})\n"
         "from custom.__main__ import main as project_command_line\n"
         f"project_command_line(['deploy', *{command_line!r}[:-1], {str(tmp_path / 'cli')!r}])\n",
@@ -142,6 +144,9 @@ def test_deploy_without_monai_equals_bundle_inference(inputs, exported_model, ti
     masks = [np.asanyarray(nib.load(tmp_path / "files" / f"{name}_seg.nii.gz").dataobj) for name in inputs]
     lesion = np.concatenate([mask.ravel() for mask in masks])
     assert 0 < lesion.mean() < 1, "random weights should give masks with both classes, or the comparison is vacuous"
+    every_lesion = [np.asanyarray(nib.load(tmp_path / "all" / f"{name}_seg.nii.gz").dataobj) for name in inputs]
+    assert all(np.array_equal(mask, kept & mask) for mask, kept in zip(masks, every_lesion))
+    assert sum(kept.sum() - mask.sum() for mask, kept in zip(masks, every_lesion)) > 0, "no small lesion removed"
     assert not [p.name for p in (tmp_path / "files").iterdir() if p.name.startswith(".")], "temporary files left"
 
 
@@ -156,24 +161,33 @@ def _third_party_imports(module: str) -> set[str]:
     return {m for m in modules if m.split(".")[0] not in sys.stdlib_module_names}
 
 
-def test_deploy_imports_only_torch_numpy_nibabel_the_standard_library_and_two_project_modules():
-    assert _third_party_imports("deploy.py") == {"torch", "numpy", "nibabel", "custom.atomic", "custom.clinical"}
+def test_deploy_imports_only_torch_numpy_scipy_nibabel_the_standard_library_and_three_project_modules():
+    assert _third_party_imports("deploy.py") == {"torch", "numpy", "nibabel", "custom.atomic", "custom.clinical",
+                                                 "custom.lesions"}  # fmt: skip
     assert _third_party_imports("clinical.py") == {"numpy", "custom.atomic"}
+    assert _third_party_imports("lesions.py") == {"numpy", "scipy"}
     assert _third_party_imports("atomic.py") == set()
 
 
 def test_runner_copied_without_the_project(exported_model, tmp_path):
-    """docs/deployment.md: custom/__init__.py, deploy.py, clinical.py and atomic.py copied next to model.ts run on
-    their own."""
+    """docs/deployment.md: custom/__init__.py, deploy.py, clinical.py, lesions.py and atomic.py copied next to
+    model.ts run on their own (the project's editable-install finder, which would supply a module missing from
+    the copy, is removed first)."""
     _, torchscript = exported_model
     runner = tmp_path / "runner"
     (runner / "custom").mkdir(parents=True)
-    for name in ("__init__.py", "deploy.py", "clinical.py", "atomic.py"):
+    for name in ("__init__.py", "deploy.py", "clinical.py", "lesions.py", "atomic.py"):
         shutil.copy(REPO / "custom" / name, runner / "custom" / name)
     shutil.copy(torchscript, runner / "model.ts")
     image = _write(tmp_path / "image.nii.gz", np.random.default_rng(0).uniform(1, 2, (20, 24, 2, 5)))
     env = {**os.environ, "PYTHONPATH": str(_fake_monai(tmp_path / "fake"))}
-    command = [sys.executable, "-m", "custom.deploy", str(image), "--model", "model.ts", "--out", "results"]
+    without_project = (
+        "import runpy, sys\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, '__module__', '').startswith('__editable__')]\n"
+        f"sys.argv = ['deploy', {str(image)!r}, '--model', 'model.ts', '--out', 'results']\n"
+        "runpy.run_module('custom.deploy', run_name='__main__', alter_sys=True)\n"
+    )
+    command = [sys.executable, "-c", without_project]
     completed = subprocess.run(command, capture_output=True, text=True, env=env, cwd=runner)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     assert sorted(p.name for p in (runner / "results").iterdir()) == ["image_seg.nii.gz", "lesion_volumes.csv"]

@@ -13,7 +13,7 @@ import torch
 from conftest import BUNDLE, CONFIGS, REPO
 from monai.bundle import ConfigParser
 
-from custom.deploy import normalize_within_brain, segment_volume
+from custom.deploy import lesion_mask, normalize_within_brain
 
 
 @pytest.fixture(scope="module")
@@ -119,26 +119,26 @@ def test_onnx_export_names_a_missing_checkpoint(tmp_path):
 
 
 def test_onnx_runs_in_the_monai_free_runner(onnx_file, torchscript_file, tiny_phantom_dataset, tmp_path):
-    """custom.deploy.segment_volume with OnnxNetwork, where MONAI cannot be imported; masks match TorchScript's
-    except where the two runtimes' last-bit differences flip a near-tie voxel."""
+    """custom.deploy.lesion_mask with OnnxNetwork (the documented ONNX pipeline), where MONAI cannot be imported;
+    masks match TorchScript's except where the two runtimes' last-bit differences flip a near-tie voxel."""
     dataset = json.loads((tiny_phantom_dataset / "dataset.json").read_text())
     image = tiny_phantom_dataset / dataset["testing"][0]["image"]
     (tmp_path / "fake" / "monai").mkdir(parents=True)
     (tmp_path / "fake" / "monai" / "__init__.py").write_text("raise ImportError('monai is unavailable in this test')\n")
     code = (
         "import numpy as np, torch\n"
-        "from custom.deploy import read_stacked_image, segment_volume\n"
+        "from custom.deploy import lesion_mask, read_stacked_image\n"
         "from custom.onnx_export import OnnxNetwork\n"
-        f"volume, _ = read_stacked_image({str(image)!r})\n"
-        f"np.save({str(tmp_path / 'onnx.npy')!r}, segment_volume(OnnxNetwork({str(onnx_file)!r}), volume))\n"
+        f"volume, affine = read_stacked_image({str(image)!r})\n"
+        f"np.save({str(tmp_path / 'onnx.npy')!r}, lesion_mask(OnnxNetwork({str(onnx_file)!r}), volume, affine))\n"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "fake"), str(REPO)])}
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert completed.returncode == 0, completed.stderr[-3000:]
     from custom.deploy import read_stacked_image
 
-    volume, _ = read_stacked_image(image)
-    reference = segment_volume(torch.jit.load(str(torchscript_file)).eval(), volume)
+    volume, affine = read_stacked_image(image)
+    reference = lesion_mask(torch.jit.load(str(torchscript_file)).eval(), volume, affine)
     onnx_mask = np.load(tmp_path / "onnx.npy")
     assert onnx_mask.shape == reference.shape == volume.shape[:3]
     assert np.mean(onnx_mask != reference) < 1e-3

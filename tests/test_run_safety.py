@@ -41,6 +41,8 @@ def _error_chain(error: BaseException) -> str:
         (["inference.json"], "infer", {"ckpt_pth": "m.pt"}, "config id 'ckpt_pth' is used by nothing"),
         (["train.json"], "train", {"adjacent_slices": -1}, "config id 'adjacent_slices' must be a whole number >= 0"),
         (["inference.json"], "infer", {"adjacent_slices": 0.5}, "config id 'adjacent_slices' must be a whole number"),
+        (["inference.json"], "infer", {"min_lesion_ml": -1}, "config id 'min_lesion_ml' must be a number >= 0"),
+        (["train.json", "evaluate.json"], "train", {"min_lesion_ml": "0.5"}, "config id 'min_lesion_ml' must be a"),
     ],
 )
 def test_bad_override_is_refused_naming_the_id(tmp_path, config_files, workflow_type, override, message):
