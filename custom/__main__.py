@@ -76,6 +76,12 @@ def help_to_fire(arguments: list[str]) -> list[str]:
     return [*command, "--", "--help"]
 
 
+def printed_result(result):
+    """What Fire prints after a command: the rows a command returns for Python callers (a list) are not
+    printed again, line by line as JSON, after the table the command printed itself; a path or a number is."""
+    return None if isinstance(result, list) else result
+
+
 def main(argv=None):
     argv = help_to_fire(sys.argv[1:] if argv is None else list(argv))
     command = COMMANDS.get(argv[0]) if argv else None
@@ -84,7 +90,7 @@ def main(argv=None):
     elif isinstance(command, str):
         refuse_unknown_options(_resolve(command), argv[1:])
     selected = {argv[0]: COMMANDS[argv[0]]} if argv and argv[0] in COMMANDS else COMMANDS
-    fire.Fire(_resolve(selected), command=argv, name="python -m custom")
+    fire.Fire(_resolve(selected), command=argv, name="python -m custom", serialize=printed_result)
 
 
 if __name__ == "__main__":

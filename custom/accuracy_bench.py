@@ -500,7 +500,7 @@ def score_masks_command(masks: str, dataset_dir: str, out: str, method: str = "m
     for metric in TABLE_METRICS:
         print(f"{metric}: {overall[f'{metric}_mean']:.3f} ± {overall[f'{metric}_std']:.3f} "
               f"(median {overall[f'{metric}_median']:.3f}, n={overall[f'{metric}_n']})")
-    print(f"{len(rows)} cases -> {out / 'cases.csv'}")
+    print(f"{len(rows)} cases scored")
     return str(out / "cases.csv")
 
 

@@ -255,3 +255,19 @@ def test_help_of_a_command_taking_overrides_prints_help_and_runs_nothing(monkeyp
     assert stopped.value.code == 0
     assert calls == []
     assert "--budget_s" in capsys.readouterr().err  # Fire prints its help on stderr
+
+
+def test_command_line_prints_tables_not_the_returned_rows(tmp_path, capsys):
+    """compare-cv prints its table and returns its rows for Python callers; Fire printed those rows again, one
+    JSON line each, after the table."""
+    from custom.__main__ import main
+    from custom.reporting import write_case_csv
+
+    for name, dice in (("a", 0.5), ("b", 0.7)):
+        (tmp_path / name).mkdir()
+        rows = [{"case": f"case_{i}", "dice": dice, "hd95_mm": 2.0, "avd_ml": 1.0, "lesion_f1": 1.0} for i in range(3)]
+        write_case_csv(rows, str(tmp_path / name / "cases.csv"))
+    main(["compare-cv", str(tmp_path / "a"), str(tmp_path / "b")])
+    printed = capsys.readouterr().out
+    assert "| other: " in printed and "+0.200" in printed
+    assert not [line for line in printed.splitlines() if line.startswith("{")], printed
