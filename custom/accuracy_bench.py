@@ -65,6 +65,7 @@ TABLE_METRICS = ("dice", "hd95_mm", "avd_ml", "lesion_f1")
 INNER_VALIDATION_FOLD = 0
 # bundle overrides that inference.json shares with train.json (besides network_def#...)
 INFERENCE_KEYS = ("num_workers", "contralateral_channels", "adjacent_slices", "min_lesion_ml")
+INFERENCE_ONLY_KEYS = ("min_lesion_ml",)  # post-processing: kept out of the training runs
 # Full size as in the issue; --quick: seconds-long runs for the end-to-end test.
 FULL = {"train_cases": 40, "test_cases": 60, "size": 256}
 QUICK = {"train_cases": 8, "test_cases": 4, "size": 64}
@@ -139,6 +140,11 @@ def _bundle_command(config: str, arguments: dict) -> list[str]:
     return [sys.executable, "-m", "monai.bundle", "run", "--config_file", repr(configs), *override_arguments(arguments)]
 
 
+def training_overrides(overrides: dict) -> dict:
+    """The bench's bundle overrides that ``train.json`` uses: all but the inference-only ones."""
+    return {key: value for key, value in overrides.items() if key not in INFERENCE_ONLY_KEYS}
+
+
 def calibrate_bundle(train_dataset: Path, out: Path, overrides: dict) -> tuple[float, float]:
     """Seconds per training epoch and per validation of the bundle, measured by a 3-epoch run validated at
     epoch 3: epoch 2 gives the epoch time (epoch 1 pays for warming up), epoch 3 minus epoch 2 the validation
@@ -151,7 +157,7 @@ def calibrate_bundle(train_dataset: Path, out: Path, overrides: dict) -> tuple[f
         "fold": INNER_VALIDATION_FOLD,
         "ckpt_dir": str(out / "calibration_models"),
         "output_dir": str(out / "calibration_logs"),
-        **overrides,
+        **training_overrides(overrides),
         "epochs": 3,
         "val_interval": 3,
     }
@@ -184,7 +190,7 @@ def run_bundle(train_dataset: Path, test_images: list[str], out: Path, budget_s:
         "fold": INNER_VALIDATION_FOLD,
         "ckpt_dir": str(models),
         "output_dir": str(out / "train_logs"),
-        **overrides,
+        **training_overrides(overrides),
         "epochs": epochs,
         "val_interval": val_interval,
         "warmup_epochs": warmup_epochs,

@@ -149,7 +149,7 @@ def test_quick_benchmark_scored_on_the_inner_fold_never_reads_a_test_phantom(tmp
 def test_bundle_overrides_that_change_the_network_input_reach_inference(tmp_path, monkeypatch):
     """A model trained with more input channels (``contralateral_channels``, ``adjacent_slices``) or another
     ``network_def`` is only usable by an inference run with the same keys; training-only keys stay out of it;
-    ``min_lesion_ml`` (post-processing) reaches it."""
+    ``min_lesion_ml`` (post-processing) reaches it and only it."""
     import custom.accuracy_bench as bench
 
     commands = {}
@@ -177,6 +177,7 @@ def test_bundle_overrides_that_change_the_network_input_reach_inference(tmp_path
         assert value(commands["train"], key) == expected and value(commands["inference"], key) == expected
     assert value(commands["train"], "learning_rate") == "0.01" and value(commands["inference"], "learning_rate") is None
     assert value(commands["inference"], "min_lesion_ml") == "0"  # the post-processing, e.g. off to measure it
+    assert value(commands["train"], "min_lesion_ml") is None
 
 
 def test_score_masks_scores_every_labelled_case_and_refuses_gaps_and_overwrites(tiny_phantom_dataset, tmp_path):
