@@ -83,9 +83,13 @@ def monailabel_venv() -> Path:
     return Path(built.stdout.strip().splitlines()[-1])
 
 
-# The shipped weights as packaged, and other weights trained with slice context (15 input channels: seeded
-# random weights stand in for a training run) served with --ckpt_path and --adjacent_slices 1.
-@pytest.mark.parametrize("input_settings", [{}, {"adjacent_slices": 1}], ids=["shipped", "slice_context"])
+# The shipped weights as packaged, and other weights trained with slice context and the hemisphere differences
+# (30 input channels: seeded random weights stand in for a training run) served with --ckpt_path,
+# --adjacent_slices 1 and --contralateral_channels difference.
+EXTRA_CHANNELS = {"contralateral_channels": "difference", "adjacent_slices": 1}
+
+
+@pytest.mark.parametrize("input_settings", [{}, EXTRA_CHANNELS], ids=["shipped", "extra_channels"])
 def test_server_infers_saves_labels_and_fine_tunes(monailabel_venv, tiny_phantom_dataset, tmp_path, input_settings):
     app, studies, answers = tmp_path / "app", tmp_path / "studies", tmp_path / "answers"
     port = _free_port()
@@ -93,7 +97,7 @@ def test_server_infers_saves_labels_and_fine_tunes(monailabel_venv, tiny_phantom
     if input_settings:
         ckpt_path = tmp_path / "trained_elsewhere.pt"
         torch.manual_seed(0)
-        torch.save({"model": inference_network(in_channels=15).state_dict()}, ckpt_path)
+        torch.save({"model": inference_network(in_channels=30).state_dict()}, ckpt_path)
     command = prepare_monailabel_app(app, studies=studies, dataset_dir=tiny_phantom_dataset, venv=monailabel_venv,
                                      port=port, ckpt_path=ckpt_path, **input_settings)  # fmt: skip
     served_weights = app / "model" / MODEL / "models" / "model.pt"
