@@ -64,8 +64,8 @@ DESCRIPTIONS = {
 TABLE_METRICS = ("dice", "hd95_mm", "avd_ml", "lesion_f1")
 INNER_VALIDATION_FOLD = 0
 # bundle overrides that inference.json shares with train.json (besides network_def#...)
-INFERENCE_KEYS = ("num_workers", "contralateral_channels", "adjacent_slices", "min_lesion_ml")
-INFERENCE_ONLY_KEYS = ("min_lesion_ml",)  # post-processing: kept out of the training runs
+INFERENCE_KEYS = ("num_workers", "contralateral_channels", "adjacent_slices", "lesion_threshold", "min_lesion_ml")
+INFERENCE_ONLY_KEYS = ("lesion_threshold", "min_lesion_ml")  # post-processing: kept out of the training runs
 # Full size as in the issue; --quick: seconds-long runs for the end-to-end test.
 FULL = {"train_cases": 40, "test_cases": 60, "size": 256}
 QUICK = {"train_cases": 8, "test_cases": 4, "size": 64}
@@ -587,8 +587,8 @@ def run_accuracy_bench(
             defaults without looking at the test phantom; nnU-Net, which predicts only the test phantom, is
             refused there.
         bundle_overrides: bundle overrides for the ``bundle`` method's training, e.g. ``--loss#ce_max_weight 1``;
-            ``network_def#...``, ``num_workers``, ``contralateral_channels``, ``adjacent_slices`` and
-            ``min_lesion_ml`` reach its inference too.
+            ``network_def#...``, ``num_workers``, ``contralateral_channels``, ``adjacent_slices``,
+            ``lesion_threshold`` and ``min_lesion_ml`` reach its inference too.
 
     A method whose ``cases.csv`` exists in ``out`` is reused, not rerun (delete its folder to rerun). A
     method that fails is reported and the others still run; the command then raises.

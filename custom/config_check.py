@@ -48,6 +48,7 @@ SETTING_RULES = {
     "num_workers": (lambda v: _whole(v) and v >= 0, "a whole number >= 0"),
     "adjacent_slices": (lambda v: _whole(v) and v >= 0, "a whole number >= 0 (slices on each side; 0 is off)"),
     "cache_rate": (lambda v: _number(v) and 0 <= v <= 1, "a number from 0 to 1"),
+    "lesion_threshold": (lambda v: _number(v) and 0 < v < 1, "a number between 0 and 1 (exclusive)"),
     "min_lesion_ml": (lambda v: _number(v) and v >= 0, "a number >= 0 (mL; 0 keeps every lesion)"),
     "seed": (_whole, "a whole number"),
     "resume_ckpt": (lambda v: v is None or isinstance(v, str), "null or a checkpoint path"),

@@ -4,7 +4,8 @@ Clinical machines that run the model often cannot install MONAI. This module rep
 ``configs/inference.json`` step by step, so its masks equal the bundle's voxel for voxel:
 ``LoadImaged`` (nibabel) -> ``EnsureChannelFirstd`` -> ``NormalizeWithinBraind`` -> ``DivisiblePadd(k=16,
 symmetric)`` -> ``SliceInferer`` (2D slices in batches) -> softmax -> crop the padding (``Invertd``) ->
-argmax -> lesions under ``min_lesion_ml`` removed (``RemoveSmallLesionsd``) -> uint8 NIfTI on the input grid,
+lesion probability above ``lesion_threshold`` (``LesionMaskd``) -> lesions under ``min_lesion_ml`` removed
+(``RemoveSmallLesionsd``) -> uint8 NIfTI on the input grid,
 plus the ``LesionVolumeWriter`` table (``custom.clinical``: lesion and clinical volumes from the raw maps,
 research use only).
 
@@ -29,11 +30,12 @@ from custom.atomic import write_atomically
 from custom.clinical import MODALITIES, VOLUME_TABLE, case_volumes, describe, write_volume_table
 from custom.clinical import PERFUSION_CHANNELS as BRAIN_CHANNELS  # brain: any of CBF, CBV, MTT, Tmax non-zero
 from custom.clinical import VOLUME_COLUMNS, volume_ml as lesion_volume_ml  # noqa: F401 (names callers may import)
-from custom.lesions import check_min_volume, remove_small_lesions
+from custom.lesions import check_lesion_threshold, check_min_volume, lesion_from_probabilities, remove_small_lesions
 
 CLASSES = ("background", "lesion")
 CLIP_PERCENTILES = (0.5, 99.5)
 NORMALIZE_EPS = 1e-6
+LESION_THRESHOLD = 0.5  # inference.json's lesion_threshold (a test checks that they agree)
 MIN_LESION_ML = 0.5  # inference.json's min_lesion_ml (a test checks that they agree)
 SPATIAL_DIVISOR = 16  # the U-Net's four stride-2 levels need H and W divisible by 2**4
 # A side of 16 or less pads to 16 and reaches a 1 x 1 bottleneck, where instance normalisation fails.
@@ -236,17 +238,21 @@ def class_probabilities(network, volume: np.ndarray, batch_size: int = 16, devic
     return probabilities[:, h_before : h_before + height, w_before : w_before + width]
 
 
-def segment_volume(network, volume: np.ndarray, batch_size: int = 16, device="cpu") -> np.ndarray:
-    """The uint8 lesion mask (H, W, D) of one (H, W, D, 5) volume: the argmax of ``class_probabilities``."""
+def segment_volume(network, volume: np.ndarray, batch_size: int = 16, device="cpu",
+                   lesion_threshold: float = LESION_THRESHOLD) -> np.ndarray:  # fmt: skip
+    """The uint8 lesion mask (H, W, D) of one (H, W, D, 5) volume: the lesion probability of
+    ``class_probabilities`` above ``lesion_threshold`` (``custom.lesions.lesion_from_probabilities``)."""
     probabilities = class_probabilities(network, volume, batch_size, device)
-    return torch.argmax(probabilities, dim=0).numpy().astype(np.uint8)
+    return lesion_from_probabilities(probabilities.numpy(), lesion_threshold)
 
 
 def lesion_mask(network, volume: np.ndarray, affine: np.ndarray, batch_size: int = 16, device="cpu",
-                min_lesion_ml: float = MIN_LESION_ML) -> np.ndarray:  # fmt: skip
-    """The bundle's mask of one (H, W, D, 5) volume with its ``affine``: ``segment_volume``, then the lesions
-    under ``min_lesion_ml`` mL removed (``custom.lesions.remove_small_lesions``, voxel sizes from ``affine``)."""
-    mask = segment_volume(network, volume, batch_size, device)
+                min_lesion_ml: float = MIN_LESION_ML,
+                lesion_threshold: float = LESION_THRESHOLD) -> np.ndarray:  # fmt: skip
+    """The bundle's mask of one (H, W, D, 5) volume with its ``affine``: ``segment_volume`` at ``lesion_threshold``,
+    then the lesions under ``min_lesion_ml`` mL removed (``custom.lesions.remove_small_lesions``, voxel sizes from
+    ``affine``)."""
+    mask = segment_volume(network, volume, batch_size, device, lesion_threshold)
     return remove_small_lesions(mask, nib.affines.voxel_sizes(affine), min_lesion_ml)
 
 
@@ -299,7 +305,7 @@ def _check_inputs(inputs: list[Path]) -> None:
 
 
 def deploy(*inputs, model="bundle/models/model.ts", out="deploy_out", batch_size=16, device="cpu",
-           min_lesion_ml=MIN_LESION_ML):  # fmt: skip
+           min_lesion_ml=MIN_LESION_ML, lesion_threshold=LESION_THRESHOLD):  # fmt: skip
     """Segment stroke lesions with the exported TorchScript model, without MONAI.
 
     Args:
@@ -314,6 +320,8 @@ def deploy(*inputs, model="bundle/models/model.ts", out="deploy_out", batch_size
         device: torch device, e.g. ``cpu`` or ``cuda:0``.
         min_lesion_ml: predicted lesions (26-connected) smaller than this are removed, as ``inference.json``'s
             ``min_lesion_ml`` does; 0 keeps every lesion.
+        lesion_threshold: a voxel is lesion where its lesion probability is above this, as ``inference.json``'s
+            ``lesion_threshold`` (0.5: the argmax of the two classes).
 
     Returns:
         The path of ``lesion_volumes.csv``.
@@ -326,6 +334,7 @@ def deploy(*inputs, model="bundle/models/model.ts", out="deploy_out", batch_size
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     min_lesion_ml = check_min_volume(min_lesion_ml)
+    lesion_threshold = check_lesion_threshold(lesion_threshold)
     network = load_model(model, device)
     out = Path(str(out))
     out.mkdir(parents=True, exist_ok=True)
@@ -337,7 +346,7 @@ def deploy(*inputs, model="bundle/models/model.ts", out="deploy_out", batch_size
             failures.append(str(err))
             print(f"not segmented: {err}", file=sys.stderr)
             continue
-        mask = lesion_mask(network, volume, affine, int(batch_size), device, min_lesion_ml)
+        mask = lesion_mask(network, volume, affine, int(batch_size), device, min_lesion_ml, lesion_threshold)
         name = case_name(path)
         write_mask(mask, affine, out / f"{name}_seg.nii.gz")
         row = {"case": name, "image": str(path), **case_volumes(volume, mask, affine, name)}
@@ -365,6 +374,8 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     parser.add_argument("--min_lesion_ml", type=float, default=MIN_LESION_ML,
                         help="remove predicted lesions smaller than this (mL); 0 keeps every lesion")  # fmt: skip
+    parser.add_argument("--lesion_threshold", type=float, default=LESION_THRESHOLD,
+                        help="lesion where its probability is above this (0.5: the two-class argmax)")  # fmt: skip
     arguments = parser.parse_args(argv)
     deploy(
         *arguments.inputs,
@@ -373,6 +384,7 @@ def main(argv=None) -> None:
         batch_size=arguments.batch_size,
         device=arguments.device,
         min_lesion_ml=arguments.min_lesion_ml,
+        lesion_threshold=arguments.lesion_threshold,
     )
 
 

@@ -1,9 +1,10 @@
-"""Remove predicted lesions smaller than a volume: the post-processing of the bundle and of the runner.
+"""From class probabilities to the lesion mask: the post-processing of the bundle and of the runner.
 
-Why it exists: MONAI's ``RemoveSmallObjects`` needs scikit-image, which the bundle does not depend on (and
-whose ``min_size`` argument it passes is deprecated there), and the MONAI-free runner (``custom/deploy.py``)
-cannot use it. This one function, numpy and scipy only, serves ``inference.json``, ``evaluate.json`` and
-the runner alike, so their masks agree voxel for voxel.
+Why it exists: the mask is the lesion probability above ``lesion_threshold`` (MONAI's ``AsDiscrete`` thresholds
+every channel alike), then without the lesions under ``min_lesion_ml`` (MONAI's ``RemoveSmallObjects`` needs
+scikit-image, which the bundle does not depend on, and passes it a deprecated ``min_size`` argument). The
+MONAI-free runner (``custom/deploy.py``) can use neither MONAI transform. These functions, numpy and scipy only,
+serve ``inference.json``, ``evaluate.json`` and the runner alike, so their masks agree voxel for voxel.
 """
 
 import numpy as np
@@ -11,6 +12,24 @@ from scipy import ndimage
 
 # 26-connectivity: voxels sharing a face, an edge or a corner belong to the same lesion.
 LESION_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
+
+
+def check_lesion_threshold(threshold) -> float:
+    """``threshold`` as a float, or a ValueError naming the setting (``lesion_threshold``) when it is not
+    strictly between 0 and 1."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < 1:
+        raise ValueError(f"lesion_threshold must be a number between 0 and 1 (exclusive), got {threshold!r}")
+    return float(threshold)
+
+
+def lesion_from_probabilities(probabilities: np.ndarray, threshold: float) -> np.ndarray:
+    """The uint8 lesion mask of (2, ...) class probabilities (background, lesion): 1 where the lesion probability
+    is above ``threshold``. At 0.5 this is the argmax of the two classes (up to float rounding at exact ties)."""
+    threshold = check_lesion_threshold(threshold)
+    probabilities = np.asarray(probabilities)
+    if probabilities.ndim < 2 or probabilities.shape[0] != 2:
+        raise ValueError(f"expected (2, ...) class probabilities (background, lesion), got shape {probabilities.shape}")
+    return (probabilities[1] > threshold).astype(np.uint8)
 
 
 def check_min_volume(min_volume_ml) -> float:

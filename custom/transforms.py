@@ -12,7 +12,7 @@ from monai.utils import TransformBackends, convert_to_dst_type, convert_to_numpy
 
 from custom.clinical import PERFUSION_CHANNELS  # CBF, CBV, MTT, Tmax; channel 0 is CT
 from custom.data.check import image_problems, label_problems
-from custom.lesions import check_min_volume, remove_small_lesions
+from custom.lesions import check_lesion_threshold, check_min_volume, lesion_from_probabilities, remove_small_lesions
 
 
 def _file_name(array) -> str:
@@ -195,6 +195,27 @@ class AdjacentSlicesd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             d[key] = self.adjacent(d[key])
+        return d
+
+
+class LesionMaskd(MapTransform):
+    """The (1, H, W, D) lesion mask of channel-first (2, H, W, D) class probabilities: the lesion probability
+    above ``threshold`` (:func:`custom.lesions.lesion_from_probabilities`, shared with the MONAI-free runner;
+    0.5 is the argmax of the two classes). The mask keeps the probabilities' metadata and float dtype, as
+    ``AsDiscreted(argmax=True)`` does.
+    """
+
+    backend = [TransformBackends.NUMPY]
+
+    def __init__(self, keys: KeysCollection, threshold: float, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.threshold = check_lesion_threshold(threshold)
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            mask = lesion_from_probabilities(convert_to_numpy(d[key]), self.threshold)
+            d[key] = convert_to_dst_type(mask[None], d[key])[0]
         return d
 
 

@@ -149,7 +149,7 @@ def test_quick_benchmark_scored_on_the_inner_fold_never_reads_a_test_phantom(tmp
 def test_bundle_overrides_that_change_the_network_input_reach_inference(tmp_path, monkeypatch):
     """A model trained with more input channels (``contralateral_channels``, ``adjacent_slices``) or another
     ``network_def`` is only usable by an inference run with the same keys; training-only keys stay out of it;
-    ``min_lesion_ml`` (post-processing) reaches it and only it."""
+    ``lesion_threshold`` and ``min_lesion_ml`` (post-processing) reach it and only it."""
     import custom.accuracy_bench as bench
 
     commands = {}
@@ -166,7 +166,7 @@ def test_bundle_overrides_that_change_the_network_input_reach_inference(tmp_path
     monkeypatch.setattr(bench, "_run", fake_run)
     monkeypatch.setattr(bench, "calibrate_bundle", lambda dataset, out, overrides: (1.0, 1.0))
     overrides = {"contralateral_channels": "difference", "adjacent_slices": 1, "network_def#norm": "batch",
-                 "learning_rate": 0.01, "min_lesion_ml": 0}
+                 "learning_rate": 0.01, "min_lesion_ml": 0, "lesion_threshold": 0.7}
     bench.run_bundle(tmp_path / "dataset", ["a.nii.gz"], tmp_path, 30, overrides)
 
     def value(command, key):
@@ -178,6 +178,8 @@ def test_bundle_overrides_that_change_the_network_input_reach_inference(tmp_path
     assert value(commands["train"], "learning_rate") == "0.01" and value(commands["inference"], "learning_rate") is None
     assert value(commands["inference"], "min_lesion_ml") == "0"  # the post-processing, e.g. off to measure it
     assert value(commands["train"], "min_lesion_ml") is None
+    assert value(commands["inference"], "lesion_threshold") == "0.7"
+    assert value(commands["train"], "lesion_threshold") is None
 
 
 def test_score_masks_scores_every_labelled_case_and_refuses_gaps_and_overwrites(tiny_phantom_dataset, tmp_path):

@@ -83,7 +83,7 @@ def _run_without_monai(code: str, tmp_path: Path) -> None:
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
 
 
-def _bundle_inference(images: list[Path], ckpt: Path, output_dir: Path) -> None:
+def _bundle_inference(images: list[Path], ckpt: Path, output_dir: Path, *overrides: str) -> None:
     command = [
         sys.executable, "-m", "monai.bundle", "run",
         "--config_file", str(CONFIGS / "inference.json"),
@@ -92,6 +92,7 @@ def _bundle_inference(images: list[Path], ckpt: Path, output_dir: Path) -> None:
         "--ckpt_path", str(ckpt),
         "--output_dir", str(output_dir),
         "--num_workers", "0",
+        *overrides,
     ]  # fmt: skip
     completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
@@ -106,6 +107,7 @@ def _table(path: Path) -> dict[str, dict]:
 def test_deploy_without_monai_equals_bundle_inference(inputs, exported_model, tiny_phantom_dataset, tmp_path):
     ckpt, torchscript = exported_model
     _bundle_inference(list(inputs.values()), ckpt, tmp_path / "bundle_out")
+    _bundle_inference(list(inputs.values()), ckpt, tmp_path / "bundle_out_t07", "--lesion_threshold", "0.7")
     raw_testing = tiny_phantom_dataset.parent / "isles2018" / "TESTING"
     testing_cases = [name for name in inputs if name.startswith("case_")]
     folders = [raw_testing / name for name in testing_cases]
@@ -115,6 +117,8 @@ def test_deploy_without_monai_equals_bundle_inference(inputs, exported_model, ti
         f"deploy(*{[str(p) for p in inputs.values()]!r}, model={str(torchscript)!r}, out={str(tmp_path / 'files')!r})\n"
         f"deploy(*{[str(p) for p in inputs.values()]!r}, model={str(torchscript)!r}, out={str(tmp_path / 'all')!r}, "
         "min_lesion_ml=0)\n"
+        f"deploy(*{[str(p) for p in inputs.values()]!r}, model={str(torchscript)!r}, out={str(tmp_path / 't07')!r}, "
+        "lesion_threshold=0.7)\n"
         f"main({command_line!r})\n"
         "from custom.__main__ import main as project_command_line\n"
         f"project_command_line(['deploy', *{command_line!r}[:-1], {str(tmp_path / 'cli')!r}])\n",
@@ -148,6 +152,11 @@ def test_deploy_without_monai_equals_bundle_inference(inputs, exported_model, ti
     assert all(np.array_equal(mask, kept & mask) for mask, kept in zip(masks, every_lesion))
     assert sum(kept.sum() - mask.sum() for mask, kept in zip(masks, every_lesion)) > 0, "no small lesion removed"
     assert not [p.name for p in (tmp_path / "files").iterdir() if p.name.startswith(".")], "temporary files left"
+    stricter = [np.asanyarray(nib.load(tmp_path / "t07" / f"{name}_seg.nii.gz").dataobj) for name in inputs]
+    for name, mask in zip(inputs, stricter):
+        reference = np.asanyarray(nib.load(tmp_path / "bundle_out_t07" / f"{name}_seg.nii.gz").dataobj)
+        np.testing.assert_array_equal(mask, reference)
+    assert 0 < sum(mask.sum() for mask in stricter) < lesion.sum(), "lesion_threshold 0.7 should shrink the masks"
 
 
 def _third_party_imports(module: str) -> set[str]:

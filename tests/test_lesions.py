@@ -1,5 +1,5 @@
-"""Removal of small predicted lesions (custom.lesions, custom.transforms.RemoveSmallLesionsd), shared by the
-bundle's inference and evaluation and the MONAI-free runner."""
+"""The lesion mask from class probabilities (custom.lesions, custom.transforms.LesionMaskd) and the removal of small
+predicted lesions (RemoveSmallLesionsd), shared by the bundle's inference and evaluation and the MONAI-free runner."""
 
 import json
 
@@ -9,9 +9,9 @@ import torch
 from conftest import CONFIGS
 from monai.data import MetaTensor
 
-from custom.deploy import MIN_LESION_ML
-from custom.lesions import remove_small_lesions
-from custom.transforms import RemoveSmallLesionsd
+from custom.deploy import LESION_THRESHOLD, MIN_LESION_ML
+from custom.lesions import lesion_from_probabilities, remove_small_lesions
+from custom.transforms import LesionMaskd, RemoveSmallLesionsd
 
 SPACING = (1.0, 1.0, 2.0)  # 2 mm3 per voxel: 500 voxels are 1 mL
 
@@ -62,7 +62,42 @@ def test_transform_takes_the_spacing_from_the_affine():
         RemoveSmallLesionsd("pred", 0.5)({"pred": torch.as_tensor(mask[None])})
 
 
-def test_bundle_and_runner_share_the_minimum_volume():
+def _probabilities(seed: int = 0) -> torch.Tensor:
+    logits = torch.randn((2, 30, 20, 6), generator=torch.Generator().manual_seed(seed)) * 3
+    return torch.softmax(logits, dim=0)
+
+
+def test_lesion_mask_at_one_half_is_the_argmax_and_the_threshold_moves_it():
+    probabilities = _probabilities()
+    at_half = lesion_from_probabilities(probabilities.numpy(), 0.5)
+    assert at_half.dtype == np.uint8 and at_half.shape == probabilities.shape[1:]
+    np.testing.assert_array_equal(at_half, torch.argmax(probabilities, dim=0).numpy())
+    lesion = probabilities[1].numpy()
+    np.testing.assert_array_equal(lesion_from_probabilities(probabilities.numpy(), 0.7), lesion > 0.7)
+    assert 0 < lesion_from_probabilities(probabilities.numpy(), 0.7).sum() < at_half.sum()
+    with pytest.raises(ValueError, match="expected \\(2, ...\\) class probabilities"):
+        lesion_from_probabilities(probabilities[1:].numpy(), 0.5)
+
+
+@pytest.mark.parametrize("value", [0, 1, -0.1, 1.5, True, "0.5", None, float("nan")])
+def test_bad_lesion_threshold_is_refused_naming_the_setting(value):
+    with pytest.raises(ValueError, match="lesion_threshold must be a number between 0 and 1"):
+        lesion_from_probabilities(_probabilities().numpy(), value)
+    with pytest.raises(ValueError, match="lesion_threshold must be a number between 0 and 1"):
+        LesionMaskd("pred", value)
+
+
+def test_lesion_mask_transform_keeps_the_metadata():
+    affine = torch.diag(torch.tensor([0.9, 0.9, 5.0, 1.0], dtype=torch.float64))
+    pred = MetaTensor(_probabilities(), affine=affine, meta={"filename_or_obj": "case_1.nii.gz"})
+    out = LesionMaskd("pred", 0.7)({"pred": pred})["pred"]
+    assert isinstance(out, MetaTensor) and out.shape == (1, *pred.shape[1:]) and out.dtype == pred.dtype
+    assert torch.equal(out.affine, affine) and out.meta["filename_or_obj"] == "case_1.nii.gz"
+    np.testing.assert_array_equal(out.numpy()[0], lesion_from_probabilities(pred.numpy(), 0.7))
+
+
+def test_bundle_and_runner_share_the_post_processing_settings():
     inference = json.loads((CONFIGS / "inference.json").read_text())
     evaluate = json.loads((CONFIGS / "evaluate.json").read_text())
     assert inference["min_lesion_ml"] == evaluate["min_lesion_ml"] == MIN_LESION_ML
+    assert inference["lesion_threshold"] == evaluate["lesion_threshold"] == LESION_THRESHOLD

@@ -43,6 +43,8 @@ def _error_chain(error: BaseException) -> str:
         (["inference.json"], "infer", {"adjacent_slices": 0.5}, "config id 'adjacent_slices' must be a whole number"),
         (["inference.json"], "infer", {"min_lesion_ml": -1}, "config id 'min_lesion_ml' must be a number >= 0"),
         (["train.json", "evaluate.json"], "train", {"min_lesion_ml": "0.5"}, "config id 'min_lesion_ml' must be a"),
+        (["inference.json"], "infer", {"lesion_threshold": 1}, "config id 'lesion_threshold' must be a number between"),
+        (["train.json", "evaluate.json"], "train", {"lesion_threshold": 0}, "config id 'lesion_threshold' must be a"),
     ],
 )
 def test_bad_override_is_refused_naming_the_id(tmp_path, config_files, workflow_type, override, message):
