@@ -475,9 +475,10 @@ def score_masks(dataset_dir: Path, entries: list[dict], method: str, mask_path) 
     return rows
 
 
-def score_masks_command(masks: str, dataset_dir: str, out: str, method: str = "masks") -> str:
-    """Score a folder of masks against every label of a converted dataset's ``training`` list with the benchmark's
-    metrics (``custom.metrics.case_metrics``); writes ``out/cases.csv``, prints the means and returns its path.
+def score_masks_command(masks: str, dataset_dir: str, out: str, method: str = "masks", fold: int | None = None) -> str:
+    """Score a folder of masks against every label of a converted dataset's ``training`` list (or, with ``fold``,
+    of that cross-validation fold only: a validation split) with the benchmark's metrics
+    (``custom.metrics.case_metrics``); writes ``out/cases.csv``, prints the means and returns its path.
 
     Why it exists: to score any tool's masks (the bundle's inference with other settings, the runner, nnU-Net,
     vendor software) on the same cases and metrics as ``accuracy-bench``; ``python -m custom compare-cv`` then
@@ -487,6 +488,11 @@ def score_masks_command(masks: str, dataset_dir: str, out: str, method: str = "m
     """
     masks, dataset_dir, out = Path(masks), Path(dataset_dir), Path(out)
     entries = load_dataset_json(dataset_dir, ("training",))["training"]
+    if fold is not None:
+        folds = sorted({e.get("fold") for e in entries}, key=str)
+        entries = [e for e in entries if e.get("fold") == fold]
+        if not entries:
+            raise ValueError(f"fold {fold!r} not found in '{dataset_dir / 'dataset.json'}' (folds present: {folds})")
     if (out / "cases.csv").exists():
         raise FileExistsError(f"'{out / 'cases.csv'}' exists; choose another --out")
 

@@ -209,3 +209,23 @@ def test_score_masks_scores_every_labelled_case_and_refuses_gaps_and_overwrites(
     with pytest.raises(FileNotFoundError, match=f"1 of {len(entries)} cases .* no mask .*{emptied}_seg.nii.gz"):
         score_masks_command(str(masks), str(tiny_phantom_dataset), str(tmp_path / "scored_again"))
     assert not (tmp_path / "scored_again").exists()
+
+
+def test_score_masks_of_one_fold_scores_its_cases_only(tiny_phantom_dataset, tmp_path):
+    """``fold`` scores the cases of that fold (a validation split), so masks of the other cases are not needed;
+    an unknown fold is named with the folds present."""
+    entries = load_dataset_json(tiny_phantom_dataset, ("training",))["training"]
+    fold_cases = [e for e in entries if e["fold"] == 1]
+    assert 0 < len(fold_cases) < len(entries), "the tiny phantom should have several folds"
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for entry in fold_cases:
+        case = Path(entry["image"]).name.split(".nii")[0]
+        shutil.copy(tiny_phantom_dataset / entry["label"], masks / f"{case}_seg.nii.gz")
+    table = score_masks_command(str(masks), str(tiny_phantom_dataset), str(tmp_path / "scored"), fold=1)
+    with open(table, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(row["case"] for row in rows) == sorted(e["case"] for e in fold_cases)
+    assert all(float(row["dice"]) == 1.0 for row in rows)
+    with pytest.raises(ValueError, match="fold 7 not found in .*dataset.json' \\(folds present: \\[0, 1"):
+        score_masks_command(str(masks), str(tiny_phantom_dataset), str(tmp_path / "scored_7"), fold=7)
