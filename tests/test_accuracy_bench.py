@@ -1,4 +1,4 @@
-"""The fixed-budget accuracy benchmark: budget arithmetic, the table, the time budget, the command end to end."""
+"""The fixed-budget accuracy benchmark: budget arithmetic, the table, the command end to end."""
 
 import csv
 import importlib.util
@@ -9,8 +9,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import CONFIGS, TINY_TRAINING
-from monai.bundle import ConfigWorkflow
 
 from custom.accuracy_bench import (
     METHODS,
@@ -20,7 +18,6 @@ from custom.accuracy_bench import (
     score_masks_command,
 )
 from custom.data.datalist import load_dataset_json
-from custom.time_budget import TrainingTimeLimit
 
 
 def test_epochs_fit_the_budget_and_end_on_a_validation():
@@ -61,35 +58,6 @@ def test_distances_are_compared_on_the_cases_every_method_has():
     assert rows["bundle"]["hd95_mm_n"] == rows["threshold"]["hd95_mm_n"] == 1  # only case_0 has both
     assert rows["bundle"]["hd95_mm_mean"] == 10.0 and rows["threshold"]["hd95_mm_mean"] == 30.0
     assert rows["threshold"]["dice_vs_bundle_mean_difference"] == pytest.approx((-0.1 - 0.6 + 0.3) / 3)
-
-
-@pytest.mark.parametrize("limit", [0, -3, 1.5, True, "60"])
-def test_time_budget_must_be_whole_positive_seconds(limit):
-    with pytest.raises(ValueError, match="time_budget_s"):
-        TrainingTimeLimit(limit)
-
-
-def test_time_budget_ends_a_bundle_training_run(tiny_phantom_dataset, tmp_path):
-    epochs = 300  # minutes of training at this size; the budget must end it after seconds
-    workflow = ConfigWorkflow(
-        config_file=str(CONFIGS / "train.json"),
-        meta_file=str(CONFIGS / "metadata.json"),
-        logging_file=False,
-        workflow_type="train",
-        bundle_root=str(CONFIGS.parent),
-        **{**TINY_TRAINING, "epochs": epochs, "val_interval": 1000},
-        dataset_dir=str(tiny_phantom_dataset),
-        ckpt_dir=str(tmp_path / "models"),
-        output_dir=str(tmp_path / "logs"),
-        time_budget_s=2,
-    )
-    workflow.initialize()
-    workflow.run()
-    trainer = workflow.parser.get_parsed_content("train#trainer")
-    assert 0 < trainer.state.epoch < epochs
-    # stopped by the budget before any interval validation, the run was still validated and left a model
-    assert workflow.parser.get_parsed_content("validate#evaluator").state.best_metric_epoch == trainer.state.epoch
-    assert (tmp_path / "models" / "model.pt").is_file()
 
 
 @pytest.mark.slow
