@@ -6,10 +6,9 @@ selected on fold 0 of it, an inner validation split) and a test phantom drawn fr
 case labelled and used only for scoring. Every method gets the same wall-clock training budget and the
 same data, and every method's masks are scored by the same code (``custom.metrics.case_metrics``):
 
-- ``bundle``: ``python -m monai.bundle run training`` with train.json as shipped, ``time_budget_s`` set, and
-  ``epochs``, ``val_interval`` and ``warmup_epochs`` fitted to the budget from a short calibration run (so the
-  learning-rate schedule and validation cadence match the budget); the test set is segmented with
-  inference.json.
+- ``bundle``: ``python -m monai.bundle run training`` with train.json as shipped and ``time_budget_s`` set (the
+  run fits its epochs and learning-rate schedule to the budget, ``custom.time_budget``); the test set is
+  segmented with inference.json.
 - ``monai_unet``: the plain recipe a MONAI user writes (``UNet`` + ``DiceCELoss``, percentile normalisation,
   flips, ``SupervisedTrainer``), stopped by the same time limit.
 - ``nnunet_2d``: nnU-Net v2 ``2d`` (dataset conversion, ``nnUNetv2_plan_and_preprocess``, nnU-Net's trainer
@@ -37,7 +36,7 @@ import numpy as np
 
 from custom.atomic import write_atomically, write_text_atomically
 from custom.baseline import run_baseline
-from custom.crossval import latest_checkpoint, override_arguments
+from custom.crossval import override_arguments
 from custom.data.datalist import fold_datalist, load_dataset_json
 from custom.data.isles2018 import prepare_isles2018
 from custom.data.phantom import write_phantom
@@ -72,10 +71,6 @@ QUICK = {"train_cases": 8, "test_cases": 4, "size": 64}
 QUICK_BUNDLE_OVERRIDES = {"num_workers": 0, "batch_size": 2, "samples_per_volume": 2, "patch_size": [32, 32]}
 NNUNET_DATASET_ID = 990
 NNUNET_DATASET = f"Dataset{NNUNET_DATASET_ID}_CTPPhantom"
-# The bundle validates (and may save model.pt) this many times within the budget, spending at most
-# VALIDATION_SHARE of it on validation, but at least once (the end of the run).
-VALIDATIONS_PER_RUN = 5
-VALIDATION_SHARE = 0.25
 
 
 def _run(command: list[str], log_file: Path, env: dict | None = None) -> None:
@@ -115,26 +110,6 @@ def ignite_epoch_seconds(log_text: str, engine: str) -> list[float]:
     return [int(h) * 3600 + int(m) * 60 + float(s) for h, m, s in re.findall(pattern, log_text)]
 
 
-def epochs_for_budget(budget_s: float, epoch_s: float, validation_s: float, validations: int) -> tuple[int, int]:
-    """(epochs, val_interval) so that ``epochs`` training epochs and about ``validations`` validations fit in
-    ``budget_s``; ``epochs`` is a multiple of ``val_interval`` so the last epoch is validated. At least one
-    epoch: when not even that fits, the time limit ends it and the latest checkpoint is used."""
-    epochs = int((budget_s - validations * validation_s) // epoch_s)
-    if epochs < 1:
-        print(f"a budget of {budget_s:g} s does not fit one epoch ({epoch_s:.1f} s) and {validations} validation(s) "
-              f"({validation_s:.1f} s each): planning one epoch, which the time limit will cut", flush=True)
-        return 1, 1
-    val_interval = max(1, epochs // validations)
-    return val_interval * (epochs // val_interval), val_interval
-
-
-def scaled_warmup_epochs(epochs: int) -> int:
-    """train.json's warm-up as the same fraction of ``epochs`` as it is of train.json's own ``epochs`` (at least
-    one epoch), so that a budget-sized run is not spent warming up."""
-    recipe = json.loads((BUNDLE_ROOT / "configs" / "train.json").read_text())
-    return max(1, round(epochs * recipe["warmup_epochs"] / recipe["epochs"]))
-
-
 def _bundle_command(config: str, arguments: dict) -> list[str]:
     configs = [str(BUNDLE_ROOT / "configs" / config)]
     return [sys.executable, "-m", "monai.bundle", "run", "--config_file", repr(configs), *override_arguments(arguments)]
@@ -145,41 +120,10 @@ def training_overrides(overrides: dict) -> dict:
     return {key: value for key, value in overrides.items() if key not in INFERENCE_ONLY_KEYS}
 
 
-def calibrate_bundle(train_dataset: Path, out: Path, overrides: dict) -> tuple[float, float]:
-    """Seconds per training epoch and per validation of the bundle, measured by a 3-epoch run validated at
-    epoch 3: epoch 2 gives the epoch time (epoch 1 pays for warming up), epoch 3 minus epoch 2 the validation
-    with its handlers."""
-    log_file = out / "calibration.log"
-    log_file.unlink(missing_ok=True)
-    arguments = {
-        "bundle_root": str(BUNDLE_ROOT),
-        "dataset_dir": str(train_dataset),
-        "fold": INNER_VALIDATION_FOLD,
-        "ckpt_dir": str(out / "calibration_models"),
-        "output_dir": str(out / "calibration_logs"),
-        **training_overrides(overrides),
-        "epochs": 3,
-        "val_interval": 3,
-    }
-    _run(_bundle_command("train.json", arguments) + ["training"], log_file)
-    text = log_file.read_text()
-    trainer = ignite_epoch_seconds(text, "SupervisedTrainer")
-    evaluator = ignite_epoch_seconds(text, "SupervisedEvaluator")
-    if len(trainer) != 3 or len(evaluator) != 1:
-        raise RuntimeError(f"'{log_file}' does not hold Ignite's timing of 3 epochs and 1 validation")
-    # The trainer's epoch 3 includes the validation that ran at its end and its handlers (checkpoint, images).
-    return trainer[1], max(trainer[2] - trainer[1], evaluator[0])
-
-
 def run_bundle(train_dataset: Path, test_images: list[str], out: Path, budget_s: int, overrides: dict) -> dict:
-    """Train the bundle for ``budget_s`` seconds, segment ``test_images`` with inference.json into
-    ``out/masks/<image>_seg.nii.gz``; returns facts about the run."""
-    epoch_s, validation_s = calibrate_bundle(train_dataset, out, overrides)
-    validations = max(1, min(VALIDATIONS_PER_RUN, int(VALIDATION_SHARE * budget_s // validation_s)))
-    epochs, val_interval = epochs_for_budget(budget_s, epoch_s, validation_s, validations)
-    print(f"bundle: {epoch_s:.2f} s per epoch, {validation_s:.2f} s per validation -> epochs {epochs}, "
-          f"val_interval {val_interval}", flush=True)
-    warmup_epochs = overrides.get("warmup_epochs", scaled_warmup_epochs(epochs))
+    """Train the bundle for ``budget_s`` seconds (``time_budget_s``: the run fits its epochs and schedule to
+    it), segment ``test_images`` with inference.json into ``out/masks/<image>_seg.nii.gz``; returns facts
+    about the run."""
     models = out / "models"
     shutil.rmtree(models, ignore_errors=True)
     for log in ("train.log", "inference.log"):
@@ -191,20 +135,16 @@ def run_bundle(train_dataset: Path, test_images: list[str], out: Path, budget_s:
         "ckpt_dir": str(models),
         "output_dir": str(out / "train_logs"),
         **training_overrides(overrides),
-        "epochs": epochs,
-        "val_interval": val_interval,
-        "warmup_epochs": warmup_epochs,
         "time_budget_s": budget_s,
     }
     started = time.time()
     _run(_bundle_command("train.json", train_arguments) + ["training"], out / "train.log")
     train_s = time.time() - started
-    # model.pt is the best validated model; if the budget ran out before the first validation (a machine slower
-    # than the calibration measured), the last epoch's checkpoint is used and the facts say so.
-    checkpoint = models / "model.pt" if (models / "model.pt").is_file() else latest_checkpoint(models)
-    if checkpoint is None:
-        raise RuntimeError(f"the bundle saved no checkpoint in '{models}'; see '{out / 'train.log'}'")
-    epochs_run = len(ignite_epoch_seconds((out / "train.log").read_text(), "SupervisedTrainer"))
+    # model.pt is the best validated model; the last epoch is always validated, also when the budget stops it
+    checkpoint = models / "model.pt"
+    if not checkpoint.is_file():
+        raise RuntimeError(f"the bundle saved no '{checkpoint}'; see '{out / 'train.log'}'")
+    train_log = (out / "train.log").read_text()
     datalist = write_text_atomically(out / "test_images.json", json.dumps(test_images, indent=1))
     infer_arguments = {
         "bundle_root": str(BUNDLE_ROOT),
@@ -215,11 +155,9 @@ def run_bundle(train_dataset: Path, test_images: list[str], out: Path, budget_s:
         **{k: v for k, v in overrides.items() if k in INFERENCE_KEYS or k.startswith("network_def")},
     }
     _run(_bundle_command("inference.json", infer_arguments) + ["run"], out / "inference.log")
-    facts = {"train_seconds": round(train_s, 1), "epochs_planned": epochs, "epochs_run": epochs_run,
-             "val_interval": val_interval, "warmup_epochs": warmup_epochs, "checkpoint": checkpoint.name,
-             "calibration_epoch_seconds": round(epoch_s, 2),
-             "calibration_validation_seconds": round(validation_s, 2)}
-    return facts
+    return {"train_seconds": round(train_s, 1),
+            "epochs_run": len(ignite_epoch_seconds(train_log, "SupervisedTrainer")),
+            "validations": len(ignite_epoch_seconds(train_log, "SupervisedEvaluator"))}
 
 
 # ------------------------------------------------------------------------- the plain MONAI recipe (a peer)

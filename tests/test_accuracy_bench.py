@@ -13,23 +13,10 @@ import pytest
 from custom.accuracy_bench import (
     METHODS,
     comparison_rows,
-    epochs_for_budget,
     ignite_epoch_seconds,
     score_masks_command,
 )
 from custom.data.datalist import load_dataset_json
-
-
-def test_epochs_fit_the_budget_and_end_on_a_validation():
-    budget, epoch_s, validation_s, validations = 720, 19.0, 7.0, 5
-    epochs, val_interval = epochs_for_budget(budget, epoch_s, validation_s, validations)
-    assert epochs >= 1 and epochs % val_interval == 0
-    assert epochs * epoch_s + (epochs // val_interval) * validation_s <= budget
-    assert (epochs + val_interval) * epoch_s + (epochs // val_interval + 1) * validation_s > budget * 0.8
-
-
-def test_a_budget_too_small_for_one_epoch_plans_one_epoch_for_the_time_limit_to_cut():
-    assert epochs_for_budget(10, 12.0, 1.0, 5) == (1, 1)
 
 
 def test_epoch_times_are_read_from_ignite_logs():
@@ -80,13 +67,6 @@ def test_quick_benchmark_scores_every_method_on_the_same_cases(tmp_path):
     assert all(cases == case_sets[0] for cases in case_sets) and len(case_sets[0]) == int(table["bundle"]["cases"])
 
 
-def test_warm_up_keeps_the_recipe_fraction_of_a_budget_sized_run():
-    from custom.accuracy_bench import scaled_warmup_epochs
-
-    assert scaled_warmup_epochs(2) == 1
-    assert 1 <= scaled_warmup_epochs(30) < 30 / 4
-
-
 @pytest.mark.parametrize("methods, score_on", [("bundle,nnunet_2d", "inner"), ("bundle", "validation")])
 def test_score_on_refuses_what_it_cannot_score_before_writing_anything(tmp_path, methods, score_on):
     from custom.accuracy_bench import run_accuracy_bench
@@ -117,7 +97,8 @@ def test_quick_benchmark_scored_on_the_inner_fold_never_reads_a_test_phantom(tmp
 def test_bundle_overrides_that_change_the_network_input_reach_inference(tmp_path, monkeypatch):
     """A model trained with more input channels (``contralateral_channels``, ``adjacent_slices``) or another
     ``network_def`` is only usable by an inference run with the same keys; training-only keys stay out of it;
-    ``lesion_threshold`` and ``min_lesion_ml`` (post-processing) reach it and only it."""
+    ``lesion_threshold`` and ``min_lesion_ml`` (post-processing) reach it and only it; training gets the budget
+    as ``time_budget_s`` and nothing that would size the run instead."""
     import custom.accuracy_bench as bench
 
     commands = {}
@@ -132,7 +113,6 @@ def test_bundle_overrides_that_change_the_network_input_reach_inference(tmp_path
                                 "Time taken: 00:00:01.000\n")
 
     monkeypatch.setattr(bench, "_run", fake_run)
-    monkeypatch.setattr(bench, "calibrate_bundle", lambda dataset, out, overrides: (1.0, 1.0))
     overrides = {"contralateral_channels": "difference", "adjacent_slices": 1, "network_def#norm": "batch",
                  "learning_rate": 0.01, "min_lesion_ml": 0, "lesion_threshold": 0.7}
     bench.run_bundle(tmp_path / "dataset", ["a.nii.gz"], tmp_path, 30, overrides)
@@ -148,6 +128,9 @@ def test_bundle_overrides_that_change_the_network_input_reach_inference(tmp_path
     assert value(commands["train"], "min_lesion_ml") is None
     assert value(commands["inference"], "lesion_threshold") == "0.7"
     assert value(commands["train"], "lesion_threshold") is None
+    # the budget alone sizes the run: train.json's epochs, validation cadence and warm-up are left as shipped
+    assert value(commands["train"], "time_budget_s") == "30"
+    assert all(value(commands["train"], key) is None for key in ("epochs", "val_interval", "warmup_epochs"))
 
 
 def test_score_masks_scores_every_labelled_case_and_refuses_gaps_and_overwrites(tiny_phantom_dataset, tmp_path):
