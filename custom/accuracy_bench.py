@@ -199,6 +199,7 @@ def train_plain_unet(dataset_dir: Path, out: Path, budget_s: int, val_interval: 
     ``out/model.pt``; returns facts about the run."""
     import torch
     from ignite.engine import Events
+    from ignite.handlers import TimeLimit
     from monai.data import CacheDataset, DataLoader
     from monai.engines import SupervisedEvaluator, SupervisedTrainer
     from monai.handlers import CheckpointSaver, MeanDice, ValidationHandler, from_engine
@@ -206,8 +207,6 @@ def train_plain_unet(dataset_dir: Path, out: Path, budget_s: int, val_interval: 
     from monai.losses import DiceCELoss
     from monai.transforms import Activationsd, AsDiscreted, Compose
     from monai.utils import set_determinism
-
-    from custom.time_budget import TrainingTimeLimit
 
     started = time.time()
     set_determinism(seed=0)
@@ -240,9 +239,10 @@ def train_plain_unet(dataset_dir: Path, out: Path, budget_s: int, val_interval: 
         network=network,
         optimizer=torch.optim.Adam(network.parameters(), 1e-3),
         loss_function=DiceCELoss(to_onehot_y=True, softmax=True),
-        train_handlers=[validation, TrainingTimeLimit(budget_s)],
+        train_handlers=[validation],
     )
     trainer.add_event_handler(Events.COMPLETED, validation)  # the model the time limit stopped at is a candidate too
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, TimeLimit(budget_s))  # its clock starts here, data cached
     trainer.run()
     if not (out / "model.pt").is_file():
         raise RuntimeError(f"the plain recipe saved no '{out / 'model.pt'}' (no validation Dice above 0?)")

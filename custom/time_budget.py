@@ -59,6 +59,7 @@ class TrainingTimeLimit:
 
     def _start(self, engine: Engine) -> None:
         self.started_at = time.time()
+        self.distributed = idist.get_world_size() > 1
         self.configured_epochs = engine.state.max_epochs
         self.epoch_seconds: list[float] = []
         self.validation_seconds: list[float] = []
@@ -71,7 +72,7 @@ class TrainingTimeLimit:
 
     def _check(self, engine: Engine) -> None:
         over = time.time() - self.started_at > self.limit_sec
-        if idist.get_world_size() > 1:
+        if self.distributed:
             over = bool(idist.all_reduce(int(over), op="MAX"))
         if over:
             engine.logger.info(f"time budget: {self.limit_sec} s reached after iteration {engine.state.iteration}")
@@ -92,22 +93,23 @@ class TrainingTimeLimit:
         self.epoch_started_at, self.validating_in_epoch = now, 0.0
         if not self.epoch_seconds:
             return
+        seconds_left = self.limit_sec - (now - self.started_at)
         epochs = epochs_that_fit(
             first=engine.state.epoch,
             configured=self.configured_epochs,
-            seconds_left=self.limit_sec - (now - self.started_at),
+            seconds_left=seconds_left,
             epoch_s=statistics.median(self.epoch_seconds[1:][-RECENT_EPOCHS:] or self.epoch_seconds),
             validation_s=statistics.mean(self.validation_seconds) if self.validation_seconds else 0.0,
             val_interval=self.val_interval,
         )
-        if idist.get_world_size() > 1:
+        if self.distributed:
             epochs = int(idist.broadcast(epochs, src=0))
         if epochs == engine.state.max_epochs:
             return
         if not self.announced and idist.get_rank() == 0:
             self.announced = True
             engine.logger.info(
-                f"time budget: {self.limit_sec - (now - self.started_at):.0f} s left fit epochs {engine.state.epoch} "
+                f"time budget: {seconds_left:.0f} s left fit epochs {engine.state.epoch} "
                 f"to {epochs} of {engine.state.max_epochs}; refitted before every epoch, the learning-rate schedule "
                 f"ends with the last one"
             )
