@@ -10,6 +10,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.data import MetaTensor
 from monai.handlers import CheckpointLoader
+from monai.optimizers import WarmupCosineSchedule
 
 from custom.clinical import case_volumes, describe, write_volume_table
 from custom.deploy import read_stacked_image
@@ -130,13 +131,24 @@ def load_network_checkpoint(path, network: torch.nn.Module, key: str = "model", 
 
 
 class NamedCheckpointLoader(CheckpointLoader):
-    """MONAI's ``CheckpointLoader`` whose errors name the checkpoint file.
+    """MONAI's ``CheckpointLoader`` whose errors name the checkpoint file, and which keeps the configured length of
+    a warm-up/cosine schedule as MONAI's keeps the configured ``max_epochs``.
 
     Why it exists: a checkpoint of another architecture or channel count makes ``load_state_dict`` list the
     missing, unexpected and mismatched weights, and ``weights_only=True`` refuses a pickle that would run
-    code, but neither error names the file they came from.
+    code, but neither error names the file they came from. And a ``WarmupCosineSchedule``'s state holds its
+    ``t_total`` and ``warmup_steps``: a run resumed with more ``epochs``, or without the ``time_budget_s`` that
+    fitted it, would follow the checkpoint's shorter cosine past its end, where the learning rate climbs back
+    to its peak. The resumed run continues from the checkpoint's step on the schedule its configuration sets.
     """
 
     def __call__(self, engine: Engine) -> None:
+        configured = {
+            schedule: (schedule.t_total, schedule.warmup_steps)
+            for schedule in self.load_dict.values()
+            if isinstance(schedule, WarmupCosineSchedule)
+        }
         with checkpoint_errors_named(self.load_path, self.load_dict):
             super().__call__(engine)
+        for schedule, (t_total, warmup_steps) in configured.items():
+            schedule.t_total, schedule.warmup_steps = t_total, warmup_steps

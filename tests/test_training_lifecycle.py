@@ -156,6 +156,33 @@ def test_resume_keeps_the_best_metric(tiny_phantom_dataset, tmp_path):
     assert (tmp_path / "model.pt").read_bytes() == best_model
 
 
+def test_resume_with_more_epochs_follows_the_configured_schedule_to_its_end(tiny_phantom_dataset, tmp_path):
+    """A finished 2-epoch run resumed with --epochs 4 ends with its warm-up/cosine schedule finished at epoch 4.
+
+    The checkpoint's scheduler state holds the 2-epoch length; followed past its end, MONAI's cosine climbs
+    back to the peak learning rate. The same happens to a run fitted by time_budget_s and resumed without it."""
+    first = _workflow(tiny_phantom_dataset, ckpt_dir=str(tmp_path), output_dir=str(tmp_path / "logs"), epochs=2)
+    first.run()
+    peak = first.parser.get_parsed_content("learning_rate")
+
+    resumed = _workflow(tiny_phantom_dataset, ckpt_dir=str(tmp_path), output_dir=str(tmp_path / "logs"), epochs=4,
+                        resume_ckpt=str(latest_checkpoint(tmp_path)))  # fmt: skip
+    optimizer = resumed.parser.get_parsed_content("optimizer")
+    learning_rates = {}
+
+    def record_learning_rate(engine):
+        learning_rates[engine.state.epoch] = optimizer.param_groups[0]["lr"]
+
+    resumed.parser.get_parsed_content("train#trainer").add_event_handler(Events.EPOCH_COMPLETED, record_learning_rate)
+    resumed.run()
+    schedule = resumed.parser.get_parsed_content("lr_scheduler")
+    trainer = resumed.parser.get_parsed_content("train#trainer")
+    assert list(learning_rates) == [3, 4]
+    assert schedule.t_total == 4 * trainer.state.epoch_length
+    assert learning_rates[3] > learning_rates[4]
+    assert learning_rates[4] < 0.05 * peak
+
+
 def _training_state(workflow):
     """Epoch, iteration, learning rate, optimizer moments and best-metric record of a training workflow."""
     trainer = workflow.parser.get_parsed_content("train#trainer")
