@@ -24,7 +24,8 @@ class TrainingTimeLimit:
     and validations so far (an epoch's time, with its checkpointing and logging, is the median of the last
     ten; the first epoch, which starts the data loading, counts only until others are measured) and projects
     how many epochs fit in the time left, with a validation every ``val_interval`` epochs and after the last
-    one. It sets ``engine.state.max_epochs`` to that number, never above the configured ``epochs``, so the
+    one (until the first has run, a validation is counted as long as an epoch; ``validator`` None: the run has
+    none). It sets ``engine.state.max_epochs`` to that number, never above the configured ``epochs``, so the
     run ends on a validated epoch (``custom.lifecycle.ValidationAtIntervalAndEnd``), and scales
     ``lr_scheduler``'s ``t_total`` to the new length and its ``warmup_steps`` by the same factor, so the
     warm-up/cosine schedule (``monai.optimizers.WarmupCosineSchedule``) ends with the budget. When the projection
@@ -94,12 +95,19 @@ class TrainingTimeLimit:
         if not self.epoch_seconds:
             return
         seconds_left = self.limit_sec - (now - self.started_at)
+        epoch_s = statistics.median(self.epoch_seconds[1:][-RECENT_EPOCHS:] or self.epoch_seconds)
+        if self.validation_seconds:
+            validation_s = statistics.mean(self.validation_seconds)
+        elif self.validator is not None:
+            validation_s = epoch_s  # none run yet; measured: 0.5 to 1.4 epochs (docs/results.md)
+        else:
+            validation_s = 0.0
         epochs = epochs_that_fit(
             first=engine.state.epoch,
             configured=self.configured_epochs,
             seconds_left=seconds_left,
-            epoch_s=statistics.median(self.epoch_seconds[1:][-RECENT_EPOCHS:] or self.epoch_seconds),
-            validation_s=statistics.mean(self.validation_seconds) if self.validation_seconds else 0.0,
+            epoch_s=epoch_s,
+            validation_s=validation_s,
             val_interval=self.val_interval,
         )
         if self.distributed:

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from conftest import CONFIGS, TINY_TRAINING
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 from monai.bundle import ConfigWorkflow
 
 from custom.time_budget import TrainingTimeLimit, epochs_that_fit
@@ -40,6 +40,40 @@ def test_the_epochs_that_fit_count_their_validations():
                            val_interval=10) == 5  # not even this epoch fits: it runs, and the time limit cuts it
 
 
+class _Clock:
+    """Stands in for the ``time`` module of custom.time_budget: each training iteration takes one second."""
+
+    now = 0.0
+
+    def time(self):
+        return self.now
+
+
+@pytest.mark.parametrize("validated, expected", [(True, 90), (False, 100)])
+def test_before_the_first_validation_one_is_counted_as_long_as_an_epoch(monkeypatch, validated, expected):
+    # 1 s epochs, 100 s budget, validation every 10 epochs: fitted before epoch 2 with 99 s left, epochs 2..90
+    # and their 9 validations counted at 1 s each take 98 s (epoch 91 would need 100 s); without a validator
+    # epochs 2..100 fit
+    clock = _Clock()
+    monkeypatch.setattr("custom.time_budget.time", clock)
+
+    def step(engine, batch):
+        clock.now += 1.0
+
+    trainer = Engine(step)
+    TrainingTimeLimit(100, validator=Engine(lambda engine, batch: None) if validated else None,
+                      val_interval=10).attach(trainer)  # fmt: skip
+    fitted = {}
+
+    @trainer.on(Events.EPOCH_STARTED(once=2))
+    def record_the_fit(engine):
+        fitted["max_epochs"] = engine.state.max_epochs
+        engine.terminate()
+
+    trainer.run([0], max_epochs=300)
+    assert fitted["max_epochs"] == expected
+
+
 def _budget_run(tiny_phantom_dataset, tmp_path, **overrides):
     workflow = ConfigWorkflow(
         config_file=str(CONFIGS / "train.json"),
@@ -55,6 +89,25 @@ def _budget_run(tiny_phantom_dataset, tmp_path, **overrides):
     workflow.initialize()
     workflow.run()
     return workflow.parser
+
+
+@pytest.mark.parametrize("validation_cases", [[], None])
+def test_the_budget_counts_validations_only_when_the_run_has_some(tiny_phantom_dataset, tmp_path, validation_cases):
+    # MONAI Label's val_split can leave no validation case; then no validation time may be counted
+    overrides = {} if validation_cases is None else {"validate#dataset#data": validation_cases}
+    workflow = ConfigWorkflow(
+        config_file=str(CONFIGS / "train.json"), meta_file=str(CONFIGS / "metadata.json"), logging_file=False,
+        workflow_type="train", bundle_root=str(CONFIGS.parent), dataset_dir=str(tiny_phantom_dataset),
+        ckpt_dir=str(tmp_path / "models"), output_dir=str(tmp_path / "logs"), time_budget_s=60,
+        **{**TINY_TRAINING, **overrides},
+    )  # fmt: skip
+    workflow.initialize()
+    handlers = workflow.parser.get_parsed_content("train#handlers")
+    (budget,) = [h for h in handlers if isinstance(h, TrainingTimeLimit)]
+    if validation_cases is None:
+        assert budget.validator is workflow.parser.get_parsed_content("validate#evaluator")
+    else:
+        assert budget.validator is None
 
 
 def test_a_budget_ends_the_run_on_a_validated_epoch_with_the_schedule_finished(tiny_phantom_dataset, tmp_path):
