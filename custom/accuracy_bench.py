@@ -37,7 +37,7 @@ import numpy as np
 from custom.atomic import write_atomically, write_text_atomically
 from custom.baseline import run_baseline
 from custom.crossval import override_arguments
-from custom.data.datalist import fold_datalist, load_dataset_json
+from custom.data.datalist import fold_datalist, load_dataset_json, output_case_name
 from custom.data.isles2018 import prepare_isles2018
 from custom.data.phantom import write_phantom
 from custom.deploy import write_mask
@@ -435,7 +435,7 @@ def score_masks_command(masks: str, dataset_dir: str, out: str, method: str = "m
         raise FileExistsError(f"'{out / 'cases.csv'}' exists; choose another --out")
 
     def mask_path(entry: dict) -> Path:
-        case = Path(entry["image"]).name.split(".nii")[0]
+        case = output_case_name(entry["image"])
         candidates = [masks / f"{case}_seg.nii.gz", masks / f"{case}.nii.gz"]
         return next((path for path in candidates if path.is_file()), candidates[0])
 
@@ -574,7 +574,7 @@ def run_accuracy_bench(
         if method == "bundle":
             images = [str(scored_dataset / e["image"]) for e in scored_entries]
             facts = run_bundle(train_dataset, images, folder, budget_s, overrides)
-            return facts, lambda entry: masks / f"{Path(entry['image']).name.split('.')[0]}_seg.nii.gz"
+            return facts, lambda entry: masks / f"{output_case_name(entry['image'])}_seg.nii.gz"
         if method == "monai_unet":
             val_interval = monai_unet_val_interval or (1 if quick else 5)
             facts = train_plain_unet(train_dataset, folder, budget_s, val_interval=val_interval,

@@ -13,6 +13,7 @@ from monai.handlers import CheckpointLoader
 from monai.optimizers import WarmupCosineSchedule
 
 from custom.clinical import case_volumes, describe, write_volume_table
+from custom.data.datalist import output_case_name
 from custom.deploy import read_stacked_image
 
 
@@ -52,7 +53,7 @@ class LesionVolumeWriter:
                     f"'{self.pred_key}' names no image file (meta 'filename_or_obj'); the volume table re-reads the "
                     "raw maps from it"
                 )
-            case = Path(image).name.split(".nii")[0]
+            case = output_case_name(image)
             maps, _ = read_stacked_image(image)
             mask = pred.detach().cpu().numpy()
             if mask.ndim == 4 and mask.shape[0] == 1:  # channel-first (1, H, W, D) after AsDiscreted(argmax)

@@ -25,7 +25,7 @@ import nibabel as nib
 import numpy as np
 
 from custom.atomic import write_atomically, write_text_atomically
-from custom.data.datalist import load_dataset_json
+from custom.data.datalist import load_dataset_json, output_case_name
 from custom.package import package_bundle
 
 BUNDLE_NAME = "ctp_stroke"
@@ -145,23 +145,25 @@ def fill_studies(dataset_dir, studies, views=None) -> list[str]:
     ]
     if not images:
         raise ValueError(f"'{dataset_dir / 'dataset.json'}' lists no images")
-    ids = []
-    for relative in images:
-        source = dataset_dir / relative
-        target = studies / Path(relative).name
-        if target.exists():
-            raise FileExistsError(f"study '{target}' exists; use an empty studies folder")
+    # everything is checked before the first file is written
+    sources = [dataset_dir / relative for relative in images]
+    for source in sources:
+        shape = nib.load(source).shape
+        if len(shape) != 4 or shape[3] != 5:
+            raise ValueError(f"'{source}' has shape {shape}; expected (H, W, D, 5)")
+    ids = [output_case_name(source) for source in sources]
+    targets = [studies / source.name for source in sources]
+    view_paths = [{view: views / f"{study_id}_{view}.nii.gz" for view in VIEW_CHANNELS} for study_id in ids]
+    for path in targets + [path for paths in view_paths for path in paths.values()]:
+        if path.exists():
+            raise FileExistsError(f"'{path}' exists; use empty studies and views folders")
+    for source, target, paths in zip(sources, targets, view_paths):
         write_atomically(target, lambda temporary, source=source: shutil.copyfile(source, temporary))
         image = nib.load(source)
         volume = np.asarray(image.dataobj, dtype=np.float32)
-        if volume.ndim != 4 or volume.shape[3] != 5:
-            raise ValueError(f"'{source}' has shape {volume.shape}; expected (H, W, D, 5)")
-        study_id = target.name.split(".nii")[0]
         for view, channel in VIEW_CHANNELS.items():
             view_image = nib.Nifti1Image(volume[..., channel], image.affine)
-            view_path = views / f"{study_id}_{view}.nii.gz"
-            write_atomically(view_path, lambda temporary, v=view_image: nib.save(v, temporary))
-        ids.append(study_id)
+            write_atomically(paths[view], lambda temporary, v=view_image: nib.save(v, temporary))
     return ids
 
 

@@ -88,6 +88,19 @@ def test_studies_and_3d_views(tiny_phantom_dataset, tmp_path):
         fill_studies(tiny_phantom_dataset, tmp_path / "studies")
 
 
+def test_studies_refuse_an_existing_view_before_writing_anything(tiny_phantom_dataset, tmp_path):
+    dataset = json.loads((tiny_phantom_dataset / "dataset.json").read_text())
+    views = tmp_path / "studies_views"
+    views.mkdir()
+    earlier = views / f"{dataset['testing'][0]['case']}_ct.nii.gz"
+    earlier.write_bytes(b"a correction")
+    with pytest.raises(FileExistsError, match=f"'{earlier}' exists"):
+        fill_studies(tiny_phantom_dataset, tmp_path / "studies")
+    assert earlier.read_bytes() == b"a correction"
+    assert sorted(p.name for p in views.iterdir()) == [earlier.name]
+    assert not (tmp_path / "studies").exists() or not any((tmp_path / "studies").iterdir())
+
+
 def test_start_line_is_offline_and_loopback(tmp_path):
     command = start_server_command(tmp_path / "app", tmp_path / "studies", tmp_path / "venv", port=8123)
     line = " ".join(command)
