@@ -63,8 +63,9 @@ _REFERENCE = re.compile(r"[@%]([\w#:]+)")  # @id, @id#sub, %id::sub; the root id
 
 def check_settings(bundle_root, **settings) -> None:
     """Refuse any of ``settings`` (documented id -> resolved value) that breaks ``SETTING_RULES``, ``fold``
-    outside ``range(num_folds)``, and any root id of the running configuration that nothing uses and that no
-    config file of ``bundle_root/configs`` defines (a misspelt override).
+    outside ``range(num_folds)`` other than -1 (every training case, as ``fold_datalist`` reads it), and any
+    root id of the running configuration that nothing uses and that no config file of ``bundle_root/configs``
+    defines (a misspelt override).
 
     All problems are reported in one ``ValueError``, each naming its config id.
     """
@@ -75,8 +76,11 @@ def check_settings(bundle_root, **settings) -> None:
     ]
     if "fold" in settings:
         fold, num_folds = settings["fold"], settings.get("num_folds")
-        if not _whole(fold) or (_whole(num_folds) and not 0 <= fold < num_folds):
-            problems.append(f"config id 'fold' must be a whole number from 0 to num_folds - 1, got {fold!r}")
+        if not _whole(fold) or (_whole(num_folds) and not -1 <= fold < num_folds):
+            problems.append(
+                f"config id 'fold' must be a whole number from 0 to num_folds - 1, or -1 (every training case), "
+                f"got {fold!r}"
+            )
     parser, config_folder = _running_parser(), Path(str(bundle_root)) / "configs"
     if parser is None or not config_folder.is_dir():
         warnings.warn(f"config_check: no running ConfigParser or no '{config_folder}': override ids not checked")

@@ -34,6 +34,7 @@ def _error_chain(error: BaseException) -> str:
         (["train.json"], "train", {"epochs": "abc"}, "config id 'epochs' must be a whole number >= 1, got 'abc'"),
         (["train.json"], "train", {"patch_size": [30, 30]}, "config id 'patch_size' must be two whole numbers"),
         (["train.json"], "train", {"fold": 4}, "config id 'fold' must be a whole number from 0 to num_folds - 1"),
+        (["train.json"], "train", {"fold": -2}, "config id 'fold' must be a whole number from 0 to num_folds - 1, or"),
         (["train.json"], "train", {"learning_rate": "0.1"}, "config id 'learning_rate' must be a number > 0"),
         (["train.json"], "train", {"epochz": 5}, "config id 'epochz' is used by nothing in the configuration"),
         (["train.json", "evaluate.json"], "train", {"ckpt_pth": "m.pt"}, "config id 'ckpt_pth' is used by nothing"),
@@ -58,10 +59,11 @@ def test_bad_override_is_refused_naming_the_id(tmp_path, config_files, workflow_
 def test_documented_overrides_pass_the_check(tiny_phantom_dataset, tmp_path):
     for config_files, workflow_type in ((["train.json"], "train"), (["train.json", "demo.json"], "train"),
                                         (["train.json", "evaluate.json"], "train"), (["inference.json"], "infer")):
-        overrides = {**TINY_TRAINING, "fold": 1, "resume_ckpt": None} if workflow_type == "train" else {}
-        workflow = bundle_workflow(config_files, workflow_type, dataset_dir=str(tiny_phantom_dataset), **overrides)
-        workflow.initialize()
-        workflow.parser.get_parsed_content("check_settings")
+        for fold in (1, -1):  # -1: every training case (bundle card: evaluate a checkpoint on them)
+            overrides = {**TINY_TRAINING, "fold": fold, "resume_ckpt": None} if workflow_type == "train" else {}
+            workflow = bundle_workflow(config_files, workflow_type, dataset_dir=str(tiny_phantom_dataset), **overrides)
+            workflow.initialize()
+            workflow.parser.get_parsed_content("check_settings")
 
 
 def test_bundle_command_line_names_every_bad_override(tmp_path):
