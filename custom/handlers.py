@@ -100,8 +100,9 @@ class RejectedImagesReporter:
 def checkpoint_errors_named(path, targets) -> Iterator[None]:
     """Re-raise a checkpoint loading error with the checkpoint's file name and the ``targets`` it was loaded into.
 
-    ``weights_only=True`` refuses a pickle that would run code, and ``load_state_dict`` lists the missing,
-    unexpected and mismatched weights of a checkpoint of another architecture, but neither names the file.
+    ``weights_only=True`` refuses a pickle that would run code, ``load_state_dict`` lists the missing,
+    unexpected and mismatched weights of a checkpoint of another architecture, and ``torch.load`` rejects a
+    truncated file, but none names the file, and the last two are both ``RuntimeError``s.
     """
     try:
         yield
@@ -110,6 +111,12 @@ def checkpoint_errors_named(path, targets) -> Iterator[None]:
     except pickle.UnpicklingError as err:
         raise RuntimeError(f"checkpoint '{path}' is refused by safe loading (weights_only=True): {err}") from err
     except (RuntimeError, KeyError) as err:
+        try:  # torch.load reports a truncated or foreign file as a RuntimeError too: tell the two apart
+            torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as unreadable:
+            raise RuntimeError(
+                f"checkpoint '{path}' cannot be read (truncated, or not a PyTorch checkpoint): {unreadable}"
+            ) from err
         raise RuntimeError(
             f"checkpoint '{path}' does not fit {', '.join(map(str, targets))} "
             "(another architecture, or weights trained with other input channels: contralateral_channels or "

@@ -272,6 +272,23 @@ def test_checkpoint_of_another_network_is_named(tiny_phantom_dataset, tmp_path, 
     assert "size mismatch for model.0.conv.unit0.conv.weight" in _messages(raised.value)
 
 
+@pytest.mark.parametrize("configs", [["inference.json"], ["train.json", "evaluate.json"]])
+def test_truncated_checkpoint_is_named_as_unreadable(tiny_phantom_dataset, tmp_path, configs):
+    whole = _network_checkpoint(tmp_path / "whole.pt", in_channels=5).read_bytes()
+    checkpoint = tmp_path / "truncated.pt"
+    checkpoint.write_bytes(whole[: len(whole) // 2])  # a copy that stopped half-way
+    workflow = bundle_workflow(
+        configs, "infer" if configs == ["inference.json"] else "train", dataset_dir=str(tiny_phantom_dataset),
+        ckpt_path=str(checkpoint), output_dir=str(tmp_path / "out"), num_workers=0,
+    )  # fmt: skip
+    workflow.initialize()
+    with pytest.raises(Exception) as raised:
+        workflow.run()
+    message = _messages(raised.value)
+    assert f"checkpoint '{checkpoint}' cannot be read (truncated, or not a PyTorch checkpoint)" in message
+    assert "does not fit" not in message
+
+
 # Outputs: a failed write (full disk, read-only folder) leaves nothing under the final name, and says which.
 @pytest.mark.parametrize("error", [errno.ENOSPC, errno.EACCES])
 def test_mask_writer_is_atomic_and_names_the_file(tmp_path, monkeypatch, error):
