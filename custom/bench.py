@@ -40,6 +40,7 @@ from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
 
 from custom.atomic import write_atomically, write_text_atomically
+from custom.data.datalist import load_dataset_json
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
@@ -169,7 +170,7 @@ def write_volumes(folder: Path, sizes: Sizes) -> dict[int, list[Path]]:
 
     raw = write_phantom(folder / "raw", cases=sizes.source_cases, test_cases=0, seed=0, size=sizes.size)
     dataset = Path(prepare_isles2018(raw / "TRAINING", folder / "dataset", patients=raw / "patients.csv", folds=2))
-    sources = json.loads((dataset / "dataset.json").read_text())["training"]
+    sources = load_dataset_json(dataset, ("training",))["training"]
     counts = {depth: sizes.depth_volumes for depth in sizes.slice_counts}
     counts[sizes.case_depth] = max(sizes.case_counts)
     # (d) trains on the first N volumes of the training depth for every N in case_counts

@@ -202,7 +202,7 @@ def run_cross_validation(
     if fold_overrides:
         raise ValueError(f"cv sets {fold_overrides} itself for each fold under OUT; drop these overrides")
     dataset_dir = Path(dataset_dir).resolve()
-    dataset = load_dataset_json(dataset_dir)
+    dataset = load_dataset_json(dataset_dir, ("training",))
     num_folds = int(folds if folds is not None else dataset.get("num_folds", 0))
     present = sorted({int(e["fold"]) for e in dataset["training"]})
     if num_folds < 1 or any(k not in present for k in range(num_folds)):

@@ -171,7 +171,7 @@ def run_ensemble_bench(
 
     checkpoints = fold_checkpoints(cv_dir, folds)
     dataset_dir = Path(dataset_dir)
-    dataset = load_dataset_json(dataset_dir)
+    dataset = load_dataset_json(dataset_dir, ("training",))
     cases = [e for e in dataset["training"] if e.get("label")]
     cases = cases if max_cases is None else cases[: int(max_cases)]
     if not cases:

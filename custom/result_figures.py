@@ -71,7 +71,7 @@ def plot_montage(cv_dir: str, dataset_dir: str, out: str) -> str:
     plt = _pyplot()
     cv_dir, dataset_dir = Path(cv_dir), Path(dataset_dir)
     rows = [r for r in read_case_csv(str(cv_dir / "cases.csv")) if float(r["dice"]) == float(r["dice"])]
-    entries = {e["case"]: e for e in load_dataset_json(dataset_dir)["training"]}
+    entries = {e["case"]: e for e in load_dataset_json(dataset_dir, ("training",))["training"]}
     lesion_rows = [r for r in rows if nib.load(dataset_dir / entries[r["case"]]["label"]).get_fdata().any()]
     ranked = sorted(lesion_rows or rows, key=lambda r: float(r["dice"]))
     picks = {"best": ranked[-1], "median": ranked[len(ranked) // 2], "worst": ranked[0]}

@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import re
 
 import nibabel as nib
 import numpy as np
@@ -45,6 +46,12 @@ def _dataset(folder, entries):
     training = [{"image": "", "label": "", "case": c, "patient": p, "fold": f} for c, p, f in entries]
     (folder / "dataset.json").write_text(json.dumps({"training": training}))
     return folder
+
+
+def test_dataset_without_training_list_is_named(tmp_path):
+    (tmp_path / "dataset.json").write_text(json.dumps({"testing": []}))
+    with pytest.raises(KeyError, match=re.escape(f"{tmp_path / 'dataset.json'}' has no 'training' key")):
+        fold_assignment(tmp_path)
 
 
 def test_different_folds_or_cases_are_refused_naming_them(tmp_path):

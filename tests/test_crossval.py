@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 
 import pytest
 from conftest import TINY_TRAINING
@@ -24,6 +25,12 @@ def test_latest_checkpoint_picks_highest_epoch(tmp_path):
 def test_cross_validation_rejects_folds_not_in_dataset(tiny_phantom_dataset, tmp_path):
     with pytest.raises(ValueError, match="does not match the folds"):
         run_cross_validation(str(tiny_phantom_dataset), str(tmp_path / "cv"), folds=3)
+
+
+def test_dataset_without_training_list_is_named(tmp_path):
+    (tmp_path / "dataset.json").write_text(json.dumps({"num_folds": 2, "testing": []}))
+    with pytest.raises(KeyError, match=re.escape(f"{tmp_path / 'dataset.json'}' has no 'training' key")):
+        run_cross_validation(str(tmp_path), str(tmp_path / "cv"), folds=2)
 
 
 @pytest.mark.integration

@@ -11,6 +11,8 @@ cross-validates the bundle on each (``run_cross_validation``, resumable), scores
 import json
 from pathlib import Path
 
+from custom.data.datalist import load_dataset_json
+
 MAP_SOURCES = ("given", "computed")  # OUT/<source>/: dataset/, cv/, baseline/, conversion.json
 METHODS = ("bundle", "threshold")
 TABLE_METRICS = ("dice", "hd95_mm", "avd_ml", "lesion_f1")
@@ -28,7 +30,7 @@ DESCRIPTIONS = {
 
 def fold_assignment(dataset_dir) -> dict[str, tuple[str, int]]:
     """``case -> (patient, fold)`` of a converted dataset's training list."""
-    dataset = json.loads((Path(dataset_dir) / "dataset.json").read_text())
+    dataset = load_dataset_json(dataset_dir, ("training",))
     return {e["case"]: (str(e.get("patient", "")), int(e["fold"])) for e in dataset["training"]}
 
 
@@ -92,7 +94,7 @@ def threshold_false_positives(dataset_dir, masks_dir, fluid_hu: float = FLUID_HU
     import numpy as np
 
     dataset_dir, masks_dir = Path(dataset_dir), Path(masks_dir)
-    dataset = json.loads((dataset_dir / "dataset.json").read_text())
+    dataset = load_dataset_json(dataset_dir, ("modality", "training"))
     channel = {name: int(index) for index, name in dataset["modality"].items()}
     perfusion = [index for name, index in channel.items() if name != "CT"]
     totals = dict.fromkeys(("flagged", "false_positive", "false_positive_fluid", "brain", "brain_fluid"), 0)
