@@ -68,14 +68,10 @@ def ece_from_bins(table: np.ndarray) -> float:
     return float(np.abs(table[:, 1] - table[:, 2]).sum() / total)
 
 
-def expected_calibration_error(probability, label, bins: int = DEFAULT_BINS, mask=None) -> float:
-    """Expected calibration error of one case's lesion probability against its binary label (module docstring)."""
-    return ece_from_bins(calibration_bins(probability, label, bins, mask))
-
-
-def probabilistic_volume_ml(probability, spacing) -> float:
-    """Lesion volume in mL from the probabilities: sum of p times the voxel volume (``spacing`` in mm per axis)."""
-    (p, _, _), spacing = _checked(probability), [float(s) for s in spacing]
-    if len(spacing) != 3 or not all(s > 0 and math.isfinite(s) for s in spacing):
-        raise ValueError(f"spacing must be three positive voxel sizes in mm, got {spacing!r}")
-    return float(p.sum() * math.prod(spacing) / 1000.0)
+def probabilistic_volume_ml(probability, voxel_ml: float) -> float:
+    """Lesion volume in mL from the probabilities: sum of p times the voxel volume ``voxel_ml`` (mL, e.g.
+    ``custom.clinical.voxel_volume_ml``)."""
+    (p, _, _), voxel_ml = _checked(probability), float(voxel_ml)
+    if not (voxel_ml > 0 and math.isfinite(voxel_ml)):
+        raise ValueError(f"voxel_ml must be a positive voxel volume in mL, got {voxel_ml!r}")
+    return float(p.sum() * voxel_ml)

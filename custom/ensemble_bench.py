@@ -28,16 +28,16 @@ import numpy as np
 import torch
 
 from custom.atomic import require_writable_folder, write_text_atomically
-from custom.calibration import DEFAULT_BINS, calibration_bins, ece_from_bins
+from custom.calibration import DEFAULT_BINS, calibration_bins, ece_from_bins, probabilistic_volume_ml
+from custom.clinical import brain_mask, voxel_volume_ml
 from custom.data.datalist import load_dataset_json
-from custom.deploy import BRAIN_CHANNELS, class_probabilities, read_case
+from custom.deploy import class_probabilities, read_case
 from custom.ensemble import ALL_SLICE_FLIPS
 from custom.handlers import load_network_checkpoint
 from custom.metrics import case_metrics
 from custom.reporting import write_case_csv
 
 BUNDLE_ROOT = Path(__file__).resolve().parent.parent / "bundle"
-CASE_COLUMNS = ("dice", "mask_ml", "prob_ml", "label_ml", "avd_mask_ml", "avd_prob_ml")
 
 
 class _FlippedNetwork:
@@ -192,9 +192,7 @@ def run_ensemble_bench(
     for number, entry in enumerate(cases, 1):
         volume, affine = read_case(dataset_dir / entry["image"])
         label = np.asanyarray(nib.load(dataset_dir / entry["label"]).dataobj).astype(np.uint8)
-        spacing = np.sqrt(np.sum(np.asarray(affine, dtype=np.float64)[:3, :3] ** 2, axis=0))
-        voxel_ml = float(np.prod(spacing)) / 1000.0
-        brain = np.any(volume[..., list(BRAIN_CHANNELS)] != 0, axis=-1)
+        spacing, voxel_ml, brain = nib.affines.voxel_sizes(affine), voxel_volume_ml(affine), brain_mask(volume)
         maps = {
             (k, f): class_probabilities(_FlippedNetwork(network, dims), volume, batch_size, device).numpy()
             for k, network in enumerate(networks)
@@ -207,7 +205,7 @@ def run_ensemble_bench(
             lesion_probability = mean[1].clip(0.0, 1.0)
             dice = case_metrics(mask, label, spacing, names=("dice",))["dice"]
             mask_ml, label_ml = mask.sum() * voxel_ml, label.sum() * voxel_ml
-            prob_ml = float(lesion_probability.sum()) * voxel_ml
+            prob_ml = probabilistic_volume_ml(lesion_probability, voxel_ml)
             rows.append(
                 {
                     "configuration": name,
