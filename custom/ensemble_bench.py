@@ -172,10 +172,12 @@ def run_ensemble_bench(
     checkpoints = fold_checkpoints(cv_dir, folds)
     dataset_dir = Path(dataset_dir)
     dataset = load_dataset_json(dataset_dir, ("training",))
-    cases = [e for e in dataset["training"] if e.get("label")]
-    cases = cases if max_cases is None else cases[: int(max_cases)]
+    unlabelled = [e.get("case", e.get("image")) for e in dataset["training"] if not e.get("label")]
+    if unlabelled:
+        raise ValueError(f"'{dataset_dir / 'dataset.json'}': training entries without a 'label': {unlabelled}")
+    cases = dataset["training"] if max_cases is None else dataset["training"][: int(max_cases)]
     if not cases:
-        raise ValueError(f"'{dataset_dir / 'dataset.json'}' lists no labelled case in 'training'")
+        raise ValueError(f"'{dataset_dir / 'dataset.json'}' lists no case in 'training'")
     out = require_writable_folder(out)
     parser = ConfigParser()
     parser.read_config(str(config_file))

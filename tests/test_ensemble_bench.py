@@ -83,6 +83,16 @@ def test_without_flips_only_the_unflipped_configurations(identical_folds, two_la
     ]  # fmt: skip
 
 
+def test_training_entries_without_label_are_refused_naming_them(identical_folds, two_labelled_cases, tmp_path):
+    cv, config = identical_folds
+    dataset = json.loads((two_labelled_cases / "dataset.json").read_text())
+    del dataset["training"][1]["label"]
+    (two_labelled_cases / "dataset.json").write_text(json.dumps(dataset))
+    case = dataset["training"][1]["case"]
+    with pytest.raises(ValueError, match=f"without a 'label': \\['{case}'\\]"):
+        run_ensemble_bench(str(cv), str(two_labelled_cases), str(tmp_path / "out"), config_file=str(config))
+
+
 def test_missing_fold_models_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="no fold model.*fold_0"):
         fold_checkpoints(tmp_path)
