@@ -49,7 +49,6 @@ class ProbabilityEnsemble(torch.nn.Module):
     """
 
     flips: List[List[int]]  # typing.List: TorchScript reads this annotation
-    __jit_unused_properties__ = ["num_predictions"]
 
     def __init__(self, members, flips=(), uncertainty: bool = False) -> None:
         super().__init__()
@@ -70,11 +69,6 @@ class ProbabilityEnsemble(torch.nn.Module):
         self.uncertainty = bool(uncertainty)
         self.floor = PROBABILITY_FLOOR  # an attribute: TorchScript does not read module globals
         self.plain = len(members) == 1 and len(passes) == 1 and not self.uncertainty
-
-    @property
-    def num_predictions(self) -> int:
-        """N: the number of probability maps averaged (members x passes)."""
-        return len(self.members) * len(self.flips)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.plain:
