@@ -252,6 +252,21 @@ def test_patients_csv_must_cover_training_cases(tmp_path):
     assert not (tmp_path / "dataset").exists()
 
 
+def test_patients_csv_row_without_a_case_is_refused_naming_the_line(tmp_path):
+    """A row naming a patient but no case is an error, not a silently dropped row; an all-empty row
+    (spreadsheet padding) is skipped."""
+    src = tmp_path / "TRAINING"
+    for case in ("case_1", "case_2"):
+        write_isles_case(src, case)
+    patients = tmp_path / "patients.csv"
+    patients.write_text("case,patient\ncase_1,P1\n,\ncase_2,P2\n ,P3\n")
+    with pytest.raises(ValueError, match=r"patients\.csv' line 5: empty case \(patient 'P3'\)"):
+        prepare_isles2018(src, tmp_path / "dataset", patients=patients, folds=2)
+    assert leftovers(tmp_path, {"TRAINING", "patients.csv"}) == []
+    patients.write_text("case,patient\ncase_1,P1\n,\ncase_2,P2\n")
+    prepare_isles2018(src, tmp_path / "dataset", patients=patients, folds=2)
+
+
 def test_fewer_patients_than_folds_is_refused_before_converting(tmp_path):
     src = tmp_path / "TRAINING"
     for case in ("case_1", "case_2", "case_3"):

@@ -213,7 +213,11 @@ def _save_on_ct_grid(data: np.ndarray, ct_image: nib.Nifti1Image, path: Path):
 
 
 def read_patient_map(csv_path, cases) -> dict[str, str]:
-    """``case -> patient`` for ``cases`` from a CSV with at least the columns ``case`` and ``patient``."""
+    """``case -> patient`` for ``cases`` from a CSV with at least the columns ``case`` and ``patient``.
+
+    A row whose cells are all empty (spreadsheet padding) is skipped; a row with an empty ``case`` or
+    ``patient`` is an error naming the file and line, since its case or patient would be lost silently.
+    """
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise FileNotFoundError(f"patients CSV '{csv_path}' does not exist")
@@ -226,10 +230,12 @@ def read_patient_map(csv_path, cases) -> dict[str, str]:
         for row in reader:
             row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
             case, patient = row["case"], row["patient"]
-            if not case:
+            if not any(row.values()):
                 continue
+            if not case:
+                raise ValueError(f"'{csv_path}' line {reader.line_num}: empty case (patient '{patient}')")
             if not patient:
-                raise ValueError(f"'{csv_path}': case '{case}' has an empty patient")
+                raise ValueError(f"'{csv_path}' line {reader.line_num}: case '{case}' has an empty patient")
             if mapping.get(case, patient) != patient:
                 raise ValueError(f"'{csv_path}': case '{case}' has two patients, '{mapping[case]}' and '{patient}'")
             mapping[case] = patient
