@@ -1,11 +1,13 @@
-"""The project's one way to write a file: never a half-written file under the final name.
+"""The project's one way to write a file or a folder: never a half-written one under the final name.
 
 Why it exists: a crash, a full disk or ``kill -9`` in the middle of a write must leave either the old
-file or the new one, never a truncated checkpoint, mask or table. Python's standard library has no
-atomic write. Standard library only, so the MONAI-free runner (``custom/deploy.py``) can use it too.
+file or folder or the new one, never a truncated checkpoint, mask, table or dataset. Python's standard
+library has no atomic write. Standard library only, so the MONAI-free runner (``custom/deploy.py``) can use
+it too.
 """
 
 import os
+import shutil
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -65,4 +67,52 @@ def require_writable_folder(folder) -> Path:
             probe.unlink(missing_ok=True)
     except OSError as err:
         raise OSError(f"output folder '{folder}' is not writable: {err.strerror or err}") from err
+    return folder
+
+
+def _sibling_folder(folder: Path, suffix: str) -> Path:
+    """Create an empty hidden folder beside ``folder``: same file system, so renames are atomic; made by ``mkdir``,
+    so its mode follows the umask like any folder the user makes (``tempfile.mkdtemp`` would give 0700)."""
+    sibling = folder.parent / f".{folder.name}.{uuid.uuid4().hex[:8]}.{suffix}"
+    sibling.mkdir()
+    return sibling
+
+
+def _replace_folder(new: Path, folder: Path) -> None:
+    """Rename the complete ``new`` to ``folder``; an existing ``folder`` is moved aside first and moved back if
+    the rename fails, so ``folder`` is never lost."""
+    if not folder.exists():
+        new.rename(folder)
+        return
+    retired = _sibling_folder(folder, "old")
+    try:
+        folder.rename(retired / folder.name)
+        try:
+            new.rename(folder)
+        except BaseException:
+            (retired / folder.name).rename(folder)
+            raise
+    finally:
+        shutil.rmtree(retired, ignore_errors=True)
+
+
+def write_folder_atomically(folder, write: Callable[[Path], object], overwrite: bool = False) -> Path:
+    """Call ``write(temporary)`` for an empty temporary folder beside ``folder``, then rename it to ``folder``.
+
+    The folder's ``write_atomically``: a converted dataset or a phantom cohort is complete under ``folder`` or
+    not there. The parent folder is created if needed. An existing ``folder`` is replaced only with
+    ``overwrite``, and only once the new one is complete. If anything fails, the temporary folder is removed
+    and ``folder`` is left as it was. Returns ``folder``.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    work = _sibling_folder(folder, "tmp")
+    try:
+        write(work)
+        if folder.exists() and not overwrite:
+            raise FileExistsError(f"'{folder}' appeared while it was being written; pass --overwrite to replace it")
+        _replace_folder(work, folder)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     return folder

@@ -1,7 +1,9 @@
 """The synthetic CTP phantom: ISLES 2018 layout, value ranges, determinism, lesion model, atomic writing, figure."""
 
 import csv
+import errno
 import re
+import stat
 from collections import defaultdict
 from pathlib import Path
 
@@ -226,6 +228,28 @@ def test_refuses_non_empty_out_and_leaves_nothing_behind(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         write_phantom(tmp_path / "new", cases=1, test_cases=0, size=32)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "a failed run must leave no folder behind"
+
+
+def test_out_is_made_like_any_folder_and_survives_a_failed_replacement(tmp_path, monkeypatch):
+    """OUT gets the mode mkdir gives (the umask's, as prepare's dataset folder; tempfile.mkdtemp gave 0700), and
+    an OUT being overwritten is put back when the new cohort cannot be renamed into place."""
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    out = write_phantom(tmp_path / "out", cases=1, test_cases=0, size=32)
+    assert stat.S_IMODE(out.stat().st_mode) == stat.S_IMODE(reference.stat().st_mode)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    rename = Path.rename
+
+    def failing_rename(self, target):
+        if Path(target) == out and self.name.endswith(".tmp"):  # the new cohort's temporary folder
+            raise OSError(errno.EXDEV, "simulated rename failure")
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", failing_rename)
+    with pytest.raises(OSError, match="simulated rename failure"):
+        write_phantom(out, cases=1, test_cases=0, size=32, seed=1, overwrite=True)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "reference"]
 
 
 def test_figure_writes_a_png(cohort, tmp_path):

@@ -9,16 +9,14 @@ values) and writes the dataset folder atomically.
 import csv
 import json
 import re
-import shutil
 import sys
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
-from custom.atomic import require_writable_folder
+from custom.atomic import require_writable_folder, write_folder_atomically
 from custom.data.folds import assign_folds, validate_fold_count
 
 MODALITY_NAMES = ("CT", "CBF", "CBV", "MTT", "Tmax")
@@ -330,30 +328,6 @@ def _refuse_source_inside(dst: Path, *sources: Path):
             raise ValueError(f"DST '{dst}' would contain the source folder '{source}'; choose another DST")
 
 
-def _sibling_folder(dst: Path, suffix: str) -> Path:
-    """Create an empty hidden folder beside ``dst`` (same file system, so renames are atomic; umask respected)."""
-    folder = dst.parent / f".{dst.name}.{uuid.uuid4().hex[:8]}.{suffix}"
-    folder.mkdir()
-    return folder
-
-
-def _replace_folder(new: Path, dst: Path):
-    """Move the completed ``new`` folder to ``dst``, replacing an existing ``dst`` only once ``new`` is complete."""
-    if not dst.exists():
-        new.rename(dst)
-        return
-    retired = _sibling_folder(dst, "old")
-    try:
-        dst.rename(retired / dst.name)
-        try:
-            new.rename(dst)
-        except BaseException:
-            (retired / dst.name).rename(dst)
-            raise
-    finally:
-        shutil.rmtree(retired, ignore_errors=True)
-
-
 def prepare_isles2018(
     src, dst, patients=None, folds=4, seed=0, testing=None, overwrite=False, maps_from_4d=False, dt=None
 ):
@@ -397,8 +371,7 @@ def prepare_isles2018(
         case_patient = read_patient_map(patients, training_names)
     validate_fold_count(len(set(case_patient.values())), folds)
 
-    work = _sibling_folder(dst, "tmp")
-    try:
+    def convert(work: Path) -> None:
         lesion_ml = {}
         for folder in ("imagesTr", "labelsTr", "imagesTs"):
             (work / folder).mkdir()
@@ -443,11 +416,7 @@ def prepare_isles2018(
             "testing": [{"image": f"imagesTs/{c.name}.nii.gz", "case": c.name} for c in testing_cases],
         }
         (work / "dataset.json").write_text(json.dumps(dataset, indent=2) + "\n")
-        if dst.exists() and not overwrite:
-            raise FileExistsError(f"'{dst}' appeared during the conversion; pass --overwrite to replace it")
-        _replace_folder(work, dst)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+
+    write_folder_atomically(dst, convert, overwrite)
     print(f"wrote '{dst}': {len(training)} training cases in {folds} folds, {len(testing_cases)} testing cases")
     return dst

@@ -10,8 +10,6 @@ smoothing and spacing. The model and its literature values: docs/phantom.md.
 """
 
 import csv
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage, signal
 
+from custom.atomic import write_folder_atomically
 from custom.perfusion.units import FLOW_TO_RATE
 
 # Tissue codes of the anatomical model.
@@ -831,7 +830,8 @@ def write_phantom(
     in-plane matrix (256 as in ISLES; smaller keeps the field of view with coarser pixels). ``pwi`` also
     writes each case's raw 4D perfusion series (CT_4DPWI, int16 HU, gzipped; docs/phantom.md); the maps
     are the same with or without it. The same seed gives byte-identical files. OUT is written to a temporary
-    sibling and renamed at the end; an existing non-empty OUT is replaced only with ``overwrite``.
+    sibling and renamed at the end (``custom.atomic.write_folder_atomically``); an existing non-empty OUT is
+    replaced only with ``overwrite``, and only once the new one is complete.
     """
     out = Path(out)
     if cases < 1 or test_cases < 0:
@@ -842,9 +842,8 @@ def write_phantom(
         raise FileExistsError(f"'{out}' exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"'{out}' is not empty; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+
+    def write_cohort(work: Path) -> None:
         rows, file_id = [], FIRST_FILE_ID
         for slab in iter_cohort(seed, cases, test_cases):
             case_number = int(slab.case.split("_")[1])
@@ -860,14 +859,6 @@ def write_phantom(
             writer = csv.writer(f)
             writer.writerow(("case", "patient", "centre", "split", "slices"))
             writer.writerows(rows)
-        if out.exists():
-            retired = out.parent / f"{work.name}.old"
-            out.rename(retired)
-            work.rename(out)
-            shutil.rmtree(retired)
-        else:
-            work.rename(out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    return out
+
+    # An existing OUT here is empty (checked above) or to be overwritten.
+    return write_folder_atomically(out, write_cohort, overwrite=overwrite or out.is_dir())
