@@ -12,14 +12,14 @@ research use only).
 It imports nothing from MONAI, and from the rest of ``custom`` only the standard-library ``custom.atomic``,
 the numpy-only ``custom.clinical`` and the numpy and scipy ``custom.lesions`` (the other modules import
 MONAI): keep it so, the tests run it with
-MONAI made unimportable. ``custom/transforms.py`` is the reference for the
-normalisation; a change there must be mirrored here (the agreement test catches a mismatch).
+MONAI made unimportable. It also holds the brain normalisation that the bundle's
+``custom.transforms.NormalizeWithinBrain`` wraps, so the two cannot diverge.
 """
 
 import argparse
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -33,8 +33,8 @@ from custom.clinical import VOLUME_COLUMNS, volume_ml as lesion_volume_ml  # noq
 from custom.lesions import check_lesion_threshold, check_min_volume, lesion_from_probabilities, remove_small_lesions
 
 CLASSES = ("background", "lesion")
-CLIP_PERCENTILES = (0.5, 99.5)
-NORMALIZE_EPS = 1e-6
+CLIP_PERCENTILES = (0.5, 99.5)  # brain percentiles each channel is clipped to before its z-score
+NORMALIZE_EPS = 1e-6  # floor of the brain standard deviation
 LESION_THRESHOLD = 0.5  # inference.json's lesion_threshold (a test checks that they agree)
 MIN_LESION_ML = 0.5  # inference.json's min_lesion_ml (a test checks that they agree)
 SPATIAL_DIVISOR = 16  # the U-Net's four stride-2 levels need H and W divisible by 2**4
@@ -189,23 +189,38 @@ def read_case(path) -> tuple[np.ndarray, np.ndarray]:
     return volume, affine
 
 
-def normalize_within_brain(volume: torch.Tensor) -> torch.Tensor:
-    """``custom.transforms.NormalizeWithinBrain`` on a channel-first (5, H, W, D) float32 tensor.
+def brain_quantiles(values: torch.Tensor, quantiles: Sequence[float]) -> tuple[float, ...]:
+    """Quantiles (linear interpolation) of a 1D float64 tensor, any number of elements.
 
-    Per channel: clip the brain voxels to their 0.5 / 99.5 percentiles (linear interpolation), z-score
-    them with the population std (floored at 1e-6), zero everything outside the brain.
+    ``torch.quantile`` of the PyTorch releases this project supports (setup.cfg: >= 2.4) refuses inputs
+    above 2**24 elements (16.7 M, less than the brain of a 512 x 512 x 320 volume; pytorch/pytorch#64947,
+    lifted only in 2026); numpy's ``quantile`` has no limit and the same definition.
     """
-    brain = (volume[list(BRAIN_CHANNELS)] != 0).any(dim=0)
+    return tuple(float(q) for q in np.quantile(values.cpu().numpy(), quantiles))
+
+
+def normalize_within_brain(volume: torch.Tensor, mask_channels: Sequence[int] = BRAIN_CHANNELS,
+                           percentiles: Sequence[float] = CLIP_PERCENTILES,
+                           eps: float = NORMALIZE_EPS) -> torch.Tensor:  # fmt: skip
+    """The brain normalisation of a channel-first (C, spatial...) float32 tensor, for the bundle
+    (``custom.transforms.NormalizeWithinBrain`` wraps it) and the runner alike.
+
+    The brain is where any of ``mask_channels`` is non-zero. Per channel: clip the brain voxels to their
+    ``percentiles`` (linear interpolation), z-score them with the population std (floored at ``eps``), zero
+    everything outside the brain. A volume without brain voxels gives zeros.
+    """
+    if volume.shape[0] <= max(mask_channels):
+        raise ValueError(f"expected channels {tuple(mask_channels)} in a channel-first image, got shape {volume.shape}")
+    brain = (volume[list(mask_channels)] != 0).any(dim=0)
     out = torch.zeros_like(volume)
     if brain.any():
-        quantiles = [p / 100.0 for p in CLIP_PERCENTILES]
+        quantiles = [p / 100.0 for p in percentiles]
         for c in range(volume.shape[0]):
             values = volume[c][brain].double()
-            # numpy, not torch.quantile (limited to 2**24 elements), as custom.transforms.brain_quantiles
-            low, high = (float(q) for q in np.quantile(values.numpy(), quantiles))
+            low, high = brain_quantiles(values, quantiles)
             values = values.clamp(low, high)
             mean, std = values.mean(), values.std(unbiased=False)
-            out[c][brain] = ((values - mean) / std.clamp_min(NORMALIZE_EPS)).float()
+            out[c][brain] = ((values - mean) / std.clamp_min(eps)).float()
     return out
 
 

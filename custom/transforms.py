@@ -3,7 +3,6 @@ slice context, removal of small predicted lesions."""
 
 from collections.abc import Hashable, Mapping, Sequence
 
-import numpy as np
 import torch
 from monai.config import KeysCollection, NdarrayOrTensor
 from monai.data import MetaTensor
@@ -12,6 +11,7 @@ from monai.utils import TransformBackends, convert_to_dst_type, convert_to_numpy
 
 from custom.clinical import PERFUSION_CHANNELS  # CBF, CBV, MTT, Tmax; channel 0 is CT
 from custom.data.check import image_problems, label_problems
+from custom.deploy import CLIP_PERCENTILES, NORMALIZE_EPS, normalize_within_brain
 from custom.lesions import check_lesion_threshold, check_min_volume, lesion_from_probabilities, remove_small_lesions
 
 
@@ -69,17 +69,6 @@ class ValidateStudyd(MapTransform):
         return d
 
 
-def brain_quantiles(values: torch.Tensor, quantiles: Sequence[float]) -> tuple[float, ...]:
-    """Quantiles (linear interpolation) of a 1D float64 tensor, any number of elements.
-
-    ``torch.quantile`` of the PyTorch releases this project supports (setup.cfg: >= 2.4) refuses inputs
-    above 2**24 elements (16.7 M, less than the brain of a 512 x 512 x 320 volume; pytorch/pytorch#64947,
-    lifted only in 2026); numpy's ``quantile`` has no limit and the same definition. ``custom/deploy.py``
-    computes it the same way, so both stay voxel-identical.
-    """
-    return tuple(float(q) for q in np.quantile(values.cpu().numpy(), quantiles))
-
-
 class NormalizeWithinBrain(Transform):
     """Clip each channel to its brain percentiles, z-score it within the brain, and zero it outside.
 
@@ -93,7 +82,8 @@ class NormalizeWithinBrain(Transform):
     Output: float32 of the same shape; brain voxels are (clip(x, p_low, p_high) - mean) / std with
     the percentiles, mean and std of the clipped brain voxels of that channel; other voxels are 0.
     A study with no brain voxel is returned as zeros (nothing to normalise; the dataset check
-    reports such cases).
+    reports such cases). The computation is ``custom.deploy.normalize_within_brain``, which the MONAI-free
+    runner calls too.
     """
 
     backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
@@ -101,31 +91,21 @@ class NormalizeWithinBrain(Transform):
     def __init__(
         self,
         mask_channels: Sequence[int] = PERFUSION_CHANNELS,
-        lower_percentile: float = 0.5,
-        upper_percentile: float = 99.5,
-        eps: float = 1e-6,
+        lower_percentile: float = CLIP_PERCENTILES[0],
+        upper_percentile: float = CLIP_PERCENTILES[1],
+        eps: float = NORMALIZE_EPS,
     ) -> None:
         if not 0.0 <= lower_percentile < upper_percentile <= 100.0:
             raise ValueError(
                 f"need 0 <= lower_percentile < upper_percentile <= 100, got {lower_percentile}, {upper_percentile}"
             )
         self.mask_channels = tuple(mask_channels)
-        self.quantiles = (lower_percentile / 100.0, upper_percentile / 100.0)
+        self.percentiles = (lower_percentile, upper_percentile)
         self.eps = eps
 
     def __call__(self, img: NdarrayOrTensor) -> NdarrayOrTensor:
         x = convert_to_tensor(img, track_meta=False, dtype=torch.float32)
-        if x.shape[0] <= max(self.mask_channels):
-            raise ValueError(f"expected channels {self.mask_channels} in a channel-first image, got shape {x.shape}")
-        brain = (x[list(self.mask_channels)] != 0).any(dim=0)
-        out = torch.zeros_like(x)
-        if brain.any():
-            for c in range(x.shape[0]):
-                values = x[c][brain].double()
-                low, high = brain_quantiles(values, self.quantiles)
-                values = values.clamp(low, high)
-                mean, std = values.mean(), values.std(unbiased=False)
-                out[c][brain] = ((values - mean) / std.clamp_min(self.eps)).float()
+        out = normalize_within_brain(x, self.mask_channels, self.percentiles, self.eps)
         return convert_to_dst_type(out, img, dtype=torch.float32)[0]
 
 
@@ -138,8 +118,8 @@ class NormalizeWithinBraind(MapTransform):
         self,
         keys: KeysCollection,
         mask_channels: Sequence[int] = PERFUSION_CHANNELS,
-        lower_percentile: float = 0.5,
-        upper_percentile: float = 99.5,
+        lower_percentile: float = CLIP_PERCENTILES[0],
+        upper_percentile: float = CLIP_PERCENTILES[1],
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)

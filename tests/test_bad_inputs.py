@@ -18,7 +18,8 @@ from conftest import BUNDLE, CONFIGS, REPO, TINY_TRAINING, bundle_workflow, infe
 from monai.bundle import ConfigParser
 
 from custom.data.datalist import fold_datalist, inference_datalist, screen_inference_images
-from custom.transforms import NormalizeWithinBrain, brain_quantiles
+from custom.deploy import brain_quantiles
+from custom.transforms import NormalizeWithinBrain
 from custom.writers import ShapePreservingNibabelWriter
 
 AFFINE = np.diag([1.0, 1.0, 5.0, 1.0])
