@@ -12,6 +12,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from custom.clinical import voxel_volume_ml
 from custom.data.datalist import load_dataset_json
 from custom.data.isles2018 import LABEL_NAMES, MODALITY_NAMES, affines_match
 
@@ -243,8 +244,7 @@ def inspect_dataset(dataset_dir) -> DatasetReport:
                 continue
             problems += _label_image_problems(entry["label"], label, entry.get("image"), image)
             if fold_ok and label[1].ndim == 3:
-                voxel_ml = float(np.prod(label[0].header.get_zooms()[:3])) / 1000.0
-                lesion_ml = float(np.count_nonzero(label[1] == 1)) * voxel_ml
+                lesion_ml = float(np.count_nonzero(label[1] == 1)) * voxel_volume_ml(label[0].affine)
                 report.training.append(TrainingCaseSummary(case, patient, fold, label[1].shape[2], lesion_ml))
     problems += _fold_problems(lists["training"], report.num_folds)
     return report

@@ -10,6 +10,7 @@ import nibabel as nib
 import numpy as np
 
 from custom.atomic import write_atomically
+from custom.clinical import voxel_volume_ml
 from custom.data.datalist import load_dataset_json
 
 CHANNELS = ("CT", "CBF", "CBV", "MTT", "Tmax")
@@ -27,7 +28,7 @@ BRAIN_WINDOW_HU = (0.0, 80.0)  # level 40, width 80
 def _lesion_ml(dataset_dir: Path, entry: dict) -> float:
     """Lesion volume of a training entry in mL."""
     label = nib.load(dataset_dir / entry["label"])
-    return float(np.count_nonzero(np.asanyarray(label.dataobj))) * float(np.prod(label.header.get_zooms()[:3])) / 1e3
+    return float(np.count_nonzero(np.asanyarray(label.dataobj))) * voxel_volume_ml(label.affine)
 
 
 def _radiological(slice_ras: np.ndarray) -> np.ndarray:
@@ -71,7 +72,7 @@ def phantom_figure(dataset_dir, out, case=None, slice_index=None):
         slice_index = int(np.argmax(label.sum(axis=(0, 1))))
     elif not 0 <= slice_index < label.shape[2]:
         raise IndexError(f"slice_index {slice_index} is outside 0..{label.shape[2] - 1} of case '{case}'")
-    voxel_ml = float(np.prod(image.header.get_zooms()[:3])) / 1e3
+    voxel_ml = voxel_volume_ml(image.affine)
 
     figure = Figure(figsize=(15, 9), layout="constrained")
     FigureCanvasAgg(figure)

@@ -17,6 +17,7 @@ import nibabel as nib
 import numpy as np
 
 from custom.atomic import require_writable_folder, write_folder_atomically
+from custom.clinical import voxel_volume_ml
 from custom.data.folds import assign_folds, validate_fold_count
 
 MODALITY_NAMES = ("CT", "CBF", "CBV", "MTT", "Tmax")
@@ -386,8 +387,7 @@ def prepare_isles2018(
             summary = f"[{index}/{len(all_cases)}] {case.name}: {'x'.join(map(str, image.shape[:3]))}"
             if is_training:
                 _save_on_ct_grid(label, ct_image, work / "labelsTr" / f"{case.name}.nii.gz")
-                voxel_ml = float(np.prod(ct_image.header.get_zooms()[:3])) / 1000.0
-                lesion_ml[case.name] = float(label.sum()) * voxel_ml
+                lesion_ml[case.name] = float(label.sum()) * voxel_volume_ml(ct_image.affine)
                 summary += f", training, lesion {lesion_ml[case.name]:.1f} mL"
             else:
                 summary += ", testing"

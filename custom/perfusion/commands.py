@@ -17,6 +17,7 @@ import torch
 
 from custom.atomic import write_atomically, write_text_atomically
 from custom.clinical import TMAX_THRESHOLD_S  # the DEFUSE 3 hypoperfusion threshold, for the volume agreement
+from custom.clinical import voxel_volume_ml
 from custom.perfusion.deconvolution import OSCILLATION_LIMIT, TIKHONOV_LAMBDA
 from custom.perfusion.maps import MAP_NAMES, SMOOTHING_MM, compute_perfusion_maps
 from custom.perfusion.series import load_series
@@ -214,7 +215,7 @@ def accuracy(cases: int = 8, size: int = 256, seed: int = 0, method: str = "osvd
         true_tmax, found_tmax = tissue & (series.truth["Tmax"] > TMAX_THRESHOLD_S), tissue & (
             result.maps["Tmax"] > TMAX_THRESHOLD_S
         )
-        voxel_ml = float(np.prod(spacing)) / 1000.0
+        voxel_ml = voxel_volume_ml(model.affine)
         overlap = 2 * np.count_nonzero(true_tmax & found_tmax)
         total = np.count_nonzero(true_tmax) + np.count_nonzero(found_tmax)
         tmax_rows.append(
