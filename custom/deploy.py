@@ -9,17 +9,17 @@ lesion probability above ``lesion_threshold`` (``LesionMaskd``) -> lesions under
 plus the ``LesionVolumeWriter`` table (``custom.clinical``: lesion and clinical volumes from the raw maps,
 research use only).
 
-It imports nothing from MONAI, and from the rest of ``custom`` only the standard-library ``custom.atomic``,
-the numpy-only ``custom.clinical`` and the numpy and scipy ``custom.lesions`` (the other modules import
-MONAI): keep it so, the tests run it with
-MONAI made unimportable. It also holds the brain normalisation that the bundle's
+It imports nothing from MONAI, and from the rest of ``custom`` only ``custom.atomic`` and ``custom.data.datalist``
+(standard library), ``custom.clinical`` (numpy), ``custom.lesions`` (numpy and scipy) and ``custom.data.studies``
+(numpy and nibabel: the case reader and the input checks, shared with the converter and the dataset check); the
+other modules import MONAI. Keep it so: the tests run it with MONAI made unimportable and from a copy of these
+files (docs/deployment.md). It also holds the brain normalisation that the bundle's
 ``custom.transforms.NormalizeWithinBrain`` wraps, so the two cannot diverge.
 """
 
 import argparse
-import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -29,7 +29,8 @@ import torch
 from custom.atomic import write_atomically
 from custom.clinical import MODALITIES, VOLUME_TABLE, case_volumes, describe, write_volume_table
 from custom.clinical import PERFUSION_CHANNELS as BRAIN_CHANNELS  # brain: any of CBF, CBV, MTT, Tmax non-zero
-from custom.clinical import VOLUME_COLUMNS, volume_ml as lesion_volume_ml  # noqa: F401 (names callers may import)
+from custom.data.datalist import output_case_name as case_name  # custom.bench calls deploy.case_name
+from custom.data.studies import find_case_maps, image_problems, load_case, read_nifti
 from custom.lesions import check_lesion_threshold, check_min_volume, lesion_from_probabilities, remove_small_lesions
 
 CLASSES = ("background", "lesion")
@@ -38,155 +39,37 @@ NORMALIZE_EPS = 1e-6  # floor of the brain standard deviation
 LESION_THRESHOLD = 0.5  # inference.json's lesion_threshold (a test checks that they agree)
 MIN_LESION_ML = 0.5  # inference.json's min_lesion_ml (a test checks that they agree)
 SPATIAL_DIVISOR = 16  # the U-Net's four stride-2 levels need H and W divisible by 2**4
-# A side of 16 or less pads to 16 and reaches a 1 x 1 bottleneck, where instance normalisation fails.
-MIN_IN_PLANE_SIZE = 17
-# ISLES maps share the CT's grid when their affines agree within these tolerances (as the converter checks).
-AFFINE_ATOL_MM = 1e-3
-AFFINE_RTOL = 1e-4
-
-# `SMIR.Brain.XX.O.<MOD>.<id>` with MOD such as CT, CT_CBF, MR_Tmax, CT_4DPWI, OT; optionally a NIfTI suffix.
-_SMIR_NAME = re.compile(
-    r"^SMIR\.Brain\.[^.]+\.O\.(?:(?:CT|MR)_)?(?P<map>[A-Za-z0-9]+)\.\d+(?:\.nii|\.nii\.gz)?$", re.IGNORECASE
-)
-_MAP_NAMES = {name.lower(): name for name in MODALITIES}
 
 
-def case_name(path) -> str:
-    """The case name of an input: the file name without ``.nii``/``.nii.gz``, or the case folder's name."""
-    path = Path(path)
-    return path.name if path.is_dir() else path.name.split(".nii")[0]
-
-
-def find_isles_maps(folder) -> dict[str, Path]:
-    """The CT, CBF, CBV, MTT and Tmax NIfTI files of an ISLES 2018 case folder, found by their SMIR names.
-
-    Entries are ``SMIR.Brain.XX.O.<MOD>.<id>/`` folders holding one NIfTI, or NIfTI files named that way;
-    perfusion maps may be spelled ``CT_<map>`` or ``MR_<map>``; the 4D PWI series and the label are ignored.
-    """
-    folder = Path(folder)
-    found: dict[str, list[Path]] = {}
-    for entry in sorted(folder.iterdir()):
-        match = _SMIR_NAME.match(entry.name)
-        modality = _MAP_NAMES.get(match["map"].lower()) if match else None
-        if modality is None:
-            continue
-        if entry.is_dir():
-            files = sorted(p for p in entry.iterdir() if p.is_file() and p.name.endswith((".nii", ".nii.gz")))
-            if len(files) != 1:
-                raise ValueError(f"'{entry}' should hold exactly one .nii/.nii.gz file, found {len(files)}")
-            found.setdefault(modality, []).append(files[0])
-        elif entry.name.endswith((".nii", ".nii.gz")):
-            found.setdefault(modality, []).append(entry)
-    for modality, paths in found.items():
-        if len(paths) > 1:
-            raise ValueError(f"'{folder}': {modality} found more than once: {', '.join(map(str, paths))}")
-    missing = [m for m in MODALITIES if m not in found]
-    if missing:
-        raise ValueError(
-            f"'{folder}': missing {', '.join(missing)} (found: {', '.join(sorted(found)) or 'no SMIR maps'}); "
-            "an input folder must be one ISLES 2018 case folder (case_N)"
-        )
-    return {m: found[m][0] for m in MODALITIES}
-
-
-def _load_nifti(path: Path) -> nib.Nifti1Image:
-    """The NIfTI image at ``path`` (data not read yet), or an error naming the file."""
-    try:
-        return nib.load(path)
-    except Exception as err:  # nibabel raises many types for corrupt or truncated files
-        raise ValueError(f"'{path}': cannot read as NIfTI ({err})") from err
-
-
-def _read_data(path: Path, read: Callable[[], np.ndarray]) -> np.ndarray:
-    """``read()``, the voxels of the file ``path``, or an error naming the file: a truncated or corrupt file
-    often fails only when its voxels are read, after its header was."""
-    try:
-        return read()
-    except Exception as err:  # nibabel, gzip and zlib raise many types for truncated data
-        raise ValueError(f"'{path}': cannot read the voxels ({err})") from err
-
-
-def _require_finite(path: Path, data: np.ndarray) -> None:
-    """Refuse NaN and Inf: they would silently corrupt the brain statistics of the normalisation."""
-    bad = np.count_nonzero(~np.isfinite(data))
-    if bad:
-        raise ValueError(f"'{path}': {bad} NaN or Inf values")
-
-
-def _require_perfusion_maps(path: Path, volume: np.ndarray) -> None:
-    """Refuse an all-zero perfusion map (as the bundle's ``ValidateStudy`` does): with no brain, or a map
-    the model never saw empty, the mask would be a confident wrong answer."""
-    for channel in BRAIN_CHANNELS:
-        if not np.any(volume[..., channel]):
-            raise ValueError(f"'{path}': the {MODALITIES[channel]} map is all zero (empty brain)")
-
-
-def _read_isles_map(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """A map as float32 with NIfTI scaling applied (as the ISLES converter reads it) and its affine."""
-    image = _load_nifti(path)
-    data = _read_data(path, lambda: image.get_fdata(dtype=np.float32))
-    while data.ndim > 3 and data.shape[-1] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise ValueError(f"'{path}': expected a 3D map, found shape {data.shape}")
-    _require_finite(path, data)
-    return data, image.affine
-
-
-def read_isles_case(folder) -> tuple[np.ndarray, np.ndarray]:
-    """The (H, W, D, 5) float32 stack CT, CBF, CBV, MTT, Tmax of an ISLES 2018 case folder and the CT's affine.
-
-    Every map must lie on the CT's grid (same shape, same affine): nothing is resampled.
-    """
-    maps = find_isles_maps(folder)
-    ct, ct_affine = _read_isles_map(maps["CT"])
-    channels = [ct]
-    for modality in MODALITIES[1:]:
-        path = maps[modality]
-        data, affine = _read_isles_map(path)
-        if data.shape != ct.shape:
-            raise ValueError(f"'{path}': shape {data.shape} differs from the CT's {ct.shape} ('{maps['CT']}')")
-        if not np.allclose(affine, ct_affine, rtol=AFFINE_RTOL, atol=AFFINE_ATOL_MM):
-            raise ValueError(f"'{path}': affine differs from the CT's ('{maps['CT']}'); nothing is resampled")
-        channels.append(data)
-    return np.stack(channels, axis=-1), ct_affine
-
-
-def _check_stacked_header(path: Path) -> nib.Nifti1Image:
-    """The image at ``path`` if its header shape is (H, W, D, 5); an error naming the file otherwise."""
-    image = _load_nifti(path)
-    if len(image.shape) != 4 or image.shape[3] != len(MODALITIES):
-        raise ValueError(
-            f"'{path}': expected a 4D image (H, W, D, {len(MODALITIES)}) with channels {', '.join(MODALITIES)}, "
-            f"found shape {image.shape}"
-        )
-    return image
+def _refuse_problems(path: Path, volume: np.ndarray) -> np.ndarray:
+    """``volume`` if it meets the data contract (``custom.data.studies.image_problems``, the rules of the bundle
+    and of ``python -m custom check``); a ValueError naming the file and every problem otherwise."""
+    problems = image_problems(f"'{path}'", volume)
+    if problems:
+        raise ValueError("; ".join(problems))
+    return volume
 
 
 def read_stacked_image(path) -> tuple[np.ndarray, np.ndarray]:
-    """The (H, W, D, 5) float32 data and affine of a converted 5-channel NIfTI, read as MONAI's NibabelReader does."""
+    """The (H, W, D, 5) float32 data and affine of a converted 5-channel NIfTI, read as MONAI's NibabelReader
+    does and checked as the bundle checks it; every problem raises a ValueError naming the file."""
     path = Path(path)
-    image = _check_stacked_header(path)
-    data = _read_data(path, lambda: np.asarray(np.asanyarray(image.dataobj), dtype=np.float32))
-    _require_finite(path, data)
-    return data, image.affine
+    image, data = read_nifti(path)
+    return _refuse_problems(path, np.asarray(data, dtype=np.float32)), image.affine
 
 
 def read_case(path) -> tuple[np.ndarray, np.ndarray]:
-    """(H, W, D, 5) float32 data and affine of an input: a 5-channel NIfTI file or an ISLES 2018 case folder.
+    """(H, W, D, 5) float32 data and affine of an input: a 5-channel NIfTI file or an ISLES 2018 case folder
+    (``custom.data.studies.load_case``: every map on the CT's grid, nothing resampled).
 
     Every problem of the input raises a ValueError naming the file."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"input '{path}' does not exist")
-    volume, affine = read_isles_case(path) if path.is_dir() else read_stacked_image(path)
-    if min(volume.shape[:2]) < MIN_IN_PLANE_SIZE:
-        raise ValueError(
-            f"'{path}': in-plane size {volume.shape[0]} x {volume.shape[1]} is below the network's minimum "
-            f"{MIN_IN_PLANE_SIZE} x {MIN_IN_PLANE_SIZE}"
-        )
-    _require_perfusion_maps(path, volume)
-    return volume, affine
+    if not path.is_dir():
+        return read_stacked_image(path)
+    ct_image, volume, _ = load_case(find_case_maps(path), with_label=False)
+    return _refuse_problems(path, volume), ct_image.affine
 
 
 def brain_quantiles(values: torch.Tensor, quantiles: Sequence[float]) -> tuple[float, ...]:

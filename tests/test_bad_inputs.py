@@ -162,7 +162,7 @@ def test_fold_datalists_refuse_unusable_cases_naming_each(dataset_copy):
             fold_datalist(folder, fold, role)
         message = str(raised.value)
         assert f"{damaged['empty']}: the CBF channel is all zero" in message
-        assert f"{damaged['corrupt']}: unreadable" in message
+        assert f"{damaged['corrupt']}: cannot read the voxels" in message
     assert fold_datalist(folder, 0, "train")  # fold 0's training cases (folds 1) are intact
 
 
@@ -199,7 +199,7 @@ def test_prepare_names_a_truncated_map_and_writes_nothing(tiny_phantom_dataset, 
     source = shutil.copytree(tiny_phantom_dataset.parent / "isles2018" / "TRAINING", tmp_path / "TRAINING")
     cbf = next(next((source / "case_2").glob("*CT_CBF*")).glob("*.nii*"))
     _truncate(cbf)
-    with pytest.raises(ValueError, match=rf"'{re.escape(str(cbf))}': cannot read as NIfTI"):
+    with pytest.raises(ValueError, match=rf"'{re.escape(str(cbf))}': cannot read the voxels"):
         prepare_isles2018(source, tmp_path / "dataset", folds=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["TRAINING"]
 
@@ -250,7 +250,7 @@ def test_bundle_inference_writes_good_cases_and_fails_naming_bad_ones(tmp_path):
     log = completed.stdout + completed.stderr
     assert "4 image(s) not segmented" in log
     assert f"{bad['nan']}: 1 NaN or Inf values in the CBF channel" in log
-    assert f"{bad['corrupt']}: unreadable" in log
+    assert f"{bad['corrupt']}: cannot read the voxels" in log
     assert f"{bad['four']}: expected a 4D image with 5 channels" in log
     assert f"{bad['zero']}: the CBF channel is all zero" in log
     assert sorted(p.name for p in out.iterdir()) == ["good_0_seg.nii.gz", "good_1_seg.nii.gz", "lesion_volumes.csv"]

@@ -176,7 +176,7 @@ def _no_dataset_json(folder):
         (_nan_image, ["imagesTr/case_2.nii.gz", "1 NaN or Inf values in the CBV channel"]),
         (_empty_brain, ["imagesTr/case_3.nii.gz", "CBF channel is all zero"]),
         (_inf_testing_image, ["imagesTs/case_5.nii.gz", "Tmax channel"]),
-        (_corrupt_image, ["imagesTr/case_4.nii.gz: unreadable"]),
+        (_corrupt_image, ["imagesTr/case_4.nii.gz: cannot read as NIfTI"]),
         (_patient_in_two_folds, ["patient 'P1' is in folds [0, 1] (cases case_1, case_2)"]),
         (_fold_out_of_range, ["training[0].fold", "in [0, 2)", "found 2"]),
         (_empty_fold, ["dataset.json training: fold 1 has no cases"]),

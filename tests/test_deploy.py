@@ -24,7 +24,9 @@ from custom.clinical import RESEARCH_USE_ONLY, VOLUME_COLUMNS
 from custom.deploy import deploy, normalize_within_brain, read_stacked_image, symmetric_padding
 from custom.transforms import NormalizeWithinBrain
 
-MODALITIES = ("CT", "CBF", "CBV", "MTT", "Tmax")
+# What docs/deployment.md tells to copy for the runner: deploy.py and the project modules it imports.
+RUNNER_FILES = ("custom/__init__.py", "custom/deploy.py", "custom/clinical.py", "custom/lesions.py", "custom/atomic.py",
+                "custom/data/__init__.py", "custom/data/datalist.py", "custom/data/studies.py")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -159,10 +161,10 @@ def test_deploy_without_monai_equals_bundle_inference(inputs, exported_model, ti
     assert 0 < sum(mask.sum() for mask in stricter) < lesion.sum(), "lesion_threshold 0.7 should shrink the masks"
 
 
-def _third_party_imports(module: str) -> set[str]:
+def _third_party_imports(module: str, top_level_only: bool = False) -> set[str]:
     tree = ast.parse((REPO / "custom" / module).read_text())
     modules = set()
-    for node in ast.walk(tree):
+    for node in tree.body if top_level_only else ast.walk(tree):
         if isinstance(node, ast.Import):
             modules |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
@@ -170,36 +172,45 @@ def _third_party_imports(module: str) -> set[str]:
     return {m for m in modules if m.split(".")[0] not in sys.stdlib_module_names}
 
 
-def test_deploy_imports_only_torch_numpy_scipy_nibabel_the_standard_library_and_three_project_modules():
-    assert _third_party_imports("deploy.py") == {"torch", "numpy", "nibabel", "custom.atomic", "custom.clinical",
-                                                 "custom.lesions"}  # fmt: skip
+def test_deploy_imports_only_torch_numpy_scipy_nibabel_the_standard_library_and_five_project_modules():
+    assert _third_party_imports("deploy.py") == {
+        "torch", "numpy", "nibabel", "custom.atomic", "custom.clinical", "custom.lesions", "custom.data.datalist",
+        "custom.data.studies",
+    }  # fmt: skip
     assert _third_party_imports("clinical.py") == {"numpy", "custom.atomic"}
     assert _third_party_imports("lesions.py") == {"numpy", "scipy"}
     assert _third_party_imports("atomic.py") == set()
+    assert _third_party_imports("data/__init__.py") == set()
+    assert _third_party_imports("data/datalist.py", top_level_only=True) == set()  # readers imported where used
+    assert _third_party_imports("data/studies.py") == {"numpy", "nibabel", "custom.clinical"}
 
 
-def test_runner_copied_without_the_project(exported_model, tmp_path):
-    """docs/deployment.md: custom/__init__.py, deploy.py, clinical.py, lesions.py and atomic.py copied next to
-    model.ts run on their own (the project's editable-install finder, which would supply a module missing from
-    the copy, is removed first)."""
+def test_runner_copied_without_the_project(exported_model, tiny_phantom_dataset, tmp_path):
+    """docs/deployment.md: RUNNER_FILES copied next to model.ts run on their own, on a file and on an ISLES case
+    folder (the project's editable-install finder, which would supply a module missing from the copy, is removed
+    first)."""
     _, torchscript = exported_model
     runner = tmp_path / "runner"
-    (runner / "custom").mkdir(parents=True)
-    for name in ("__init__.py", "deploy.py", "clinical.py", "lesions.py", "atomic.py"):
-        shutil.copy(REPO / "custom" / name, runner / "custom" / name)
+    for name in RUNNER_FILES:
+        (runner / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / name, runner / name)
     shutil.copy(torchscript, runner / "model.ts")
     image = _write(tmp_path / "image.nii.gz", np.random.default_rng(0).uniform(1, 2, (20, 24, 2, 5)))
+    case = shutil.copytree(sorted((tiny_phantom_dataset.parent / "isles2018" / "TESTING").iterdir())[0],
+                           tmp_path / "case_9")  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(_fake_monai(tmp_path / "fake"))}
     without_project = (
         "import runpy, sys\n"
         "sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, '__module__', '').startswith('__editable__')]\n"
-        f"sys.argv = ['deploy', {str(image)!r}, '--model', 'model.ts', '--out', 'results']\n"
+        f"sys.argv = ['deploy', {str(image)!r}, {str(case)!r}, '--model', 'model.ts', '--out', 'results']\n"
         "runpy.run_module('custom.deploy', run_name='__main__', alter_sys=True)\n"
     )
     command = [sys.executable, "-c", without_project]
     completed = subprocess.run(command, capture_output=True, text=True, env=env, cwd=runner)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
-    assert sorted(p.name for p in (runner / "results").iterdir()) == ["image_seg.nii.gz", "lesion_volumes.csv"]
+    assert sorted(p.name for p in (runner / "results").iterdir()) == [
+        "case_9_seg.nii.gz", "image_seg.nii.gz", "lesion_volumes.csv"
+    ]  # fmt: skip
     assert _table(runner / "results" / "lesion_volumes.csv")["image"]["intended_use"] == RESEARCH_USE_ONLY
     assert RESEARCH_USE_ONLY in completed.stdout
 
@@ -241,7 +252,7 @@ def test_bad_inputs_are_named_and_leave_nothing_behind(exported_model, tiny_phan
     volume = np.ones((16, 16, 2, 5), dtype=np.float32)
     out = tmp_path / "out"
     four_channels = _write(tmp_path / "four.nii.gz", volume[..., :4])
-    with pytest.raises(ValueError, match=r"four\.nii\.gz.*\(H, W, D, 5\)"):
+    with pytest.raises(ValueError, match=r"four\.nii\.gz': expected a 4D image with 5 channels"):
         deploy(four_channels, model=torchscript, out=out)
     with pytest.raises(ValueError, match=r"three_d\.nii\.gz"):
         deploy(_write(tmp_path / "three_d.nii.gz", volume[..., 0]), model=torchscript, out=out)
@@ -318,9 +329,9 @@ def test_one_bad_case_never_stops_the_others(exported_model, tiny_phantom_datase
     assert message.startswith(f"6 of 8 input(s) not segmented (the others were written to {out})")
     assert f"'{bad['inf']}': 1 NaN or Inf values" in message
     assert f"'{bad['corrupt']}': cannot read the voxels" in message
-    assert f"'{bad['six']}': expected a 4D image (H, W, D, 5)" in message
-    assert f"'{bad['zero']}': the CBF map is all zero" in message
-    assert f"'{bad['folder']}': the MTT map is all zero" in message
+    assert f"'{bad['six']}': expected a 4D image with 5 channels" in message
+    assert f"'{bad['zero']}': the CBF channel is all zero" in message
+    assert f"'{bad['folder']}': the MTT channel is all zero" in message
     assert f"'{bad['small']}': in-plane size 16 x 40 is below the network's minimum 17 x 17" in message
     assert sorted(p.name for p in out.iterdir()) == ["good_0_seg.nii.gz", "good_1_seg.nii.gz", "lesion_volumes.csv"]
     assert list(_table(out / "lesion_volumes.csv")) == ["good_0", "good_1"]

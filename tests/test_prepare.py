@@ -7,15 +7,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from custom.clinical import MODALITIES
 from custom.data.check import check_dataset
 from custom.data.folds import assign_folds
-from custom.data.isles2018 import (
-    MODALITY_NAMES,
-    find_case_folders,
-    find_case_maps,
-    patients_from_slab_geometry,
-    prepare_isles2018,
-)
+from custom.data.isles2018 import find_case_folders, patients_from_slab_geometry, prepare_isles2018
+from custom.data.studies import find_case_maps
 
 SHAPE = (20, 20, 3)
 AFFINE = np.array([[-0.9, 0, 0, 115.0], [0, 0.9, 0, -100.0], [0, 0, 5.0, -20.0], [0, 0, 0, 1]])
@@ -42,7 +38,7 @@ def write_isles_case(
     folder = split_dir / case
     folder.mkdir(parents=True)
     maps = {}
-    for name in (*MODALITY_NAMES, "OT"):
+    for name in (*MODALITIES, "OT"):
         if name in skip or (name == "OT" and not labelled):
             continue
         if name == "OT":
@@ -89,7 +85,7 @@ def test_maps_found_by_name_with_mr_spelling_and_pwi_ignored(tmp_path):
     written = write_isles_case(tmp_path, "case_1", prefix="MR", with_pwi=True, gz=("CBV",))
     found = find_case_maps(tmp_path / "case_1")
     assert found.name == "case_1"
-    assert found.maps == {name: written[name] for name in MODALITY_NAMES}
+    assert found.maps == {name: written[name] for name in MODALITIES}
     assert found.label == written["OT"]
     assert ".MR_CBF." in found.maps["CBF"].name and found.maps["CBV"].name.endswith(".nii.gz")
     assert not any("4DPWI" in str(p) for p in found.maps.values())
@@ -137,7 +133,7 @@ def test_good_conversion(tmp_path, capsys):
         assert data.shape == SHAPE + (5,) and data.dtype == np.float32
         np.testing.assert_allclose(image.affine, AFFINE)
         np.testing.assert_allclose(image.header.get_zooms()[:3], (0.9, 0.9, 5.0))
-        assert data[8, 8, 1].tolist() == [MAP_VALUES[m] for m in MODALITY_NAMES]
+        assert data[8, 8, 1].tolist() == [MAP_VALUES[m] for m in MODALITIES]
         assert not data[0, 0, 1].any()
     for entry in dataset["training"]:
         label = nib.load(dst / entry["label"])

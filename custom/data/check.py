@@ -9,20 +9,16 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
-from custom.clinical import voxel_volume_ml
+from custom.clinical import MODALITIES, voxel_volume_ml
 from custom.data.datalist import load_dataset_json
-from custom.data.isles2018 import LABEL_NAMES, MODALITY_NAMES, affines_match
+from custom.data.studies import LABEL_NAMES, affines_match, image_problems, label_problems, read_nifti
 
-EXPECTED_MODALITY = {str(i): name for i, name in enumerate(MODALITY_NAMES)}
+EXPECTED_MODALITY = {str(i): name for i, name in enumerate(MODALITIES)}
 EXPECTED_LABELS = {str(i): name for i, name in enumerate(LABEL_NAMES)}
 TRAINING_KEYS = ("image", "label", "fold", "patient", "case")
 TESTING_KEYS = ("image", "case")
-# H and W are padded to multiples of 16 for the U-Net's four stride-2 levels; a side of 16 or less reaches a
-# 1 x 1 bottleneck, where instance normalisation fails. Larger sides are accepted whatever their size.
-MIN_IN_PLANE_SIZE = 17
 
 
 @dataclass
@@ -46,17 +42,6 @@ class DatasetReport:
     num_folds: int | None = None
 
 
-def read_nifti(path, name: str | None = None) -> tuple[nib.Nifti1Image, np.ndarray]:
-    """(image, voxel array) of the NIfTI file ``path``, read in full; a ValueError naming the file (as ``name``,
-    default ``path``) if it cannot be read: corrupt or truncated files make nibabel raise many error types,
-    some only when the data is read."""
-    try:
-        image = nib.load(path)
-        return image, np.asanyarray(image.dataobj)
-    except Exception as err:
-        raise ValueError(f"{name or path}: unreadable ({err})") from err
-
-
 def _read_nifti(folder: Path, relative, where: str, problems: list[str]):
     """(image, voxel array) of ``folder/relative``, or None after recording why it cannot be read."""
     if not isinstance(relative, str) or not relative:
@@ -71,46 +56,6 @@ def _read_nifti(folder: Path, relative, where: str, problems: list[str]):
     except ValueError as err:
         problems.append(str(err))
         return None
-
-
-def image_problems(name: str, data: np.ndarray) -> list[str]:
-    """Problems of an image array as read from its file (H, W, D, 5): wrong shape, H or W too small, NaN/Inf per
-    channel, an all-zero perfusion map. Shared with the bundle's ``custom.transforms.ValidateStudy`` so the check
-    and the load-time validation apply the same rules; ``name`` is the file named in each message."""
-    if data.ndim != 4 or data.shape[-1] != len(MODALITY_NAMES):
-        return [
-            f"{name}: expected a 4D image with {len(MODALITY_NAMES)} channels ({', '.join(MODALITY_NAMES)}) "
-            f"on the 4th axis, found shape {tuple(data.shape)}"
-        ]
-    problems = []
-    if min(data.shape[:2]) < MIN_IN_PLANE_SIZE:
-        problems.append(
-            f"{name}: in-plane size {data.shape[0]} x {data.shape[1]} is below the network's minimum "
-            f"{MIN_IN_PLANE_SIZE} x {MIN_IN_PLANE_SIZE}"
-        )
-    for channel, modality in enumerate(MODALITY_NAMES):
-        values = data[..., channel]
-        bad = np.count_nonzero(~np.isfinite(values))
-        if bad:
-            problems.append(f"{name}: {bad} NaN or Inf values in the {modality} channel")
-        if channel > 0 and not np.any(values):
-            problems.append(f"{name}: the {modality} channel is all zero (empty brain)")
-    return problems
-
-
-def label_problems(name: str, data: np.ndarray, image_name: str | None = None, image_shape=None) -> list[str]:
-    """Problems of a label array (H, W, D): not 3D, a shape other than its image's (H, W, D), values other
-    than 0 and 1 (0.5 included). Shared with ``custom.transforms.ValidateStudy``."""
-    if data.ndim != 3:
-        return [f"{name}: expected a 3D label, found shape {tuple(data.shape)}"]
-    problems = []
-    if image_shape is not None and tuple(data.shape) != tuple(image_shape)[:3]:
-        problems.append(f"{name}: shape {tuple(data.shape)} differs from {image_name} {tuple(image_shape)[:3]}")
-    values = np.unique(data)
-    stray = values[~np.isin(values, (0, 1))]
-    if stray.size:
-        problems.append(f"{name}: label values must be 0 or 1, found {stray.tolist()}")
-    return problems
 
 
 def _label_image_problems(relative: str, label, image_relative: str, image) -> list[str]:

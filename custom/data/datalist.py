@@ -2,7 +2,8 @@
 
 MONAI's ``load_decathlon_datalist`` knows neither folds nor the ``testing`` entries of this
 project's data contract, and it reports a missing folder only as a missing file; these helpers
-select a cross-validation fold and name the folder or key at fault.
+select a cross-validation fold and name the folder or key at fault. Standard library only (the readers are
+imported where used): the MONAI-free runner imports ``output_case_name`` and is copied with this file.
 """
 
 import json
@@ -109,7 +110,8 @@ def inference_datalist(dataset_dir) -> list[str]:
 
 def output_case_name(image) -> str:
     """The case name under which inference writes an image's outputs: its file name without ``.nii[.gz]``
-    (``<case>_seg.nii.gz`` by ``SaveImaged``, the ``case`` column of ``lesion_volumes.csv``)."""
+    (``<case>_seg.nii.gz`` by ``SaveImaged`` and by the MONAI-free runner, which also names an ISLES case
+    folder so; the ``case`` column of ``lesion_volumes.csv``)."""
     return Path(str(image)).name.split(".nii")[0]
 
 
@@ -129,7 +131,7 @@ def screen_inference_images(images) -> ScreenedImages:
     folders). Set aside: a missing or unreadable file, or one breaking the data contract (shape, NaN/Inf,
     an all-zero perfusion map; the rules of ``python -m custom check``). Raises when no image is usable.
     """
-    from custom.data.check import image_problems, read_nifti  # here, not at the top: check imports this module
+    from custom.data.studies import image_problems, read_nifti  # not at the top: this module is standard library only
 
     images = [str(image) for image in images]
     if not images:
@@ -146,7 +148,7 @@ def screen_inference_images(images) -> ScreenedImages:
             rejected[image] = f"{image}: missing"
             continue
         try:
-            problems = image_problems(image, read_nifti(image)[1])
+            problems = image_problems(image, read_nifti(image, image)[1])
         except ValueError as err:
             problems = [str(err)]
         if problems:

@@ -10,10 +10,9 @@ import nibabel as nib
 import numpy as np
 
 from custom.atomic import write_atomically
-from custom.clinical import voxel_volume_ml
+from custom.clinical import MODALITIES, voxel_volume_ml
 from custom.data.datalist import load_dataset_json
 
-CHANNELS = ("CT", "CBF", "CBV", "MTT", "Tmax")
 # Panel title and colour-bar label per channel; CBF and CBV keep each centre's own scale.
 PANELS = {
     "CT": ("CT (brain window)", "HU"),
@@ -51,7 +50,7 @@ def phantom_figure(dataset_dir, out, case=None, slice_index=None):
     if not meta["training"]:
         raise ValueError(f"'{dataset_dir / 'dataset.json'}': the 'training' list is empty, there is no case to show")
     channel = {name: int(index) for index, name in meta["modality"].items()}
-    missing = [name for name in CHANNELS if name not in channel]
+    missing = [name for name in MODALITIES if name not in channel]
     if missing:
         raise KeyError(f"'{dataset_dir / 'dataset.json'}': 'modality' lacks {', '.join(missing)}")
     entries = {entry["case"]: entry for entry in meta["training"]}
@@ -77,9 +76,9 @@ def phantom_figure(dataset_dir, out, case=None, slice_index=None):
     figure = Figure(figsize=(15, 9), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(2, 3).ravel()
-    brain = (volume[..., slice_index, [channel[name] for name in CHANNELS[1:]]] != 0).any(axis=-1)
+    brain = (volume[..., slice_index, [channel[name] for name in MODALITIES[1:]]] != 0).any(axis=-1)
     ct = _radiological(volume[..., slice_index, channel["CT"]])
-    for ax, name in zip(axes, CHANNELS):
+    for ax, name in zip(axes, MODALITIES):
         values = volume[..., slice_index, channel[name]]
         if name == "CT":
             shown = ax.imshow(ct, cmap="gray", vmin=BRAIN_WINDOW_HU[0], vmax=BRAIN_WINDOW_HU[1])

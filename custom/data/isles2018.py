@@ -1,59 +1,45 @@
 """Convert an ISLES 2018 split (``case_N/SMIR.Brain.XX.O.<MOD>.<id>/...nii``) into the bundle's dataset folder.
 
 MONAI reads NIfTI but knows neither the ISLES 2018 folder layout nor this project's data contract
-(one 5-channel image per case, patient-grouped folds), so this module finds each case's maps by name,
-refuses anything that would silently corrupt training (maps on different grids, NaN, stray label
-values) and writes the dataset folder atomically.
+(one 5-channel image per case, patient-grouped folds), so this module finds each case's maps by name and
+reads them (``custom.data.studies``, shared with the MONAI-free runner), refusing anything that would silently
+corrupt training (maps on different grids, NaN, stray label values), and writes the dataset folder atomically.
 """
 
 import csv
 import json
 import re
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
 from custom.atomic import require_writable_folder, write_folder_atomically
-from custom.clinical import voxel_volume_ml
+from custom.clinical import MODALITIES, voxel_volume_ml
 from custom.data.folds import assign_folds, validate_fold_count
-
-MODALITY_NAMES = ("CT", "CBF", "CBV", "MTT", "Tmax")
-LABEL_NAMES = ("background", "lesion")
-LABEL_MAP = "OT"
-PWI_MAP = "4DPWI"  # the raw 4D perfusion series, read only with --maps-from-4d
-# Two maps share a grid when their affines agree within this tolerance (mm, relative).
-AFFINE_ATOL_MM = 1e-3
-AFFINE_RTOL = 1e-4
-
-# `SMIR.Brain.XX.O.<MOD>.<id>` with MOD like CT, CT_CBF, MR_Tmax, OT, CT_4DPWI; optionally a NIfTI suffix.
-_SMIR_NAME = re.compile(
-    r"^SMIR\.Brain\.[^.]+\.O\.(?:(?:CT|MR)_)?(?P<map>[A-Za-z0-9]+)\.\d+(?:\.nii|\.nii\.gz)?$", re.IGNORECASE
+from custom.data.studies import (
+    AFFINE_ATOL_MM,
+    LABEL_MAP,
+    LABEL_NAMES,
+    SMIR_NAME,
+    CaseFiles,
+    affines_match,
+    find_case_maps,
+    load_case,
+    load_label,
+    load_map,
+    load_nifti,
+    nifti_in,
+    require_ct_grid,
 )
-# Map name (lower case) -> canonical name. Others, such as the large 4D PWI source series, are never opened.
-_KNOWN_MAPS = {name.lower(): name for name in (*MODALITY_NAMES, LABEL_MAP)}
 
-
-@dataclass(frozen=True)
-class CaseFiles:
-    """One case folder's map files, found by name only (nothing loaded yet)."""
-
-    name: str
-    folder: Path
-    maps: dict[str, Path]  # modality name (CT, CBF, CBV, MTT, Tmax) -> NIfTI file
-    label: Path | None  # the OT file; None for unlabelled cases
+PWI_MAP = "4DPWI"  # the raw 4D perfusion series, read only with --maps-from-4d
 
 
 def natural_sort_key(name: str) -> list:
     """Sort key that orders embedded numbers by value, so ``case_2`` comes before ``case_10``."""
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
-
-
-def affines_match(a: np.ndarray, b: np.ndarray) -> bool:
-    """Whether two voxel-to-world affines describe the same grid within ``AFFINE_ATOL_MM`` / ``AFFINE_RTOL``."""
-    return bool(np.allclose(a, b, rtol=AFFINE_RTOL, atol=AFFINE_ATOL_MM))
 
 
 def find_case_folders(split_dir) -> list[Path]:
@@ -69,112 +55,16 @@ def find_case_folders(split_dir) -> list[Path]:
     return folders
 
 
-def _nifti_in(folder: Path) -> Path:
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith((".nii", ".nii.gz")))
-    if len(files) != 1:
-        raise ValueError(f"'{folder}' should hold exactly one .nii/.nii.gz file, found {len(files)}")
-    return files[0]
-
-
-def find_case_maps(case_dir) -> CaseFiles:
-    """Locate CT, CBF, CBV, MTT, Tmax and (if present) OT in one case folder by their SMIR names.
-
-    Entries may be folders ``SMIR.Brain.XX.O.<MOD>.<id>/`` holding one NIfTI, or NIfTI files named that way.
-    Perfusion maps may be spelled ``CT_<map>`` or ``MR_<map>``; the 4D PWI series and unrelated entries are
-    skipped without being opened. A missing or duplicated map is an error naming the folder and the map.
-    """
-    case_dir = Path(case_dir)
-    found: dict[str, list[Path]] = {}
-    for entry in sorted(case_dir.iterdir()):
-        match = _SMIR_NAME.match(entry.name)
-        map_name = _KNOWN_MAPS.get(match["map"].lower()) if match else None
-        if map_name is None:
-            continue
-        if entry.is_dir():
-            found.setdefault(map_name, []).append(_nifti_in(entry))
-        elif entry.name.endswith((".nii", ".nii.gz")):
-            found.setdefault(map_name, []).append(entry)
-    for map_name, paths in found.items():
-        if len(paths) > 1:
-            raise ValueError(f"'{case_dir}': {map_name} found more than once: {', '.join(map(str, paths))}")
-    missing = [m for m in MODALITY_NAMES if m not in found]
-    if missing:
-        raise ValueError(
-            f"'{case_dir}': missing {', '.join(missing)} (found: {', '.join(sorted(found)) or 'no SMIR maps'})"
-        )
-    label = found.get(LABEL_MAP, [None])[0]
-    return CaseFiles(case_dir.name, case_dir, {m: found[m][0] for m in MODALITY_NAMES}, label)
-
-
-def _load_map(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
-    """A map as float32 (NIfTI scaling applied), trailing singleton axes squeezed; 3D and finite or an error."""
-    try:
-        image = nib.load(path)
-        data = image.get_fdata(dtype=np.float32)
-    except Exception as err:  # nibabel raises many types for corrupt or truncated files
-        raise ValueError(f"'{path}': cannot read as NIfTI ({err})") from err
-    while data.ndim > 3 and data.shape[-1] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise ValueError(f"'{path}': expected a 3D map, found shape {data.shape}")
-    bad = np.count_nonzero(~np.isfinite(data))
-    if bad:
-        raise ValueError(f"'{path}': {bad} NaN or Inf values")
-    return image, data
-
-
-def _require_ct_grid(path: Path, image: nib.Nifti1Image, data: np.ndarray, ct_path: Path, ct_image, ct_data):
-    if data.shape != ct_data.shape:
-        raise ValueError(f"'{path}': shape {data.shape} differs from the CT's {ct_data.shape} ('{ct_path}')")
-    if not affines_match(image.affine, ct_image.affine):
-        raise ValueError(
-            f"'{path}': affine differs from the CT's ('{ct_path}'); nothing is resampled.\n"
-            f"{path.name}:\n{np.array2string(image.affine, precision=4)}\n"
-            f"CT:\n{np.array2string(ct_image.affine, precision=4)}"
-        )
-
-
-def load_case(case: CaseFiles, with_label: bool) -> tuple[nib.Nifti1Image, np.ndarray, np.ndarray | None]:
-    """The CT image (grid reference), the (H, W, D, 5) float32 stack CT, CBF, CBV, MTT, Tmax and the uint8 label.
-
-    Every map must lie on the CT's grid; label values must be 0 or 1. The label is None unless
-    ``with_label`` and the case has an OT map.
-    """
-    ct_path = case.maps["CT"]
-    ct_image, ct_data = _load_map(ct_path)
-    channels = [ct_data]
-    for modality in MODALITY_NAMES[1:]:
-        path = case.maps[modality]
-        image, data = _load_map(path)
-        _require_ct_grid(path, image, data, ct_path, ct_image, ct_data)
-        channels.append(data)
-    label = _load_label(case, ct_path, ct_image, ct_data) if with_label else None
-    return ct_image, np.stack(channels, axis=-1), label
-
-
-def _load_label(case: CaseFiles, ct_path: Path, ct_image, ct_data) -> np.ndarray | None:
-    """The case's uint8 OT label on the CT grid (values 0 or 1), or None if the case has none."""
-    if case.label is None:
-        return None
-    image, data = _load_map(case.label)
-    _require_ct_grid(case.label, image, data, ct_path, ct_image, ct_data)
-    values = np.unique(data)
-    stray = values[~np.isin(values, (0, 1))]
-    if stray.size:
-        raise ValueError(f"'{case.label}': label values must be 0 or 1, found {stray.tolist()}")
-    return data.astype(np.uint8)
-
-
 def find_case_ct_and_series(case_dir) -> CaseFiles:
     """Locate CT, the 4D perfusion series (``<prefix>_4DPWI``, as PWI) and OT of one case folder by name, for
     ``--maps-from-4d``; vendor maps are not needed. A missing or duplicated entry is an error."""
     case_dir = Path(case_dir)
     found: dict[str, list[Path]] = {}
     for entry in sorted(case_dir.iterdir()):
-        match = _SMIR_NAME.match(entry.name)
+        match = SMIR_NAME.match(entry.name)
         map_name = {"ct": "CT", "4dpwi": PWI_MAP, "ot": LABEL_MAP}.get(match["map"].lower()) if match else None
         if map_name is not None and (entry.is_dir() or entry.name.endswith((".nii", ".nii.gz"))):
-            found.setdefault(map_name, []).append(_nifti_in(entry) if entry.is_dir() else entry)
+            found.setdefault(map_name, []).append(nifti_in(entry) if entry.is_dir() else entry)
     for map_name in ("CT", PWI_MAP, LABEL_MAP):
         if len(found.get(map_name, [])) > 1:
             raise ValueError(f"'{case_dir}': {map_name} found more than once: {', '.join(map(str, found[map_name]))}")
@@ -191,13 +81,13 @@ def load_case_from_4d(case: CaseFiles, with_label: bool, dt: float | None = None
     from custom.perfusion.commands import analyse_series
 
     ct_path = case.maps["CT"]
-    ct_image, ct_data = _load_map(ct_path)
+    ct_image, ct_data = load_map(ct_path)
     series_path = case.maps[PWI_MAP]
     series, result = analyse_series(series_path, dt)
     grid = np.broadcast_to(np.float32(0), series.hu.shape[:3])  # only its shape is compared
-    _require_ct_grid(series_path, series.image, grid, ct_path, ct_image, ct_data)
-    channels = [ct_data] + [result.maps[name] for name in MODALITY_NAMES[1:]]
-    label = _load_label(case, ct_path, ct_image, ct_data) if with_label else None
+    require_ct_grid(series_path, series.image, grid, ct_path, ct_image, ct_data)
+    channels = [ct_data] + [result.maps[name] for name in MODALITIES[1:]]
+    label = load_label(case, ct_path, ct_image, ct_data) if with_label else None
     return ct_image, np.stack(channels, axis=-1), label
 
 
@@ -246,10 +136,7 @@ def read_patient_map(csv_path, cases) -> dict[str, str]:
 
 def slab_geometry(case: CaseFiles) -> tuple[tuple[int, ...], np.ndarray]:
     """The CT's shape and affine (header only, no voxel read): what two slabs of one patient are compared by."""
-    try:
-        image = nib.load(case.maps["CT"])
-    except Exception as err:  # nibabel raises many types for corrupt or truncated files
-        raise ValueError(f"'{case.maps['CT']}': cannot read as NIfTI ({err})") from err
+    image = load_nifti(case.maps["CT"])
     return tuple(image.shape[:3]), image.affine
 
 
@@ -398,7 +285,7 @@ def prepare_isles2018(
             "name": dst.name,
             "description": "Ischemic stroke lesion segmentation from CT perfusion maps, converted from the "
             "ISLES 2018 layout; folds grouped by patient",
-            "modality": {str(i): name for i, name in enumerate(MODALITY_NAMES)},
+            "modality": {str(i): name for i, name in enumerate(MODALITIES)},
             "labels": {str(i): name for i, name in enumerate(LABEL_NAMES)},
             "numTraining": len(training),
             "numTest": len(testing_cases),

@@ -11,6 +11,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from custom.data.studies import load_nifti, read_voxels, require_finite
+
 MIN_FRAMES = 10
 TIME_UNIT_SECONDS = {"sec": 1.0, "msec": 1e-3, "usec": 1e-6}
 
@@ -46,10 +48,7 @@ def load_series(path, frame_s: float | None = None) -> LoadedSeries:
     MIN_FRAMES frames, no time step in the header and none given, non-finite values.
     """
     path = Path(path)
-    try:
-        image = nib.load(path)
-    except Exception as err:  # nibabel raises many types for corrupt or truncated files
-        raise ValueError(f"'{path}': cannot read as NIfTI ({err})") from err
+    image = load_nifti(path)
     if len(image.shape) != 4:
         raise ValueError(f"'{path}': expected a 4D perfusion series (x, y, z, time), found shape {image.shape}")
     frames = image.shape[3]
@@ -64,7 +63,6 @@ def load_series(path, frame_s: float | None = None) -> LoadedSeries:
             )
     elif frame_s <= 0:
         raise ValueError(f"'{path}': the time step must be positive, got --dt {frame_s}")
-    hu = image.get_fdata(dtype=np.float32)
-    if not np.isfinite(hu).all():
-        raise ValueError(f"'{path}': {np.count_nonzero(~np.isfinite(hu))} NaN or Inf values")
+    hu = read_voxels(path, lambda: image.get_fdata(dtype=np.float32))
+    require_finite(path, hu)
     return LoadedSeries(path, hu, float(frame_s), image)

@@ -1,0 +1,219 @@
+"""Read CT perfusion studies and check them against the data contract: numpy and nibabel only.
+
+Why it exists: the ISLES 2018 converter (``custom.data.isles2018``), the dataset check (``custom.data.check``),
+the bundle's load-time validation (``custom.transforms.ValidateStudy``) and the MONAI-free runner
+(``custom/deploy.py``) must find a case's maps, read a file and refuse a bad study in one way, with one
+message naming the file. MONAI's readers know neither the ISLES 2018 folder layout nor this project's data
+contract. It imports no MONAI and from the project only ``custom.clinical`` (the channel order): the runner
+imports it and is copied without the project (docs/deployment.md).
+"""
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from custom.clinical import MODALITIES
+
+LABEL_NAMES = ("background", "lesion")
+LABEL_MAP = "OT"
+# Two maps share a grid when their affines agree within this tolerance (mm, relative).
+AFFINE_ATOL_MM = 1e-3
+AFFINE_RTOL = 1e-4
+# H and W are padded to multiples of 16 for the U-Net's four stride-2 levels; a side of 16 or less reaches a
+# 1 x 1 bottleneck, where instance normalisation fails. Larger sides are accepted whatever their size.
+MIN_IN_PLANE_SIZE = 17
+
+# `SMIR.Brain.XX.O.<MOD>.<id>` with MOD like CT, CT_CBF, MR_Tmax, OT, CT_4DPWI; optionally a NIfTI suffix.
+SMIR_NAME = re.compile(
+    r"^SMIR\.Brain\.[^.]+\.O\.(?:(?:CT|MR)_)?(?P<map>[A-Za-z0-9]+)\.\d+(?:\.nii|\.nii\.gz)?$", re.IGNORECASE
+)
+# Map name (lower case) -> canonical name. Others, such as the large 4D PWI source series, are never opened.
+_KNOWN_MAPS = {name.lower(): name for name in (*MODALITIES, LABEL_MAP)}
+
+
+def affines_match(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two voxel-to-world affines describe the same grid within ``AFFINE_ATOL_MM`` / ``AFFINE_RTOL``."""
+    return bool(np.allclose(a, b, rtol=AFFINE_RTOL, atol=AFFINE_ATOL_MM))
+
+
+def _named(path, name: str | None) -> str:
+    return f"'{path}'" if name is None else name
+
+
+def load_nifti(path, name: str | None = None) -> nib.Nifti1Image:
+    """The NIfTI image at ``path`` (header read, voxels not yet), or a ValueError naming the file as ``name``
+    (default: the quoted path)."""
+    try:
+        return nib.load(path)
+    except Exception as err:  # nibabel raises many types for corrupt or truncated files
+        raise ValueError(f"{_named(path, name)}: cannot read as NIfTI ({err})") from err
+
+
+def read_voxels(path, read: Callable[[], np.ndarray], name: str | None = None) -> np.ndarray:
+    """``read()``, the voxels of the file ``path``, or a ValueError naming the file as ``name`` (default: the
+    quoted path): a truncated or corrupt file often fails only when its voxels are read, after its header was."""
+    try:
+        return read()
+    except Exception as err:  # nibabel, gzip and zlib raise many types for truncated data
+        raise ValueError(f"{_named(path, name)}: cannot read the voxels ({err})") from err
+
+
+def read_nifti(path, name: str | None = None) -> tuple[nib.Nifti1Image, np.ndarray]:
+    """(image, voxel array) of the NIfTI file ``path``, the voxels as stored with the NIfTI scaling applied (as
+    MONAI's ``NibabelReader`` reads them); a ValueError naming the file as ``name`` if it cannot be read."""
+    image = load_nifti(path, name)
+    return image, read_voxels(path, lambda: np.asanyarray(image.dataobj), name)
+
+
+def require_finite(path, data: np.ndarray) -> None:
+    """Refuse NaN and Inf, naming the file ``path``: they silently corrupt brain statistics and volumes."""
+    bad = np.count_nonzero(~np.isfinite(data))
+    if bad:
+        raise ValueError(f"'{path}': {bad} NaN or Inf values")
+
+
+def image_problems(name: str, data: np.ndarray) -> list[str]:
+    """Problems of an image array as read from its file (H, W, D, 5): wrong shape, H or W too small, NaN/Inf per
+    channel, an all-zero perfusion map (no brain: a mask would be a confident wrong answer). The rules of
+    ``python -m custom check``, the bundle's ``ValidateStudy`` and the runner; ``name`` names the file."""
+    if data.ndim != 4 or data.shape[-1] != len(MODALITIES):
+        return [
+            f"{name}: expected a 4D image with {len(MODALITIES)} channels ({', '.join(MODALITIES)}) "
+            f"on the 4th axis, found shape {tuple(data.shape)}"
+        ]
+    problems = []
+    if min(data.shape[:2]) < MIN_IN_PLANE_SIZE:
+        problems.append(
+            f"{name}: in-plane size {data.shape[0]} x {data.shape[1]} is below the network's minimum "
+            f"{MIN_IN_PLANE_SIZE} x {MIN_IN_PLANE_SIZE}"
+        )
+    for channel, modality in enumerate(MODALITIES):
+        values = data[..., channel]
+        bad = np.count_nonzero(~np.isfinite(values))
+        if bad:
+            problems.append(f"{name}: {bad} NaN or Inf values in the {modality} channel")
+        if channel > 0 and not np.any(values):
+            problems.append(f"{name}: the {modality} channel is all zero (empty brain)")
+    return problems
+
+
+def label_problems(name: str, data: np.ndarray, image_name: str | None = None, image_shape=None) -> list[str]:
+    """Problems of a label array (H, W, D): not 3D, a shape other than its image's (H, W, D), values other
+    than 0 and 1 (0.5 included). Shared by the converter, the check and ``ValidateStudy``."""
+    if data.ndim != 3:
+        return [f"{name}: expected a 3D label, found shape {tuple(data.shape)}"]
+    problems = []
+    if image_shape is not None and tuple(data.shape) != tuple(image_shape)[:3]:
+        problems.append(f"{name}: shape {tuple(data.shape)} differs from {image_name} {tuple(image_shape)[:3]}")
+    values = np.unique(data)
+    stray = values[~np.isin(values, (0, 1))]
+    if stray.size:
+        problems.append(f"{name}: label values must be 0 or 1, found {stray.tolist()}")
+    return problems
+
+
+@dataclass(frozen=True)
+class CaseFiles:
+    """One case folder's map files, found by name only (nothing loaded yet)."""
+
+    name: str
+    folder: Path
+    maps: dict[str, Path]  # modality name (CT, CBF, CBV, MTT, Tmax) -> NIfTI file
+    label: Path | None  # the OT file; None for unlabelled cases
+
+
+def nifti_in(folder: Path) -> Path:
+    """The one .nii/.nii.gz file of an ISLES ``SMIR.Brain...`` folder; an error naming the folder otherwise."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith((".nii", ".nii.gz")))
+    if len(files) != 1:
+        raise ValueError(f"'{folder}' should hold exactly one .nii/.nii.gz file, found {len(files)}")
+    return files[0]
+
+
+def find_case_maps(case_dir) -> CaseFiles:
+    """Locate CT, CBF, CBV, MTT, Tmax and (if present) OT in one ISLES 2018 case folder by their SMIR names.
+
+    Entries may be folders ``SMIR.Brain.XX.O.<MOD>.<id>/`` holding one NIfTI, or NIfTI files named that way.
+    Perfusion maps may be spelled ``CT_<map>`` or ``MR_<map>``; the 4D PWI series and unrelated entries are
+    skipped without being opened. A missing or duplicated map is an error naming the folder and the map.
+    """
+    case_dir = Path(case_dir)
+    found: dict[str, list[Path]] = {}
+    for entry in sorted(case_dir.iterdir()):
+        match = SMIR_NAME.match(entry.name)
+        map_name = _KNOWN_MAPS.get(match["map"].lower()) if match else None
+        if map_name is None:
+            continue
+        if entry.is_dir():
+            found.setdefault(map_name, []).append(nifti_in(entry))
+        elif entry.name.endswith((".nii", ".nii.gz")):
+            found.setdefault(map_name, []).append(entry)
+    for map_name, paths in found.items():
+        if len(paths) > 1:
+            raise ValueError(f"'{case_dir}': {map_name} found more than once: {', '.join(map(str, paths))}")
+    missing = [m for m in MODALITIES if m not in found]
+    if missing:
+        raise ValueError(
+            f"'{case_dir}': missing {', '.join(missing)} (found: {', '.join(sorted(found)) or 'no SMIR maps'}); "
+            "expected one ISLES 2018 case folder (case_N/SMIR.Brain.XX.O.<MOD>.<id>)"
+        )
+    label = found.get(LABEL_MAP, [None])[0]
+    return CaseFiles(case_dir.name, case_dir, {m: found[m][0] for m in MODALITIES}, label)
+
+
+def load_map(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
+    """A map as float32 (NIfTI scaling applied), trailing singleton axes squeezed; 3D and finite or an error."""
+    image = load_nifti(path)
+    data = read_voxels(path, lambda: image.get_fdata(dtype=np.float32))
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise ValueError(f"'{path}': expected a 3D map, found shape {data.shape}")
+    require_finite(path, data)
+    return image, data
+
+
+def require_ct_grid(path: Path, image: nib.Nifti1Image, data: np.ndarray, ct_path: Path, ct_image, ct_data):
+    """Refuse a map that does not lie on the CT's grid (shape and affine): nothing is resampled."""
+    if data.shape != ct_data.shape:
+        raise ValueError(f"'{path}': shape {data.shape} differs from the CT's {ct_data.shape} ('{ct_path}')")
+    if not affines_match(image.affine, ct_image.affine):
+        raise ValueError(
+            f"'{path}': affine differs from the CT's ('{ct_path}'); nothing is resampled.\n"
+            f"{path.name}:\n{np.array2string(image.affine, precision=4)}\n"
+            f"CT:\n{np.array2string(ct_image.affine, precision=4)}"
+        )
+
+
+def load_case(case: CaseFiles, with_label: bool) -> tuple[nib.Nifti1Image, np.ndarray, np.ndarray | None]:
+    """The CT image (grid reference), the (H, W, D, 5) float32 stack CT, CBF, CBV, MTT, Tmax and the uint8 label.
+
+    Every map must lie on the CT's grid; label values must be 0 or 1. The label is None unless
+    ``with_label`` and the case has an OT map.
+    """
+    ct_path = case.maps["CT"]
+    ct_image, ct_data = load_map(ct_path)
+    channels = [ct_data]
+    for modality in MODALITIES[1:]:
+        path = case.maps[modality]
+        image, data = load_map(path)
+        require_ct_grid(path, image, data, ct_path, ct_image, ct_data)
+        channels.append(data)
+    label = load_label(case, ct_path, ct_image, ct_data) if with_label else None
+    return ct_image, np.stack(channels, axis=-1), label
+
+
+def load_label(case: CaseFiles, ct_path: Path, ct_image, ct_data) -> np.ndarray | None:
+    """The case's uint8 OT label on the CT grid (values 0 or 1), or None if the case has none."""
+    if case.label is None:
+        return None
+    image, data = load_map(case.label)
+    require_ct_grid(case.label, image, data, ct_path, ct_image, ct_data)
+    problems = label_problems(f"'{case.label}'", data)
+    if problems:
+        raise ValueError("; ".join(problems))
+    return data.astype(np.uint8)
