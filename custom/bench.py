@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
+from monai.utils import instantiate
 
 from custom.atomic import write_atomically, write_text_atomically
 from custom.data.datalist import load_dataset_json
@@ -263,6 +264,18 @@ def time_bundle_training(workflow) -> dict:
     }
 
 
+def plain_optimizer(parser, network: torch.nn.Module) -> torch.optim.Optimizer:
+    """The config's ``optimizer`` (class and every setting, as parsed from train.json) on ``network``'s parameters:
+    the plain loop's, read from the config so that its settings cannot drift from the workflow's."""
+    config = parser["optimizer"]
+    settings = {
+        key: parser.get_parsed_content(f"optimizer#{key}")
+        for key in config
+        if key != "params" and not key.startswith("_")
+    }
+    return instantiate(config["_target_"], "default", params=network.parameters(), **settings)
+
+
 def time_plain_training(workflow, steps: int, channels_last: bool = False) -> dict:
     """The minimal PyTorch loop on one pre-loaded batch of the workflow's data: slices/s of the median step.
 
@@ -277,7 +290,7 @@ def time_plain_training(workflow, steps: int, channels_last: bool = False) -> di
         network = network.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
     loss_function = parser.get_parsed_content("loss", instantiate=True)
-    optimizer = torch.optim.AdamW(network.parameters(), lr=parser["learning_rate"], weight_decay=1e-5)
+    optimizer = plain_optimizer(parser, network)
     network.train()
     times = []
     for _ in range(2 + steps):

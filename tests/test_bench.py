@@ -4,7 +4,9 @@ import re
 
 import pytest
 
-from custom.bench import BEGIN, END, bench, with_tables
+from monai.bundle import ConfigParser
+
+from custom.bench import BEGIN, END, CONFIGS, bench, plain_optimizer, with_tables
 
 SECTIONS = {
     "## Machine": ["item", "value"],
@@ -64,3 +66,14 @@ def test_refuses_to_overwrite_a_file_without_the_block(tmp_path):
     out.write_text("someone's notes\n")
     with pytest.raises(ValueError, match="no .* block to replace"):
         with_tables(out, f"{BEGIN}\nnew\n{END}")
+
+
+def test_plain_loop_optimizer_follows_train_json():
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "train.json"))
+    parser["optimizer#weight_decay"] = 0.25  # any change to train.json's settings must reach the plain loop
+    parser["learning_rate"] = 0.003
+    expected = parser.get_parsed_content("optimizer")
+    optimizer = plain_optimizer(parser, parser.get_parsed_content("network_def", instantiate=True))
+    assert type(optimizer) is type(expected) and optimizer.defaults == expected.defaults
+    assert optimizer.defaults["weight_decay"] == 0.25 and optimizer.defaults["lr"] == 0.003
