@@ -48,7 +48,6 @@ from custom.reporting import (
     summarise,
     write_case_csv,
     write_markdown,
-    write_summary_csv,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -614,7 +613,7 @@ def run_accuracy_bench(
         reference = "bundle" if "bundle" in cases else next(iter(cases))
         rows = comparison_rows(cases, facts, reference)
         title = f"# Accuracy at a {budget_s} s training budget: {scored}, trained on phantom seed {train_seed}\n\n"
-        write_summary_csv(rows, str(out / "accuracy.csv"))
+        write_case_csv(rows, str(out / "accuracy.csv"))
         write_markdown(title + comparison_markdown(rows, reference), str(out / "accuracy.md"))
         print(title + comparison_markdown(rows, reference))
     if failures:

@@ -18,7 +18,7 @@ from monai.bundle import ConfigWorkflow
 
 from custom.atomic import require_writable_folder, write_text_atomically
 from custom.data.datalist import load_dataset_json
-from custom.reporting import summarise, summary_markdown, write_case_csv, write_markdown, write_summary_csv
+from custom.reporting import summarise, summary_markdown, write_case_csv, write_markdown
 
 BUNDLE_ROOT = Path(__file__).resolve().parent.parent / "bundle"
 # evaluate.json's metric names (MetricsSaver files ``<name>_raw.csv``) and the per-case column they become.
@@ -247,7 +247,7 @@ def run_cross_validation(
 
     summary = summarise(rows, CASE_METRICS, group_key="fold")
     write_case_csv(rows, str(run_dir / "cases.csv"))
-    write_summary_csv(summary, str(run_dir / "summary.csv"))
+    write_case_csv(summary, str(run_dir / "summary.csv"))
     write_markdown(summary_markdown(summary, CASE_METRICS, group_key="fold"), str(run_dir / "summary.md"))
     print(summary_markdown(summary, CASE_METRICS, group_key="fold"))
     return summary

@@ -232,7 +232,7 @@ def compare_segmentation(
     from custom.atomic import require_writable_folder
     from custom.baseline import run_baseline
     from custom.crossval import BUNDLE_ROOT, FOLD_IDS, check_overrides, run_cross_validation
-    from custom.reporting import read_case_csv, write_case_csv, write_markdown, write_summary_csv
+    from custom.reporting import read_case_csv, write_case_csv, write_markdown
 
     isles_dir, out = Path(isles_dir).resolve(), require_writable_folder(out)
     settings = {
@@ -274,7 +274,7 @@ def compare_segmentation(
 
     rows = comparison_rows(case_rows)
     table = comparison_markdown(rows)
-    write_summary_csv(rows, str(out / "comparison.csv"))
+    write_case_csv(rows, str(out / "comparison.csv"))
     write_case_csv(_side_by_side(shared_folds, case_rows), str(out / "comparison_cases.csv"))
     run = {None: "cross-validated on every fold", 0: "not run (--cv_folds 0)"}.get(
         cv_folds, f"cross-validated on the first {cv_folds} fold(s) only"
