@@ -4,6 +4,7 @@ Why it exists: MONAI writes TensorBoard logs and masks, but the results page nee
 command anyone can re-run. matplotlib is imported inside the functions (the ``figures`` extra).
 """
 
+import math
 from pathlib import Path
 
 import nibabel as nib
@@ -70,10 +71,17 @@ def plot_montage(cv_dir: str, dataset_dir: str, out: str) -> str:
     """Best, median and worst validation case by Dice: CT and Tmax with the label and prediction outlined."""
     plt = _pyplot()
     cv_dir, dataset_dir = Path(cv_dir), Path(dataset_dir)
-    rows = [r for r in read_case_csv(str(cv_dir / "cases.csv")) if float(r["dice"]) == float(r["dice"])]
+    scored, unranked = [], []
+    for row in read_case_csv(str(cv_dir / "cases.csv")):
+        (unranked if math.isnan(float(row["dice"])) else scored).append(row)
+    if unranked:
+        names = ", ".join(r["case"] for r in unranked)
+        print(f"montage: {len(unranked)} case(s) without a Dice (NaN) left out of the ranking: {names}")
+    if not scored:
+        raise ValueError(f"'{cv_dir / 'cases.csv'}' has no case with a Dice to rank")
     entries = {e["case"]: e for e in load_dataset_json(dataset_dir, ("training",))["training"]}
-    lesion_rows = [r for r in rows if nib.load(dataset_dir / entries[r["case"]]["label"]).get_fdata().any()]
-    ranked = sorted(lesion_rows or rows, key=lambda r: float(r["dice"]))
+    lesion_rows = [r for r in scored if nib.load(dataset_dir / entries[r["case"]]["label"]).get_fdata().any()]
+    ranked = sorted(lesion_rows or scored, key=lambda r: float(r["dice"]))
     picks = {"best": ranked[-1], "median": ranked[len(ranked) // 2], "worst": ranked[0]}
     figure, axes = plt.subplots(len(picks), 2, figsize=(7, 3.4 * len(picks)))
     for row_axes, (title, row) in zip(axes, picks.items()):

@@ -142,6 +142,22 @@ def test_read_only_output_folder_is_refused_before_any_work(tiny_phantom_dataset
     assert bundle_runs == [] and not any(read_only.iterdir())
 
 
+def test_montage_names_the_cases_without_a_dice(tiny_phantom_dataset, tmp_path, capsys):
+    from custom.reporting import write_case_csv
+    from custom.result_figures import plot_montage
+
+    entries = json.loads((tiny_phantom_dataset / "dataset.json").read_text())["training"][:4]
+    for entry in entries:  # the labels as predictions
+        masks = tmp_path / "cv" / f"fold_{entry['fold']}" / "eval" / "masks"
+        masks.mkdir(parents=True, exist_ok=True)
+        (masks / f"{entry['case']}_seg.nii.gz").write_bytes((tiny_phantom_dataset / entry["label"]).read_bytes())
+    rows = [{"fold": e["fold"], "case": e["case"], "dice": d} for e, d in zip(entries, (0.9, "nan", 0.5, 0.7))]
+    write_case_csv(rows, str(tmp_path / "cv" / "cases.csv"))
+    plot_montage(str(tmp_path / "cv"), str(tiny_phantom_dataset), str(tmp_path / "montage.png"))
+    assert f"1 case(s) without a Dice (NaN) left out of the ranking: {entries[1]['case']}" in capsys.readouterr().out
+    assert (tmp_path / "montage.png").stat().st_size > 0
+
+
 def test_ablation_table_reports_paired_difference():
     rows = [
         {"variant": name, "description": name, "cases": 4,
