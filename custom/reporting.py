@@ -78,8 +78,9 @@ def summarise(rows: list[dict], metrics: Sequence[str], group_key: str = "fold")
     return summary
 
 
-def _write_rows(rows: list[dict], path: str) -> None:
-    """Write dict rows as CSV (columns in first-seen order), atomically: a failed write leaves no file."""
+def write_case_csv(rows: list[dict], path: str) -> None:
+    """Write dict rows (one per case, or the rows of ``summarise``) as CSV, columns in first-seen order, atomically:
+    a failed write leaves no file."""
     if not rows:
         raise ValueError(f"no rows to write to {path}.")
     columns = list(dict.fromkeys(column for row in rows for column in row))
@@ -88,16 +89,6 @@ def _write_rows(rows: list[dict], path: str) -> None:
     writer.writeheader()
     writer.writerows(rows)
     write_text_atomically(path, text.getvalue())
-
-
-def write_case_csv(rows: list[dict], path: str) -> None:
-    """Write one row per case (identifiers and metric values) to ``path``."""
-    _write_rows(rows, path)
-
-
-def write_summary_csv(summary: list[dict], path: str) -> None:
-    """Write the rows of ``summarise`` to ``path``."""
-    _write_rows(summary, path)
 
 
 def write_markdown(text: str, path: str) -> None:
