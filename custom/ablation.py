@@ -7,7 +7,7 @@ whole cross-validations; this runs them with identical folds and budget and writ
 from pathlib import Path
 
 from custom.crossval import run_cross_validation
-from custom.reporting import OVERALL, paired_comparison, read_case_csv, summarise, write_markdown, write_summary_csv
+from custom.reporting import OVERALL, paired_comparison, read_case_csv, summarise, write_case_csv, write_markdown
 
 # Each variant is a set of bundle overrides of ``loss`` (train.json builds WeightedCEGeneralizedDiceLoss).
 LOSS_VARIANTS = {
@@ -62,7 +62,7 @@ def run_ablation(
         rows.append((name, DESCRIPTIONS[name], next(row for row in summary if str(row["fold"]) == OVERALL)))
     rows = [_table_row(name, description, overall, cases, reference) for name, description, overall in rows]
 
-    write_summary_csv(rows, str(out / "ablation.csv"))
+    write_case_csv(rows, str(out / "ablation.csv"))
     write_markdown(ablation_markdown(rows, reference), str(out / "ablation.md"))
     print(ablation_markdown(rows, reference))
     return rows

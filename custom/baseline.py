@@ -18,7 +18,7 @@ from custom.atomic import write_atomically
 from custom.clinical import HEALTHY_TMAX_S, RCBF_THRESHOLD, TMAX_THRESHOLD_S, brain_mask, threshold_core
 from custom.data.datalist import load_dataset_json
 from custom.metrics import METRIC_NAMES, case_metrics
-from custom.reporting import summarise, summary_markdown, write_case_csv, write_markdown, write_summary_csv
+from custom.reporting import summarise, summary_markdown, write_case_csv, write_markdown
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def run_baseline(
 
     summary = summarise(rows, METRIC_NAMES, group_key="fold")
     write_case_csv(rows, os.path.join(out, "cases.csv"))
-    write_summary_csv(summary, os.path.join(out, "summary.csv"))
+    write_case_csv(summary, os.path.join(out, "summary.csv"))
     title = (
         f"# Threshold baseline: core = CBF < {rcbf_threshold:g} x reference and Tmax > {tmax_threshold:g} s; "
         f"reference = median CBF of brain voxels with Tmax < {healthy_tmax:g} s\n\n"

@@ -19,7 +19,6 @@ from custom.reporting import (
     summarise,
     summary_markdown,
     write_case_csv,
-    write_summary_csv,
 )
 
 # 0.9 mm in plane, 5 mm slices: one voxel is 0.9 * 0.9 * 5 = 4.05 mm^3.
@@ -319,7 +318,7 @@ def test_csv_round_trip_feeds_summaries_and_comparisons(tmp_path):
     assert rows[1]["hd95_mm"] == "nan"
     assert summarise(rows, ["hd95_mm"])[-1]["hd95_mm_mean"] == pytest.approx(6.0)
     assert paired_comparison(rows, ROWS, "dice")["equal"] == 3
-    write_summary_csv(summarise(rows, ["dice"]), tmp_path / "summary.csv")
+    write_case_csv(summarise(rows, ["dice"]), tmp_path / "summary.csv")
     assert (tmp_path / "summary.csv").read_text().splitlines()[0] == "fold,cases,dice_mean,dice_std,dice_median,dice_n"
     assert not [path for path in tmp_path.rglob(".tmp-*")]
     with pytest.raises(FileNotFoundError, match="missing.csv"):
