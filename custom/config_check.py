@@ -51,7 +51,10 @@ SETTING_RULES = {
     "lesion_threshold": (lambda v: _number(v) and 0 < v < 1, "a number between 0 and 1 (exclusive)"),
     "min_lesion_ml": (lambda v: _number(v) and v >= 0, "a number >= 0 (mL; 0 keeps every lesion)"),
     "seed": (_whole, "a whole number"),
-    "resume_ckpt": (lambda v: v is None or isinstance(v, str), "null or a checkpoint path"),
+    # checked before the dataset is cached, not after, as MONAI's CheckpointLoader would
+    "resume_ckpt": (
+        lambda v: v is None or (isinstance(v, str) and Path(v).is_file()), "null or an existing checkpoint file"
+    ),
     "ckpt_path": (lambda v: isinstance(v, str), "a checkpoint path"),
 }
 # Root ids that MONAI's workflow reads by name (entry points, imports, metadata, experiment tracking)
