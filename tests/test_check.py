@@ -203,3 +203,11 @@ def test_command_prints_every_problem_and_exits_non_zero(dataset_dir, capsys):
     assert exit_info.value.code == 1
     out = capsys.readouterr().out
     assert "2 problem(s):" in out and "labelsTr/case_4.nii.gz" in out and "imagesTr/case_2.nii.gz" in out
+
+
+def test_command_on_a_missing_folder_names_it_without_a_fold_count(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        check_dataset_command(str(tmp_path / "missing"))
+    out = capsys.readouterr().out
+    assert "0 testing cases, no valid number of folds" in out and "None" not in out
+    assert f"dataset_dir '{tmp_path / 'missing'}' does not exist" in out

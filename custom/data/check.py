@@ -210,7 +210,8 @@ def check_dataset_command(dataset_dir):
     cases = report.training
     print(
         f"{dataset_dir}: {len(cases)} readable training cases from {len({c.patient for c in cases})} patients, "
-        f"{sum(c.slices for c in cases)} slices, {report.num_testing} testing cases, {report.num_folds} folds"
+        f"{sum(c.slices for c in cases)} slices, {report.num_testing} testing cases, "
+        f"{report.num_folds if report.num_folds is not None else 'no valid number of'} folds"
     )
     if cases:
         print(f"{'fold':>4} {'cases':>6} {'patients':>9} {'slices':>7} {'lesion mL':>10}  per case min / median / max")
