@@ -41,7 +41,7 @@ from monai.bundle import ConfigWorkflow
 from monai.utils import instantiate
 
 from custom.atomic import write_atomically, write_text_atomically
-from custom.data.datalist import load_dataset_json
+from custom.data.datalist import load_dataset_json, output_case_name
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
@@ -439,7 +439,7 @@ def _runner_pass(network, images, out):
         for path in images:
             volume, affine = deploy.read_case(path)
             mask = deploy.segment_volume(network, volume)
-            deploy.write_mask(mask, affine, out / f"{deploy.case_name(path)}_seg.nii.gz")
+            deploy.write_mask(mask, affine, out / f"{output_case_name(path)}_seg.nii.gz")
 
     return run_once
 

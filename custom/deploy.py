@@ -29,7 +29,7 @@ import torch
 from custom.atomic import write_atomically
 from custom.clinical import MODALITIES, VOLUME_TABLE, case_volumes, describe, write_volume_table
 from custom.clinical import PERFUSION_CHANNELS as BRAIN_CHANNELS  # brain: any of CBF, CBV, MTT, Tmax non-zero
-from custom.data.datalist import output_case_name as case_name  # custom.bench calls deploy.case_name
+from custom.data.datalist import output_case_name
 from custom.data.studies import find_case_maps, image_problems, load_case, read_nifti
 from custom.lesions import check_lesion_threshold, check_min_volume, lesion_from_probabilities, remove_small_lesions
 
@@ -196,7 +196,7 @@ def _check_inputs(inputs: list[Path]) -> None:
     for path in inputs:
         if not path.exists():
             raise FileNotFoundError(f"input '{path}' does not exist")
-        name = case_name(path)
+        name = output_case_name(path)
         if name in seen:
             raise ValueError(f"inputs '{seen[name]}' and '{path}' would both write '{name}_seg.nii.gz'")
         seen[name] = path
@@ -245,7 +245,7 @@ def deploy(*inputs, model="bundle/models/model.ts", out="deploy_out", batch_size
             print(f"not segmented: {err}", file=sys.stderr)
             continue
         mask = lesion_mask(network, volume, affine, int(batch_size), device, min_lesion_ml, lesion_threshold)
-        name = case_name(path)
+        name = output_case_name(path)
         write_mask(mask, affine, out / f"{name}_seg.nii.gz")
         row = {"case": name, "image": str(path), **case_volumes(volume, mask, affine, name)}
         rows.append(row)
