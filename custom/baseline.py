@@ -1,6 +1,6 @@
 """The clinical threshold rule every model must beat: ischemic core = rCBF < 30 % and Tmax > 6 s.
 
-It runs on the converted dataset (data contract in DESIGN.md) and scores every training case with the same
+It runs on the converted dataset (layout in docs/data.md) and scores every training case with the same
 per-case metrics and fold summaries as the cross-validation. The rule and its reasons: docs/metrics.md. The rule
 itself (``threshold_core``) and the brain mask live in the MONAI-free ``custom.clinical``, which the inference
 table uses too (its ``core_rule_ml`` column).

@@ -23,7 +23,7 @@ from custom.atomic import write_atomically
 
 logger = logging.getLogger(__name__)
 
-# The bundle's fixed channel order (DESIGN.md, data contract; dataset.json "modality"): channels last in the
+# The bundle's fixed channel order (docs/data.md; dataset.json "modality"): channels last in the
 # NIfTI, first in the network input.
 MODALITIES = ("CT", "CBF", "CBV", "MTT", "Tmax")
 CBF_CHANNEL = MODALITIES.index("CBF")

@@ -36,7 +36,7 @@ def _radiological(slice_ras: np.ndarray) -> np.ndarray:
 
 
 def phantom_figure(dataset_dir, out, case=None, slice_index=None):
-    """Write a PNG of one training case of DATASET_DIR (data contract in DESIGN.md) to OUT; returns OUT.
+    """Write a PNG of one training case of DATASET_DIR (layout in docs/data.md) to OUT; returns OUT.
 
     Six panels: CT in a brain window, CBF, CBV, MTT and Tmax with colour bars and units, and the label
     outlined over CT. ``case`` defaults to the case with the largest lesion, ``slice_index`` (0-based, along
