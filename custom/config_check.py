@@ -1,11 +1,12 @@
-"""Refuse bundle settings of the wrong type and override ids that nothing uses, naming the config id.
+"""Refuse bundle settings of the wrong type, override ids that nothing uses and a training run that would
+overwrite an earlier run's checkpoints, naming the config id.
 
 Why it exists: ``python -m monai.bundle run --epochs abc`` fails deep inside Ignite with an error that
 names no config id, and ``--epochz 5`` is added to the configuration and silently ignored, so the run
 trains with the default epochs. MONAI validates neither. The configs' ``check_settings`` id, the first
 step of ``run``, calls ``check_settings`` with the resolved values of their documented ids before anything
 is built (not ``initialize``: MONAI puts the bundle root, and so a bundle's own copy of ``custom``, on the
-Python path only when ``run`` starts).
+Python path only when ``run`` starts); train.json's ``check_ckpt_dir`` follows it.
 """
 
 import inspect
@@ -17,6 +18,8 @@ from pathlib import Path
 
 from monai.bundle import ConfigParser
 from monai.bundle.utils import DEFAULT_EXP_MGMT_SETTINGS
+
+from custom.lifecycle import latest_checkpoint
 
 
 def _whole(value) -> bool:
@@ -56,6 +59,7 @@ SETTING_RULES = {
         lambda v: v is None or (isinstance(v, str) and Path(v).is_file()), "null or an existing checkpoint file"
     ),
     "ckpt_path": (lambda v: isinstance(v, str), "a checkpoint path"),
+    "overwrite": (lambda v: isinstance(v, bool), "true or false"),
 }
 # Root ids that MONAI's workflow reads by name (entry points, imports, metadata, experiment tracking)
 # rather than through a reference.
@@ -99,6 +103,26 @@ def check_settings(bundle_root, **settings) -> None:
         ]
     if problems:
         raise ValueError("invalid bundle settings:\n  " + "\n  ".join(problems))
+
+
+def check_ckpt_dir(ckpt_dir, resume_ckpt=None, overwrite=False) -> None:
+    """Refuse a training run that would replace an earlier run's checkpoints in ``ckpt_dir``.
+
+    Why it exists: MONAI's and Ignite's checkpoint savers replace ``model.pt`` and
+    ``latest_checkpoint_epoch=<n>.pt`` of the same names without a word, so a second run with the same
+    ``ckpt_dir`` would lose the first run's model. Allowed: a folder without ``*.pt`` files, a run resuming
+    from a checkpoint in that folder, and ``overwrite`` true.
+    """
+    folder = Path(str(ckpt_dir))
+    earlier = sorted(path.name for path in folder.glob("*.pt")) if folder.is_dir() else []
+    resumes_here = isinstance(resume_ckpt, str) and Path(resume_ckpt).resolve().parent == folder.resolve()
+    if earlier and not resumes_here and overwrite is not True:
+        newest = latest_checkpoint(folder)
+        resume = f"continue that run with --resume_ckpt '{newest}', " if newest else ""
+        raise FileExistsError(
+            f"config id 'ckpt_dir': '{folder}' holds checkpoints of an earlier run ({', '.join(earlier)}) that this "
+            f"run would overwrite: {resume}replace them with --overwrite true, or train into another --ckpt_dir"
+        )
 
 
 def unused_root_ids(config: dict) -> list[str]:

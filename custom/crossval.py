@@ -8,7 +8,6 @@ with ``train.json`` and ``evaluate.json`` per fold; training, evaluation and met
 import csv
 import hashlib
 import json
-import re
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from monai.bundle import ConfigWorkflow
 
 from custom.atomic import require_writable_folder, write_text_atomically
 from custom.data.datalist import load_dataset_json
+from custom.lifecycle import latest_checkpoint
 from custom.reporting import summarise, summary_markdown, write_case_csv, write_markdown
 
 BUNDLE_ROOT = Path(__file__).resolve().parent.parent / "bundle"
@@ -38,16 +38,6 @@ RUN_RECORD = "run_configuration.json"
 FOLD_IDS = ("fold", "ckpt_dir", "output_dir", "ckpt_path", "resume_ckpt")
 # Entries of the run record that only inform (paths may move); the others must match to reuse a folder.
 INFORMATIVE_RECORD_KEYS = ("config_paths",)
-
-
-def latest_checkpoint(ckpt_dir) -> Path | None:
-    """The newest ``latest_checkpoint_epoch=N.pt`` written by train.json's CheckpointSaver, or None."""
-    found = []
-    for path in Path(ckpt_dir).glob("latest_checkpoint_epoch=*.pt"):
-        match = re.search(r"epoch=(\d+)\.pt$", path.name)
-        if match:
-            found.append((int(match.group(1)), path))
-    return max(found)[1] if found else None
 
 
 def override_arguments(overrides: dict) -> list[str]:

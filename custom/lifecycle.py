@@ -1,4 +1,4 @@
-"""Three pieces of the training lifecycle that MONAI lacks, used by ``configs/train.json``.
+"""Pieces of the training lifecycle that MONAI lacks, used by ``configs/train.json``.
 
 - :class:`ValidationAtIntervalAndEnd`: validation every ``interval`` epochs *and* after the last epoch,
   so a run of any length ends with a ``model.pt`` chosen by validation.
@@ -6,9 +6,12 @@
   ``--resume_ckpt`` does not forget which ``model.pt`` is the best one.
 - :class:`CrashSafeCheckpointSaver`: MONAI's ``CheckpointSaver`` writing through ``custom.atomic``, so
   ``kill -9`` never leaves a truncated checkpoint under its final name.
+- :func:`latest_checkpoint`: the newest periodic checkpoint of a ``ckpt_dir``, the one to resume from.
 """
 
+import re
 from collections.abc import Mapping
+from pathlib import Path
 
 import ignite.distributed as idist
 import torch
@@ -112,3 +115,13 @@ class CrashSafeCheckpointSaver(CheckpointSaver):
         for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
             if checkpoint is not None:
                 checkpoint.save_handler = _AtomicDiskSaver(checkpoint.save_handler)
+
+
+def latest_checkpoint(ckpt_dir) -> Path | None:
+    """The newest ``latest_checkpoint_epoch=N.pt`` written by train.json's CheckpointSaver, or None."""
+    found = []
+    for path in Path(ckpt_dir).glob("latest_checkpoint_epoch=*.pt"):
+        match = re.search(r"epoch=(\d+)\.pt$", path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return max(found)[1] if found else None

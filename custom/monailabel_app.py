@@ -77,6 +77,7 @@ def unpack_served_bundle(archive, model_dir, input_settings=None) -> Path:
     train_config = bundle_root / "configs" / "train.json"
     config = json.loads(train_config.read_text())
     config["ckpt_dir"] = SERVED_CKPT_DIR
+    config["overwrite"] = True  # each fine-tune starts from the served model.pt and replaces it
     # MONAI Label supplies train#dataset#data and validate#dataset#data from its datastore. The Slicer
     # plugin posts an empty run_id, with which MONAI parses the whole config, datalists included: they
     # must not point at a dataset folder the server does not have.

@@ -13,7 +13,8 @@ from conftest import BUNDLE, CONFIGS, TINY_TRAINING, bundle_workflow
 from ignite.engine import Events
 from monai.bundle import ConfigParser
 
-from custom.crossval import latest_checkpoint, override_arguments
+from custom.crossval import override_arguments
+from custom.lifecycle import latest_checkpoint
 
 
 def _bundle_run(*arguments, run_id=None):

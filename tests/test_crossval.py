@@ -11,7 +11,8 @@ from conftest import TINY_TRAINING
 import custom.crossval
 from custom.ablation import LOSS_VARIANTS, ablation_markdown
 from custom.baseline import run_baseline
-from custom.crossval import CASE_METRICS, RUN_RECORD, latest_checkpoint, run_cross_validation
+from custom.crossval import CASE_METRICS, RUN_RECORD, run_cross_validation
+from custom.lifecycle import latest_checkpoint
 
 
 def test_latest_checkpoint_picks_highest_epoch(tmp_path):

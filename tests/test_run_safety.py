@@ -38,6 +38,7 @@ def _error_chain(error: BaseException) -> str:
         (["train.json"], "train", {"learning_rate": "0.1"}, "config id 'learning_rate' must be a number > 0"),
         (["train.json"], "train", {"epochz": 5}, "config id 'epochz' is used by nothing in the configuration"),
         (["train.json"], "train", {"resume_ckpt": "runs/none.pt"}, "'resume_ckpt' must be null or an existing"),
+        (["train.json"], "train", {"overwrite": "yes"}, "config id 'overwrite' must be true or false, got 'yes'"),
         (["train.json", "evaluate.json"], "train", {"ckpt_pth": "m.pt"}, "config id 'ckpt_pth' is used by nothing"),
         (["inference.json"], "infer", {"num_workers": -1}, "config id 'num_workers' must be a whole number >= 0"),
         (["inference.json"], "infer", {"ckpt_pth": "m.pt"}, "config id 'ckpt_pth' is used by nothing"),

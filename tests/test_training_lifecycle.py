@@ -12,9 +12,9 @@ import torch
 from conftest import BUNDLE, CONFIGS, TINY_TRAINING
 from ignite.engine import Engine, Events
 
-from custom.crossval import latest_checkpoint, override_arguments
+from custom.crossval import override_arguments
 from custom.data.datalist import fold_datalist
-from custom.lifecycle import CrashSafeCheckpointSaver, ValidationAtIntervalAndEnd
+from custom.lifecycle import CrashSafeCheckpointSaver, ValidationAtIntervalAndEnd, latest_checkpoint
 from custom.monailabel_app import unpack_served_bundle
 from custom.package import package_bundle
 
@@ -128,6 +128,28 @@ def test_monailabel_fine_tune_updates_the_served_weights(tiny_phantom_dataset, t
     assert weights.read_bytes() != shipped
     state = torch.load(weights, weights_only=True)
     assert state.keys() == torch.load(BUNDLE / "models" / "model.pt", weights_only=True).keys()
+
+
+def test_a_new_run_into_a_used_ckpt_dir_is_refused_unless_asked_to_overwrite(tiny_phantom_dataset, tmp_path):
+    """A second run with the same ckpt_dir, neither resuming nor told --overwrite true, keeps the first run's files."""
+    ckpt_dir, logs = tmp_path / "models", str(tmp_path / "logs")
+    _workflow(tiny_phantom_dataset, ckpt_dir=str(ckpt_dir), output_dir=logs, epochs=1).run()
+    first_run = {path.name: path.read_bytes() for path in ckpt_dir.iterdir()}
+    assert {"model.pt", "latest_checkpoint_epoch=1.pt"} <= set(first_run)
+
+    second = _workflow(tiny_phantom_dataset, ckpt_dir=str(ckpt_dir), output_dir=logs, epochs=1, seed=7)
+    with pytest.raises(Exception) as raised:
+        second.run()
+    message = "\n".join(str(error) for error in (raised.value, raised.value.__cause__) if error is not None)
+    assert f"config id 'ckpt_dir': '{ckpt_dir}' holds checkpoints of an earlier run" in message
+    assert "(latest_checkpoint_epoch=1.pt, model.pt)" in message and "--overwrite true" in message
+    assert f"--resume_ckpt '{ckpt_dir / 'latest_checkpoint_epoch=1.pt'}'" in message
+    assert {path.name: path.read_bytes() for path in ckpt_dir.iterdir()} == first_run
+
+    replacing = _workflow(tiny_phantom_dataset, ckpt_dir=str(ckpt_dir), output_dir=logs, epochs=1, seed=7,
+                          overwrite=True)  # fmt: skip
+    replacing.run()
+    assert (ckpt_dir / "model.pt").read_bytes() != first_run["model.pt"]
 
 
 def test_resume_keeps_the_best_metric(tiny_phantom_dataset, tmp_path):
