@@ -207,8 +207,8 @@ def _label_of(image: Path) -> Path:
 def train_workflow(
     images: list[Path], work: Path, patch, samples: int, batch: int, epochs: int, configs=("train.json",), **override
 ):
-    """The train.json workflow (plus override ``configs``) on ``images``, no validation run, files under ``work``;
-    initialised."""
+    """The train.json workflow (plus override ``configs``) on ``images``, no validation run, files under ``work``,
+    replacing the checkpoints of an earlier measurement there (they are only timed); initialised."""
     datalist = [{"image": str(p), "label": str(_label_of(p))} for p in images]
     workflow = ConfigWorkflow(
         config_file=[str(CONFIGS / name) for name in configs],
@@ -224,6 +224,7 @@ def train_workflow(
         patch_size=list(patch),
         samples_per_volume=samples,
         batch_size=batch,
+        overwrite=True,
         **{"train#datalist": datalist, "validate#datalist": datalist[:2], **override},
     )
     workflow.initialize()
