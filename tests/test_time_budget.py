@@ -113,7 +113,7 @@ def test_the_budget_counts_validations_only_when_the_run_has_some(tiny_phantom_d
 def test_a_budget_ends_the_run_on_a_validated_epoch_with_the_schedule_finished(tiny_phantom_dataset, tmp_path):
     epochs = 300  # minutes of training at this size; the budget must end it after seconds
     parser = _budget_run(tiny_phantom_dataset, tmp_path, epochs=epochs, val_interval=4, warmup_epochs=30,
-                         learning_rate=0.001, time_budget_s=6)
+                         learning_rate=0.001, time_budget_s=12)  # several epochs, also on a loaded machine
     trainer = parser.get_parsed_content("train#trainer")
     scheduler = parser.get_parsed_content("lr_scheduler")
     assert 1 < trainer.state.epoch <= trainer.state.max_epochs < epochs
