@@ -148,10 +148,10 @@ def lesion_mask(network, volume: np.ndarray, affine: np.ndarray, batch_size: int
                 min_lesion_ml: float = MIN_LESION_ML,
                 lesion_threshold: float = LESION_THRESHOLD) -> np.ndarray:  # fmt: skip
     """The bundle's mask of one (H, W, D, 5) volume with its ``affine``: ``segment_volume`` at ``lesion_threshold``,
-    then the lesions under ``min_lesion_ml`` mL removed (``custom.lesions.remove_small_lesions``, voxel sizes from
+    then the lesions under ``min_lesion_ml`` mL removed (``custom.lesions.remove_small_lesions``, voxel volume from
     ``affine``)."""
     mask = segment_volume(network, volume, batch_size, device, lesion_threshold)
-    return remove_small_lesions(mask, nib.affines.voxel_sizes(affine), min_lesion_ml)
+    return remove_small_lesions(mask, affine, min_lesion_ml)
 
 
 def write_mask(mask: np.ndarray, affine: np.ndarray, path) -> None:

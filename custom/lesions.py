@@ -10,6 +10,8 @@ serve ``inference.json``, ``evaluate.json`` and the runner alike, so their masks
 import numpy as np
 from scipy import ndimage
 
+from custom.clinical import voxel_volume_ml
+
 # 26-connectivity: voxels sharing a face, an edge or a corner belong to the same lesion.
 LESION_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
 
@@ -39,21 +41,20 @@ def check_min_volume(min_volume_ml) -> float:
     return float(min_volume_ml)
 
 
-def remove_small_lesions(mask: np.ndarray, spacing_mm, min_volume_ml: float) -> np.ndarray:
+def remove_small_lesions(mask: np.ndarray, affine, min_volume_ml: float) -> np.ndarray:
     """``mask`` (H, W, D) with every 26-connected lesion under ``min_volume_ml`` mL set to 0 (same dtype).
 
-    ``spacing_mm`` holds the voxel sizes of the three axes (``nibabel.affines.voxel_sizes`` of the affine);
+    ``affine`` is the mask's 4 x 4 voxel-to-world matrix (its voxel volume: ``custom.clinical.voxel_volume_ml``);
     ``min_volume_ml`` 0 keeps every lesion.
     """
     min_volume_ml = check_min_volume(min_volume_ml)
-    mask = np.asarray(mask)
-    if mask.ndim != 3 or len(spacing_mm) != 3:
-        raise ValueError(f"expected an (H, W, D) mask and 3 voxel sizes, got shape {mask.shape} and {spacing_mm!r}")
+    mask, affine = np.asarray(mask), np.asarray(affine)
+    if mask.ndim != 3 or affine.shape != (4, 4):
+        raise ValueError(f"expected an (H, W, D) mask and a 4 x 4 affine, got shapes {mask.shape} and {affine.shape}")
     if min_volume_ml == 0:
         return mask
     components, count = ndimage.label(mask != 0, structure=LESION_CONNECTIVITY)
-    voxel_ml = float(np.prod(spacing_mm)) / 1000.0
-    volumes_ml = np.bincount(components.ravel(), minlength=count + 1) * voxel_ml
+    volumes_ml = np.bincount(components.ravel(), minlength=count + 1) * voxel_volume_ml(affine)
     keep = volumes_ml >= min_volume_ml
     keep[0] = False  # background
     return np.where(keep[components], mask, np.zeros_like(mask))

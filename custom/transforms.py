@@ -10,7 +10,7 @@ from monai.transforms import MapTransform, Transform
 from monai.utils import TransformBackends, convert_to_dst_type, convert_to_numpy, convert_to_tensor
 
 from custom.clinical import PERFUSION_CHANNELS  # CBF, CBV, MTT, Tmax; channel 0 is CT
-from custom.data.check import image_problems, label_problems
+from custom.data.studies import image_problems, label_problems
 from custom.deploy import CLIP_PERCENTILES, NORMALIZE_EPS, normalize_within_brain
 from custom.lesions import check_lesion_threshold, check_min_volume, lesion_from_probabilities, remove_small_lesions
 
@@ -203,8 +203,8 @@ class RemoveSmallLesionsd(MapTransform):
     """Set the predicted lesions under ``min_volume_ml`` mL to 0 in a channel-first (1, H, W, D) mask
     (:func:`custom.lesions.remove_small_lesions`, shared with the MONAI-free runner).
 
-    The voxel sizes come from the mask's affine (a MetaTensor, as ``Invertd`` and ``LoadImage`` give it), the
-    ones nibabel reports for the input; ``min_volume_ml`` 0 keeps every lesion.
+    The voxel volume comes from the mask's affine (a MetaTensor, as ``Invertd`` and ``LoadImage`` give it), the
+    input's; ``min_volume_ml`` 0 keeps every lesion.
     """
 
     backend = [TransformBackends.NUMPY]
@@ -222,7 +222,6 @@ class RemoveSmallLesionsd(MapTransform):
                     f"RemoveSmallLesionsd expects '{key}' as a (1, H, W, D) MetaTensor with its affine, got "
                     f"{type(mask).__name__} of shape {tuple(mask.shape)}"
                 )
-            spacing = [float(s) for s in mask.pixdim]
-            kept = remove_small_lesions(convert_to_numpy(mask[0]), spacing, self.min_volume_ml)
+            kept = remove_small_lesions(convert_to_numpy(mask[0]), convert_to_numpy(mask.affine), self.min_volume_ml)
             d[key] = convert_to_dst_type(kept[None], mask)[0]
         return d

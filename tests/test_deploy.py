@@ -178,7 +178,7 @@ def test_deploy_imports_only_torch_numpy_scipy_nibabel_the_standard_library_and_
         "custom.data.studies",
     }  # fmt: skip
     assert _third_party_imports("clinical.py") == {"numpy", "custom.atomic"}
-    assert _third_party_imports("lesions.py") == {"numpy", "scipy"}
+    assert _third_party_imports("lesions.py") == {"numpy", "scipy", "custom.clinical"}
     assert _third_party_imports("atomic.py") == set()
     assert _third_party_imports("data/__init__.py") == set()
     assert _third_party_imports("data/datalist.py", top_level_only=True) == set()  # readers imported where used

@@ -13,7 +13,7 @@ from custom.deploy import LESION_THRESHOLD, MIN_LESION_ML
 from custom.lesions import lesion_from_probabilities, remove_small_lesions
 from custom.transforms import LesionMaskd, RemoveSmallLesionsd
 
-SPACING = (1.0, 1.0, 2.0)  # 2 mm3 per voxel: 500 voxels are 1 mL
+AFFINE = np.diag([1.0, 1.0, 2.0, 1.0])  # 2 mm3 per voxel: 500 voxels are 1 mL
 
 
 def _mask() -> np.ndarray:
@@ -29,35 +29,35 @@ def _mask() -> np.ndarray:
 
 def test_lesions_under_the_volume_are_removed_with_26_connectivity():
     mask = _mask()
-    kept = remove_small_lesions(mask, SPACING, 0.5)
+    kept = remove_small_lesions(mask, AFFINE, 0.5)
     assert kept.dtype == np.uint8 and kept.shape == mask.shape
     assert kept[0:10, 0:10].sum() == 0  # 0.4 mL removed
     assert kept[20:30, 0:10].sum() == 300  # 0.6 mL kept
     assert kept[0:10, 20:40].sum() == 300  # corner-connected: one lesion of 0.6 mL, kept
-    assert remove_small_lesions(mask, SPACING, 0.6).sum() == 600  # exactly the threshold is kept
-    assert remove_small_lesions(mask, SPACING, 0.61).sum() == 0
-    assert remove_small_lesions(mask, (1.0, 1.0, 1.0), 0.5).sum() == 0  # 1 mm3 voxels: every lesion under 0.5 mL
-    np.testing.assert_array_equal(remove_small_lesions(mask, SPACING, 0), mask)
-    assert remove_small_lesions(np.zeros_like(mask), SPACING, 0.5).sum() == 0
+    assert remove_small_lesions(mask, AFFINE, 0.6).sum() == 600  # exactly the threshold is kept
+    assert remove_small_lesions(mask, AFFINE, 0.61).sum() == 0
+    assert remove_small_lesions(mask, np.eye(4), 0.5).sum() == 0  # 1 mm3 voxels: every lesion under 0.5 mL
+    np.testing.assert_array_equal(remove_small_lesions(mask, AFFINE, 0), mask)
+    assert remove_small_lesions(np.zeros_like(mask), AFFINE, 0.5).sum() == 0
 
 
 @pytest.mark.parametrize("value", [-0.1, True, "0.5", None, float("nan")])
 def test_bad_minimum_volume_is_refused_naming_the_setting(value):
     with pytest.raises(ValueError, match="min_lesion_ml must be a number >= 0"):
-        remove_small_lesions(_mask(), SPACING, value)
+        remove_small_lesions(_mask(), AFFINE, value)
     with pytest.raises(ValueError, match="min_lesion_ml must be a number >= 0"):
         RemoveSmallLesionsd("pred", value)
 
 
-def test_transform_takes_the_spacing_from_the_affine():
+def test_transform_takes_the_voxel_volume_from_the_affine():
     mask = _mask()
-    affine = np.diag([*SPACING, 1.0])
-    affine[:3, :3] = affine[:3, :3] @ np.array([[0, -1, 0], [1, 0, 0], [0, 0, 1]])  # rotated: same voxel sizes
+    affine = AFFINE.copy()
+    affine[:3, :3] = affine[:3, :3] @ np.array([[0, -1, 0], [1, 0, 0], [0, 0, 1]])  # rotated: same voxel volume
     pred = MetaTensor(torch.as_tensor(mask[None]), affine=torch.as_tensor(affine))
     out = RemoveSmallLesionsd("pred", 0.5)({"pred": pred})["pred"]
     assert isinstance(out, MetaTensor) and out.shape == (1, *mask.shape)
     np.testing.assert_allclose(out.affine.numpy(), affine)
-    np.testing.assert_array_equal(out.numpy()[0], remove_small_lesions(mask, SPACING, 0.5))
+    np.testing.assert_array_equal(out.numpy()[0], remove_small_lesions(mask, AFFINE, 0.5))
     with pytest.raises(ValueError, match="'pred' as a \\(1, H, W, D\\) MetaTensor"):
         RemoveSmallLesionsd("pred", 0.5)({"pred": torch.as_tensor(mask[None])})
 
