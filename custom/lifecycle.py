@@ -6,6 +6,7 @@
   ``--resume_ckpt`` does not forget which ``model.pt`` is the best one.
 - :class:`CrashSafeCheckpointSaver`: MONAI's ``CheckpointSaver`` writing through ``custom.atomic``, so
   ``kill -9`` never leaves a truncated checkpoint under its final name.
+  A run takes over the periodic checkpoints of the run it resumes, so ``n_saved`` counts both runs' files.
 - :func:`latest_checkpoint`: the newest periodic checkpoint of a ``ckpt_dir``, the one to resume from.
 """
 
@@ -116,12 +117,41 @@ class CrashSafeCheckpointSaver(CheckpointSaver):
             if checkpoint is not None:
                 checkpoint.save_handler = _AtomicDiskSaver(checkpoint.save_handler)
 
+    def attach(self, engine: Engine) -> None:
+        super().attach(engine)
+        if self._interval_checkpoint is not None:
+            engine.add_event_handler(Events.STARTED, self._take_over_periodic_checkpoints)
+
+    def _take_over_periodic_checkpoints(self, engine: Engine) -> None:
+        """Make the folder's periodic checkpoints this run's: ignite's record of them starts empty in every run, so
+        a resumed run would keep all of the run it resumed, and a run replacing another would leave its later ones
+        (which ``latest_checkpoint`` would then pick).
+
+        Runs on ``STARTED``, after a ``CheckpointLoader`` attached before this saver has restored the step: the
+        checkpoints up to that step count as this run's (``n_saved`` of them kept, the newest), those after it
+        belong to the run this one replaces or resumes from an earlier point, and are removed.
+        """
+        checkpoint = self._interval_checkpoint
+        step = engine.state.epoch if self.epoch_level else engine.state.iteration
+        name = next(iter(self.save_dict)) if len(self.save_dict) == 1 else "checkpoint"  # ignite's file naming
+        found = periodic_checkpoints(self.save_dir, f"{checkpoint.filename_prefix}_{name}", checkpoint.score_name)
+        earlier = [(number, path.name) for number, path in found if number <= step]
+        kept = earlier[-checkpoint.n_saved:] if checkpoint.n_saved else earlier
+        for number, path in found:
+            if (number, path.name) not in kept:
+                checkpoint.save_handler.remove(path.name)
+        checkpoint.load_state_dict({"_saved": kept})
+
+
+def periodic_checkpoints(folder, basename: str = "latest_checkpoint", score_name: str = "epoch") -> list:
+    """The ``<basename>_<score_name>=<n>.pt`` files of ``folder`` (MONAI's CheckpointSaver names its periodic
+    checkpoints so) as ``(n, path)``, oldest first."""
+    pattern = re.compile(rf"{re.escape(basename)}_{re.escape(score_name)}=(\d+)\.pt")
+    matches = ((pattern.fullmatch(path.name), path) for path in Path(folder).glob("*.pt"))
+    return sorted((int(match.group(1)), path) for match, path in matches if match)
+
 
 def latest_checkpoint(ckpt_dir) -> Path | None:
     """The newest ``latest_checkpoint_epoch=N.pt`` written by train.json's CheckpointSaver, or None."""
-    found = []
-    for path in Path(ckpt_dir).glob("latest_checkpoint_epoch=*.pt"):
-        match = re.search(r"epoch=(\d+)\.pt$", path.name)
-        if match:
-            found.append((int(match.group(1)), path))
-    return max(found)[1] if found else None
+    found = periodic_checkpoints(ckpt_dir)
+    return found[-1][1] if found else None

@@ -131,25 +131,40 @@ def test_monailabel_fine_tune_updates_the_served_weights(tiny_phantom_dataset, t
 
 
 def test_a_new_run_into_a_used_ckpt_dir_is_refused_unless_asked_to_overwrite(tiny_phantom_dataset, tmp_path):
-    """A second run with the same ckpt_dir, neither resuming nor told --overwrite true, keeps the first run's files."""
+    """A second run with the same ckpt_dir, neither resuming nor told --overwrite true, keeps the first run's files;
+    told --overwrite true, it replaces them, the first run's later periodic checkpoints included."""
     ckpt_dir, logs = tmp_path / "models", str(tmp_path / "logs")
-    _workflow(tiny_phantom_dataset, ckpt_dir=str(ckpt_dir), output_dir=logs, epochs=1).run()
+    _workflow(tiny_phantom_dataset, ckpt_dir=str(ckpt_dir), output_dir=logs, epochs=2).run()
     first_run = {path.name: path.read_bytes() for path in ckpt_dir.iterdir()}
-    assert {"model.pt", "latest_checkpoint_epoch=1.pt"} <= set(first_run)
+    assert set(first_run) == {"model.pt", "latest_checkpoint_epoch=1.pt", "latest_checkpoint_epoch=2.pt"}
 
     second = _workflow(tiny_phantom_dataset, ckpt_dir=str(ckpt_dir), output_dir=logs, epochs=1, seed=7)
     with pytest.raises(Exception) as raised:
         second.run()
     message = "\n".join(str(error) for error in (raised.value, raised.value.__cause__) if error is not None)
     assert f"config id 'ckpt_dir': '{ckpt_dir}' holds checkpoints of an earlier run" in message
-    assert "(latest_checkpoint_epoch=1.pt, model.pt)" in message and "--overwrite true" in message
-    assert f"--resume_ckpt '{ckpt_dir / 'latest_checkpoint_epoch=1.pt'}'" in message
+    assert "(latest_checkpoint_epoch=1.pt, latest_checkpoint_epoch=2.pt, model.pt)" in message
+    assert f"--resume_ckpt '{ckpt_dir / 'latest_checkpoint_epoch=2.pt'}'" in message and "--overwrite true" in message
     assert {path.name: path.read_bytes() for path in ckpt_dir.iterdir()} == first_run
 
     replacing = _workflow(tiny_phantom_dataset, ckpt_dir=str(ckpt_dir), output_dir=logs, epochs=1, seed=7,
                           overwrite=True)  # fmt: skip
     replacing.run()
+    assert sorted(path.name for path in ckpt_dir.iterdir()) == ["latest_checkpoint_epoch=1.pt", "model.pt"]
     assert (ckpt_dir / "model.pt").read_bytes() != first_run["model.pt"]
+    assert latest_checkpoint(ckpt_dir) == ckpt_dir / "latest_checkpoint_epoch=1.pt"
+
+
+def test_a_resumed_run_keeps_the_newest_periodic_checkpoints_of_both_runs(tiny_phantom_dataset, tmp_path):
+    """n_saved (2) counts the resumed run's periodic checkpoints with its own: after 3 + 2 epochs, epochs 4 and 5."""
+    logs = str(tmp_path / "logs")
+    _workflow(tiny_phantom_dataset, ckpt_dir=str(tmp_path), output_dir=logs, epochs=3).run()
+    assert latest_checkpoint(tmp_path).name == "latest_checkpoint_epoch=3.pt"
+    _workflow(tiny_phantom_dataset, ckpt_dir=str(tmp_path), output_dir=logs, epochs=5,
+              resume_ckpt=str(latest_checkpoint(tmp_path))).run()  # fmt: skip
+    assert sorted(path.name for path in tmp_path.glob("*.pt")) == [
+        "latest_checkpoint_epoch=4.pt", "latest_checkpoint_epoch=5.pt", "model.pt"
+    ]  # fmt: skip
 
 
 def test_resume_keeps_the_best_metric(tiny_phantom_dataset, tmp_path):
