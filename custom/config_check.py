@@ -59,7 +59,7 @@ SETTING_RULES = {
         lambda v: v is None or (isinstance(v, str) and Path(v).is_file()), "null or an existing checkpoint file"
     ),
     "ckpt_path": (lambda v: isinstance(v, str), "a checkpoint path"),
-    "overwrite": (lambda v: isinstance(v, bool), "true or false"),
+    "overwrite": (lambda v: isinstance(v, bool), "True or False (a bool: --overwrite True on the command line)"),
 }
 # Root ids that MONAI's workflow reads by name (entry points, imports, metadata, experiment tracking)
 # rather than through a reference.
@@ -121,7 +121,7 @@ def check_ckpt_dir(ckpt_dir, resume_ckpt=None, overwrite=False) -> None:
         resume = f"continue that run with --resume_ckpt '{newest}', " if newest else ""
         raise FileExistsError(
             f"config id 'ckpt_dir': '{folder}' holds checkpoints of an earlier run ({', '.join(earlier)}) that this "
-            f"run would overwrite: {resume}replace them with --overwrite true, or train into another --ckpt_dir"
+            f"run would overwrite: {resume}replace them with --overwrite True, or train into another --ckpt_dir"
         )
 
 

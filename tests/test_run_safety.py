@@ -38,7 +38,7 @@ def _error_chain(error: BaseException) -> str:
         (["train.json"], "train", {"learning_rate": "0.1"}, "config id 'learning_rate' must be a number > 0"),
         (["train.json"], "train", {"epochz": 5}, "config id 'epochz' is used by nothing in the configuration"),
         (["train.json"], "train", {"resume_ckpt": "runs/none.pt"}, "'resume_ckpt' must be null or an existing"),
-        (["train.json"], "train", {"overwrite": "yes"}, "config id 'overwrite' must be true or false, got 'yes'"),
+        (["train.json"], "train", {"overwrite": "yes"}, "config id 'overwrite' must be True or False (a bool"),
         (["train.json", "evaluate.json"], "train", {"ckpt_pth": "m.pt"}, "config id 'ckpt_pth' is used by nothing"),
         (["inference.json"], "infer", {"num_workers": -1}, "config id 'num_workers' must be a whole number >= 0"),
         (["inference.json"], "infer", {"ckpt_pth": "m.pt"}, "config id 'ckpt_pth' is used by nothing"),
@@ -76,6 +76,27 @@ def test_bundle_command_line_names_every_bad_override(tmp_path):
     assert completed.returncode != 0
     assert "config id 'epochs' must be a whole number >= 1, got 'abc'" in completed.stderr
     assert "config id 'epochz' is used by nothing in the configuration" in completed.stderr
+
+
+def test_command_line_overwrite_is_spelt_as_documented(tmp_path):
+    """Without --overwrite a run into a used ckpt_dir is refused naming the folder; `--overwrite true`, which fire
+    passes as a string, is refused naming the spelling; the documented `--overwrite True` passes both checks and
+    goes on to read the (missing) dataset. The earlier run's file is untouched."""
+    ckpt_dir = tmp_path / "models"
+    ckpt_dir.mkdir()
+    (ckpt_dir / "model.pt").write_bytes(b"earlier run")
+    common = ["--config_file", str(CONFIGS / "train.json"), "--bundle_root", str(BUNDLE),
+              "--dataset_dir", str(tmp_path / "no_dataset"), "--ckpt_dir", str(ckpt_dir)]  # fmt: skip
+    refused = _bundle_run(*common)
+    assert f"config id 'ckpt_dir': '{ckpt_dir}' holds checkpoints of an earlier run (model.pt)" in refused.stderr
+    misspelt = _bundle_run(*common, "--overwrite", "true")
+    assert "config id 'overwrite' must be True or False (a bool: --overwrite True on the command line), got 'true'" in (
+        misspelt.stderr
+    )
+    allowed = _bundle_run(*common, "--overwrite", "True")
+    assert allowed.returncode != 0 and "holds checkpoints" not in allowed.stderr
+    assert "config id 'overwrite'" not in allowed.stderr and "no_dataset' does not exist" in allowed.stderr
+    assert (ckpt_dir / "model.pt").read_bytes() == b"earlier run"
 
 
 class _RunsCodeWhenUnpickled:

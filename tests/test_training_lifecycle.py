@@ -131,8 +131,8 @@ def test_monailabel_fine_tune_updates_the_served_weights(tiny_phantom_dataset, t
 
 
 def test_a_new_run_into_a_used_ckpt_dir_is_refused_unless_asked_to_overwrite(tiny_phantom_dataset, tmp_path):
-    """A second run with the same ckpt_dir, neither resuming nor told --overwrite true, keeps the first run's files;
-    told --overwrite true, it replaces them, the first run's later periodic checkpoints included."""
+    """A second run with the same ckpt_dir, neither resuming nor told --overwrite True, keeps the first run's files;
+    told --overwrite True, it replaces them, the first run's later periodic checkpoints included."""
     ckpt_dir, logs = tmp_path / "models", str(tmp_path / "logs")
     _workflow(tiny_phantom_dataset, ckpt_dir=str(ckpt_dir), output_dir=logs, epochs=2).run()
     first_run = {path.name: path.read_bytes() for path in ckpt_dir.iterdir()}
@@ -144,7 +144,7 @@ def test_a_new_run_into_a_used_ckpt_dir_is_refused_unless_asked_to_overwrite(tin
     message = "\n".join(str(error) for error in (raised.value, raised.value.__cause__) if error is not None)
     assert f"config id 'ckpt_dir': '{ckpt_dir}' holds checkpoints of an earlier run" in message
     assert "(latest_checkpoint_epoch=1.pt, latest_checkpoint_epoch=2.pt, model.pt)" in message
-    assert f"--resume_ckpt '{ckpt_dir / 'latest_checkpoint_epoch=2.pt'}'" in message and "--overwrite true" in message
+    assert f"--resume_ckpt '{ckpt_dir / 'latest_checkpoint_epoch=2.pt'}'" in message and "--overwrite True" in message
     assert {path.name: path.read_bytes() for path in ckpt_dir.iterdir()} == first_run
 
     replacing = _workflow(tiny_phantom_dataset, ckpt_dir=str(ckpt_dir), output_dir=logs, epochs=1, seed=7,
