@@ -84,7 +84,8 @@ def test_schedule_follows_the_trainers_max_epochs(tiny_phantom_dataset, tmp_path
 
 
 def test_short_default_run_ends_with_model_and_keeps_shipped_weights(tiny_phantom_dataset, tmp_path):
-    """A run shorter than val_interval, with the default ckpt_dir: model.pt written, bundle/models untouched."""
+    """A run shorter than val_interval, with the default ckpt_dir and output_dir: model.pt and the logs written
+    under runs/fold0/, bundle/models untouched."""
     bundle_root = tmp_path / "bundle"
     shutil.copytree(BUNDLE / "configs", bundle_root / "configs")
     shutil.copytree(BUNDLE / "models", bundle_root / "models")
@@ -96,6 +97,9 @@ def test_short_default_run_ends_with_model_and_keeps_shipped_weights(tiny_phanto
     assert workflow.parser.get_parsed_content("validate#evaluator").state.best_metric_epoch == 1
     state = torch.load(bundle_root / "runs" / "fold0" / "model.pt", weights_only=True)
     assert state.keys() == workflow.parser.get_parsed_content("network").state_dict().keys()
+    # TensorBoard logs beside the fold's checkpoints, not in a folder shared by every fold and by inference.json
+    assert list((bundle_root / "runs" / "fold0" / "logs").glob("events.out.tfevents.*"))
+    assert not (bundle_root / "eval").exists()
 
 
 @pytest.mark.parametrize("validation_cases", [2, 0])
