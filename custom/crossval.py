@@ -35,7 +35,7 @@ CASE_METRICS = tuple(EVALUATION_METRICS.values())
 DONE_FILE = "fold_done.json"
 RUN_RECORD = "run_configuration.json"
 # Bundle ids that the cross-validation sets itself for each fold; an override of one would apply to every fold.
-FOLD_IDS = ("fold", "ckpt_dir", "output_dir", "ckpt_path", "resume_ckpt")
+FOLD_IDS = ("fold", "ckpt_dir", "output_dir", "ckpt_path", "resume_ckpt", "overwrite")
 # Entries of the run record that only inform (paths may move); the others must match to reuse a folder.
 INFORMATIVE_RECORD_KEYS = ("config_paths",)
 
@@ -184,7 +184,7 @@ def run_cross_validation(
     The run's configuration (config file contents, overrides, dataset.json, bundle version) is recorded in
     ``out/run_configuration.json``; a folder holding a run of another configuration is refused before any
     work. Within the same configuration a fold with ``fold_done.json`` is skipped and an interrupted fold
-    resumes from its latest checkpoint.
+    resumes from its latest checkpoint (one stopped before its first checkpoint trains again from the start).
     Writes ``out/cases.csv`` (per case), ``out/summary.csv`` and ``out/summary.md`` (mean, std, median per
     fold and overall) and returns the summary rows.
     """
@@ -218,6 +218,8 @@ def run_cross_validation(
             if resume is not None:
                 print(f"fold {fold}: resuming from {resume}", flush=True)
                 train_arguments["resume_ckpt"] = str(resume)
+            else:  # the folder is this cross-validation's: a model.pt without a checkpoint to resume is retrained
+                train_arguments["overwrite"] = True
             started = time.time()
             _run_bundle(train_configs, train_arguments, overrides, fold_dir / "train.log")
             trained = time.time()

@@ -64,6 +64,17 @@ def test_cross_validation_writes_folds_and_skips_finished_ones(tiny_phantom_data
         run_cross_validation(str(tiny_phantom_dataset), str(out), folds=2, **{**overrides, "epochs": 2})
     assert (out / "fold_0" / "models" / "model.pt").stat().st_mtime == model_time
 
+    # a fold killed after its first validation wrote model.pt and before its first periodic checkpoint: nothing to
+    # resume from, so it trains again from the start, replacing that model.pt
+    fold_1 = out / "fold_1"
+    (fold_1 / "fold_done.json").unlink()
+    for checkpoint in (fold_1 / "models").glob("latest_checkpoint_epoch=*.pt"):
+        checkpoint.unlink()
+    (fold_1 / "models" / "model.pt").write_bytes(b"model of the killed run")
+    run_cross_validation(str(tiny_phantom_dataset), str(out), folds=2, **overrides)
+    assert (fold_1 / "fold_done.json").is_file()
+    assert (fold_1 / "models" / "model.pt").read_bytes() != b"model of the killed run"
+
 
 class BundleRunStopped(Exception):
     """Raised by the stand-in for ``monai.bundle run`` so that a cross-validation stops at its first run."""
