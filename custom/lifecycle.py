@@ -133,8 +133,10 @@ class CrashSafeCheckpointSaver(CheckpointSaver):
         """
         checkpoint = self._interval_checkpoint
         step = engine.state.epoch if self.epoch_level else engine.state.iteration
-        name = next(iter(self.save_dict)) if len(self.save_dict) == 1 else "checkpoint"  # ignite's file naming
-        found = periodic_checkpoints(self.save_dir, f"{checkpoint.filename_prefix}_{name}", checkpoint.score_name)
+        # ignite's file name: <prefix>_<name>_<score_name>=<n>.pt, name "checkpoint" for several objects
+        prefix = f"{checkpoint.filename_prefix}_" if checkpoint.filename_prefix else ""
+        name = next(iter(self.save_dict)) if len(self.save_dict) == 1 else "checkpoint"
+        found = periodic_checkpoints(self.save_dir, prefix + name, checkpoint.score_name)
         earlier = [(number, path.name) for number, path in found if number <= step]
         kept = earlier[-checkpoint.n_saved:] if checkpoint.n_saved else earlier
         for number, path in found:
