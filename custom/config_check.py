@@ -11,6 +11,7 @@ Python path only when ``run`` starts); train.json's ``check_ckpt_dir`` follows i
 
 import inspect
 import json
+import os
 import re
 import warnings
 from numbers import Real
@@ -118,10 +119,11 @@ def check_ckpt_dir(ckpt_dir, resume_ckpt=None, overwrite=False) -> None:
     resumes_here = isinstance(resume_ckpt, str) and Path(resume_ckpt).resolve().parent == folder.resolve()
     if earlier and not resumes_here and overwrite is not True:
         newest = latest_checkpoint(folder)
-        resume = f"continue that run with --resume_ckpt '{newest}', " if newest else ""
+        resume = f"continue that run with --resume_ckpt '{os.path.normpath(newest)}', " if newest else ""
         raise FileExistsError(
-            f"config id 'ckpt_dir': '{folder}' holds checkpoints of an earlier run ({', '.join(earlier)}) that this "
-            f"run would overwrite: {resume}replace them with --overwrite True, or train into another --ckpt_dir"
+            f"config id 'ckpt_dir': '{os.path.normpath(folder)}' holds checkpoints of an earlier run "
+            f"({', '.join(earlier)}) that this run would overwrite: {resume}replace them with --overwrite True, "
+            f"or train into another --ckpt_dir"
         )
 
 
