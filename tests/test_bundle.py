@@ -28,8 +28,10 @@ def _bundle_run(*arguments, run_id=None):
     "config_files, workflow_type",
     [(["train.json"], "train"), (["inference.json"], "infer")],
 )
-def test_workflow_properties_complete(config_files, workflow_type, tiny_phantom_dataset):
-    workflow = bundle_workflow(config_files, workflow_type, dataset_dir=str(tiny_phantom_dataset), num_workers=0)
+def test_workflow_properties_complete(config_files, workflow_type, tiny_phantom_dataset, tmp_path):
+    """Checking the properties builds the trainer and its TensorBoard handlers: their folders are the test's."""
+    workflow = bundle_workflow(config_files, workflow_type, dataset_dir=str(tiny_phantom_dataset), num_workers=0,
+                               ckpt_dir=str(tmp_path / "models"), output_dir=str(tmp_path / "out"))  # fmt: skip
     workflow.initialize()
     assert workflow.check_properties() == []
 
