@@ -1,5 +1,5 @@
 """Refuse bundle settings of the wrong type, override ids that nothing uses and a training run that would
-overwrite an earlier run's checkpoints, naming the config id.
+overwrite an earlier run's checkpoints or draw over its TensorBoard logs, naming the config id.
 
 Why it exists: ``python -m monai.bundle run --epochs abc`` fails deep inside Ignite with an error that
 names no config id, and ``--epochz 5`` is added to the configuration and silently ignored, so the run
@@ -17,6 +17,7 @@ import warnings
 from numbers import Real
 from pathlib import Path
 
+import ignite.distributed as idist
 from monai.bundle import ConfigParser
 from monai.bundle.utils import DEFAULT_EXP_MGMT_SETTINGS
 
@@ -106,6 +107,10 @@ def check_settings(bundle_root, **settings) -> None:
         raise ValueError("invalid bundle settings:\n  " + "\n  ".join(problems))
 
 
+def _resumes_in(ckpt_dir, resume_ckpt) -> bool:
+    return isinstance(resume_ckpt, str) and Path(resume_ckpt).resolve().parent == Path(str(ckpt_dir)).resolve()
+
+
 def check_ckpt_dir(ckpt_dir, resume_ckpt=None, overwrite=False) -> None:
     """Refuse a training run that would replace an earlier run's checkpoints in ``ckpt_dir``.
 
@@ -116,8 +121,7 @@ def check_ckpt_dir(ckpt_dir, resume_ckpt=None, overwrite=False) -> None:
     """
     folder = Path(str(ckpt_dir))
     earlier = sorted(path.name for path in folder.glob("*.pt")) if folder.is_dir() else []
-    resumes_here = isinstance(resume_ckpt, str) and Path(resume_ckpt).resolve().parent == folder.resolve()
-    if earlier and not resumes_here and overwrite is not True:
+    if earlier and not _resumes_in(folder, resume_ckpt) and overwrite is not True:
         newest = latest_checkpoint(folder)
         resume = f"continue that run with --resume_ckpt '{os.path.normpath(newest)}', " if newest else ""
         raise FileExistsError(
@@ -125,6 +129,33 @@ def check_ckpt_dir(ckpt_dir, resume_ckpt=None, overwrite=False) -> None:
             f"({', '.join(earlier)}) that this run would overwrite: {resume}replace them with --overwrite True, "
             f"or train into another --ckpt_dir"
         )
+
+
+def claim_log_dir(output_dir, ckpt_dir, resume_ckpt=None, overwrite=False) -> str:
+    """``output_dir`` as the TensorBoard folder of a training run, once no earlier run's event files are in it.
+
+    Why it exists: TensorBoard draws all event files of a folder as one run, so a second run logging into the
+    same ``output_dir`` would draw its curves over the first's. Allowed: a folder without
+    ``events.out.tfevents.*`` files and a run resuming from a checkpoint in ``ckpt_dir`` (its curves go on);
+    with ``overwrite`` true the earlier run's event files are removed (the run replaces that run), otherwise
+    the run is refused. train.json's TensorBoard handlers take their ``log_dir`` from this, so it runs before
+    they create this run's files, whenever they are built. Only rank 0 writes TensorBoard; other ranks,
+    built later, would find its new files, so they do not look.
+    """
+    folder = Path(str(output_dir))
+    if not folder.is_dir() or idist.get_rank() != 0 or _resumes_in(ckpt_dir, resume_ckpt):
+        return str(output_dir)
+    earlier = sorted(folder.glob("events.out.tfevents.*"))
+    if earlier and overwrite is True:
+        for path in earlier:
+            path.unlink()
+    elif earlier:
+        raise FileExistsError(
+            f"config id 'output_dir': '{os.path.normpath(folder)}' holds TensorBoard logs of an earlier run "
+            f"({', '.join(path.name for path in earlier)}) that this run's curves would be drawn over: "
+            f"replace them with --overwrite True, or log into another --output_dir"
+        )
+    return str(output_dir)
 
 
 def unused_root_ids(config: dict) -> list[str]:

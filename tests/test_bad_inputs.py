@@ -180,6 +180,7 @@ def test_training_and_evaluation_refuse_before_any_dataloader(dataset_copy, tmp_
     assert f"{damaged['empty']}: the CBF channel is all zero" in _messages(raised.value)
     assert "No sampling location" not in _messages(raised.value)
     assert not (tmp_path / "models").exists() and not (tmp_path / "out" / "metrics.csv").exists()
+    assert not list((tmp_path / "out").glob("events.out.tfevents.*"))  # a rerun on mended data is not refused
 
 
 def test_missing_and_empty_datasets_are_named(dataset_copy, tmp_path):

@@ -12,6 +12,7 @@ import torch
 from conftest import BUNDLE, CONFIGS, TINY_TRAINING
 from ignite.engine import Engine, Events
 
+from custom import config_check
 from custom.crossval import override_arguments
 from custom.data.datalist import fold_datalist
 from custom.lifecycle import CrashSafeCheckpointSaver, ValidationAtIntervalAndEnd, latest_checkpoint
@@ -134,15 +135,22 @@ def test_monailabel_fine_tune_updates_the_served_weights(tiny_phantom_dataset, t
     assert state.keys() == torch.load(BUNDLE / "models" / "model.pt", weights_only=True).keys()
 
 
+def _event_files(folder):
+    return sorted(path.name for path in folder.glob("events.out.tfevents.*"))
+
+
 def test_a_new_run_into_a_used_ckpt_dir_is_refused_unless_asked_to_overwrite(tiny_phantom_dataset, tmp_path):
     """A second run with the same ckpt_dir, neither resuming nor told --overwrite True, keeps the first run's files;
-    told --overwrite True, it replaces them, the first run's later periodic checkpoints included."""
-    ckpt_dir, logs = tmp_path / "models", str(tmp_path / "logs")
-    _workflow(tiny_phantom_dataset, ckpt_dir=str(ckpt_dir), output_dir=logs, epochs=2).run()
+    told --overwrite True, it replaces them, the first run's later periodic checkpoints and TensorBoard logs
+    included."""
+    ckpt_dir, logs = tmp_path / "models", tmp_path / "logs"
+    _workflow(tiny_phantom_dataset, ckpt_dir=str(ckpt_dir), output_dir=str(logs), epochs=2).run()
     first_run = {path.name: path.read_bytes() for path in ckpt_dir.iterdir()}
     assert set(first_run) == {"model.pt", "latest_checkpoint_epoch=1.pt", "latest_checkpoint_epoch=2.pt"}
+    first_logs = _event_files(logs)
+    assert first_logs
 
-    second = _workflow(tiny_phantom_dataset, ckpt_dir=str(ckpt_dir), output_dir=logs, epochs=1, seed=7)
+    second = _workflow(tiny_phantom_dataset, ckpt_dir=str(ckpt_dir), output_dir=str(logs), epochs=1, seed=7)
     with pytest.raises(Exception) as raised:
         second.run()
     message = "\n".join(str(error) for error in (raised.value, raised.value.__cause__) if error is not None)
@@ -150,25 +158,45 @@ def test_a_new_run_into_a_used_ckpt_dir_is_refused_unless_asked_to_overwrite(tin
     assert "(latest_checkpoint_epoch=1.pt, latest_checkpoint_epoch=2.pt, model.pt)" in message
     assert f"--resume_ckpt '{ckpt_dir / 'latest_checkpoint_epoch=2.pt'}'" in message and "--overwrite True" in message
     assert {path.name: path.read_bytes() for path in ckpt_dir.iterdir()} == first_run
+    assert _event_files(logs) == first_logs
 
-    replacing = _workflow(tiny_phantom_dataset, ckpt_dir=str(ckpt_dir), output_dir=logs, epochs=1, seed=7,
+    replacing = _workflow(tiny_phantom_dataset, ckpt_dir=str(ckpt_dir), output_dir=str(logs), epochs=1, seed=7,
                           overwrite=True)  # fmt: skip
     replacing.run()
     assert sorted(path.name for path in ckpt_dir.iterdir()) == ["latest_checkpoint_epoch=1.pt", "model.pt"]
     assert (ckpt_dir / "model.pt").read_bytes() != first_run["model.pt"]
     assert latest_checkpoint(ckpt_dir) == ckpt_dir / "latest_checkpoint_epoch=1.pt"
+    replacing_logs = _event_files(logs)
+    assert replacing_logs and not set(replacing_logs) & set(first_logs)  # TensorBoard shows the new run only
+
+
+def test_a_new_run_into_used_logs_is_refused(tiny_phantom_dataset, tmp_path):
+    """A run with a new ckpt_dir but the output_dir of an earlier run would draw its curves over that run's in
+    TensorBoard: refused before it logs anything, naming the id, the folder and its event files."""
+    logs = tmp_path / "logs"
+    _workflow(tiny_phantom_dataset, ckpt_dir=str(tmp_path / "first"), output_dir=str(logs), epochs=1).run()
+    first_logs = _event_files(logs)
+    with pytest.raises(Exception) as raised:
+        _workflow(tiny_phantom_dataset, ckpt_dir=str(tmp_path / "second"), output_dir=str(logs), epochs=1).run()
+    message = "\n".join(str(error) for error in (raised.value, raised.value.__cause__) if error is not None)
+    assert f"config id 'output_dir': '{logs}' holds TensorBoard logs of an earlier run ({first_logs[0]}" in message
+    assert "--overwrite True" in message and "--output_dir" in message
+    assert _event_files(logs) == first_logs
 
 
 def test_a_resumed_run_keeps_the_newest_periodic_checkpoints_of_both_runs(tiny_phantom_dataset, tmp_path):
-    """n_saved (2) counts the resumed run's periodic checkpoints with its own: after 3 + 2 epochs, epochs 4 and 5."""
-    logs = str(tmp_path / "logs")
-    _workflow(tiny_phantom_dataset, ckpt_dir=str(tmp_path), output_dir=logs, epochs=3).run()
+    """n_saved (2) counts the resumed run's periodic checkpoints with its own: after 3 + 2 epochs, epochs 4 and 5.
+    The TensorBoard logs of both runs stay: the resumed run's curves go on from the first run's."""
+    logs = tmp_path / "logs"
+    _workflow(tiny_phantom_dataset, ckpt_dir=str(tmp_path), output_dir=str(logs), epochs=3).run()
     assert latest_checkpoint(tmp_path).name == "latest_checkpoint_epoch=3.pt"
-    _workflow(tiny_phantom_dataset, ckpt_dir=str(tmp_path), output_dir=logs, epochs=5,
+    first_logs = _event_files(logs)
+    _workflow(tiny_phantom_dataset, ckpt_dir=str(tmp_path), output_dir=str(logs), epochs=5,
               resume_ckpt=str(latest_checkpoint(tmp_path))).run()  # fmt: skip
     assert sorted(path.name for path in tmp_path.glob("*.pt")) == [
         "latest_checkpoint_epoch=4.pt", "latest_checkpoint_epoch=5.pt", "model.pt"
     ]  # fmt: skip
+    assert set(first_logs) < set(_event_files(logs))
 
 
 def test_resume_keeps_the_best_metric(tiny_phantom_dataset, tmp_path):
@@ -284,3 +312,19 @@ def test_kill_9_then_resume_continues_with_the_same_state(tiny_phantom_dataset, 
     final = _training_state(resumed)
     assert (final["epoch"], final["iteration"]) == (per_epoch[epochs]["epoch"], per_epoch[epochs]["iteration"])
     assert final["lr"] == pytest.approx(per_epoch[epochs]["lr"])
+
+
+def test_only_rank_0_claims_the_log_dir(tmp_path, monkeypatch):
+    """In a multi-GPU run every rank builds the TensorBoard handlers, rank 0 alone writes: another rank, built
+    after rank 0 has created this run's event files, must neither refuse the run nor remove them."""
+    events = tmp_path / "events.out.tfevents.1796596707.host.1.0"
+    events.write_bytes(b"")
+    monkeypatch.setattr(config_check.idist, "get_rank", lambda: 1)
+    assert config_check.claim_log_dir(tmp_path, tmp_path / "models") == str(tmp_path)
+    config_check.claim_log_dir(tmp_path, tmp_path / "models", overwrite=True)
+    assert events.exists()
+    monkeypatch.setattr(config_check.idist, "get_rank", lambda: 0)
+    with pytest.raises(FileExistsError, match="config id 'output_dir'"):
+        config_check.claim_log_dir(tmp_path, tmp_path / "models")
+    config_check.claim_log_dir(tmp_path, tmp_path / "models", overwrite=True)
+    assert not events.exists()
