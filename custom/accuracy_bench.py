@@ -123,8 +123,9 @@ def run_bundle(train_dataset: Path, test_images: list[str], out: Path, budget_s:
     """Train the bundle for ``budget_s`` seconds (``time_budget_s``: the run fits its epochs and schedule to
     it), segment ``test_images`` with inference.json into ``out/masks/<image>_seg.nii.gz``; returns facts
     about the run."""
-    models = out / "models"
-    shutil.rmtree(models, ignore_errors=True)
+    models, train_logs = out / "models", out / "train_logs"
+    for folder in (models, train_logs):  # a method is rerun whole
+        shutil.rmtree(folder, ignore_errors=True)
     for log in ("train.log", "inference.log"):
         (out / log).unlink(missing_ok=True)
     train_arguments = {
@@ -132,7 +133,7 @@ def run_bundle(train_dataset: Path, test_images: list[str], out: Path, budget_s:
         "dataset_dir": str(train_dataset),
         "fold": INNER_VALIDATION_FOLD,
         "ckpt_dir": str(models),
-        "output_dir": str(out / "train_logs"),
+        "output_dir": str(train_logs),
         **training_overrides(overrides),
         "time_budget_s": budget_s,
     }

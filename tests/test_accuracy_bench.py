@@ -133,6 +133,30 @@ def test_bundle_overrides_that_change_the_network_input_reach_inference(tmp_path
     assert all(value(commands["train"], key) is None for key in ("epochs", "val_interval", "warmup_epochs"))
 
 
+def test_a_rerun_of_the_bundle_starts_without_the_files_of_an_interrupted_run(tmp_path, monkeypatch):
+    """A method without cases.csv is rerun whole: the checkpoints and TensorBoard files of an interrupted attempt
+    would make train.json refuse the new run (or pass for its model.pt)."""
+    import custom.accuracy_bench as bench
+
+    leftovers = [tmp_path / "models" / "model.pt", tmp_path / "train_logs" / "events.out.tfevents.1.host.1.0"]
+    for path in leftovers:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"")
+    at_training = {}
+
+    def fake_run(command, log_file, env=None):
+        if str(bench.BUNDLE_ROOT / "configs" / "train.json") in " ".join(command):
+            at_training.update({path.name: path.exists() for path in leftovers})
+            (tmp_path / "models").mkdir(exist_ok=True)
+            (tmp_path / "models" / "model.pt").write_bytes(b"new")
+            log_file.write_text("- ignite.engine.engine.SupervisedTrainer - INFO - Epoch[1] Complete. "
+                                "Time taken: 00:00:01.000\n")
+
+    monkeypatch.setattr(bench, "_run", fake_run)
+    bench.run_bundle(tmp_path / "dataset", ["a.nii.gz"], tmp_path, 30, {})
+    assert at_training == {"model.pt": False, "events.out.tfevents.1.host.1.0": False}
+
+
 def test_score_masks_scores_every_labelled_case_and_refuses_gaps_and_overwrites(tiny_phantom_dataset, tmp_path):
     """Labels scored as masks give Dice 1 on every lesion case; an emptied mask gives 0 on that case; a case
     without a mask is named, and an existing cases.csv is kept."""
