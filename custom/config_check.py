@@ -152,7 +152,7 @@ def claim_log_dir(output_dir, ckpt_dir, resume_ckpt=None, overwrite=False) -> st
     elif earlier:
         raise FileExistsError(
             f"config id 'output_dir': '{os.path.normpath(folder)}' holds TensorBoard logs of an earlier run "
-            f"({', '.join(path.name for path in earlier)}) that this run's curves would be drawn over: "
+            f"({len(earlier)} events.out.tfevents.* files) that this run's curves would be drawn over: "
             f"replace them with --overwrite True, or log into another --output_dir"
         )
     return str(output_dir)

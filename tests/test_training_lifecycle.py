@@ -172,14 +172,15 @@ def test_a_new_run_into_a_used_ckpt_dir_is_refused_unless_asked_to_overwrite(tin
 
 def test_a_new_run_into_used_logs_is_refused(tiny_phantom_dataset, tmp_path):
     """A run with a new ckpt_dir but the output_dir of an earlier run would draw its curves over that run's in
-    TensorBoard: refused before it logs anything, naming the id, the folder and its event files."""
+    TensorBoard: refused before it logs anything, naming the id, the folder and how many event files."""
     logs = tmp_path / "logs"
     _workflow(tiny_phantom_dataset, ckpt_dir=str(tmp_path / "first"), output_dir=str(logs), epochs=1).run()
     first_logs = _event_files(logs)
     with pytest.raises(Exception) as raised:
         _workflow(tiny_phantom_dataset, ckpt_dir=str(tmp_path / "second"), output_dir=str(logs), epochs=1).run()
     message = "\n".join(str(error) for error in (raised.value, raised.value.__cause__) if error is not None)
-    assert f"config id 'output_dir': '{logs}' holds TensorBoard logs of an earlier run ({first_logs[0]}" in message
+    earlier = f"({len(first_logs)} events.out.tfevents.* files)"
+    assert f"config id 'output_dir': '{logs}' holds TensorBoard logs of an earlier run {earlier}" in message
     assert "--overwrite True" in message and "--output_dir" in message
     assert _event_files(logs) == first_logs
 
