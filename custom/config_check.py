@@ -139,22 +139,22 @@ def claim_log_dir(output_dir, ckpt_dir, resume_ckpt=None, overwrite=False) -> st
     ``events.out.tfevents.*`` files and a run resuming from a checkpoint in ``ckpt_dir`` (its curves go on);
     with ``overwrite`` true the earlier run's event files are removed (the run replaces that run), otherwise
     the run is refused. train.json's TensorBoard handlers take their ``log_dir`` from this, so it runs before
-    they create this run's files, whenever they are built. Only rank 0 writes TensorBoard; other ranks,
-    built later, would find its new files, so they do not look.
+    they create this run's files, whenever they are built. In a multi-process run every rank builds them (only
+    rank 0's log anything): rank 0 checks, the others wait for it, so it never counts their new files.
     """
     folder = Path(str(output_dir))
-    if not folder.is_dir() or idist.get_rank() != 0 or _resumes_in(ckpt_dir, resume_ckpt):
-        return str(output_dir)
-    earlier = sorted(folder.glob("events.out.tfevents.*"))
-    if earlier and overwrite is True:
-        for path in earlier:
-            path.unlink()
-    elif earlier:
-        raise FileExistsError(
-            f"config id 'output_dir': '{os.path.normpath(folder)}' holds TensorBoard logs of an earlier run "
-            f"({len(earlier)} events.out.tfevents.* files) that this run's curves would be drawn over: "
-            f"replace them with --overwrite True, or log into another --output_dir"
-        )
+    if idist.get_rank() == 0 and folder.is_dir() and not _resumes_in(ckpt_dir, resume_ckpt):
+        earlier = sorted(folder.glob("events.out.tfevents.*"))
+        if earlier and overwrite is True:
+            for path in earlier:
+                path.unlink()
+        elif earlier:
+            raise FileExistsError(
+                f"config id 'output_dir': '{os.path.normpath(folder)}' holds TensorBoard logs of an earlier run "
+                f"({len(earlier)} events.out.tfevents.* files) that this run's curves would be drawn over: "
+                f"replace them with --overwrite True, or log into another --output_dir"
+            )
+    idist.barrier()  # no-op in a single process
     return str(output_dir)
 
 
