@@ -7,6 +7,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
 CONFIGS = BUNDLE / "configs"
+NOT_THE_CHECKOUT = {".git", ".venv", "__pycache__", ".pytest_cache"}  # tools' folders, not the project's files
 
 # Bundle overrides that make one epoch take seconds on a CPU (the recipe is otherwise unchanged).
 TINY_TRAINING = {
@@ -61,3 +62,27 @@ def tiny_phantom_dataset(tmp_path_factory) -> Path:
             folds=2,
         )
     )
+
+
+def _checkout_files() -> dict[str, tuple[int, int]]:
+    files = {}
+    for path in REPO.rglob("*"):
+        relative = path.relative_to(REPO)
+        tool_folder = NOT_THE_CHECKOUT & set(relative.parts) or relative.parts[0].endswith(".egg-info")
+        if path.is_file() and not tool_folder:
+            status = path.stat()
+            files[str(relative)] = (status.st_size, status.st_mtime_ns)
+    return files
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkout_left_as_it_was():
+    """Tests write under their tmp_path only: no file of the checkout is added or changed by a test session.
+
+    A test that built train.json's trainer with the default folders once wrote TensorBoard files into
+    bundle/runs/fold0/logs, and the next session's run of it was refused for them."""
+    before = _checkout_files()
+    yield
+    after = _checkout_files()
+    touched = sorted(name for name in after if before.get(name) != after[name])
+    assert not touched, f"the test session added or changed files of the checkout: {touched}"
