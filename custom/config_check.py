@@ -1,12 +1,14 @@
-"""Refuse bundle settings of the wrong type, override ids that nothing uses and a training run that would
-overwrite an earlier run's checkpoints or draw over its TensorBoard logs, naming the config id.
+"""Refuse bundle settings of the wrong type, override ids that nothing uses, a training run that would
+overwrite an earlier run's checkpoints or draw over its TensorBoard logs, and an inference run that would replace
+an earlier run's masks, naming the config id.
 
 Why it exists: ``python -m monai.bundle run --epochs abc`` fails deep inside Ignite with an error that
 names no config id, and ``--epochz 5`` is added to the configuration and silently ignored, so the run
 trains with the default epochs. MONAI validates neither. The configs' ``check_settings`` id, the first
 step of ``run``, calls ``check_settings`` with the resolved values of their documented ids before anything
 is built (not ``initialize``: MONAI puts the bundle root, and so a bundle's own copy of ``custom``, on the
-Python path only when ``run`` starts); train.json's ``check_ckpt_dir`` follows it.
+Python path only when ``run`` starts); train.json's ``check_ckpt_dir`` and inference.json's ``check_output_dir``
+follow it.
 """
 
 import inspect
@@ -21,6 +23,8 @@ import ignite.distributed as idist
 from monai.bundle import ConfigParser
 from monai.bundle.utils import DEFAULT_EXP_MGMT_SETTINGS
 
+from custom.clinical import VOLUME_TABLE
+from custom.data.datalist import earlier_outputs
 from custom.lifecycle import latest_checkpoint
 
 
@@ -156,6 +160,23 @@ def claim_log_dir(output_dir, ckpt_dir, resume_ckpt=None, overwrite=False) -> st
             )
     idist.barrier()  # no-op in a single process
     return str(output_dir)
+
+
+def check_output_dir(output_dir, images, write_uncertainty=False, overwrite=False) -> None:
+    """Refuse an inference run that would replace the masks or the table of an earlier run in ``output_dir``.
+
+    Why it exists: MONAI's ``SaveImaged`` replaces files of the same name without a word, and a mask in an output
+    folder may have been corrected by hand since (3D Slicer saves a label map over the file it was loaded from).
+    Allowed: none of the files this run writes exists, or ``overwrite`` true (they are replaced).
+    """
+    postfixes = ("seg", "uncertainty") if write_uncertainty else ("seg",)
+    earlier = earlier_outputs(output_dir, images, postfixes, tables=(VOLUME_TABLE,))
+    if earlier and overwrite is not True:
+        raise FileExistsError(
+            f"config id 'output_dir': '{os.path.normpath(str(output_dir))}' holds {len(earlier)} file(s) of an earlier "
+            f"run that this run would replace ({earlier[0]}{', ...' if len(earlier) > 1 else ''}): replace them with "
+            f"--overwrite True, or write into another --output_dir"
+        )
 
 
 def unused_root_ids(config: dict) -> list[str]:

@@ -29,7 +29,7 @@ import torch
 from custom.atomic import write_atomically
 from custom.clinical import MODALITIES, VOLUME_TABLE, case_volumes, describe, write_volume_table
 from custom.clinical import PERFUSION_CHANNELS as BRAIN_CHANNELS  # brain: any of CBF, CBV, MTT, Tmax non-zero
-from custom.data.datalist import output_case_name
+from custom.data.datalist import earlier_outputs, output_case_name
 from custom.data.studies import find_case_maps, image_problems, load_case, read_nifti
 from custom.lesions import check_lesion_threshold, check_min_volume, lesion_from_probabilities, remove_small_lesions
 
@@ -203,7 +203,7 @@ def _check_inputs(inputs: list[Path]) -> None:
 
 
 def deploy(*inputs, model="bundle/models/model.ts", out="deploy_out", batch_size=16, device="cpu",
-           min_lesion_ml=MIN_LESION_ML, lesion_threshold=LESION_THRESHOLD):  # fmt: skip
+           min_lesion_ml=MIN_LESION_ML, lesion_threshold=LESION_THRESHOLD, overwrite=False):  # fmt: skip
     """Segment stroke lesions with the exported TorchScript model, without MONAI.
 
     Args:
@@ -220,12 +220,22 @@ def deploy(*inputs, model="bundle/models/model.ts", out="deploy_out", batch_size
             ``min_lesion_ml`` does; 0 keeps every lesion.
         lesion_threshold: a voxel is lesion where its lesion probability is above this, as ``inference.json``'s
             ``lesion_threshold`` (0.5: the argmax of the two classes).
+        overwrite: replace the masks and ``lesion_volumes.csv`` of an earlier run in ``out``; without it such a
+            run is refused before anything is computed (a mask there may have been corrected by hand).
 
     Returns:
         The path of ``lesion_volumes.csv``.
     """
     paths = [Path(str(p)) for p in inputs]
     _check_inputs(paths)
+    out = Path(str(out))
+    earlier = earlier_outputs(out, paths, tables=(VOLUME_TABLE,))
+    if earlier and overwrite is not True:
+        raise FileExistsError(
+            f"output folder '{out}' holds {len(earlier)} file(s) of an earlier run that this run would replace "
+            f"({earlier[0]}{', ...' if len(earlier) > 1 else ''}): replace them with --overwrite, or write into "
+            f"another --out"
+        )
     model = Path(str(model))
     if not model.is_file():
         raise FileNotFoundError(f"TorchScript model '{model}' does not exist (export it with monai.bundle ckpt_export)")
@@ -234,7 +244,6 @@ def deploy(*inputs, model="bundle/models/model.ts", out="deploy_out", batch_size
     min_lesion_ml = check_min_volume(min_lesion_ml)
     lesion_threshold = check_lesion_threshold(lesion_threshold)
     network = load_model(model, device)
-    out = Path(str(out))
     out.mkdir(parents=True, exist_ok=True)
     rows, failures = [], []
     for path in paths:
@@ -274,6 +283,8 @@ def main(argv=None) -> None:
                         help="remove predicted lesions smaller than this (mL); 0 keeps every lesion")  # fmt: skip
     parser.add_argument("--lesion_threshold", type=float, default=LESION_THRESHOLD,
                         help="lesion where its probability is above this (0.5: the two-class argmax)")  # fmt: skip
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the masks and lesion_volumes.csv of an earlier run in --out")  # fmt: skip
     arguments = parser.parse_args(argv)
     deploy(
         *arguments.inputs,
@@ -283,6 +294,7 @@ def main(argv=None) -> None:
         device=arguments.device,
         min_lesion_ml=arguments.min_lesion_ml,
         lesion_threshold=arguments.lesion_threshold,
+        overwrite=arguments.overwrite,
     )
 
 

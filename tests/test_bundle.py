@@ -126,6 +126,34 @@ def test_train_evaluate_infer_end_to_end(tiny_phantom_dataset, tmp_path):
         assert float(row["lesion_ml"]) == pytest.approx(mask.get_fdata().sum() * voxel_ml, rel=1e-3)
 
 
+def test_inference_into_an_earlier_runs_output_dir_is_refused_unless_asked(tiny_phantom_dataset, tmp_path):
+    """A mask in an output folder may have been corrected by hand since: a second run into the folder is refused
+    before any image is segmented, naming the id and the files; with --overwrite True it replaces them."""
+    entry = json.loads((tiny_phantom_dataset / "dataset.json").read_text())["testing"][0]
+    image = str(tiny_phantom_dataset / (entry["image"] if isinstance(entry, dict) else entry))
+    out = tmp_path / "out"
+
+    def infer(**override):
+        workflow = bundle_workflow(["inference.json"], "infer", datalist=[image], output_dir=str(out), num_workers=0,
+                                   tta_flips=True, write_uncertainty=True, **override)  # fmt: skip
+        workflow.initialize()
+        workflow.run()
+
+    infer()
+    mask = out / f"{image.split('/')[-1].split('.nii')[0]}_seg.nii.gz"
+    written = sorted(path.name for path in out.iterdir())
+    assert written == sorted([mask.name, mask.name.replace("_seg", "_uncertainty"), "lesion_volumes.csv"])
+    mask.write_bytes(b"corrected by hand")
+    with pytest.raises(Exception) as raised:
+        infer()
+    message = "\n".join(str(error) for error in (raised.value, raised.value.__cause__) if error is not None)
+    assert f"config id 'output_dir': '{out}' holds 3 file(s) of an earlier run that this run would replace " \
+           f"({mask.name}, ...): replace them with --overwrite True" in message  # fmt: skip
+    assert mask.read_bytes() == b"corrected by hand" and sorted(path.name for path in out.iterdir()) == written
+    infer(overwrite=True)
+    assert nib.load(mask).shape == nib.load(image).shape[:3]
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("slices", [1, 2])
 def test_inference_keeps_shape_of_thin_slabs(tiny_phantom_dataset, tmp_path, slices):

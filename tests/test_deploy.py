@@ -21,7 +21,7 @@ from test_clinical import AFFINE as SYNTHETIC_AFFINE
 from test_clinical import synthetic_case
 
 from custom.clinical import RESEARCH_USE_ONLY, VOLUME_COLUMNS
-from custom.deploy import deploy, normalize_within_brain, read_stacked_image, symmetric_padding
+from custom.deploy import deploy, main, normalize_within_brain, read_stacked_image, symmetric_padding
 from custom.transforms import NormalizeWithinBrain
 
 # What docs/deployment.md tells to copy for the runner: deploy.py and the project modules it imports.
@@ -281,19 +281,26 @@ def test_bad_inputs_are_named_and_leave_nothing_behind(exported_model, tiny_phan
     assert not out.exists() or not any(out.iterdir())
 
 
-def test_outputs_of_a_run_replace_older_ones_completely(exported_model, tmp_path):
+def test_outputs_of_an_earlier_run_are_replaced_only_when_asked(exported_model, tmp_path):
+    """A mask in the output folder may have been corrected by hand: refused without overwrite (before anything is
+    computed), replaced completely with it."""
     _, torchscript = exported_model
     rng = np.random.default_rng(0)
     volume = rng.normal(size=(20, 24, 3, 5)).astype(np.float32)
     image = _write(tmp_path / "noise.nii.gz", volume)
     out = tmp_path / "out"
     (out / "noise_seg.nii.gz").parent.mkdir()
-    (out / "noise_seg.nii.gz").write_bytes(b"stale")
-    table = deploy(str(image), model=str(torchscript), out=str(out), batch_size=2)
-    assert table == str(out / "lesion_volumes.csv")
+    (out / "noise_seg.nii.gz").write_bytes(b"corrected")
+    with pytest.raises(FileExistsError, match=f"output folder '{out}' holds 1 file\\(s\\) of an earlier run .*"
+                                              r"\(noise_seg.nii.gz\): replace them with --overwrite"):
+        main([str(image), "--model", str(torchscript), "--out", str(out)])
+    assert sorted(p.name for p in out.iterdir()) == ["noise_seg.nii.gz"]
+    assert (out / "noise_seg.nii.gz").read_bytes() == b"corrected"
+    main([str(image), "--model", str(torchscript), "--out", str(out), "--batch_size", "2", "--overwrite"])
+    table = out / "lesion_volumes.csv"
     mask = nib.load(out / "noise_seg.nii.gz")
     assert mask.shape == (20, 24, 3)
-    assert int(_table(Path(table))["noise"]["lesion_voxels"]) == int(np.count_nonzero(np.asanyarray(mask.dataobj)))
+    assert int(_table(table)["noise"]["lesion_voxels"]) == int(np.count_nonzero(np.asanyarray(mask.dataobj)))
     assert sorted(p.name for p in out.iterdir()) == ["lesion_volumes.csv", "noise_seg.nii.gz"]
 
 

@@ -3,7 +3,8 @@
 MONAI's ``load_decathlon_datalist`` knows neither folds nor the ``testing`` entries of this
 project's data contract, and it reports a missing folder only as a missing file; these helpers
 select a cross-validation fold and name the folder or key at fault. Standard library only (the readers are
-imported where used): the MONAI-free runner imports ``output_case_name`` and is copied with this file.
+imported where used): the MONAI-free runner imports ``output_case_name`` and ``earlier_outputs`` and is copied
+with this file.
 """
 
 import json
@@ -113,6 +114,14 @@ def output_case_name(image) -> str:
     (``<case>_seg.nii.gz`` by ``SaveImaged`` and by the MONAI-free runner, which also names an ISLES case
     folder so; the ``case`` column of ``lesion_volumes.csv``)."""
     return Path(str(image)).name.split(".nii")[0]
+
+
+def earlier_outputs(folder, images, postfixes=("seg",), tables=()) -> list[str]:
+    """The files in ``folder`` that segmenting ``images`` would replace: ``<case>_<postfix>.nii.gz`` per image and
+    postfix (the names of ``SaveImaged`` with ``separate_folder`` false and of the MONAI-free runner) and ``tables``.
+    """
+    masks = [f"{output_case_name(image)}_{postfix}.nii.gz" for image in images for postfix in postfixes]
+    return [name for name in [*masks, *tables] if (Path(str(folder)) / name).exists()]
 
 
 @dataclass
