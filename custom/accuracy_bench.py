@@ -123,8 +123,8 @@ def run_bundle(train_dataset: Path, test_images: list[str], out: Path, budget_s:
     """Train the bundle for ``budget_s`` seconds (``time_budget_s``: the run fits its epochs and schedule to
     it), segment ``test_images`` with inference.json into ``out/masks/<image>_seg.nii.gz``; returns facts
     about the run."""
-    models, train_logs = out / "models", out / "train_logs"
-    for folder in (models, train_logs):  # a method is rerun whole
+    models, train_logs, masks = out / "models", out / "train_logs", out / "masks"
+    for folder in (models, train_logs, masks):  # a method is rerun whole
         shutil.rmtree(folder, ignore_errors=True)
     for log in ("train.log", "inference.log"):
         (out / log).unlink(missing_ok=True)
@@ -150,7 +150,7 @@ def run_bundle(train_dataset: Path, test_images: list[str], out: Path, budget_s:
         "bundle_root": str(BUNDLE_ROOT),
         "datalist": f"%{datalist}",
         "ckpt_path": str(checkpoint),
-        "output_dir": str(out / "masks"),
+        "output_dir": str(masks),
         # overrides that mean the same in inference.json (the network and its inputs)
         **{k: v for k, v in overrides.items() if k in INFERENCE_KEYS or k.startswith("network_def")},
     }

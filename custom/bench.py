@@ -494,10 +494,11 @@ def inference_latency(volumes, work: Path, sizes: Sizes, models) -> tuple[list, 
         "inference.json (monai.bundle)": [
             sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIGS / "inference.json"),
             "--bundle_root", str(BUNDLE), "--datalist", json.dumps([one]), "--output_dir", str(out / "cold_bundle"),
+            "--overwrite", "True",  # each repeat replaces the mask of the one before
         ],
         "TorchScript (custom.deploy)": [
             sys.executable, "-m", "custom", "deploy", one, "--model", str(models["torchscript"]),
-            "--out", str(out / "cold_ts"),
+            "--out", str(out / "cold_ts"), "--overwrite",
         ],
         "ONNX Runtime (OnnxNetwork)": [sys.executable, "-c", ONNX_SCRIPT, str(models["onnx"]), one, str(out)],
     }

@@ -134,11 +134,12 @@ def test_bundle_overrides_that_change_the_network_input_reach_inference(tmp_path
 
 
 def test_a_rerun_of_the_bundle_starts_without_the_files_of_an_interrupted_run(tmp_path, monkeypatch):
-    """A method without cases.csv is rerun whole: the checkpoints and TensorBoard files of an interrupted attempt
-    would make train.json refuse the new run (or pass for its model.pt)."""
+    """A method without cases.csv is rerun whole: the checkpoints, TensorBoard files and masks of an interrupted
+    attempt would make train.json or inference.json refuse the new run (or pass for its model.pt)."""
     import custom.accuracy_bench as bench
 
-    leftovers = [tmp_path / "models" / "model.pt", tmp_path / "train_logs" / "events.out.tfevents.1.host.1.0"]
+    leftovers = [tmp_path / "models" / "model.pt", tmp_path / "train_logs" / "events.out.tfevents.1.host.1.0",
+                 tmp_path / "masks" / "a_seg.nii.gz"]  # fmt: skip
     for path in leftovers:
         path.parent.mkdir(exist_ok=True)
         path.write_bytes(b"")
@@ -154,7 +155,7 @@ def test_a_rerun_of_the_bundle_starts_without_the_files_of_an_interrupted_run(tm
 
     monkeypatch.setattr(bench, "_run", fake_run)
     bench.run_bundle(tmp_path / "dataset", ["a.nii.gz"], tmp_path, 30, {})
-    assert at_training == {"model.pt": False, "events.out.tfevents.1.host.1.0": False}
+    assert at_training == {"model.pt": False, "events.out.tfevents.1.host.1.0": False, "a_seg.nii.gz": False}
 
 
 def test_score_masks_scores_every_labelled_case_and_refuses_gaps_and_overwrites(tiny_phantom_dataset, tmp_path):
