@@ -77,7 +77,7 @@ FULL = Sizes(
 )
 QUICK = Sizes(
     size=64, slices=3, source_cases=2, train_cases=4, train_epochs=2, plain_steps=1, infer_volumes=2, repeats=1,
-    cold_repeats=1, patch=(32, 32), case_counts=(2, 4), case_depth=2, slice_counts=(2, 4), depth_volumes=1,
+    cold_repeats=2, patch=(32, 32), case_counts=(2, 4), case_depth=2, slice_counts=(2, 4), depth_volumes=1,
     peak_conv=(2, 16, 32),
 )
 
