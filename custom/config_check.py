@@ -24,7 +24,7 @@ from monai.bundle import ConfigParser
 from monai.bundle.utils import DEFAULT_EXP_MGMT_SETTINGS
 
 from custom.clinical import VOLUME_TABLE
-from custom.data.datalist import earlier_outputs
+from custom.data.datalist import refuse_earlier_outputs
 from custom.lifecycle import latest_checkpoint
 
 
@@ -169,14 +169,10 @@ def check_output_dir(output_dir, images, write_uncertainty=False, overwrite=Fals
     folder may have been corrected by hand since (3D Slicer saves a label map over the file it was loaded from).
     Allowed: none of the files this run writes exists, or ``overwrite`` true (they are replaced).
     """
-    postfixes = ("seg", "uncertainty") if write_uncertainty else ("seg",)
-    earlier = earlier_outputs(output_dir, images, postfixes, tables=(VOLUME_TABLE,))
-    if earlier and overwrite is not True:
-        raise FileExistsError(
-            f"config id 'output_dir': '{os.path.normpath(str(output_dir))}' holds {len(earlier)} file(s) of an earlier "
-            f"run that this run would replace ({earlier[0]}{', ...' if len(earlier) > 1 else ''}): replace them with "
-            f"--overwrite True, or write into another --output_dir"
-        )
+    refuse_earlier_outputs(
+        output_dir, images, overwrite, ("seg", "uncertainty") if write_uncertainty else ("seg",), (VOLUME_TABLE,),
+        setting="config id 'output_dir':", overwrite_flag="--overwrite True", folder_flag="--output_dir",
+    )
 
 
 def unused_root_ids(config: dict) -> list[str]:

@@ -29,7 +29,7 @@ import torch
 from custom.atomic import write_atomically
 from custom.clinical import MODALITIES, VOLUME_TABLE, case_volumes, describe, write_volume_table
 from custom.clinical import PERFUSION_CHANNELS as BRAIN_CHANNELS  # brain: any of CBF, CBV, MTT, Tmax non-zero
-from custom.data.datalist import earlier_outputs, output_case_name
+from custom.data.datalist import output_case_name, refuse_earlier_outputs
 from custom.data.studies import find_case_maps, image_problems, load_case, read_nifti
 from custom.lesions import check_lesion_threshold, check_min_volume, lesion_from_probabilities, remove_small_lesions
 
@@ -229,13 +229,7 @@ def deploy(*inputs, model="bundle/models/model.ts", out="deploy_out", batch_size
     paths = [Path(str(p)) for p in inputs]
     _check_inputs(paths)
     out = Path(str(out))
-    earlier = earlier_outputs(out, paths, tables=(VOLUME_TABLE,))
-    if earlier and overwrite is not True:
-        raise FileExistsError(
-            f"output folder '{out}' holds {len(earlier)} file(s) of an earlier run that this run would replace "
-            f"({earlier[0]}{', ...' if len(earlier) > 1 else ''}): replace them with --overwrite, or write into "
-            f"another --out"
-        )
+    refuse_earlier_outputs(out, paths, overwrite, tables=(VOLUME_TABLE,))
     model = Path(str(model))
     if not model.is_file():
         raise FileNotFoundError(f"TorchScript model '{model}' does not exist (export it with monai.bundle ckpt_export)")

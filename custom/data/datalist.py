@@ -3,11 +3,12 @@
 MONAI's ``load_decathlon_datalist`` knows neither folds nor the ``testing`` entries of this
 project's data contract, and it reports a missing folder only as a missing file; these helpers
 select a cross-validation fold and name the folder or key at fault. Standard library only (the readers are
-imported where used): the MONAI-free runner imports ``output_case_name`` and ``earlier_outputs`` and is copied
-with this file.
+imported where used): the MONAI-free runner imports ``output_case_name`` and ``refuse_earlier_outputs`` and is
+copied with this file.
 """
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,12 +117,19 @@ def output_case_name(image) -> str:
     return Path(str(image)).name.split(".nii")[0]
 
 
-def earlier_outputs(folder, images, postfixes=("seg",), tables=()) -> list[str]:
-    """The files in ``folder`` that segmenting ``images`` would replace: ``<case>_<postfix>.nii.gz`` per image and
-    postfix (the names of ``SaveImaged`` with ``separate_folder`` false and of the MONAI-free runner) and ``tables``.
-    """
+def refuse_earlier_outputs(folder, images, overwrite=False, postfixes=("seg",), tables=(),
+                           setting="output folder", overwrite_flag="--overwrite", folder_flag="--out") -> None:
+    """Refuse a segmentation run that would replace files of an earlier run in ``folder``, unless ``overwrite``:
+    ``<case>_<postfix>.nii.gz`` per image and postfix (the names of ``SaveImaged`` with ``separate_folder`` false
+    and of the MONAI-free runner) and ``tables``. The message names ``setting`` and the two flags of the caller."""
     masks = [f"{output_case_name(image)}_{postfix}.nii.gz" for image in images for postfix in postfixes]
-    return [name for name in [*masks, *tables] if (Path(str(folder)) / name).exists()]
+    earlier = [name for name in [*masks, *tables] if (Path(str(folder)) / name).exists()]
+    if earlier and overwrite is not True:
+        raise FileExistsError(
+            f"{setting} '{os.path.normpath(str(folder))}' holds {len(earlier)} file(s) of an earlier run that this run "
+            f"would replace ({earlier[0]}{', ...' if len(earlier) > 1 else ''}): replace them with {overwrite_flag}, "
+            f"or write into another {folder_flag}"
+        )
 
 
 @dataclass
