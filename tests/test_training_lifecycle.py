@@ -316,8 +316,8 @@ def test_kill_9_then_resume_continues_with_the_same_state(tiny_phantom_dataset, 
 
 
 def test_only_rank_0_claims_the_log_dir(tmp_path, monkeypatch):
-    """In a multi-GPU run every rank builds the TensorBoard handlers (creating event files), rank 0 alone logs:
-    only rank 0 may refuse the run or remove files, the others wait for it (the barrier: test_bundle.py's
+    """In a multi-GPU run every rank resolves the log folder, rank 0 alone logs: only rank 0 may refuse the run
+    or remove files, the others wait for it (the barrier: test_bundle.py's
     test_multi_gpu_configs_run_distributed_on_cpu)."""
     events = tmp_path / "events.out.tfevents.1796596707.host.1.0"
     events.write_bytes(b"")
