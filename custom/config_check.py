@@ -121,11 +121,19 @@ def check_ckpt_dir(ckpt_dir, resume_ckpt=None, overwrite=False) -> None:
     Why it exists: MONAI's and Ignite's checkpoint savers replace ``model.pt`` and
     ``latest_checkpoint_epoch=<n>.pt`` of the same names without a word, so a second run with the same
     ``ckpt_dir`` would lose the first run's model. Allowed: a folder without ``*.pt`` files, a run resuming
-    from a checkpoint in that folder, and ``overwrite`` true.
+    from a checkpoint in that folder, and ``overwrite`` true. A run resuming from a checkpoint in another folder
+    is refused: it restores that run's best Dice, so its own validations need not beat it and the folder could
+    end without a ``model.pt`` (the resumed run's best model stays where it was written).
     """
     folder = Path(str(ckpt_dir))
+    if resume_ckpt is not None and not _resumes_in(folder, resume_ckpt):
+        raise ValueError(
+            f"config id 'resume_ckpt': '{os.path.normpath(resume_ckpt)}' is not in ckpt_dir "
+            f"'{os.path.normpath(folder)}': a resumed run goes on in the folder of the run it continues, where that "
+            f"run's model.pt and best Dice are: add --ckpt_dir '{os.path.normpath(Path(resume_ckpt).parent)}'"
+        )
     earlier = sorted(path.name for path in folder.glob("*.pt")) if folder.is_dir() else []
-    if earlier and not _resumes_in(folder, resume_ckpt) and overwrite is not True:
+    if earlier and resume_ckpt is None and overwrite is not True:
         newest = latest_checkpoint(folder)
         resume = f"continue that run with --resume_ckpt '{os.path.normpath(newest)}', " if newest else ""
         raise FileExistsError(

@@ -135,7 +135,7 @@ def test_checkpoint_that_runs_code_is_refused_by_the_bundle(
     checkpoint, marker = code_running_checkpoint
     overrides = {k: str(checkpoint) if v == "{checkpoint}" else v for k, v in overrides.items()}
     workflow = bundle_workflow(
-        config_files, None, dataset_dir=str(tiny_phantom_dataset), ckpt_dir=str(tmp_path / "models"),
+        config_files, None, dataset_dir=str(tiny_phantom_dataset), ckpt_dir=str(checkpoint.parent),
         output_dir=str(tmp_path / "out"), **overrides,
     )
     workflow.initialize()

@@ -200,6 +200,23 @@ def test_a_resumed_run_keeps_the_newest_periodic_checkpoints_of_both_runs(tiny_p
     assert set(first_logs) < set(_event_files(logs))
 
 
+def test_a_run_resumed_from_a_checkpoint_of_another_folder_is_refused(tiny_phantom_dataset, tmp_path):
+    """It would restore that run's best Dice, which its own validations need not beat: its ckpt_dir could end
+    without a model.pt. Refused before training, naming the id, both folders and the --ckpt_dir to use."""
+    _workflow(tiny_phantom_dataset, ckpt_dir=str(tmp_path / "first"), output_dir=str(tmp_path / "logs"), epochs=1).run()
+    elsewhere = tmp_path / "copied" / "start.pt"
+    elsewhere.parent.mkdir()
+    shutil.copyfile(latest_checkpoint(tmp_path / "first"), elsewhere)
+    second = tmp_path / "second"
+    with pytest.raises(Exception) as raised:
+        _workflow(tiny_phantom_dataset, ckpt_dir=str(second), output_dir=str(second / "logs"), epochs=2,
+                  resume_ckpt=str(elsewhere)).run()  # fmt: skip
+    message = "\n".join(str(error) for error in (raised.value, raised.value.__cause__) if error is not None)
+    assert f"config id 'resume_ckpt': '{elsewhere}' is not in ckpt_dir '{second}'" in message
+    assert f"add --ckpt_dir '{elsewhere.parent}'" in message
+    assert not second.exists()
+
+
 def test_resume_keeps_the_best_metric(tiny_phantom_dataset, tmp_path):
     """After --resume_ckpt a validation worse than the recorded best must not replace model.pt."""
     first = _workflow(tiny_phantom_dataset, ckpt_dir=str(tmp_path), output_dir=str(tmp_path / "logs"), epochs=2,
