@@ -149,6 +149,14 @@ def _missing_patient(folder):
     edit_json(folder, lambda d: d["training"][2].pop("patient"))
 
 
+def _one_study_in_two_training_cases(folder):
+    edit_json(folder, lambda d: d["training"][2].update(image="imagesTr/case_1.nii.gz", label="labelsTr/case_1.nii.gz"))
+
+
+def _training_image_in_testing(folder):
+    edit_json(folder, lambda d: d["testing"][0].update(image="./imagesTr/case_2.nii.gz"))
+
+
 def _wrong_modality(folder):
     edit_json(folder, lambda d: d["modality"].update({"1": "rCBF"}))
 
@@ -182,6 +190,10 @@ def _no_dataset_json(folder):
         (_empty_fold, ["dataset.json training: fold 1 has no cases"]),
         (_duplicate_case, ["testing[0]: case 'case_3' repeats dataset.json training[2]"]),
         (_missing_patient, ["training[2]: missing patient"]),
+        (_one_study_in_two_training_cases,
+         ["training[2].label: 'labelsTr/case_1.nii.gz' is also dataset.json training[0].label"]),
+        (_training_image_in_testing,
+         ["testing[0].image: './imagesTr/case_2.nii.gz' is also dataset.json training[1].image"]),
         (_wrong_modality, ["dataset.json 'modality'", "rCBF"]),
         (_miscount, ["'numTraining' is 5 but 'training' has 4"]),
         (_too_small, ["imagesTs/case_5.nii.gz: in-plane size 16 x 16 is below the network's minimum 17 x 17"]),
@@ -203,6 +215,15 @@ def test_command_prints_every_problem_and_exits_non_zero(dataset_dir, capsys):
     assert exit_info.value.code == 1
     out = capsys.readouterr().out
     assert "2 problem(s):" in out and "labelsTr/case_4.nii.gz" in out and "imagesTr/case_2.nii.gz" in out
+
+
+def test_summary_counts_only_named_patients(dataset_dir, capsys):
+    edit_json(dataset_dir, lambda d: [entry.pop("patient") for entry in d["training"][2:]])
+    with pytest.raises(SystemExit):
+        check_dataset_command(dataset_dir)
+    out = capsys.readouterr().out
+    assert "4 readable training cases from 1 patients" in out
+    assert "   1      2         0 " in out  # fold 1's cases name no patient
 
 
 def test_command_on_a_missing_folder_names_it_without_a_fold_count(tmp_path, capsys):

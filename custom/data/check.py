@@ -156,6 +156,7 @@ def inspect_dataset(dataset_dir) -> DatasetReport:
     lists = _top_level_problems(dataset, report)
 
     first_use: dict[str, str] = {}
+    file_use: dict[Path, str] = {}  # one study in two entries leaks it between folds, or from training into testing
     for key, required in (("training", TRAINING_KEYS), ("testing", TESTING_KEYS)):
         for index, entry in enumerate(lists[key]):
             where = f"dataset.json {key}[{index}]"
@@ -172,6 +173,12 @@ def inspect_dataset(dataset_dir) -> DatasetReport:
                 first_use.setdefault(case, where)
             elif "case" in entry:
                 problems.append(f"{where}.case: expected a non-empty string, found {case!r}")
+            for file_key in ("image", "label"):
+                if isinstance(entry.get(file_key), str):
+                    used = (folder / entry[file_key]).resolve()
+                    if used in file_use:
+                        problems.append(f"{where}.{file_key}: '{entry[file_key]}' is also {file_use[used]}")
+                    file_use.setdefault(used, f"{where}.{file_key}")
             image = _read_nifti(folder, entry["image"], f"{where}.image", problems) if "image" in entry else None
             if image is not None:
                 problems += image_problems(entry["image"], image[1])
@@ -200,6 +207,11 @@ def check_dataset(dataset_dir) -> list[str]:
     return inspect_dataset(dataset_dir).problems
 
 
+def _patient_count(cases) -> int:
+    """Patients named by ``cases``; a case without a valid ``patient`` (a listed problem) names none."""
+    return len({case.patient for case in cases if isinstance(case.patient, str) and case.patient})
+
+
 def check_dataset_command(dataset_dir):
     """Check a converted dataset folder: print a summary per fold and every problem; exit 1 if there are problems.
 
@@ -209,7 +221,7 @@ def check_dataset_command(dataset_dir):
     report = inspect_dataset(dataset_dir)
     cases = report.training
     print(
-        f"{dataset_dir}: {len(cases)} readable training cases from {len({c.patient for c in cases})} patients, "
+        f"{dataset_dir}: {len(cases)} readable training cases from {_patient_count(cases)} patients, "
         f"{sum(c.slices for c in cases)} slices, {report.num_testing} testing cases, "
         f"{report.num_folds if report.num_folds is not None else 'no valid number of'} folds"
     )
@@ -219,7 +231,7 @@ def check_dataset_command(dataset_dir):
             members = [c for c in cases if c.fold == fold]
             volumes = [c.lesion_ml for c in members]
             print(
-                f"{fold:>4} {len(members):>6} {len({c.patient for c in members}):>9} "
+                f"{fold:>4} {len(members):>6} {_patient_count(members):>9} "
                 f"{sum(c.slices for c in members):>7} {sum(volumes):>10.1f}  "
                 f"{min(volumes):.1f} / {statistics.median(volumes):.1f} / {max(volumes):.1f}"
             )
