@@ -187,6 +187,18 @@ def load_model(path: Path, device="cpu"):
     return network
 
 
+def _usable_device(device) -> torch.device:
+    """``device`` as a torch device this machine has; otherwise an error naming the setting (loading the model
+    onto a missing CUDA device fails inside ``torch.jit.load``, which reads as a broken model file)."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device '{device}' is not a torch device (e.g. cpu, cuda, cuda:0): {err}") from err
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"device '{device}': this machine's PyTorch sees {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 def _check_inputs(inputs: list[Path]) -> None:
     """Fail before any computation on no input, a missing input, or two inputs with one case name (a mistake in
     the command, not in the data: the contents of each input are checked case by case)."""
@@ -237,6 +249,7 @@ def deploy(*inputs, model="bundle/models/model.ts", out="deploy_out", batch_size
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     min_lesion_ml = check_min_volume(min_lesion_ml)
     lesion_threshold = check_lesion_threshold(lesion_threshold)
+    device = _usable_device(device)
     network = load_model(model, device)
     out.mkdir(parents=True, exist_ok=True)
     rows, failures = [], []
@@ -266,7 +279,8 @@ def deploy(*inputs, model="bundle/models/model.ts", out="deploy_out", batch_size
 
 
 def main(argv=None) -> None:
-    """Command line for machines with neither MONAI nor this project: ``python deploy.py INPUT... --model m.ts``."""
+    """Command line for machines with neither MONAI nor this project: ``python -m custom.deploy INPUT... --model m.ts``
+    from the folder holding the copied ``custom/`` (docs/deployment.md)."""
     parser = argparse.ArgumentParser(description=deploy.__doc__.split("\n")[0])
     parser.add_argument("inputs", nargs="+", help="5-channel NIfTI files and/or ISLES 2018 case folders")
     parser.add_argument("--model", default="bundle/models/model.ts", help="TorchScript model (ckpt_export)")

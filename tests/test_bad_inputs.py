@@ -16,8 +16,9 @@ import pytest
 import torch
 from conftest import BUNDLE, CONFIGS, REPO, TINY_TRAINING, bundle_workflow, inference_network
 from monai.bundle import ConfigParser
+from monai.data import create_file_basename
 
-from custom.data.datalist import fold_datalist, inference_datalist, screen_inference_images
+from custom.data.datalist import fold_datalist, inference_datalist, output_case_name, screen_inference_images
 from custom.deploy import brain_quantiles
 from custom.transforms import NormalizeWithinBrain
 from custom.writers import ShapePreservingNibabelWriter
@@ -213,10 +214,40 @@ def test_inference_refuses_a_dataset_without_testing_images(dataset_copy):
         inference_datalist(folder)
 
 
+@pytest.mark.parametrize("name", ["case_5.nii.gz", "case.v2.nii.gz", "x.nii_old.nii.gz", "CASE.NII.GZ", "c.NII.gz",
+                                  "a.nii.GZ", "b.NII", "c.nii"])
+def test_output_case_name_is_the_name_save_image_writes(tmp_path, name):
+    """The table, the refusals and the MONAI-free runner name a case as MONAI's SaveImaged names its mask."""
+    written = create_file_basename("", tmp_path / name, tmp_path, separate_folder=False, makedirs=False)
+    assert output_case_name(tmp_path / name) == Path(written).name
+
+
+def test_an_isles_case_folder_given_as_dot_is_named_as_itself(tmp_path, monkeypatch):
+    (tmp_path / "case_5").mkdir()
+    monkeypatch.chdir(tmp_path / "case_5")
+    assert output_case_name(".") == "case_5"  # python -m custom deploy . (was: '_seg.nii.gz')
+
+
+def test_a_datalist_of_one_path_or_of_other_things(tmp_path):
+    image = _save(tmp_path / "one.nii.gz", _study())
+    assert screen_inference_images(str(image)).usable == [str(image)]  # --datalist one.nii.gz
+    with pytest.raises(ValueError, match=r"datalist: \{'image': .*\} is not a path; list 5-channel NIfTI files"):
+        screen_inference_images([{"image": str(image)}])
+
+
+def test_a_testing_entry_without_image_is_named(dataset_copy):
+    folder, dataset = dataset_copy
+    dataset["testing"][1] = {"img": "imagesTs/x.nii.gz", "case": "x"}
+    (folder / "dataset.json").write_text(json.dumps(dataset))
+    with pytest.raises(KeyError, match=re.escape(f"'{folder / 'dataset.json'}' testing[1] has no 'image' key")):
+        inference_datalist(folder)
+
+
 # Inference: every good case written, the bad ones reported by name, a non-zero exit code.
-def test_two_inputs_never_write_one_output(tmp_path):
+@pytest.mark.parametrize("second_name", ["case.nii.gz", "case.NII.gz"])
+def test_two_inputs_never_write_one_output(tmp_path, second_name):
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
-    first, second = _save(tmp_path / "a" / "case.nii.gz", _study()), _save(tmp_path / "b" / "case.nii.gz", _study())
+    first, second = _save(tmp_path / "a" / "case.nii", _study()), _save(tmp_path / "b" / second_name, _study())
     with pytest.raises(ValueError, match=f"'{first}' and '{second}' would both write 'case_seg.nii.gz'"):
         screen_inference_images([first, second])
     workflow = bundle_workflow(
@@ -231,7 +262,7 @@ def test_two_inputs_never_write_one_output(tmp_path):
 
 @pytest.mark.integration
 def test_bundle_inference_writes_good_cases_and_fails_naming_bad_ones(tmp_path):
-    good = [_save(tmp_path / f"good_{i}.nii.gz", _study()) for i in range(2)]
+    good = [_save(tmp_path / "good_0.nii.gz", _study()), _save(tmp_path / "GOOD_1.NII.GZ", _study())]
     with_nan = _study()
     with_nan[3, 3, 0, 1] = np.nan
     bad = {
@@ -239,7 +270,9 @@ def test_bundle_inference_writes_good_cases_and_fails_naming_bad_ones(tmp_path):
         "corrupt": _truncate(_save(tmp_path / "corrupt.nii.gz", _study())),
         "four": _save(tmp_path / "four.nii.gz", _study()[..., :4]),
         "zero": _save(tmp_path / "zero.nii.gz", np.zeros((32, 32, 3, 5), dtype=np.float32)),
+        "folder": tmp_path / "case_7",
     }
+    bad["folder"].mkdir()
     out = tmp_path / "out"
     command = [
         sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIGS / "inference.json"),
@@ -249,14 +282,16 @@ def test_bundle_inference_writes_good_cases_and_fails_naming_bad_ones(tmp_path):
     completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     assert completed.returncode != 0
     log = completed.stdout + completed.stderr
-    assert "4 image(s) not segmented" in log
+    assert "5 image(s) not segmented" in log
     assert f"{bad['nan']}: 1 NaN or Inf values in the CBF channel" in log
     assert f"{bad['corrupt']}: cannot read the voxels" in log
     assert f"{bad['four']}: expected a 4D image with 5 channels" in log
     assert f"{bad['zero']}: the CBF channel is all zero" in log
-    assert sorted(p.name for p in out.iterdir()) == ["good_0_seg.nii.gz", "good_1_seg.nii.gz", "lesion_volumes.csv"]
+    assert f"{bad['folder']}: a folder, not a 5-channel NIfTI file" in log
+    # the table names the mask SaveImaged wrote (it keeps the upper-case .NII of GOOD_1.NII.GZ)
+    assert sorted(p.name for p in out.iterdir()) == ["GOOD_1.NII_seg.nii.gz", "good_0_seg.nii.gz", "lesion_volumes.csv"]
     with open(out / "lesion_volumes.csv") as f:
-        assert [row["case"] for row in csv.DictReader(f)] == ["good_0", "good_1"]
+        assert [row["case"] for row in csv.DictReader(f)] == ["good_0", "GOOD_1.NII"]
 
 
 @pytest.mark.parametrize("configs", [["inference.json"], ["train.json", "evaluate.json"]])

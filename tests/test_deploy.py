@@ -278,6 +278,11 @@ def test_bad_inputs_are_named_and_leave_nothing_behind(exported_model, tiny_phan
     twin = _write(tmp_path / "other" / "good.nii.gz", volume)
     with pytest.raises(ValueError, match="would both write 'good_seg.nii.gz'"):
         deploy(good, twin, model=torchscript, out=out)
+    with pytest.raises(ValueError, match="device 'gpu' is not a torch device"):
+        deploy(good, model=torchscript, out=out, device="gpu")
+    if not torch.cuda.is_available():  # was reported as a model file that is not TorchScript
+        with pytest.raises(ValueError, match=r"device 'cuda:0': this machine's PyTorch sees 0 CUDA device\(s\)"):
+            deploy(good, model=torchscript, out=out, device="cuda:0")
     assert not out.exists() or not any(out.iterdir())
 
 

@@ -107,14 +107,25 @@ def inference_datalist(dataset_dir) -> list[str]:
             f"'{folder / 'dataset.json'}' lists no 'testing' images; to segment other images name them "
             "explicitly, e.g. --datalist \"['/data/a.nii.gz', '/data/b.nii.gz']\""
         )
-    return [str(folder / (e["image"] if isinstance(e, dict) else e)) for e in entries]
+    images = []
+    for index, entry in enumerate(entries):
+        if isinstance(entry, dict) and "image" not in entry:
+            raise KeyError(f"'{folder / 'dataset.json'}' testing[{index}] has no 'image' key")
+        images.append(str(folder / (entry["image"] if isinstance(entry, dict) else entry)))
+    return images
 
 
 def output_case_name(image) -> str:
-    """The case name under which inference writes an image's outputs: its file name without ``.nii[.gz]``
-    (``<case>_seg.nii.gz`` by ``SaveImaged`` and by the MONAI-free runner, which also names an ISLES case
-    folder so; the ``case`` column of ``lesion_volumes.csv``)."""
-    return Path(str(image)).name.split(".nii")[0]
+    """The case name under which inference writes an image's outputs (``<case>_seg.nii.gz``, the ``case`` column
+    of ``lesion_volumes.csv``): the file name without ``.gz`` and then one more extension, the rule by which
+    MONAI's ``SaveImaged`` names the bundle's masks (``monai.data.create_file_basename``), so that the table, the
+    refusals and the MONAI-free runner name the file the bundle writes; an ISLES case folder (the runner) keeps
+    its whole name."""
+    path = Path(os.path.abspath(str(image)))
+    if path.is_dir():
+        return path.name
+    stem, extension = os.path.splitext(path.name)
+    return os.path.splitext(stem)[0] if extension == ".gz" else stem
 
 
 def refuse_earlier_outputs(folder, images, overwrite=False, postfixes=("seg",), tables=(),
@@ -150,6 +161,11 @@ def screen_inference_images(images) -> ScreenedImages:
     """
     from custom.data.studies import image_problems, read_nifti  # not at the top: this module is standard library only
 
+    if isinstance(images, (str, os.PathLike)):  # --datalist a.nii.gz: one image
+        images = [images]
+    for image in images:
+        if not isinstance(image, (str, os.PathLike)):
+            raise ValueError(f"datalist: {image!r} is not a path; list 5-channel NIfTI files: \"['/data/a.nii.gz']\"")
     images = [str(image) for image in images]
     if not images:
         raise ValueError("datalist: no image to segment")
@@ -161,6 +177,12 @@ def screen_inference_images(images) -> ScreenedImages:
         seen[name] = image
     usable, rejected = [], {}
     for image in images:
+        if Path(image).is_dir():
+            rejected[image] = (
+                f"{image}: a folder, not a 5-channel NIfTI file (convert ISLES 2018 case folders with "
+                "`python -m custom prepare isles2018`, or segment them with `python -m custom deploy`)"
+            )
+            continue
         if not Path(image).is_file():
             rejected[image] = f"{image}: missing"
             continue
