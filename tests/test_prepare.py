@@ -91,6 +91,16 @@ def test_maps_found_by_name_with_mr_spelling_and_pwi_ignored(tmp_path):
     assert not any("4DPWI" in str(p) for p in found.maps.values())
 
 
+def test_macos_appledouble_files_are_ignored(tmp_path):
+    """A copy made on macOS puts an AppleDouble ``._<name>`` (not NIfTI) beside every file and folder."""
+    written = write_isles_case(tmp_path, "case_1")
+    for path in written.values():
+        for entry in (path, path.parent):
+            (entry.parent / f"._{entry.name}").write_bytes(b"\x00\x05\x16\x07 AppleDouble resource fork")
+    found = find_case_maps(tmp_path / "case_1")
+    assert found.maps == {name: written[name] for name in MODALITIES} and found.label == written["OT"]
+
+
 def test_duplicated_modality_names_case_and_map(tmp_path):
     write_isles_case(tmp_path, "case_1")
     series = "SMIR.Brain.XX.O.MR_CBF.999"
