@@ -273,6 +273,21 @@ def test_patients_csv_row_without_a_case_is_refused_naming_the_line(tmp_path):
     prepare_isles2018(src, tmp_path / "dataset", patients=patients, folds=2)
 
 
+def test_patients_csv_row_with_more_cells_than_the_header_is_refused_naming_the_line(tmp_path):
+    """An unquoted comma in a note column gives a row more cells than the header: an error naming the file and
+    line, not a crash naming neither; the same note quoted is read."""
+    src = tmp_path / "TRAINING"
+    for case in ("case_1", "case_2"):
+        write_isles_case(src, case)
+    patients = tmp_path / "patients.csv"
+    patients.write_text("case,patient,note\ncase_1,P1,\ncase_2,P2,slab A, upper\n")
+    with pytest.raises(ValueError, match=r"patients\.csv' line 3: 4 cells, more than the header's 3; quote a cell"):
+        prepare_isles2018(src, tmp_path / "dataset", patients=patients, folds=2)
+    assert leftovers(tmp_path, {"TRAINING", "patients.csv"}) == []
+    patients.write_text('case,patient,note\ncase_1,P1,\ncase_2,P2,"slab A, upper"\n')
+    prepare_isles2018(src, tmp_path / "dataset", patients=patients, folds=2)
+
+
 def test_fewer_patients_than_folds_is_refused_before_converting(tmp_path):
     src = tmp_path / "TRAINING"
     for case in ("case_1", "case_2", "case_3"):

@@ -105,7 +105,8 @@ def read_patient_map(csv_path, cases) -> dict[str, str]:
     """``case -> patient`` for ``cases`` from a CSV with at least the columns ``case`` and ``patient``.
 
     A row whose cells are all empty (spreadsheet padding) is skipped; a row with an empty ``case`` or
-    ``patient`` is an error naming the file and line, since its case or patient would be lost silently.
+    ``patient``, or with more cells than the header (an unquoted comma in a note), is an error naming the file
+    and line, since its case or patient would be lost or misread silently.
     """
     csv_path = Path(csv_path)
     if not csv_path.is_file():
@@ -117,7 +118,12 @@ def read_patient_map(csv_path, cases) -> dict[str, str]:
             raise ValueError(f"'{csv_path}' needs a header with 'case' and 'patient' columns, found {columns}")
         mapping: dict[str, str] = {}
         for row in reader:
-            row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
+            if None in row:  # DictReader's key for the cells beyond the header's
+                raise ValueError(
+                    f"'{csv_path}' line {reader.line_num}: {len(columns) + len(row[None])} cells, more than the "
+                    f"header's {len(columns)}; quote a cell that holds a comma"
+                )
+            row = {k.strip(): (v or "").strip() for k, v in row.items()}
             case, patient = row["case"], row["patient"]
             if not any(row.values()):
                 continue
