@@ -167,6 +167,16 @@ def test_testing_cases_renamed_when_names_clash(tmp_path):
     assert (dst / "imagesTs" / "TESTING_case_1.nii.gz").is_file()
 
 
+def test_testing_folder_that_is_the_source_folder_is_refused(tmp_path):
+    """``--testing`` naming SRC again (here with a trailing slash) would copy every training case into the
+    testing list."""
+    write_isles_case(tmp_path / "TRAINING", "case_1")
+    write_isles_case(tmp_path / "TRAINING", "case_2")
+    with pytest.raises(ValueError, match=r"--testing '.*TRAINING/' is the source folder SRC '.*TRAINING'"):
+        prepare_isles2018(tmp_path / "TRAINING", tmp_path / "out", folds=2, testing=f"{tmp_path}/TRAINING/")
+    assert leftovers(tmp_path, {"TRAINING"}) == []
+
+
 def test_trailing_singleton_axis_is_squeezed(tmp_path):
     cbf = np.zeros(SHAPE + (1,), np.float32)
     cbf[BRAIN] = MAP_VALUES["CBF"]

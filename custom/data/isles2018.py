@@ -248,6 +248,8 @@ def prepare_isles2018(
     if dst.exists() and not overwrite:
         raise FileExistsError(f"'{dst}' already exists; pass --overwrite to replace it")
     _refuse_source_inside(dst, src, *([Path(testing)] if testing is not None else []))
+    if testing is not None and Path(testing).resolve() == src.resolve():
+        raise ValueError(f"--testing '{testing}' is the source folder SRC '{src}': its cases would be converted twice")
     require_writable_folder(dst.parent)
 
     find_case = find_case_ct_and_series if maps_from_4d else find_case_maps
