@@ -310,10 +310,26 @@ def test_fewer_patients_than_folds_is_refused_before_converting(tmp_path):
 
 def test_output_folder_that_cannot_be_written_is_refused_before_converting(tmp_path):
     write_isles_case(tmp_path / "TRAINING", "case_1")
+    write_isles_case(tmp_path / "TRAINING", "case_2")
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     with pytest.raises(OSError, match=f"output folder '{blocker}' is not writable"):
         prepare_isles2018(tmp_path / "TRAINING", blocker / "dataset", folds=2)
+
+
+def test_refused_run_creates_no_parent_folder_of_dst(tmp_path):
+    """Neither a wrong SRC (refused before converting) nor a broken case (refused while converting) leaves the
+    missing parent folders of DST behind."""
+    with pytest.raises(FileNotFoundError, match=r"TRAININGX' is not a folder"):
+        prepare_isles2018(tmp_path / "TRAININGX", tmp_path / "new" / "sub" / "dataset", folds=2)
+    assert leftovers(tmp_path, set()) == []
+
+    src = tmp_path / "TRAINING"
+    write_isles_case(src, "case_1")
+    write_isles_case(src, "case_2", replace={"CBF": _with_nan()})
+    with pytest.raises(ValueError, match="NaN"):
+        prepare_isles2018(src, tmp_path / "new" / "sub" / "dataset", folds=2)
+    assert leftovers(tmp_path, {"TRAINING"}) == []
 
 
 def _moved(affine, dx=0.0, dz=0.0, pixel=None):

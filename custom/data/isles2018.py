@@ -222,14 +222,25 @@ def _refuse_source_inside(dst: Path, *sources: Path):
             raise ValueError(f"DST '{dst}' would contain the source folder '{source}'; choose another DST")
 
 
+def _remove_empty_folders(folders: list[Path]) -> None:
+    """Remove ``folders`` (deepest first) while they are empty: the parents of DST that a failed run created, so
+    a refused conversion leaves nothing behind (``write_folder_atomically`` removes only its temporary folder)."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (something else wrote there meanwhile) or already gone: leave the rest
+            return
+
+
 def prepare_isles2018(
     src, dst, patients=None, folds=4, seed=0, testing=None, overwrite=False, maps_from_4d=False, dt=None
 ):
     """Convert an ISLES 2018 split folder SRC (holding case_*) into the dataset folder DST; returns DST.
 
     Cases with an OT map go to ``training`` with a patient-grouped, lesion-volume-balanced ``fold``; the
-    other cases of SRC and every case of ``testing`` go to ``testing``. DST is written to a temporary
-    sibling folder and renamed at the end, so a failure leaves no DST.
+    other cases of SRC and every case of ``testing`` go to ``testing``. The inputs are checked before anything
+    is written; DST is written to a temporary sibling folder and renamed at the end, so a failure leaves no DST
+    (nor the parent folders this run created).
 
     Args:
         src: ISLES 2018 split folder holding case_* folders, e.g. ISLES2018/TRAINING.
@@ -250,7 +261,6 @@ def prepare_isles2018(
     _refuse_source_inside(dst, src, *([Path(testing)] if testing is not None else []))
     if testing is not None and Path(testing).resolve() == src.resolve():
         raise ValueError(f"--testing '{testing}' is the source folder SRC '{src}': its cases would be converted twice")
-    require_writable_folder(dst.parent)
 
     find_case = find_case_ct_and_series if maps_from_4d else find_case_maps
     cases = [find_case(folder) for folder in find_case_folders(src)]
@@ -312,6 +322,12 @@ def prepare_isles2018(
         }
         (work / "dataset.json").write_text(json.dumps(dataset, indent=2) + "\n")
 
-    write_folder_atomically(dst, convert, overwrite)
+    new_folders = [folder for folder in (dst.parent, *dst.parent.parents) if not folder.exists()]
+    try:
+        require_writable_folder(dst.parent)
+        write_folder_atomically(dst, convert, overwrite)
+    except BaseException:
+        _remove_empty_folders(new_folders)
+        raise
     print(f"wrote '{dst}': {len(training)} training cases in {folds} folds, {len(testing_cases)} testing cases")
     return dst
