@@ -237,22 +237,61 @@ def test_existing_dst_needs_overwrite_and_survives_a_failed_overwrite(tmp_path):
     src = tmp_path / "TRAINING"
     write_isles_case(src, "case_1")
     write_isles_case(src, "case_2")
-    dst = tmp_path / "dataset"
-    dst.mkdir()
-    (dst / "marker").write_text("previous conversion")
+    dst = prepare_isles2018(src, tmp_path / "dataset", folds=2)
+    marker = dst / "imagesTs" / "from_the_previous_conversion.nii.gz"
+    marker.write_bytes(b"")
     with pytest.raises(FileExistsError, match="overwrite"):
         prepare_isles2018(src, dst, folds=2)
 
     write_isles_case(src, "case_3", replace={"CBF": _with_nan()})
     with pytest.raises(ValueError, match="NaN"):
         prepare_isles2018(src, dst, folds=2, overwrite=True)
-    assert (dst / "marker").is_file()
+    assert marker.is_file()
     assert leftovers(tmp_path, {"TRAINING", "dataset"}) == []
 
     (src / "case_3").rename(tmp_path / "set_aside")
     prepare_isles2018(src, dst, folds=2, overwrite=True)
-    assert not (dst / "marker").exists() and (dst / "dataset.json").is_file()
+    assert not marker.exists() and (dst / "dataset.json").is_file()
     assert leftovers(tmp_path, {"TRAINING", "dataset", "set_aside"}) == []
+
+
+def test_overwrite_deletes_nothing_the_converter_did_not_write(tmp_path, monkeypatch):
+    """--overwrite deletes the old DST, so it is refused for a folder without dataset.json, for a DST holding
+    entries the converter does not write (named, also when they appear during the conversion), and for a
+    --patients CSV inside DST; the user's files stay."""
+    from custom.data import isles2018
+
+    src = tmp_path / "TRAINING"
+    write_isles_case(src, "case_1")
+    write_isles_case(src, "case_2")
+    thesis = tmp_path / "notds" / "thesis.tex"
+    thesis.parent.mkdir()
+    thesis.write_text("not a dataset")
+    with pytest.raises(FileExistsError, match=r"notds' holds no dataset\.json, so it is not a dataset folder"):
+        prepare_isles2018(src, thesis.parent, folds=2, overwrite=True)
+
+    dst = prepare_isles2018(src, tmp_path / "dataset", folds=2)
+    patients = write_patients_csv(dst / "my_patients.csv", [("case_1", "P1"), ("case_2", "P2")])
+    with pytest.raises(ValueError, match=r"would contain the --patients CSV '.*my_patients\.csv'; choose another"):
+        prepare_isles2018(src, dst, patients=patients, folds=2, overwrite=True)
+    (dst / "imagesTr" / "README").write_text("my notes on the images")
+    with pytest.raises(FileExistsError, match=r"holds 2 entries this converter does not write, which --overwrite "
+                       r"would delete: imagesTr/README, my_patients\.csv; move them out"):
+        prepare_isles2018(src, dst, folds=2, overwrite=True)
+
+    patients.unlink()
+    (dst / "imagesTr" / "README").unlink()
+    save = isles2018._save_on_ct_grid
+
+    def save_while_the_user_adds_notes(data, ct_image, path):
+        (dst / "late_notes.txt").write_text("written during the conversion")
+        save(data, ct_image, path)
+
+    monkeypatch.setattr(isles2018, "_save_on_ct_grid", save_while_the_user_adds_notes)
+    with pytest.raises(FileExistsError, match=r"holds 1 entry this converter does not write.*: late_notes\.txt"):
+        prepare_isles2018(src, dst, folds=2, overwrite=True)
+    assert thesis.is_file() and (dst / "late_notes.txt").is_file() and (dst / "dataset.json").is_file()
+    assert leftovers(tmp_path, {"TRAINING", "dataset", "notds"}) == []
 
 
 def test_patients_csv_must_cover_training_cases(tmp_path):

@@ -216,10 +216,43 @@ def _testing_cases(testing, source_names: set[str], find_case=find_case_maps) ->
     return renamed
 
 
-def _refuse_source_inside(dst: Path, *sources: Path):
-    for source in sources:
-        if dst.resolve() == source.resolve() or dst.resolve() in source.resolve().parents:
-            raise ValueError(f"DST '{dst}' would contain the source folder '{source}'; choose another DST")
+def _refuse_inputs_inside(dst: Path, inputs: dict[str, object]):
+    """Refuse a DST that is or holds an input (``what -> path``, None for an absent option): an input inside
+    the old DST would be deleted with it by ``--overwrite``."""
+    for what, path in inputs.items():
+        if path is not None and dst.resolve() in (Path(path).resolve(), *Path(path).resolve().parents):
+            raise ValueError(f"DST '{dst}' would contain {what} '{path}'; choose another DST")
+
+
+IMAGE_FOLDERS = ("imagesTr", "labelsTr", "imagesTs")  # with dataset.json, all the converter writes into DST
+
+
+def _refuse_replacing_foreign_entries(dst: Path):
+    """Refuse to replace an existing DST with ``--overwrite`` unless it is a dataset folder as this converter
+    writes it: ``dataset.json`` and ``IMAGE_FOLDERS`` holding ``.nii.gz`` files, nothing else. Replacing
+    deletes the old DST, which must not take a file of the user's with it (notes, a patients CSV, a folder
+    that is no dataset at all); the error names what the converter would not have written."""
+    if not dst.is_dir():
+        raise FileExistsError(f"'{dst}' exists and is not a folder; --overwrite replaces only a dataset folder")
+    if not (dst / "dataset.json").is_file():
+        raise FileExistsError(
+            f"'{dst}' holds no dataset.json, so it is not a dataset folder written by this converter; --overwrite "
+            "would delete everything in it: choose another DST, or move its contents away yourself"
+        )
+    foreign = []
+    for entry in sorted(dst.iterdir()):
+        if entry.name in IMAGE_FOLDERS and entry.is_dir() and not entry.is_symlink():
+            foreign += [
+                f"{entry.name}/{file.name}" for file in sorted(entry.iterdir())
+                if not (file.is_file() and not file.is_symlink() and file.name.endswith(".nii.gz"))
+            ]
+        elif entry.name != "dataset.json" or not entry.is_file():
+            foreign.append(entry.name)
+    if foreign:
+        raise FileExistsError(
+            f"'{dst}' holds {len(foreign)} entr{'y' if len(foreign) == 1 else 'ies'} this converter does not "
+            f"write, which --overwrite would delete: {', '.join(foreign)}; move them out of '{dst}' first"
+        )
 
 
 def _remove_empty_folders(folders: list[Path]) -> None:
@@ -258,7 +291,10 @@ def prepare_isles2018(
     src, dst = Path(src), Path(dst)
     if dst.exists() and not overwrite:
         raise FileExistsError(f"'{dst}' already exists; pass --overwrite to replace it")
-    _refuse_source_inside(dst, src, *([Path(testing)] if testing is not None else []))
+    inputs = {"the source folder": src, "the --testing folder": testing, "the --patients CSV": patients}
+    _refuse_inputs_inside(dst, inputs)
+    if dst.exists():
+        _refuse_replacing_foreign_entries(dst)
     if testing is not None and Path(testing).resolve() == src.resolve():
         raise ValueError(f"--testing '{testing}' is the source folder SRC '{src}': its cases would be converted twice")
 
@@ -279,7 +315,7 @@ def prepare_isles2018(
 
     def convert(work: Path) -> None:
         lesion_ml = {}
-        for folder in ("imagesTr", "labelsTr", "imagesTs"):
+        for folder in IMAGE_FOLDERS:
             (work / folder).mkdir()
         all_cases = [(c, True) for c in training] + [(c, False) for c in testing_cases]
         for index, (case, is_training) in enumerate(all_cases, start=1):
@@ -321,6 +357,8 @@ def prepare_isles2018(
             "testing": [{"image": f"imagesTs/{c.name}.nii.gz", "case": c.name} for c in testing_cases],
         }
         (work / "dataset.json").write_text(json.dumps(dataset, indent=2) + "\n")
+        if overwrite and dst.exists():  # again just before the old DST is replaced: files may have come meanwhile
+            _refuse_replacing_foreign_entries(dst)
 
     new_folders = [folder for folder in (dst.parent, *dst.parent.parents) if not folder.exists()]
     try:
