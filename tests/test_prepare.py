@@ -177,6 +177,31 @@ def test_testing_folder_that_is_the_source_folder_is_refused(tmp_path):
     assert leftovers(tmp_path, {"TRAINING"}) == []
 
 
+def test_case_of_source_with_an_unrecognised_ot_is_refused_and_one_without_ot_is_named(tmp_path, capsys):
+    """A case of SRC without a recognised OT goes to testing by design; an OT folder renamed by a repeated
+    download must not silently move a training case there, and every case that goes there is named on stderr."""
+    src = tmp_path / "TRAINING"
+    write_isles_case(src, "case_1")
+    write_isles_case(src, "case_2")
+    label = write_isles_case(src, "case_3")["OT"].parent
+    renamed = label.with_name(f"{label.name} (1)")
+    label.rename(renamed)
+    with pytest.raises(ValueError, match=r"case_3': no OT map recognised, but '.*\.OT\.\d+ \(1\)' looks like one"):
+        prepare_isles2018(src, tmp_path / "dataset", folds=2)
+    assert leftovers(tmp_path, {"TRAINING"}) == []
+
+    renamed.rename(tmp_path / "set_aside")
+    (src / "case_3" / "notes.txt").write_text("no mask for this one")
+    capsys.readouterr()
+    dst = prepare_isles2018(src, tmp_path / "dataset", folds=2)
+    assert json.loads((dst / "dataset.json").read_text())["testing"] == [
+        {"image": "imagesTs/case_3.nii.gz", "case": "case_3"}
+    ]
+    warning = capsys.readouterr().err
+    assert "WARNING: 1 case(s) of '" in warning and "have no OT mask: they go to the testing list" in warning
+    assert f"  '{src / 'case_3'}': found CT, CBF, CBV, MTT, Tmax; other entries: notes.txt\n" in warning
+
+
 def test_trailing_singleton_axis_is_squeezed(tmp_path):
     cbf = np.zeros(SHAPE + (1,), np.float32)
     cbf[BRAIN] = MAP_VALUES["CBF"]

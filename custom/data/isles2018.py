@@ -216,6 +216,33 @@ def _testing_cases(testing, source_names: set[str], find_case=find_case_maps) ->
     return renamed
 
 
+def _unlabelled_source_cases(src: Path, cases: list[CaseFiles]) -> list[CaseFiles]:
+    """The cases of SRC without an OT map, which go to the testing list (docs/data.md), each named in a warning.
+
+    A case without a recognised OT that holds an entry naming OT (e.g. ``SMIR.Brain.XX.O.OT.345565 (1)`` from
+    a repeated download) is refused instead: its mask would be ignored and the case moved from training to
+    testing with nothing but a progress line saying so.
+    """
+    unlabelled = [case for case in cases if case.label is None]
+    lines = []
+    for case in unlabelled:
+        names = sorted(entry.name for entry in case.folder.iterdir() if not entry.name.startswith("."))
+        other = [name for name in names if not SMIR_NAME.match(name)]
+        like_ot = [name for name in names if LABEL_MAP.lower() in re.split(r"[^a-z0-9]+", name.lower())]
+        if like_ot:
+            raise ValueError(
+                f"'{case.folder}': no {LABEL_MAP} map recognised, but {', '.join(map(repr, like_ot))} looks like one; "
+                f"name it SMIR.Brain.XX.O.{LABEL_MAP}.<number> (a folder holding one NIfTI, or a .nii/.nii.gz file) "
+                "to train on the case, or move it out of the case folder to convert the case as a testing case"
+            )
+        lines.append(f"  '{case.folder}': found {', '.join(case.maps)}; other entries: {', '.join(other) or 'none'}")
+    if unlabelled:
+        lines.insert(0, f"WARNING: {len(unlabelled)} case(s) of '{src}' have no {LABEL_MAP} mask: they go to the "
+                        "testing list, not to training:")
+        print("\n".join(lines), file=sys.stderr, flush=True)
+    return unlabelled
+
+
 def _refuse_inputs_inside(dst: Path, inputs: dict[str, object]):
     """Refuse a DST that is or holds an input (``what -> path``, None for an absent option): an input inside
     the old DST would be deleted with it by ``--overwrite``."""
@@ -300,10 +327,10 @@ def prepare_isles2018(
 
     find_case = find_case_ct_and_series if maps_from_4d else find_case_maps
     cases = [find_case(folder) for folder in find_case_folders(src)]
+    testing_cases = _unlabelled_source_cases(src, cases)
     training = [c for c in cases if c.label is not None]
     if not training:
         raise ValueError(f"no labelled case (with an {LABEL_MAP} map) in '{src}': nothing to train on")
-    testing_cases = [c for c in cases if c.label is None]
     if testing is not None:
         testing_cases += _testing_cases(testing, {c.name for c in cases}, find_case)
     training_names = [c.name for c in training]
