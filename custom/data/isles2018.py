@@ -310,7 +310,8 @@ def prepare_isles2018(
         folds: number of cross-validation folds.
         seed: seed of the fold assignment's tie-breaking.
         testing: optional extra split folder (e.g. ISLES2018/TESTING) whose cases all go to ``testing``.
-        overwrite: replace an existing DST (only once the new one is complete).
+        overwrite: replace an existing DST (only once the new one is complete), if it holds nothing but what
+            this converter writes (``_refuse_replacing_foreign_entries``).
         maps_from_4d: compute CBF, CBV, MTT and Tmax from each case's 4D series (``CT_4DPWI``) with
             custom.perfusion instead of reading the vendor maps (docs/perfusion.md).
         dt: time step (s) of the 4D series when their headers lack it (with ``maps_from_4d``).
