@@ -91,6 +91,16 @@ def test_maps_found_by_name_with_mr_spelling_and_pwi_ignored(tmp_path):
     assert not any("4DPWI" in str(p) for p in found.maps.values())
 
 
+def test_macos_appledouble_files_are_ignored(tmp_path):
+    """A copy made on macOS puts an AppleDouble ``._<name>`` (not NIfTI) beside every file and folder."""
+    written = write_isles_case(tmp_path, "case_1")
+    for path in written.values():
+        for entry in (path, path.parent):
+            (entry.parent / f"._{entry.name}").write_bytes(b"\x00\x05\x16\x07 AppleDouble resource fork")
+    found = find_case_maps(tmp_path / "case_1")
+    assert found.maps == {name: written[name] for name in MODALITIES} and found.label == written["OT"]
+
+
 def test_duplicated_modality_names_case_and_map(tmp_path):
     write_isles_case(tmp_path, "case_1")
     series = "SMIR.Brain.XX.O.MR_CBF.999"
@@ -157,6 +167,41 @@ def test_testing_cases_renamed_when_names_clash(tmp_path):
     assert (dst / "imagesTs" / "TESTING_case_1.nii.gz").is_file()
 
 
+def test_testing_folder_that_is_the_source_folder_is_refused(tmp_path):
+    """``--testing`` naming SRC again (here with a trailing slash) would copy every training case into the
+    testing list."""
+    write_isles_case(tmp_path / "TRAINING", "case_1")
+    write_isles_case(tmp_path / "TRAINING", "case_2")
+    with pytest.raises(ValueError, match=r"--testing '.*TRAINING/' is the source folder SRC '.*TRAINING'"):
+        prepare_isles2018(tmp_path / "TRAINING", tmp_path / "out", folds=2, testing=f"{tmp_path}/TRAINING/")
+    assert leftovers(tmp_path, {"TRAINING"}) == []
+
+
+def test_case_of_source_with_an_unrecognised_ot_is_refused_and_one_without_ot_is_named(tmp_path, capsys):
+    """A case of SRC without a recognised OT goes to testing by design; an OT folder renamed by a repeated
+    download must not silently move a training case there, and every case that goes there is named on stderr."""
+    src = tmp_path / "TRAINING"
+    write_isles_case(src, "case_1")
+    write_isles_case(src, "case_2")
+    label = write_isles_case(src, "case_3")["OT"].parent
+    renamed = label.with_name(f"{label.name} (1)")
+    label.rename(renamed)
+    with pytest.raises(ValueError, match=r"case_3': no OT map recognised, but '.*\.OT\.\d+ \(1\)' looks like one"):
+        prepare_isles2018(src, tmp_path / "dataset", folds=2)
+    assert leftovers(tmp_path, {"TRAINING"}) == []
+
+    renamed.rename(tmp_path / "set_aside")
+    (src / "case_3" / "notes.txt").write_text("no mask for this one")
+    capsys.readouterr()
+    dst = prepare_isles2018(src, tmp_path / "dataset", folds=2)
+    assert json.loads((dst / "dataset.json").read_text())["testing"] == [
+        {"image": "imagesTs/case_3.nii.gz", "case": "case_3"}
+    ]
+    warning = capsys.readouterr().err
+    assert "WARNING: 1 case(s) of '" in warning and "have no OT mask: they go to the testing list" in warning
+    assert f"  '{src / 'case_3'}': found CT, CBF, CBV, MTT, Tmax; other entries: notes.txt\n" in warning
+
+
 def test_trailing_singleton_axis_is_squeezed(tmp_path):
     cbf = np.zeros(SHAPE + (1,), np.float32)
     cbf[BRAIN] = MAP_VALUES["CBF"]
@@ -217,22 +262,61 @@ def test_existing_dst_needs_overwrite_and_survives_a_failed_overwrite(tmp_path):
     src = tmp_path / "TRAINING"
     write_isles_case(src, "case_1")
     write_isles_case(src, "case_2")
-    dst = tmp_path / "dataset"
-    dst.mkdir()
-    (dst / "marker").write_text("previous conversion")
+    dst = prepare_isles2018(src, tmp_path / "dataset", folds=2)
+    marker = dst / "imagesTs" / "from_the_previous_conversion.nii.gz"
+    marker.write_bytes(b"")
     with pytest.raises(FileExistsError, match="overwrite"):
         prepare_isles2018(src, dst, folds=2)
 
     write_isles_case(src, "case_3", replace={"CBF": _with_nan()})
     with pytest.raises(ValueError, match="NaN"):
         prepare_isles2018(src, dst, folds=2, overwrite=True)
-    assert (dst / "marker").is_file()
+    assert marker.is_file()
     assert leftovers(tmp_path, {"TRAINING", "dataset"}) == []
 
     (src / "case_3").rename(tmp_path / "set_aside")
     prepare_isles2018(src, dst, folds=2, overwrite=True)
-    assert not (dst / "marker").exists() and (dst / "dataset.json").is_file()
+    assert not marker.exists() and (dst / "dataset.json").is_file()
     assert leftovers(tmp_path, {"TRAINING", "dataset", "set_aside"}) == []
+
+
+def test_overwrite_deletes_nothing_the_converter_did_not_write(tmp_path, monkeypatch):
+    """--overwrite deletes the old DST, so it is refused for a folder without dataset.json, for a DST holding
+    entries the converter does not write (named, also when they appear during the conversion), and for a
+    --patients CSV inside DST; the user's files stay."""
+    from custom.data import isles2018
+
+    src = tmp_path / "TRAINING"
+    write_isles_case(src, "case_1")
+    write_isles_case(src, "case_2")
+    thesis = tmp_path / "notds" / "thesis.tex"
+    thesis.parent.mkdir()
+    thesis.write_text("not a dataset")
+    with pytest.raises(FileExistsError, match=r"notds' holds no dataset\.json, so it is not a dataset folder"):
+        prepare_isles2018(src, thesis.parent, folds=2, overwrite=True)
+
+    dst = prepare_isles2018(src, tmp_path / "dataset", folds=2)
+    patients = write_patients_csv(dst / "my_patients.csv", [("case_1", "P1"), ("case_2", "P2")])
+    with pytest.raises(ValueError, match=r"would contain the --patients CSV '.*my_patients\.csv'; choose another"):
+        prepare_isles2018(src, dst, patients=patients, folds=2, overwrite=True)
+    (dst / "imagesTr" / "README").write_text("my notes on the images")
+    with pytest.raises(FileExistsError, match=r"holds 2 entries this converter does not write, which --overwrite "
+                       r"would delete: imagesTr/README, my_patients\.csv; move them out"):
+        prepare_isles2018(src, dst, folds=2, overwrite=True)
+
+    patients.unlink()
+    (dst / "imagesTr" / "README").unlink()
+    save = isles2018._save_on_ct_grid
+
+    def save_while_the_user_adds_notes(data, ct_image, path):
+        (dst / "late_notes.txt").write_text("written during the conversion")
+        save(data, ct_image, path)
+
+    monkeypatch.setattr(isles2018, "_save_on_ct_grid", save_while_the_user_adds_notes)
+    with pytest.raises(FileExistsError, match=r"holds 1 entry this converter does not write.*: late_notes\.txt"):
+        prepare_isles2018(src, dst, folds=2, overwrite=True)
+    assert thesis.is_file() and (dst / "late_notes.txt").is_file() and (dst / "dataset.json").is_file()
+    assert leftovers(tmp_path, {"TRAINING", "dataset", "notds"}) == []
 
 
 def test_patients_csv_must_cover_training_cases(tmp_path):
@@ -263,6 +347,21 @@ def test_patients_csv_row_without_a_case_is_refused_naming_the_line(tmp_path):
     prepare_isles2018(src, tmp_path / "dataset", patients=patients, folds=2)
 
 
+def test_patients_csv_row_with_more_cells_than_the_header_is_refused_naming_the_line(tmp_path):
+    """An unquoted comma in a note column gives a row more cells than the header: an error naming the file and
+    line, not a crash naming neither; the same note quoted is read."""
+    src = tmp_path / "TRAINING"
+    for case in ("case_1", "case_2"):
+        write_isles_case(src, case)
+    patients = tmp_path / "patients.csv"
+    patients.write_text("case,patient,note\ncase_1,P1,\ncase_2,P2,slab A, upper\n")
+    with pytest.raises(ValueError, match=r"patients\.csv' line 3: 4 cells, more than the header's 3; quote a cell"):
+        prepare_isles2018(src, tmp_path / "dataset", patients=patients, folds=2)
+    assert leftovers(tmp_path, {"TRAINING", "patients.csv"}) == []
+    patients.write_text('case,patient,note\ncase_1,P1,\ncase_2,P2,"slab A, upper"\n')
+    prepare_isles2018(src, tmp_path / "dataset", patients=patients, folds=2)
+
+
 def test_fewer_patients_than_folds_is_refused_before_converting(tmp_path):
     src = tmp_path / "TRAINING"
     for case in ("case_1", "case_2", "case_3"):
@@ -275,10 +374,26 @@ def test_fewer_patients_than_folds_is_refused_before_converting(tmp_path):
 
 def test_output_folder_that_cannot_be_written_is_refused_before_converting(tmp_path):
     write_isles_case(tmp_path / "TRAINING", "case_1")
+    write_isles_case(tmp_path / "TRAINING", "case_2")
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     with pytest.raises(OSError, match=f"output folder '{blocker}' is not writable"):
         prepare_isles2018(tmp_path / "TRAINING", blocker / "dataset", folds=2)
+
+
+def test_refused_run_creates_no_parent_folder_of_dst(tmp_path):
+    """Neither a wrong SRC (refused before converting) nor a broken case (refused while converting) leaves the
+    missing parent folders of DST behind."""
+    with pytest.raises(FileNotFoundError, match=r"TRAININGX' is not a folder"):
+        prepare_isles2018(tmp_path / "TRAININGX", tmp_path / "new" / "sub" / "dataset", folds=2)
+    assert leftovers(tmp_path, set()) == []
+
+    src = tmp_path / "TRAINING"
+    write_isles_case(src, "case_1")
+    write_isles_case(src, "case_2", replace={"CBF": _with_nan()})
+    with pytest.raises(ValueError, match="NaN"):
+        prepare_isles2018(src, tmp_path / "new" / "sub" / "dataset", folds=2)
+    assert leftovers(tmp_path, {"TRAINING"}) == []
 
 
 def _moved(affine, dx=0.0, dz=0.0, pixel=None):

@@ -105,7 +105,8 @@ def read_patient_map(csv_path, cases) -> dict[str, str]:
     """``case -> patient`` for ``cases`` from a CSV with at least the columns ``case`` and ``patient``.
 
     A row whose cells are all empty (spreadsheet padding) is skipped; a row with an empty ``case`` or
-    ``patient`` is an error naming the file and line, since its case or patient would be lost silently.
+    ``patient``, or with more cells than the header (an unquoted comma in a note), is an error naming the file
+    and line, since its case or patient would be lost or misread silently.
     """
     csv_path = Path(csv_path)
     if not csv_path.is_file():
@@ -117,7 +118,12 @@ def read_patient_map(csv_path, cases) -> dict[str, str]:
             raise ValueError(f"'{csv_path}' needs a header with 'case' and 'patient' columns, found {columns}")
         mapping: dict[str, str] = {}
         for row in reader:
-            row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
+            if None in row:  # DictReader's key for the cells beyond the header's
+                raise ValueError(
+                    f"'{csv_path}' line {reader.line_num}: {len(columns) + len(row[None])} cells, more than the "
+                    f"header's {len(columns)}; quote a cell that holds a comma"
+                )
+            row = {k.strip(): (v or "").strip() for k, v in row.items()}
             case, patient = row["case"], row["patient"]
             if not any(row.values()):
                 continue
@@ -210,10 +216,80 @@ def _testing_cases(testing, source_names: set[str], find_case=find_case_maps) ->
     return renamed
 
 
-def _refuse_source_inside(dst: Path, *sources: Path):
-    for source in sources:
-        if dst.resolve() == source.resolve() or dst.resolve() in source.resolve().parents:
-            raise ValueError(f"DST '{dst}' would contain the source folder '{source}'; choose another DST")
+def _unlabelled_source_cases(src: Path, cases: list[CaseFiles]) -> list[CaseFiles]:
+    """The cases of SRC without an OT map, which go to the testing list (docs/data.md), each named in a warning.
+
+    A case without a recognised OT that holds an entry naming OT (e.g. ``SMIR.Brain.XX.O.OT.345565 (1)`` from
+    a repeated download) is refused instead: its mask would be ignored and the case moved from training to
+    testing with nothing but a progress line saying so.
+    """
+    unlabelled = [case for case in cases if case.label is None]
+    lines = []
+    for case in unlabelled:
+        names = sorted(entry.name for entry in case.folder.iterdir() if not entry.name.startswith("."))
+        other = [name for name in names if not SMIR_NAME.match(name)]
+        like_ot = [name for name in names if LABEL_MAP.lower() in re.split(r"[^a-z0-9]+", name.lower())]
+        if like_ot:
+            raise ValueError(
+                f"'{case.folder}': no {LABEL_MAP} map recognised, but {', '.join(map(repr, like_ot))} looks like one; "
+                f"name it SMIR.Brain.XX.O.{LABEL_MAP}.<number> (a folder holding one NIfTI, or a .nii/.nii.gz file) "
+                "to train on the case, or move it out of the case folder to convert the case as a testing case"
+            )
+        lines.append(f"  '{case.folder}': found {', '.join(case.maps)}; other entries: {', '.join(other) or 'none'}")
+    if unlabelled:
+        lines.insert(0, f"WARNING: {len(unlabelled)} case(s) of '{src}' have no {LABEL_MAP} mask: they go to the "
+                        "testing list, not to training:")
+        print("\n".join(lines), file=sys.stderr, flush=True)
+    return unlabelled
+
+
+def _refuse_inputs_inside(dst: Path, inputs: dict[str, object]):
+    """Refuse a DST that is or holds an input (``what -> path``, None for an absent option): an input inside
+    the old DST would be deleted with it by ``--overwrite``."""
+    for what, path in inputs.items():
+        if path is not None and dst.resolve() in (Path(path).resolve(), *Path(path).resolve().parents):
+            raise ValueError(f"DST '{dst}' would contain {what} '{path}'; choose another DST")
+
+
+IMAGE_FOLDERS = ("imagesTr", "labelsTr", "imagesTs")  # with dataset.json, all the converter writes into DST
+
+
+def _refuse_replacing_foreign_entries(dst: Path):
+    """Refuse to replace an existing DST with ``--overwrite`` unless it is a dataset folder as this converter
+    writes it: ``dataset.json`` and ``IMAGE_FOLDERS`` holding ``.nii.gz`` files, nothing else. Replacing
+    deletes the old DST, which must not take a file of the user's with it (notes, a patients CSV, a folder
+    that is no dataset at all); the error names what the converter would not have written."""
+    if not dst.is_dir():
+        raise FileExistsError(f"'{dst}' exists and is not a folder; --overwrite replaces only a dataset folder")
+    if not (dst / "dataset.json").is_file():
+        raise FileExistsError(
+            f"'{dst}' holds no dataset.json, so it is not a dataset folder written by this converter; --overwrite "
+            "would delete everything in it: choose another DST, or move its contents away yourself"
+        )
+    foreign = []
+    for entry in sorted(dst.iterdir()):
+        if entry.name in IMAGE_FOLDERS and entry.is_dir() and not entry.is_symlink():
+            foreign += [
+                f"{entry.name}/{file.name}" for file in sorted(entry.iterdir())
+                if not (file.is_file() and not file.is_symlink() and file.name.endswith(".nii.gz"))
+            ]
+        elif entry.name != "dataset.json" or not entry.is_file():
+            foreign.append(entry.name)
+    if foreign:
+        raise FileExistsError(
+            f"'{dst}' holds {len(foreign)} entr{'y' if len(foreign) == 1 else 'ies'} this converter does not "
+            f"write, which --overwrite would delete: {', '.join(foreign)}; move them out of '{dst}' first"
+        )
+
+
+def _remove_empty_folders(folders: list[Path]) -> None:
+    """Remove ``folders`` (deepest first) while they are empty: the parents of DST that a failed run created, so
+    a refused conversion leaves nothing behind (``write_folder_atomically`` removes only its temporary folder)."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (something else wrote there meanwhile) or already gone: leave the rest
+            return
 
 
 def prepare_isles2018(
@@ -222,8 +298,9 @@ def prepare_isles2018(
     """Convert an ISLES 2018 split folder SRC (holding case_*) into the dataset folder DST; returns DST.
 
     Cases with an OT map go to ``training`` with a patient-grouped, lesion-volume-balanced ``fold``; the
-    other cases of SRC and every case of ``testing`` go to ``testing``. DST is written to a temporary
-    sibling folder and renamed at the end, so a failure leaves no DST.
+    other cases of SRC and every case of ``testing`` go to ``testing``. The inputs are checked before anything
+    is written; DST is written to a temporary sibling folder and renamed at the end, so a failure leaves no DST
+    (nor the parent folders this run created).
 
     Args:
         src: ISLES 2018 split folder holding case_* folders, e.g. ISLES2018/TRAINING.
@@ -233,7 +310,8 @@ def prepare_isles2018(
         folds: number of cross-validation folds.
         seed: seed of the fold assignment's tie-breaking.
         testing: optional extra split folder (e.g. ISLES2018/TESTING) whose cases all go to ``testing``.
-        overwrite: replace an existing DST (only once the new one is complete).
+        overwrite: replace an existing DST (only once the new one is complete), if it holds nothing but what
+            this converter writes (``_refuse_replacing_foreign_entries``).
         maps_from_4d: compute CBF, CBV, MTT and Tmax from each case's 4D series (``CT_4DPWI``) with
             custom.perfusion instead of reading the vendor maps (docs/perfusion.md).
         dt: time step (s) of the 4D series when their headers lack it (with ``maps_from_4d``).
@@ -241,15 +319,19 @@ def prepare_isles2018(
     src, dst = Path(src), Path(dst)
     if dst.exists() and not overwrite:
         raise FileExistsError(f"'{dst}' already exists; pass --overwrite to replace it")
-    _refuse_source_inside(dst, src, *([Path(testing)] if testing is not None else []))
-    require_writable_folder(dst.parent)
+    inputs = {"the source folder": src, "the --testing folder": testing, "the --patients CSV": patients}
+    _refuse_inputs_inside(dst, inputs)
+    if dst.exists():
+        _refuse_replacing_foreign_entries(dst)
+    if testing is not None and Path(testing).resolve() == src.resolve():
+        raise ValueError(f"--testing '{testing}' is the source folder SRC '{src}': its cases would be converted twice")
 
     find_case = find_case_ct_and_series if maps_from_4d else find_case_maps
     cases = [find_case(folder) for folder in find_case_folders(src)]
+    testing_cases = _unlabelled_source_cases(src, cases)
     training = [c for c in cases if c.label is not None]
     if not training:
         raise ValueError(f"no labelled case (with an {LABEL_MAP} map) in '{src}': nothing to train on")
-    testing_cases = [c for c in cases if c.label is None]
     if testing is not None:
         testing_cases += _testing_cases(testing, {c.name for c in cases}, find_case)
     training_names = [c.name for c in training]
@@ -261,7 +343,7 @@ def prepare_isles2018(
 
     def convert(work: Path) -> None:
         lesion_ml = {}
-        for folder in ("imagesTr", "labelsTr", "imagesTs"):
+        for folder in IMAGE_FOLDERS:
             (work / folder).mkdir()
         all_cases = [(c, True) for c in training] + [(c, False) for c in testing_cases]
         for index, (case, is_training) in enumerate(all_cases, start=1):
@@ -303,7 +385,15 @@ def prepare_isles2018(
             "testing": [{"image": f"imagesTs/{c.name}.nii.gz", "case": c.name} for c in testing_cases],
         }
         (work / "dataset.json").write_text(json.dumps(dataset, indent=2) + "\n")
+        if overwrite and dst.exists():  # again just before the old DST is replaced: files may have come meanwhile
+            _refuse_replacing_foreign_entries(dst)
 
-    write_folder_atomically(dst, convert, overwrite)
+    new_folders = [folder for folder in (dst.parent, *dst.parent.parents) if not folder.exists()]
+    try:
+        require_writable_folder(dst.parent)
+        write_folder_atomically(dst, convert, overwrite)
+    except BaseException:
+        _remove_empty_folders(new_folders)
+        raise
     print(f"wrote '{dst}': {len(training)} training cases in {folds} folds, {len(testing_cases)} testing cases")
     return dst

@@ -127,8 +127,15 @@ class CaseFiles:
 
 
 def nifti_in(folder: Path) -> Path:
-    """The one .nii/.nii.gz file of an ISLES ``SMIR.Brain...`` folder; an error naming the folder otherwise."""
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith((".nii", ".nii.gz")))
+    """The one .nii/.nii.gz file of an ISLES ``SMIR.Brain...`` folder; an error naming the folder otherwise.
+
+    Hidden files (names starting with ``.``) are not counted: macOS writes an AppleDouble ``._<name>.nii`` beside
+    every file copied to a non-Apple disk, which would make every map folder hold two NIfTI files.
+    """
+    files = sorted(
+        p for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.name.endswith((".nii", ".nii.gz"))
+    )
     if len(files) != 1:
         raise ValueError(f"'{folder}' should hold exactly one .nii/.nii.gz file, found {len(files)}")
     return files[0]
