@@ -26,6 +26,7 @@ from monai.bundle.utils import DEFAULT_EXP_MGMT_SETTINGS
 from custom.clinical import VOLUME_TABLE
 from custom.data.datalist import refuse_earlier_outputs
 from custom.lifecycle import latest_checkpoint
+from custom.symmetry import ContralateralChannels
 
 
 def _whole(value) -> bool:
@@ -56,6 +57,10 @@ SETTING_RULES = {
     "num_folds": (lambda v: _whole(v) and v >= 2, "a whole number >= 2"),
     "num_workers": (lambda v: _whole(v) and v >= 0, "a whole number >= 0"),
     "adjacent_slices": (lambda v: _whole(v) and v >= 0, "a whole number >= 0 (slices on each side; 0 is off)"),
+    "contralateral_channels": (
+        lambda v: v is None or v in ContralateralChannels.MODES,
+        f"null (off) or one of {', '.join(ContralateralChannels.MODES)}",
+    ),
     "cache_rate": (lambda v: _number(v) and 0 <= v <= 1, "a number from 0 to 1"),
     "lesion_threshold": (lambda v: _number(v) and 0 < v < 1, "a number between 0 and 1 (exclusive)"),
     "min_lesion_ml": (lambda v: _number(v) and v >= 0, "a number >= 0 (mL; 0 keeps every lesion)"),

@@ -44,6 +44,8 @@ def _error_chain(error: BaseException) -> str:
         (["inference.json"], "infer", {"ckpt_pth": "m.pt"}, "config id 'ckpt_pth' is used by nothing"),
         (["train.json"], "train", {"adjacent_slices": -1}, "config id 'adjacent_slices' must be a whole number >= 0"),
         (["inference.json"], "infer", {"adjacent_slices": 0.5}, "config id 'adjacent_slices' must be a whole number"),
+        (["inference.json"], "infer", {"contralateral_channels": "foo"}, "'contralateral_channels' must be null (off)"),
+        (["train.json"], "train", {"contralateral_channels": "mirrored"}, "'contralateral_channels' must be null"),
         (["inference.json"], "infer", {"min_lesion_ml": -1}, "config id 'min_lesion_ml' must be a number >= 0"),
         (["train.json", "evaluate.json"], "train", {"min_lesion_ml": "0.5"}, "config id 'min_lesion_ml' must be a"),
         (["inference.json"], "infer", {"lesion_threshold": 1}, "config id 'lesion_threshold' must be a number between"),
