@@ -183,8 +183,9 @@ def run_cross_validation(
 
     The run's configuration (config file contents, overrides, dataset.json, bundle version) is recorded in
     ``out/run_configuration.json``; a folder holding a run of another configuration is refused before any
-    work. Within the same configuration a fold with ``fold_done.json`` is skipped and an interrupted fold
-    resumes from its latest checkpoint (one stopped before its first checkpoint trains again from the start).
+    work. Within the same configuration a fold with ``fold_done.json`` (written once its evaluation's per-case
+    metrics have been read) is skipped and an interrupted fold resumes from its latest checkpoint (one stopped
+    before its first checkpoint trains again from the start).
     Writes ``out/cases.csv`` (per case), ``out/summary.csv`` and ``out/summary.md`` (mean, std, median per
     fold and overall) and returns the summary rows.
     """
@@ -231,11 +232,14 @@ def run_cross_validation(
             }
             _run_bundle(evaluate_configs, evaluate_arguments, overrides, fold_dir / "evaluate.log")
             timing = {"train_seconds": round(trained - started, 1), "evaluate_seconds": round(time.time() - trained, 1)}
+            # read before fold_done.json is written: a fold whose per-case metrics cannot be read is not done, so
+            # a rerun evaluates it again instead of skipping it and failing on the same files
+            rows += _fold_case_rows(dataset_dir, dataset, fold, eval_dir)
             done = json.dumps({**timing, "overrides": overrides}, indent=2, default=str)
             write_text_atomically(fold_dir / DONE_FILE, done)
         else:
             print(f"fold {fold}: already done, skipped", flush=True)
-        rows += _fold_case_rows(dataset_dir, dataset, fold, eval_dir)
+            rows += _fold_case_rows(dataset_dir, dataset, fold, eval_dir)
 
     summary = summarise(rows, CASE_METRICS, group_key="fold")
     write_case_csv(rows, str(run_dir / "cases.csv"))

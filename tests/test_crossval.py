@@ -4,14 +4,16 @@ import csv
 import json
 import os
 import re
+from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import TINY_TRAINING
 
 import custom.crossval
 from custom.ablation import LOSS_VARIANTS, ablation_markdown
 from custom.baseline import run_baseline
-from custom.crossval import CASE_METRICS, RUN_RECORD, run_cross_validation
+from custom.crossval import CASE_METRICS, DONE_FILE, EVALUATION_METRICS, RUN_RECORD, run_cross_validation
 from custom.lifecycle import latest_checkpoint
 
 
@@ -91,6 +93,45 @@ def bundle_runs(monkeypatch):
 
     monkeypatch.setattr(custom.crossval, "_run_bundle", stop)
     return runs
+
+
+def fake_bundle(monkeypatch, name_image=str) -> list[dict]:
+    """Stand in for ``monai.bundle run`` and record its arguments: training does nothing; evaluation writes the
+    ``*_raw.csv`` files of evaluate.json's MetricsSaver with MONAI's own writer, each metric of the fold's K-th
+    validation case being (K + 1) / 100, its file named ``name_image(absolute image path)``."""
+    from monai.handlers.utils import write_metrics_reports
+
+    runs = []
+
+    def run(config_files, arguments, overrides, log_file):
+        runs.append({**arguments, **overrides})
+        if "ckpt_path" in arguments:
+            dataset_dir = Path(arguments["dataset_dir"])
+            training = json.loads((dataset_dir / "dataset.json").read_text())["training"]
+            images = [name_image(str(dataset_dir / e["image"])) for e in training if e["fold"] == arguments["fold"]]
+            values = np.arange(1, len(images) + 1).reshape(-1, 1) / 100
+            details = dict.fromkeys(EVALUATION_METRICS, values)
+            write_metrics_reports(arguments["output_dir"], images, None, details, None)
+
+    monkeypatch.setattr(custom.crossval, "_run_bundle", run)
+    return runs
+
+
+def test_fold_whose_metrics_cannot_be_read_is_not_marked_done(tiny_phantom_dataset, tmp_path, monkeypatch):
+    out = tmp_path / "cv"
+    fake_bundle(monkeypatch, name_image=lambda image: image.replace(".nii.gz", "_moved.nii.gz"))
+    with pytest.raises(ValueError, match="_moved.nii.gz', which is not in dataset.json"):
+        run_cross_validation(str(tiny_phantom_dataset), str(out), folds=2)
+    assert not (out / "fold_0" / DONE_FILE).exists()
+
+    runs = fake_bundle(monkeypatch)
+    run_cross_validation(str(tiny_phantom_dataset), str(out), folds=2)
+    assert [run["fold"] for run in runs if "ckpt_path" in run] == [0, 1]  # fold 0 evaluated again, not skipped
+    assert (out / "fold_0" / DONE_FILE).is_file() and (out / "fold_1" / DONE_FILE).is_file()
+    with open(out / "cases.csv") as f:
+        cases = list(csv.DictReader(f))
+    training = json.loads((tiny_phantom_dataset / "dataset.json").read_text())["training"]
+    assert sorted(row["case"] for row in cases) == sorted(e["case"] for e in training)
 
 
 def test_rerun_with_other_settings_into_the_same_folder_is_refused(tiny_phantom_dataset, tmp_path, bundle_runs):
