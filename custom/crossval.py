@@ -5,7 +5,6 @@ patient-grouped k-fold cross-validation. This module only orchestrates ``python 
 with ``train.json`` and ``evaluate.json`` per fold; training, evaluation and metrics stay in the configs.
 """
 
-import csv
 import hashlib
 import json
 import subprocess
@@ -140,6 +139,34 @@ def _run_bundle(config_files: list[str], arguments: dict, overrides: dict, log_f
         raise RuntimeError(f"bundle run failed with exit code {completed.returncode}; see the log '{log_file}'")
 
 
+def read_raw_metric(raw_file: Path) -> list[tuple[str, float]]:
+    """(file name, ``mean`` column) of each line of a MetricsSaver ``<metric>_raw.csv``.
+
+    Why it exists: MONAI's ``write_metrics_reports`` writes ``filename,class0,...,mean`` lines without quoting,
+    so ``csv`` splits a file name holding a comma into several columns. The value columns are named by the header
+    and numeric, so they are split off from the right and the file name is what remains. Only a line break in a
+    file name cannot be read back; ``run_cross_validation`` refuses such image paths before the first fold.
+    """
+    with open(raw_file, newline="\n") as f:  # lines end at "\n" only, as MONAI writes them
+        lines = f.read().split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    header = lines[0].split(",") if lines else []
+    if header[:1] != ["filename"] or header[-1:] != ["mean"] or len(header) < 2:
+        raise ValueError(f"'{raw_file}' does not start with MetricsSaver's header 'filename,...,mean': {lines[:1]}")
+    values = []
+    for number, line in enumerate(lines[1:], start=2):
+        fields = line.rsplit(",", len(header) - 1)
+        try:
+            mean = float(fields[-1])
+        except ValueError:
+            mean = None
+        if len(fields) != len(header) or mean is None:
+            raise ValueError(f"'{raw_file}' line {number}: expected '{lines[0]}' values, found {line!r}")
+        values.append((fields[0], mean))
+    return values
+
+
 def _fold_case_rows(dataset_dir: Path, dataset: dict, fold: int, eval_dir: Path) -> list[dict]:
     """Per-case rows of one fold from evaluate.json's MetricsSaver ``*_raw.csv`` files."""
     by_image = {str((dataset_dir / e["image"]).resolve()): e for e in dataset["training"]}
@@ -148,15 +175,14 @@ def _fold_case_rows(dataset_dir: Path, dataset: dict, fold: int, eval_dir: Path)
         raw_file = eval_dir / f"{saver_name}_raw.csv"
         if not raw_file.is_file():
             raise FileNotFoundError(f"evaluation output '{raw_file}' is missing")
-        with open(raw_file) as f:
-            for record in csv.DictReader(f):
-                entry = by_image.get(str(Path(record["filename"]).resolve()))
-                if entry is None:
-                    raise ValueError(f"'{raw_file}' names '{record['filename']}', which is not in dataset.json")
-                row = rows.setdefault(
-                    entry["case"], {"fold": fold, "case": entry["case"], "patient": entry.get("patient", "")}
-                )
-                row[column] = float(record["mean"])
+        for filename, mean in read_raw_metric(raw_file):
+            entry = by_image.get(str(Path(filename).resolve()))
+            if entry is None:
+                raise ValueError(f"'{raw_file}' names '{filename}', which is not in dataset.json")
+            row = rows.setdefault(
+                entry["case"], {"fold": fold, "case": entry["case"], "patient": entry.get("patient", "")}
+            )
+            row[column] = mean
     return list(rows.values())
 
 

@@ -4,6 +4,7 @@ import csv
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,14 @@ from conftest import TINY_TRAINING
 import custom.crossval
 from custom.ablation import LOSS_VARIANTS, ablation_markdown
 from custom.baseline import run_baseline
-from custom.crossval import CASE_METRICS, DONE_FILE, EVALUATION_METRICS, RUN_RECORD, run_cross_validation
+from custom.crossval import (
+    CASE_METRICS,
+    DONE_FILE,
+    EVALUATION_METRICS,
+    RUN_RECORD,
+    read_raw_metric,
+    run_cross_validation,
+)
 from custom.lifecycle import latest_checkpoint
 
 
@@ -132,6 +140,28 @@ def test_fold_whose_metrics_cannot_be_read_is_not_marked_done(tiny_phantom_datas
         cases = list(csv.DictReader(f))
     training = json.loads((tiny_phantom_dataset / "dataset.json").read_text())["training"]
     assert sorted(row["case"] for row in cases) == sorted(e["case"] for e in training)
+
+
+def test_dataset_path_with_commas_is_read_back_from_the_metrics_files(tiny_phantom_dataset, tmp_path, monkeypatch):
+    # MONAI's MetricsSaver writes file names unquoted: csv split this path at its comma into two columns
+    dataset = shutil.copytree(tiny_phantom_dataset, tmp_path / "my data, v2" / "ds, 1")
+    fake_bundle(monkeypatch)
+    run_cross_validation(str(dataset), str(tmp_path / "cv"), folds=2)
+    with open(tmp_path / "cv" / "cases.csv") as f:
+        dice = {row["case"]: float(row["dice"]) for row in csv.DictReader(f)}
+    training = json.loads((dataset / "dataset.json").read_text())["training"]
+    for fold in (0, 1):
+        cases = [e["case"] for e in training if e["fold"] == fold]
+        assert [dice[case] for case in cases] == [(k + 1) / 100 for k in range(len(cases))]
+
+
+def test_malformed_metrics_line_is_refused_naming_file_and_line(tmp_path):
+    raw = tmp_path / "val_mean_dice_raw.csv"
+    raw.write_text("filename,class0,mean\n/data/a, b.nii.gz,0.5000,0.5000\n/data/c.nii.gz,0.5000\n")
+    with pytest.raises(ValueError, match=re.escape(f"'{raw}' line 3: expected 'filename,class0,mean' values")):
+        read_raw_metric(raw)
+    raw.write_text("filename,class0,mean\n/data/a, b.nii.gz,0.5000,nan\n")
+    assert [(name, str(mean)) for name, mean in read_raw_metric(raw)] == [("/data/a, b.nii.gz", "nan")]
 
 
 def test_rerun_with_other_settings_into_the_same_folder_is_refused(tiny_phantom_dataset, tmp_path, bundle_runs):
