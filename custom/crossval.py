@@ -15,6 +15,7 @@ from pathlib import Path
 from monai.bundle import ConfigWorkflow
 
 from custom.atomic import require_writable_folder, write_text_atomically
+from custom.data.check import check_dataset
 from custom.data.datalist import load_dataset_json
 from custom.lifecycle import latest_checkpoint
 from custom.reporting import summarise, summary_markdown, write_case_csv, write_markdown
@@ -139,6 +140,32 @@ def _run_bundle(config_files: list[str], arguments: dict, overrides: dict, log_f
         raise RuntimeError(f"bundle run failed with exit code {completed.returncode}; see the log '{log_file}'")
 
 
+def refuse_unusable_dataset(dataset_dir: Path) -> None:
+    """Refuse, before the first fold, a dataset that ``python -m custom check`` faults or whose metrics cv could
+    not read back, listing every problem (each names its dataset.json entry and key, or its file).
+
+    Why it exists: cv relies on each training entry's ``image``, ``label``, ``fold``, ``case`` and ``patient``;
+    without this a missing key or a bad file showed only after a fold had trained and been evaluated (a bare
+    ``KeyError: 'case'``). The checks are the project's (``custom.data.check``) plus one of cv's own: an image
+    path holding a line break, which the unquoted lines of MetricsSaver's CSV files cannot carry.
+    """
+    problems = check_dataset(dataset_dir)
+    unreadable = "holds a line break, which MetricsSaver writes unquoted into its CSV files, so cv could not read them"
+    if not problems and "\n" in str(dataset_dir):
+        problems = [f"the dataset folder {str(dataset_dir)!r} {unreadable}"]
+    elif not problems:
+        problems = [
+            f"dataset.json training[{index}].image: {entry['image']!r} {unreadable}"
+            for index, entry in enumerate(load_dataset_json(dataset_dir)["training"])
+            if "\n" in entry["image"]
+        ]
+    if problems:
+        raise ValueError(
+            f"'{dataset_dir / 'dataset.json'}' cannot be cross-validated:\n  - " + "\n  - ".join(problems)
+            + "\nFix these before running cv (`python -m custom check` lists the dataset's problems)."
+        )
+
+
 def read_raw_metric(raw_file: Path) -> list[tuple[str, float]]:
     """(file name, ``mean`` column) of each line of a MetricsSaver ``<metric>_raw.csv``.
 
@@ -207,6 +234,7 @@ def run_cross_validation(
         save_masks: keep each fold's predicted masks (used by the result figures).
         overrides: any bundle override, e.g. ``--epochs 50 --loss#lambda_gdl 0``.
 
+    The dataset is checked first, with the checks of ``python -m custom check`` (see ``refuse_unusable_dataset``).
     The run's configuration (config file contents, overrides, dataset.json, bundle version) is recorded in
     ``out/run_configuration.json``; a folder holding a run of another configuration is refused before any
     work. Within the same configuration a fold with ``fold_done.json`` (written once its evaluation's per-case
@@ -220,6 +248,7 @@ def run_cross_validation(
         raise ValueError(f"cv sets {fold_overrides} itself for each fold under OUT; drop these overrides")
     dataset_dir = Path(dataset_dir).resolve()
     dataset = load_dataset_json(dataset_dir, ("training",))
+    refuse_unusable_dataset(dataset_dir)
     num_folds = int(folds if folds is not None else dataset.get("num_folds", 0))
     present = sorted({int(e["fold"]) for e in dataset["training"]})
     if num_folds < 1 or any(k not in present for k in range(num_folds)):

@@ -188,6 +188,37 @@ def test_rerun_with_other_settings_into_the_same_folder_is_refused(tiny_phantom_
     assert bundle_runs[-1]["resume_ckpt"] == str(checkpoint)
 
 
+def test_training_entries_without_case_or_patient_are_refused_before_any_fold(
+    tiny_phantom_dataset, tmp_path, bundle_runs
+):
+    dataset = shutil.copytree(tiny_phantom_dataset, tmp_path / "ds")
+    contents = json.loads((dataset / "dataset.json").read_text())
+    for key in ("case", "patient"):
+        del contents["training"][1][key]
+    (dataset / "dataset.json").write_text(json.dumps(contents))
+    with pytest.raises(ValueError) as refused:
+        run_cross_validation(str(dataset), str(tmp_path / "cv"), folds=2)
+    message = str(refused.value)
+    assert f"'{dataset / 'dataset.json'}' cannot be cross-validated" in message
+    assert "dataset.json training[1]: missing patient, case" in message
+    assert bundle_runs == [] and not (tmp_path / "cv").exists()
+
+
+def test_image_path_with_a_line_break_is_refused_before_any_fold(tiny_phantom_dataset, tmp_path, bundle_runs):
+    dataset = shutil.copytree(tiny_phantom_dataset, tmp_path / "my\ndata")
+    with pytest.raises(ValueError, match=re.escape(f"the dataset folder {str(dataset)!r} holds a line break")):
+        run_cross_validation(str(dataset), str(tmp_path / "cv"), folds=2)
+    contents = json.loads((dataset / "dataset.json").read_text())
+    image = contents["training"][3]["image"]
+    (dataset / image).rename(dataset / image.replace("case", "case\n"))
+    contents["training"][3]["image"] = image.replace("case", "case\n")
+    dataset = dataset.rename(tmp_path / "ds")
+    (dataset / "dataset.json").write_text(json.dumps(contents))
+    with pytest.raises(ValueError, match=re.escape(f"training[3].image: {contents['training'][3]['image']!r} holds")):
+        run_cross_validation(str(dataset), str(tmp_path / "cv"), folds=2)
+    assert bundle_runs == [] and not (tmp_path / "cv").exists()
+
+
 def test_bad_override_is_refused_before_the_run_folder_is_claimed(tiny_phantom_dataset, tmp_path, bundle_runs):
     with pytest.raises(RuntimeError) as raised:
         run_cross_validation(str(tiny_phantom_dataset), str(tmp_path / "cv"), folds=2, epochz=5)
