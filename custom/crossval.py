@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 from monai.bundle import ConfigWorkflow
@@ -57,19 +58,53 @@ def run_configuration(
 ) -> dict:
     """Everything that decides a cross-validation's results, as recorded in ``RUN_RECORD``.
 
-    Config files count by content (SHA-256), the dataset by its folder and the hash of its dataset.json,
-    the bundle by the version in ``configs/metadata.json``; overrides as given (JSON-normalised).
+    Config files count by content (SHA-256), the dataset by its folder, the hash of its dataset.json and the
+    size and modification time (ns) of each training image and label it lists (cheap, unlike hashing them; a
+    file rewritten under the same name, e.g. by ``prepare --overwrite``, leaves dataset.json unchanged), the
+    bundle by the version in ``configs/metadata.json``; overrides as given (JSON-normalised).
     """
     metadata = json.loads((bundle_root / "configs" / "metadata.json").read_text())
+    files = [e[key] for e in load_dataset_json(dataset_dir)["training"] for key in ("image", "label")]
     return {
         "bundle_version": metadata.get("version"),
         "config_sha256": [_sha256(Path(c)) for c in config_files],
         "config_paths": [str(c) for c in config_files],
         "dataset_dir": str(dataset_dir),
         "dataset_json_sha256": _sha256(dataset_dir / "dataset.json"),
+        "dataset_files": {name: _size_and_mtime(dataset_dir / name) for name in files},
         "overrides": json.loads(json.dumps(overrides, default=str)),
         "save_masks": bool(save_masks),
     }
+
+
+def _size_and_mtime(path: Path) -> list[int]:
+    status = path.stat()
+    return [status.st_size, status.st_mtime_ns]
+
+
+def _dataset_file_differences(recorded: dict | None, current: dict, dataset_dir: str, shown: int = 10) -> list[str]:
+    """Lines naming the dataset files whose size or modification time differs from the record (``shown`` at most,
+    then a count of the others)."""
+    if recorded is None:
+        return [
+            "dataset files: the record has no sizes and modification times of the images and labels (written by an "
+            "earlier version of cv), so changes to them cannot be ruled out"
+        ]
+
+    def described(status):
+        if status is None:
+            return "not listed"
+        return f"{status[0]} bytes modified {datetime.fromtimestamp(status[1] / 1e9).isoformat()}"
+
+    changed = [name for name in sorted(set(recorded) | set(current)) if recorded.get(name) != current.get(name)]
+    lines = [
+        f"dataset file '{Path(dataset_dir) / name}': recorded {described(recorded.get(name))}, "
+        f"now {described(current.get(name))}"
+        for name in changed[:shown]
+    ]
+    if len(changed) > shown:
+        lines.append(f"and {len(changed) - shown} more dataset files differ in size or modification time")
+    return lines
 
 
 def configuration_differences(recorded: dict, current: dict) -> list[str]:
@@ -88,6 +123,8 @@ def configuration_differences(recorded: dict, current: dict) -> list[str]:
             paths = current["config_paths"]
             changed = [p for p, a, b in zip(paths, old, new) if a != b] if len(old) == len(new) else paths
             lines.append(f"config files differ in content or list: {changed} (recorded: {recorded['config_paths']})")
+        elif key == "dataset_files":
+            lines += _dataset_file_differences(old, new, current["dataset_dir"])
         else:
             lines.append(f"{key}: recorded {old!r}, now {new!r}")
     return lines
@@ -235,7 +272,8 @@ def run_cross_validation(
         overrides: any bundle override, e.g. ``--epochs 50 --loss#lambda_gdl 0``.
 
     The dataset is checked first, with the checks of ``python -m custom check`` (see ``refuse_unusable_dataset``).
-    The run's configuration (config file contents, overrides, dataset.json, bundle version) is recorded in
+    The run's configuration (config file contents, overrides, dataset.json and the size and modification time
+    of each training image and label, bundle version) is recorded in
     ``out/run_configuration.json``; a folder holding a run of another configuration is refused before any
     work. Within the same configuration a fold with ``fold_done.json`` (written once its evaluation's per-case
     metrics have been read) is skipped and an interrupted fold resumes from its latest checkpoint (one stopped

@@ -7,6 +7,7 @@ import re
 import shutil
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 from conftest import TINY_TRAINING
@@ -217,6 +218,36 @@ def test_image_path_with_a_line_break_is_refused_before_any_fold(tiny_phantom_da
     with pytest.raises(ValueError, match=re.escape(f"training[3].image: {contents['training'][3]['image']!r} holds")):
         run_cross_validation(str(dataset), str(tmp_path / "cv"), folds=2)
     assert bundle_runs == [] and not (tmp_path / "cv").exists()
+
+
+def test_rerun_after_an_image_or_label_changed_is_refused(tiny_phantom_dataset, tmp_path, bundle_runs):
+    dataset = shutil.copytree(tiny_phantom_dataset, tmp_path / "ds")
+    out = tmp_path / "cv"
+    with pytest.raises(BundleRunStopped):
+        run_cross_validation(str(dataset), str(out), folds=2)
+    recorded = json.loads((out / RUN_RECORD).read_text())
+    # a mask fixed and the dataset prepared again: the file is rewritten, dataset.json stays byte-identical
+    training = json.loads((dataset / "dataset.json").read_text())["training"]
+    label = dataset / training[2]["label"]
+    modified = label.stat().st_mtime_ns + 10**9
+    mask = nib.load(label)
+    fixed = np.asarray(mask.dataobj).copy()
+    fixed[0, 0, 0] = 1 - fixed[0, 0, 0]
+    nib.save(nib.Nifti1Image(fixed, mask.affine, mask.header), label)
+    os.utime(label, ns=(modified, modified))
+    with pytest.raises(ValueError) as refused:
+        run_cross_validation(str(dataset), str(out), folds=2)
+    message = str(refused.value)
+    assert f"dataset file '{label}': recorded {recorded['dataset_files'][training[2]['label']][0]} bytes" in message
+    assert "new --out folder" in message and "dataset_json_sha256" not in message
+    assert len(bundle_runs) == 1 and json.loads((out / RUN_RECORD).read_text()) == recorded
+
+    # a record of an earlier version of cv, without the files: their changes cannot be ruled out
+    del recorded["dataset_files"]
+    (out / RUN_RECORD).write_text(json.dumps(recorded))
+    with pytest.raises(ValueError, match="the record has no sizes and modification times of the images and labels"):
+        run_cross_validation(str(dataset), str(out), folds=2)
+    assert len(bundle_runs) == 1
 
 
 def test_bad_override_is_refused_before_the_run_folder_is_claimed(tiny_phantom_dataset, tmp_path, bundle_runs):
