@@ -5,17 +5,18 @@ patient-grouped k-fold cross-validation. This module only orchestrates ``python 
 with ``train.json`` and ``evaluate.json`` per fold; training, evaluation and metrics stay in the configs.
 """
 
-import csv
 import hashlib
 import json
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 from monai.bundle import ConfigWorkflow
 
 from custom.atomic import require_writable_folder, write_text_atomically
+from custom.data.check import check_dataset
 from custom.data.datalist import load_dataset_json
 from custom.lifecycle import latest_checkpoint
 from custom.reporting import summarise, summary_markdown, write_case_csv, write_markdown
@@ -57,19 +58,53 @@ def run_configuration(
 ) -> dict:
     """Everything that decides a cross-validation's results, as recorded in ``RUN_RECORD``.
 
-    Config files count by content (SHA-256), the dataset by its folder and the hash of its dataset.json,
-    the bundle by the version in ``configs/metadata.json``; overrides as given (JSON-normalised).
+    Config files count by content (SHA-256), the dataset by its folder, the hash of its dataset.json and the
+    size and modification time (ns) of each training image and label it lists (cheap, unlike hashing them; a
+    file rewritten under the same name, e.g. by ``prepare --overwrite``, leaves dataset.json unchanged), the
+    bundle by the version in ``configs/metadata.json``; overrides as given (JSON-normalised).
     """
     metadata = json.loads((bundle_root / "configs" / "metadata.json").read_text())
+    files = [e[key] for e in load_dataset_json(dataset_dir)["training"] for key in ("image", "label")]
     return {
         "bundle_version": metadata.get("version"),
         "config_sha256": [_sha256(Path(c)) for c in config_files],
         "config_paths": [str(c) for c in config_files],
         "dataset_dir": str(dataset_dir),
         "dataset_json_sha256": _sha256(dataset_dir / "dataset.json"),
+        "dataset_files": {name: _size_and_mtime(dataset_dir / name) for name in files},
         "overrides": json.loads(json.dumps(overrides, default=str)),
         "save_masks": bool(save_masks),
     }
+
+
+def _size_and_mtime(path: Path) -> list[int]:
+    status = path.stat()
+    return [status.st_size, status.st_mtime_ns]
+
+
+def _dataset_file_differences(recorded: dict | None, current: dict, dataset_dir: str, shown: int = 10) -> list[str]:
+    """Lines naming the dataset files whose size or modification time differs from the record (``shown`` at most,
+    then a count of the others)."""
+    if recorded is None:
+        return [
+            "dataset files: the record has no sizes and modification times of the images and labels (written by an "
+            "earlier version of cv), so changes to them cannot be ruled out"
+        ]
+
+    def described(status):
+        if status is None:
+            return "not listed"
+        return f"{status[0]} bytes modified {datetime.fromtimestamp(status[1] / 1e9).isoformat()}"
+
+    changed = [name for name in sorted(set(recorded) | set(current)) if recorded.get(name) != current.get(name)]
+    lines = [
+        f"dataset file '{Path(dataset_dir) / name}': recorded {described(recorded.get(name))}, "
+        f"now {described(current.get(name))}"
+        for name in changed[:shown]
+    ]
+    if len(changed) > shown:
+        lines.append(f"and {len(changed) - shown} more dataset files differ in size or modification time")
+    return lines
 
 
 def configuration_differences(recorded: dict, current: dict) -> list[str]:
@@ -88,6 +123,8 @@ def configuration_differences(recorded: dict, current: dict) -> list[str]:
             paths = current["config_paths"]
             changed = [p for p, a, b in zip(paths, old, new) if a != b] if len(old) == len(new) else paths
             lines.append(f"config files differ in content or list: {changed} (recorded: {recorded['config_paths']})")
+        elif key == "dataset_files":
+            lines += _dataset_file_differences(old, new, current["dataset_dir"])
         else:
             lines.append(f"{key}: recorded {old!r}, now {new!r}")
     return lines
@@ -140,6 +177,60 @@ def _run_bundle(config_files: list[str], arguments: dict, overrides: dict, log_f
         raise RuntimeError(f"bundle run failed with exit code {completed.returncode}; see the log '{log_file}'")
 
 
+def refuse_unusable_dataset(dataset_dir: Path) -> None:
+    """Refuse, before the first fold, a dataset that ``python -m custom check`` faults or whose metrics cv could
+    not read back, listing every problem (each names its dataset.json entry and key, or its file).
+
+    Why it exists: cv relies on each training entry's ``image``, ``label``, ``fold``, ``case`` and ``patient``;
+    without this a missing key or a bad file showed only after a fold had trained and been evaluated (a bare
+    ``KeyError: 'case'``). The checks are the project's (``custom.data.check``) plus one of cv's own: an image
+    path holding a line break, which the unquoted lines of MetricsSaver's CSV files cannot carry.
+    """
+    problems = check_dataset(dataset_dir)
+    unreadable = "holds a line break, which MetricsSaver writes unquoted into its CSV files, so cv could not read them"
+    if not problems and "\n" in str(dataset_dir):
+        problems = [f"the dataset folder {str(dataset_dir)!r} {unreadable}"]
+    elif not problems:
+        problems = [
+            f"dataset.json training[{index}].image: {entry['image']!r} {unreadable}"
+            for index, entry in enumerate(load_dataset_json(dataset_dir)["training"])
+            if "\n" in entry["image"]
+        ]
+    if problems:
+        raise ValueError(
+            f"'{dataset_dir / 'dataset.json'}' cannot be cross-validated:\n  - " + "\n  - ".join(problems)
+            + "\nFix these before running cv (`python -m custom check` lists the dataset's problems)."
+        )
+
+
+def read_raw_metric(raw_file: Path) -> list[tuple[str, float]]:
+    """(file name, ``mean`` column) of each line of a MetricsSaver ``<metric>_raw.csv``.
+
+    Why it exists: MONAI's ``write_metrics_reports`` writes ``filename,class0,...,mean`` lines without quoting,
+    so ``csv`` splits a file name holding a comma into several columns. The value columns are named by the header
+    and numeric, so they are split off from the right and the file name is what remains. Only a line break in a
+    file name cannot be read back; ``run_cross_validation`` refuses such image paths before the first fold.
+    """
+    with open(raw_file, newline="\n") as f:  # lines end at "\n" only, as MONAI writes them
+        lines = f.read().split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    header = lines[0].split(",") if lines else []
+    if header[:1] != ["filename"] or header[-1:] != ["mean"] or len(header) < 2:
+        raise ValueError(f"'{raw_file}' does not start with MetricsSaver's header 'filename,...,mean': {lines[:1]}")
+    values = []
+    for number, line in enumerate(lines[1:], start=2):
+        fields = line.rsplit(",", len(header) - 1)
+        try:
+            mean = float(fields[-1])
+        except ValueError:
+            mean = None
+        if len(fields) != len(header) or mean is None:
+            raise ValueError(f"'{raw_file}' line {number}: expected '{lines[0]}' values, found {line!r}")
+        values.append((fields[0], mean))
+    return values
+
+
 def _fold_case_rows(dataset_dir: Path, dataset: dict, fold: int, eval_dir: Path) -> list[dict]:
     """Per-case rows of one fold from evaluate.json's MetricsSaver ``*_raw.csv`` files."""
     by_image = {str((dataset_dir / e["image"]).resolve()): e for e in dataset["training"]}
@@ -148,15 +239,14 @@ def _fold_case_rows(dataset_dir: Path, dataset: dict, fold: int, eval_dir: Path)
         raw_file = eval_dir / f"{saver_name}_raw.csv"
         if not raw_file.is_file():
             raise FileNotFoundError(f"evaluation output '{raw_file}' is missing")
-        with open(raw_file) as f:
-            for record in csv.DictReader(f):
-                entry = by_image.get(str(Path(record["filename"]).resolve()))
-                if entry is None:
-                    raise ValueError(f"'{raw_file}' names '{record['filename']}', which is not in dataset.json")
-                row = rows.setdefault(
-                    entry["case"], {"fold": fold, "case": entry["case"], "patient": entry.get("patient", "")}
-                )
-                row[column] = float(record["mean"])
+        for filename, mean in read_raw_metric(raw_file):
+            entry = by_image.get(str(Path(filename).resolve()))
+            if entry is None:
+                raise ValueError(f"'{raw_file}' names '{filename}', which is not in dataset.json")
+            row = rows.setdefault(
+                entry["case"], {"fold": fold, "case": entry["case"], "patient": entry.get("patient", "")}
+            )
+            row[column] = mean
     return list(rows.values())
 
 
@@ -181,10 +271,13 @@ def run_cross_validation(
         save_masks: keep each fold's predicted masks (used by the result figures).
         overrides: any bundle override, e.g. ``--epochs 50 --loss#lambda_gdl 0``.
 
-    The run's configuration (config file contents, overrides, dataset.json, bundle version) is recorded in
+    The dataset is checked first, with the checks of ``python -m custom check`` (see ``refuse_unusable_dataset``).
+    The run's configuration (config file contents, overrides, dataset.json and the size and modification time
+    of each training image and label, bundle version) is recorded in
     ``out/run_configuration.json``; a folder holding a run of another configuration is refused before any
-    work. Within the same configuration a fold with ``fold_done.json`` is skipped and an interrupted fold
-    resumes from its latest checkpoint (one stopped before its first checkpoint trains again from the start).
+    work. Within the same configuration a fold with ``fold_done.json`` (written once its evaluation's per-case
+    metrics have been read) is skipped and an interrupted fold resumes from its latest checkpoint (one stopped
+    before its first checkpoint trains again from the start).
     Writes ``out/cases.csv`` (per case), ``out/summary.csv`` and ``out/summary.md`` (mean, std, median per
     fold and overall) and returns the summary rows.
     """
@@ -193,6 +286,7 @@ def run_cross_validation(
         raise ValueError(f"cv sets {fold_overrides} itself for each fold under OUT; drop these overrides")
     dataset_dir = Path(dataset_dir).resolve()
     dataset = load_dataset_json(dataset_dir, ("training",))
+    refuse_unusable_dataset(dataset_dir)
     num_folds = int(folds if folds is not None else dataset.get("num_folds", 0))
     present = sorted({int(e["fold"]) for e in dataset["training"]})
     if num_folds < 1 or any(k not in present for k in range(num_folds)):
@@ -231,11 +325,14 @@ def run_cross_validation(
             }
             _run_bundle(evaluate_configs, evaluate_arguments, overrides, fold_dir / "evaluate.log")
             timing = {"train_seconds": round(trained - started, 1), "evaluate_seconds": round(time.time() - trained, 1)}
+            # read before fold_done.json is written: a fold whose per-case metrics cannot be read is not done, so
+            # a rerun evaluates it again instead of skipping it and failing on the same files
+            rows += _fold_case_rows(dataset_dir, dataset, fold, eval_dir)
             done = json.dumps({**timing, "overrides": overrides}, indent=2, default=str)
             write_text_atomically(fold_dir / DONE_FILE, done)
         else:
             print(f"fold {fold}: already done, skipped", flush=True)
-        rows += _fold_case_rows(dataset_dir, dataset, fold, eval_dir)
+            rows += _fold_case_rows(dataset_dir, dataset, fold, eval_dir)
 
     summary = summarise(rows, CASE_METRICS, group_key="fold")
     write_case_csv(rows, str(run_dir / "cases.csv"))

@@ -4,14 +4,25 @@ import csv
 import json
 import os
 import re
+import shutil
+from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 from conftest import TINY_TRAINING
 
 import custom.crossval
 from custom.ablation import LOSS_VARIANTS, ablation_markdown
 from custom.baseline import run_baseline
-from custom.crossval import CASE_METRICS, RUN_RECORD, run_cross_validation
+from custom.crossval import (
+    CASE_METRICS,
+    DONE_FILE,
+    EVALUATION_METRICS,
+    RUN_RECORD,
+    read_raw_metric,
+    run_cross_validation,
+)
 from custom.lifecycle import latest_checkpoint
 
 
@@ -93,6 +104,67 @@ def bundle_runs(monkeypatch):
     return runs
 
 
+def fake_bundle(monkeypatch, name_image=str) -> list[dict]:
+    """Stand in for ``monai.bundle run`` and record its arguments: training does nothing; evaluation writes the
+    ``*_raw.csv`` files of evaluate.json's MetricsSaver with MONAI's own writer, each metric of the fold's K-th
+    validation case being (K + 1) / 100, its file named ``name_image(absolute image path)``."""
+    from monai.handlers.utils import write_metrics_reports
+
+    runs = []
+
+    def run(config_files, arguments, overrides, log_file):
+        runs.append({**arguments, **overrides})
+        if "ckpt_path" in arguments:
+            dataset_dir = Path(arguments["dataset_dir"])
+            training = json.loads((dataset_dir / "dataset.json").read_text())["training"]
+            images = [name_image(str(dataset_dir / e["image"])) for e in training if e["fold"] == arguments["fold"]]
+            values = np.arange(1, len(images) + 1).reshape(-1, 1) / 100
+            details = dict.fromkeys(EVALUATION_METRICS, values)
+            write_metrics_reports(arguments["output_dir"], images, None, details, None)
+
+    monkeypatch.setattr(custom.crossval, "_run_bundle", run)
+    return runs
+
+
+def test_fold_whose_metrics_cannot_be_read_is_not_marked_done(tiny_phantom_dataset, tmp_path, monkeypatch):
+    out = tmp_path / "cv"
+    fake_bundle(monkeypatch, name_image=lambda image: image.replace(".nii.gz", "_moved.nii.gz"))
+    with pytest.raises(ValueError, match="_moved.nii.gz', which is not in dataset.json"):
+        run_cross_validation(str(tiny_phantom_dataset), str(out), folds=2)
+    assert not (out / "fold_0" / DONE_FILE).exists()
+
+    runs = fake_bundle(monkeypatch)
+    run_cross_validation(str(tiny_phantom_dataset), str(out), folds=2)
+    assert [run["fold"] for run in runs if "ckpt_path" in run] == [0, 1]  # fold 0 evaluated again, not skipped
+    assert (out / "fold_0" / DONE_FILE).is_file() and (out / "fold_1" / DONE_FILE).is_file()
+    with open(out / "cases.csv") as f:
+        cases = list(csv.DictReader(f))
+    training = json.loads((tiny_phantom_dataset / "dataset.json").read_text())["training"]
+    assert sorted(row["case"] for row in cases) == sorted(e["case"] for e in training)
+
+
+def test_dataset_path_with_commas_is_read_back_from_the_metrics_files(tiny_phantom_dataset, tmp_path, monkeypatch):
+    # MONAI's MetricsSaver writes file names unquoted: csv split this path at its comma into two columns
+    dataset = shutil.copytree(tiny_phantom_dataset, tmp_path / "my data, v2" / "ds, 1")
+    fake_bundle(monkeypatch)
+    run_cross_validation(str(dataset), str(tmp_path / "cv"), folds=2)
+    with open(tmp_path / "cv" / "cases.csv") as f:
+        dice = {row["case"]: float(row["dice"]) for row in csv.DictReader(f)}
+    training = json.loads((dataset / "dataset.json").read_text())["training"]
+    for fold in (0, 1):
+        cases = [e["case"] for e in training if e["fold"] == fold]
+        assert [dice[case] for case in cases] == [(k + 1) / 100 for k in range(len(cases))]
+
+
+def test_malformed_metrics_line_is_refused_naming_file_and_line(tmp_path):
+    raw = tmp_path / "val_mean_dice_raw.csv"
+    raw.write_text("filename,class0,mean\n/data/a, b.nii.gz,0.5000,0.5000\n/data/c.nii.gz,0.5000\n")
+    with pytest.raises(ValueError, match=re.escape(f"'{raw}' line 3: expected 'filename,class0,mean' values")):
+        read_raw_metric(raw)
+    raw.write_text("filename,class0,mean\n/data/a, b.nii.gz,0.5000,nan\n")
+    assert [(name, str(mean)) for name, mean in read_raw_metric(raw)] == [("/data/a, b.nii.gz", "nan")]
+
+
 def test_rerun_with_other_settings_into_the_same_folder_is_refused(tiny_phantom_dataset, tmp_path, bundle_runs):
     out = tmp_path / "cv"
     with pytest.raises(BundleRunStopped):
@@ -115,6 +187,67 @@ def test_rerun_with_other_settings_into_the_same_folder_is_refused(tiny_phantom_
     with pytest.raises(BundleRunStopped):
         run_cross_validation(str(tiny_phantom_dataset), str(out), folds=2, epochs=3, val_interval=1)
     assert bundle_runs[-1]["resume_ckpt"] == str(checkpoint)
+
+
+def test_training_entries_without_case_or_patient_are_refused_before_any_fold(
+    tiny_phantom_dataset, tmp_path, bundle_runs
+):
+    dataset = shutil.copytree(tiny_phantom_dataset, tmp_path / "ds")
+    contents = json.loads((dataset / "dataset.json").read_text())
+    for key in ("case", "patient"):
+        del contents["training"][1][key]
+    (dataset / "dataset.json").write_text(json.dumps(contents))
+    with pytest.raises(ValueError) as refused:
+        run_cross_validation(str(dataset), str(tmp_path / "cv"), folds=2)
+    message = str(refused.value)
+    assert f"'{dataset / 'dataset.json'}' cannot be cross-validated" in message
+    assert "dataset.json training[1]: missing patient, case" in message
+    assert bundle_runs == [] and not (tmp_path / "cv").exists()
+
+
+def test_image_path_with_a_line_break_is_refused_before_any_fold(tiny_phantom_dataset, tmp_path, bundle_runs):
+    dataset = shutil.copytree(tiny_phantom_dataset, tmp_path / "my\ndata")
+    with pytest.raises(ValueError, match=re.escape(f"the dataset folder {str(dataset)!r} holds a line break")):
+        run_cross_validation(str(dataset), str(tmp_path / "cv"), folds=2)
+    contents = json.loads((dataset / "dataset.json").read_text())
+    image = contents["training"][3]["image"]
+    (dataset / image).rename(dataset / image.replace("case", "case\n"))
+    contents["training"][3]["image"] = image.replace("case", "case\n")
+    dataset = dataset.rename(tmp_path / "ds")
+    (dataset / "dataset.json").write_text(json.dumps(contents))
+    with pytest.raises(ValueError, match=re.escape(f"training[3].image: {contents['training'][3]['image']!r} holds")):
+        run_cross_validation(str(dataset), str(tmp_path / "cv"), folds=2)
+    assert bundle_runs == [] and not (tmp_path / "cv").exists()
+
+
+def test_rerun_after_an_image_or_label_changed_is_refused(tiny_phantom_dataset, tmp_path, bundle_runs):
+    dataset = shutil.copytree(tiny_phantom_dataset, tmp_path / "ds")
+    out = tmp_path / "cv"
+    with pytest.raises(BundleRunStopped):
+        run_cross_validation(str(dataset), str(out), folds=2)
+    recorded = json.loads((out / RUN_RECORD).read_text())
+    # a mask fixed and the dataset prepared again: the file is rewritten, dataset.json stays byte-identical
+    training = json.loads((dataset / "dataset.json").read_text())["training"]
+    label = dataset / training[2]["label"]
+    modified = label.stat().st_mtime_ns + 10**9
+    mask = nib.load(label)
+    fixed = np.asarray(mask.dataobj).copy()
+    fixed[0, 0, 0] = 1 - fixed[0, 0, 0]
+    nib.save(nib.Nifti1Image(fixed, mask.affine, mask.header), label)
+    os.utime(label, ns=(modified, modified))
+    with pytest.raises(ValueError) as refused:
+        run_cross_validation(str(dataset), str(out), folds=2)
+    message = str(refused.value)
+    assert f"dataset file '{label}': recorded {recorded['dataset_files'][training[2]['label']][0]} bytes" in message
+    assert "new --out folder" in message and "dataset_json_sha256" not in message
+    assert len(bundle_runs) == 1 and json.loads((out / RUN_RECORD).read_text()) == recorded
+
+    # a record of an earlier version of cv, without the files: their changes cannot be ruled out
+    del recorded["dataset_files"]
+    (out / RUN_RECORD).write_text(json.dumps(recorded))
+    with pytest.raises(ValueError, match="the record has no sizes and modification times of the images and labels"):
+        run_cross_validation(str(dataset), str(out), folds=2)
+    assert len(bundle_runs) == 1
 
 
 def test_bad_override_is_refused_before_the_run_folder_is_claimed(tiny_phantom_dataset, tmp_path, bundle_runs):
