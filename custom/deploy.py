@@ -51,8 +51,9 @@ def _refuse_problems(path: Path, volume: np.ndarray) -> np.ndarray:
 
 
 def read_stacked_image(path) -> tuple[np.ndarray, np.ndarray]:
-    """The (H, W, D, 5) float32 data and affine of a converted 5-channel NIfTI, read as MONAI's NibabelReader
-    does and checked as the bundle checks it; every problem raises a ValueError naming the file."""
+    """The (H, W, D, 5) float32 data and affine of a converted 5-channel NIfTI, read as the bundle's LoadImaged
+    reads it (nibabel's affine, the NIfTI scaling applied) and checked as the bundle checks it; every problem raises
+    a ValueError naming the file."""
     path = Path(path)
     image, data = read_nifti(path)
     return _refuse_problems(path, np.asarray(data, dtype=np.float32)), image.affine

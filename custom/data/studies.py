@@ -63,8 +63,9 @@ def read_voxels(path, read: Callable[[], np.ndarray], name: str | None = None) -
 
 
 def read_nifti(path, name: str | None = None) -> tuple[nib.Nifti1Image, np.ndarray]:
-    """(image, voxel array) of the NIfTI file ``path``, the voxels as stored with the NIfTI scaling applied (as
-    MONAI's ``NibabelReader`` reads them); a ValueError naming the file as ``name`` if it cannot be read."""
+    """(image, voxel array) of the NIfTI file ``path``, the voxels as stored with the NIfTI scaling applied and
+    nibabel's affine (as the bundle's ``custom.readers.HeaderPreservingNibabelReader`` reads them); a ValueError
+    naming the file as ``name`` if it cannot be read."""
     image = load_nifti(path, name)
     return image, read_voxels(path, lambda: np.asanyarray(image.dataobj), name)
 
