@@ -247,6 +247,19 @@ def _fold_case_rows(dataset_dir: Path, dataset: dict, fold: int, eval_dir: Path)
                 entry["case"], {"fold": fold, "case": entry["case"], "patient": entry.get("patient", "")}
             )
             row[column] = mean
+    # a table over fewer (or other) cases than the fold holds would look complete
+    cases = {e["case"] for e in dataset["training"] if e["fold"] == fold}
+    incomplete = sorted(case for case in cases if not set(CASE_METRICS) <= set(rows.get(case, ())))
+    others = sorted(set(rows) - cases)
+    problems = []
+    if incomplete:
+        problems.append(f"metrics missing for {', '.join(incomplete)}")
+    if others:
+        problems.append(f"cases of other folds: {', '.join(others)}")
+    if problems:
+        raise ValueError(
+            f"evaluation outputs in '{eval_dir}' do not match fold {fold} of dataset.json: {'; '.join(problems)}"
+        )
     return list(rows.values())
 
 

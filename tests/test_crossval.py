@@ -104,10 +104,11 @@ def bundle_runs(monkeypatch):
     return runs
 
 
-def fake_bundle(monkeypatch, name_image=str) -> list[dict]:
+def fake_bundle(monkeypatch, name_image=str, evaluated=slice(None)) -> list[dict]:
     """Stand in for ``monai.bundle run`` and record its arguments: training does nothing; evaluation writes the
     ``*_raw.csv`` files of evaluate.json's MetricsSaver with MONAI's own writer, each metric of the fold's K-th
-    validation case being (K + 1) / 100, its file named ``name_image(absolute image path)``."""
+    validation case being (K + 1) / 100, its file named ``name_image(absolute image path)``, for the
+    ``evaluated`` slice of the fold's cases."""
     from monai.handlers.utils import write_metrics_reports
 
     runs = []
@@ -118,6 +119,7 @@ def fake_bundle(monkeypatch, name_image=str) -> list[dict]:
             dataset_dir = Path(arguments["dataset_dir"])
             training = json.loads((dataset_dir / "dataset.json").read_text())["training"]
             images = [name_image(str(dataset_dir / e["image"])) for e in training if e["fold"] == arguments["fold"]]
+            images = images[evaluated]
             values = np.arange(1, len(images) + 1).reshape(-1, 1) / 100
             details = dict.fromkeys(EVALUATION_METRICS, values)
             write_metrics_reports(arguments["output_dir"], images, None, details, None)
@@ -141,6 +143,16 @@ def test_fold_whose_metrics_cannot_be_read_is_not_marked_done(tiny_phantom_datas
         cases = list(csv.DictReader(f))
     training = json.loads((tiny_phantom_dataset / "dataset.json").read_text())["training"]
     assert sorted(row["case"] for row in cases) == sorted(e["case"] for e in training)
+
+
+def test_evaluation_that_left_out_a_case_is_refused_naming_it(tiny_phantom_dataset, tmp_path, monkeypatch):
+    """A fold table over fewer cases than the fold holds would look complete (and lift or lower the mean)."""
+    fake_bundle(monkeypatch, evaluated=slice(1, None))
+    training = json.loads((tiny_phantom_dataset / "dataset.json").read_text())["training"]
+    first = next(e["case"] for e in training if e["fold"] == 0)
+    with pytest.raises(ValueError, match=f"do not match fold 0 of dataset.json: metrics missing for {first}$"):
+        run_cross_validation(str(tiny_phantom_dataset), str(tmp_path / "cv"), folds=2)
+    assert not (tmp_path / "cv" / "fold_0" / DONE_FILE).exists()
 
 
 def test_dataset_path_with_commas_is_read_back_from_the_metrics_files(tiny_phantom_dataset, tmp_path, monkeypatch):
