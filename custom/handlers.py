@@ -147,7 +147,8 @@ class NamedCheckpointLoader(CheckpointLoader):
     code, but neither error names the file they came from. And a ``WarmupCosineSchedule``'s state holds its
     ``t_total`` and ``warmup_steps``: a run resumed with more ``epochs``, or without the ``time_budget_s`` that
     fitted it, would follow the checkpoint's shorter cosine past its end, where the learning rate climbs back
-    to its peak. The resumed run continues from the checkpoint's step on the schedule its configuration sets.
+    to its peak. The resumed run continues from the checkpoint's step on the schedule its configuration sets,
+    from its first step on (the optimizer's restored learning rate is set to that schedule's).
     """
 
     def __call__(self, engine: Engine) -> None:
@@ -160,3 +161,8 @@ class NamedCheckpointLoader(CheckpointLoader):
             super().__call__(engine)
         for schedule, (t_total, warmup_steps) in configured.items():
             schedule.t_total, schedule.warmup_steps = t_total, warmup_steps
+            # the optimizer state brought the rate the checkpoint's schedule set for this step (0 at the end of a
+            # finished run): the first resumed step takes the configured schedule's rate instead
+            rates = [base * rate(schedule.last_epoch) for base, rate in zip(schedule.base_lrs, schedule.lr_lambdas)]
+            for group, lr in zip(schedule.optimizer.param_groups, rates):
+                group["lr"] = lr

@@ -260,10 +260,18 @@ def test_resume_with_more_epochs_follows_the_configured_schedule_to_its_end(tiny
     def record_learning_rate(engine):
         learning_rates[engine.state.epoch] = optimizer.param_groups[0]["lr"]
 
-    resumed.parser.get_parsed_content("train#trainer").add_event_handler(Events.EPOCH_COMPLETED, record_learning_rate)
+    def record_first_step_learning_rate(engine):
+        learning_rates.setdefault("first step", optimizer.param_groups[0]["lr"])
+
+    trainer = resumed.parser.get_parsed_content("train#trainer")
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, record_learning_rate)
+    trainer.add_event_handler(Events.ITERATION_STARTED, record_first_step_learning_rate)
     resumed.run()
     schedule = resumed.parser.get_parsed_content("lr_scheduler")
-    trainer = resumed.parser.get_parsed_content("train#trainer")
+    # the first resumed step runs at the configured schedule's rate, not the finished run's last one (0)
+    first_step_rate = learning_rates.pop("first step")
+    assert first_step_rate == pytest.approx(peak * schedule.lr_lambda(2 * trainer.state.epoch_length))
+    assert first_step_rate > 0.1 * peak
     assert list(learning_rates) == [3, 4]
     assert schedule.t_total == 4 * trainer.state.epoch_length
     assert learning_rates[3] > learning_rates[4]
