@@ -6,8 +6,10 @@ library has no atomic write. Standard library only, so the MONAI-free runner (``
 it too.
 """
 
+import glob
 import os
 import shutil
+import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -96,6 +98,22 @@ def _replace_folder(new: Path, folder: Path) -> None:
         shutil.rmtree(retired, ignore_errors=True)
 
 
+def _name_leftover_siblings(folder: Path) -> None:
+    """Warn about hidden sibling folders of ``folder`` that an earlier run killed mid-way left (a process killed
+    with ``kill -9`` removes nothing; a converted dataset's is as large as the dataset). They are named, not
+    removed: one may belong to a run still writing."""
+    leftovers = sorted(folder.parent.glob(f".{glob.escape(folder.name)}.*.tmp")) + sorted(
+        folder.parent.glob(f".{glob.escape(folder.name)}.*.old")
+    )
+    if leftovers:
+        listing = "\n  ".join(str(path) for path in leftovers)
+        print(
+            f"WARNING: temporary folder(s) of an interrupted write of '{folder}' (delete them unless that write is "
+            f"still running):\n  {listing}",
+            file=sys.stderr, flush=True,
+        )
+
+
 def write_folder_atomically(folder, write: Callable[[Path], object], overwrite: bool = False) -> Path:
     """Call ``write(temporary)`` for an empty temporary folder beside ``folder``, then rename it to ``folder``.
 
@@ -106,6 +124,7 @@ def write_folder_atomically(folder, write: Callable[[Path], object], overwrite: 
     """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
+    _name_leftover_siblings(folder)
     work = _sibling_folder(folder, "tmp")
     try:
         write(work)

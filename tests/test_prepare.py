@@ -280,6 +280,21 @@ def test_existing_dst_needs_overwrite_and_survives_a_failed_overwrite(tmp_path):
     assert leftovers(tmp_path, {"TRAINING", "dataset", "set_aside"}) == []
 
 
+def test_temporary_folder_of_a_killed_conversion_is_named(tmp_path, capsys):
+    """kill -9 removes nothing: the next conversion names the hidden temporary folder it left (as large as a
+    dataset), and leaves it (it may belong to a conversion still running)."""
+    src = tmp_path / "TRAINING"
+    write_isles_case(src, "case_1")
+    write_isles_case(src, "case_2")
+    leftover = tmp_path / ".dataset.0badc0de.tmp"
+    (leftover / "imagesTr").mkdir(parents=True)
+    prepare_isles2018(src, tmp_path / "dataset", folds=2)
+    warning = capsys.readouterr().err
+    assert f"temporary folder(s) of an interrupted write of '{tmp_path / 'dataset'}'" in warning
+    assert f"\n  {leftover}" in warning
+    assert leftover.is_dir() and (tmp_path / "dataset" / "dataset.json").is_file()
+
+
 def test_overwrite_deletes_nothing_the_converter_did_not_write(tmp_path, monkeypatch):
     """--overwrite deletes the old DST, so it is refused for a folder without dataset.json, for a DST holding
     entries the converter does not write (named, also when they appear during the conversion), and for a
