@@ -8,19 +8,71 @@ table uses too (its ``core_rule_ml`` column).
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 
 import nibabel as nib
 import numpy as np
 
-from custom.atomic import write_atomically
+from custom.atomic import write_atomically, write_text_atomically
 from custom.clinical import HEALTHY_TMAX_S, RCBF_THRESHOLD, TMAX_THRESHOLD_S, brain_mask, threshold_core
+from custom.crossval import _sha256 as sha256
 from custom.data.datalist import load_dataset_json
 from custom.metrics import METRIC_NAMES, case_metrics
 from custom.reporting import summarise, summary_markdown, write_case_csv, write_markdown
 
 logger = logging.getLogger(__name__)
+
+# What a run writes under --out; RUN_RECORD holds the settings that made them.
+RUN_RECORD = "baseline_run.json"
+OUTPUTS = ("cases.csv", "summary.csv", "summary.md", "masks", RUN_RECORD)
+
+
+def _checked_thresholds(rcbf_threshold, tmax_threshold, healthy_tmax) -> dict:
+    """The rule's thresholds as floats, or a ValueError naming the option and its valid range: ``--rcbf_threshold``
+    is a fraction of the reference CBF in (0, 1) (0.3, not 30), the Tmax thresholds are seconds > 0, and healthy
+    tissue (``--healthy_tmax``) must not reach into the hypoperfused range (``--tmax_threshold``)."""
+    values = {}
+    for name, value in (("rcbf_threshold", rcbf_threshold), ("tmax_threshold", tmax_threshold),
+                        ("healthy_tmax", healthy_tmax)):
+        try:
+            values[name] = float(value)
+        except (TypeError, ValueError):
+            values[name] = math.nan
+        if isinstance(value, bool) or not math.isfinite(values[name]):
+            raise ValueError(f"--{name} must be a number, got {value!r}")
+    if not 0 < values["rcbf_threshold"] < 1:
+        raise ValueError(f"--rcbf_threshold is a fraction of the reference CBF, between 0 and 1 exclusive "
+                         f"(0.3 for 30 %), got {rcbf_threshold!r}")
+    for name in ("tmax_threshold", "healthy_tmax"):
+        if values[name] <= 0:
+            raise ValueError(f"--{name} is a Tmax in seconds, greater than 0, got {values[name]:g}")
+    if values["healthy_tmax"] > values["tmax_threshold"]:
+        raise ValueError(f"--healthy_tmax ({values['healthy_tmax']:g} s) must not exceed --tmax_threshold "
+                         f"({values['tmax_threshold']:g} s): the CBF reference would include hypoperfused tissue")
+    return values
+
+
+def _refuse_earlier_run(out: str, record: dict) -> None:
+    """Refuse an ``out`` holding the outputs of an earlier run made with other settings (or of unknown settings),
+    naming the folder and the file; a rerun with the same dataset, thresholds and ``save_masks`` rewrites the
+    same results (``python -m custom perfusion compare-segmentation`` resumes that way)."""
+    found = [name for name in OUTPUTS if os.path.exists(os.path.join(out, name))]
+    if not found:
+        return
+    record_path = os.path.join(out, RUN_RECORD)
+    try:
+        with open(record_path, encoding="utf-8") as file:
+            same = json.load(file) == record
+    except (OSError, ValueError):
+        same = False
+    if not same:
+        raise FileExistsError(
+            f"'{out}' holds the outputs of an earlier baseline run with other or unrecorded settings "
+            f"('{os.path.join(out, found[0])}'); choose another --out, or remove that run's files first"
+        )
 
 
 def _channel_layout(modality: dict, path: str) -> dict:
@@ -83,12 +135,18 @@ def run_baseline(
 
     Writes ``out/cases.csv`` (one row per case, with its fold), ``out/summary.csv`` and ``out/summary.md``
     (per fold and overall), and with ``save_masks`` the predicted cores as ``out/masks/<case>.nii.gz`` (uint8,
-    the image's affine). Nothing is written unless every case succeeds. Returns the summary rows.
+    the image's affine), and ``out/baseline_run.json`` (the dataset, its dataset.json SHA-256, the thresholds).
+    Nothing is written unless every case succeeds. The thresholds are checked first (``_checked_thresholds``); an
+    ``out`` holding an earlier run's outputs is refused unless that run had the same record. Returns the summary
+    rows.
     """
+    thresholds = _checked_thresholds(rcbf_threshold, tmax_threshold, healthy_tmax)
     dataset = load_dataset_json(dataset_dir, required_keys=("modality", "training"))
     json_path = os.path.join(dataset_dir, "dataset.json")
     layout = _channel_layout(dataset["modality"], json_path)
-    thresholds = {"rcbf_threshold": rcbf_threshold, "tmax_threshold": tmax_threshold, "healthy_tmax": healthy_tmax}
+    record = {"dataset_dir": os.path.abspath(dataset_dir), "dataset_json_sha256": sha256(json_path),
+              **thresholds, "save_masks": bool(save_masks)}
+    _refuse_earlier_run(out, record)
     if not dataset["training"]:
         raise ValueError(f"{json_path} lists no training cases to score.")
     for number, entry in enumerate(dataset["training"]):
@@ -103,7 +161,9 @@ def run_baseline(
         if save_masks:
             masks[entry["case"]] = mask
         logger.info("%s: Dice %.3f", entry["case"], row["dice"])
-    # Written only once every case has succeeded, each file atomically.
+    # Written only once every case has succeeded, each file atomically; the record first, so that an interrupted
+    # run can be rerun with the same settings.
+    write_text_atomically(os.path.join(out, RUN_RECORD), json.dumps(record, indent=2) + "\n")
     for case, mask in masks.items():
         write_atomically(os.path.join(out, "masks", f"{case}.nii.gz"), lambda temporary: nib.save(mask, temporary))
 
@@ -111,8 +171,9 @@ def run_baseline(
     write_case_csv(rows, os.path.join(out, "cases.csv"))
     write_case_csv(summary, os.path.join(out, "summary.csv"))
     title = (
-        f"# Threshold baseline: core = CBF < {rcbf_threshold:g} x reference and Tmax > {tmax_threshold:g} s; "
-        f"reference = median CBF of brain voxels with Tmax < {healthy_tmax:g} s\n\n"
+        f"# Threshold baseline: core = CBF < {thresholds['rcbf_threshold']:g} x reference and Tmax > "
+        f"{thresholds['tmax_threshold']:g} s; reference = median CBF of brain voxels with Tmax < "
+        f"{thresholds['healthy_tmax']:g} s\n\n"
     )
     table = summary_markdown(summary, METRIC_NAMES, group_key="fold")
     write_markdown(title + table, os.path.join(out, "summary.md"))

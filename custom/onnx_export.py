@@ -12,6 +12,7 @@ Command line: ``python -m custom.onnx_export --ckpt bundle/models/model.pt --out
 
 import importlib
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,9 @@ def export_onnx(
 
     The model is traced with the legacy TorchScript-based exporter on an input shaped from
     ``network_data_format`` in ``meta``, with dynamic batch/height/width axes, and verified against
-    PyTorch with onnxruntime before the file is moved into place.
+    PyTorch with onnxruntime before the file is moved into place. ``ckpt`` is loaded as evaluate and inference
+    load it (``custom.handlers.load_network_checkpoint``): a bare state dict, or a training checkpoint holding
+    ``{"model": state_dict, "optimizer": ...}`` (``latest_checkpoint_epoch=N.pt``); a failure names the file.
     """
     # Imported here, not at module level: OnnxNetwork runs where MONAI is not installed, and the project's
     # command line can list this function where the onnx extra is not installed.
@@ -55,26 +58,27 @@ def export_onnx(
     out = Path(out)
 
     def write(temporary):
-        onnx_export(
-            net_id=net_id,
-            filepath=str(temporary),
-            ckpt_file=str(ckpt),
-            meta_file=str(meta),
-            config_file=str(config),
-            use_trace=True,
-            converter_kwargs={
-                "input_names": [INPUT_NAME],
-                "output_names": [OUTPUT_NAME],
-                "dynamic_axes": DYNAMIC_AXES,
-                "opset_version": OPSET_VERSION,
-                "dynamo": False,
-                "verify": True,
-                "use_ort": True,
-                "rtol": VERIFY_RTOL,
-                "atol": VERIFY_ATOL,
-            },
-            bundle_root=str(bundle_root),
-        )
+        with tempfile.TemporaryDirectory() as folder:
+            onnx_export(
+                net_id=net_id,
+                filepath=str(temporary),
+                ckpt_file=str(_network_weights(ckpt, config, meta, bundle_root, net_id, Path(folder))),
+                meta_file=str(meta),
+                config_file=str(config),
+                use_trace=True,
+                converter_kwargs={
+                    "input_names": [INPUT_NAME],
+                    "output_names": [OUTPUT_NAME],
+                    "dynamic_axes": DYNAMIC_AXES,
+                    "opset_version": OPSET_VERSION,
+                    "dynamo": False,
+                    "verify": True,
+                    "use_ort": True,
+                    "rtol": VERIFY_RTOL,
+                    "atol": VERIFY_ATOL,
+                },
+                bundle_root=str(bundle_root),
+            )
         model = onnx.load(temporary)
         for path in (meta, config):
             entry = model.metadata_props.add()
@@ -83,6 +87,24 @@ def export_onnx(
 
     write_atomically(out, write)
     return str(out)
+
+
+def _network_weights(ckpt, config, meta, bundle_root, net_id: str, folder: Path) -> Path:
+    """The network's weights from ``ckpt``, loaded through the project's loader (errors name the file), saved as a
+    bare state dict in ``folder`` for MONAI's ``onnx_export``, which expects one."""
+    from monai.bundle import ConfigParser
+
+    from custom.handlers import load_network_checkpoint
+
+    parser = ConfigParser()
+    parser.read_config(str(config))
+    parser.read_meta(str(meta))
+    parser["bundle_root"] = str(bundle_root)
+    network = parser.get_parsed_content(net_id)
+    load_network_checkpoint(ckpt, network, name=f"'{net_id}' of '{config}'")
+    weights = folder / "model.pt"
+    torch.save(network.state_dict(), weights)
+    return weights
 
 
 def _import_onnx_extra(name: str):

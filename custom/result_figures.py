@@ -4,6 +4,7 @@ Why it exists: MONAI writes TensorBoard logs and masks, but the results page nee
 command anyone can re-run. matplotlib is imported inside the functions (the ``figures`` extra).
 """
 
+import json
 import math
 from pathlib import Path
 
@@ -67,10 +68,33 @@ def _lesion_slice(label: np.ndarray, pred: np.ndarray) -> int:
     return int(area.argmax())
 
 
+def require_cv_dataset(cv_dir: Path, dataset_dir: Path) -> None:
+    """Refuse a ``dataset_dir`` whose dataset.json is not the one the cross-validation in ``cv_dir`` ran on, by the
+    SHA-256 its ``run_configuration.json`` records (``custom.crossval.run_configuration``): another dataset would
+    pair its images and labels with the cv's Dice and masks. A ``cv_dir`` without that record is refused too."""
+    from custom.crossval import RUN_RECORD
+    from custom.crossval import _sha256 as sha256
+
+    record_path = cv_dir / RUN_RECORD
+    try:
+        recorded = json.loads(record_path.read_text()).get("dataset_json_sha256")
+    except (OSError, ValueError, AttributeError) as err:
+        raise ValueError(f"cannot read the dataset of the cv run '{cv_dir}' from '{record_path}' ({err}); "
+                         "it is written by python -m custom cv") from err
+    if not recorded:
+        raise ValueError(f"'{record_path}' records no dataset_json_sha256: cannot check the cv run's dataset")
+    if sha256(dataset_dir / "dataset.json") != recorded:
+        raise ValueError(f"'{dataset_dir / 'dataset.json'}' is not the dataset.json the cv run '{cv_dir}' used "
+                         f"(its SHA-256 differs from the one recorded in '{record_path}'); pass that run's dataset")
+
+
 def plot_montage(cv_dir: str, dataset_dir: str, out: str) -> str:
-    """Best, median and worst validation case by Dice: CT and Tmax with the label and prediction outlined."""
+    """Best, median and worst validation case by Dice: CT and Tmax with the label and prediction outlined.
+    ``dataset_dir`` must be the dataset the cv run used (``require_cv_dataset``)."""
     plt = _pyplot()
     cv_dir, dataset_dir = Path(cv_dir), Path(dataset_dir)
+    entries = {e["case"]: e for e in load_dataset_json(dataset_dir, ("training",))["training"]}
+    require_cv_dataset(cv_dir, dataset_dir)
     scored, unranked = [], []
     for row in read_case_csv(str(cv_dir / "cases.csv")):
         (unranked if math.isnan(float(row["dice"])) else scored).append(row)
@@ -79,7 +103,6 @@ def plot_montage(cv_dir: str, dataset_dir: str, out: str) -> str:
         print(f"montage: {len(unranked)} case(s) without a Dice (NaN) left out of the ranking: {names}")
     if not scored:
         raise ValueError(f"'{cv_dir / 'cases.csv'}' has no case with a Dice to rank")
-    entries = {e["case"]: e for e in load_dataset_json(dataset_dir, ("training",))["training"]}
     lesion_rows = [r for r in scored if nib.load(dataset_dir / entries[r["case"]]["label"]).get_fdata().any()]
     ranked = sorted(lesion_rows or scored, key=lambda r: float(r["dice"]))
     picks = {"best": ranked[-1], "median": ranked[len(ranked) // 2], "worst": ranked[0]}

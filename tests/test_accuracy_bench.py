@@ -205,3 +205,38 @@ def test_score_masks_of_one_fold_scores_its_cases_only(tiny_phantom_dataset, tmp
     assert all(float(row["dice"]) == 1.0 for row in rows)
     with pytest.raises(ValueError, match="fold 7 not found in .*dataset.json' \\(folds present: \\[0, 1"):
         score_masks_command(str(masks), str(tiny_phantom_dataset), str(tmp_path / "scored_7"), fold=7)
+
+
+def _label_masks(dataset: Path, entries: list[dict], masks: Path) -> None:
+    masks.mkdir()
+    for entry in entries:
+        case = Path(entry["image"]).name.split(".nii")[0]
+        shutil.copy(dataset / entry["label"], masks / f"{case}_seg.nii.gz")
+
+
+def test_score_masks_refuses_a_mask_on_another_grid_naming_it_and_its_label(tiny_phantom_dataset, tmp_path):
+    """A correct mask stored flipped on axis 0 with its affine adjusted (same world positions) would score Dice 0
+    voxel by voxel: it is refused, naming the mask and its label, and nothing is written."""
+    entries = load_dataset_json(tiny_phantom_dataset, ("training",))["training"]
+    masks = tmp_path / "masks"
+    _label_masks(tiny_phantom_dataset, entries, masks)
+    flipped = masks / f"{Path(entries[0]['image']).name.split('.nii')[0]}_seg.nii.gz"
+    label = nib.load(tiny_phantom_dataset / entries[0]["label"])
+    flip = nib.orientations.inv_ornt_aff([[0, -1], [1, 1], [2, 1]], label.shape)
+    nib.save(nib.Nifti1Image(np.asanyarray(label.dataobj)[::-1].copy(), label.affine @ flip), flipped)
+    named = f"mask '{flipped}' has another affine than its label '.*{entries[0]['label']}'"
+    with pytest.raises(ValueError, match=named):
+        score_masks_command(str(masks), str(tiny_phantom_dataset), str(tmp_path / "scored"))
+    assert not (tmp_path / "scored").exists()
+
+
+def test_score_masks_names_a_non_binary_mask(tiny_phantom_dataset, tmp_path):
+    """A probability map (0.7 x mask) is not a mask: the error names its file."""
+    entries = load_dataset_json(tiny_phantom_dataset, ("training",))["training"]
+    masks = tmp_path / "masks"
+    _label_masks(tiny_phantom_dataset, entries, masks)
+    soft = masks / f"{Path(entries[0]['image']).name.split('.nii')[0]}_seg.nii.gz"
+    label = nib.load(tiny_phantom_dataset / entries[0]["label"])
+    nib.save(nib.Nifti1Image(0.7 * np.asanyarray(label.dataobj).astype(np.float32), label.affine), soft)
+    with pytest.raises(ValueError, match=f"mask '{soft}' scored against label .*pred must be binary"):
+        score_masks_command(str(masks), str(tiny_phantom_dataset), str(tmp_path / "scored"))

@@ -153,3 +153,37 @@ def test_bad_label_values_are_named(tmp_path):
     dataset = write_dataset(tmp_path / "dataset", [core_block() * 2])
     with pytest.raises(ValueError, match="case_1.nii.gz: label values"):
         run_baseline(str(dataset), str(tmp_path / "out"))
+
+
+def test_an_earlier_run_of_other_settings_is_refused_and_kept(dataset, tmp_path):
+    """A second run into the same --out with other thresholds (or adding masks) is refused naming the folder and
+    a file of the earlier run, which stays as it was; the same run again rewrites the same results."""
+    out = tmp_path / "out"
+    run_baseline(str(dataset), str(out))
+    before = (out / "cases.csv").read_text()
+    for settings in ({"rcbf_threshold": 0.5, "save_masks": True}, {"save_masks": True}):
+        with pytest.raises(FileExistsError, match=f"'{out}' holds the outputs of an earlier baseline run .*cases.csv"):
+            run_baseline(str(dataset), str(out), **settings)
+    assert (out / "cases.csv").read_text() == before and not (out / "masks").exists()
+    run_baseline(str(dataset), str(out))
+    assert (out / "cases.csv").read_text() == before
+    (out / "baseline_run.json").unlink()  # outputs of unknown settings
+    with pytest.raises(FileExistsError, match="other or unrecorded settings"):
+        run_baseline(str(dataset), str(out))
+
+
+@pytest.mark.parametrize(
+    "option, value, error",
+    [
+        ("healthy_tmax", "abc", "--healthy_tmax must be a number, got 'abc'"),
+        ("rcbf_threshold", 30, "--rcbf_threshold is a fraction .* between 0 and 1 .*got 30"),
+        ("rcbf_threshold", 0, "--rcbf_threshold is a fraction"),
+        ("tmax_threshold", -5, "--tmax_threshold is a Tmax in seconds, greater than 0, got -5"),
+        ("tmax_threshold", float("nan"), "--tmax_threshold must be a number"),
+        ("healthy_tmax", 8, "--healthy_tmax \\(8 s\\) must not exceed --tmax_threshold \\(6 s\\)"),
+    ],
+)
+def test_thresholds_out_of_range_are_refused_naming_the_option(dataset, tmp_path, option, value, error):
+    with pytest.raises(ValueError, match=error):
+        run_baseline(str(dataset), str(tmp_path / "out"), **{option: value})
+    assert not (tmp_path / "out").exists()

@@ -1,6 +1,7 @@
 """Cross-validation orchestration, the loss ablation table, the threshold baseline on the phantom, figures."""
 
 import csv
+import hashlib
 import json
 import os
 import re
@@ -299,17 +300,48 @@ def test_read_only_output_folder_is_refused_before_any_work(tiny_phantom_dataset
     assert bundle_runs == [] and not any(read_only.iterdir())
 
 
-def test_montage_names_the_cases_without_a_dice(tiny_phantom_dataset, tmp_path, capsys):
+def _montage_cv(dataset: Path, cv_dir: Path, dice=(0.9, "nan", 0.5, 0.7)) -> list[dict]:
+    """A cv folder as ``python -m custom cv`` leaves it for the montage: the labels as its masks, cases.csv with
+    ``dice`` for the first cases, and the run record's dataset.json SHA-256; returns the cases' entries."""
     from custom.reporting import write_case_csv
+
+    entries = json.loads((dataset / "dataset.json").read_text())["training"][: len(dice)]
+    for entry in entries:
+        masks = cv_dir / f"fold_{entry['fold']}" / "eval" / "masks"
+        masks.mkdir(parents=True, exist_ok=True)
+        (masks / f"{entry['case']}_seg.nii.gz").write_bytes((dataset / entry["label"]).read_bytes())
+    write_case_csv([{"fold": e["fold"], "case": e["case"], "dice": d} for e, d in zip(entries, dice)],
+                   str(cv_dir / "cases.csv"))
+    digest = hashlib.sha256((dataset / "dataset.json").read_bytes()).hexdigest()
+    (cv_dir / RUN_RECORD).write_text(json.dumps({"dataset_dir": str(dataset), "dataset_json_sha256": digest}))
+    return entries
+
+
+def test_montage_refuses_a_dataset_other_than_the_cv_runs(tiny_phantom_dataset, tmp_path):
+    """A dataset whose dataset.json differs from the one the cv run recorded (here: the same images with two
+    labels swapped, so the shapes fit) is refused naming both; so is a cv folder without its run record."""
     from custom.result_figures import plot_montage
 
-    entries = json.loads((tiny_phantom_dataset / "dataset.json").read_text())["training"][:4]
-    for entry in entries:  # the labels as predictions
-        masks = tmp_path / "cv" / f"fold_{entry['fold']}" / "eval" / "masks"
-        masks.mkdir(parents=True, exist_ok=True)
-        (masks / f"{entry['case']}_seg.nii.gz").write_bytes((tiny_phantom_dataset / entry["label"]).read_bytes())
-    rows = [{"fold": e["fold"], "case": e["case"], "dice": d} for e, d in zip(entries, (0.9, "nan", 0.5, 0.7))]
-    write_case_csv(rows, str(tmp_path / "cv" / "cases.csv"))
+    cv_dir = tmp_path / "cv"
+    _montage_cv(tiny_phantom_dataset, cv_dir)
+    other = tmp_path / "other"
+    shutil.copytree(tiny_phantom_dataset, other)
+    dataset = json.loads((other / "dataset.json").read_text())
+    first, second = dataset["training"][:2]
+    first["label"], second["label"] = second["label"], first["label"]
+    (other / "dataset.json").write_text(json.dumps(dataset))
+    with pytest.raises(ValueError, match=f"'{other / 'dataset.json'}' is not the dataset.json the cv run '{cv_dir}'"):
+        plot_montage(str(cv_dir), str(other), str(tmp_path / "montage.png"))
+    (cv_dir / RUN_RECORD).unlink()
+    with pytest.raises(ValueError, match=f"cannot read the dataset of the cv run '{cv_dir}' from .*{RUN_RECORD}"):
+        plot_montage(str(cv_dir), str(tiny_phantom_dataset), str(tmp_path / "montage.png"))
+    assert not (tmp_path / "montage.png").exists()
+
+
+def test_montage_names_the_cases_without_a_dice(tiny_phantom_dataset, tmp_path, capsys):
+    from custom.result_figures import plot_montage
+
+    entries = _montage_cv(tiny_phantom_dataset, tmp_path / "cv")
     plot_montage(str(tmp_path / "cv"), str(tiny_phantom_dataset), str(tmp_path / "montage.png"))
     assert f"1 case(s) without a Dice (NaN) left out of the ranking: {entries[1]['case']}" in capsys.readouterr().out
     assert (tmp_path / "montage.png").stat().st_size > 0

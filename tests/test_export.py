@@ -118,6 +118,31 @@ def test_onnx_export_names_a_missing_checkpoint(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_onnx_export_takes_a_training_checkpoint_and_names_one_that_does_not_fit(
+    network_and_checkpoint, phantom_slices, tmp_path
+):
+    """A periodic training checkpoint ({"model": ..., "optimizer": ...}), which evaluate and inference accept, is
+    exported with its model weights; a checkpoint of another network is refused naming the file."""
+    pytest.importorskip("onnxruntime", reason="the onnx extra (onnx, onnxruntime) is not installed")
+    from custom.onnx_export import OnnxNetwork, export_onnx
+
+    network, _ = network_and_checkpoint
+    training = tmp_path / "latest_checkpoint_epoch=2.pt"
+    optimizer = torch.optim.Adam(network.parameters())
+    torch.save({"model": network.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 2}, training)
+    out = tmp_path / "model.onnx"
+    export_onnx(training, out, CONFIGS / "inference.json", CONFIGS / "metadata.json", BUNDLE)
+    with torch.inference_mode():
+        eager = torch.softmax(network(phantom_slices), 1)
+    assert (torch.softmax(OnnxNetwork(out)(phantom_slices), 1) - eager).abs().max() < 1e-3
+
+    foreign = tmp_path / "other_network.pt"
+    torch.save({"model": torch.nn.Linear(2, 2).state_dict()}, foreign)
+    with pytest.raises(RuntimeError, match="checkpoint '.*other_network.pt' does not fit 'network_def'"):
+        export_onnx(foreign, tmp_path / "other.onnx", CONFIGS / "inference.json", CONFIGS / "metadata.json", BUNDLE)
+    assert not (tmp_path / "other.onnx").exists()
+
+
 def test_onnx_runs_in_the_monai_free_runner(onnx_file, torchscript_file, tiny_phantom_dataset, tmp_path):
     """custom.deploy.lesion_mask with OnnxNetwork (the documented ONNX pipeline), where MONAI cannot be imported;
     masks match TorchScript's except where the two runtimes' last-bit differences flip a near-tie voxel."""
