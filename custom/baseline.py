@@ -18,7 +18,7 @@ import numpy as np
 
 from custom.atomic import write_atomically, write_text_atomically
 from custom.clinical import HEALTHY_TMAX_S, RCBF_THRESHOLD, TMAX_THRESHOLD_S, brain_mask, threshold_core
-from custom.crossval import _sha256 as sha256
+from custom.crossval import file_sha256
 from custom.data.datalist import load_dataset_json
 from custom.metrics import METRIC_NAMES, case_metrics
 from custom.reporting import summarise, summary_markdown, write_case_csv, write_markdown
@@ -144,7 +144,7 @@ def run_baseline(
     dataset = load_dataset_json(dataset_dir, required_keys=("modality", "training"))
     json_path = os.path.join(dataset_dir, "dataset.json")
     layout = _channel_layout(dataset["modality"], json_path)
-    record = {"dataset_dir": os.path.abspath(dataset_dir), "dataset_json_sha256": sha256(json_path),
+    record = {"dataset_dir": os.path.abspath(dataset_dir), "dataset_json_sha256": file_sha256(json_path),
               **thresholds, "save_masks": bool(save_masks)}
     _refuse_earlier_run(out, record)
     if not dataset["training"]:

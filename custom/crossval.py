@@ -49,7 +49,7 @@ def override_arguments(overrides: dict) -> list[str]:
     return arguments
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
@@ -67,10 +67,10 @@ def run_configuration(
     files = [e[key] for e in load_dataset_json(dataset_dir)["training"] for key in ("image", "label")]
     return {
         "bundle_version": metadata.get("version"),
-        "config_sha256": [_sha256(Path(c)) for c in config_files],
+        "config_sha256": [file_sha256(Path(c)) for c in config_files],
         "config_paths": [str(c) for c in config_files],
         "dataset_dir": str(dataset_dir),
-        "dataset_json_sha256": _sha256(dataset_dir / "dataset.json"),
+        "dataset_json_sha256": file_sha256(dataset_dir / "dataset.json"),
         "dataset_files": {name: _size_and_mtime(dataset_dir / name) for name in files},
         "overrides": json.loads(json.dumps(overrides, default=str)),
         "save_masks": bool(save_masks),

@@ -73,7 +73,7 @@ def require_cv_dataset(cv_dir: Path, dataset_dir: Path) -> None:
     SHA-256 its ``run_configuration.json`` records (``custom.crossval.run_configuration``): another dataset would
     pair its images and labels with the cv's Dice and masks. A ``cv_dir`` without that record is refused too."""
     from custom.crossval import RUN_RECORD
-    from custom.crossval import _sha256 as sha256
+    from custom.crossval import file_sha256
 
     record_path = cv_dir / RUN_RECORD
     try:
@@ -83,7 +83,7 @@ def require_cv_dataset(cv_dir: Path, dataset_dir: Path) -> None:
                          "it is written by python -m custom cv") from err
     if not recorded:
         raise ValueError(f"'{record_path}' records no dataset_json_sha256: cannot check the cv run's dataset")
-    if sha256(dataset_dir / "dataset.json") != recorded:
+    if file_sha256(dataset_dir / "dataset.json") != recorded:
         raise ValueError(f"'{dataset_dir / 'dataset.json'}' is not the dataset.json the cv run '{cv_dir}' used "
                          f"(its SHA-256 differs from the one recorded in '{record_path}'); pass that run's dataset")
 
