@@ -37,6 +37,11 @@ def _number(value) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool)
 
 
+def _flag(key: str) -> tuple:
+    """The rule of a bool setting: fire passes ``--key false`` as the string 'false', which is truthy."""
+    return (lambda v: isinstance(v, bool), f"True or False (a bool: --{key} True on the command line)")
+
+
 def _patch_size(value) -> bool:
     return (
         isinstance(value, (list, tuple))
@@ -70,7 +75,9 @@ SETTING_RULES = {
         lambda v: v is None or (isinstance(v, str) and Path(v).is_file()), "null or an existing checkpoint file"
     ),
     "ckpt_path": (lambda v: isinstance(v, str), "a checkpoint path"),
-    "overwrite": (lambda v: isinstance(v, bool), "True or False (a bool: --overwrite True on the command line)"),
+    "overwrite": _flag("overwrite"),
+    "save_masks": _flag("save_masks"),
+    "write_uncertainty": _flag("write_uncertainty"),
 }
 # Root ids that MONAI's workflow reads by name (entry points, imports, metadata, experiment tracking)
 # rather than through a reference.
