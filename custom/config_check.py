@@ -1,14 +1,14 @@
 """Refuse bundle settings of the wrong type, override ids that nothing uses, a training run that would
-overwrite an earlier run's checkpoints or draw over its TensorBoard logs, and an inference run that would replace
-an earlier run's masks, naming the config id.
+overwrite an earlier run's checkpoints or draw over its TensorBoard logs, and an inference or evaluation run that
+would replace an earlier run's masks or tables, naming the config id.
 
 Why it exists: ``python -m monai.bundle run --epochs abc`` fails deep inside Ignite with an error that
 names no config id, and ``--epochz 5`` is added to the configuration and silently ignored, so the run
 trains with the default epochs. MONAI validates neither. The configs' ``check_settings`` id, the first
 step of ``run``, calls ``check_settings`` with the resolved values of their documented ids before anything
 is built (not ``initialize``: MONAI puts the bundle root, and so a bundle's own copy of ``custom``, on the
-Python path only when ``run`` starts); train.json's ``check_ckpt_dir`` and inference.json's ``check_output_dir``
-follow it.
+Python path only when ``run`` starts); train.json's ``check_ckpt_dir`` and the ``check_output_dir`` of
+inference.json and evaluate.json follow it.
 """
 
 import inspect
@@ -187,11 +187,16 @@ def check_output_dir(output_dir, images, write_uncertainty=False, overwrite=Fals
 
     Why it exists: MONAI's ``SaveImaged`` replaces files of the same name without a word, and a mask in an output
     folder may have been corrected by hand since (3D Slicer saves a label map over the file it was loaded from).
-    Allowed: none of the files this run writes exists, or ``overwrite`` true (they are replaced).
+    A case's outputs are its mask and its uncertainty map, whichever this run writes, so a run without
+    ``write_uncertainty`` never leaves an earlier run's map beside its new mask. Allowed: none of these files
+    exists, or ``overwrite`` true (they are replaced; an earlier uncertainty map this run does not write is
+    removed).
     """
+    written = ("seg", "uncertainty") if write_uncertainty else ("seg",)
     refuse_earlier_outputs(
-        output_dir, images, overwrite, ("seg", "uncertainty") if write_uncertainty else ("seg",), (VOLUME_TABLE,),
+        output_dir, images, overwrite, written, (VOLUME_TABLE,),
         setting="config id 'output_dir':", overwrite_flag="--overwrite True", folder_flag="--output_dir",
+        unwritten=() if write_uncertainty else ("uncertainty",),
     )
 
 

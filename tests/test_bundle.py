@@ -155,6 +155,35 @@ def test_inference_into_an_earlier_runs_output_dir_is_refused_unless_asked(tiny_
     assert nib.load(mask).shape == nib.load(image).shape[:3]
 
 
+def test_inference_replacing_an_earlier_run_leaves_none_of_its_uncertainty_maps(tiny_phantom_dataset, tmp_path):
+    """A case's outputs are its mask and its uncertainty map, whichever a run writes: a run without
+    write_uncertainty into a folder holding an earlier run's map of its case is refused, and with --overwrite True
+    that map is removed rather than left beside the new mask as if they were one run's."""
+    entry = json.loads((tiny_phantom_dataset / "dataset.json").read_text())["testing"][0]
+    image = str(tiny_phantom_dataset / (entry["image"] if isinstance(entry, dict) else entry))
+    out = tmp_path / "out"
+
+    def infer(**override):
+        workflow = bundle_workflow(["inference.json"], "infer", datalist=[image], output_dir=str(out), num_workers=0,
+                                   **override)  # fmt: skip
+        workflow.initialize()
+        workflow.run()
+
+    infer(tta_flips=True, write_uncertainty=True)
+    mask = out / f"{image.split('/')[-1].split('.nii')[0]}_seg.nii.gz"
+    uncertainty = mask.with_name(mask.name.replace("_seg", "_uncertainty"))
+    mask.unlink()
+    (out / "lesion_volumes.csv").unlink()  # the map alone is an output of the case
+    with pytest.raises(Exception) as raised:
+        infer()
+    message = "\n".join(str(error) for error in (raised.value, raised.value.__cause__) if error is not None)
+    assert f"config id 'output_dir': '{out}' holds 1 file(s) of an earlier run that this run would replace " \
+           f"({uncertainty.name}): replace them with --overwrite True" in message  # fmt: skip
+    assert sorted(path.name for path in out.iterdir()) == [uncertainty.name]
+    infer(overwrite=True)
+    assert sorted(path.name for path in out.iterdir()) == sorted([mask.name, "lesion_volumes.csv"])
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("slices", [1, 2])
 def test_inference_keeps_shape_of_thin_slabs(tiny_phantom_dataset, tmp_path, slices):
