@@ -200,6 +200,28 @@ def check_output_dir(output_dir, images, write_uncertainty=False, overwrite=Fals
     )
 
 
+def check_evaluation_dir(output_dir, images, metrics, save_masks=False, overwrite=False) -> None:
+    """Refuse an evaluation (evaluate.json) that would replace the metric tables or masks of an earlier one in
+    ``output_dir``.
+
+    Why it exists: MONAI's ``MetricsSaver`` and ``SaveImaged`` replace files of the same name without a word, so a
+    second evaluation into the same folder replaced ``metrics.csv`` and the per-case tables (perhaps with fewer
+    cases) and mixed its masks with the first's. An evaluation's outputs are ``metrics.csv``,
+    ``<metric>_raw.csv`` and ``<metric>_summary.csv`` of each of ``metrics`` (MetricsSaver's names) and
+    ``masks/<case>_seg.nii.gz`` of each of ``images``, written with ``save_masks`` (without it an earlier mask of
+    these cases is refused too: it would sit beside metrics it was not scored by). Allowed: none of these files
+    exists, or ``overwrite`` true (they are replaced, and those earlier masks removed; masks of cases this run
+    does not evaluate are left, this run's cases are the rows of its ``*_raw.csv``), as inference's
+    ``check_output_dir``.
+    """
+    tables = ["metrics.csv"] + [f"{name}_{kind}.csv" for name in metrics for kind in ("raw", "summary")]
+    refuse_earlier_outputs(
+        output_dir, images, overwrite, ("seg",) if save_masks else (), tables,
+        setting="config id 'output_dir':", overwrite_flag="--overwrite True", folder_flag="--output_dir",
+        unwritten=() if save_masks else ("seg",), case_folder="masks",
+    )
+
+
 def unused_root_ids(config: dict) -> list[str]:
     """Root ids of ``config`` that no ``@``/``%`` reference names and that the workflow does not run."""
     referenced = set()
