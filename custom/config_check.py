@@ -1,14 +1,14 @@
 """Refuse bundle settings of the wrong type, override ids that nothing uses, a training run that would
-overwrite an earlier run's checkpoints or draw over its TensorBoard logs, and an inference run that would replace
-an earlier run's masks, naming the config id.
+overwrite an earlier run's checkpoints or draw over its TensorBoard logs, and an inference or evaluation run that
+would replace an earlier run's masks or tables, naming the config id.
 
 Why it exists: ``python -m monai.bundle run --epochs abc`` fails deep inside Ignite with an error that
 names no config id, and ``--epochz 5`` is added to the configuration and silently ignored, so the run
 trains with the default epochs. MONAI validates neither. The configs' ``check_settings`` id, the first
 step of ``run``, calls ``check_settings`` with the resolved values of their documented ids before anything
 is built (not ``initialize``: MONAI puts the bundle root, and so a bundle's own copy of ``custom``, on the
-Python path only when ``run`` starts); train.json's ``check_ckpt_dir`` and inference.json's ``check_output_dir``
-follow it.
+Python path only when ``run`` starts); train.json's ``check_ckpt_dir`` and the ``check_output_dir`` of
+inference.json and evaluate.json follow it.
 """
 
 import inspect
@@ -35,6 +35,11 @@ def _whole(value) -> bool:
 
 def _number(value) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def _flag(key: str) -> tuple:
+    """The rule of a bool setting: fire passes ``--key false`` as the string 'false', which is truthy."""
+    return (lambda v: isinstance(v, bool), f"True or False (a bool: --{key} True on the command line)")
 
 
 def _patch_size(value) -> bool:
@@ -70,7 +75,9 @@ SETTING_RULES = {
         lambda v: v is None or (isinstance(v, str) and Path(v).is_file()), "null or an existing checkpoint file"
     ),
     "ckpt_path": (lambda v: isinstance(v, str), "a checkpoint path"),
-    "overwrite": (lambda v: isinstance(v, bool), "True or False (a bool: --overwrite True on the command line)"),
+    "overwrite": _flag("overwrite"),
+    "save_masks": _flag("save_masks"),
+    "write_uncertainty": _flag("write_uncertainty"),
 }
 # Root ids that MONAI's workflow reads by name (entry points, imports, metadata, experiment tracking)
 # rather than through a reference.
@@ -180,11 +187,38 @@ def check_output_dir(output_dir, images, write_uncertainty=False, overwrite=Fals
 
     Why it exists: MONAI's ``SaveImaged`` replaces files of the same name without a word, and a mask in an output
     folder may have been corrected by hand since (3D Slicer saves a label map over the file it was loaded from).
-    Allowed: none of the files this run writes exists, or ``overwrite`` true (they are replaced).
+    A case's outputs are its mask and its uncertainty map, whichever this run writes, so a run without
+    ``write_uncertainty`` never leaves an earlier run's map beside its new mask. Allowed: none of these files
+    exists, or ``overwrite`` true (they are replaced; an earlier uncertainty map this run does not write is
+    removed).
     """
+    written = ("seg", "uncertainty") if write_uncertainty else ("seg",)
     refuse_earlier_outputs(
-        output_dir, images, overwrite, ("seg", "uncertainty") if write_uncertainty else ("seg",), (VOLUME_TABLE,),
+        output_dir, images, overwrite, written, (VOLUME_TABLE,),
         setting="config id 'output_dir':", overwrite_flag="--overwrite True", folder_flag="--output_dir",
+        unwritten=() if write_uncertainty else ("uncertainty",),
+    )
+
+
+def check_evaluation_dir(output_dir, images, metrics, save_masks=False, overwrite=False) -> None:
+    """Refuse an evaluation (evaluate.json) that would replace the metric tables or masks of an earlier one in
+    ``output_dir``.
+
+    Why it exists: MONAI's ``MetricsSaver`` and ``SaveImaged`` replace files of the same name without a word, so a
+    second evaluation into the same folder replaced ``metrics.csv`` and the per-case tables (perhaps with fewer
+    cases) and mixed its masks with the first's. An evaluation's outputs are ``metrics.csv``,
+    ``<metric>_raw.csv`` and ``<metric>_summary.csv`` of each of ``metrics`` (MetricsSaver's names) and
+    ``masks/<case>_seg.nii.gz`` of each of ``images``, written with ``save_masks`` (without it an earlier mask of
+    these cases is refused too: it would sit beside metrics it was not scored by). Allowed: none of these files
+    exists, or ``overwrite`` true (they are replaced, and those earlier masks removed; masks of cases this run
+    does not evaluate are left, this run's cases are the rows of its ``*_raw.csv``), as inference's
+    ``check_output_dir``.
+    """
+    tables = ["metrics.csv"] + [f"{name}_{kind}.csv" for name in metrics for kind in ("raw", "summary")]
+    refuse_earlier_outputs(
+        output_dir, images, overwrite, ("seg",) if save_masks else (), tables,
+        setting="config id 'output_dir':", overwrite_flag="--overwrite True", folder_flag="--output_dir",
+        unwritten=() if save_masks else ("seg",), case_folder="masks",
     )
 
 

@@ -335,6 +335,9 @@ def run_cross_validation(
                 "ckpt_path": str(ckpt_dir / "model.pt"),
                 "output_dir": str(eval_dir),
                 "save_masks": save_masks,
+                # the folder is this fold's: outputs there are of an evaluation that did not finish the fold
+                # (interrupted, or its metrics could not be read), which this one replaces
+                "overwrite": True,
             }
             _run_bundle(evaluate_configs, evaluate_arguments, overrides, fold_dir / "evaluate.log")
             timing = {"train_seconds": round(trained - started, 1), "evaluate_seconds": round(time.time() - trained, 1)}

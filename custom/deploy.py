@@ -242,7 +242,7 @@ def deploy(*inputs, model="bundle/models/model.ts", out="deploy_out", batch_size
     paths = [Path(str(p)) for p in inputs]
     _check_inputs(paths)
     out = Path(str(out))
-    refuse_earlier_outputs(out, paths, overwrite, tables=(VOLUME_TABLE,))
+    refuse_earlier_outputs(out, paths, overwrite, tables=(VOLUME_TABLE,), unwritten=("uncertainty",))
     model = Path(str(model))
     if not model.is_file():
         raise FileNotFoundError(f"TorchScript model '{model}' does not exist (export it with monai.bundle ckpt_export)")

@@ -155,6 +155,77 @@ def test_inference_into_an_earlier_runs_output_dir_is_refused_unless_asked(tiny_
     assert nib.load(mask).shape == nib.load(image).shape[:3]
 
 
+def test_inference_replacing_an_earlier_run_leaves_none_of_its_uncertainty_maps(tiny_phantom_dataset, tmp_path):
+    """A case's outputs are its mask and its uncertainty map, whichever a run writes: a run without
+    write_uncertainty into a folder holding an earlier run's map of its case is refused, and with --overwrite True
+    that map is removed rather than left beside the new mask as if they were one run's."""
+    entry = json.loads((tiny_phantom_dataset / "dataset.json").read_text())["testing"][0]
+    image = str(tiny_phantom_dataset / (entry["image"] if isinstance(entry, dict) else entry))
+    out = tmp_path / "out"
+
+    def infer(**override):
+        workflow = bundle_workflow(["inference.json"], "infer", datalist=[image], output_dir=str(out), num_workers=0,
+                                   **override)  # fmt: skip
+        workflow.initialize()
+        workflow.run()
+
+    infer(tta_flips=True, write_uncertainty=True)
+    mask = out / f"{image.split('/')[-1].split('.nii')[0]}_seg.nii.gz"
+    uncertainty = mask.with_name(mask.name.replace("_seg", "_uncertainty"))
+    mask.unlink()
+    (out / "lesion_volumes.csv").unlink()  # the map alone is an output of the case
+    with pytest.raises(Exception) as raised:
+        infer()
+    message = "\n".join(str(error) for error in (raised.value, raised.value.__cause__) if error is not None)
+    assert f"config id 'output_dir': '{out}' holds 1 file(s) of an earlier run that this run would replace " \
+           f"({uncertainty.name}): replace them with --overwrite True" in message  # fmt: skip
+    assert sorted(path.name for path in out.iterdir()) == [uncertainty.name]
+    infer(overwrite=True)
+    assert sorted(path.name for path in out.iterdir()) == sorted([mask.name, "lesion_volumes.csv"])
+
+
+def test_evaluation_into_an_earlier_runs_output_dir_is_refused_unless_asked(tiny_phantom_dataset, tmp_path):
+    """MetricsSaver and SaveImaged replace files without a word: a second evaluation into a folder replaced the
+    metric tables (here with fewer cases) and mixed its masks with the first's. It is refused before any case is
+    evaluated, naming the id, the folder, the count and the first file; with --overwrite True the tables are
+    replaced and, as this run writes no masks, the earlier masks of its cases are removed (those of other cases
+    stay: this run's cases are the rows of its *_raw.csv)."""
+    out = tmp_path / "eval"
+    dataset = json.loads((tiny_phantom_dataset / "dataset.json").read_text())
+    fold_0 = sorted(entry["case"] for entry in dataset["training"] if entry["fold"] == 0)
+    others = sorted(entry["case"] for entry in dataset["training"] if entry["fold"] != 0)
+
+    def evaluate(fold, **override):
+        workflow = bundle_workflow(
+            ["train.json", "evaluate.json"], "train", dataset_dir=str(tiny_phantom_dataset), fold=fold,
+            ckpt_path=str(BUNDLE / "models" / "model.pt"), output_dir=str(out), num_workers=0, cache_rate=0.0,
+            **override,
+        )
+        workflow.initialize()
+        workflow.run()
+
+    def raw_cases():
+        with open(out / "val_mean_dice_raw.csv") as f:
+            return sorted(row["filename"].split("/")[-1].split(".nii")[0] for row in csv.DictReader(f))
+
+    evaluate(-1, save_masks=True)
+    assert sorted(path.name for path in (out / "masks").iterdir()) == sorted(f"{c}_seg.nii.gz" for c in fold_0 + others)
+    written = sorted(path.relative_to(out) for path in out.rglob("*"))
+    tables = sorted(path.name for path in out.glob("*.csv"))
+    assert "metrics.csv" in tables and len(tables) == 1 + 2 * len(list(out.glob("*_raw.csv"))) > 1
+    with pytest.raises(Exception) as raised:
+        evaluate(0)
+    message = "\n".join(str(error) for error in (raised.value, raised.value.__cause__) if error is not None)
+    assert f"config id 'output_dir': '{out}' holds {len(fold_0) + len(tables)} file(s) of an earlier run that this " \
+           f"run would replace (masks/{fold_0[0]}_seg.nii.gz, ...): replace them with --overwrite True" \
+           in message  # fmt: skip
+    assert sorted(path.relative_to(out) for path in out.rglob("*")) == written
+    assert raw_cases() == sorted(fold_0 + others)
+    evaluate(0, overwrite=True)
+    assert raw_cases() == fold_0
+    assert sorted(path.name for path in (out / "masks").iterdir()) == [f"{c}_seg.nii.gz" for c in others]
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("slices", [1, 2])
 def test_inference_keeps_shape_of_thin_slabs(tiny_phantom_dataset, tmp_path, slices):

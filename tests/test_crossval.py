@@ -16,6 +16,7 @@ from conftest import TINY_TRAINING
 import custom.crossval
 from custom.ablation import LOSS_VARIANTS, ablation_markdown
 from custom.baseline import run_baseline
+from custom.config_check import check_evaluation_dir
 from custom.crossval import (
     CASE_METRICS,
     DONE_FILE,
@@ -109,7 +110,7 @@ def fake_bundle(monkeypatch, name_image=str, evaluated=slice(None)) -> list[dict
     """Stand in for ``monai.bundle run`` and record its arguments: training does nothing; evaluation writes the
     ``*_raw.csv`` files of evaluate.json's MetricsSaver with MONAI's own writer, each metric of the fold's K-th
     validation case being (K + 1) / 100, its file named ``name_image(absolute image path)``, for the
-    ``evaluated`` slice of the fold's cases."""
+    ``evaluated`` slice of the fold's cases, after evaluate.json's refusal of an earlier evaluation's outputs."""
     from monai.handlers.utils import write_metrics_reports
 
     runs = []
@@ -121,6 +122,8 @@ def fake_bundle(monkeypatch, name_image=str, evaluated=slice(None)) -> list[dict
             training = json.loads((dataset_dir / "dataset.json").read_text())["training"]
             images = [name_image(str(dataset_dir / e["image"])) for e in training if e["fold"] == arguments["fold"]]
             images = images[evaluated]
+            check_evaluation_dir(arguments["output_dir"], images, EVALUATION_METRICS, arguments["save_masks"],
+                                 arguments.get("overwrite", False))
             values = np.arange(1, len(images) + 1).reshape(-1, 1) / 100
             details = dict.fromkeys(EVALUATION_METRICS, values)
             write_metrics_reports(arguments["output_dir"], images, None, details, None)

@@ -402,3 +402,20 @@ def test_normalisation_of_a_volume_above_2_24_brain_voxels_equals_the_bundle_tra
     torch.manual_seed(0)
     image = torch.rand(5, 512, 512, 72)
     assert torch.equal(normalize_within_brain(image), NormalizeWithinBrain()(image))
+
+
+def test_an_earlier_uncertainty_map_of_a_case_is_refused_and_removed_when_asked(exported_model, tmp_path):
+    """A case's outputs are its mask and its uncertainty map (inference.json with write_uncertainty): the runner
+    writes no map, so an earlier one of its case is refused without overwrite and removed with it, rather than
+    left beside the new mask as if they were one run's."""
+    _, torchscript = exported_model
+    image = _write(tmp_path / "noise.nii.gz", np.random.default_rng(0).normal(size=(20, 24, 3, 5)).astype(np.float32))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "noise_uncertainty.nii.gz").write_bytes(b"earlier run")
+    with pytest.raises(FileExistsError, match=f"output folder '{out}' holds 1 file\\(s\\) of an earlier run .*"
+                                              r"\(noise_uncertainty.nii.gz\): replace them with --overwrite"):
+        main([str(image), "--model", str(torchscript), "--out", str(out)])
+    assert sorted(p.name for p in out.iterdir()) == ["noise_uncertainty.nii.gz"]
+    main([str(image), "--model", str(torchscript), "--out", str(out), "--overwrite"])
+    assert sorted(p.name for p in out.iterdir()) == ["lesion_volumes.csv", "noise_seg.nii.gz"]

@@ -39,6 +39,11 @@ def _error_chain(error: BaseException) -> str:
         (["train.json"], "train", {"epochz": 5}, "config id 'epochz' is used by nothing in the configuration"),
         (["train.json"], "train", {"resume_ckpt": "runs/none.pt"}, "'resume_ckpt' must be null or an existing"),
         (["train.json"], "train", {"overwrite": "yes"}, "config id 'overwrite' must be True or False (a bool"),
+        # fire passes `--save_masks false` as the string 'false', which is truthy: it switched the option on
+        (["train.json", "evaluate.json"], "train", {"save_masks": "false"},
+         "config id 'save_masks' must be True or False (a bool: --save_masks True on the command line), got 'false'"),
+        (["inference.json"], "infer", {"write_uncertainty": "false"},
+         "config id 'write_uncertainty' must be True or False (a bool: --write_uncertainty True on the command line)"),
         (["train.json", "evaluate.json"], "train", {"ckpt_pth": "m.pt"}, "config id 'ckpt_pth' is used by nothing"),
         (["inference.json"], "infer", {"num_workers": -1}, "config id 'num_workers' must be a whole number >= 0"),
         (["inference.json"], "infer", {"ckpt_pth": "m.pt"}, "config id 'ckpt_pth' is used by nothing"),

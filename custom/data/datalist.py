@@ -129,18 +129,30 @@ def output_case_name(image) -> str:
 
 
 def refuse_earlier_outputs(folder, images, overwrite=False, postfixes=("seg",), tables=(),
-                           setting="output folder", overwrite_flag="--overwrite", folder_flag="--out") -> None:
+                           setting="output folder", overwrite_flag="--overwrite", folder_flag="--out",
+                           unwritten=(), case_folder=".") -> None:
     """Refuse a segmentation run that would replace files of an earlier run in ``folder``, unless ``overwrite``:
-    ``<case>_<postfix>.nii.gz`` per image and postfix (the names of ``SaveImaged`` with ``separate_folder`` false
-    and of the MONAI-free runner) and ``tables``. The message names ``setting`` and the two flags of the caller."""
-    masks = [f"{output_case_name(image)}_{postfix}.nii.gz" for image in images for postfix in postfixes]
-    earlier = [name for name in [*masks, *tables] if (Path(str(folder)) / name).exists()]
+    ``<case>_<postfix>.nii.gz`` per image and postfix in ``case_folder`` under ``folder`` (the names of
+    ``SaveImaged`` with ``separate_folder`` false and of the MONAI-free runner) and ``tables``. The message names
+    ``setting`` and the two flags of the caller.
+
+    ``unwritten``: postfixes of a case's outputs that this run does not write (an uncertainty map of a run without
+    one, evaluation's masks without ``save_masks``). An earlier run's such files of this run's cases are refused
+    too and, with ``overwrite``, removed here, so that no folder pairs this run's outputs of a case with an earlier
+    run's (a mask beside the uncertainty map of another run). Files of cases this run does not process are left:
+    this run's cases are those of its table."""
+    cases = Path(case_folder)
+    masks = [str(cases / f"{output_case_name(image)}_{postfix}.nii.gz") for image in images for postfix in postfixes]
+    stale = [str(cases / f"{output_case_name(image)}_{postfix}.nii.gz") for image in images for postfix in unwritten]
+    earlier = [name for name in [*masks, *stale, *tables] if (Path(str(folder)) / name).exists()]
     if earlier and overwrite is not True:
         raise FileExistsError(
             f"{setting} '{os.path.normpath(str(folder))}' holds {len(earlier)} file(s) of an earlier run that this run "
             f"would replace ({earlier[0]}{', ...' if len(earlier) > 1 else ''}): replace them with {overwrite_flag}, "
             f"or write into another {folder_flag}"
         )
+    for name in stale:
+        (Path(str(folder)) / name).unlink(missing_ok=True)
 
 
 @dataclass
