@@ -40,7 +40,7 @@ from custom.crossval import override_arguments
 from custom.data.datalist import fold_datalist, load_dataset_json, output_case_name
 from custom.data.isles2018 import prepare_isles2018
 from custom.data.phantom import write_phantom
-from custom.data.studies import affines_match, read_nifti
+from custom.data.studies import read_nifti, require_same_grid
 from custom.deploy import write_mask
 from custom.metrics import case_metrics
 from custom.reporting import (
@@ -407,15 +407,10 @@ def score_masks(dataset_dir: Path, entries: list[dict], method: str, mask_path) 
         label_path = dataset_dir / entry["label"]
         label_image, label = read_nifti(label_path)
         pred_image, pred = read_nifti(path)
-        if pred.shape != label.shape:
-            raise ValueError(f"{method}: mask '{path}' has shape {pred.shape}, its label '{label_path}' {label.shape}")
-        if not affines_match(pred_image.affine, label_image.affine):
-            # Another orientation or grid: scored voxel by voxel it would give a wrong Dice without a word.
-            raise ValueError(
-                f"{method}: mask '{path}' has another affine than its label '{label_path}' (another orientation "
-                f"or grid); resample it onto the label's grid:\n{np.round(pred_image.affine, 3)}\n"
-                f"label:\n{np.round(label_image.affine, 3)}"
-            )
+        try:  # another orientation or grid, scored voxel by voxel, would give a wrong Dice without a word
+            require_same_grid(path, pred_image, pred, label_path, label_image, label, reference="its label's")
+        except ValueError as err:
+            raise ValueError(f"{method}: mask {err}") from err
         row = {"method": method, "case": entry["case"], "patient": entry.get("patient", "")}
         try:
             row.update(case_metrics(pred, label, nib.affines.voxel_sizes(label_image.affine)))

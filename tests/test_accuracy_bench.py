@@ -224,7 +224,7 @@ def test_score_masks_refuses_a_mask_on_another_grid_naming_it_and_its_label(tiny
     label = nib.load(tiny_phantom_dataset / entries[0]["label"])
     flip = nib.orientations.inv_ornt_aff([[0, -1], [1, 1], [2, 1]], label.shape)
     nib.save(nib.Nifti1Image(np.asanyarray(label.dataobj)[::-1].copy(), label.affine @ flip), flipped)
-    named = f"mask '{flipped}' has another affine than its label '.*{entries[0]['label']}'"
+    named = rf"mask '{flipped}': affine differs from its label's \('.*{entries[0]['label']}'; another orientation"
     with pytest.raises(ValueError, match=named):
         score_masks_command(str(masks), str(tiny_phantom_dataset), str(tmp_path / "scored"))
     assert not (tmp_path / "scored").exists()

@@ -31,7 +31,7 @@ from custom.data.studies import (
     load_map,
     load_nifti,
     nifti_in,
-    require_ct_grid,
+    require_same_grid,
 )
 
 PWI_MAP = "4DPWI"  # the raw 4D perfusion series, read only with --maps-from-4d
@@ -85,7 +85,7 @@ def load_case_from_4d(case: CaseFiles, with_label: bool, dt: float | None = None
     series_path = case.maps[PWI_MAP]
     series, result = analyse_series(series_path, dt)
     grid = np.broadcast_to(np.float32(0), series.hu.shape[:3])  # only its shape is compared
-    require_ct_grid(series_path, series.image, grid, ct_path, ct_image, ct_data)
+    require_same_grid(series_path, series.image, grid, ct_path, ct_image, ct_data)
     channels = [ct_data] + [result.maps[name] for name in MODALITIES[1:]]
     label = load_label(case, ct_path, ct_image, ct_data) if with_label else None
     return ct_image, np.stack(channels, axis=-1), label

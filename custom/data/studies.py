@@ -185,15 +185,19 @@ def load_map(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
     return image, data
 
 
-def require_ct_grid(path: Path, image: nib.Nifti1Image, data: np.ndarray, ct_path: Path, ct_image, ct_data):
-    """Refuse a map that does not lie on the CT's grid (shape and affine): nothing is resampled."""
-    if data.shape != ct_data.shape:
-        raise ValueError(f"'{path}': shape {data.shape} differs from the CT's {ct_data.shape} ('{ct_path}')")
-    if not affines_match(image.affine, ct_image.affine):
+def require_same_grid(path: Path, image: nib.Nifti1Image, data: np.ndarray, reference_path: Path, reference_image,
+                      reference_data, reference: str = "the CT's"):
+    """Refuse an image that does not lie on a reference image's grid (shape and affine; by default the CT's, for
+    a case's maps): nothing is resampled. ``reference`` names the reference in the message."""
+    if data.shape != reference_data.shape:
         raise ValueError(
-            f"'{path}': affine differs from the CT's ('{ct_path}'); nothing is resampled.\n"
-            f"{path.name}:\n{np.array2string(image.affine, precision=4)}\n"
-            f"CT:\n{np.array2string(ct_image.affine, precision=4)}"
+            f"'{path}': shape {data.shape} differs from {reference} {reference_data.shape} ('{reference_path}')"
+        )
+    if not affines_match(image.affine, reference_image.affine):
+        raise ValueError(
+            f"'{path}': affine differs from {reference} ('{reference_path}'; another orientation or grid); nothing is "
+            f"resampled.\n{Path(path).name}:\n{np.array2string(image.affine, precision=4)}\n"
+            f"{Path(reference_path).name}:\n{np.array2string(reference_image.affine, precision=4)}"
         )
 
 
@@ -209,7 +213,7 @@ def load_case(case: CaseFiles, with_label: bool) -> tuple[nib.Nifti1Image, np.nd
     for modality in MODALITIES[1:]:
         path = case.maps[modality]
         image, data = load_map(path)
-        require_ct_grid(path, image, data, ct_path, ct_image, ct_data)
+        require_same_grid(path, image, data, ct_path, ct_image, ct_data)
         channels.append(data)
     label = load_label(case, ct_path, ct_image, ct_data) if with_label else None
     return ct_image, np.stack(channels, axis=-1), label
@@ -220,7 +224,7 @@ def load_label(case: CaseFiles, ct_path: Path, ct_image, ct_data) -> np.ndarray 
     if case.label is None:
         return None
     image, data = load_map(case.label)
-    require_ct_grid(case.label, image, data, ct_path, ct_image, ct_data)
+    require_same_grid(case.label, image, data, ct_path, ct_image, ct_data)
     problems = label_problems(f"'{case.label}'", data)
     if problems:
         raise ValueError("; ".join(problems))
