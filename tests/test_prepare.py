@@ -347,33 +347,31 @@ def test_patients_csv_must_cover_training_cases(tmp_path):
     assert not (tmp_path / "dataset").exists()
 
 
-def test_patients_csv_row_without_a_case_is_refused_naming_the_line(tmp_path):
-    """A row naming a patient but no case is an error, not a silently dropped row; an all-empty row
-    (spreadsheet padding) is skipped."""
+@pytest.mark.parametrize(
+    "bad, message, mended",
+    [
+        # a row naming a patient but no case is an error, not a silently dropped row; an all-empty row
+        # (spreadsheet padding) is skipped
+        ("case,patient\ncase_1,P1\n,\ncase_2,P2\n ,P3\n", r"line 5: empty case \(patient 'P3'\)",
+         "case,patient\ncase_1,P1\n,\ncase_2,P2\n"),
+        # an unquoted comma in a note column gives a row more cells than the header (it crashed naming neither the
+        # file nor the line); the same note quoted is read
+        ("case,patient,note\ncase_1,P1,\ncase_2,P2,slab A, upper\n",
+         "line 3: 4 cells, more than the header's 3; quote a cell",
+         'case,patient,note\ncase_1,P1,\ncase_2,P2,"slab A, upper"\n'),
+    ],
+    ids=["row-without-case", "more-cells-than-the-header"],
+)
+def test_patients_csv_row_that_cannot_be_read_is_refused_naming_the_line(tmp_path, bad, message, mended):
     src = tmp_path / "TRAINING"
     for case in ("case_1", "case_2"):
         write_isles_case(src, case)
     patients = tmp_path / "patients.csv"
-    patients.write_text("case,patient\ncase_1,P1\n,\ncase_2,P2\n ,P3\n")
-    with pytest.raises(ValueError, match=r"patients\.csv' line 5: empty case \(patient 'P3'\)"):
+    patients.write_text(bad)
+    with pytest.raises(ValueError, match=r"patients\.csv' " + message):
         prepare_isles2018(src, tmp_path / "dataset", patients=patients, folds=2)
     assert leftovers(tmp_path, {"TRAINING", "patients.csv"}) == []
-    patients.write_text("case,patient\ncase_1,P1\n,\ncase_2,P2\n")
-    prepare_isles2018(src, tmp_path / "dataset", patients=patients, folds=2)
-
-
-def test_patients_csv_row_with_more_cells_than_the_header_is_refused_naming_the_line(tmp_path):
-    """An unquoted comma in a note column gives a row more cells than the header: an error naming the file and
-    line, not a crash naming neither; the same note quoted is read."""
-    src = tmp_path / "TRAINING"
-    for case in ("case_1", "case_2"):
-        write_isles_case(src, case)
-    patients = tmp_path / "patients.csv"
-    patients.write_text("case,patient,note\ncase_1,P1,\ncase_2,P2,slab A, upper\n")
-    with pytest.raises(ValueError, match=r"patients\.csv' line 3: 4 cells, more than the header's 3; quote a cell"):
-        prepare_isles2018(src, tmp_path / "dataset", patients=patients, folds=2)
-    assert leftovers(tmp_path, {"TRAINING", "patients.csv"}) == []
-    patients.write_text('case,patient,note\ncase_1,P1,\ncase_2,P2,"slab A, upper"\n')
+    patients.write_text(mended)
     prepare_isles2018(src, tmp_path / "dataset", patients=patients, folds=2)
 
 
