@@ -167,6 +167,18 @@ def test_fold_datalists_refuse_unusable_cases_naming_each(dataset_copy):
     assert fold_datalist(folder, 0, "train")  # fold 0's training cases (folds 1) are intact
 
 
+def test_a_study_in_the_training_and_validation_cases_of_a_fold_is_refused(dataset_copy):
+    folder, dataset = dataset_copy
+    validated = next(e for e in dataset["training"] if e["fold"] == 0)
+    trained = next(e for e in dataset["training"] if e["fold"] == 1)
+    trained.update(image=validated["image"], label=validated["label"])  # one study listed in two folds
+    (folder / "dataset.json").write_text(json.dumps(dataset))
+    for role in ("train", "validate"):
+        with pytest.raises(ValueError, match="fold 0's validation and training cases list the same file"):
+            fold_datalist(folder, 0, role)
+    assert fold_datalist(folder, -1, "train")  # every case, for a fit check: no held-out fold to leak into
+
+
 @pytest.mark.parametrize("configs", [["train.json"], ["train.json", "evaluate.json"]])
 def test_training_and_evaluation_refuse_before_any_dataloader(dataset_copy, tmp_path, configs):
     folder, dataset = dataset_copy

@@ -64,8 +64,28 @@ def fold_datalist(dataset_dir, fold: int, role: str) -> list[dict]:
         selected = [e for e in training if e["fold"] == fold]
     if not selected:
         raise ValueError(f"no '{role}' cases for fold {fold} in '{folder / 'dataset.json'}'")
+    if fold != -1:
+        _refuse_files_in_both_roles(folder, training, fold)
     _refuse_unusable_cases(folder, selected, f"fold {fold} '{role}'")
     return [_absolute(folder, e, ("image", "label")) for e in selected]
+
+
+def _refuse_files_in_both_roles(folder: Path, training: list[dict], fold: int) -> None:
+    """Refuse a fold whose validation cases list an image or label file that one of its training cases lists too.
+
+    Why: one study under two entries (a copied dataset.json line, a study in two folds) is validated on what the
+    model trained on, so the best-Dice checkpoint and its score are optimistic without any sign of it."""
+
+    def files(entries):
+        return {(folder / str(e[key])).resolve() for e in entries for key in ("image", "label") if key in e}
+
+    shared = files(e for e in training if e.get("fold") == fold) & files(e for e in training if e.get("fold") != fold)
+    if shared:
+        raise ValueError(
+            f"'{folder / 'dataset.json'}': fold {fold}'s validation and training cases list the same file(s) "
+            f"({', '.join(sorted(map(str, shared)))}): the model would be validated on what it trained on "
+            "(`python -m custom check` names the entries)"
+        )
 
 
 def _refuse_unusable_cases(folder: Path, entries: list[dict], what: str) -> None:
