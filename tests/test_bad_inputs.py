@@ -167,6 +167,18 @@ def test_fold_datalists_refuse_unusable_cases_naming_each(dataset_copy):
     assert fold_datalist(folder, 0, "train")  # fold 0's training cases (folds 1) are intact
 
 
+def test_training_cases_without_any_lesion_are_refused(dataset_copy):
+    folder, dataset = dataset_copy
+    for entry in dataset["training"]:
+        if entry["fold"] != 0:
+            label = nib.load(folder / entry["label"])
+            nib.save(nib.Nifti1Image(np.zeros(label.shape, np.uint8), label.affine), folder / entry["label"])
+    with pytest.raises(ValueError, match="training cases of fold 0 hold no lesion voxel in any label"):
+        fold_datalist(folder, 0, "train")
+    assert fold_datalist(folder, 0, "validate")  # fold 0's own labels still hold lesions
+    assert fold_datalist(folder, 1, "train")  # trains on fold 0's
+
+
 def test_a_study_in_the_training_and_validation_cases_of_a_fold_is_refused(dataset_copy):
     folder, dataset = dataset_copy
     validated = next(e for e in dataset["training"] if e["fold"] == 0)

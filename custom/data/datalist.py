@@ -67,7 +67,24 @@ def fold_datalist(dataset_dir, fold: int, role: str) -> list[dict]:
     if fold != -1:
         _refuse_files_in_both_roles(folder, training, fold)
     _refuse_unusable_cases(folder, selected, f"fold {fold} '{role}'")
+    if role == "train":
+        _refuse_lesion_free_training(folder, selected, fold)
     return [_absolute(folder, e, ("image", "label")) for e in selected]
+
+
+def _refuse_lesion_free_training(folder: Path, entries: list[dict], fold: int) -> None:
+    """Refuse training cases none of whose labels holds a lesion voxel.
+
+    Why: MONAI's ``RandCropByPosNegLabeld`` then only warns and crops background, and the run trains for hours
+    to a network that predicts no lesion (labels emptied by a conversion or a misaligned export look like this)."""
+    from custom.data.studies import read_nifti  # not at the top: this module is standard library only
+
+    if not any(read_nifti(folder / e["label"], e["label"])[1].any() for e in entries):
+        raise ValueError(
+            f"'{folder / 'dataset.json'}': the {len(entries)} training cases of fold {fold} hold no lesion voxel in "
+            "any label: the network would learn to predict none (`python -m custom check` prints each fold's lesion "
+            "volume)"
+        )
 
 
 def _refuse_files_in_both_roles(folder: Path, training: list[dict], fold: int) -> None:
