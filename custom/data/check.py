@@ -73,8 +73,9 @@ def _label_image_problems(relative: str, label, image_relative: str, image) -> l
     return problems
 
 
-def training_entry_problems(folder: Path, entry: dict, where: str) -> list[str]:
-    """Problems of the files of one ``training`` entry (image and label read in full), each naming its file.
+def inspect_training_entry(folder: Path, entry: dict, where: str) -> tuple[list[str], bool]:
+    """Problems of the files of one ``training`` entry (image and label read in full), each naming its file, and
+    whether its label holds a lesion voxel (read once for both).
 
     Used by the fold datalists (``custom.data.datalist``) to refuse bad cases before any DataLoader starts.
     """
@@ -85,7 +86,7 @@ def training_entry_problems(folder: Path, entry: dict, where: str) -> list[str]:
     label = _read_nifti(folder, entry.get("label"), f"{where}.label", problems)
     if label is not None:
         problems += _label_image_problems(entry["label"], label, entry.get("image"), image)
-    return problems
+    return problems, label is not None and bool(label[1].any())
 
 
 def _valid_fold(fold, num_folds: int | None) -> bool:

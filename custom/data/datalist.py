@@ -66,25 +66,16 @@ def fold_datalist(dataset_dir, fold: int, role: str) -> list[dict]:
         raise ValueError(f"no '{role}' cases for fold {fold} in '{folder / 'dataset.json'}'")
     if fold != -1:
         _refuse_files_in_both_roles(folder, training, fold)
-    _refuse_unusable_cases(folder, selected, f"fold {fold} '{role}'")
-    if role == "train":
-        _refuse_lesion_free_training(folder, selected, fold)
-    return [_absolute(folder, e, ("image", "label")) for e in selected]
-
-
-def _refuse_lesion_free_training(folder: Path, entries: list[dict], fold: int) -> None:
-    """Refuse training cases none of whose labels holds a lesion voxel.
-
-    Why: MONAI's ``RandCropByPosNegLabeld`` then only warns and crops background, and the run trains for hours
-    to a network that predicts no lesion (labels emptied by a conversion or a misaligned export look like this)."""
-    from custom.data.studies import read_nifti  # not at the top: this module is standard library only
-
-    if not any(read_nifti(folder / e["label"], e["label"])[1].any() for e in entries):
+    any_lesion = _refuse_unusable_cases(folder, selected, f"fold {fold} '{role}'")
+    if role == "train" and not any_lesion:
+        # MONAI's RandCropByPosNegLabeld only warns and crops background: hours of training to a network that
+        # predicts no lesion (labels emptied by a conversion or a misaligned export look like this)
         raise ValueError(
-            f"'{folder / 'dataset.json'}': the {len(entries)} training cases of fold {fold} hold no lesion voxel in "
+            f"'{folder / 'dataset.json'}': the {len(selected)} training cases of fold {fold} hold no lesion voxel in "
             "any label: the network would learn to predict none (`python -m custom check` prints each fold's lesion "
             "volume)"
         )
+    return [_absolute(folder, e, ("image", "label")) for e in selected]
 
 
 def _refuse_files_in_both_roles(folder: Path, training: list[dict], fold: int) -> None:
@@ -105,8 +96,9 @@ def _refuse_files_in_both_roles(folder: Path, training: list[dict], fold: int) -
         )
 
 
-def _refuse_unusable_cases(folder: Path, entries: list[dict], what: str) -> None:
-    """Read every image and label of ``entries`` and refuse them all, naming each bad file and its problem.
+def _refuse_unusable_cases(folder: Path, entries: list[dict], what: str) -> bool:
+    """Read every image and label of ``entries`` and refuse them all, naming each bad file and its problem;
+    otherwise return whether any of their labels holds a lesion voxel.
 
     Why: a case that is unreadable, has NaN/Inf, the wrong channels, a non-binary or mismatched label, or an
     all-zero perfusion map otherwise fails deep inside a DataLoader worker (an all-zero map gives
@@ -114,19 +106,19 @@ def _refuse_unusable_cases(folder: Path, entries: list[dict], what: str) -> None
     ``python -m custom check``; the policy is to refuse, not to leave cases out, so a score is never computed
     on fewer cases than ``dataset.json`` lists without the user deciding it.
     """
-    from custom.data.check import training_entry_problems  # here, not at the top: check imports this module
+    from custom.data.check import inspect_training_entry  # here, not at the top: check imports this module
 
-    problems = [
-        problem
-        for entry in entries
-        for problem in training_entry_problems(folder, entry, f"dataset.json training case {entry.get('case')!r}")
+    inspected = [
+        inspect_training_entry(folder, entry, f"dataset.json training case {entry.get('case')!r}") for entry in entries
     ]
+    problems = [problem for entry_problems, _ in inspected for problem in entry_problems]
     if problems:
         listing = "\n  - ".join(problems)
         raise ValueError(
             f"'{folder / 'dataset.json'}': {what} cases cannot be used:\n  - {listing}\n"
             "Fix or remove these cases from dataset.json (`python -m custom check` lists every problem)."
         )
+    return any(holds_lesion for _, holds_lesion in inspected)
 
 
 def inference_datalist(dataset_dir) -> list[str]:
