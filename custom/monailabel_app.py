@@ -56,7 +56,8 @@ def unpack_served_bundle(archive, model_dir, input_settings=None) -> Path:
     The archive's single top folder is the bundle name; returns the bundle root. The copy's
     ``configs/train.json`` changes: plain runs of the repository's bundle keep training outside
     ``models/``, a MONAI Label fine-tune of the served copy updates ``models/model.pt``; its datalists
-    are emptied, MONAI Label's datastore provides the cases. ``input_settings`` (a subset of
+    are emptied, MONAI Label's datastore provides the cases, screened by
+    :func:`custom.data.datalist.check_labelled_studies` before they are cached. ``input_settings`` (a subset of
     ``INPUT_CHANNEL_KEYS`` -> value) are written into the copy's ``train.json`` and ``inference.json``
     alike: MONAI Label runs the configs as they are, and weights trained with extra input channels
     need the same keys to be served and fine-tuned.
@@ -81,8 +82,16 @@ def unpack_served_bundle(archive, model_dir, input_settings=None) -> Path:
     # MONAI Label supplies train#dataset#data and validate#dataset#data from its datastore. The Slicer
     # plugin posts an empty run_id, with which MONAI parses the whole config, datalists included: they
     # must not point at a dataset folder the server does not have.
+    # MONAI Label sets those datasets' data itself, past fold_datalist's screening: each dataset requires the
+    # screening of MONAI Label's studies, so it runs before the first study is cached, whatever the run_id.
+    config["check_labelled_studies"] = {
+        "_target_": "custom.data.datalist.check_labelled_studies",
+        "train": "@train#dataset#data",
+        "validate": "@validate#dataset#data",
+    }
     for section in ("train", "validate"):
         config[section]["datalist"] = []
+        config[section]["dataset"]["_requires_"] = "@check_labelled_studies"
     config.update(input_settings)
     write_text_atomically(train_config, json.dumps(config, indent=4) + "\n")
     if input_settings:

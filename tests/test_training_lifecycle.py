@@ -7,6 +7,8 @@ import subprocess
 import sys
 
 import monai.bundle
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 from conftest import BUNDLE, CONFIGS, TINY_TRAINING
@@ -103,36 +105,96 @@ def test_short_default_run_ends_with_model_and_keeps_shipped_weights(tiny_phanto
     assert not (bundle_root / "eval").exists()
 
 
-@pytest.mark.parametrize("validation_cases", [2, 0])
-def test_monailabel_fine_tune_updates_the_served_weights(tiny_phantom_dataset, tmp_path, validation_cases):
-    """What MONAI Label 0.8.5's BundleTrainTask does to the served copy, without the server.
-
-    Same overrides and the same call (``monai.bundle.run`` with the Slicer plugin's empty ``run_id``);
-    MONAI Label's ``val_split`` can leave no validation case, then the final weights are saved.
-    """
-    served = unpack_served_bundle(package_bundle(tmp_path / "ctp_stroke.zip"), tmp_path / "model")
+def _monailabel_fine_tune(served, train_cases, validate_cases, epochs=2):
+    """What MONAI Label 0.8.5's BundleTrainTask does to the served copy, without the server: the same overrides
+    and the same call (``monai.bundle.run`` with the Slicer plugin's empty ``run_id``)."""
     weights = served / "models" / "model.pt"
-    shipped = weights.read_bytes()
     train_config = monai.bundle.ConfigParser.load_config_file(served / "configs" / "train.json")
     train_handlers = train_config["train"]["handlers"]
     train_handlers.insert(0, {"_target_": "CheckpointLoader", "load_path": str(weights),
                               "load_dict": {"model": "$@network"}, "strict": False})  # fmt: skip
-    cases = [{"image": e["image"], "label": e["label"]} for e in fold_datalist(tiny_phantom_dataset, -1, "train")]
     sys.path.insert(0, str(served))
     try:
         monai.bundle.run(
             run_id="", init_id=None, final_id=None, meta_file=str(served / "configs" / "metadata.json"),
             config_file=str(served / "configs" / "train.json"), logging_file=False,
-            **{"bundle_root": str(served), "train#trainer#max_epochs": 2, "device": torch.device("cpu"),
-               "train#dataset#data": cases[validation_cases:], "validate#dataset#data": cases[:validation_cases],
+            **{"bundle_root": str(served), "train#trainer#max_epochs": epochs, "device": torch.device("cpu"),
+               "train#dataset#data": train_cases, "validate#dataset#data": validate_cases,
                "train#handlers": train_handlers,
                **{k: v for k, v in TINY_TRAINING.items() if k not in ("epochs", "val_interval")}},
         )  # fmt: skip
     finally:
         sys.path.remove(str(served))
+
+
+@pytest.mark.parametrize("validation_cases", [2, 0])
+def test_monailabel_fine_tune_updates_the_served_weights(tiny_phantom_dataset, tmp_path, validation_cases):
+    """A MONAI Label fine-tune replaces the served model.pt; MONAI Label's ``val_split`` can leave no validation
+    case, then the final weights are saved."""
+    served = unpack_served_bundle(package_bundle(tmp_path / "ctp_stroke.zip"), tmp_path / "model")
+    weights = served / "models" / "model.pt"
+    shipped = weights.read_bytes()
+    cases = [{"image": e["image"], "label": e["label"]} for e in fold_datalist(tiny_phantom_dataset, -1, "train")]
+    _monailabel_fine_tune(served, cases[validation_cases:], cases[:validation_cases])
     assert weights.read_bytes() != shipped
     state = torch.load(weights, weights_only=True)
     assert state.keys() == torch.load(BUNDLE / "models" / "model.pt", weights_only=True).keys()
+
+
+def _relabelled(cases, folder, relabel):
+    """``cases`` with each label rewritten by ``relabel(data, affine)`` into ``folder``."""
+    folder.mkdir()
+    changed = []
+    for index, case in enumerate(cases):
+        label = nib.load(case["label"])
+        data, affine = relabel(np.asarray(label.dataobj), label.affine)
+        path = folder / f"label_{index}.nii.gz"
+        nib.save(nib.Nifti1Image(data.astype(np.uint8), affine), path)
+        changed.append({**case, "label": str(path)})
+    return changed
+
+
+def _mirrored(data, affine):
+    """The same label in world space, stored with its first voxel axis reversed (another orientation)."""
+    flipped = affine.copy()
+    flipped[:, 0] = -affine[:, 0]
+    flipped[:3, 3] = affine[:3, 3] + affine[:3, 0] * (data.shape[0] - 1)
+    return data[::-1].copy(), flipped
+
+
+@pytest.mark.parametrize("problem", ["no labels", "no lesion", "another orientation", "label 255"])
+def test_monailabel_fine_tune_refuses_unusable_labels_naming_them(tiny_phantom_dataset, tmp_path, problem):
+    """MONAI Label sets the datasets' data itself, past fold_datalist: its studies are screened by the same rules
+    before anything is cached or trained, the served model.pt untouched (without the screening the labels without
+    lesion replaced it with a network predicting none, a mirrored label was trained on, no labels failed inside
+    MONAI's DataLoader)."""
+    served = unpack_served_bundle(package_bundle(tmp_path / "ctp_stroke.zip"), tmp_path / "model")
+    weights = served / "models" / "model.pt"
+    shipped = weights.read_bytes()
+    cases = [{"image": e["image"], "label": e["label"]} for e in fold_datalist(tiny_phantom_dataset, -1, "train")]
+    if problem == "no labels":
+        train, validate, expected = [], [], "MONAI Label gave the fine-tune no labelled study to train on"
+    elif problem == "no lesion":
+        train = _relabelled(cases[1:], tmp_path / "labels", lambda data, affine: (np.zeros_like(data), affine))
+        validate, expected = cases[:1], f"none of the labels of MONAI Label's {len(train)} training studies holds"
+    else:
+        relabel = _mirrored if problem == "another orientation" else lambda data, affine: (data * 255, affine)
+        train = _relabelled(cases[1:2], tmp_path / "labels", relabel) + cases[2:]
+        validate = cases[:1]
+        expected = "affine differs from" if problem == "another orientation" else "label values must be 0 or 1"
+    with pytest.raises(Exception) as raised:
+        _monailabel_fine_tune(served, train, validate)
+    error = raised.value
+    messages = []
+    while error is not None:
+        messages.append(str(error))
+        error = error.__cause__
+    message = "\n".join(messages)
+    assert expected in message
+    if problem not in ("no labels", "no lesion"):
+        assert f"{tmp_path / 'labels' / 'label_0.nii.gz'}: " in message
+    assert weights.read_bytes() == shipped
+    assert sorted(path.name for path in weights.parent.iterdir()) == ["model.pt", "model.ts"]
 
 
 def _event_files(folder):

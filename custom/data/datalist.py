@@ -44,7 +44,7 @@ def fold_datalist(dataset_dir, fold: int, role: str) -> list[dict]:
     ``role="train"`` gives every case whose ``fold`` differs from ``fold``; ``role="validate"`` the
     cases of ``fold``. ``fold=-1`` trains on all cases and validates on all of them (a fit check, not
     a held-out score). Every selected case is read first and the list is refused, naming each bad file,
-    if any case cannot be trained or scored on (see ``_refuse_unusable_cases``).
+    if any case cannot be trained or scored on (see ``_inspect_cases``).
     """
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got '{role}'")
@@ -66,8 +66,14 @@ def fold_datalist(dataset_dir, fold: int, role: str) -> list[dict]:
         raise ValueError(f"no '{role}' cases for fold {fold} in '{folder / 'dataset.json'}'")
     if fold != -1:
         _refuse_files_in_both_roles(folder, training, fold)
-    any_lesion = _refuse_unusable_cases(folder, selected, f"fold {fold} '{role}'")
-    if role == "train" and not any_lesion:
+    problems, holds_lesion = _inspect_cases(folder, selected, lambda e: f"dataset.json training case {e.get('case')!r}")
+    if problems:
+        listing = "\n  - ".join(problems)
+        raise ValueError(
+            f"'{folder / 'dataset.json'}': fold {fold} '{role}' cases cannot be used:\n  - {listing}\n"
+            "Fix or remove these cases from dataset.json (`python -m custom check` lists every problem)."
+        )
+    if role == "train" and not any(holds_lesion):
         # MONAI's RandCropByPosNegLabeld only warns and crops background: hours of training to a network that
         # predicts no lesion (labels emptied by a conversion or a misaligned export look like this)
         raise ValueError(
@@ -96,29 +102,48 @@ def _refuse_files_in_both_roles(folder: Path, training: list[dict], fold: int) -
         )
 
 
-def _refuse_unusable_cases(folder: Path, entries: list[dict], what: str) -> bool:
-    """Read every image and label of ``entries`` and refuse them all, naming each bad file and its problem;
-    otherwise return whether any of their labels holds a lesion voxel.
+def check_labelled_studies(train, validate=None) -> None:
+    """Refuse the studies of a MONAI Label fine-tune as :func:`fold_datalist` refuses a fold's cases, naming each file.
+
+    ``train`` and ``validate`` are what MONAI Label's ``BundleTrainTask`` sets as ``train#dataset#data`` and
+    ``validate#dataset#data`` (``{"image", "label"}`` entries with absolute paths from its datastore). Why it exists:
+    MONAI Label fills the datasets itself, past ``fold_datalist``. Without a labelled study the fine-tune died inside
+    MONAI's DataLoader; a label whose affine differs from its study's (stored in another orientation) was trained on
+    as its voxels lay; labels without any lesion voxel made the fine-tune replace the served ``model.pt`` with a
+    network that predicts no lesion. The served copy's datasets require this check (``custom.monailabel_app``).
+    """
+    train, validate = list(train or []), list(validate or [])
+    if not train:
+        raise ValueError("MONAI Label gave the fine-tune no labelled study to train on: submit labels (tag 'final')")
+    problems, holds_lesion = _inspect_cases(Path(), train + validate, lambda entry: "MONAI Label's datastore")
+    if problems:
+        listing = "\n  - ".join(problems)
+        raise ValueError(
+            f"MONAI Label's labelled studies cannot be used:\n  - {listing}\n"
+            "Correct these labels and submit them again, or remove them (DELETE /datastore/label)."
+        )
+    if not any(holds_lesion[: len(train)]):
+        raise ValueError(
+            f"none of the labels of MONAI Label's {len(train)} training studies holds a lesion voxel "
+            f"({', '.join(str(e.get('label')) for e in train)}): the fine-tune would teach the served model to "
+            "predict none; submit labels that draw the lesion"
+        )
+
+
+def _inspect_cases(folder: Path, entries: list[dict], where) -> tuple[list[str], list[bool]]:
+    """Read every image and label of ``entries`` (paths relative to ``folder``); the problems, each naming its file
+    (``where(entry)`` names an entry whose file is missing), and for each entry whether its label holds a lesion voxel.
 
     Why: a case that is unreadable, has NaN/Inf, the wrong channels, a non-binary or mismatched label, or an
     all-zero perfusion map otherwise fails deep inside a DataLoader worker (an all-zero map gives
     ``RandCropByPosNegLabeld`` "No sampling location available") or trains on garbage. The rules are those of
     ``python -m custom check``; the policy is to refuse, not to leave cases out, so a score is never computed
-    on fewer cases than ``dataset.json`` lists without the user deciding it.
+    on fewer cases than listed without the user deciding it.
     """
     from custom.data.check import inspect_training_entry  # here, not at the top: check imports this module
 
-    inspected = [
-        inspect_training_entry(folder, entry, f"dataset.json training case {entry.get('case')!r}") for entry in entries
-    ]
-    problems = [problem for entry_problems, _ in inspected for problem in entry_problems]
-    if problems:
-        listing = "\n  - ".join(problems)
-        raise ValueError(
-            f"'{folder / 'dataset.json'}': {what} cases cannot be used:\n  - {listing}\n"
-            "Fix or remove these cases from dataset.json (`python -m custom check` lists every problem)."
-        )
-    return any(holds_lesion for _, holds_lesion in inspected)
+    inspected = [inspect_training_entry(folder, entry, where(entry)) for entry in entries]
+    return [problem for problems, _ in inspected for problem in problems], [lesion for _, lesion in inspected]
 
 
 def inference_datalist(dataset_dir) -> list[str]:
