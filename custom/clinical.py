@@ -152,10 +152,14 @@ def describe(row: dict) -> str:
 
 
 def write_volume_table(rows: list[dict], path) -> None:
-    """Write the :data:`VOLUME_COLUMNS` table atomically; ``inf`` is written as ``inf``, ``None`` as an empty cell."""
+    """Write the :data:`VOLUME_COLUMNS` table atomically; ``inf`` is written as ``inf``, ``None`` as an empty cell.
+
+    Always UTF-8: with the locale's encoding a case name such as ``Müller`` failed to encode (ASCII, cp1252 for
+    other scripts) after every mask was written, or gave a file that a UTF-8 reader (pandas) cannot read.
+    """
 
     def write(temporary):
-        with open(temporary, "w", newline="") as f:
+        with open(temporary, "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=VOLUME_COLUMNS)
             writer.writeheader()
             writer.writerows(rows)

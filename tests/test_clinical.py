@@ -3,6 +3,10 @@
 import csv
 import logging
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -135,3 +139,19 @@ def test_bundle_handler_needs_the_image_file():
     pred = MetaTensor(torch.zeros((1, *SHAPE)), affine=torch.from_numpy(AFFINE))
     with pytest.raises(ValueError, match="filename_or_obj"):
         LesionVolumeWriter("unused.csv")._collect(_Engine([{"pred": pred}]))
+
+
+def test_table_is_utf8_whatever_the_locale(tmp_path):
+    """A case name outside ASCII is written as UTF-8 even under an ASCII locale (before: UnicodeEncodeError after
+    every mask was written, and no table)."""
+    table = tmp_path / "lesion_volumes.csv"
+    script = (
+        "import sys; from custom.clinical import VOLUME_COLUMNS, write_volume_table; "
+        "write_volume_table([dict.fromkeys(VOLUME_COLUMNS, 'M\\u00fcller \\u75c5\\u4f8b')], sys.argv[1])"
+    )  # escaped: the command line itself is decoded as ASCII there
+    env = {**os.environ, "LC_ALL": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, "-c", script, str(table)], check=True, env=env, cwd=root)
+    with open(table, newline="", encoding="utf-8") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["case"] == row["image"] == "Müller 病例"
