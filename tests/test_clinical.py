@@ -155,3 +155,26 @@ def test_table_is_utf8_whatever_the_locale(tmp_path):
     with open(table, newline="", encoding="utf-8") as f:
         (row,) = list(csv.DictReader(f))
     assert row["case"] == row["image"] == "Müller 病例"
+
+
+def _rotation(degrees: float) -> np.ndarray:
+    angle = np.deg2rad(degrees)
+    return np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+
+
+@pytest.mark.parametrize(
+    "linear",
+    [
+        _rotation(35) @ AFFINE[:3, :3],  # oblique
+        np.diag([-2.0, 1.5, 4.0]),  # negative determinant (radiological order)
+        AFFINE[:3, :3] + [[0, 0, 0], [0, 0, 4.0 * np.tan(np.deg2rad(25))], [0, 0, 0]],  # gantry tilt of 25 degrees
+    ],
+    ids=["rotated", "flipped", "sheared"],
+)
+def test_volumes_on_rotated_flipped_and_sheared_grids_are_the_voxel_volume(linear):
+    """Every grid here has 12 mm^3 voxels (|det|); the sheared one's columns multiply to 13.2 mm^3, which the table
+    reported (10 % too much) before."""
+    affine = np.eye(4)
+    affine[:3, :3], affine[:3, 3] = linear, [10.0, -20.0, 30.0]
+    row = case_volumes(synthetic_case(), lesion_mask(4), affine)
+    assert (row["lesion_ml"], row["hypoperfusion_ml"], row["core_rule_ml"]) == pytest.approx((0.048, 0.168, 0.072))
