@@ -419,3 +419,16 @@ def test_an_earlier_uncertainty_map_of_a_case_is_refused_and_removed_when_asked(
     assert sorted(p.name for p in out.iterdir()) == ["noise_uncertainty.nii.gz"]
     main([str(image), "--model", str(torchscript), "--out", str(out), "--overwrite"])
     assert sorted(p.name for p in out.iterdir()) == ["lesion_volumes.csv", "noise_seg.nii.gz"]
+
+
+def test_an_int16_file_whose_scaling_moves_zero_is_refused_naming_it(tmp_path):
+    """nibabel stores float maps as int16 with a slope and an intercept that do not keep 0 at 0 (here -0.005): every
+    voxel became brain, and a phantom case's mask (30 % larger) and a core of 0 mL came out without a word."""
+    volume = synthetic_case()
+    volume[..., 0][~volume[..., 1:].any(axis=-1)] = -1000.0  # air around the brain
+    image = nib.Nifti1Image(volume, SYNTHETIC_AFFINE)
+    image.set_data_dtype(np.int16)
+    nib.save(image, tmp_path / "int16.nii.gz")
+    assert np.all(np.asarray(nib.load(tmp_path / "int16.nii.gz").dataobj)[..., 1:].any(axis=-1))
+    with pytest.raises(ValueError, match=r"int16\.nii\.gz': no voxel is zero in every perfusion map"):
+        read_stacked_image(tmp_path / "int16.nii.gz")
