@@ -178,3 +178,22 @@ def test_volumes_on_rotated_flipped_and_sheared_grids_are_the_voxel_volume(linea
     affine[:3, :3], affine[:3, 3] = linear, [10.0, -20.0, 30.0]
     row = case_volumes(synthetic_case(), lesion_mask(4), affine)
     assert (row["lesion_ml"], row["hypoperfusion_ml"], row["core_rule_ml"]) == pytest.approx((0.048, 0.168, 0.072))
+
+
+def test_tmax_in_milliseconds_leaves_its_columns_empty_with_a_warning(tmp_path, caplog):
+    """Tmax x 1000 gave 'Tmax > 6 s' = the whole brain (641 mL and a ratio of 32 on a phantom case) without a word."""
+    volume = synthetic_case()
+    volume[..., 4] *= 1000.0
+    with caplog.at_level(logging.WARNING, logger="custom.clinical"):
+        row = case_volumes(volume, lesion_mask(4), AFFINE, "ms")
+    assert "ms: the brain's median Tmax is 2000, so Tmax is not in seconds" in caplog.text
+    assert row["lesion_voxels"] == 4 and row["lesion_ml"] == pytest.approx(0.048)
+    assert [row[k] for k in ("hypoperfusion_ml", "core_rule_ml", "mismatch_ml", "mismatch_ratio")] == [None] * 4
+    assert "Tmax > 6 s undefined; rCBF < 30 % core undefined; mismatch undefined, ratio undefined" in describe(
+        {"case": "ms", **row}
+    )
+    write_volume_table([{"case": "ms", "image": "ms.nii.gz", **row}], tmp_path / "t.csv")
+    with open(tmp_path / "t.csv", newline="", encoding="utf-8") as f:
+        (cells,) = list(csv.DictReader(f))
+    assert cells["hypoperfusion_ml"] == cells["core_rule_ml"] == cells["mismatch_ml"] == cells["mismatch_ratio"] == ""
+    assert case_volumes(synthetic_case(), lesion_mask(4), AFFINE)["hypoperfusion_ml"] == pytest.approx(0.168)
