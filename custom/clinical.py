@@ -34,6 +34,10 @@ PERFUSION_CHANNELS = tuple(index for index, name in enumerate(MODALITIES) if nam
 TMAX_THRESHOLD_S = 6.0  # hypoperfused: Tmax above this (seconds), the DEFUSE 3 / RAPID threshold
 RCBF_THRESHOLD = 0.3  # threshold-rule core: CBF below 30 % of the healthy-tissue reference
 HEALTHY_TMAX_S = 4.0  # healthy tissue for the CBF reference: Tmax below this (seconds)
+# Above this median of the brain's non-zero Tmax the map is not in seconds (healthy tissue: 0-2 s, so about 1000 in
+# milliseconds): no acquisition is long enough for most of a brain to be delayed by a minute.
+TMAX_MEDIAN_LIMIT_S = 60.0
+TMAX_COLUMNS = ("hypoperfusion_ml", "core_rule_ml", "mismatch_ml", "mismatch_ratio")  # need Tmax in seconds
 
 RESEARCH_USE_ONLY = "research use only, not for diagnosis or treatment decisions"
 VOLUME_TABLE = "lesion_volumes.csv"
@@ -78,10 +82,13 @@ def threshold_core(
 
 
 def voxel_volume_ml(affine) -> float:
-    """The volume of one voxel in mL; the spacing is the length of each affine axis column, as MONAI's
-    ``MetaTensor.pixdim``."""
-    spacing = np.sqrt(np.sum(np.asarray(affine, dtype=np.float64)[:3, :3] ** 2, axis=0))
-    return float(np.prod(spacing)) / 1000.0
+    """The volume of one voxel in mL: the absolute determinant of the affine's 3 x 3 part (mm^3 / 1000).
+
+    For an orthogonal grid (rotated and/or flipped included) this is the product of the spacings, the lengths of
+    the axis columns (MONAI's ``MetaTensor.pixdim``). A sheared grid (CT with gantry tilt stored uncorrected) has
+    voxels smaller than that product by the cosine of the tilt (10 % at 25 degrees), which the product reported.
+    """
+    return abs(float(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) / 1000.0
 
 
 def volume_ml(voxels: int, affine) -> float:
@@ -105,7 +112,9 @@ def case_volumes(volume: np.ndarray, lesion: np.ndarray, affine, name: str = "")
         predicted lesion is the larger) and ``mismatch_ratio`` = hypoperfusion / lesion, both with the
         predicted lesion as the core and computed from voxel counts before rounding; a zero lesion gives a
         ratio of ``inf`` when there is hypoperfusion and ``None`` (an empty CSV cell: undefined) when there is
-        none; ``intended_use`` = :data:`RESEARCH_USE_ONLY`.
+        none; ``intended_use`` = :data:`RESEARCH_USE_ONLY`. When the brain's median non-zero Tmax exceeds
+        :data:`TMAX_MEDIAN_LIMIT_S` (a map in milliseconds) the :data:`TMAX_COLUMNS` are ``None`` (empty cells) and a
+        warning names the case: their 6 s and 4 s thresholds would give meaningless volumes.
     """
     volume = np.asarray(volume)
     lesion = np.asarray(lesion)
@@ -123,12 +132,14 @@ def case_volumes(volume: np.ndarray, lesion: np.ndarray, affine, name: str = "")
             HEALTHY_TMAX_S,
         )
     lesion_voxels = int(np.count_nonzero(lesion))
+    delayed = tmax[brain & (tmax != 0)]
+    median_tmax = float(np.median(delayed)) if delayed.size else 0.0
     hypoperfusion_voxels = int(np.count_nonzero(brain & (tmax > TMAX_THRESHOLD_S)))
     if lesion_voxels:
         ratio = round(hypoperfusion_voxels / lesion_voxels, DECIMALS)
     else:
         ratio = math.inf if hypoperfusion_voxels else None
-    return {
+    row = {
         "lesion_voxels": lesion_voxels,
         "lesion_ml": volume_ml(lesion_voxels, affine),
         "hypoperfusion_ml": volume_ml(hypoperfusion_voxels, affine),
@@ -137,25 +148,38 @@ def case_volumes(volume: np.ndarray, lesion: np.ndarray, affine, name: str = "")
         "mismatch_ratio": ratio,
         "intended_use": RESEARCH_USE_ONLY,
     }
+    if median_tmax > TMAX_MEDIAN_LIMIT_S:
+        logger.warning(
+            "%s: the brain's median Tmax is %.4g, so Tmax is not in seconds (milliseconds?): %s left empty",
+            name or "case",
+            median_tmax,
+            ", ".join(TMAX_COLUMNS),
+        )
+        row.update(dict.fromkeys(TMAX_COLUMNS))
+    return row
 
 
 def describe(row: dict) -> str:
-    """The log line of one table row, ending with the research-use label."""
-    ratio = row["mismatch_ratio"]
-    ratio = "undefined" if ratio is None else f"{ratio:g}"
+    """The log line of one table row, ending with the research-use label; an empty cell reads ``undefined``."""
+    value = {key: "undefined" if row[key] is None else f"{row[key]:g}" for key in TMAX_COLUMNS}
+    value.update({key: f"{row[key]} mL" for key in TMAX_COLUMNS[:3] if row[key] is not None})
     return (
         f"{row['case']}: {row['lesion_voxels']} lesion voxels, {row['lesion_ml']} mL; "
-        f"Tmax > {TMAX_THRESHOLD_S:g} s {row['hypoperfusion_ml']} mL; "
-        f"rCBF < {RCBF_THRESHOLD * 100:g} % core {row['core_rule_ml']} mL; "
-        f"mismatch {row['mismatch_ml']} mL, ratio {ratio} ({RESEARCH_USE_ONLY})"
+        f"Tmax > {TMAX_THRESHOLD_S:g} s {value['hypoperfusion_ml']}; "
+        f"rCBF < {RCBF_THRESHOLD * 100:g} % core {value['core_rule_ml']}; "
+        f"mismatch {value['mismatch_ml']}, ratio {value['mismatch_ratio']} ({RESEARCH_USE_ONLY})"
     )
 
 
 def write_volume_table(rows: list[dict], path) -> None:
-    """Write the :data:`VOLUME_COLUMNS` table atomically; ``inf`` is written as ``inf``, ``None`` as an empty cell."""
+    """Write the :data:`VOLUME_COLUMNS` table atomically; ``inf`` is written as ``inf``, ``None`` as an empty cell.
+
+    Always UTF-8: with the locale's encoding a case name such as ``Müller`` failed to encode (ASCII, cp1252 for
+    other scripts) after every mask was written, or gave a file that a UTF-8 reader (pandas) cannot read.
+    """
 
     def write(temporary):
-        with open(temporary, "w", newline="") as f:
+        with open(temporary, "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=VOLUME_COLUMNS)
             writer.writeheader()
             writer.writerows(rows)

@@ -93,6 +93,8 @@ def _bad_study(problem: str) -> tuple[np.ndarray, np.ndarray]:
         image = image[8:24, 8:24]
     elif problem == "all-zero image":
         image = np.zeros_like(image)
+    elif problem == "no background":  # as read from an int16 file whose scl_inter does not keep 0 at 0
+        image[..., 1:][image[..., 1:] == 0] = -0.0186
     elif problem == "label 0.5":
         label = label.astype(np.float32) * 0.5
     elif problem == "label 2":
@@ -110,6 +112,7 @@ BAD_STUDIES = {
     "3D image": r"image\.nii\.gz: expected a 4D image with 5 channels .* found shape \(32, 32, 3\)",
     "in-plane 16 x 16": r"image\.nii\.gz: in-plane size 16 x 16 is below the network's minimum 17 x 17",
     "all-zero image": r"image\.nii\.gz: the CBF channel is all zero",
+    "no background": r"image\.nii\.gz: no voxel is zero in every perfusion map, so the whole volume would be taken",
     "label 0.5": r"label\.nii\.gz: label values must be 0 or 1, found \[0\.5\]",
     "label 2": r"label\.nii\.gz: label values must be 0 or 1, found \[2",
     "label shape": r"label\.nii\.gz: shape \(32, 32, 4\) differs from .*image\.nii\.gz \(32, 32, 3\)",

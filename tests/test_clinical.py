@@ -3,6 +3,10 @@
 import csv
 import logging
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -135,3 +139,61 @@ def test_bundle_handler_needs_the_image_file():
     pred = MetaTensor(torch.zeros((1, *SHAPE)), affine=torch.from_numpy(AFFINE))
     with pytest.raises(ValueError, match="filename_or_obj"):
         LesionVolumeWriter("unused.csv")._collect(_Engine([{"pred": pred}]))
+
+
+def test_table_is_utf8_whatever_the_locale(tmp_path):
+    """A case name outside ASCII is written as UTF-8 even under an ASCII locale (before: UnicodeEncodeError after
+    every mask was written, and no table)."""
+    table = tmp_path / "lesion_volumes.csv"
+    script = (
+        "import sys; from custom.clinical import VOLUME_COLUMNS, write_volume_table; "
+        "write_volume_table([dict.fromkeys(VOLUME_COLUMNS, 'M\\u00fcller \\u75c5\\u4f8b')], sys.argv[1])"
+    )  # escaped: the command line itself is decoded as ASCII there
+    env = {**os.environ, "LC_ALL": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, "-c", script, str(table)], check=True, env=env, cwd=root)
+    with open(table, newline="", encoding="utf-8") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["case"] == row["image"] == "Müller 病例"
+
+
+def _rotation(degrees: float) -> np.ndarray:
+    angle = np.deg2rad(degrees)
+    return np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+
+
+@pytest.mark.parametrize(
+    "linear",
+    [
+        _rotation(35) @ AFFINE[:3, :3],  # oblique
+        np.diag([-2.0, 1.5, 4.0]),  # negative determinant (radiological order)
+        AFFINE[:3, :3] + [[0, 0, 0], [0, 0, 4.0 * np.tan(np.deg2rad(25))], [0, 0, 0]],  # gantry tilt of 25 degrees
+    ],
+    ids=["rotated", "flipped", "sheared"],
+)
+def test_volumes_on_rotated_flipped_and_sheared_grids_are_the_voxel_volume(linear):
+    """Every grid here has 12 mm^3 voxels (|det|); the sheared one's columns multiply to 13.2 mm^3, which the table
+    reported (10 % too much) before."""
+    affine = np.eye(4)
+    affine[:3, :3], affine[:3, 3] = linear, [10.0, -20.0, 30.0]
+    row = case_volumes(synthetic_case(), lesion_mask(4), affine)
+    assert (row["lesion_ml"], row["hypoperfusion_ml"], row["core_rule_ml"]) == pytest.approx((0.048, 0.168, 0.072))
+
+
+def test_tmax_in_milliseconds_leaves_its_columns_empty_with_a_warning(tmp_path, caplog):
+    """Tmax x 1000 gave 'Tmax > 6 s' = the whole brain (641 mL and a ratio of 32 on a phantom case) without a word."""
+    volume = synthetic_case()
+    volume[..., 4] *= 1000.0
+    with caplog.at_level(logging.WARNING, logger="custom.clinical"):
+        row = case_volumes(volume, lesion_mask(4), AFFINE, "ms")
+    assert "ms: the brain's median Tmax is 2000, so Tmax is not in seconds" in caplog.text
+    assert row["lesion_voxels"] == 4 and row["lesion_ml"] == pytest.approx(0.048)
+    assert [row[k] for k in ("hypoperfusion_ml", "core_rule_ml", "mismatch_ml", "mismatch_ratio")] == [None] * 4
+    assert "Tmax > 6 s undefined; rCBF < 30 % core undefined; mismatch undefined, ratio undefined" in describe(
+        {"case": "ms", **row}
+    )
+    write_volume_table([{"case": "ms", "image": "ms.nii.gz", **row}], tmp_path / "t.csv")
+    with open(tmp_path / "t.csv", newline="", encoding="utf-8") as f:
+        (cells,) = list(csv.DictReader(f))
+    assert cells["hypoperfusion_ml"] == cells["core_rule_ml"] == cells["mismatch_ml"] == cells["mismatch_ratio"] == ""
+    assert case_volumes(synthetic_case(), lesion_mask(4), AFFINE)["hypoperfusion_ml"] == pytest.approx(0.168)

@@ -195,7 +195,7 @@ def test_runner_copied_without_the_project(exported_model, tiny_phantom_dataset,
         (runner / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / name, runner / name)
     shutil.copy(torchscript, runner / "model.ts")
-    image = _write(tmp_path / "image.nii.gz", np.random.default_rng(0).uniform(1, 2, (20, 24, 2, 5)))
+    image = _write(tmp_path / "image.nii.gz", _with_background(np.random.default_rng(0).uniform(1, 2, (20, 24, 2, 5))))
     case = shutil.copytree(sorted((tiny_phantom_dataset.parent / "isles2018" / "TESTING").iterdir())[0],
                            tmp_path / "case_9")  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(_fake_monai(tmp_path / "fake"))}
@@ -240,6 +240,15 @@ def test_normalisation_equals_the_bundle_transform(tiny_phantom_dataset):
 def test_padding_splits_like_monai_divisible_pad(size):
     monai_widths = DivisiblePad(k=16, method="symmetric").compute_pad_width((size,))
     assert symmetric_padding(size) == monai_widths[1]
+
+
+def _with_background(volume: np.ndarray) -> np.ndarray:
+    """``volume`` (H, W, D, 5) with its perfusion maps zeroed on the in-plane border: the background outside the brain
+    that every study has (perfusion maps non-zero at every voxel are refused)."""
+    volume = np.array(volume, dtype=np.float32)
+    volume[[0, -1], :, :, 1:] = 0
+    volume[:, [0, -1], :, 1:] = 0
+    return volume
 
 
 def _write(path: Path, data: np.ndarray) -> Path:
@@ -291,7 +300,7 @@ def test_outputs_of_an_earlier_run_are_replaced_only_when_asked(exported_model, 
     computed), replaced completely with it."""
     _, torchscript = exported_model
     rng = np.random.default_rng(0)
-    volume = rng.normal(size=(20, 24, 3, 5)).astype(np.float32)
+    volume = _with_background(rng.normal(size=(20, 24, 3, 5)))
     image = _write(tmp_path / "noise.nii.gz", volume)
     out = tmp_path / "out"
     (out / "noise_seg.nii.gz").parent.mkdir()
@@ -318,8 +327,8 @@ def _truncated(path: Path) -> Path:
 def test_one_bad_case_never_stops_the_others(exported_model, tiny_phantom_dataset, tmp_path):
     _, torchscript = exported_model
     rng = np.random.default_rng(1)
-    good = [_write(tmp_path / f"good_{i}.nii.gz", rng.uniform(1, 2, (20, 24, 2, 5))) for i in range(2)]
-    with_inf = rng.uniform(1, 2, (20, 24, 2, 5))
+    good = [_write(tmp_path / f"good_{i}.nii.gz", _with_background(rng.uniform(1, 2, (20, 24, 2, 5)))) for i in (0, 1)]
+    with_inf = _with_background(rng.uniform(1, 2, (20, 24, 2, 5)))
     with_inf[1, 1, 1, 4] = np.inf
     raw_case = sorted((tiny_phantom_dataset.parent / "isles2018" / "TESTING").iterdir())[0]
     folder = shutil.copytree(raw_case, tmp_path / raw_case.name)
@@ -329,7 +338,7 @@ def test_one_bad_case_never_stops_the_others(exported_model, tiny_phantom_datase
         "corrupt": _truncated(_write(tmp_path / "corrupt.nii.gz", rng.uniform(1, 2, (20, 24, 2, 5)))),
         "six": _write(tmp_path / "six.nii.gz", rng.uniform(1, 2, (20, 24, 2, 6))),
         "zero": _write(tmp_path / "zero.nii.gz", np.zeros((20, 24, 2, 5))),
-        "small": _write(tmp_path / "small.nii.gz", rng.uniform(1, 2, (16, 40, 2, 5))),
+        "small": _write(tmp_path / "small.nii.gz", _with_background(rng.uniform(1, 2, (16, 40, 2, 5)))),
         "folder": folder,
     }
     nib.save(nib.Nifti1Image(np.zeros(nib.load(mtt).shape, np.float32), nib.load(mtt).affine), mtt)
@@ -379,7 +388,7 @@ def test_model_of_another_network_is_named(tmp_path):
 @pytest.mark.parametrize("error", [errno.ENOSPC, errno.EACCES])
 def test_a_failed_write_leaves_no_mask_and_names_it(exported_model, tmp_path, monkeypatch, error):
     _, torchscript = exported_model
-    image = _write(tmp_path / "image.nii.gz", np.random.default_rng(0).uniform(1, 2, (24, 24, 2, 5)))
+    image = _write(tmp_path / "image.nii.gz", _with_background(np.random.default_rng(0).uniform(1, 2, (24, 24, 2, 5))))
 
     def failing_save(nifti, filename):
         Path(filename).write_bytes(b"half a mask")
@@ -409,7 +418,7 @@ def test_an_earlier_uncertainty_map_of_a_case_is_refused_and_removed_when_asked(
     writes no map, so an earlier one of its case is refused without overwrite and removed with it, rather than
     left beside the new mask as if they were one run's."""
     _, torchscript = exported_model
-    image = _write(tmp_path / "noise.nii.gz", np.random.default_rng(0).normal(size=(20, 24, 3, 5)).astype(np.float32))
+    image = _write(tmp_path / "noise.nii.gz", _with_background(np.random.default_rng(0).normal(size=(20, 24, 3, 5))))
     out = tmp_path / "out"
     out.mkdir()
     (out / "noise_uncertainty.nii.gz").write_bytes(b"earlier run")
@@ -419,3 +428,16 @@ def test_an_earlier_uncertainty_map_of_a_case_is_refused_and_removed_when_asked(
     assert sorted(p.name for p in out.iterdir()) == ["noise_uncertainty.nii.gz"]
     main([str(image), "--model", str(torchscript), "--out", str(out), "--overwrite"])
     assert sorted(p.name for p in out.iterdir()) == ["lesion_volumes.csv", "noise_seg.nii.gz"]
+
+
+def test_an_int16_file_whose_scaling_moves_zero_is_refused_naming_it(tmp_path):
+    """nibabel stores float maps as int16 with a slope and an intercept that do not keep 0 at 0 (here -0.005): every
+    voxel became brain, and a phantom case's mask (30 % larger) and a core of 0 mL came out without a word."""
+    volume = synthetic_case()
+    volume[..., 0][~volume[..., 1:].any(axis=-1)] = -1000.0  # air around the brain
+    image = nib.Nifti1Image(volume, SYNTHETIC_AFFINE)
+    image.set_data_dtype(np.int16)
+    nib.save(image, tmp_path / "int16.nii.gz")
+    assert np.all(np.asarray(nib.load(tmp_path / "int16.nii.gz").dataobj)[..., 1:].any(axis=-1))
+    with pytest.raises(ValueError, match=r"int16\.nii\.gz': no voxel is zero in every perfusion map"):
+        read_stacked_image(tmp_path / "int16.nii.gz")

@@ -16,7 +16,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from custom.clinical import MODALITIES
+from custom.clinical import MODALITIES, brain_mask
 
 LABEL_NAMES = ("background", "lesion")
 LABEL_MAP = "OT"
@@ -79,7 +79,9 @@ def require_finite(path, data: np.ndarray) -> None:
 
 def image_problems(name: str, data: np.ndarray) -> list[str]:
     """Problems of an image array as read from its file (H, W, D, 5): wrong shape, H or W too small, NaN/Inf per
-    channel, an all-zero perfusion map (no brain: a mask would be a confident wrong answer). The rules of
+    channel, an all-zero perfusion map (no brain: a mask would be a confident wrong answer), perfusion maps non-zero
+    at every voxel (no background: the brain, hence the normalisation, the mask and the clinical volumes, would be
+    the whole volume; seen with an int16 file whose scl_inter turns 0 into -0.02). The rules of
     ``python -m custom check``, the bundle's ``ValidateStudy`` and the runner; ``name`` names the file."""
     if data.ndim != 4 or data.shape[-1] != len(MODALITIES):
         return [
@@ -99,6 +101,11 @@ def image_problems(name: str, data: np.ndarray) -> list[str]:
             problems.append(f"{name}: {bad} NaN or Inf values in the {modality} channel")
         if channel > 0 and not np.any(values):
             problems.append(f"{name}: the {modality} channel is all zero (empty brain)")
+    if brain_mask(data).all():
+        problems.append(
+            f"{name}: no voxel is zero in every perfusion map, so the whole volume would be taken as brain: the maps "
+            "must be zero outside the brain (mask them; an integer file needs a scaling that keeps 0 at 0, scl_inter 0)"
+        )
     return problems
 
 
