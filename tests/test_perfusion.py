@@ -140,6 +140,19 @@ def test_bad_series_are_refused_by_name(tmp_path, good_series):
         analyse_series(flat)
 
 
+@pytest.mark.parametrize("step, unit", [(1000.0, "sec"), (1.0, "msec")])
+def test_time_step_in_the_wrong_unit_is_refused_by_name(tmp_path, good_series, step, unit):
+    """pixdim[4] in ms labelled seconds (or the reverse) scaled CBF and Tmax by 1000 without a word."""
+    from custom.perfusion.series import load_series
+
+    series = write_series(tmp_path / "unit.nii.gz", good_series, frame_s=step, unit=unit)
+    with pytest.raises(ValueError, match=r"unit\.nii\.gz'.*time step.*time unit.*--dt"):
+        load_series(series)
+    assert load_series(series, frame_s=1.0).frame_s == 1.0
+    with pytest.raises(ValueError, match=r"unit\.nii\.gz'.*--dt 1000 is outside.*seconds"):
+        load_series(series, frame_s=1000.0)
+
+
 def test_maps_command_writes_maps_and_report(tmp_path, good_series):
     from custom.perfusion.commands import maps
 
