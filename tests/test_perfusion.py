@@ -153,6 +153,16 @@ def test_time_step_in_the_wrong_unit_is_refused_by_name(tmp_path, good_series, s
         load_series(series, frame_s=1000.0)
 
 
+def test_series_not_in_hu_is_refused_by_name(tmp_path, good_series):
+    """Stored values without the rescale intercept (-1024): the brain mask took the air, and the maps were of it."""
+    from custom.perfusion.commands import analyse_series
+
+    raw = (good_series.astype(np.int32) + 1024).clip(0).astype(np.uint16)
+    series = write_series(tmp_path / "raw.nii.gz", raw)
+    with pytest.raises(ValueError, match=r"raw\.nii\.gz'.*no voxel below -500 HU.*rescale intercept"):
+        analyse_series(series)
+
+
 def test_maps_command_writes_maps_and_report(tmp_path, good_series):
     from custom.perfusion.commands import maps
 
