@@ -104,6 +104,24 @@ def test_phantom_maps_agree_with_truth(phantom_case):
     assert np.all(result.maps["CBF"][~result.brain] == 0)
 
 
+def test_an_aif_that_is_not_an_artery_is_refused(phantom_case):
+    """An AIF on tissue (a misplaced --aif_mask, no artery in the slab) gave CBF and Tmax without a word; the
+    VOF scaling even kept CBV plausible."""
+    model, series, result = phantom_case
+    tissue = np.argwhere((model.tissue == phantom.WHITE) & (series.arteries == 0) & result.brain)[:8]
+    mask = np.zeros(model.tissue.shape, bool)
+    mask[tuple(tissue.T)] = True
+    with pytest.raises(ValueError, match=r"'case_x': the --aif_mask voxels .* times the mean brain enhancement"):
+        compute_perfusion_maps(series.series, series.frame_s, aif_mask=mask, name="case_x")
+    artery = np.zeros(model.tissue.shape, bool)
+    artery[tuple(result.aif.voxels.T)] = True
+    compute_perfusion_maps(series.series, series.frame_s, aif_mask=artery)  # the automatic AIF's voxels pass
+    without_arteries = series.series.astype(np.float32)
+    without_arteries[(series.arteries > 0) | (series.sinus > 0)] = without_arteries[tuple(tissue[0])]
+    with pytest.raises(ValueError, match=r"'case_x': no artery found"):
+        compute_perfusion_maps(without_arteries, series.frame_s, name="case_x")
+
+
 def write_series(path, array, frame_s=1.0, unit="sec"):
     image = nib.Nifti1Image(array, np.diag([2.0, 2.0, 5.0, 1.0]))
     if array.ndim == 4:
