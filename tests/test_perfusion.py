@@ -172,13 +172,16 @@ def test_time_step_in_the_wrong_unit_is_refused_by_name(tmp_path, good_series, s
 
 
 def test_series_not_in_hu_is_refused_by_name(tmp_path, good_series):
-    """Stored values without the rescale intercept (-1024): the brain mask took the air, and the maps were of it."""
+    """Stored values without the rescale intercept (-1024): the brain mask took the air around the head, and the
+    maps were of it. A series cropped inside the skull (no air, no bone) is still analysed."""
     from custom.perfusion.commands import analyse_series
 
     raw = (good_series.astype(np.int32) + 1024).clip(0).astype(np.uint16)
     series = write_series(tmp_path / "raw.nii.gz", raw)
-    with pytest.raises(ValueError, match=r"raw\.nii\.gz'.*no voxel below -500 HU.*rescale intercept"):
+    with pytest.raises(ValueError, match=r"raw\.nii\.gz'.*above 150 HU \(bone\).*rescale intercept"):
         analyse_series(series)
+    cropped = write_series(tmp_path / "cropped.nii.gz", good_series[20:44, 20:44])
+    assert analyse_series(cropped)[1].maps["CBF"].any()  # no air, no bone: analysed, not refused
 
 
 def test_maps_command_writes_maps_and_report(tmp_path, good_series):

@@ -18,9 +18,9 @@ MAP_NAMES = ("CBF", "CBV", "MTT", "Tmax", "TTP")
 # Baseline HU of brain parenchyma, CSF and blood; bone is above, air and padding below.
 BRAIN_HU = (-15.0, 100.0)
 BONE_HU = 150.0
-# A head CT in HU has air (-1000 HU) around the head; without it the mask would find no brain but the air of
-# a series stored without its rescale intercept (-1024), and the maps would be of that air.
-AIR_HU = -500.0
+# Without the rescale intercept (-1024) the brain lies above BONE_HU and the mask finds the air around the head,
+# holes filled: the whole head, bone (> BONE_HU) and all. A brain in HU encloses almost no bone (calcifications).
+MAX_BONE_FRACTION = 0.05
 ARRIVAL_FRACTION = 0.1  # the bolus arrives when the mean brain curve passes this fraction of its peak
 FLAT_ENHANCEMENT_HU = 1.0  # a mean brain enhancement below this means no contrast reached the brain
 CANDIDATE_FRACTION = 0.01  # AIF and VOF are searched among this top fraction of brain voxels by curve area
@@ -200,7 +200,7 @@ def compute_perfusion_maps(
 ) -> PerfusionResult:
     """CBF, CBV, MTT, Tmax, TTP (ISLES units) of a 4D series ``hu`` (H, W, D, T) in HU with time step ``frame_s``.
 
-    Steps: a series without air (not in HU) is refused; brain mask on the pre-contrast mean; baseline frames before the bolus; concentration = HU minus
+    Steps: brain mask on the pre-contrast mean (refused when it encloses bone: not in HU); baseline frames before the bolus; concentration = HU minus
     baseline; AIF from ``aif_mask`` (H, W, D) or found automatically (refused when it enhances less than
     MIN_AIF_TO_BRAIN_PEAK times the mean brain: not an artery), scaled by area(VOF) / area(AIF) when
     larger (arterial partial volume); tissue curves smoothed in-plane (``smoothing_mm``) inside the brain;
@@ -210,15 +210,15 @@ def compute_perfusion_maps(
     hu = np.asarray(hu, dtype=np.float32)
     notes = []
     pre_contrast = hu[..., :2].mean(axis=-1)
-    if pre_contrast.min() > AIR_HU:
-        raise ValueError(
-            f"'{name}': no voxel below {AIR_HU:g} HU (air) in the first frames, the lowest is "
-            f"{pre_contrast.min():.0f}: not a head CT in HU (stored values without the rescale intercept -1024? "
-            "set scl_slope/scl_inter or subtract the offset)"
-        )
     brain = brain_mask(pre_contrast)
     if not brain.any():
         raise ValueError(f"'{name}': no brain found (no voxel of {BRAIN_HU[0]:g} to {BRAIN_HU[1]:g} HU inside bone)")
+    bone_fraction = float(np.mean(pre_contrast[brain] > BONE_HU))
+    if bone_fraction > MAX_BONE_FRACTION:
+        raise ValueError(
+            f"'{name}': {bone_fraction:.0%} of the region found as brain is above {BONE_HU:g} HU (bone): the "
+            "series is not in HU (stored values without the rescale intercept -1024? set scl_slope/scl_inter)"
+        )
     baseline_frames = bolus_arrival(hu, brain, name)
     concentration = hu - hu[..., :baseline_frames].mean(axis=-1, keepdims=True)
     vessel_region = vessel_search_region(pre_contrast, brain)
