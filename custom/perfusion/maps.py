@@ -200,11 +200,12 @@ def compute_perfusion_maps(
 ) -> PerfusionResult:
     """CBF, CBV, MTT, Tmax, TTP (ISLES units) of a 4D series ``hu`` (H, W, D, T) in HU with time step ``frame_s``.
 
-    Steps: brain mask on the pre-contrast mean (refused when it encloses bone: not in HU); baseline frames before the bolus; concentration = HU minus
-    baseline; AIF from ``aif_mask`` (H, W, D) or found automatically (refused when it enhances less than
-    MIN_AIF_TO_BRAIN_PEAK times the mean brain: not an artery), scaled by area(VOF) / area(AIF) when
-    larger (arterial partial volume); tissue curves smoothed in-plane (``smoothing_mm``) inside the brain;
-    deconvolution (``method`` 'osvd' or 'tikhonov') of all brain voxels in one batch on ``device``.
+    Steps: brain mask on the pre-contrast mean (refused when it encloses bone: not in HU); baseline frames
+    before the bolus; concentration = HU minus baseline; AIF from ``aif_mask`` (H, W, D) or found
+    automatically (refused when it enhances less than MIN_AIF_TO_BRAIN_PEAK times the mean brain: not an
+    artery), scaled by area(VOF) / area(AIF) when larger (arterial partial volume); tissue curves smoothed
+    in-plane (``smoothing_mm``) inside the brain; deconvolution (``method`` 'osvd' or 'tikhonov') of all
+    brain voxels in one batch on ``device``.
     ``name`` names the series in errors.
     """
     hu = np.asarray(hu, dtype=np.float32)
