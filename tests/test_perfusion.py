@@ -104,6 +104,24 @@ def test_phantom_maps_agree_with_truth(phantom_case):
     assert np.all(result.maps["CBF"][~result.brain] == 0)
 
 
+def test_an_aif_that_is_not_an_artery_is_refused(phantom_case):
+    """An AIF on tissue (a misplaced --aif_mask, no artery in the slab) gave CBF and Tmax without a word; the
+    VOF scaling even kept CBV plausible."""
+    model, series, result = phantom_case
+    tissue = np.argwhere((model.tissue == phantom.WHITE) & (series.arteries == 0) & result.brain)[:8]
+    mask = np.zeros(model.tissue.shape, bool)
+    mask[tuple(tissue.T)] = True
+    with pytest.raises(ValueError, match=r"'case_x': the --aif_mask voxels .* times the mean brain enhancement"):
+        compute_perfusion_maps(series.series, series.frame_s, aif_mask=mask, name="case_x")
+    artery = np.zeros(model.tissue.shape, bool)
+    artery[tuple(result.aif.voxels.T)] = True
+    compute_perfusion_maps(series.series, series.frame_s, aif_mask=artery)  # the automatic AIF's voxels pass
+    without_arteries = series.series.astype(np.float32)
+    without_arteries[(series.arteries > 0) | (series.sinus > 0)] = without_arteries[tuple(tissue[0])]
+    with pytest.raises(ValueError, match=r"'case_x': no artery found"):
+        compute_perfusion_maps(without_arteries, series.frame_s, name="case_x")
+
+
 def write_series(path, array, frame_s=1.0, unit="sec"):
     image = nib.Nifti1Image(array, np.diag([2.0, 2.0, 5.0, 1.0]))
     if array.ndim == 4:
@@ -138,6 +156,32 @@ def test_bad_series_are_refused_by_name(tmp_path, good_series):
         from custom.perfusion.commands import analyse_series
 
         analyse_series(flat)
+
+
+@pytest.mark.parametrize("step, unit", [(1000.0, "sec"), (1.0, "msec")])
+def test_time_step_in_the_wrong_unit_is_refused_by_name(tmp_path, good_series, step, unit):
+    """pixdim[4] in ms labelled seconds (or the reverse) scaled CBF and Tmax by 1000 without a word."""
+    from custom.perfusion.series import load_series
+
+    series = write_series(tmp_path / "unit.nii.gz", good_series, frame_s=step, unit=unit)
+    with pytest.raises(ValueError, match=r"unit\.nii\.gz'.*time step.*time unit.*--dt"):
+        load_series(series)
+    assert load_series(series, frame_s=1.0).frame_s == 1.0
+    with pytest.raises(ValueError, match=r"unit\.nii\.gz'.*--dt 1000 is outside.*seconds"):
+        load_series(series, frame_s=1000.0)
+
+
+def test_series_not_in_hu_is_refused_by_name(tmp_path, good_series):
+    """Stored values without the rescale intercept (-1024): the brain mask took the air around the head, and the
+    maps were of it. A series cropped inside the skull (no air, no bone) is still analysed."""
+    from custom.perfusion.commands import analyse_series
+
+    raw = (good_series.astype(np.int32) + 1024).clip(0).astype(np.uint16)
+    series = write_series(tmp_path / "raw.nii.gz", raw)
+    with pytest.raises(ValueError, match=r"raw\.nii\.gz'.*above 150 HU \(bone\).*rescale intercept"):
+        analyse_series(series)
+    cropped = write_series(tmp_path / "cropped.nii.gz", good_series[20:44, 20:44])
+    assert analyse_series(cropped)[1].maps["CBF"].any()  # no air, no bone: analysed, not refused
 
 
 def test_maps_command_writes_maps_and_report(tmp_path, good_series):

@@ -18,11 +18,17 @@ MAP_NAMES = ("CBF", "CBV", "MTT", "Tmax", "TTP")
 # Baseline HU of brain parenchyma, CSF and blood; bone is above, air and padding below.
 BRAIN_HU = (-15.0, 100.0)
 BONE_HU = 150.0
+# Without the rescale intercept (-1024) the brain lies above BONE_HU and the mask finds the air around the head,
+# holes filled: the whole head, bone (> BONE_HU) and all. A brain in HU encloses almost no bone (calcifications).
+MAX_BONE_FRACTION = 0.05
 ARRIVAL_FRACTION = 0.1  # the bolus arrives when the mean brain curve passes this fraction of its peak
 FLAT_ENHANCEMENT_HU = 1.0  # a mean brain enhancement below this means no contrast reached the brain
 CANDIDATE_FRACTION = 0.01  # AIF and VOF are searched among this top fraction of brain voxels by curve area
 MIN_CANDIDATES = 20
 VESSEL_VOXELS = 8  # voxels averaged into the AIF and into the VOF
+# An artery's peak enhancement is tens of times the mean brain's (brain CBV is a few %); an AIF below this
+# ratio is tissue or noise (no artery in the slab, a misplaced --aif_mask), and CBF, MTT and Tmax would be wrong.
+MIN_AIF_TO_BRAIN_PEAK = 4.0
 MTT_CAP_S = 30.0
 SMOOTHING_MM = 2.0
 
@@ -194,10 +200,12 @@ def compute_perfusion_maps(
 ) -> PerfusionResult:
     """CBF, CBV, MTT, Tmax, TTP (ISLES units) of a 4D series ``hu`` (H, W, D, T) in HU with time step ``frame_s``.
 
-    Steps: brain mask on the pre-contrast mean; baseline frames before the bolus; concentration = HU minus
-    baseline; AIF from ``aif_mask`` (H, W, D) or found automatically, scaled by area(VOF) / area(AIF) when
-    larger (arterial partial volume); tissue curves smoothed in-plane (``smoothing_mm``) inside the brain;
-    deconvolution (``method`` 'osvd' or 'tikhonov') of all brain voxels in one batch on ``device``.
+    Steps: brain mask on the pre-contrast mean (refused when it encloses bone: not in HU); baseline frames
+    before the bolus; concentration = HU minus baseline; AIF from ``aif_mask`` (H, W, D) or found
+    automatically (refused when it enhances less than MIN_AIF_TO_BRAIN_PEAK times the mean brain: not an
+    artery), scaled by area(VOF) / area(AIF) when larger (arterial partial volume); tissue curves smoothed
+    in-plane (``smoothing_mm``) inside the brain; deconvolution (``method`` 'osvd' or 'tikhonov') of all
+    brain voxels in one batch on ``device``.
     ``name`` names the series in errors.
     """
     hu = np.asarray(hu, dtype=np.float32)
@@ -206,6 +214,12 @@ def compute_perfusion_maps(
     brain = brain_mask(pre_contrast)
     if not brain.any():
         raise ValueError(f"'{name}': no brain found (no voxel of {BRAIN_HU[0]:g} to {BRAIN_HU[1]:g} HU inside bone)")
+    bone_fraction = float(np.mean(pre_contrast[brain] > BONE_HU))
+    if bone_fraction > MAX_BONE_FRACTION:
+        raise ValueError(
+            f"'{name}': {bone_fraction:.0%} of the region found as brain is above {BONE_HU:g} HU (bone): the "
+            "series is not in HU (stored values without the rescale intercept -1024? set scl_slope/scl_inter)"
+        )
     baseline_frames = bolus_arrival(hu, brain, name)
     concentration = hu - hu[..., :baseline_frames].mean(axis=-1, keepdims=True)
     vessel_region = vessel_search_region(pre_contrast, brain)
@@ -218,6 +232,14 @@ def compute_perfusion_maps(
         voxels = np.argwhere(aif_mask)
         aif = _vascular_curve(concentration[aif_mask], voxels, frame_s)
         vof = find_aif_and_vof(concentration, vessel_region, frame_s)[1] if venous_scaling else None
+    brain_peak = float(concentration[brain].mean(axis=0).max())
+    if aif.peak_hu < MIN_AIF_TO_BRAIN_PEAK * brain_peak:
+        source = "the --aif_mask voxels" if aif_mask is not None else "no artery found: the automatic AIF"
+        raise ValueError(
+            f"'{name}': {source} (voxels {aif.voxels[:3].tolist()}...) peak at {aif.peak_hu:.1f} HU, "
+            f"{aif.peak_hu / brain_peak:.1f} times the mean brain enhancement ({brain_peak:.1f} HU); an artery "
+            f"enhances at least {MIN_AIF_TO_BRAIN_PEAK:g} times more. Give arterial voxels with --aif_mask"
+        )
     scale = 1.0
     if venous_scaling and vof is not None:
         scale = max(1.0, float(np.clip(vof.curve, 0, None).sum() / max(np.clip(aif.curve, 0, None).sum(), 1e-6)))

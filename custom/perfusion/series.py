@@ -15,6 +15,9 @@ from custom.data.studies import load_nifti, read_voxels, require_finite
 
 MIN_FRAMES = 10
 TIME_UNIT_SECONDS = {"sec": 1.0, "msec": 1e-3, "usec": 1e-6}
+# CT perfusion frames are 0.5-4 s apart; outside this range the time unit is wrong (pixdim[4] in ms labelled
+# seconds, or the reverse), which would scale CBF and Tmax by 1000 without a word.
+FRAME_S_RANGE = (0.1, 20.0)
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,8 @@ def load_series(path, frame_s: float | None = None) -> LoadedSeries:
     """Load a 4D CTP NIfTI; the time step comes from ``frame_s`` (seconds) if given, else from the header.
 
     Refused with a ValueError naming ``path``: unreadable files, not 4D (e.g. a 3D map), fewer than
-    MIN_FRAMES frames, no time step in the header and none given, non-finite values.
+    MIN_FRAMES frames, no time step in the header and none given, a time step outside FRAME_S_RANGE,
+    non-finite values.
     """
     path = Path(path)
     image = load_nifti(path)
@@ -61,8 +65,18 @@ def load_series(path, frame_s: float | None = None) -> LoadedSeries:
                 f"'{path}': no time step in the header (pixdim[4] = {image.header.get_zooms()[3]}, time unit "
                 f"'{image.header.get_xyzt_units()[1]}'); pass the frame interval with --dt SECONDS"
             )
-    elif frame_s <= 0:
-        raise ValueError(f"'{path}': the time step must be positive, got --dt {frame_s}")
+        low, high = FRAME_S_RANGE
+        if not low <= frame_s <= high:
+            raise ValueError(
+                f"'{path}': the header's time step is {frame_s:g} s (pixdim[4] = {image.header.get_zooms()[3]:g}, "
+                f"time unit '{image.header.get_xyzt_units()[1]}'), outside the {low:g}-{high:g} s of CT perfusion "
+                "frames: is the time unit wrong? Pass the frame interval with --dt SECONDS"
+            )
+    elif not FRAME_S_RANGE[0] <= frame_s <= FRAME_S_RANGE[1]:
+        raise ValueError(
+            f"'{path}': --dt {frame_s:g} is outside the {FRAME_S_RANGE[0]:g}-{FRAME_S_RANGE[1]:g} s of CT perfusion "
+            "frames; --dt is in seconds"
+        )
     hu = read_voxels(path, lambda: image.get_fdata(dtype=np.float32))
     require_finite(path, hu)
     return LoadedSeries(path, hu, float(frame_s), image)
