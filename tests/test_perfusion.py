@@ -122,6 +122,18 @@ def test_an_aif_that_is_not_an_artery_is_refused(phantom_case):
         compute_perfusion_maps(without_arteries, series.frame_s, name="case_x")
 
 
+def test_a_truncated_bolus_is_warned_of(phantom_case, caplog):
+    """Notes reached perfusion.json only (the maps command printed none, prepare --maps-from-4d dropped them), and a
+    series cut before the bolus had passed gave biased CBF, CBV and MTT without any."""
+    _, series, result = phantom_case
+    assert result.notes == [] and not caplog.records
+    cut = series.series[..., :18]  # the series ends while the bolus is in the brain
+    truncated = compute_perfusion_maps(cut, series.frame_s, name="case_x")
+    assert any(note.startswith("truncated bolus") for note in truncated.notes)
+    assert [record.getMessage() for record in caplog.records] == [f"'case_x': {note}" for note in truncated.notes]
+    assert all(record.levelname == "WARNING" for record in caplog.records)
+
+
 def write_series(path, array, frame_s=1.0, unit="sec"):
     image = nib.Nifti1Image(array, np.diag([2.0, 2.0, 5.0, 1.0]))
     if array.ndim == 4:

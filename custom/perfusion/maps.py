@@ -4,6 +4,7 @@ Why it exists: the bundle needs perfusion maps and research sites often hold onl
 MONAI component computes them. The model and the equations: docs/perfusion.md.
 """
 
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,6 +16,7 @@ from custom.perfusion.deconvolution import OSCILLATION_LIMIT, TIKHONOV_LAMBDA, d
 from custom.perfusion.units import FLOW_TO_RATE, VOLUME_FACTOR
 
 MAP_NAMES = ("CBF", "CBV", "MTT", "Tmax", "TTP")
+logger = logging.getLogger(__name__)
 # Baseline HU of brain parenchyma, CSF and blood; bone is above, air and padding below.
 BRAIN_HU = (-15.0, 100.0)
 BONE_HU = 150.0
@@ -30,6 +32,9 @@ VESSEL_VOXELS = 8  # voxels averaged into the AIF and into the VOF
 # ratio is tissue or noise (no artery in the slab, a misplaced --aif_mask), and CBF, MTT and Tmax would be wrong.
 MIN_AIF_TO_BRAIN_PEAK = 4.0
 MTT_CAP_S = 30.0
+# The mean brain enhancement falls to a few % of its peak by the end of a complete series (recirculation
+# included); above this fraction at the last frame the bolus had not passed and CBF, CBV and MTT are biased.
+MAX_TAIL_FRACTION = 0.5
 SMOOTHING_MM = 2.0
 
 
@@ -232,7 +237,13 @@ def compute_perfusion_maps(
         voxels = np.argwhere(aif_mask)
         aif = _vascular_curve(concentration[aif_mask], voxels, frame_s)
         vof = find_aif_and_vof(concentration, vessel_region, frame_s)[1] if venous_scaling else None
-    brain_peak = float(concentration[brain].mean(axis=0).max())
+    brain_curve = concentration[brain].mean(axis=0)
+    brain_peak = float(brain_curve.max())
+    if brain_curve[-1] > MAX_TAIL_FRACTION * brain_peak:
+        notes.append(
+            f"truncated bolus: the mean brain enhancement is still {brain_curve[-1] / brain_peak:.0%} of its peak "
+            "at the last frame; CBF, CBV and MTT are biased (acquire until the bolus has passed)"
+        )
     if aif.peak_hu < MIN_AIF_TO_BRAIN_PEAK * brain_peak:
         source = "the --aif_mask voxels" if aif_mask is not None else "no artery found: the automatic AIF"
         raise ValueError(
@@ -269,4 +280,6 @@ def compute_perfusion_maps(
         volume = np.zeros(brain.shape, np.float32)
         volume[brain] = voxel_values.cpu().numpy()
         maps[map_name] = volume
+    for note in notes:
+        logger.warning("'%s': %s", name, note)
     return PerfusionResult(maps, brain, aif, vof, scale, baseline_frames, frame_s, notes)
