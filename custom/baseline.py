@@ -17,7 +17,14 @@ import nibabel as nib
 import numpy as np
 
 from custom.atomic import write_atomically, write_text_atomically
-from custom.clinical import HEALTHY_TMAX_S, RCBF_THRESHOLD, TMAX_THRESHOLD_S, brain_mask, threshold_core
+from custom.clinical import (
+    HEALTHY_TMAX_S,
+    RCBF_THRESHOLD,
+    TMAX_THRESHOLD_S,
+    brain_mask,
+    threshold_core,
+    tmax_unit_problem,
+)
 from custom.crossval import file_sha256
 from custom.data.datalist import load_dataset_json
 from custom.metrics import METRIC_NAMES, case_metrics
@@ -107,6 +114,9 @@ def _baseline_case(entry: dict, dataset_dir: str, layout: dict, thresholds: dict
     brain = brain_mask(volume, layout["perfusion"])
     if not brain.any():
         raise ValueError(f"{image_path}: every perfusion map is zero, so there is no brain to threshold.")
+    unit_problem = tmax_unit_problem(volume[..., layout["Tmax"]], brain)
+    if unit_problem:
+        raise ValueError(f"{image_path}: {unit_problem}; the rule's thresholds are in seconds.")
     core, reference, used_fallback = threshold_core(
         volume[..., layout["CBF"]], volume[..., layout["Tmax"]], brain, **thresholds
     )

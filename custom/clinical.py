@@ -60,6 +60,16 @@ def brain_mask(volume: np.ndarray, perfusion_channels=PERFUSION_CHANNELS) -> np.
     return (np.asarray(volume)[..., list(perfusion_channels)] != 0).any(axis=-1)
 
 
+def tmax_unit_problem(tmax: np.ndarray, brain: np.ndarray) -> str | None:
+    """Why ``tmax`` cannot be a map in seconds (its brain's median non-zero value above
+    :data:`TMAX_MEDIAN_LIMIT_S`: milliseconds?), or None. Thresholds in seconds on it give meaningless volumes."""
+    delayed = tmax[brain & (tmax != 0)]
+    median = float(np.median(delayed)) if delayed.size else 0.0
+    if median > TMAX_MEDIAN_LIMIT_S:
+        return f"the brain's median Tmax is {median:.4g}, so Tmax is not in seconds (milliseconds?)"
+    return None
+
+
 def threshold_core(
     cbf: np.ndarray,
     tmax: np.ndarray,
@@ -132,8 +142,6 @@ def case_volumes(volume: np.ndarray, lesion: np.ndarray, affine, name: str = "")
             HEALTHY_TMAX_S,
         )
     lesion_voxels = int(np.count_nonzero(lesion))
-    delayed = tmax[brain & (tmax != 0)]
-    median_tmax = float(np.median(delayed)) if delayed.size else 0.0
     hypoperfusion_voxels = int(np.count_nonzero(brain & (tmax > TMAX_THRESHOLD_S)))
     if lesion_voxels:
         ratio = round(hypoperfusion_voxels / lesion_voxels, DECIMALS)
@@ -148,13 +156,9 @@ def case_volumes(volume: np.ndarray, lesion: np.ndarray, affine, name: str = "")
         "mismatch_ratio": ratio,
         "intended_use": RESEARCH_USE_ONLY,
     }
-    if median_tmax > TMAX_MEDIAN_LIMIT_S:
-        logger.warning(
-            "%s: the brain's median Tmax is %.4g, so Tmax is not in seconds (milliseconds?): %s left empty",
-            name or "case",
-            median_tmax,
-            ", ".join(TMAX_COLUMNS),
-        )
+    unit_problem = tmax_unit_problem(tmax, brain)
+    if unit_problem:
+        logger.warning("%s: %s: %s left empty", name or "case", unit_problem, ", ".join(TMAX_COLUMNS))
         row.update(dict.fromkeys(TMAX_COLUMNS))
     return row
 

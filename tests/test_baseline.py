@@ -155,6 +155,18 @@ def test_bad_label_values_are_named(tmp_path):
         run_baseline(str(dataset), str(tmp_path / "out"))
 
 
+def test_a_tmax_map_in_milliseconds_is_refused_naming_the_image(dataset, tmp_path):
+    """Its 6 s and 4 s thresholds on milliseconds took every brain voxel as delayed: a meaningless rule scored
+    without a word."""
+    image_path = dataset / "imagesTr" / "case_2.nii.gz"
+    volume = ctp_volume()
+    volume[..., 4] *= 1000.0
+    nib.save(nib.Nifti1Image(volume, AFFINE), image_path)
+    with pytest.raises(ValueError, match=r"case_2.nii.gz: the brain's median Tmax is 2000, so Tmax is not in seconds"):
+        run_baseline(str(dataset), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_earlier_run_of_other_settings_is_refused_and_kept(dataset, tmp_path):
     """A second run into the same --out with other thresholds (or adding masks) is refused naming the folder and
     a file of the earlier run, which stays as it was; the same run again rewrites the same results."""
