@@ -7,7 +7,7 @@ whole cross-validations; this runs them with identical folds and budget and writ
 from pathlib import Path
 
 from custom.crossval import run_cross_validation
-from custom.reporting import OVERALL, paired_comparison, read_case_csv, summarise, write_case_csv, write_markdown
+from custom.reporting import paired_comparison, read_case_csv, same_case_statistics, write_case_csv, write_markdown
 
 # Each variant is a set of bundle overrides of ``loss`` (train.json builds WeightedCEGeneralizedDiceLoss).
 LOSS_VARIANTS = {
@@ -41,8 +41,9 @@ def run_ablation(
     """Cross-validate every loss variant into ``out/<variant>`` and write ``out/ablation.md`` and ``.csv``.
 
     ``variants`` picks from ``LOSS_VARIANTS`` (comma-separated); every variant gets the same folds and the
-    same ``overrides`` (the budget: epochs, patch size, ...). Each row reports the overall mean ± std of the
-    case metrics and the paired per-case Dice difference against ``reference``. Finished folds are reused;
+    same ``overrides`` (the budget: epochs, patch size, ...). Each row reports the mean ± std of the case metrics
+    over the cases where every variant has a value (``same_case_statistics``; HD95 is undefined for an empty
+    prediction) and the paired per-case Dice difference against ``reference``. Finished folds are reused;
     a variant folder holding a run of other settings is refused.
     """
     names = [v for v in (variants.split(",") if isinstance(variants, str) else list(variants)) if v]
@@ -53,14 +54,12 @@ def run_ablation(
         names.insert(0, reference)
     out = Path(out)
     cases = {}
-    rows = []
     for name in names:
-        summary = run_cross_validation(
+        run_cross_validation(
             dataset_dir, str(out / name), folds=folds, config_files=config_files, **{**overrides, **LOSS_VARIANTS[name]}
         )
         cases[name] = read_case_csv(str(out / name / "cases.csv"))
-        rows.append((name, DESCRIPTIONS[name], next(row for row in summary if str(row["fold"]) == OVERALL)))
-    rows = [_table_row(name, description, overall, cases, reference) for name, description, overall in rows]
+    rows = _table_rows({name: DESCRIPTIONS[name] for name in names}, cases, reference)
 
     write_case_csv(rows, str(out / "ablation.csv"))
     write_markdown(ablation_markdown(rows, reference), str(out / "ablation.md"))
@@ -68,22 +67,31 @@ def run_ablation(
     return rows
 
 
-def _table_row(variant: str, description: str, overall: dict, cases: dict[str, list[dict]], reference: str) -> dict:
-    """One table row: the overall mean and std of ``TABLE_METRICS`` and the paired Dice difference to ``reference``."""
-    row = {"variant": variant, "description": description, "cases": overall["cases"]}
-    row.update({f"{m}_{s}": overall[f"{m}_{s}"] for m in TABLE_METRICS for s in ("mean", "std")})
-    comparison = paired_comparison(cases[reference], cases[variant], "dice")
-    row.update({f"dice_vs_{reference}_{k}": v for k, v in comparison.items() if k != "metric"})
-    return row
+def _table_rows(descriptions: dict[str, str], cases: dict[str, list[dict]], reference: str) -> list[dict]:
+    """One table row per run: mean, std and count of ``TABLE_METRICS`` over the cases where every run has a value,
+    and the paired Dice difference to ``reference``."""
+    statistics = same_case_statistics(cases, TABLE_METRICS)
+    rows = []
+    for variant, description in descriptions.items():
+        row = {"variant": variant, "description": description, "cases": len(cases[variant])}
+        row.update({f"{m}_{s}": statistics[variant][f"{m}_{s}"] for m in TABLE_METRICS for s in ("mean", "std", "n")})
+        comparison = paired_comparison(cases[reference], cases[variant], "dice")
+        row.update({f"dice_vs_{reference}_{k}": v for k, v in comparison.items() if k != "metric"})
+        rows.append(row)
+    return rows
 
 
 def ablation_markdown(rows: list[dict], reference: str) -> str:
-    """One line per variant: mean ± std of the table metrics and the paired Dice difference to ``reference``."""
+    """One line per variant: mean ± std of the table metrics (", n=k" when only k of the cases have a value in
+    every run) and the paired Dice difference to ``reference``."""
     header = ["variant", *TABLE_METRICS, f"Dice - {reference} (paired mean ± std)", "cases improved / worse"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [f"{row['variant']}: {row['description']}"]
-        cells += [f"{row[f'{m}_mean']:.3f} ± {row[f'{m}_std']:.3f}" for m in TABLE_METRICS]
+        for m in TABLE_METRICS:
+            defined = int(row[f"{m}_n"])
+            cells.append(f"{row[f'{m}_mean']:.3f} ± {row[f'{m}_std']:.3f}"
+                         + (f", n={defined}" if defined < int(row["cases"]) else ""))
         prefix = f"dice_vs_{reference}_"
         cells.append(f"{row[prefix + 'mean_difference']:+.3f} ± {row[prefix + 'std_difference']:.3f}")
         cells.append(f"{row[prefix + 'improved']} / {row[prefix + 'worse']} (of {row[prefix + 'cases']})")
@@ -97,9 +105,9 @@ def compare_cross_validations(reference: str, other: str, out: str | None = None
 
     Why it exists: a variant outside ``LOSS_VARIANTS`` (an override file, e.g. the hemisphere channels) is
     cross-validated with ``cv``, often on fewer folds (``--folds 2``) than the reference run; this compares
-    the two on the cases both hold, with the table of ``ablation``. Every case of ``other`` must be in
-    ``reference``; the reference's other cases are left out, and the table's first line says which folds
-    remain. Writes ``out`` (markdown) if given.
+    the two on the cases both hold, with the table of ``ablation`` (distances over the cases where both have
+    one). Every case of ``other`` must be in ``reference``; the reference's other cases are left out, and the
+    table's first line says which folds remain. Writes ``out`` (markdown) if given.
     """
     runs = {"reference": Path(reference), "other": Path(other)}
     cases = {name: read_case_csv(str(folder / "cases.csv")) for name, folder in runs.items()}
@@ -108,11 +116,7 @@ def compare_cross_validations(reference: str, other: str, out: str | None = None
     if missing:
         raise ValueError(f"'{runs['reference'] / 'cases.csv'}' has no rows for the cases {missing} of '{other}'")
     cases["reference"] = [row for row in cases["reference"] if row["case"] in scored]
-    rows = [
-        # the last summary row is over all cases; every row has a "case" column, not every one a "fold"
-        _table_row(name, str(folder), summarise(cases[name], TABLE_METRICS, group_key="case")[-1], cases, "reference")
-        for name, folder in runs.items()
-    ]
+    rows = _table_rows({name: str(folder) for name, folder in runs.items()}, cases, "reference")
     table = ablation_markdown(rows, "reference")
     folds = sorted({str(row["fold"]) for row in cases["other"] if "fold" in row})
     where = f" (folds {', '.join(folds)})" if folds else ""

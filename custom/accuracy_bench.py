@@ -46,6 +46,7 @@ from custom.metrics import case_metrics
 from custom.reporting import (
     paired_comparison,
     read_case_csv,
+    same_case_statistics,
     summarise,
     write_case_csv,
     write_markdown,
@@ -463,22 +464,12 @@ def score_masks_command(masks: str, dataset_dir: str, out: str, method: str = "m
 
 def comparison_rows(cases: dict[str, list[dict]], facts: dict[str, dict], reference: str) -> list[dict]:
     """One row per method: mean, std and median of the table metrics over the test cases, HD95 over the cases
-    where every method has one (so the means compare the same cases), and the paired Dice difference to
-    ``reference``."""
-    hd95_defined = [{r["case"] for r in rows if not math.isnan(float(r["hd95_mm"]))} for rows in cases.values()]
-    common = set.intersection(*hd95_defined)
+    where every method has one (``same_case_statistics``, so the means compare the same cases), and the paired Dice
+    difference to ``reference``."""
+    statistics = same_case_statistics(cases, TABLE_METRICS)
     result = []
     for method, rows in cases.items():
-        overall = summarise(rows, TABLE_METRICS, group_key="method")[-1]
-        row = {"method": method, "description": DESCRIPTIONS[method], "cases": len(rows)}
-        for metric in TABLE_METRICS:
-            values = [float(r[metric]) for r in rows if metric != "hd95_mm" or r["case"] in common]
-            finite = np.array([v for v in values if not math.isnan(v)])
-            row[f"{metric}_mean"] = float(finite.mean()) if finite.size else math.nan
-            row[f"{metric}_std"] = float(finite.std()) if finite.size else math.nan
-            row[f"{metric}_median"] = float(np.median(finite)) if finite.size else math.nan
-            row[f"{metric}_n"] = int(finite.size)
-        row["dice_median"] = overall["dice_median"]
+        row = {"method": method, "description": DESCRIPTIONS[method], "cases": len(rows), **statistics[method]}
         comparison = paired_comparison(cases[reference], rows, "dice")
         row.update({f"dice_vs_{reference}_{k}": v for k, v in comparison.items() if k != "metric"})
         row.update(facts.get(method, {}))

@@ -134,6 +134,31 @@ def _rows_by_key(rows: list[dict], key: str, argument: str) -> dict:
     return indexed
 
 
+def same_case_statistics(runs: dict[str, list[dict]], metrics: Sequence[str], key: str = "case") -> dict[str, dict]:
+    """Per run, ``<metric>_mean``, ``_std``, ``_median`` and ``_n`` of each metric over the cases where every run
+    has a value (not NaN), so that the runs' means compare the same cases.
+
+    Why it exists: a run that leaves a case undefined (no HD95 for an empty prediction, often on the hardest case)
+    would otherwise be averaged over fewer, easier cases and look better than a run that segmented it. The runs must
+    cover the same cases (``key``). Metrics that are never NaN (Dice, volumes, lesion F1) are over every case.
+    """
+    indexed = {name: _rows_by_key(rows, key, name) for name, rows in runs.items()}
+    names = list(indexed)
+    for name in names[1:]:
+        if indexed[name].keys() != indexed[names[0]].keys():
+            only = sorted(map(str, indexed[names[0]].keys() ^ indexed[name].keys()))
+            raise ValueError(f"runs {names[0]!r} and {name!r} cover different cases (in one only: {only}).")
+    statistics = {name: {} for name in names}
+    for metric in metrics:
+        values = {name: {case: _metric_value(row, metric, key) for case, row in rows.items()}
+                  for name, rows in indexed.items()}
+        common = [case for case in indexed[names[0]] if not any(math.isnan(values[n][case]) for n in names)]
+        for name in names:
+            stats = _statistics([values[name][case] for case in common])
+            statistics[name].update({f"{metric}_{s}": stats[s] for s in STATISTICS})
+    return statistics
+
+
 def paired_comparison(rows_a: list[dict], rows_b: list[dict], metric: str, key: str = "case") -> dict:
     """Case-by-case comparison of run B against reference run A on ``metric`` (difference = B - A).
 

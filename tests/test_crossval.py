@@ -354,12 +354,14 @@ def test_ablation_table_reports_paired_difference():
     rows = [
         {"variant": name, "description": name, "cases": 4,
          **{f"{m}_{s}": 0.5 for m in ("dice", "hd95_mm", "avd_ml", "lesion_f1") for s in ("mean", "std")},
+         **{f"{m}_n": 4 for m in ("dice", "avd_ml", "lesion_f1")}, "hd95_mm_n": 3,
          "dice_vs_ce_mean_difference": delta, "dice_vs_ce_std_difference": 0.01,
          "dice_vs_ce_improved": improved, "dice_vs_ce_worse": 4 - improved, "dice_vs_ce_cases": 4}
         for name, delta, improved in (("ce", 0.0, 0), ("wce_gdl", 0.021, 3))
     ]
     table = ablation_markdown(rows, "ce")
     assert "+0.021 ± 0.010" in table and "3 / 1 (of 4)" in table
+    assert "| 0.500 ± 0.500, n=3 |" in table and "| 0.500 ± 0.500 |" in table  # n only where cases were left out
     assert set(LOSS_VARIANTS) >= {"ce", "gdl", "wce_gdl", "dice_ce"}
 
 
@@ -400,6 +402,20 @@ def test_compare_cv_pairs_the_cases_of_the_shorter_run(tmp_path):
     assert rows["other"]["dice_vs_reference_mean_difference"] == pytest.approx(0.0)
     assert (rows["other"]["dice_vs_reference_improved"], rows["other"]["dice_vs_reference_worse"]) == (1, 1)
     assert table.read_text().startswith("2 cases (folds 0) scored by both runs")
+
+
+def test_compare_cv_averages_distances_over_the_cases_both_runs_have(tmp_path):
+    from custom.ablation import compare_cross_validations
+    from custom.reporting import write_case_csv
+
+    # the other run missed case c's lesion (empty prediction, HD95 undefined): its HD95 mean must not skip the
+    # hardest case while the reference's includes it
+    for name, hd95_c in (("reference", 30.0), ("other", float("nan"))):
+        write_case_csv([{"case": case, "fold": 0, "dice": 0.5, "hd95_mm": hd95, "avd_ml": 1.0, "lesion_f1": 1.0}
+                        for case, hd95 in (("a", 2.0), ("b", 4.0), ("c", hd95_c))], str(tmp_path / name / "cases.csv"))
+    rows = compare_cross_validations(str(tmp_path / "reference"), str(tmp_path / "other"), out=str(tmp_path / "t.md"))
+    assert [(row["hd95_mm_mean"], row["hd95_mm_n"]) for row in rows] == [(3.0, 2), (3.0, 2)]
+    assert (tmp_path / "t.md").read_text().count("3.000 ± 1.000, n=2") == 2
 
 
 def test_compare_cv_refuses_cases_the_reference_lacks(tmp_path):
