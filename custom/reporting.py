@@ -19,6 +19,9 @@ from custom.metrics import HIGHER_IS_BETTER
 
 OVERALL = "all"
 STATISTICS = ("mean", "std", "median", "n")
+# cv's per-case values come from MONAI's MetricsSaver CSVs, which hold 4 decimals; paired comparisons compare at
+# that resolution, so the same masks scored by cv and by score-masks (full precision) are equal, not improved.
+PAIRED_DECIMALS = 4
 
 
 def _metric_value(row: dict, metric: str, key: str = "case") -> float:
@@ -163,8 +166,9 @@ def paired_comparison(rows_a: list[dict], rows_b: list[dict], metric: str, key: 
     """Case-by-case comparison of run B against reference run A on ``metric`` (difference = B - A).
 
     Both runs must cover the same cases. Cases where either value is NaN are left out and counted in
-    ``excluded_nan``. ``improved``/``worse`` follow the metric's direction (higher Dice is better, lower HD95 is
-    better). Returns metric, cases, excluded_nan, mean_difference, std_difference, improved, worse, equal.
+    ``excluded_nan``. Values are compared rounded to ``PAIRED_DECIMALS``, the resolution of cv's tables.
+    ``improved``/``worse`` follow the metric's direction (higher Dice is better, lower HD95 is better).
+    Returns metric, cases, excluded_nan, mean_difference, std_difference, improved, worse, equal.
     """
     if metric not in HIGHER_IS_BETTER:
         raise ValueError(f"{metric!r} has no better direction to compare; choose one of {list(HIGHER_IS_BETTER)}.")
@@ -178,7 +182,7 @@ def paired_comparison(rows_a: list[dict], rows_b: list[dict], metric: str, key: 
     for case, row_a in by_case_a.items():
         value_a, value_b = _metric_value(row_a, metric, key), _metric_value(by_case_b[case], metric, key)
         if not (math.isnan(value_a) or math.isnan(value_b)):
-            differences.append(value_b - value_a)
+            differences.append(round(value_b, PAIRED_DECIMALS) - round(value_a, PAIRED_DECIMALS))
     difference = np.array(differences, dtype=float)
     gain = difference if HIGHER_IS_BETTER[metric] else -difference
     return {

@@ -302,6 +302,23 @@ def test_paired_comparison_counts_by_metric_direction():
     assert hd95["mean_difference"] == pytest.approx(-0.5) and hd95["std_difference"] == pytest.approx(1.5)
 
 
+def test_paired_comparison_of_cv_values_with_the_same_full_precision_values_is_equal(tmp_path):
+    from monai.handlers.utils import write_metrics_reports
+
+    from custom.crossval import read_raw_metric
+
+    # cv reads MetricsSaver's 4-decimal CSV, score-masks and accuracy-bench keep full precision: the same masks
+    # scored both ways were counted as improved on some cases and worse on others
+    full = [{"case": f"case_{i}", "dice": dice} for i, dice in enumerate((0.043934006, 0.094466939, 0.10880302))]
+    details = torch.tensor([[row["dice"]] for row in full], dtype=torch.float64)
+    write_metrics_reports(tmp_path, [row["case"] for row in full], None, {"dice": details}, None)
+    saved = [{"case": case, "dice": value} for case, value in read_raw_metric(tmp_path / "dice_raw.csv")]
+    assert [row["dice"] for row in saved] != [row["dice"] for row in full]
+    comparison = paired_comparison(saved, full, "dice")
+    assert (comparison["improved"], comparison["worse"], comparison["equal"]) == (0, 0, 3)
+    assert comparison["mean_difference"] == 0.0
+
+
 def test_paired_comparison_refuses_mismatched_runs():
     with pytest.raises(ValueError, match=r"only in rows_a \['case_3'\]"):
         paired_comparison(ROWS, ROWS[:2], "dice")
