@@ -86,18 +86,34 @@ def _run(command: list[str], log_file: Path, env: dict | None = None) -> None:
         raise RuntimeError(f"'{command[0]} ...' failed with exit code {completed.returncode}; see '{log_file}'")
 
 
+def _differences(recorded: dict, current: dict) -> list[str]:
+    """"key: recorded X, now Y" for each key of ``current`` that ``recorded`` holds with another value."""
+    return [f"{key}: recorded {recorded[key]!r}, now {value!r}"
+            for key, value in current.items() if key in recorded and recorded[key] != value]
+
+
 def phantom_dataset(folder: Path, cases: int, seed: int, size: int, folds: int) -> Path:
     """A converted dataset of ``cases`` labelled phantom cases in ``folder/dataset`` (reused when present).
 
     Every case is written to the ISLES 2018 TRAINING split (so it has a label) and converted by the real
-    converter, exactly as a user's data would be.
+    converter, exactly as a user's data would be. Its settings are recorded in ``folder/phantom.json``; a dataset
+    of other settings is refused rather than reused (the table would name the requested seed and sizes).
     """
-    dataset_dir = folder / "dataset"
+    dataset_dir, record = folder / "dataset", folder / "phantom.json"
+    settings = {"cases": cases, "seed": seed, "size": size, "folds": folds}
     if (dataset_dir / "dataset.json").is_file():
+        if not record.is_file():
+            print(f"reusing the dataset '{dataset_dir}' (no '{record}': its settings are not checked)", flush=True)
+            return dataset_dir
+        differences = _differences(json.loads(record.read_text()), settings)
+        if differences:
+            raise ValueError(f"'{dataset_dir}' is a phantom of other settings ({'; '.join(differences)}; see "
+                             f"'{record}'): choose another --out or repeat the recorded settings")
         print(f"reusing the dataset '{dataset_dir}'", flush=True)
         return dataset_dir
     raw = Path(write_phantom(folder / "isles2018", cases=cases, test_cases=0, seed=seed, size=size, overwrite=True))
     prepare_isles2018(raw / "TRAINING", dataset_dir, patients=raw / "patients.csv", folds=folds, overwrite=True)
+    write_text_atomically(record, json.dumps(settings, indent=2) + "\n")
     return dataset_dir
 
 
@@ -532,8 +548,10 @@ def run_accuracy_bench(
             ``network_def#...``, ``num_workers``, ``contralateral_channels``, ``adjacent_slices``,
             ``lesion_threshold`` and ``min_lesion_ml`` reach its inference too.
 
-    A method whose ``cases.csv`` exists in ``out`` is reused, not rerun (delete its folder to rerun). A
-    method that fails is reported and the others still run; the command then raises.
+    A method whose ``cases.csv`` exists in ``out`` is reused, not rerun (delete its folder to rerun); one whose
+    ``facts.json`` records another budget, ``score_on``, plain-recipe validation interval or (bundle) other
+    overrides is refused before any work, and so is a phantom of other settings. A method that fails is reported
+    and the others still run; the command then raises.
     """
     if train_seed == test_seed:
         raise ValueError("train_seed and test_seed must differ: the test phantom must hold other patients")
@@ -550,6 +568,25 @@ def run_accuracy_bench(
     if score_on == "inner" and "nnunet_2d" in names:
         raise ValueError("--score_on inner: nnunet_2d predicts only the test phantom; leave it out of --methods")
     out = Path(out).resolve()
+    overrides = {**(QUICK_BUNDLE_OVERRIDES if quick else {}), **bundle_overrides}
+    val_interval = monai_unet_val_interval or (1 if quick else 5)
+
+    def settings(method: str) -> dict:
+        """What decides a method's results besides the phantoms, recorded in its facts.json and checked on reuse."""
+        recorded = {"budget_s": budget_s if method != "threshold" else 0, "scored_on": score_on}
+        if method == "bundle":
+            recorded["overrides"] = json.loads(json.dumps(overrides, default=str))
+        if method == "monai_unet":
+            recorded["val_interval"] = val_interval
+        return recorded
+
+    for method in names:  # before any work: a reused method of other settings would be reported as this run's
+        facts_file = out / method / "facts.json"
+        if (out / method / "cases.csv").is_file():
+            differences = _differences({"scored_on": "test", **json.loads(facts_file.read_text())}, settings(method))
+            if differences:
+                raise ValueError(f"'{out / method}' holds {method} results of other settings ({'; '.join(differences)}"
+                                 f"; see '{facts_file}'): choose another --out, or delete the folder to rerun it")
     size = size or sizes["size"]
     train_folds = 2 if quick else 4  # fold 0 is the inner validation split
     train_dataset = phantom_dataset(out / "train", train_cases or sizes["train_cases"], train_seed, size, train_folds)
@@ -563,7 +600,6 @@ def run_accuracy_bench(
             e for e in load_dataset_json(train_dataset, ("training",))["training"] if e["fold"] == INNER_VALIDATION_FOLD
         ]
         scored = f"the {len(scored_entries)} cases of the inner validation fold (not the test phantom)"
-    overrides = {**(QUICK_BUNDLE_OVERRIDES if quick else {}), **bundle_overrides}
 
     def run_method(method: str, folder: Path) -> tuple[dict, object]:
         """Run one method; returns its facts and the function naming its mask of a scored entry."""
@@ -574,7 +610,6 @@ def run_accuracy_bench(
             facts = run_bundle(train_dataset, images, folder, budget_s, overrides)
             return facts, lambda entry: masks / f"{output_case_name(entry['image'])}_seg.nii.gz"
         if method == "monai_unet":
-            val_interval = monai_unet_val_interval or (1 if quick else 5)
             facts = train_plain_unet(train_dataset, folder, budget_s, val_interval=val_interval,
                                      num_workers=0 if quick else 2)
             predict_plain_unet(folder / "model.pt", scored_entries, scored_dataset, masks)
@@ -588,10 +623,6 @@ def run_accuracy_bench(
     for method in names:
         folder = out / method
         if (folder / "cases.csv").is_file():
-            scored_on = json.loads((folder / "facts.json").read_text()).get("scored_on", "test")
-            if scored_on != score_on:
-                raise ValueError(f"'{folder}' was scored on the {scored_on} cases, not on the {score_on} cases; "
-                                 f"choose another --out or delete the folder")
             print(f"{method}: reusing '{folder / 'cases.csv'}'", flush=True)
         else:
             folder.mkdir(parents=True, exist_ok=True)
@@ -601,8 +632,7 @@ def run_accuracy_bench(
                 failures[method] = f"{type(error).__name__}: {error}"
                 print(f"{method} FAILED: {failures[method]}", flush=True)
                 continue
-            method_facts = {"budget_s": budget_s if method != "threshold" else 0, "scored_on": score_on,
-                            **method_facts}
+            method_facts = {**settings(method), **method_facts}
             write_text_atomically(folder / "facts.json", json.dumps(method_facts, indent=2, default=str))
             write_case_csv(score_masks(scored_dataset, scored_entries, method, mask_path), str(folder / "cases.csv"))
         cases[method] = read_case_csv(str(folder / "cases.csv"))

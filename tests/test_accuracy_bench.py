@@ -90,8 +90,36 @@ def test_quick_benchmark_scored_on_the_inner_fold_never_reads_a_test_phantom(tmp
     assert not (tmp_path / "test").exists()
     assert "inner validation fold" in (tmp_path / "accuracy.md").read_text()
     # a folder scored on the inner fold is not reused for a test-phantom table
-    with pytest.raises(ValueError, match="scored on the inner cases"):
+    with pytest.raises(ValueError, match="scored_on: recorded 'inner', now 'test'"):
         run_accuracy_bench(out=str(tmp_path), quick=True, methods="threshold")
+
+
+def test_a_method_of_other_settings_is_refused_not_reused_before_any_work(tmp_path):
+    """A rerun into the same --out reused a method's cases.csv whatever its budget or overrides, and titled the
+    table with this run's budget: 15 s of training reported as 600 s with --learning_rate 0.1."""
+    import json
+
+    from custom.accuracy_bench import QUICK_BUNDLE_OVERRIDES, run_accuracy_bench
+
+    folder = tmp_path / "bundle"
+    folder.mkdir()
+    (folder / "cases.csv").write_text("method,case,dice\nbundle,case_1,0.5\n")
+    facts = {"budget_s": 15, "scored_on": "test", "overrides": QUICK_BUNDLE_OVERRIDES, "train_seconds": 32.2}
+    (folder / "facts.json").write_text(json.dumps(facts))
+    with pytest.raises(ValueError, match=r"other settings \(budget_s: recorded 15, now 600; overrides: .*facts.json"):
+        run_accuracy_bench(out=str(tmp_path), quick=True, methods="bundle", budget_s=600, learning_rate=0.1)
+    with pytest.raises(ValueError, match=r"other settings \(overrides: .*'learning_rate': 0.1"):
+        run_accuracy_bench(out=str(tmp_path), quick=True, methods="bundle", learning_rate=0.1)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["bundle"]  # no phantom was written
+
+
+def test_a_phantom_of_other_settings_is_refused_not_reused(tmp_path):
+    from custom.accuracy_bench import phantom_dataset
+
+    dataset = phantom_dataset(tmp_path, cases=2, seed=1, size=32, folds=2)
+    assert phantom_dataset(tmp_path, cases=2, seed=1, size=32, folds=2) == dataset
+    with pytest.raises(ValueError, match=r"other settings \(seed: recorded 1, now 2.*phantom.json"):
+        phantom_dataset(tmp_path, cases=2, seed=2, size=32, folds=2)
 
 
 def test_bundle_overrides_that_change_the_network_input_reach_inference(tmp_path, monkeypatch):
