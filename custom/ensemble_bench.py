@@ -30,7 +30,7 @@ import torch
 from custom.atomic import require_writable_folder, write_text_atomically
 from custom.calibration import DEFAULT_BINS, calibration_bins, ece_from_bins, probabilistic_volume_ml
 from custom.clinical import brain_mask, voxel_volume_ml
-from custom.data.datalist import load_dataset_json
+from custom.data.datalist import load_dataset_json, refuse_earlier_outputs
 from custom.deploy import class_probabilities, read_case
 from custom.ensemble import ALL_SLICE_FLIPS
 from custom.handlers import load_network_checkpoint
@@ -38,6 +38,7 @@ from custom.metrics import case_metrics
 from custom.reporting import write_case_csv
 
 BUNDLE_ROOT = Path(__file__).resolve().parent.parent / "bundle"
+OUTPUTS = ("cases.csv", "summary.json", "summary.md")
 
 
 class _FlippedNetwork:
@@ -149,6 +150,7 @@ def run_ensemble_bench(
     device: str = "cpu",
     max_cases: int | None = None,
     flips: bool = True,
+    overwrite: bool = False,
 ) -> list[dict]:
     """Score each fold model alone and with flips, the fold ensemble and the ensemble with flips (two or more folds).
 
@@ -164,6 +166,8 @@ def run_ensemble_bench(
         device: torch device.
         max_cases: score only the first ``max_cases`` labelled cases (default: all).
         flips: also score the flip test-time augmentation (4 passes per fold instead of 1).
+        overwrite: replace the tables of an earlier run in ``out``; without it such a folder is refused before any
+            work (a rerun with other folds or cases replaced a long run's tables without a word).
 
     Returns the summary rows (one per configuration, then the means of the single folds).
     """
@@ -178,6 +182,7 @@ def run_ensemble_bench(
     cases = dataset["training"] if max_cases is None else dataset["training"][: int(max_cases)]
     if not cases:
         raise ValueError(f"'{dataset_dir / 'dataset.json'}' lists no case in 'training'")
+    refuse_earlier_outputs(out, [], overwrite, postfixes=(), tables=OUTPUTS, setting="--out")
     out = require_writable_folder(out)
     parser = ConfigParser()
     parser.read_config(str(config_file))

@@ -83,6 +83,20 @@ def test_without_flips_only_the_unflipped_configurations(identical_folds, two_la
     ]  # fmt: skip
 
 
+def test_an_earlier_runs_tables_are_replaced_only_when_asked(identical_folds, two_labelled_cases, tmp_path):
+    cv, config = identical_folds
+    out = tmp_path / "out"
+    run_ensemble_bench(str(cv), str(two_labelled_cases), str(out), config_file=str(config), flips=False)
+    earlier = {name: (out / name).read_bytes() for name in ("cases.csv", "summary.json", "summary.md")}
+    with pytest.raises(FileExistsError, match=r"--out '.*out' holds 3 file\(s\) of an earlier run .*cases.csv"):
+        run_ensemble_bench(str(cv), str(two_labelled_cases), str(out), config_file=str(config), flips=False,
+                           max_cases=1, folds=1)
+    assert {name: (out / name).read_bytes() for name in earlier} == earlier
+    summary = run_ensemble_bench(str(cv), str(two_labelled_cases), str(out), config_file=str(config), flips=False,
+                                 max_cases=1, folds=1, overwrite=True)
+    assert summary[0]["cases"] == 1 and json.loads((out / "summary.json").read_text())["cases"] == 1
+
+
 def test_training_entries_without_label_are_refused_naming_them(identical_folds, two_labelled_cases, tmp_path):
     cv, config = identical_folds
     dataset = json.loads((two_labelled_cases / "dataset.json").read_text())
