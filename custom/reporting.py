@@ -22,6 +22,8 @@ STATISTICS = ("mean", "std", "median", "n")
 # cv's per-case values come from MONAI's MetricsSaver CSVs, which hold 4 decimals; paired comparisons compare at
 # that resolution, so the same masks scored by cv and by score-masks (full precision) are equal, not improved.
 PAIRED_DECIMALS = 4
+# Runs scored against the same labels agree on each case's label volume up to float32 spacing (relative 1e-7).
+LABEL_VOLUME, LABEL_VOLUME_TOLERANCE = "label_ml", 1e-4
 
 
 def _metric_value(row: dict, metric: str, key: str = "case") -> float:
@@ -137,20 +139,41 @@ def _rows_by_key(rows: list[dict], key: str, argument: str) -> dict:
     return indexed
 
 
+def _matched_runs(runs: dict[str, list[dict]], key: str) -> dict[str, dict]:
+    """Each run's rows indexed by ``key``; refuses runs of different cases, and runs whose rows both hold
+    ``label_ml`` and disagree on it (the same case names in another dataset, e.g. an inner fold against the test
+    phantom: they were paired without a word)."""
+    indexed = {name: _rows_by_key(rows, key, name) for name, rows in runs.items()}
+    (first, reference), *others = indexed.items()
+    for name, rows in others:
+        if rows.keys() != reference.keys():
+            only_first = sorted(map(str, reference.keys() - rows.keys()))
+            only_other = sorted(map(str, rows.keys() - reference.keys()))
+            raise ValueError(
+                f"the runs cover different cases: only in {first} {only_first}, only in {name} {only_other}."
+            )
+        volumes = {case: (_metric_value(reference[case], LABEL_VOLUME, key), _metric_value(row, LABEL_VOLUME, key))
+                   for case, row in rows.items() if LABEL_VOLUME in row and LABEL_VOLUME in reference[case]}
+        other = [case for case, (a, b) in volumes.items() if not math.isclose(a, b, rel_tol=LABEL_VOLUME_TOLERANCE)]
+        if other:
+            a, b = volumes[other[0]]
+            raise ValueError(f"{first} and {name} scored different labels for {len(other)} case(s), e.g. {other[0]!r} "
+                             f"(label_ml {a:.4f} against {b:.4f}): the same case names in another dataset? Compare "
+                             "runs scored on the same dataset.")
+    return indexed
+
+
 def same_case_statistics(runs: dict[str, list[dict]], metrics: Sequence[str], key: str = "case") -> dict[str, dict]:
     """Per run, ``<metric>_mean``, ``_std``, ``_median`` and ``_n`` of each metric over the cases where every run
     has a value (not NaN), so that the runs' means compare the same cases.
 
     Why it exists: a run that leaves a case undefined (no HD95 for an empty prediction, often on the hardest case)
     would otherwise be averaged over fewer, easier cases and look better than a run that segmented it. The runs must
-    cover the same cases (``key``). Metrics that are never NaN (Dice, volumes, lesion F1) are over every case.
+    cover the same cases (``key``) of the same labels (``_matched_runs``). Metrics that are never NaN (Dice,
+    volumes, lesion F1) are over every case.
     """
-    indexed = {name: _rows_by_key(rows, key, name) for name, rows in runs.items()}
+    indexed = _matched_runs(runs, key)
     names = list(indexed)
-    for name in names[1:]:
-        if indexed[name].keys() != indexed[names[0]].keys():
-            only = sorted(map(str, indexed[names[0]].keys() ^ indexed[name].keys()))
-            raise ValueError(f"runs {names[0]!r} and {name!r} cover different cases (in one only: {only}).")
     statistics = {name: {} for name in names}
     for metric in metrics:
         values = {name: {case: _metric_value(row, metric, key) for case, row in rows.items()}
@@ -165,18 +188,15 @@ def same_case_statistics(runs: dict[str, list[dict]], metrics: Sequence[str], ke
 def paired_comparison(rows_a: list[dict], rows_b: list[dict], metric: str, key: str = "case") -> dict:
     """Case-by-case comparison of run B against reference run A on ``metric`` (difference = B - A).
 
-    Both runs must cover the same cases. Cases where either value is NaN are left out and counted in
-    ``excluded_nan``. Values are compared rounded to ``PAIRED_DECIMALS``, the resolution of cv's tables.
-    ``improved``/``worse`` follow the metric's direction (higher Dice is better, lower HD95 is better).
+    Both runs must cover the same cases of the same labels (``_matched_runs``). Cases where either value is NaN
+    are left out and counted in ``excluded_nan``. Values are compared rounded to ``PAIRED_DECIMALS``, the resolution
+    of cv's tables. ``improved``/``worse`` follow the metric's direction (higher Dice is better, lower HD95 is
+    better).
     Returns metric, cases, excluded_nan, mean_difference, std_difference, improved, worse, equal.
     """
     if metric not in HIGHER_IS_BETTER:
         raise ValueError(f"{metric!r} has no better direction to compare; choose one of {list(HIGHER_IS_BETTER)}.")
-    by_case_a, by_case_b = _rows_by_key(rows_a, key, "rows_a"), _rows_by_key(rows_b, key, "rows_b")
-    if by_case_a.keys() != by_case_b.keys():
-        only_a = sorted(map(str, by_case_a.keys() - by_case_b.keys()))
-        only_b = sorted(map(str, by_case_b.keys() - by_case_a.keys()))
-        raise ValueError(f"the runs cover different cases: only in rows_a {only_a}, only in rows_b {only_b}.")
+    by_case_a, by_case_b = _matched_runs({"rows_a": rows_a, "rows_b": rows_b}, key).values()
 
     differences = []
     for case, row_a in by_case_a.items():

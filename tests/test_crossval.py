@@ -418,6 +418,22 @@ def test_compare_cv_averages_distances_over_the_cases_both_runs_have(tmp_path):
     assert (tmp_path / "t.md").read_text().count("3.000 ± 1.000, n=2") == 2
 
 
+def test_compare_cv_refuses_runs_of_the_same_case_names_in_another_dataset(tmp_path):
+    from custom.ablation import compare_cross_validations
+    from custom.reporting import write_case_csv
+
+    # case_1 of the test phantom is another patient than case_1 of the training phantom: they were paired silently
+    for name, label_ml in (("train_phantom", [22.312, 35.705]), ("test_phantom", [37.690, 4.0176]),
+                           ("test_again", [37.690004, 4.0176002])):  # the same labels through another float32 path
+        write_case_csv([{"case": f"case_{i}", "dice": 0.5, "hd95_mm": 5.0, "avd_ml": 1.0, "label_ml": volume,
+                         "lesion_f1": 1.0} for i, volume in enumerate(label_ml, 1)], str(tmp_path / name / "cases.csv"))
+    with pytest.raises(ValueError, match=r"different labels for 2 case\(s\), e.g. 'case_1' \(label_ml 22.3120 against "
+                                         r"37.6900\): the same case names in another dataset"):
+        compare_cross_validations(str(tmp_path / "train_phantom"), str(tmp_path / "test_phantom"))
+    rows = compare_cross_validations(str(tmp_path / "test_phantom"), str(tmp_path / "test_again"))
+    assert rows[1]["dice_vs_reference_equal"] == 2
+
+
 def test_compare_cv_refuses_cases_the_reference_lacks(tmp_path):
     from custom.ablation import compare_cross_validations
 
