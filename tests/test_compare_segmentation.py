@@ -126,6 +126,9 @@ def test_comparison_rows_pair_computed_with_given_case_by_case():
     assert len(table) == 6 and "computed - given" in table[0]
     assert "-0.100 ± 0.000; 0 / 3 of 3" in table[5]
     assert "0.600 ± 0.082 (0.600)" in table[2]
+    # both sources' HD95 over the two cases where both have one (computed's was over its three)
+    assert (rows[0]["hd95_mm_n"], rows[1]["hd95_mm_n"]) == (2, 2)
+    assert rows[1]["hd95_mm_mean"] == pytest.approx(5.0) and "5.000 ± 0.000 (5.000), n=2" in table[3]
 
 
 @pytest.mark.slow

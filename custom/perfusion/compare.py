@@ -134,23 +134,26 @@ def false_positive_markdown(counts: dict[str, dict], fluid_hu: float = FLUID_HU)
 
 
 def comparison_rows(case_rows: dict[tuple[str, str], list[dict]]) -> list[dict]:
-    """One row per (method, maps source) with the overall mean, std and median of ``TABLE_METRICS``; each
-    ``computed`` row also holds the paired per-case difference computed - given of ``PAIRED_METRICS``.
+    """One row per (method, maps source) with the mean, std and median of ``TABLE_METRICS`` over the cases where
+    both sources of the method have a value (HD95 is undefined for an empty mask; each source was averaged over its
+    own cases); each ``computed`` row also holds the paired per-case difference computed - given of
+    ``PAIRED_METRICS``.
 
     ``case_rows``: (method, source) -> per-case metric rows (``cases.csv`` of cv or baseline); a method may be
     absent (``--cv_folds 0``).
     """
-    from custom.reporting import OVERALL, paired_comparison, summarise
+    from custom.reporting import STATISTICS, paired_comparison, same_case_statistics
 
     rows = []
     for method in (m for m in METHODS if (m, "given") in case_rows):
+        sources = {source: case_rows[(method, source)] for source in MAP_SOURCES}
+        statistics = same_case_statistics(sources, TABLE_METRICS)
         for source in MAP_SOURCES:
             cases = case_rows[(method, source)]
-            overall = next(r for r in summarise(cases, TABLE_METRICS, group_key="fold") if r["fold"] == OVERALL)
             row = {"method": method, "maps": source, "description": DESCRIPTIONS[(method, source)]}
-            row["cases"] = overall["cases"]
+            row["cases"] = len(cases)
             for metric in TABLE_METRICS:
-                row.update({f"{metric}_{s}": overall[f"{metric}_{s}"] for s in ("mean", "std", "median", "n")})
+                row.update({f"{metric}_{s}": statistics[source][f"{metric}_{s}"] for s in STATISTICS})
             if source != "given":
                 for metric in PAIRED_METRICS:
                     paired = paired_comparison(case_rows[(method, "given")], cases, metric)
