@@ -70,12 +70,15 @@ SETTING_RULES = {
     "lesion_threshold": (lambda v: _number(v) and 0 < v < 1, "a number between 0 and 1 (exclusive)"),
     "min_lesion_ml": (lambda v: _number(v) and v >= 0, "a number >= 0 (mL; 0 keeps every lesion)"),
     "seed": (_whole, "a whole number"),
+    # checked here, before the datasets are cached and TensorBoard's files created, not when the trainer is built
+    "time_budget_s": (lambda v: v is None or (_whole(v) and v >= 1), "null (off) or a whole number of seconds >= 1"),
     # checked before the dataset is cached, not after, as MONAI's CheckpointLoader would
     "resume_ckpt": (
         lambda v: v is None or (isinstance(v, str) and Path(v).is_file()), "null or an existing checkpoint file"
     ),
     "ckpt_path": (lambda v: isinstance(v, str), "a checkpoint path"),
     "overwrite": _flag("overwrite"),
+    "amp": _flag("amp"),
     "save_masks": _flag("save_masks"),
     "write_uncertainty": _flag("write_uncertainty"),
 }
