@@ -215,7 +215,8 @@ def check_evaluation_dir(output_dir, images, metrics, save_masks=False, overwrit
     these cases is refused too: it would sit beside metrics it was not scored by). Allowed: none of these files
     exists, or ``overwrite`` true (they are replaced, and those earlier masks removed; masks of cases this run
     does not evaluate are left, this run's cases are the rows of its ``*_raw.csv``), as inference's
-    ``check_output_dir``.
+    ``check_output_dir``. In a multi-process evaluation (multi_gpu_evaluate.json) every rank checks and waits for
+    the others: a rank that started late took the masks an earlier rank had just written for an earlier run's.
     """
     tables = ["metrics.csv"] + [f"{name}_{kind}.csv" for name in metrics for kind in ("raw", "summary")]
     refuse_earlier_outputs(
@@ -223,6 +224,7 @@ def check_evaluation_dir(output_dir, images, metrics, save_masks=False, overwrit
         setting="config id 'output_dir':", overwrite_flag="--overwrite True", folder_flag="--output_dir",
         unwritten=() if save_masks else ("seg",), case_folder="masks",
     )
+    idist.barrier()  # no-op in a single process
 
 
 def unused_root_ids(config: dict) -> list[str]:
