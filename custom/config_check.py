@@ -107,7 +107,7 @@ def check_settings(bundle_root, **settings) -> None:
         if not _whole(fold) or (_whole(num_folds) and not -1 <= fold < num_folds):
             problems.append(
                 f"config id 'fold' must be a whole number from 0 to num_folds - 1, or -1 (every training case), "
-                f"got {fold!r}"
+                f"got {fold!r} (num_folds is {num_folds!r}: --num_folds N for a dataset of N folds)"
             )
     parser, config_folder = _running_parser(), Path(str(bundle_root)) / "configs"
     if parser is None or not config_folder.is_dir():
