@@ -70,12 +70,15 @@ SETTING_RULES = {
     "lesion_threshold": (lambda v: _number(v) and 0 < v < 1, "a number between 0 and 1 (exclusive)"),
     "min_lesion_ml": (lambda v: _number(v) and v >= 0, "a number >= 0 (mL; 0 keeps every lesion)"),
     "seed": (_whole, "a whole number"),
+    # checked here, before the datasets are cached and TensorBoard's files created, not when the trainer is built
+    "time_budget_s": (lambda v: v is None or (_whole(v) and v >= 1), "null (off) or a whole number of seconds >= 1"),
     # checked before the dataset is cached, not after, as MONAI's CheckpointLoader would
     "resume_ckpt": (
         lambda v: v is None or (isinstance(v, str) and Path(v).is_file()), "null or an existing checkpoint file"
     ),
     "ckpt_path": (lambda v: isinstance(v, str), "a checkpoint path"),
     "overwrite": _flag("overwrite"),
+    "amp": _flag("amp"),
     "save_masks": _flag("save_masks"),
     "write_uncertainty": _flag("write_uncertainty"),
 }
@@ -104,7 +107,7 @@ def check_settings(bundle_root, **settings) -> None:
         if not _whole(fold) or (_whole(num_folds) and not -1 <= fold < num_folds):
             problems.append(
                 f"config id 'fold' must be a whole number from 0 to num_folds - 1, or -1 (every training case), "
-                f"got {fold!r}"
+                f"got {fold!r} (num_folds is {num_folds!r}: --num_folds N for a dataset of N folds)"
             )
     parser, config_folder = _running_parser(), Path(str(bundle_root)) / "configs"
     if parser is None or not config_folder.is_dir():
@@ -212,7 +215,8 @@ def check_evaluation_dir(output_dir, images, metrics, save_masks=False, overwrit
     these cases is refused too: it would sit beside metrics it was not scored by). Allowed: none of these files
     exists, or ``overwrite`` true (they are replaced, and those earlier masks removed; masks of cases this run
     does not evaluate are left, this run's cases are the rows of its ``*_raw.csv``), as inference's
-    ``check_output_dir``.
+    ``check_output_dir``. In a multi-process evaluation (multi_gpu_evaluate.json) every rank checks and waits for
+    the others: a rank that started late took the masks an earlier rank had just written for an earlier run's.
     """
     tables = ["metrics.csv"] + [f"{name}_{kind}.csv" for name in metrics for kind in ("raw", "summary")]
     refuse_earlier_outputs(
@@ -220,6 +224,7 @@ def check_evaluation_dir(output_dir, images, metrics, save_masks=False, overwrit
         setting="config id 'output_dir':", overwrite_flag="--overwrite True", folder_flag="--output_dir",
         unwritten=() if save_masks else ("seg",), case_folder="masks",
     )
+    idist.barrier()  # no-op in a single process
 
 
 def unused_root_ids(config: dict) -> list[str]:

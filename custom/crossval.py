@@ -36,7 +36,7 @@ CASE_METRICS = tuple(EVALUATION_METRICS.values())
 DONE_FILE = "fold_done.json"
 RUN_RECORD = "run_configuration.json"
 # Bundle ids that the cross-validation sets itself for each fold; an override of one would apply to every fold.
-FOLD_IDS = ("fold", "ckpt_dir", "output_dir", "ckpt_path", "resume_ckpt", "overwrite")
+FOLD_IDS = ("fold", "num_folds", "ckpt_dir", "output_dir", "ckpt_path", "resume_ckpt", "overwrite")
 # Entries of the run record that only inform (paths may move); the others must match to reuse a folder.
 INFORMATIVE_RECORD_KEYS = ("config_paths",)
 
@@ -319,7 +319,9 @@ def run_cross_validation(
         eval_dir = fold_dir / "eval"
         if not (fold_dir / DONE_FILE).is_file():
             fold_dir.mkdir(parents=True, exist_ok=True)
-            common = {"bundle_root": str(bundle_root), "dataset_dir": str(dataset_dir), "fold": fold}
+            # num_folds: the dataset's, which train.json's (4) would refuse fold 4 of, after folds 0-3 had trained
+            common = {"bundle_root": str(bundle_root), "dataset_dir": str(dataset_dir), "fold": fold,
+                      "num_folds": max(present) + 1}
             train_arguments = {**common, "ckpt_dir": str(ckpt_dir), "output_dir": str(fold_dir / "train")}
             resume = latest_checkpoint(ckpt_dir)
             if resume is not None:

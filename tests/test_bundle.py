@@ -298,6 +298,8 @@ def test_multi_gpu_configs_run_distributed_on_cpu(tiny_phantom_dataset, tmp_path
     assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
     assert (tmp_path / "models" / "model.pt").is_file()
     assert latest_checkpoint(tmp_path / "models").name == "latest_checkpoint_epoch=1.pt"
+    # rank 0 alone saves, and alone says so (the other rank's periodic saver logged saves it never made)
+    assert (train.stdout + train.stderr).count("Saved checkpoint at epoch: 1") == 1
     # only rank 0 writes TensorBoard files (events.out.tfevents.<time>.<host>.<pid>.<n>): one process's
     event_files = list((tmp_path / "logs").glob("events.out.tfevents.*"))
     assert event_files and len({path.name.rsplit(".", 2)[1] for path in event_files}) == 1, event_files

@@ -442,3 +442,28 @@ def test_compare_cv_refuses_cases_the_reference_lacks(tmp_path):
     other = _write_cases(tmp_path / "other", {"a": 0.6, "z": 0.6}, folds)
     with pytest.raises(ValueError, match=r"no rows for the cases \['z'\]"):
         compare_cross_validations(str(reference), str(other))
+
+
+def test_every_fold_of_a_dataset_of_more_folds_than_train_json_passes_the_bundle_checks(
+    tiny_phantom_dataset, tmp_path, monkeypatch
+):
+    """prepare --folds 5 is documented; cv trained and evaluated folds 0-3 of such a dataset, then train.json's
+    num_folds (4) refused fold 4. Each bundle run here passes the bundle's own check_settings first."""
+    dataset_dir = tmp_path / "dataset"
+    shutil.copytree(tiny_phantom_dataset, dataset_dir)
+    dataset = json.loads((dataset_dir / "dataset.json").read_text())
+    patients = sorted({entry["patient"] for entry in dataset["training"]})
+    for entry in dataset["training"]:  # one patient per fold, the last fold takes the rest
+        entry["fold"] = min(patients.index(entry["patient"]), 4)
+    dataset["num_folds"] = 5
+    (dataset_dir / "dataset.json").write_text(json.dumps(dataset))
+    runs = fake_bundle(monkeypatch)
+    fake = custom.crossval._run_bundle
+
+    def checked(config_files, arguments, overrides, log_file):
+        custom.crossval.check_overrides(config_files, arguments, overrides)
+        fake(config_files, arguments, overrides, log_file)
+
+    monkeypatch.setattr(custom.crossval, "_run_bundle", checked)
+    run_cross_validation(str(dataset_dir), str(tmp_path / "cv"))
+    assert [run["fold"] for run in runs] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]

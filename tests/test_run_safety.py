@@ -39,6 +39,12 @@ def _error_chain(error: BaseException) -> str:
         (["train.json"], "train", {"epochz": 5}, "config id 'epochz' is used by nothing in the configuration"),
         (["train.json"], "train", {"resume_ckpt": "runs/none.pt"}, "'resume_ckpt' must be null or an existing"),
         (["train.json"], "train", {"overwrite": "yes"}, "config id 'overwrite' must be True or False (a bool"),
+        # fire passes `--amp false` as the string 'false', which is truthy: mixed precision stayed on
+        (["train.json"], "train", {"amp": "false"},
+         "config id 'amp' must be True or False (a bool: --amp True on the command line), got 'false'"),
+        # refused when the trainer was built: after caching the datasets and creating TensorBoard files in output_dir
+        (["train.json"], "train", {"time_budget_s": 20.5}, "config id 'time_budget_s' must be null (off) or a whole"),
+        (["train.json"], "train", {"time_budget_s": 0}, "config id 'time_budget_s' must be null (off) or a whole"),
         # fire passes `--save_masks false` as the string 'false', which is truthy: it switched the option on
         (["train.json", "evaluate.json"], "train", {"save_masks": "false"},
          "config id 'save_masks' must be True or False (a bool: --save_masks True on the command line), got 'false'"),

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import BUNDLE, CONFIGS
+from conftest import BUNDLE, CONFIGS, REPO
 
 SHIPPED_MODEL = BUNDLE / "models" / "model.pt"
 
@@ -94,3 +94,37 @@ def test_distributed_evaluation_leaves_no_process_group_alive(tiny_phantom_datas
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     assert (tmp_path / "eval" / "metrics.csv").is_file()
     assert "references 0" in completed.stdout.splitlines()
+
+
+# Two ranks checking one output folder; rank 1 reaches the check late, rank 0 then writes its first case's mask.
+RANKS_CHECK_ONE_FOLDER = """
+import sys, time
+from pathlib import Path
+import torch.distributed as dist
+from custom.config_check import check_evaluation_dir
+
+output_dir, image = Path(sys.argv[1]), sys.argv[2]
+dist.init_process_group("gloo")
+if dist.get_rank() == 1:
+    time.sleep(2)  # a rank that starts late (slower start-up, slower reads of the dataset)
+check_evaluation_dir(output_dir, [image], ["val_mean_dice"], save_masks=True)
+if dist.get_rank() == 0:  # evaluation begins: SaveImaged writes this run's mask of the first case
+    (output_dir / "masks").mkdir(parents=True, exist_ok=True)
+    (output_dir / "masks" / "case_1_seg.nii.gz").write_bytes(b"this run's mask")
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_every_rank_checks_the_evaluation_folder_before_any_rank_writes(tmp_path):
+    """multi_gpu_evaluate.json: every rank checks the output folder; a rank that got there after another had
+    written its first mask refused the run for that mask, as an earlier run's, leaving a half-written folder."""
+    import os
+
+    script = tmp_path / "ranks.py"
+    script.write_text(RANKS_CHECK_ONE_FOLDER)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+               str(tmp_path / "eval"), str(tmp_path / "case_1.nii.gz")]
+    environment = {**os.environ, "PYTHONPATH": str(REPO)}  # this checkout's custom package
+    completed = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=120)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]

@@ -18,7 +18,7 @@ def test_mlflow_tracking_logs_params_losses_and_validation_metrics(tiny_phantom_
         sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIGS / "train.json"),
         "--bundle_root", str(BUNDLE), "--dataset_dir", str(tiny_phantom_dataset),
         "--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(output_dir), "--tracking", "mlflow",
-        *override_arguments(TINY_TRAINING),
+        "--save_execute_config", str(output_dir / "config.json"), *override_arguments(TINY_TRAINING),
     ]
     completed = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
@@ -35,6 +35,9 @@ def test_mlflow_tracking_logs_params_losses_and_validation_metrics(tiny_phantom_
     assert len(losses) >= TINY_TRAINING["epochs"]
     dice = client.get_metric_history(run.info.run_id, "val_mean_dice")
     assert [m.step for m in dice] == [1, 2] and all(0.0 <= m.value <= 1.0 for m in dice)
+    # docs/scaling.md: the executed config is an artifact (without --save_execute_config, a command-line
+    # --output_dir left MONAI's artifact path '<output_dir> + '/config_<time>.json'', which is no file)
+    assert [artifact.path for artifact in client.list_artifacts(run.info.run_id)] == ["config.json"]
 
     # TensorBoard still receives its scalars and images next to the MLflow store.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
