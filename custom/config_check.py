@@ -20,6 +20,7 @@ from numbers import Real
 from pathlib import Path
 
 import ignite.distributed as idist
+import torch
 from monai.bundle import ConfigParser
 from monai.bundle.utils import DEFAULT_EXP_MGMT_SETTINGS
 
@@ -40,6 +41,17 @@ def _number(value) -> bool:
 def _flag(key: str) -> tuple:
     """The rule of a bool setting: fire passes ``--key false`` as the string 'false', which is truthy."""
     return (lambda v: isinstance(v, bool), f"True or False (a bool: --{key} True on the command line)")
+
+
+def _present_device(value) -> bool:
+    """A device PyTorch parses and, for CUDA, one this machine has: ``--device cpux`` or ``--device cuda:1`` on a
+    one-GPU machine failed when the network was moved, in PyTorch's words, naming no config id. (MONAI Label sets
+    ``device`` itself, to the CPU where CUDA is missing.)"""
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError):
+        return False
+    return device.type != "cuda" or (device.index or 0) < torch.cuda.device_count()
 
 
 def _patch_size(value) -> bool:
@@ -79,6 +91,7 @@ SETTING_RULES = {
     "ckpt_path": (lambda v: isinstance(v, str), "a checkpoint path"),
     "overwrite": _flag("overwrite"),
     "amp": _flag("amp"),
+    "device": (_present_device, "a device of this machine: cpu, or cuda / cuda:N where N < the GPU count"),
     "save_masks": _flag("save_masks"),
     "write_uncertainty": _flag("write_uncertainty"),
 }

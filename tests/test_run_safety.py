@@ -61,6 +61,10 @@ def _error_chain(error: BaseException) -> str:
         (["train.json", "evaluate.json"], "train", {"min_lesion_ml": "0.5"}, "config id 'min_lesion_ml' must be a"),
         (["inference.json"], "infer", {"lesion_threshold": 1}, "config id 'lesion_threshold' must be a number between"),
         (["train.json", "evaluate.json"], "train", {"lesion_threshold": 0}, "config id 'lesion_threshold' must be a"),
+        (["inference.json"], "infer", {"amp": "false"}, "config id 'amp' must be True or False (a bool"),
+        # PyTorch's own errors named no config id
+        (["train.json"], "train", {"device": "cpux"}, "config id 'device' must be a device of this machine"),
+        (["inference.json"], "infer", {"device": "cuda:99"}, "config id 'device' must be a device of this machine"),
     ],
 )
 def test_bad_override_is_refused_naming_the_id(tmp_path, config_files, workflow_type, override, message):
