@@ -44,7 +44,7 @@ def fold_datalist(dataset_dir, fold: int, role: str) -> list[dict]:
     ``role="train"`` gives every case whose ``fold`` differs from ``fold``; ``role="validate"`` the
     cases of ``fold``. ``fold=-1`` trains on all cases and validates on all of them (a fit check, not
     a held-out score). Every selected case is read first and the list is refused, naming each bad file,
-    if any case cannot be trained or scored on (see ``_inspect_cases``).
+    if any case cannot be trained or scored on (see ``_refuse_unusable_cases``).
     """
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got '{role}'")
@@ -66,13 +66,11 @@ def fold_datalist(dataset_dir, fold: int, role: str) -> list[dict]:
         raise ValueError(f"no '{role}' cases for fold {fold} in '{folder / 'dataset.json'}'")
     if fold != -1:
         _refuse_files_in_both_roles(folder, training, fold)
-    problems, holds_lesion = _inspect_cases(folder, selected, lambda e: f"dataset.json training case {e.get('case')!r}")
-    if problems:
-        listing = "\n  - ".join(problems)
-        raise ValueError(
-            f"'{folder / 'dataset.json'}': fold {fold} '{role}' cases cannot be used:\n  - {listing}\n"
-            "Fix or remove these cases from dataset.json (`python -m custom check` lists every problem)."
-        )
+    holds_lesion = _refuse_unusable_cases(
+        folder, selected, lambda e: f"dataset.json training case {e.get('case')!r}",
+        f"'{folder / 'dataset.json'}': fold {fold} '{role}' cases",
+        "Fix or remove these cases from dataset.json (`python -m custom check` lists every problem).",
+    )
     if role == "train" and not any(holds_lesion):
         # MONAI's RandCropByPosNegLabeld only warns and crops background: hours of training to a network that
         # predicts no lesion (labels emptied by a conversion or a misaligned export look like this)
@@ -115,13 +113,10 @@ def check_labelled_studies(train, validate=None) -> None:
     train, validate = list(train or []), list(validate or [])
     if not train:
         raise ValueError("MONAI Label gave the fine-tune no labelled study to train on: submit labels (tag 'final')")
-    problems, holds_lesion = _inspect_cases(Path(), train + validate, lambda entry: "MONAI Label's datastore")
-    if problems:
-        listing = "\n  - ".join(problems)
-        raise ValueError(
-            f"MONAI Label's labelled studies cannot be used:\n  - {listing}\n"
-            "Correct these labels and submit them again, or remove them (DELETE /datastore/label)."
-        )
+    holds_lesion = _refuse_unusable_cases(
+        Path(), train + validate, lambda entry: "MONAI Label's datastore", "MONAI Label's labelled studies",
+        "Correct these labels and submit them again, or remove them (DELETE /datastore/label).",
+    )
     if not any(holds_lesion[: len(train)]):
         raise ValueError(
             f"none of the labels of MONAI Label's {len(train)} training studies holds a lesion voxel "
@@ -130,9 +125,10 @@ def check_labelled_studies(train, validate=None) -> None:
         )
 
 
-def _inspect_cases(folder: Path, entries: list[dict], where) -> tuple[list[str], list[bool]]:
-    """Read every image and label of ``entries`` (paths relative to ``folder``); the problems, each naming its file
-    (``where(entry)`` names an entry whose file is missing), and for each entry whether its label holds a lesion voxel.
+def _refuse_unusable_cases(folder: Path, entries: list[dict], where, what: str, remedy: str) -> list[bool]:
+    """Read every image and label of ``entries`` (paths relative to ``folder``) and refuse them all in one
+    ValueError ("``what`` cannot be used", each problem naming its file, ``where(entry)`` an entry whose file is
+    missing, then ``remedy``); otherwise return, for each entry, whether its label holds a lesion voxel.
 
     Why: a case that is unreadable, has NaN/Inf, the wrong channels, a non-binary or mismatched label, or an
     all-zero perfusion map otherwise fails deep inside a DataLoader worker (an all-zero map gives
@@ -143,7 +139,11 @@ def _inspect_cases(folder: Path, entries: list[dict], where) -> tuple[list[str],
     from custom.data.check import inspect_training_entry  # here, not at the top: check imports this module
 
     inspected = [inspect_training_entry(folder, entry, where(entry)) for entry in entries]
-    return [problem for problems, _ in inspected for problem in problems], [lesion for _, lesion in inspected]
+    problems = [problem for entry_problems, _ in inspected for problem in entry_problems]
+    if problems:
+        listing = "\n  - ".join(problems)
+        raise ValueError(f"{what} cannot be used:\n  - {listing}\n{remedy}")
+    return [holds_lesion for _, holds_lesion in inspected]
 
 
 def inference_datalist(dataset_dir) -> list[str]:
