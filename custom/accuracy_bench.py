@@ -36,7 +36,7 @@ import numpy as np
 
 from custom.atomic import write_atomically, write_text_atomically
 from custom.baseline import run_baseline
-from custom.crossval import override_arguments
+from custom.crossval import configuration_differences, override_arguments
 from custom.data.datalist import fold_datalist, load_dataset_json, output_case_name
 from custom.data.isles2018 import prepare_isles2018
 from custom.data.phantom import write_phantom
@@ -87,9 +87,10 @@ def _run(command: list[str], log_file: Path, env: dict | None = None) -> None:
 
 
 def _differences(recorded: dict, current: dict) -> list[str]:
-    """"key: recorded X, now Y" for each key of ``current`` that ``recorded`` holds with another value."""
-    return [f"{key}: recorded {recorded[key]!r}, now {value!r}"
-            for key, value in current.items() if key in recorded and recorded[key] != value]
+    """cv's ``configuration_differences`` over the keys of ``current`` that ``recorded`` holds: a record of an
+    earlier version lacks some (not checked), and facts.json holds facts besides the settings."""
+    shared = [key for key in current if key in recorded]
+    return configuration_differences({key: recorded[key] for key in shared}, {key: current[key] for key in shared})
 
 
 def phantom_dataset(folder: Path, cases: int, seed: int, size: int, folds: int) -> Path:

@@ -106,9 +106,10 @@ def test_a_method_of_other_settings_is_refused_not_reused_before_any_work(tmp_pa
     (folder / "cases.csv").write_text("method,case,dice\nbundle,case_1,0.5\n")
     facts = {"budget_s": 15, "scored_on": "test", "overrides": QUICK_BUNDLE_OVERRIDES, "train_seconds": 32.2}
     (folder / "facts.json").write_text(json.dumps(facts))
-    with pytest.raises(ValueError, match=r"other settings \(budget_s: recorded 15, now 600; overrides: .*facts.json"):
+    with pytest.raises(ValueError, match=r"other settings \(budget_s: recorded 15, now 600; "
+                       r"override --learning_rate: recorded '<unset>', now 0.1; see .*facts.json"):
         run_accuracy_bench(out=str(tmp_path), quick=True, methods="bundle", budget_s=600, learning_rate=0.1)
-    with pytest.raises(ValueError, match=r"other settings \(overrides: .*'learning_rate': 0.1"):
+    with pytest.raises(ValueError, match=r"other settings \(override --learning_rate: recorded '<unset>', now 0.1;"):
         run_accuracy_bench(out=str(tmp_path), quick=True, methods="bundle", learning_rate=0.1)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["bundle"]  # no phantom was written
 
