@@ -35,6 +35,15 @@ def bundle_workflow(config_files, workflow_type, **override):
     )
 
 
+def error_chain(error: BaseException) -> str:
+    """The messages of an exception and of its causes (MONAI wraps errors raised while parsing a config)."""
+    messages = []
+    while error is not None:
+        messages.append(str(error))
+        error = error.__cause__
+    return "\n".join(messages)
+
+
 def inference_network(**network_changes):
     """inference.json's ``network_def`` with ``network_changes`` (e.g. ``in_channels=4``), built on its own."""
     from monai.bundle import ConfigParser

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BUNDLE, CONFIGS, REPO, TINY_TRAINING, bundle_workflow
+from conftest import BUNDLE, CONFIGS, REPO, TINY_TRAINING, bundle_workflow, error_chain
 from ignite.engine import Events
 from monai.handlers import from_engine
 
@@ -17,15 +17,6 @@ from custom.crossval import override_arguments
 def _bundle_run(*arguments, env=None):
     command = [sys.executable, "-m", "monai.bundle", "run", *arguments]
     return subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env)
-
-
-def _error_chain(error: BaseException) -> str:
-    """The messages of an exception and of its causes (MONAI wraps errors raised while parsing a config)."""
-    messages = []
-    while error is not None:
-        messages.append(str(error))
-        error = error.__cause__
-    return "\n".join(messages)
 
 
 @pytest.mark.parametrize(
@@ -72,7 +63,7 @@ def test_bad_override_is_refused_naming_the_id(tmp_path, config_files, workflow_
     workflow.initialize()
     with pytest.raises(Exception) as raised:
         workflow.run()  # the check is run's first step, before anything is built
-    assert message in _error_chain(raised.value)
+    assert message in error_chain(raised.value)
 
 
 def test_documented_overrides_pass_the_check(tiny_phantom_dataset, tmp_path):
@@ -158,8 +149,8 @@ def test_checkpoint_that_runs_code_is_refused_by_the_bundle(
     workflow.initialize()
     with pytest.raises(Exception) as raised:
         workflow.run()
-    assert "Weights only load failed" in _error_chain(raised.value)
-    assert f"checkpoint '{checkpoint}' is refused by safe loading" in _error_chain(raised.value)
+    assert "Weights only load failed" in error_chain(raised.value)
+    assert f"checkpoint '{checkpoint}' is refused by safe loading" in error_chain(raised.value)
     assert not marker.exists()
 
 

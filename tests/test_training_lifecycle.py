@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLE, CONFIGS, TINY_TRAINING
+from conftest import BUNDLE, CONFIGS, TINY_TRAINING, error_chain
 from ignite.engine import Engine, Events
 
 from custom import config_check
@@ -127,14 +127,23 @@ def _monailabel_fine_tune(served, train_cases, validate_cases, epochs=2):
         sys.path.remove(str(served))
 
 
+def _served_copy(tmp_path):
+    """The copy of the packaged bundle that ``python -m custom monailabel-app`` serves."""
+    return unpack_served_bundle(package_bundle(tmp_path / "ctp_stroke.zip"), tmp_path / "model")
+
+
+def _labelled_studies(dataset_dir):
+    """The dataset's training cases as MONAI Label's datastore gives them: image and label paths only."""
+    return [{"image": e["image"], "label": e["label"]} for e in fold_datalist(dataset_dir, -1, "train")]
+
+
 @pytest.mark.parametrize("validation_cases", [2, 0])
 def test_monailabel_fine_tune_updates_the_served_weights(tiny_phantom_dataset, tmp_path, validation_cases):
     """A MONAI Label fine-tune replaces the served model.pt; MONAI Label's ``val_split`` can leave no validation
     case, then the final weights are saved."""
-    served = unpack_served_bundle(package_bundle(tmp_path / "ctp_stroke.zip"), tmp_path / "model")
+    served, cases = _served_copy(tmp_path), _labelled_studies(tiny_phantom_dataset)
     weights = served / "models" / "model.pt"
     shipped = weights.read_bytes()
-    cases = [{"image": e["image"], "label": e["label"]} for e in fold_datalist(tiny_phantom_dataset, -1, "train")]
     _monailabel_fine_tune(served, cases[validation_cases:], cases[:validation_cases])
     assert weights.read_bytes() != shipped
     state = torch.load(weights, weights_only=True)
@@ -168,10 +177,9 @@ def test_monailabel_fine_tune_refuses_unusable_labels_naming_them(tiny_phantom_d
     before anything is cached or trained, the served model.pt untouched (without the screening the labels without
     lesion replaced it with a network predicting none, a mirrored label was trained on, no labels failed inside
     MONAI's DataLoader)."""
-    served = unpack_served_bundle(package_bundle(tmp_path / "ctp_stroke.zip"), tmp_path / "model")
+    served, cases = _served_copy(tmp_path), _labelled_studies(tiny_phantom_dataset)
     weights = served / "models" / "model.pt"
     shipped = weights.read_bytes()
-    cases = [{"image": e["image"], "label": e["label"]} for e in fold_datalist(tiny_phantom_dataset, -1, "train")]
     if problem == "no labels":
         train, validate, expected = [], [], "MONAI Label gave the fine-tune no labelled study to train on"
     elif problem == "no lesion":
@@ -184,12 +192,7 @@ def test_monailabel_fine_tune_refuses_unusable_labels_naming_them(tiny_phantom_d
         expected = "affine differs from" if problem == "another orientation" else "label values must be 0 or 1"
     with pytest.raises(Exception) as raised:
         _monailabel_fine_tune(served, train, validate)
-    error = raised.value
-    messages = []
-    while error is not None:
-        messages.append(str(error))
-        error = error.__cause__
-    message = "\n".join(messages)
+    message = error_chain(raised.value)
     assert expected in message
     if problem not in ("no labels", "no lesion"):
         assert f"{tmp_path / 'labels' / 'label_0.nii.gz'}: " in message
