@@ -134,6 +134,17 @@ def case_volumes(volume: np.ndarray, lesion: np.ndarray, affine, name: str = "")
         raise ValueError(f"lesion mask shape {lesion.shape} differs from the maps' {volume.shape[:3]}")
     cbf, tmax = volume[..., CBF_CHANNEL], volume[..., TMAX_CHANNEL]
     brain = brain_mask(volume)
+    lesion_voxels = int(np.count_nonzero(lesion))
+    row = {
+        "lesion_voxels": lesion_voxels,
+        "lesion_ml": volume_ml(lesion_voxels, affine),
+        **dict.fromkeys(TMAX_COLUMNS),
+        "intended_use": RESEARCH_USE_ONLY,
+    }
+    unit_problem = tmax_unit_problem(tmax, brain)
+    if unit_problem:  # the rule is not applied, so none of its warnings either
+        logger.warning("%s: %s: %s left empty", name or "case", unit_problem, ", ".join(TMAX_COLUMNS))
+        return row
     core, _, used_fallback = threshold_core(cbf, tmax, brain) if brain.any() else (brain, 0.0, False)
     if used_fallback:
         logger.warning(
@@ -141,25 +152,17 @@ def case_volumes(volume: np.ndarray, lesion: np.ndarray, affine, name: str = "")
             name or "case",
             HEALTHY_TMAX_S,
         )
-    lesion_voxels = int(np.count_nonzero(lesion))
     hypoperfusion_voxels = int(np.count_nonzero(brain & (tmax > TMAX_THRESHOLD_S)))
     if lesion_voxels:
         ratio = round(hypoperfusion_voxels / lesion_voxels, DECIMALS)
     else:
         ratio = math.inf if hypoperfusion_voxels else None
-    row = {
-        "lesion_voxels": lesion_voxels,
-        "lesion_ml": volume_ml(lesion_voxels, affine),
-        "hypoperfusion_ml": volume_ml(hypoperfusion_voxels, affine),
-        "core_rule_ml": volume_ml(int(np.count_nonzero(core)), affine),
-        "mismatch_ml": volume_ml(hypoperfusion_voxels - lesion_voxels, affine),
-        "mismatch_ratio": ratio,
-        "intended_use": RESEARCH_USE_ONLY,
-    }
-    unit_problem = tmax_unit_problem(tmax, brain)
-    if unit_problem:
-        logger.warning("%s: %s: %s left empty", name or "case", unit_problem, ", ".join(TMAX_COLUMNS))
-        row.update(dict.fromkeys(TMAX_COLUMNS))
+    row.update(
+        hypoperfusion_ml=volume_ml(hypoperfusion_voxels, affine),
+        core_rule_ml=volume_ml(int(np.count_nonzero(core)), affine),
+        mismatch_ml=volume_ml(hypoperfusion_voxels - lesion_voxels, affine),
+        mismatch_ratio=ratio,
+    )
     return row
 
 

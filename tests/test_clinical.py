@@ -187,6 +187,7 @@ def test_tmax_in_milliseconds_leaves_its_columns_empty_with_a_warning(tmp_path, 
     with caplog.at_level(logging.WARNING, logger="custom.clinical"):
         row = case_volumes(volume, lesion_mask(4), AFFINE, "ms")
     assert "ms: the brain's median Tmax is 2000, so Tmax is not in seconds" in caplog.text
+    assert "rCBF reference" not in caplog.text  # the rule is not applied: no warning about its reference
     assert row["lesion_voxels"] == 4 and row["lesion_ml"] == pytest.approx(0.048)
     assert [row[k] for k in ("hypoperfusion_ml", "core_rule_ml", "mismatch_ml", "mismatch_ratio")] == [None] * 4
     assert "Tmax > 6 s undefined; rCBF < 30 % core undefined; mismatch undefined, ratio undefined" in describe(
