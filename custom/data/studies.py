@@ -81,7 +81,7 @@ def image_problems(name: str, data: np.ndarray) -> list[str]:
     """Problems of an image array as read from its file (H, W, D, 5): wrong shape, H or W too small, NaN/Inf per
     channel, an all-zero perfusion map (no brain: a mask would be a confident wrong answer), perfusion maps non-zero
     at every voxel (no background: the brain, hence the normalisation, the mask and the clinical volumes, would be
-    the whole volume; seen with an int16 file whose scl_inter turns 0 into -0.02). The rules of
+    the whole volume; seen with an int16 file whose scaling turns 0 into -0.005). The rules of
     ``python -m custom check``, the bundle's ``ValidateStudy`` and the runner; ``name`` names the file."""
     if data.ndim != 4 or data.shape[-1] != len(MODALITIES):
         return [
