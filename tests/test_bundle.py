@@ -283,6 +283,18 @@ def test_plain_run_trains(tiny_phantom_dataset, tmp_path):
     assert (tmp_path / "models" / "model.pt").is_file()
 
 
+@pytest.mark.parametrize("configs", [["multi_gpu_train.json"], ["evaluate.json", "multi_gpu_evaluate.json"]])
+def test_multi_gpu_configs_use_the_local_gpu_on_every_node(configs, monkeypatch):
+    """torchrun --nnodes 2 --nproc_per_node 8 (docs/scaling.md): the second node's ranks 8-15 run on its GPUs 0-7
+    (torchrun's LOCAL_RANK); the global rank named cuda:8 to cuda:15, which no node has."""
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "train.json")] + [str(CONFIGS / c) for c in configs])
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 9)
+    assert parser.get_parsed_content("device") == torch.device("cuda:1")
+
+
 @pytest.mark.integration
 def test_multi_gpu_configs_run_distributed_on_cpu(tiny_phantom_dataset, tmp_path):
     """torchrun with two CPU processes (gloo): the multi-GPU overrides train, checkpoint and evaluate."""
