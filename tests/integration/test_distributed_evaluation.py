@@ -1,6 +1,7 @@
 """Distributed evaluation (torchrun, 2 gloo processes on CPU) gives the single-process evaluation's metrics."""
 
 import csv
+import os
 import subprocess
 import sys
 
@@ -119,8 +120,6 @@ dist.destroy_process_group()
 def test_every_rank_checks_the_evaluation_folder_before_any_rank_writes(tmp_path):
     """multi_gpu_evaluate.json: every rank checks the output folder; a rank that got there after another had
     written its first mask refused the run for that mask, as an earlier run's, leaving a half-written folder."""
-    import os
-
     script = tmp_path / "ranks.py"
     script.write_text(RANKS_CHECK_ONE_FOLDER)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
