@@ -181,7 +181,7 @@ def test_volumes_on_rotated_flipped_and_sheared_grids_are_the_voxel_volume(linea
 
 
 def test_tmax_in_milliseconds_leaves_its_columns_empty_with_a_warning(tmp_path, caplog):
-    """Tmax x 1000 gave 'Tmax > 6 s' = the whole brain (641 mL and a ratio of 32 on a phantom case) without a word."""
+    """Tmax x 1000 gave 'Tmax > 6 s' = about the whole brain without a word."""
     volume = synthetic_case()
     volume[..., 4] *= 1000.0
     with caplog.at_level(logging.WARNING, logger="custom.clinical"):
