@@ -1,11 +1,11 @@
 """CTP study transforms MONAI does not offer: load-time validation naming the file, brain normalisation,
-slice context, removal of small predicted lesions."""
+slice context, removal of small predicted lesions; and the training batches' padding collate."""
 
 from collections.abc import Hashable, Mapping, Sequence
 
 import torch
 from monai.config import KeysCollection, NdarrayOrTensor
-from monai.data import MetaTensor
+from monai.data import MetaTensor, pad_list_data_collate
 from monai.transforms import MapTransform, Transform
 from monai.utils import TransformBackends, convert_to_dst_type, convert_to_numpy, convert_to_tensor
 
@@ -13,6 +13,17 @@ from custom.clinical import PERFUSION_CHANNELS  # CBF, CBV, MTT, Tmax; channel 0
 from custom.data.studies import image_problems, label_problems
 from custom.deploy import CLIP_PERCENTILES, NORMALIZE_EPS, normalize_within_brain
 from custom.lesions import check_lesion_threshold, check_min_volume, lesion_from_probabilities, remove_small_lesions
+
+
+def pad_samples_collate(batch: list):
+    """MONAI's ``pad_list_data_collate`` over the samples of every item (``RandCropByPosNegLabeld`` with
+    ``num_samples`` gives each item a list of crops): each batch is padded to its largest slice.
+
+    Why it exists: with ``patch_size`` -1 (whole slices) cases of different in-plane sizes give crops of different
+    sizes, which ``list_data_collate`` cannot stack (the first epoch stopped naming no file), and MONAI's padding
+    collate pads a flat batch only. Crops of one size are collated unchanged.
+    """
+    return pad_list_data_collate([sample for item in batch for sample in (item if isinstance(item, list) else [item])])
 
 
 def _file_name(array) -> str:

@@ -204,6 +204,22 @@ def _event_files(folder):
     return sorted(path.name for path in folder.glob("events.out.tfevents.*"))
 
 
+def test_whole_slices_of_cases_of_different_in_plane_sizes_train(tiny_phantom_dataset, tmp_path):
+    """``--patch_size [-1, -1]`` on training cases of different in-plane sizes stopped the first epoch in the
+    DataLoader's collate, naming no file; batches are padded to their largest slice (MONAI's pad_list_data_collate)."""
+    dataset = shutil.copytree(tiny_phantom_dataset, tmp_path / "dataset")
+    training = [entry for entry in fold_datalist(dataset, 0, "train")]
+    for entry, (height, width) in zip(training, [(64, 64), (64, 48), (48, 64), (48, 48)]):  # each batch mixes sizes
+        for key in ("image", "label"):
+            image = nib.load(entry[key])
+            nib.save(image.slicer[:height, :width], entry[key])
+    workflow = _workflow(dataset, patch_size=[-1, -1], epochs=1, ckpt_dir=str(tmp_path / "models"),
+                         output_dir=str(tmp_path / "logs"))
+    workflow.run()
+    assert workflow.parser.get_parsed_content("train#trainer").state.epoch == 1
+    assert (tmp_path / "models" / "model.pt").is_file()
+
+
 def test_a_new_run_into_a_used_ckpt_dir_is_refused_unless_asked_to_overwrite(tiny_phantom_dataset, tmp_path):
     """A second run with the same ckpt_dir, neither resuming nor told --overwrite True, keeps the first run's files;
     told --overwrite True, it replaces them, the first run's later periodic checkpoints and TensorBoard logs
