@@ -4,8 +4,10 @@ Why it exists: the abstract's claim (WCE + GDL about 2 Dice points above cross-e
 whole cross-validations; this runs them with identical folds and budget and writes one table.
 """
 
+import json
 from pathlib import Path
 
+from custom import baseline, crossval
 from custom.crossval import run_cross_validation
 from custom.reporting import paired_comparison, read_case_csv, same_case_statistics, write_case_csv, write_markdown
 
@@ -99,6 +101,14 @@ def ablation_markdown(rows: list[dict], reference: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _recorded_dataset(folder: Path) -> str | None:
+    """The dataset.json SHA-256 that a ``cv`` or ``baseline`` folder's run record holds, or None without one."""
+    for record in (folder / crossval.RUN_RECORD, folder / baseline.RUN_RECORD):
+        if record.is_file():
+            return json.loads(record.read_text()).get("dataset_json_sha256")
+    return None
+
+
 def compare_cross_validations(reference: str, other: str, out: str | None = None) -> list[dict]:
     """Case-by-case comparison of two ``python -m custom cv`` runs on the cases that ``other`` scored; any two
     folders with a ``cases.csv`` of the same cases work (e.g. two ``accuracy-bench`` method folders).
@@ -107,9 +117,17 @@ def compare_cross_validations(reference: str, other: str, out: str | None = None
     cross-validated with ``cv``, often on fewer folds (``--folds 2``) than the reference run; this compares
     the two on the cases both hold, with the table of ``ablation`` (distances over the cases where both have
     one). Every case of ``other`` must be in ``reference``; the reference's other cases are left out, and the
-    table's first line says which folds remain. Writes ``out`` (markdown) if given.
+    table's first line says which folds remain. Two folders whose run records (cv, baseline) name different
+    dataset.json files are refused. Writes ``out`` (markdown) if given.
     """
     runs = {"reference": Path(reference), "other": Path(other)}
+    datasets = {name: _recorded_dataset(folder) for name, folder in runs.items()}
+    if None not in datasets.values() and datasets["reference"] != datasets["other"]:
+        # cv's tables hold no label_ml, so the same case names of another dataset were paired without a word
+        raise ValueError(
+            f"'{reference}' and '{other}' ran on different datasets (dataset.json SHA-256 {datasets['reference']} "
+            f"against {datasets['other']} in their run records): compare runs of one dataset"
+        )
     cases = {name: read_case_csv(str(folder / "cases.csv")) for name, folder in runs.items()}
     scored = {row["case"] for row in cases["other"]}
     missing = sorted(scored - {row["case"] for row in cases["reference"]})

@@ -434,6 +434,22 @@ def test_compare_cv_refuses_runs_of_the_same_case_names_in_another_dataset(tmp_p
     assert rows[1]["dice_vs_reference_equal"] == 2
 
 
+def test_compare_cv_refuses_cv_and_baseline_runs_of_another_dataset(tmp_path):
+    """cv's tables carry no label_ml: two cv runs of the same case names were paired whatever their datasets."""
+    from custom.ablation import compare_cross_validations
+    from custom.baseline import RUN_RECORD as BASELINE_RECORD
+    from custom.crossval import RUN_RECORD
+
+    folds = {"a": 0, "b": 0}
+    runs = {name: _write_cases(tmp_path / name, {"a": 0.5, "b": 0.6}, folds) for name in ("cv_1", "cv_2", "rule")}
+    for name, record, sha in (("cv_1", RUN_RECORD, "1" * 64), ("cv_2", RUN_RECORD, "2" * 64),
+                              ("rule", BASELINE_RECORD, "1" * 64)):
+        (runs[name] / record).write_text(json.dumps({"dataset_json_sha256": sha}))
+    with pytest.raises(ValueError, match=r"ran on different datasets \(dataset.json SHA-256 1{64} against 2{64}"):
+        compare_cross_validations(str(runs["cv_1"]), str(runs["cv_2"]))
+    assert compare_cross_validations(str(runs["cv_1"]), str(runs["rule"]))[1]["dice_vs_reference_equal"] == 2
+
+
 def test_compare_cv_refuses_cases_the_reference_lacks(tmp_path):
     from custom.ablation import compare_cross_validations
 
