@@ -195,9 +195,11 @@ def refuse_earlier_outputs(folder, images, overwrite=False, postfixes=("seg",), 
     too and, with ``overwrite``, removed here, so that no folder pairs this run's outputs of a case with an earlier
     run's (a mask beside the uncertainty map of another run). Files of cases this run does not process are left:
     this run's cases are those of its table."""
-    cases = Path(case_folder)
-    masks = [str(cases / f"{output_case_name(image)}_{postfix}.nii.gz") for image in images for postfix in postfixes]
-    stale = [str(cases / f"{output_case_name(image)}_{postfix}.nii.gz") for image in images for postfix in unwritten]
+    def outputs(kinds):
+        return [str(Path(case_folder) / f"{output_case_name(image)}_{kind}.nii.gz")
+                for image in images for kind in kinds]
+
+    masks, stale = outputs(postfixes), outputs(unwritten)
     earlier = [name for name in [*masks, *stale, *tables] if (Path(str(folder)) / name).exists()]
     if earlier and overwrite is not True:
         raise FileExistsError(
