@@ -7,6 +7,7 @@ import sys
 
 import nibabel as nib
 import numpy as np
+import monai
 import pytest
 import torch
 from conftest import BUNDLE, CONFIGS, TINY_TRAINING, bundle_workflow
@@ -293,6 +294,25 @@ def test_multi_gpu_configs_use_the_local_gpu_on_every_node(configs, monkeypatch)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 9)
     assert parser.get_parsed_content("device") == torch.device("cuda:1")
+
+
+def test_multi_gpu_ranks_draw_different_augmentations(monkeypatch):
+    """MONAI's DataLoader seeds the dataset's random transforms from torch's global generator, which `initialize`
+    seeds: with one seed on every rank, all ranks drew the same flips, crops and intensity shifts at each step
+    (on different volumes). Rank 0 keeps the single-process seed; DDP gives every rank rank 0's initial weights."""
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "train.json"), str(CONFIGS / "multi_gpu_train.json")])
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    draws = {}
+    for rank in (0, 1):
+        monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None, rank=rank: rank)
+        parser.get_parsed_content("initialize", lazy=False)
+        draws[rank] = torch.empty((), dtype=torch.int64).random_().item()
+    monai.utils.set_determinism(seed=parser["seed"])
+    single_process = torch.empty((), dtype=torch.int64).random_().item()
+    monai.utils.set_determinism(seed=None)
+    assert draws[0] == single_process
+    assert draws[1] != draws[0]
 
 
 @pytest.mark.integration
