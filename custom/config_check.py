@@ -24,6 +24,7 @@ import torch
 from monai.bundle import ConfigParser
 from monai.bundle.utils import DEFAULT_EXP_MGMT_SETTINGS
 
+from custom.atomic import require_writable_folder
 from custom.clinical import VOLUME_TABLE
 from custom.data.datalist import refuse_earlier_outputs
 from custom.lifecycle import latest_checkpoint
@@ -206,8 +207,10 @@ def check_output_dir(output_dir, images, write_uncertainty=False, overwrite=Fals
     A case's outputs are its mask and its uncertainty map, whichever this run writes, so a run without
     ``write_uncertainty`` never leaves an earlier run's map beside its new mask. Allowed: none of these files
     exists, or ``overwrite`` true (they are replaced; an earlier uncertainty map this run does not write is
-    removed).
+    removed). The folder is made and a file written in it, so an unwritable one fails before the first image
+    rather than at its first mask.
     """
+    require_writable_folder(output_dir)
     written = ("seg", "uncertainty") if write_uncertainty else ("seg",)
     refuse_earlier_outputs(
         output_dir, images, overwrite, written, (VOLUME_TABLE,),
@@ -230,7 +233,11 @@ def check_evaluation_dir(output_dir, images, metrics, save_masks=False, overwrit
     does not evaluate are left, this run's cases are the rows of its ``*_raw.csv``), as inference's
     ``check_output_dir``. In a multi-process evaluation (multi_gpu_evaluate.json) every rank checks and waits for
     the others: a rank that started late took the masks an earlier rank had just written for an earlier run's.
+    The folders written (``masks`` with ``save_masks``) are made and probed with a file, so an unwritable one fails
+    before the first case rather than when MetricsSaver writes the tables at the end.
     """
+    for folder in [output_dir] + ([Path(str(output_dir)) / "masks"] if save_masks else []):
+        require_writable_folder(folder)
     tables = ["metrics.csv"] + [f"{name}_{kind}.csv" for name in metrics for kind in ("raw", "summary")]
     refuse_earlier_outputs(
         output_dir, images, overwrite, ("seg",) if save_masks else (), tables,

@@ -10,7 +10,7 @@ import numpy as np
 import monai
 import pytest
 import torch
-from conftest import BUNDLE, CONFIGS, TINY_TRAINING, bundle_workflow
+from conftest import BUNDLE, CONFIGS, TINY_TRAINING, bundle_workflow, error_chain
 from ignite.engine import Events
 from monai.bundle import ConfigParser
 
@@ -154,6 +154,32 @@ def test_inference_into_an_earlier_runs_output_dir_is_refused_unless_asked(tiny_
     assert mask.read_bytes() == b"corrected by hand" and sorted(path.name for path in out.iterdir()) == written
     infer(overwrite=True)
     assert nib.load(mask).shape == nib.load(image).shape[:3]
+
+
+@pytest.mark.parametrize("configs", [["inference.json"], ["train.json", "evaluate.json"]])
+def test_an_output_dir_that_cannot_be_written_is_refused_before_any_case(configs, tiny_phantom_dataset, tmp_path):
+    """Inference named an unwritable output_dir at its first mask, evaluation only when MetricsSaver wrote the
+    tables after every case; both now make and probe it before the first case (here a path under a file)."""
+    blocker = tmp_path / "a file"
+    blocker.write_text("")
+    out = blocker / "out"
+    if configs == ["inference.json"]:
+        entry = json.loads((tiny_phantom_dataset / "dataset.json").read_text())["testing"][0]
+        image = str(tiny_phantom_dataset / (entry["image"] if isinstance(entry, dict) else entry))
+        workflow = bundle_workflow(configs, "infer", datalist=[image], output_dir=str(out), num_workers=0)
+    else:
+        workflow = bundle_workflow(configs, "train", dataset_dir=str(tiny_phantom_dataset), fold=0, save_masks=True,
+                                   ckpt_path=str(BUNDLE / "models" / "model.pt"), output_dir=str(out),
+                                   num_workers=0, cache_rate=0.0)  # fmt: skip
+    evaluated = []
+    workflow.initialize()
+    evaluator_id = "evaluator" if configs == ["inference.json"] else "validate#evaluator"
+    evaluator = workflow.parser.get_parsed_content(evaluator_id)
+    evaluator.add_event_handler(Events.ITERATION_COMPLETED, lambda _: evaluated.append(True))
+    with pytest.raises(Exception) as raised:
+        workflow.run()
+    assert f"output folder '{out}' is not writable" in error_chain(raised.value)
+    assert not evaluated
 
 
 def test_inference_replacing_an_earlier_run_leaves_none_of_its_uncertainty_maps(tiny_phantom_dataset, tmp_path):
