@@ -350,6 +350,36 @@ def test_montage_names_the_cases_without_a_dice(tiny_phantom_dataset, tmp_path, 
     assert (tmp_path / "montage.png").stat().st_size > 0
 
 
+def test_curves_draw_each_epoch_of_a_resumed_fold_once_with_the_last_runs_value(tmp_path, monkeypatch):
+    """A resumed fold logs the epochs after its checkpoint again, in a second event file: the curve drew both runs'
+    values of those epochs (a zigzag back and forth); it keeps the one of the latest wall time, whatever the order
+    of the files' names (here the resumed run's file is written first, so its name sorts first)."""
+    import matplotlib.axes
+    from torch.utils.tensorboard import SummaryWriter
+
+    from custom.result_figures import plot_curves
+
+    log_dir = tmp_path / "cv" / "fold_0" / "train"
+    for epochs, value, wall_time in ((range(4, 8), 0.5, 2000.0), (range(1, 6), 1.0, 1000.0)):  # resumed, interrupted
+        writer = SummaryWriter(str(log_dir), filename_suffix=f".{int(wall_time)}")
+        for epoch in epochs:
+            for tag in ("train_loss", "val_mean_dice"):
+                writer.add_scalar(tag, value, epoch, walltime=wall_time + epoch)
+        writer.close()
+    assert len(list(log_dir.glob("events.out.tfevents.*"))) == 2
+    drawn, plot = [], matplotlib.axes.Axes.plot
+
+    def recorded_plot(axis, x, y, **options):
+        drawn.append((x, y))
+        return plot(axis, x, y, **options)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", recorded_plot)
+    plot_curves(str(tmp_path / "cv"), str(tmp_path / "curves.png"))
+    expected = (tuple(range(1, 8)), (1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.5))
+    assert [(tuple(x), tuple(y)) for x, y in drawn] == [expected, expected]
+    assert (tmp_path / "curves.png").stat().st_size > 0
+
+
 def test_ablation_table_reports_paired_difference():
     rows = [
         {"variant": name, "description": name, "cases": 4,
