@@ -480,6 +480,27 @@ def test_compare_cv_refuses_cv_and_baseline_runs_of_another_dataset(tmp_path):
     assert compare_cross_validations(str(runs["cv_1"]), str(runs["rule"]))[1]["dice_vs_reference_equal"] == 2
 
 
+def test_compare_cv_refuses_a_score_masks_table_of_another_dataset(tiny_phantom_dataset, tmp_path):
+    """score-masks wrote no run record, so its table was paired with a cv run of the same case names in another
+    dataset; it records the dataset.json SHA-256 of the labels it scored, which compare-cv checks as cv's."""
+    from custom.ablation import compare_cross_validations
+    from custom.accuracy_bench import SCORE_RECORD, score_masks_command
+
+    entries = json.loads((tiny_phantom_dataset / "dataset.json").read_text())["training"]
+    (tmp_path / "masks").mkdir()
+    for entry in entries:
+        shutil.copy(tiny_phantom_dataset / entry["label"], tmp_path / "masks" / f"{entry['case']}_seg.nii.gz")
+    score_masks_command(str(tmp_path / "masks"), str(tiny_phantom_dataset), str(tmp_path / "scored"))
+    digest = hashlib.sha256((tiny_phantom_dataset / "dataset.json").read_bytes()).hexdigest()
+    assert json.loads((tmp_path / "scored" / SCORE_RECORD).read_text())["dataset_json_sha256"] == digest
+    cv = _write_cases(tmp_path / "cv", {e["case"]: 0.5 for e in entries}, {e["case"]: e["fold"] for e in entries})
+    (cv / RUN_RECORD).write_text(json.dumps({"dataset_json_sha256": "1" * 64}))
+    with pytest.raises(ValueError, match=rf"ran on different datasets \(dataset.json SHA-256 1{{64}} against {digest}"):
+        compare_cross_validations(str(cv), str(tmp_path / "scored"))
+    (cv / RUN_RECORD).write_text(json.dumps({"dataset_json_sha256": digest}))
+    assert compare_cross_validations(str(cv), str(tmp_path / "scored"))[1]["dice_vs_reference_improved"] > 0
+
+
 def test_compare_cv_refuses_cases_the_reference_lacks(tmp_path):
     from custom.ablation import compare_cross_validations
 
