@@ -7,7 +7,7 @@ whole cross-validations; this runs them with identical folds and budget and writ
 import json
 from pathlib import Path
 
-from custom import baseline, crossval
+from custom import accuracy_bench, baseline, crossval
 from custom.crossval import run_cross_validation
 from custom.reporting import paired_comparison, read_case_csv, same_case_statistics, write_case_csv, write_markdown
 
@@ -102,8 +102,9 @@ def ablation_markdown(rows: list[dict], reference: str) -> str:
 
 
 def _recorded_dataset(folder: Path) -> str | None:
-    """The dataset.json SHA-256 that a ``cv`` or ``baseline`` folder's run record holds, or None without one."""
-    for record in (folder / crossval.RUN_RECORD, folder / baseline.RUN_RECORD):
+    """The dataset.json SHA-256 that a ``cv``, ``baseline`` or ``score-masks`` folder's run record holds, or None
+    without one."""
+    for record in (folder / crossval.RUN_RECORD, folder / baseline.RUN_RECORD, folder / accuracy_bench.SCORE_RECORD):
         if record.is_file():
             return json.loads(record.read_text()).get("dataset_json_sha256")
     return None
@@ -117,8 +118,8 @@ def compare_cross_validations(reference: str, other: str, out: str | None = None
     cross-validated with ``cv``, often on fewer folds (``--folds 2``) than the reference run; this compares
     the two on the cases both hold, with the table of ``ablation`` (distances over the cases where both have
     one). Every case of ``other`` must be in ``reference``; the reference's other cases are left out, and the
-    table's first line says which folds remain. Two folders whose run records (cv, baseline) name different
-    dataset.json files are refused. Writes ``out`` (markdown) if given.
+    table's first line says which folds remain. Two folders whose run records (cv, baseline, score-masks) name
+    different dataset.json files are refused. Writes ``out`` (markdown) if given.
     """
     runs = {"reference": Path(reference), "other": Path(other)}
     datasets = {name: _recorded_dataset(folder) for name, folder in runs.items()}

@@ -36,7 +36,7 @@ import numpy as np
 
 from custom.atomic import write_atomically, write_text_atomically
 from custom.baseline import run_baseline
-from custom.crossval import configuration_differences, override_arguments
+from custom.crossval import configuration_differences, file_sha256, override_arguments
 from custom.data.datalist import fold_datalist, load_dataset_json, output_case_name
 from custom.data.isles2018 import prepare_isles2018
 from custom.data.phantom import write_phantom
@@ -72,6 +72,8 @@ QUICK = {"train_cases": 8, "test_cases": 4, "size": 64}
 QUICK_BUNDLE_OVERRIDES = {"num_workers": 0, "batch_size": 2, "samples_per_volume": 2, "patch_size": [32, 32]}
 NNUNET_DATASET_ID = 990
 NNUNET_DATASET = f"Dataset{NNUNET_DATASET_ID}_CTPPhantom"
+# What score-masks scored (the labels' dataset.json SHA-256, as the run records of cv and baseline), beside its table
+SCORE_RECORD = "score_masks_run.json"
 
 
 def _run(command: list[str], log_file: Path, env: dict | None = None) -> None:
@@ -447,7 +449,9 @@ def score_masks_command(masks: str, dataset_dir: str, out: str, method: str = "m
     vendor software) on the same cases and metrics as ``accuracy-bench``; ``python -m custom compare-cv`` then
     compares two such folders case by case. A case's mask is ``<case>_seg.nii.gz`` (as ``inference.json`` and
     the runner name it) or ``<case>.nii.gz``, where ``<case>`` is the image's file name without ``.nii.gz``;
-    a case without a mask is an error, and an existing ``out/cases.csv`` is never overwritten.
+    a case without a mask is an error, and an existing ``out/cases.csv`` is never overwritten. Beside it,
+    ``out/score_masks_run.json`` records the dataset (its folder and dataset.json SHA-256), the masks folder, the
+    method and the fold, so that ``compare-cv`` refuses to pair the table with a run of another dataset.
     """
     masks, dataset_dir, out = Path(masks), Path(dataset_dir), Path(out)
     entries = load_dataset_json(dataset_dir, ("training",))["training"]
@@ -469,7 +473,9 @@ def score_masks_command(masks: str, dataset_dir: str, out: str, method: str = "m
         raise FileNotFoundError(f"{len(missing)} of {len(entries)} cases of '{dataset_dir}' have no mask in "
                                 f"'{masks}': {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     rows = score_masks(dataset_dir, entries, method, mask_path)
-    out.mkdir(parents=True, exist_ok=True)
+    record = {"dataset_dir": str(dataset_dir.resolve()), "masks": str(masks.resolve()), "method": method,
+              "fold": fold, "dataset_json_sha256": file_sha256(dataset_dir / "dataset.json")}
+    write_text_atomically(out / SCORE_RECORD, json.dumps(record, indent=2) + "\n")  # first: no table without it
     write_case_csv(rows, str(out / "cases.csv"))
     overall = summarise(rows, TABLE_METRICS, group_key="method")[-1]
     for metric in TABLE_METRICS:

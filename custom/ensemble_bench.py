@@ -10,11 +10,13 @@ those probability maps, exactly as ``custom.ensemble.ProbabilityEnsemble`` avera
 - ``fold K``: fold K's model alone (1 pass); ``fold K + flips``: with flip test-time augmentation (4 passes);
 - ``ensemble``: the mean probability of all folds (one pass each); ``ensemble + flips``: of all folds x flips.
 
-Per configuration: Dice of the argmax mask (``custom.metrics.case_metrics``, as the accuracy benchmark), the
+Per configuration: Dice of the mask (``custom.metrics.case_metrics``, as the accuracy benchmark), the
 expected calibration error of the lesion probability pooled over the brain voxels of all cases
 (``custom.calibration``), the absolute lesion volume error of the mask and of the probabilities (sum p x voxel
 volume), and, where N > 1, the mean uncertainty (std of the lesion probability over the N passes) on the brain
-voxels the mask gets wrong and on those it gets right.
+voxels the mask gets wrong and on those it gets right. The mask is that of the shipped inference: the argmax of
+the mean probabilities without the lesions under ``min_lesion_ml`` (``custom.lesions.remove_small_lesions``, the
+function of ``RemoveSmallLesionsd`` and the runner; default: ``--config_file``'s ``min_lesion_ml``).
 
 ``python -m custom ensemble-bench --help`` lists the options; docs/results.md has the command and results.
 """
@@ -34,6 +36,7 @@ from custom.data.datalist import load_dataset_json, refuse_earlier_outputs
 from custom.deploy import class_probabilities, read_case
 from custom.ensemble import ALL_SLICE_FLIPS
 from custom.handlers import load_network_checkpoint
+from custom.lesions import check_min_volume, remove_small_lesions
 from custom.metrics import case_metrics
 from custom.reporting import write_case_csv
 
@@ -150,6 +153,7 @@ def run_ensemble_bench(
     device: str = "cpu",
     max_cases: int | None = None,
     flips: bool = True,
+    min_lesion_ml: float | None = None,
     overwrite: bool = False,
 ) -> list[dict]:
     """Score each fold model alone and with flips, the fold ensemble and the ensemble with flips (two or more folds).
@@ -160,12 +164,16 @@ def run_ensemble_bench(
             none of the folds saw (e.g. the accuracy benchmark's test phantom).
         out: folder for ``cases.csv`` (per case and configuration), ``summary.json`` and ``summary.md``.
         folds: how many folds to use (default: every fold with a model).
-        config_file: the inference config whose ``network_def`` the fold models fit.
+        config_file: the inference config whose ``network_def`` the fold models fit and whose ``min_lesion_ml`` is
+            the default post-processing.
         bins: equal-width probability bins of the expected calibration error.
         batch_size: slices per forward pass.
         device: torch device.
         max_cases: score only the first ``max_cases`` labelled cases (default: all).
         flips: also score the flip test-time augmentation (4 passes per fold instead of 1).
+        min_lesion_ml: predicted lesions (26-connected) smaller than this are removed from every configuration's
+            mask before it is scored, as ``inference.json`` does (default: ``config_file``'s ``min_lesion_ml``, so
+            the numbers are those of the shipped inference); 0 scores the argmax mask as it is.
         overwrite: replace the tables of an earlier run in ``out``; without it such a folder is refused before any
             work (a rerun with other folds or cases replaced a long run's tables without a word).
 
@@ -186,6 +194,12 @@ def run_ensemble_bench(
     out = require_writable_folder(out)
     parser = ConfigParser()
     parser.read_config(str(config_file))
+    if min_lesion_ml is None:
+        if "min_lesion_ml" not in parser:
+            raise KeyError(f"'{config_file}' has no 'min_lesion_ml' to post-process the masks as inference does; "
+                           "pass --min_lesion_ml (0 keeps every lesion)")
+        min_lesion_ml = parser.get_parsed_content("min_lesion_ml")
+    min_lesion_ml = check_min_volume(min_lesion_ml)
     networks = []
     for path in checkpoints:
         network = parser.get_parsed_content("network_def", lazy=False)
@@ -208,7 +222,7 @@ def run_ensemble_bench(
         for name, members in configurations.items():
             stacked = np.stack([maps[m] for m in members])  # (N, 2, H, W, D)
             mean = stacked.mean(axis=0)
-            mask = np.argmax(mean, axis=0).astype(np.uint8)
+            mask = remove_small_lesions(np.argmax(mean, axis=0).astype(np.uint8), affine, min_lesion_ml)
             lesion_probability = mean[1].clip(0.0, 1.0)
             dice = case_metrics(mask, label, spacing, names=("dice",))["dice"]
             mask_ml, label_ml = mask.sum() * voxel_ml, label.sum() * voxel_ml
@@ -243,6 +257,7 @@ def run_ensemble_bench(
             "cases": number,
             "cases_listed": len(cases),
             "bins": int(bins),
+            "min_lesion_ml": min_lesion_ml,
             "flip_passes": [list(axes) for axes in ALL_SLICE_FLIPS] if flips else [],
         })  # fmt: skip
     print(_markdown(summary, int(bins)))

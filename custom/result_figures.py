@@ -26,16 +26,23 @@ def _pyplot():
 
 
 def _scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar series of the TensorBoard event files in ``log_dir``, as (epoch, value) pairs."""
+    """Every scalar series of the TensorBoard event files in ``log_dir``, as (epoch, value) pairs sorted by epoch.
+
+    A resumed fold logs the epochs after its checkpoint again, into a second event file beside the interrupted
+    run's: of an epoch logged more than once, the value with the latest wall time (the last run's) is kept, so
+    the curve is what the final run did, not both runs drawn over each other."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    series: dict[str, list[tuple[int, float]]] = {}
+    latest: dict[str, dict[int, tuple[float, float]]] = {}  # tag -> epoch -> (wall time, value)
     for event_file in sorted(log_dir.glob("events.out.tfevents.*")):
         accumulator = EventAccumulator(str(event_file))
         accumulator.Reload()
         for tag in accumulator.Tags()["scalars"]:
-            series.setdefault(tag, []).extend((e.step, e.value) for e in accumulator.Scalars(tag))
-    return {tag: sorted(values) for tag, values in series.items()}
+            steps = latest.setdefault(tag, {})
+            for event in accumulator.Scalars(tag):
+                if event.step not in steps or event.wall_time >= steps[event.step][0]:
+                    steps[event.step] = (event.wall_time, event.value)
+    return {tag: [(step, steps[step][1]) for step in sorted(steps)] for tag, steps in latest.items()}
 
 
 def plot_curves(cv_dir: str, out: str) -> str:

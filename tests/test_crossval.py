@@ -350,6 +350,36 @@ def test_montage_names_the_cases_without_a_dice(tiny_phantom_dataset, tmp_path, 
     assert (tmp_path / "montage.png").stat().st_size > 0
 
 
+def test_curves_draw_each_epoch_of_a_resumed_fold_once_with_the_last_runs_value(tmp_path, monkeypatch):
+    """A resumed fold logs the epochs after its checkpoint again, in a second event file: the curve drew both runs'
+    values of those epochs (a zigzag back and forth); it keeps the one of the latest wall time, whatever the order
+    of the files' names (here the resumed run's file is written first, so its name sorts first)."""
+    import matplotlib.axes
+    from torch.utils.tensorboard import SummaryWriter
+
+    from custom.result_figures import plot_curves
+
+    log_dir = tmp_path / "cv" / "fold_0" / "train"
+    for epochs, value, wall_time in ((range(4, 8), 0.5, 2000.0), (range(1, 6), 1.0, 1000.0)):  # resumed, interrupted
+        writer = SummaryWriter(str(log_dir), filename_suffix=f".{int(wall_time)}")
+        for epoch in epochs:
+            for tag in ("train_loss", "val_mean_dice"):
+                writer.add_scalar(tag, value, epoch, walltime=wall_time + epoch)
+        writer.close()
+    assert len(list(log_dir.glob("events.out.tfevents.*"))) == 2
+    drawn, plot = [], matplotlib.axes.Axes.plot
+
+    def recorded_plot(axis, x, y, **options):
+        drawn.append((x, y))
+        return plot(axis, x, y, **options)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", recorded_plot)
+    plot_curves(str(tmp_path / "cv"), str(tmp_path / "curves.png"))
+    expected = (tuple(range(1, 8)), (1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.5))
+    assert [(tuple(x), tuple(y)) for x, y in drawn] == [expected, expected]
+    assert (tmp_path / "curves.png").stat().st_size > 0
+
+
 def test_ablation_table_reports_paired_difference():
     rows = [
         {"variant": name, "description": name, "cases": 4,
@@ -448,6 +478,27 @@ def test_compare_cv_refuses_cv_and_baseline_runs_of_another_dataset(tmp_path):
     with pytest.raises(ValueError, match=r"ran on different datasets \(dataset.json SHA-256 1{64} against 2{64}"):
         compare_cross_validations(str(runs["cv_1"]), str(runs["cv_2"]))
     assert compare_cross_validations(str(runs["cv_1"]), str(runs["rule"]))[1]["dice_vs_reference_equal"] == 2
+
+
+def test_compare_cv_refuses_a_score_masks_table_of_another_dataset(tiny_phantom_dataset, tmp_path):
+    """score-masks wrote no run record, so its table was paired with a cv run of the same case names in another
+    dataset; it records the dataset.json SHA-256 of the labels it scored, which compare-cv checks as cv's."""
+    from custom.ablation import compare_cross_validations
+    from custom.accuracy_bench import SCORE_RECORD, score_masks_command
+
+    entries = json.loads((tiny_phantom_dataset / "dataset.json").read_text())["training"]
+    (tmp_path / "masks").mkdir()
+    for entry in entries:
+        shutil.copy(tiny_phantom_dataset / entry["label"], tmp_path / "masks" / f"{entry['case']}_seg.nii.gz")
+    score_masks_command(str(tmp_path / "masks"), str(tiny_phantom_dataset), str(tmp_path / "scored"))
+    digest = hashlib.sha256((tiny_phantom_dataset / "dataset.json").read_bytes()).hexdigest()
+    assert json.loads((tmp_path / "scored" / SCORE_RECORD).read_text())["dataset_json_sha256"] == digest
+    cv = _write_cases(tmp_path / "cv", {e["case"]: 0.5 for e in entries}, {e["case"]: e["fold"] for e in entries})
+    (cv / RUN_RECORD).write_text(json.dumps({"dataset_json_sha256": "1" * 64}))
+    with pytest.raises(ValueError, match=rf"ran on different datasets \(dataset.json SHA-256 1{{64}} against {digest}"):
+        compare_cross_validations(str(cv), str(tmp_path / "scored"))
+    (cv / RUN_RECORD).write_text(json.dumps({"dataset_json_sha256": digest}))
+    assert compare_cross_validations(str(cv), str(tmp_path / "scored"))[1]["dice_vs_reference_improved"] > 0
 
 
 def test_compare_cv_refuses_cases_the_reference_lacks(tmp_path):

@@ -8,13 +8,17 @@ import torch
 from monai.bundle import ConfigParser
 
 from custom.__main__ import main
+from custom.clinical import voxel_volume_ml
+from custom.deploy import MIN_LESION_ML, lesion_mask, read_case
 from custom.ensemble_bench import fold_checkpoints, run_ensemble_bench
+from custom.handlers import load_network_checkpoint
 
 TINY_NETWORK = {
     "network_def": {
         "_target_": "UNet", "spatial_dims": 2, "in_channels": 5, "out_channels": 2,
         "channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 1, "norm": "instance",
-    }
+    },
+    "min_lesion_ml": MIN_LESION_ML,  # inference.json's post-processing
 }  # fmt: skip
 
 
@@ -81,6 +85,36 @@ def test_without_flips_only_the_unflipped_configurations(identical_folds, two_la
     assert [(e["configuration"], e["predictions"], e["cases"]) for e in summary] == [
         ("fold 0", 1, 1), ("fold 1", 1, 1), ("ensemble", 2, 1), ("single fold (mean of folds)", 1, 1)
     ]  # fmt: skip
+
+
+def test_masks_are_post_processed_as_the_shipped_inference(identical_folds, two_labelled_cases, tmp_path):
+    """ensemble-bench scored the argmax mask, with the lesions that inference.json's ``min_lesion_ml`` removes: its
+    masks are now those of the shipped inference (``custom.deploy.lesion_mask``), by default with ``--config_file``'s
+    ``min_lesion_ml``."""
+    cv, config = identical_folds
+    removes_all = tmp_path / "removes_all.json"
+    removes_all.write_text(json.dumps({**TINY_NETWORK, "min_lesion_ml": 1e6}))
+    options = {"flips": False, "folds": 1}
+    run_ensemble_bench(str(cv), str(two_labelled_cases), str(tmp_path / "all"), config_file=str(removes_all), **options)
+    with open(tmp_path / "all" / "cases.csv") as f:
+        assert [float(row["mask_ml"]) for row in csv.DictReader(f)] == [0.0, 0.0]
+    assert json.loads((tmp_path / "all" / "summary.json").read_text())["min_lesion_ml"] == 1e6
+    unset = tmp_path / "network_only.json"
+    unset.write_text(json.dumps({"network_def": TINY_NETWORK["network_def"]}))
+    with pytest.raises(KeyError, match="network_only.json' has no 'min_lesion_ml'.*--min_lesion_ml"):
+        run_ensemble_bench(str(cv), str(two_labelled_cases), str(tmp_path / "unset"), config_file=str(unset))
+
+    run_ensemble_bench(str(cv), str(two_labelled_cases), str(tmp_path / "out"), config_file=str(removes_all),
+                       min_lesion_ml=MIN_LESION_ML, **options)
+    parser = ConfigParser(TINY_NETWORK)
+    network = parser.get_parsed_content("network_def")
+    load_network_checkpoint(cv / "fold_0" / "models" / "model.pt", network)
+    dataset = json.loads((two_labelled_cases / "dataset.json").read_text())
+    with open(tmp_path / "out" / "cases.csv") as f, torch.no_grad():
+        for row, entry in zip(csv.DictReader(f), dataset["training"]):
+            volume, affine = read_case(entry["image"])
+            expected = lesion_mask(network.eval(), volume, affine, min_lesion_ml=MIN_LESION_ML)
+            assert float(row["mask_ml"]) == pytest.approx(expected.sum() * voxel_volume_ml(affine)) and expected.any()
 
 
 def test_an_earlier_runs_tables_are_replaced_only_when_asked(identical_folds, two_labelled_cases, tmp_path):

@@ -358,6 +358,21 @@ def test_ceiling_scores_the_labels_that_write_phantom_writes(cohort, tmp_path):
     assert "| all | 12 |" in (tmp_path / "ceiling" / "ceiling.md").read_text()
 
 
+def test_ceiling_refuses_an_earlier_runs_tables_unless_asked(tmp_path):
+    """A second ``phantom-ceiling`` into the same --out (a scan of shifts) replaced the first one's tables without a
+    word; it is refused before any work, naming the folder and the file, and ``overwrite`` replaces them."""
+    from custom.data.ceiling import phantom_ceiling
+
+    out = tmp_path / "ceiling"
+    phantom_ceiling(str(out), cases=1, seed=0, size=SIZE)
+    first = (out / "cases.csv").read_text()
+    with pytest.raises(FileExistsError, match="cases.csv.*--overwrite"):
+        phantom_ceiling(str(out), cases=2, seed=0, size=SIZE)
+    assert (out / "cases.csv").read_text() == first
+    phantom_ceiling(str(out), cases=2, seed=0, size=SIZE, overwrite=True)
+    assert len((out / "cases.csv").read_text().splitlines()) == 3
+
+
 def test_observable_lesion_grows_as_its_threshold_is_shifted_down():
     patient = next(p for i in range(10) if (p := phantom.draw_patient(0, i, CENTRES[2])).stroke.present)
     slab = phantom.Slab("case_1", "TRAINING", patient, 8, patient.stroke.z_mm - 17.5)

@@ -8,15 +8,17 @@ methods are read against this ceiling (docs/results.md).
 
 from pathlib import Path
 
+from custom.data.datalist import refuse_earlier_outputs
 from custom.data.phantom import iter_cohort, lesion_mask, observable_lesion_mask, slab_model
 from custom.metrics import case_metrics
 from custom.reporting import summarise, summary_markdown, write_case_csv, write_markdown
 
 CEILING_METRICS = ("dice", "hd95_mm", "avd_ml", "lesion_f1")
+OUTPUTS = ("cases.csv", "ceiling.md")
 
 
 def phantom_ceiling(out: str, cases: int = 60, seed: int = 9026, size: int = 256,
-                    threshold_shift: float = 0.0) -> list[dict]:
+                    threshold_shift: float = 0.0, overwrite: bool = False) -> list[dict]:
     """Score ``observable_lesion_mask`` against the label of every case of a phantom cohort.
 
     Args:
@@ -27,10 +29,13 @@ def phantom_ceiling(out: str, cases: int = 60, seed: int = 9026, size: int = 256
         threshold_shift: added to every patient's expected growth threshold (severity units): a negative shift
             predicts a little more growth, which the invisible terms can reward; scanning it shows how far the
             estimate moves.
+        overwrite: replace the tables of an earlier run in ``out``; without it such a folder is refused before any
+            work (a scan of shifts into one --out replaced the earlier shift's tables without a word).
 
     Nothing is written to disk but the two files: the noise-free model of each slab is drawn again from the
     seed, exactly as ``write_phantom`` draws it, and its voxels are the label's voxels.
     """
+    refuse_earlier_outputs(out, [], overwrite, postfixes=(), tables=OUTPUTS, setting="--out")
     rows = []
     for slab in iter_cohort(seed, cases, 0):
         model = slab_model(slab, size)
