@@ -433,7 +433,7 @@ def score_masks(dataset_dir: Path, entries: list[dict], method: str, mask_path) 
             raise ValueError(f"{method}: mask {err}") from err
         row = {"method": method, "case": entry["case"], "patient": entry.get("patient", "")}
         try:
-            row.update(case_metrics(pred, label, nib.affines.voxel_sizes(label_image.affine)))
+            row.update(case_metrics(pred, label, label_image.affine))
         except ValueError as err:  # a non-binary mask or label: name the files
             raise ValueError(f"{method}: mask '{path}' scored against label '{label_path}': {err}") from err
         rows.append(row)

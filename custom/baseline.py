@@ -126,9 +126,8 @@ def _baseline_case(entry: dict, dataset_dir: str, layout: dict, thresholds: dict
             entry["case"],
             thresholds["healthy_tmax"],
         )
-    spacing = nib.affines.voxel_sizes(image.affine)
     row = {"case": entry["case"], "patient": entry.get("patient", ""), "fold": entry["fold"]}
-    row.update(case_metrics(core, label, spacing))
+    row.update(case_metrics(core, label, image.affine))
     row.update({"reference_cbf": reference, "reference_region": "whole_brain" if used_fallback else "tmax_below"})
     return row, nib.Nifti1Image(core.astype(np.uint8), image.affine)
 

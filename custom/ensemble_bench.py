@@ -213,7 +213,7 @@ def run_ensemble_bench(
     for number, entry in enumerate(cases, 1):
         volume, affine = read_case(dataset_dir / entry["image"])
         label = np.asanyarray(nib.load(dataset_dir / entry["label"]).dataobj).astype(np.uint8)
-        spacing, voxel_ml, brain = nib.affines.voxel_sizes(affine), voxel_volume_ml(affine), brain_mask(volume)
+        voxel_ml, brain = voxel_volume_ml(affine), brain_mask(volume)
         maps = {
             (k, f): class_probabilities(_FlippedNetwork(network, dims), volume, batch_size, device).numpy()
             for k, network in enumerate(networks)
@@ -224,7 +224,7 @@ def run_ensemble_bench(
             mean = stacked.mean(axis=0)
             mask = remove_small_lesions(np.argmax(mean, axis=0).astype(np.uint8), affine, min_lesion_ml)
             lesion_probability = mean[1].clip(0.0, 1.0)
-            dice = case_metrics(mask, label, spacing, names=("dice",))["dice"]
+            dice = case_metrics(mask, label, affine, names=("dice",))["dice"]
             mask_ml, label_ml = mask.sum() * voxel_ml, label.sum() * voxel_ml
             prob_ml = probabilistic_volume_ml(lesion_probability, voxel_ml)
             rows.append(

@@ -2,8 +2,9 @@
 
 Overlap and surface metrics come from MONAI (``compute_dice``, ``get_confusion_matrix``,
 ``compute_hausdorff_distance``, ``compute_average_surface_distance``); this module adds what MONAI lacks:
-volumes in mL, lesion-wise detection F1, one explicit convention for empty masks, and a cumulative metric
-that reads each case's voxel spacing from its MetaTensor affine. Definitions: docs/metrics.md.
+volumes in mL, lesion-wise detection F1, one explicit convention for empty masks, surface distances on a sheared
+grid (MONAI's take one spacing per axis, so axes that are not perpendicular are measured as if they were), and a
+cumulative metric that reads each case's affine from its MetaTensor. Definitions: docs/metrics.md.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.data.utils import affine_to_spacing
 from monai.metrics import (
     CumulativeIterationMetric,
     compute_average_surface_distance,
@@ -24,9 +24,12 @@ from monai.metrics import (
     compute_hausdorff_distance,
     get_confusion_matrix,
 )
-from monai.utils import convert_to_tensor
+from monai.metrics.utils import get_mask_edges
+from monai.utils import convert_to_numpy, convert_to_tensor
 from scipy import ndimage
+from scipy.spatial import cKDTree
 
+from custom.clinical import voxel_volume_ml
 from custom.lesions import LESION_CONNECTIVITY
 
 METRIC_NAMES = (
@@ -53,6 +56,11 @@ HIGHER_IS_BETTER = {
 }
 
 NAN = float("nan")
+
+# Grid axes whose directions have a cosine below this are perpendicular: a rotated affine stored as float32 (NIfTI's
+# sform) stays under 1e-7, while a gantry tilt of 1 degree is 0.017. Ignoring a shear this small changes a distance
+# by a relative 1e-6 at most.
+ORTHOGONALITY_TOLERANCE = 1e-6
 
 # The single place where empty masks are handled, keyed by (prediction empty, label empty). Follows the ISLES'22
 # scoring code (Dice and lesion F1 are 1 when both masks are empty); a ratio whose denominator is zero is undefined
@@ -82,6 +90,59 @@ def _checked_spacing(spacing) -> tuple[float, float, float]:
     return values
 
 
+def _checked_affine(affine) -> np.ndarray:
+    """The 3 x 3 voxel-to-mm part of ``affine`` (4 x 4 or 3 x 3, numpy or torch) as float64, or raise naming it."""
+    matrix = convert_to_numpy(affine, dtype=np.float64, wrap_sequence=True)
+    if matrix.shape not in ((3, 3), (4, 4)) or not np.isfinite(matrix).all() or voxel_volume_ml(matrix) == 0:
+        raise ValueError(
+            f"affine must be the masks' 4 x 4 (or 3 x 3) voxel-to-mm matrix, finite with a non-zero voxel volume, "
+            f"got {affine!r}."
+        )
+    return matrix[:3, :3]
+
+
+def is_orthogonal(matrix: np.ndarray) -> bool:
+    """Whether the axes of the 3 x 3 voxel-to-mm ``matrix`` are perpendicular (axis-aligned, rotated or flipped),
+    within ``ORTHOGONALITY_TOLERANCE``; a sheared grid (CT with gantry tilt stored uncorrected) is not."""
+    directions = matrix / np.linalg.norm(matrix, axis=0)
+    return bool(np.abs(directions.T @ directions - np.eye(3)).max() <= ORTHOGONALITY_TOLERANCE)
+
+
+def surface_distances(y_pred: torch.Tensor, y: torch.Tensor, matrix: np.ndarray, names: Sequence[str]) -> dict:
+    """``hd95_mm`` and ``assd_mm`` (those in ``names``) of two non-empty (1, 1, H, W, D) masks on the grid ``matrix``.
+
+    On an orthogonal grid these are MONAI's functions with the lengths of the axes as spacing, unchanged. A sheared
+    grid has no such spacing: MONAI's distance transform would measure along slanted axes as if they were
+    perpendicular. There the boundary voxels MONAI's functions use (``get_mask_edges``) are mapped through the
+    matrix to mm and paired with their nearest neighbour on the other boundary (scipy's ``cKDTree``), then reduced
+    as MONAI does: the larger of the two directed 95th percentiles, and the mean of both directed sets.
+    """
+    if not {"hd95_mm", "assd_mm"} & set(names):
+        return {}
+    values = {}
+    if is_orthogonal(matrix):
+        # The columns' lengths, computed as nibabel's voxel_sizes (the spacing score-masks and baseline passed).
+        spacing = tuple(float(s) for s in np.sqrt(np.sum(matrix * matrix, axis=0)))
+        with warnings.catch_warnings():
+            # MONAI 1.6 passes its own deprecated `always_return_as_numpy` argument internally; nothing to act on.
+            warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)
+            if "hd95_mm" in names:
+                values["hd95_mm"] = compute_hausdorff_distance(
+                    y_pred, y, include_background=True, percentile=95, spacing=spacing
+                ).item()
+            if "assd_mm" in names:
+                values["assd_mm"] = compute_average_surface_distance(
+                    y_pred, y, include_background=True, symmetric=True, spacing=spacing
+                ).item()
+        return values
+    edges = get_mask_edges(y_pred[0, 0].bool().numpy(), y[0, 0].bool().numpy())
+    points = [np.argwhere(edge) @ matrix.T for edge in edges]  # voxel centres in mm (the crop's offset cancels)
+    directed = [torch.from_numpy(cKDTree(points[1 - i]).query(points[i])[0]) for i in (0, 1)]
+    values["hd95_mm"] = max(torch.quantile(d, 0.95).item() for d in directed)
+    values["assd_mm"] = torch.cat(directed).mean().item()
+    return {name: values[name] for name in ("hd95_mm", "assd_mm") if name in names}
+
+
 def lesion_f1(pred: np.ndarray, label: np.ndarray) -> float:
     """Lesion-wise detection F1 of two non-empty boolean volumes (lesions = 26-connected components).
 
@@ -97,12 +158,15 @@ def lesion_f1(pred: np.ndarray, label: np.ndarray) -> float:
     return float(2.0 * detected / (2.0 * detected + false_positives + false_negatives))
 
 
-def case_metrics(pred, label, spacing, names: Sequence[str] = METRIC_NAMES) -> dict[str, float]:
-    """Metrics of one case: binary (H, W, D) ``pred`` and ``label`` (numpy or torch), ``spacing`` in mm per axis.
+def case_metrics(pred, label, affine, names: Sequence[str] = METRIC_NAMES) -> dict[str, float]:
+    """Metrics of one case: binary (H, W, D) ``pred`` and ``label`` (numpy or torch) on the grid ``affine``.
 
-    Returns the requested ``names`` (default: all of ``METRIC_NAMES``) as floats. Distances are in mm between
-    boundary voxel centres, volumes in mL. Empty masks follow ``EMPTY_MASK_CONVENTION``; only the surface
-    distances and lesion F1 that are asked for are computed, since they are the expensive ones.
+    ``affine`` is the masks' 4 x 4 voxel-to-mm matrix (NIfTI's, a MetaTensor's; its 3 x 3 part will do): the voxel
+    volume is ``custom.clinical.voxel_volume_ml`` of it, as in the inference table, and surface distances follow its
+    axes, sheared ones included (``surface_distances``). Returns the requested ``names`` (default: all of
+    ``METRIC_NAMES``) as floats. Distances are in mm between boundary voxel centres, volumes in mL. Empty masks
+    follow ``EMPTY_MASK_CONVENTION``; only the surface distances and lesion F1 that are asked for are computed,
+    since they are the expensive ones.
     """
     unknown = [name for name in names if name not in METRIC_NAMES]
     if unknown:
@@ -110,9 +174,9 @@ def case_metrics(pred, label, spacing, names: Sequence[str] = METRIC_NAMES) -> d
     pred_mask, label_mask = _binary_mask(pred, "pred"), _binary_mask(label, "label")
     if pred_mask.shape != label_mask.shape:
         raise ValueError(f"pred and label shapes differ: {tuple(pred_mask.shape)} vs {tuple(label_mask.shape)}.")
-    spacing = _checked_spacing(spacing)
+    matrix = _checked_affine(affine)
 
-    voxel_ml = math.prod(spacing) / 1000.0
+    voxel_ml = voxel_volume_ml(matrix)
     pred_voxels, label_voxels = int(pred_mask.sum()), int(label_mask.sum())
     pred_ml, label_ml = pred_voxels * voxel_ml, label_voxels * voxel_ml
     values = {"pred_ml": pred_ml, "label_ml": label_ml, "avd_ml": abs(pred_ml - label_ml)}
@@ -128,17 +192,7 @@ def case_metrics(pred, label, spacing, names: Sequence[str] = METRIC_NAMES) -> d
     confusion = get_confusion_matrix(y_pred, y, include_background=True)
     values["precision"] = compute_confusion_matrix_metric("precision", confusion).item()
     values["recall"] = compute_confusion_matrix_metric("recall", confusion).item()
-    with warnings.catch_warnings():
-        # MONAI 1.6 passes its own deprecated `always_return_as_numpy` argument internally; nothing to act on here.
-        warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)
-        if "hd95_mm" in names:
-            values["hd95_mm"] = compute_hausdorff_distance(
-                y_pred, y, include_background=True, percentile=95, spacing=spacing
-            ).item()
-        if "assd_mm" in names:
-            values["assd_mm"] = compute_average_surface_distance(
-                y_pred, y, include_background=True, symmetric=True, spacing=spacing
-            ).item()
+    values.update(surface_distances(y_pred, y, matrix, names))
     if "lesion_f1" in names:
         values["lesion_f1"] = lesion_f1(pred_mask.numpy(), label_mask.numpy())
     return {name: values[name] for name in names}
@@ -158,8 +212,8 @@ def _lesion_mask(item: torch.Tensor, argument: str) -> torch.Tensor:
 class CaseMetric(CumulativeIterationMetric):
     """One metric of ``case_metrics`` per case, accumulated over an evaluation for Ignite/bundle evaluators.
 
-    MONAI's own metric classes take one spacing for the whole call; this class reads each case's voxel spacing
-    from its MetaTensor affine (the label's, else the prediction's), so cases with different slice thickness
+    MONAI's own metric classes take one spacing for the whole call; this class reads each case's affine from its
+    MetaTensor (the label's, else the prediction's), so cases with different slice thickness, or a sheared grid,
     are each measured in mm. Items are channel-first (2, H, W, D) one-hot or (1, H, W, D) masks, as a list
     or as a batch-first tensor. The buffer holds one value per case, shape (num_cases, 1), which is what
     ``IgniteMetricHandler(save_details=True)`` hands to ``MetricsSaver``.
@@ -168,8 +222,8 @@ class CaseMetric(CumulativeIterationMetric):
         name: one of ``METRIC_NAMES``, e.g. ``"hd95_mm"``.
         reduction: ``"mean"`` or ``"median"`` over the cases, ignoring NaN (see the empty-mask convention);
             NaN when every case is NaN.
-        spacing: fixed voxel size in mm for all cases; when given it overrides the affines, and it is required
-            when the items are plain tensors without an affine.
+        spacing: fixed voxel size in mm for all cases, an axis-aligned grid; when given it overrides the affines,
+            and it is required when the items are plain tensors without an affine.
     """
 
     # nanquantile(0.5) averages the two middle values of an even count, as numpy's median does in reporting.py.
@@ -183,18 +237,18 @@ class CaseMetric(CumulativeIterationMetric):
             raise ValueError(f"CaseMetric reduction must be one of {list(self.REDUCTIONS)}, got {reduction!r}.")
         self.name = name
         self.reduction = reduction
-        self.spacing = None if spacing is None else _checked_spacing(spacing)
+        self.affine = None if spacing is None else np.diag([*_checked_spacing(spacing), 1.0])
 
-    def _case_spacing(self, pred_item: torch.Tensor, label_item: torch.Tensor) -> tuple[float, float, float]:
-        """The spacing of one case: the fixed one if given, else from the label's affine, else the prediction's."""
-        if self.spacing is not None:
-            return self.spacing
+    def _case_affine(self, pred_item: torch.Tensor, label_item: torch.Tensor):
+        """The grid of one case: the fixed spacing if given, else the label's affine, else the prediction's."""
+        if self.affine is not None:
+            return self.affine
         for item in (label_item, pred_item):
             if isinstance(item, MetaTensor):
-                return _checked_spacing(affine_to_spacing(item.affine, r=3))
+                return item.affine
         raise ValueError(
-            f"CaseMetric({self.name!r}) needs each case's voxel spacing: pass pred/label as MetaTensors carrying "
-            "an affine (e.g. loaded with LoadImaged) or give CaseMetric(spacing=...)."
+            f"CaseMetric({self.name!r}) needs each case's affine: pass pred/label as MetaTensors carrying "
+            "one (e.g. loaded with LoadImaged) or give CaseMetric(spacing=...)."
         )
 
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -203,9 +257,9 @@ class CaseMetric(CumulativeIterationMetric):
             raise ValueError(f"CaseMetric({self.name!r}) needs the label (y) as well as the prediction.")
         values = []
         for pred_item, label_item in zip(y_pred, y):
-            spacing = self._case_spacing(pred_item, label_item)
+            affine = self._case_affine(pred_item, label_item)
             metrics = case_metrics(
-                _lesion_mask(pred_item, "pred"), _lesion_mask(label_item, "label"), spacing, names=(self.name,)
+                _lesion_mask(pred_item, "pred"), _lesion_mask(label_item, "label"), affine, names=(self.name,)
             )
             values.append([metrics[self.name]])
         return torch.tensor(values, dtype=torch.float64)

@@ -14,7 +14,14 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from custom.clinical import RESEARCH_USE_ONLY, VOLUME_COLUMNS, case_volumes, describe, write_volume_table
+from custom.clinical import (
+    RESEARCH_USE_ONLY,
+    VOLUME_COLUMNS,
+    case_volumes,
+    describe,
+    voxel_volume_ml,
+    write_volume_table,
+)
 from custom.handlers import LesionVolumeWriter
 
 SHAPE = (20, 24, 3)
@@ -178,6 +185,13 @@ def test_volumes_on_rotated_flipped_and_sheared_grids_are_the_voxel_volume(linea
     affine[:3, :3], affine[:3, 3] = linear, [10.0, -20.0, 30.0]
     row = case_volumes(synthetic_case(), lesion_mask(4), affine)
     assert (row["lesion_ml"], row["hypoperfusion_ml"], row["core_rule_ml"]) == pytest.approx((0.048, 0.168, 0.072))
+
+
+@pytest.mark.parametrize("diagonal", [(0.9, 0.9, 5.0), (-0.98, -0.98, 6.0), (0.8, 0.8, 3.0)])
+def test_voxel_volume_of_an_axis_aligned_grid_is_the_product_of_the_voxel_sizes_to_the_last_digit(diagonal):
+    """Evaluation reported volumes with the product of the voxel sizes; np.linalg.det gave 4.05 for 0.9 x 0.9 x 5,
+    where the product is 4.050000000000001, so moving evaluation to this helper would have moved its volumes."""
+    assert voxel_volume_ml(np.diag([*diagonal, 1.0])) == math.prod(abs(s) for s in diagonal) / 1000.0
 
 
 def test_tmax_in_milliseconds_leaves_its_columns_empty_with_a_warning(tmp_path, caplog):

@@ -41,9 +41,8 @@ def phantom_ceiling(out: str, cases: int = 60, seed: int = 9026, size: int = 256
         model = slab_model(slab, size)
         label = lesion_mask(slab.patient, model.tissue, model.severity, model.x, model.y, model.z)
         observable = observable_lesion_mask(slab.patient, model.tissue, model.severity, threshold_shift)
-        spacing = (model.pixel_mm, model.pixel_mm, slab.patient.centre.slice_mm)
         row = {"method": "observable", "case": slab.case, "patient": slab.patient.name}
-        row.update(case_metrics(observable, label, spacing))
+        row.update(case_metrics(observable, label, model.affine))
         rows.append(row)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
