@@ -6,7 +6,8 @@ Why it exists: ``model.pt`` is a plain state dict (MONAI Label, ``monai.bundle c
 have the 10 input channels of ``mirror`` and were evaluated and served with it without a word; a run resumed from
 another fold's checkpoint in its folder (``--fold 1 --ckpt_dir runs/f0 --resume_ckpt runs/f0/...``) restored that
 fold's best Dice and trained on from its weights. train.json's ``training_record`` writes ``TRAINING_RECORD`` into
-``ckpt_dir`` when a run starts (after refusing a resume whose record differs); ``custom.handlers`` compares the
+``ckpt_dir`` when a run starts, once its cases are screened and before they are cached (after refusing a resume whose
+record differs; a run refused for its data leaves no record); ``custom.handlers`` compares the
 record beside a checkpoint it loads with the loading run's ``INPUT_SETTINGS``. A checkpoint without a record beside it
 (the shipped ``bundle/models/model.pt``, runs of earlier versions) is loaded unchecked. Standard library and
 ``custom.atomic`` only, so ``custom.monailabel_app`` imports it without MONAI.
