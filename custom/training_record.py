@@ -8,7 +8,8 @@ another fold's checkpoint in its folder (``--fold 1 --ckpt_dir runs/f0 --resume_
 fold's best Dice and trained on from its weights. train.json's ``training_record`` writes ``TRAINING_RECORD`` into
 ``ckpt_dir`` when a run starts, once its cases are screened and before they are cached (after refusing a resume whose
 record differs; a run refused for its data leaves no record); ``custom.handlers`` compares the
-record beside a checkpoint it loads with the loading run's ``INPUT_SETTINGS``. A checkpoint without a record beside it
+record beside a checkpoint it loads with the loading run's ``INPUT_SETTINGS``, and evaluate.json's ``check_held_out``
+refuses to score a checkpoint on cases it was trained on. A checkpoint without a record beside it
 (the shipped ``bundle/models/model.pt``, runs of earlier versions) is loaded unchecked. Standard library and
 ``custom.atomic`` only, so ``custom.monailabel_app`` imports it without MONAI.
 """
@@ -53,11 +54,13 @@ def run_record(input_settings: Mapping, fold, dataset_dir) -> dict:
     which is given its studies)."""
     if set(input_settings) != set(INPUT_SETTINGS):
         raise ValueError(f"input settings must be exactly {list(INPUT_SETTINGS)}, got {sorted(input_settings)}")
+    return {**{key: input_settings[key] for key in INPUT_SETTINGS}, "fold": fold, **_dataset_identity(dataset_dir)}
+
+
+def _dataset_identity(dataset_dir) -> dict:
     dataset_json = Path(str(dataset_dir)) / "dataset.json"
     present = dataset_json.is_file()
     return {
-        **{key: input_settings[key] for key in INPUT_SETTINGS},
-        "fold": fold,
         "dataset_json": os.path.abspath(dataset_json) if present else None,
         "dataset_json_sha256": hashlib.sha256(dataset_json.read_bytes()).hexdigest() if present else None,
     }
@@ -92,6 +95,30 @@ def check_record(checkpoint, settings: Mapping, action: str = "loaded", otherwis
         f"checkpoint '{os.path.normpath(checkpoint)}' was trained with other settings than this run's (recorded in "
         f"'{os.path.normpath(record_of(checkpoint))}') and is not {action}; pass the overrides in brackets:\n  "
         + "\n  ".join(lines) + otherwise
+    )
+
+
+def check_held_out(checkpoint, fold, dataset_dir) -> None:
+    """Refuse to evaluate ``checkpoint`` on fold ``fold`` of ``dataset_dir`` where its record says it was trained on
+    those cases: the same dataset.json (SHA-256) and another fold, or ``fold`` -1 (every training case), or a model
+    trained on every case (fold -1). Its Dice would be that of cases it learnt (evaluate.json's ``--fold`` and
+    ``--ckpt_path`` are set apart, and ``--fold 1 --ckpt_path runs/fold0/model.pt`` scored fold 0's model on its own
+    training cases without a word). A checkpoint without a record, or trained on another dataset, passes."""
+    record = read_record(checkpoint)
+    if record is None or record.get("dataset_json_sha256") is None or "fold" not in record:
+        return
+    trained_fold = record["fold"]
+    same_dataset = _dataset_identity(dataset_dir)["dataset_json_sha256"] == record["dataset_json_sha256"]
+    if not same_dataset or trained_fold == fold != -1:
+        return
+    if trained_fold == -1:
+        trained_on, advice = "every case", "evaluate it on another dataset"
+    else:
+        trained_on, advice = f"every fold but {trained_fold}", f"evaluate its own fold with --fold {trained_fold}"
+    raise ValueError(
+        f"checkpoint '{os.path.normpath(checkpoint)}' was trained on {trained_on} of '{record.get('dataset_json')}' "
+        f"(recorded in '{os.path.normpath(record_of(checkpoint))}'): config id 'fold' {fold} scores cases it was "
+        f"trained on; {advice}"
     )
 
 
