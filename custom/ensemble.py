@@ -121,7 +121,8 @@ def _member_count(state: dict, path) -> int:
 
 
 def inference_network(
-    network_def: torch.nn.Module, ensemble_ckpt_paths=None, tta_flips=False, uncertainty: bool = False
+    network_def: torch.nn.Module, ensemble_ckpt_paths=None, tta_flips=False, uncertainty: bool = False,
+    input_settings=None,
 ) -> torch.nn.Module:
     """The network inference.json runs (config id ``inference_network``).
 
@@ -135,6 +136,8 @@ def inference_network(
         tta_flips: see ``flip_axes``.
         uncertainty: config id ``write_uncertainty``: add the uncertainty channel (``ProbabilityEnsemble``).
             Refused with a single model and no flips: one prediction has no spread.
+        input_settings: config id ``input_settings``: a member whose training record names other input settings
+            is refused (``custom.training_record``).
 
     Returns ``network_def`` unchanged when there is neither an ensemble nor flips nor uncertainty, else a
     ``ProbabilityEnsemble`` (in eval mode).
@@ -158,7 +161,7 @@ def inference_network(
         members = []
         for path in ensemble_ckpt_paths:
             member = copy.deepcopy(network_def)
-            load_network_checkpoint(path, member)
+            load_network_checkpoint(path, member, input_settings=input_settings)
             members.append(member)
     else:
         members = [network_def]

@@ -15,6 +15,7 @@ from monai.optimizers import WarmupCosineSchedule
 from custom.clinical import case_volumes, describe, write_volume_table
 from custom.data.datalist import output_case_name
 from custom.deploy import read_stacked_image
+from custom.training_record import check_record
 
 
 class LesionVolumeWriter:
@@ -124,13 +125,18 @@ def checkpoint_errors_named(path, targets) -> Iterator[None]:
         ) from err
 
 
-def load_network_checkpoint(path, network: torch.nn.Module, key: str = "model", name: str = "model") -> None:
+def load_network_checkpoint(
+    path, network: torch.nn.Module, key: str = "model", name: str = "model", input_settings=None
+) -> None:
     """Load the weights of checkpoint ``path`` into ``network`` as ``NamedCheckpointLoader`` does, without an engine.
 
     The file is read with ``weights_only=True`` on the CPU; a checkpoint holding ``{key: state_dict, ...}`` (as
     train.json's CheckpointSaver writes) gives its ``key`` entry, any other is taken as the state dict itself.
-    Loading is strict; every failure names the file (``checkpoint_errors_named``).
+    Loading is strict; every failure names the file (``checkpoint_errors_named``). With ``input_settings`` (config
+    id -> value, ``custom.training_record.INPUT_SETTINGS``), a checkpoint whose training record differs is refused.
     """
+    if input_settings is not None:
+        check_record(path, input_settings)
     with checkpoint_errors_named(path, [name]):
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(checkpoint, Mapping):
@@ -148,10 +154,19 @@ class NamedCheckpointLoader(CheckpointLoader):
     ``t_total`` and ``warmup_steps``: a run resumed with more ``epochs``, or without the ``time_budget_s`` that
     fitted it, would follow the checkpoint's shorter cosine past its end, where the learning rate climbs back
     to its peak. The resumed run continues from the checkpoint's step on the schedule its configuration sets,
-    from its first step on (the optimizer's restored learning rate is set to that schedule's).
+    from its first step on (the optimizer's restored learning rate is set to that schedule's). And ``model.pt`` holds
+    no input settings: with ``input_settings`` (config id -> this run's value) a checkpoint whose training record
+    (``custom.training_record``) names other values is refused (weights trained with ``contralateral_channels``
+    ``difference`` took ``mirror``'s 10 channels without a word).
     """
 
+    def __init__(self, *args, input_settings=None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.input_settings = input_settings
+
     def __call__(self, engine: Engine) -> None:
+        if self.input_settings is not None:
+            check_record(self.load_path, self.input_settings)
         configured = {
             schedule: (schedule.t_total, schedule.warmup_steps)
             for schedule in self.load_dict.values()

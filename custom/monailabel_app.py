@@ -27,6 +27,7 @@ import numpy as np
 from custom.atomic import write_atomically, write_text_atomically
 from custom.data.datalist import load_dataset_json, output_case_name
 from custom.package import package_bundle
+from custom.training_record import INPUT_SETTINGS, TRAINING_RECORD, record_of
 
 BUNDLE_NAME = "ctp_stroke"
 DEFAULT_VENV = Path.home() / ".cache" / "ctp-monailabel" / "venv"
@@ -35,8 +36,6 @@ VENV_VARIABLE = "CTP_MONAILABEL_VENV"
 # BundleInferTask reloads when its modification time changes.
 SERVED_CKPT_DIR = "$@bundle_root + '/models'"
 VIEW_CHANNELS = {"ct": 0, "tmax": 4}  # channel index in the converter's (H, W, D, 5) images
-# The config ids that set the network's input channels; weights trained with them are served with the same values.
-INPUT_CHANNEL_KEYS = ("contralateral_channels", "adjacent_slices")
 
 
 def monailabel_venv(venv=None) -> Path:
@@ -58,14 +57,14 @@ def unpack_served_bundle(archive, model_dir, input_settings=None) -> Path:
     ``models/``, a MONAI Label fine-tune of the served copy updates ``models/model.pt``; its datalists
     are emptied, MONAI Label's datastore provides the cases, screened by
     :func:`custom.data.datalist.check_labelled_studies` before they are cached. ``input_settings`` (a subset of
-    ``INPUT_CHANNEL_KEYS`` -> value) are written into the copy's ``train.json`` and ``inference.json``
+    ``INPUT_SETTINGS`` -> value) are written into the copy's ``train.json`` and ``inference.json``
     alike: MONAI Label runs the configs as they are, and weights trained with extra input channels
     need the same keys to be served and fine-tuned.
     """
     input_settings = dict(input_settings or {})
-    unknown = sorted(set(input_settings) - set(INPUT_CHANNEL_KEYS))
+    unknown = sorted(set(input_settings) - set(INPUT_SETTINGS))
     if unknown:
-        raise ValueError(f"input settings {unknown} are not among {list(INPUT_CHANNEL_KEYS)}")
+        raise ValueError(f"input settings {unknown} are not among {list(INPUT_SETTINGS)}")
     model_dir = Path(model_dir)
     with zipfile.ZipFile(archive) as zipped:
         tops = {Path(name).parts[0] for name in zipped.namelist()}
@@ -104,12 +103,17 @@ def unpack_served_bundle(archive, model_dir, input_settings=None) -> Path:
 
 def serve_weights(bundle_root, ckpt_path) -> None:
     """Make ``ckpt_path`` (a checkpoint of ``train.json``, or a plain state dict) the served copy's
-    ``models/model.pt``, the file MONAI Label loads first; the copy's ``model.ts``, an export of other
-    weights, is removed (export again from the served copy after a fine-tune anyway, docs/monailabel.md)."""
+    ``models/model.pt``, the file MONAI Label loads first, with the training record beside it, if any; the copy's
+    ``model.ts``, an export of other weights, and the record of the archive's weights are removed (export again from
+    the served copy after a fine-tune anyway, docs/monailabel.md)."""
     models = Path(bundle_root) / "models"
     models.mkdir(exist_ok=True)
     write_atomically(models / "model.pt", lambda temporary: shutil.copyfile(ckpt_path, temporary))
     (models / "model.ts").unlink(missing_ok=True)
+    if record_of(ckpt_path).is_file():
+        write_atomically(models / TRAINING_RECORD, lambda temporary: shutil.copyfile(record_of(ckpt_path), temporary))
+    else:
+        (models / TRAINING_RECORD).unlink(missing_ok=True)
 
 
 def check_served_bundle(bundle_root, weights=None) -> None:
@@ -118,7 +122,9 @@ def check_served_bundle(bundle_root, weights=None) -> None:
 
     Why it exists: MONAI Label starts and lists a bundle whose weights do not fit its configs (weights trained
     with other ``contralateral_channels`` or ``adjacent_slices``, a bad setting) and fails only at the first
-    inference, inside the server; here the preparation fails instead, naming the file or the setting.
+    inference, inside the server, or, where the channel count agrees (``difference`` and ``mirror``), never; here
+    the preparation fails instead, naming the file or the setting. Weights with a training record beside them
+    (``custom.training_record``) must match the served settings.
     """
     from monai.bundle import ConfigParser
 
@@ -133,10 +139,11 @@ def check_served_bundle(bundle_root, weights=None) -> None:
         parser.get_parsed_content("preprocessing")
         network = parser.get_parsed_content("network_def")
     except Exception as err:
-        settings = ", ".join(f"{key}={parser.get(key)!r}" for key in INPUT_CHANNEL_KEYS)
+        settings = ", ".join(f"{key}={parser.get(key)!r}" for key in INPUT_SETTINGS)
         cause = f"\n  {err.__cause__}" if err.__cause__ else ""
         raise ValueError(f"'{config_file}' ({settings}) does not build: {err}{cause}") from err
-    load_network_checkpoint(weights or bundle_root / "models" / "model.pt", network)
+    input_settings = {key: parser.get_parsed_content(key) for key in INPUT_SETTINGS}
+    load_network_checkpoint(weights or bundle_root / "models" / "model.pt", network, input_settings=input_settings)
 
 
 def fill_studies(dataset_dir, studies, views=None) -> list[str]:

@@ -12,11 +12,13 @@ import zipfile
 from pathlib import Path
 
 from custom.atomic import write_atomically
+from custom.training_record import TRAINING_RECORD
 
 # What a bundle archive carries (MONAI bundle specification plus the LICENSE the model zoo requires).
 BUNDLE_FOLDERS = ("configs", "docs")
 BUNDLE_FILES = ("LICENSE",)
-MODEL_FILES = ("model.pt", "model.ts", "model.onnx")  # weights; model.pt is required, the exports optional
+# weights; model.pt is required, the exports and model.pt's training record (its input settings) optional
+MODEL_FILES = ("model.pt", "model.ts", "model.onnx", TRAINING_RECORD)
 REQUIRED = ("configs/metadata.json", "configs/inference.json", "LICENSE")
 SKIPPED_NAMES = ("__pycache__",)
 SKIPPED_SUFFIXES = (".pyc", ".pyo")

@@ -353,6 +353,74 @@ def test_truncated_checkpoint_is_named_as_unreadable(tiny_phantom_dataset, tmp_p
     assert "does not fit" not in message
 
 
+@pytest.mark.parametrize("path", ["evaluation", "inference", "inference ensemble"])
+def test_weights_of_other_input_settings_are_refused_naming_the_record(tiny_phantom_dataset, tmp_path, path):
+    """Weights trained with ``--contralateral_channels difference`` have the 10 input channels of ``mirror``: run with
+    ``mirror`` they were loaded without a word. The training record beside them refuses it, naming the checkpoint,
+    the record, the setting, both values and the override to pass; nothing is written. With the recorded settings
+    the same weights run."""
+    from custom.training_record import TRAINING_RECORD, write_training_record
+
+    run = tmp_path / "difference_run"
+    run.mkdir()
+    checkpoint = _network_checkpoint(run / "model.pt", in_channels=10)
+    trained = {"contralateral_channels": "difference", "adjacent_slices": 0}
+    write_training_record(run, trained, fold=0, dataset_dir=tiny_phantom_dataset)
+    configs = ["train.json", "evaluate.json"] if path == "evaluation" else ["inference.json"]
+    ensemble = {"ensemble_ckpt_paths": [str(checkpoint)] * 2} if path == "inference ensemble" else {}
+
+    def run_with(contralateral_channels):
+        workflow = bundle_workflow(
+            configs, "train" if path == "evaluation" else "infer", dataset_dir=str(tiny_phantom_dataset),
+            ckpt_path=str(checkpoint), output_dir=str(tmp_path / contralateral_channels), num_workers=0,
+            contralateral_channels=contralateral_channels, **ensemble,
+        )  # fmt: skip
+        workflow.initialize()
+        workflow.run()
+
+    with pytest.raises(Exception) as raised:
+        run_with("mirror")
+    message = _messages(raised.value)
+    assert f"checkpoint '{checkpoint}' was trained with other settings than this run's" in message
+    assert f"(recorded in '{run / TRAINING_RECORD}')" in message
+    assert "contralateral_channels: trained with 'difference', this run 'mirror' " in message
+    assert "(--contralateral_channels difference)" in message
+    assert not (tmp_path / "mirror").exists()
+    run_with("difference")
+    written = "metrics.csv" if path == "evaluation" else "lesion_volumes.csv"
+    assert (tmp_path / "difference" / written).is_file()
+
+
+@pytest.mark.parametrize("fold", [1, -1])
+def test_evaluating_a_checkpoint_on_cases_it_was_trained_on_is_refused(tiny_phantom_dataset, tmp_path, fold):
+    """evaluate.json takes ``--fold`` and ``--ckpt_path`` apart: ``--fold 1 --ckpt_path runs/fold0/model.pt`` (or
+    ``--fold -1``, every training case) scored fold 0's model on cases it was trained on, without a word. Its training
+    record names its fold and dataset.json: refused before anything is cached or written, naming the checkpoint, the
+    record and the fold to evaluate. Its own fold, and any fold of another dataset, pass."""
+    from custom.training_record import TRAINING_RECORD, check_held_out, write_training_record
+
+    run = tmp_path / "fold0"
+    run.mkdir()
+    checkpoint = _network_checkpoint(run / "model.pt")
+    write_training_record(run, {"contralateral_channels": None, "adjacent_slices": 0}, 0, tiny_phantom_dataset)
+    workflow = bundle_workflow(
+        ["train.json", "evaluate.json"], "train", dataset_dir=str(tiny_phantom_dataset), fold=fold,
+        ckpt_path=str(checkpoint), output_dir=str(tmp_path / "eval"), num_workers=0,
+    )  # fmt: skip
+    workflow.initialize()
+    with pytest.raises(Exception) as raised:
+        workflow.run()
+    message = _messages(raised.value)
+    assert f"checkpoint '{checkpoint}' was trained on every fold but 0 of '{tiny_phantom_dataset / 'dataset.json'}' " \
+           f"(recorded in '{run / TRAINING_RECORD}')" in message
+    assert f"config id 'fold' {fold} scores cases it was trained on; evaluate its own fold with --fold 0" in message
+    assert not (tmp_path / "eval").exists()
+    check_held_out(checkpoint, 0, tiny_phantom_dataset)
+    other = shutil.copytree(tiny_phantom_dataset, tmp_path / "other")
+    (other / "dataset.json").write_text((other / "dataset.json").read_text() + "\n")
+    check_held_out(checkpoint, fold, other)
+
+
 # Outputs: a failed write (full disk, read-only folder) leaves nothing under the final name, and says which.
 @pytest.mark.parametrize("error", [errno.ENOSPC, errno.EACCES])
 def test_mask_writer_is_atomic_and_names_the_file(tmp_path, monkeypatch, error):

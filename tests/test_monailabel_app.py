@@ -16,6 +16,7 @@ from custom.monailabel_app import (
     unpack_served_bundle,
 )
 from custom.package import package_bundle
+from custom.training_record import TRAINING_RECORD, write_training_record
 
 
 def test_metadata_says_what_monailabel_reads():
@@ -61,6 +62,36 @@ def test_served_copy_takes_the_input_settings_of_its_weights(tmp_path):
     assert (served / "models" / "model.pt").read_bytes() == trained.read_bytes()
     assert not (served / "models" / "model.ts").exists()  # an export of the shipped weights
     check_served_bundle(served)
+
+
+def test_served_weights_of_other_recorded_input_settings_are_refused(tiny_phantom_dataset, tmp_path):
+    """Weights trained with ``--contralateral_channels difference`` fit the 10-channel network of ``mirror``, and were
+    served with it without a word. Their training record refuses it, naming the weights, the record and the setting;
+    served with the recorded settings, the record goes with the weights into the served copy, and weights without a
+    record leave none there (it would be another run's)."""
+    run = tmp_path / "difference_run"
+    run.mkdir()
+    trained = run / "model.pt"
+    torch.save(inference_network(in_channels=10).state_dict(), trained)
+    write_training_record(run, {"contralateral_channels": "difference", "adjacent_slices": 0}, 0, tiny_phantom_dataset)
+    archive = package_bundle(tmp_path / "ctp_stroke.zip")
+    mirror = unpack_served_bundle(archive, tmp_path / "mirror", {"contralateral_channels": "mirror"})
+    serve_weights(mirror, trained)
+    with pytest.raises(ValueError) as raised:
+        check_served_bundle(mirror, trained)
+    assert f"checkpoint '{trained}' was trained with other settings than this run's (recorded in " \
+           f"'{run / TRAINING_RECORD}')" in str(raised.value)
+    assert "contralateral_channels: trained with 'difference', this run 'mirror'" in str(raised.value)
+
+    served = unpack_served_bundle(archive, tmp_path / "difference", {"contralateral_channels": "difference"})
+    serve_weights(served, trained)
+    check_served_bundle(served, trained)
+    check_served_bundle(served)  # the served copy's own record
+    assert (served / "models" / TRAINING_RECORD).read_bytes() == (run / TRAINING_RECORD).read_bytes()
+    unrecorded = tmp_path / "unrecorded.pt"
+    unrecorded.write_bytes(trained.read_bytes())
+    serve_weights(served, unrecorded)
+    assert not (served / "models" / TRAINING_RECORD).exists()
 
 
 def test_served_copy_refuses_bad_input_settings(tmp_path):

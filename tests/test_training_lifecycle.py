@@ -1,5 +1,7 @@
 """Training lifecycle of configs/train.json: where weights go, runs of any length, resume, fine-tunes, kill -9."""
 
+import hashlib
+import json
 import os
 import shutil
 import signal
@@ -20,6 +22,7 @@ from custom.data.datalist import fold_datalist
 from custom.lifecycle import CrashSafeCheckpointSaver, ValidationAtIntervalAndEnd, latest_checkpoint
 from custom.monailabel_app import unpack_served_bundle
 from custom.package import package_bundle
+from custom.training_record import TRAINING_RECORD
 
 
 def _workflow(dataset_dir, bundle_root=BUNDLE, **override):
@@ -227,7 +230,8 @@ def test_a_new_run_into_a_used_ckpt_dir_is_refused_unless_asked_to_overwrite(tin
     ckpt_dir, logs = tmp_path / "models", tmp_path / "logs"
     _workflow(tiny_phantom_dataset, ckpt_dir=str(ckpt_dir), output_dir=str(logs), epochs=2).run()
     first_run = {path.name: path.read_bytes() for path in ckpt_dir.iterdir()}
-    assert set(first_run) == {"model.pt", "latest_checkpoint_epoch=1.pt", "latest_checkpoint_epoch=2.pt"}
+    assert set(first_run) == {"model.pt", "latest_checkpoint_epoch=1.pt", "latest_checkpoint_epoch=2.pt",
+                              TRAINING_RECORD}  # fmt: skip
     first_logs = _event_files(logs)
     assert first_logs
 
@@ -244,7 +248,9 @@ def test_a_new_run_into_a_used_ckpt_dir_is_refused_unless_asked_to_overwrite(tin
     replacing = _workflow(tiny_phantom_dataset, ckpt_dir=str(ckpt_dir), output_dir=str(logs), epochs=1, seed=7,
                           overwrite=True)  # fmt: skip
     replacing.run()
-    assert sorted(path.name for path in ckpt_dir.iterdir()) == ["latest_checkpoint_epoch=1.pt", "model.pt"]
+    assert sorted(path.name for path in ckpt_dir.iterdir()) == [
+        "latest_checkpoint_epoch=1.pt", "model.pt", TRAINING_RECORD
+    ]  # fmt: skip
     assert (ckpt_dir / "model.pt").read_bytes() != first_run["model.pt"]
     assert latest_checkpoint(ckpt_dir) == ckpt_dir / "latest_checkpoint_epoch=1.pt"
     replacing_logs = _event_files(logs)
@@ -296,6 +302,47 @@ def test_a_run_resumed_from_a_checkpoint_of_another_folder_is_refused(tiny_phant
     assert f"config id 'resume_ckpt': '{elsewhere}' is not in ckpt_dir '{second}'" in message
     assert f"add --ckpt_dir '{elsewhere.parent}'" in message
     assert not second.exists()
+
+
+def test_a_run_resumed_in_the_folder_of_another_fold_dataset_or_input_settings_is_refused(tiny_phantom_dataset,
+                                                                                          tmp_path):
+    """``--fold 1 --ckpt_dir runs/f0 --resume_ckpt runs/f0/<periodic checkpoint>`` restored fold 0's best Dice and
+    trained fold 1 on from fold 0's weights, replacing fold 0's model.pt, without a word; so did another dataset,
+    and other input settings of the same channel count. The record training writes beside its checkpoints refuses
+    each before the dataset is cached, naming the checkpoint, the record, both values and the override; the folder
+    is left as it was."""
+    ckpt_dir = tmp_path / "f0"
+    _workflow(tiny_phantom_dataset, ckpt_dir=str(ckpt_dir), output_dir=str(tmp_path / "logs"), epochs=1).run()
+    record = json.loads((ckpt_dir / TRAINING_RECORD).read_text())
+    assert record == {
+        "contralateral_channels": None, "adjacent_slices": 0, "fold": 0,
+        "dataset_json": str(tiny_phantom_dataset / "dataset.json"),
+        "dataset_json_sha256": hashlib.sha256((tiny_phantom_dataset / "dataset.json").read_bytes()).hexdigest(),
+    }  # fmt: skip
+    before = {path.name: path.read_bytes() for path in ckpt_dir.iterdir() if path.is_file()}
+    checkpoint = latest_checkpoint(ckpt_dir)
+    other_dataset = shutil.copytree(tiny_phantom_dataset, tmp_path / "other")
+    (other_dataset / "dataset.json").write_text((other_dataset / "dataset.json").read_text() + "\n")
+    attempts = {
+        "fold": ({"fold": 1}, "fold: trained with 0, this run 1 (--fold 0)"),
+        "dataset": ({"dataset_dir": other_dataset},
+                    f"dataset: trained on '{tiny_phantom_dataset / 'dataset.json'}' (SHA-256 "
+                    f"{record['dataset_json_sha256'][:12]}...), this run's dataset.json has SHA-256 "
+                    f"{hashlib.sha256((other_dataset / 'dataset.json').read_bytes()).hexdigest()[:12]}... "
+                    f"(--dataset_dir '{tiny_phantom_dataset}')"),
+        "input settings": ({"adjacent_slices": 1}, "adjacent_slices: trained with 0, this run 1 (--adjacent_slices 0)"),
+    }  # fmt: skip
+    for name, (override, expected) in attempts.items():
+        dataset_dir = override.pop("dataset_dir", tiny_phantom_dataset)
+        with pytest.raises(Exception) as raised:
+            _workflow(dataset_dir, ckpt_dir=str(ckpt_dir), output_dir=str(tmp_path / "logs"), epochs=2,
+                      resume_ckpt=str(checkpoint), **override).run()  # fmt: skip
+        message = error_chain(raised.value)
+        assert f"checkpoint '{checkpoint}' was trained with other settings than this run's (recorded in " \
+               f"'{ckpt_dir / TRAINING_RECORD}') and is not resumed" in message, name
+        assert expected in message, name
+        assert "train with this run's settings into another --ckpt_dir, without --resume_ckpt" in message, name
+        assert {path.name: path.read_bytes() for path in ckpt_dir.iterdir() if path.is_file()} == before, name
 
 
 def test_resume_keeps_the_best_metric(tiny_phantom_dataset, tmp_path):

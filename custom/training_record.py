@@ -1,0 +1,138 @@
+"""The settings a training run's weights depend on, recorded beside its checkpoints and checked by every run that
+loads them.
+
+Why it exists: ``model.pt`` is a plain state dict (MONAI Label, ``monai.bundle ckpt_export`` and MONAI's
+``CheckpointLoader`` read it so) and holds no settings. Weights trained with ``--contralateral_channels difference``
+have the 10 input channels of ``mirror`` and were evaluated and served with it without a word; a run resumed from
+another fold's checkpoint in its folder (``--fold 1 --ckpt_dir runs/f0 --resume_ckpt runs/f0/...``) restored that
+fold's best Dice and trained on from its weights. train.json's ``training_record`` writes ``TRAINING_RECORD`` into
+``ckpt_dir`` when a run starts, once its cases are screened and before they are cached (after refusing a resume whose
+record differs; a run refused for its data leaves no record); ``custom.handlers`` compares the
+record beside a checkpoint it loads with the loading run's ``INPUT_SETTINGS``, and evaluate.json's ``check_held_out``
+refuses to score a checkpoint on cases it was trained on. A checkpoint without a record beside it
+(the shipped ``bundle/models/model.pt``, runs of earlier versions) is loaded unchecked. Standard library and
+``custom.atomic`` only, so ``custom.monailabel_app`` imports it without MONAI.
+"""
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from custom.atomic import write_text_atomically
+
+TRAINING_RECORD = "training_inputs.json"
+# The config ids that decide what the network sees: weights trained with them need the same values wherever they run.
+INPUT_SETTINGS = ("contralateral_channels", "adjacent_slices")
+# What a resumed run must share with the run it continues, besides the input settings.
+RUN_SETTINGS = ("fold", "dataset_json_sha256")
+
+
+def record_of(checkpoint) -> Path:
+    """The record that belongs to ``checkpoint``: ``TRAINING_RECORD`` in its folder."""
+    return Path(checkpoint).parent / TRAINING_RECORD
+
+
+def read_record(checkpoint) -> dict | None:
+    """The record beside ``checkpoint`` (a dict), or None where there is none; an unreadable record names itself."""
+    path = record_of(checkpoint)
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"training record '{path}' of checkpoint '{checkpoint}' cannot be read: {err}") from err
+    if not isinstance(record, dict):
+        raise ValueError(f"training record '{path}' of checkpoint '{checkpoint}' is not a JSON object")
+    return record
+
+
+def run_record(input_settings: Mapping, fold, dataset_dir) -> dict:
+    """The record of a training run: its ``input_settings`` (``INPUT_SETTINGS`` -> value), its fold and its dataset
+    (``dataset.json``'s path and SHA-256; both null where the run has no dataset.json, as MONAI Label's served copy,
+    which is given its studies)."""
+    if set(input_settings) != set(INPUT_SETTINGS):
+        raise ValueError(f"input settings must be exactly {list(INPUT_SETTINGS)}, got {sorted(input_settings)}")
+    return {**{key: input_settings[key] for key in INPUT_SETTINGS}, "fold": fold, **_dataset_identity(dataset_dir)}
+
+
+def _dataset_identity(dataset_dir) -> dict:
+    dataset_json = Path(str(dataset_dir)) / "dataset.json"
+    present = dataset_json.is_file()
+    return {
+        "dataset_json": os.path.abspath(dataset_json) if present else None,
+        "dataset_json_sha256": hashlib.sha256(dataset_json.read_bytes()).hexdigest() if present else None,
+    }
+
+
+def check_record(checkpoint, settings: Mapping, action: str = "loaded", otherwise: str = "") -> None:
+    """Refuse ``checkpoint`` if the record beside it differs from ``settings`` (id -> this run's value) on any of
+    their ids, naming the checkpoint, the record, each differing id with both values and the override to pass
+    (``otherwise``: what else the user can do). A checkpoint without a record passes (nothing to compare)."""
+    record = read_record(checkpoint)
+    if record is None:
+        return
+    # a record of a run without dataset.json (MONAI Label's served copy) names no dataset to compare
+    differing = [
+        key for key, value in settings.items()
+        if key in record and record[key] != value and not (key == "dataset_json_sha256" and record[key] is None)
+    ]
+    if not differing:
+        return
+    lines = []
+    for key in differing:
+        if key == "dataset_json_sha256":
+            trained_on = record.get("dataset_json")
+            folder = os.path.dirname(trained_on) if trained_on else "<its dataset folder>"
+            lines.append(
+                f"dataset: trained on '{trained_on}' (SHA-256 {record[key][:12]}...), this run's dataset.json has "
+                f"SHA-256 {str(settings[key])[:12]}... (--dataset_dir '{folder}')"
+            )
+        else:
+            lines.append(f"{key}: trained with {record[key]!r}, this run {settings[key]!r} (--{key} {record[key]})")
+    raise ValueError(
+        f"checkpoint '{os.path.normpath(checkpoint)}' was trained with other settings than this run's (recorded in "
+        f"'{os.path.normpath(record_of(checkpoint))}') and is not {action}; pass the overrides in brackets:\n  "
+        + "\n  ".join(lines) + otherwise
+    )
+
+
+def check_held_out(checkpoint, fold, dataset_dir) -> None:
+    """Refuse to evaluate ``checkpoint`` on fold ``fold`` of ``dataset_dir`` where its record says it was trained on
+    those cases: the same dataset.json (SHA-256) and another fold, or ``fold`` -1 (every training case), or a model
+    trained on every case (fold -1). Its Dice would be that of cases it learnt (evaluate.json's ``--fold`` and
+    ``--ckpt_path`` are set apart, and ``--fold 1 --ckpt_path runs/fold0/model.pt`` scored fold 0's model on its own
+    training cases without a word). A checkpoint without a record, or trained on another dataset, passes."""
+    record = read_record(checkpoint)
+    if record is None or record.get("dataset_json_sha256") is None or "fold" not in record:
+        return
+    trained_fold = record["fold"]
+    same_dataset = _dataset_identity(dataset_dir)["dataset_json_sha256"] == record["dataset_json_sha256"]
+    if not same_dataset or trained_fold == fold != -1:
+        return
+    if trained_fold == -1:
+        trained_on, advice = "every case", "evaluate it on another dataset"
+    else:
+        trained_on, advice = f"every fold but {trained_fold}", f"evaluate its own fold with --fold {trained_fold}"
+    raise ValueError(
+        f"checkpoint '{os.path.normpath(checkpoint)}' was trained on {trained_on} of '{record.get('dataset_json')}' "
+        f"(recorded in '{os.path.normpath(record_of(checkpoint))}'): config id 'fold' {fold} scores cases it was "
+        f"trained on; {advice}"
+    )
+
+
+def write_training_record(ckpt_dir, input_settings: Mapping, fold, dataset_dir, resume_ckpt=None) -> dict:
+    """Write the record of this training run (``run_record``) into ``ckpt_dir``; returns it.
+
+    A resumed run is refused first if the record beside ``resume_ckpt`` names other input settings, another fold or
+    another dataset.json (it would restore that run's best Dice and train on from its weights). Every rank of a
+    multi-process run checks and writes the same record (each write is atomic)."""
+    record = run_record(input_settings, fold, dataset_dir)
+    if resume_ckpt is not None:
+        check_record(
+            resume_ckpt, {key: record[key] for key in INPUT_SETTINGS + RUN_SETTINGS}, action="resumed",
+            otherwise="\nor train with this run's settings into another --ckpt_dir, without --resume_ckpt",
+        )  # fmt: skip
+    write_text_atomically(Path(str(ckpt_dir)) / TRAINING_RECORD, json.dumps(record, indent=4) + "\n")
+    return record
