@@ -6,6 +6,7 @@ library has no atomic write. Standard library only, so the MONAI-free runner (``
 it too.
 """
 
+import errno
 import glob
 import os
 import shutil
@@ -53,16 +54,25 @@ def write_text_atomically(path, text: str) -> Path:
     return write_atomically(path, lambda temporary: Path(temporary).write_text(text, encoding="utf-8", newline=""))
 
 
-def require_writable_folder(folder) -> Path:
+def require_writable_folder(folder, create: bool = True) -> Path:
     """Create ``folder`` if needed and write (then remove) a temporary file in it; returns ``folder``.
 
     Commands call this before any long work, so a read-only folder, a full disk or a path under a file
-    fails at once with an error naming the folder instead of hours later in the middle of a write.
+    fails at once with an error naming the folder instead of hours later in the middle of a write. With
+    ``create`` false a missing folder is not made: the nearest existing folder above it, where it would be made,
+    is probed instead (for checks that run before a run may still be refused, which then leaves nothing behind).
     """
     folder = Path(folder)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = temporary_sibling(folder / "write-test")
+        probed = folder
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+        else:
+            while not probed.exists() and probed.parent != probed:
+                probed = probed.parent
+        if not probed.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, f"'{probed}' is not a folder")
+        probe = temporary_sibling(probed / "write-test")
         try:
             probe.write_bytes(b"\0")
         finally:

@@ -207,10 +207,10 @@ def check_output_dir(output_dir, images, write_uncertainty=False, overwrite=Fals
     A case's outputs are its mask and its uncertainty map, whichever this run writes, so a run without
     ``write_uncertainty`` never leaves an earlier run's map beside its new mask. Allowed: none of these files
     exists, or ``overwrite`` true (they are replaced; an earlier uncertainty map this run does not write is
-    removed). The folder is made and a file written in it, so an unwritable one fails before the first image
-    rather than at its first mask.
+    removed). The folder is probed with a file (where it will be made, if it does not exist yet), so an unwritable
+    one fails before the first image rather than at its first mask.
     """
-    require_writable_folder(output_dir)
+    require_writable_folder(output_dir, create=False)
     written = ("seg", "uncertainty") if write_uncertainty else ("seg",)
     refuse_earlier_outputs(
         output_dir, images, overwrite, written, (VOLUME_TABLE,),
@@ -233,11 +233,12 @@ def check_evaluation_dir(output_dir, images, metrics, save_masks=False, overwrit
     does not evaluate are left, this run's cases are the rows of its ``*_raw.csv``), as inference's
     ``check_output_dir``. In a multi-process evaluation (multi_gpu_evaluate.json) every rank checks and waits for
     the others: a rank that started late took the masks an earlier rank had just written for an earlier run's.
-    The folders written (``masks`` with ``save_masks``) are made and probed with a file, so an unwritable one fails
-    before the first case rather than when MetricsSaver writes the tables at the end.
+    The folders written (``masks`` with ``save_masks``) are probed with a file (where they will be made, if they do
+    not exist yet), so an unwritable one fails before the first case rather than when MetricsSaver writes the tables
+    at the end.
     """
     for folder in [output_dir] + ([Path(str(output_dir)) / "masks"] if save_masks else []):
-        require_writable_folder(folder)
+        require_writable_folder(folder, create=False)
     tables = ["metrics.csv"] + [f"{name}_{kind}.csv" for name in metrics for kind in ("raw", "summary")]
     refuse_earlier_outputs(
         output_dir, images, overwrite, ("seg",) if save_masks else (), tables,
