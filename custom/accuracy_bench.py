@@ -485,6 +485,16 @@ def score_masks_command(masks: str, dataset_dir: str, out: str, method: str = "m
     return str(out / "cases.csv")
 
 
+def describe(method: str, facts: dict) -> str:
+    """The table's label of a method; a bundle run with overrides names them, since it is not train.json's defaults
+    (a tuning run's table said it was)."""
+    overrides = facts.get("overrides") or {}
+    if method != "bundle" or not overrides:
+        return DESCRIPTIONS[method]
+    listed = " ".join(f"--{key} {value}" for key, value in overrides.items())
+    return f"the bundle (train.json with {listed}, epochs fitted to the budget)"
+
+
 def comparison_rows(cases: dict[str, list[dict]], facts: dict[str, dict], reference: str) -> list[dict]:
     """One row per method: mean, std and median of the table metrics over the test cases, HD95 over the cases
     where every method has one (``same_case_statistics``, so the means compare the same cases), and the paired Dice
@@ -492,7 +502,8 @@ def comparison_rows(cases: dict[str, list[dict]], facts: dict[str, dict], refere
     statistics = same_case_statistics(cases, TABLE_METRICS)
     result = []
     for method, rows in cases.items():
-        row = {"method": method, "description": DESCRIPTIONS[method], "cases": len(rows), **statistics[method]}
+        row = {"method": method, "description": describe(method, facts.get(method, {})), "cases": len(rows),
+               **statistics[method]}
         comparison = paired_comparison(cases[reference], rows, "dice")
         row.update({f"dice_vs_{reference}_{k}": v for k, v in comparison.items() if k != "metric"})
         row.update(facts.get(method, {}))

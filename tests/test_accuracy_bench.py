@@ -48,6 +48,18 @@ def test_distances_are_compared_on_the_cases_every_method_has():
     assert rows["threshold"]["dice_vs_bundle_mean_difference"] == pytest.approx((-0.1 - 0.6 + 0.3) / 3)
 
 
+def test_the_bundle_row_names_its_overrides_instead_of_claiming_the_defaults():
+    cases = {"bundle": _rows("bundle", [0.5, 0.6], [10.0, 20.0]),
+             "threshold": _rows("threshold", [0.4, 0.3], [3.0, 5.0])}
+    facts = {"bundle": {"overrides": {"adjacent_slices": 1, "loss#lambda_gdl": 0}}, "threshold": {}}
+    rows = {row["method"]: row for row in comparison_rows(cases, facts, "bundle")}
+    assert rows["bundle"]["description"] == (
+        "the bundle (train.json with --adjacent_slices 1 --loss#lambda_gdl 0, epochs fitted to the budget)")
+    assert rows["threshold"]["description"] == "threshold rule rCBF < 30 % within Tmax > 6 s"
+    plain = comparison_rows(cases, {"bundle": {"overrides": {}}}, "bundle")[0]
+    assert plain["description"] == "the bundle (train.json defaults, epochs fitted to the budget)"
+
+
 @pytest.mark.slow
 def test_quick_benchmark_scores_every_method_on_the_same_cases(tmp_path):
     from custom.accuracy_bench import run_accuracy_bench
