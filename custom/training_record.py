@@ -16,13 +16,17 @@ refuses to score a checkpoint on cases it was trained on. A checkpoint without a
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
 
 from custom.atomic import write_text_atomically
 
+logger = logging.getLogger(__name__)
+
 TRAINING_RECORD = "training_inputs.json"
+BEST_MODEL = "model.pt"  # train.json's best (or final) model in ckpt_dir
 # The config ids that decide what the network sees: weights trained with them need the same values wherever they run.
 INPUT_SETTINGS = ("contralateral_channels", "adjacent_slices")
 # What a resumed run must share with the run it continues, besides the input settings.
@@ -126,13 +130,31 @@ def write_training_record(ckpt_dir, input_settings: Mapping, fold, dataset_dir, 
     """Write the record of this training run (``run_record``) into ``ckpt_dir``; returns it.
 
     A resumed run is refused first if the record beside ``resume_ckpt`` names other input settings, another fold or
-    another dataset.json (it would restore that run's best Dice and train on from its weights). Every rank of a
-    multi-process run checks and writes the same record (each write is atomic)."""
+    another dataset.json (it would restore that run's best Dice and train on from its weights). A new run replacing
+    another in ``ckpt_dir`` (``check_ckpt_dir`` let it: ``--overwrite True``) whose record describes other weights
+    (``_describes_other_weights``) removes that run's ``model.pt`` first: it would sit under this run's record until
+    this run's first validation and, after a stop before it, be loaded as this run's. Every rank of a multi-process
+    run checks and writes the same record (each write is atomic)."""
     record = run_record(input_settings, fold, dataset_dir)
+    folder = Path(str(ckpt_dir))
+    earlier_model, earlier = folder / BEST_MODEL, read_record(folder / BEST_MODEL)
+    if resume_ckpt is None and earlier_model.is_file() and earlier and _describes_other_weights(earlier, record):
+        logger.warning(f"removing '{earlier_model}': the best model of the run this one replaces, trained otherwise")
+        earlier_model.unlink(missing_ok=True)  # another rank of this run may have removed it
     if resume_ckpt is not None:
         check_record(
             resume_ckpt, {key: record[key] for key in INPUT_SETTINGS + RUN_SETTINGS}, action="resumed",
             otherwise="\nor train with this run's settings into another --ckpt_dir, without --resume_ckpt",
         )  # fmt: skip
-    write_text_atomically(Path(str(ckpt_dir)) / TRAINING_RECORD, json.dumps(record, indent=4) + "\n")
+    write_text_atomically(folder / TRAINING_RECORD, json.dumps(record, indent=4) + "\n")
     return record
+
+
+def _describes_other_weights(earlier: Mapping, record: Mapping) -> bool:
+    """Whether weights recorded by ``earlier`` would be misdescribed by ``record``: other input settings, or another
+    fold or dataset.json where both name a dataset (MONAI Label's served copy names none; each of its fine-tunes
+    starts from the served model.pt under the same input settings, which must stay)."""
+    if any(earlier.get(key) != record[key] for key in INPUT_SETTINGS):
+        return True
+    both_named = earlier.get("dataset_json_sha256") is not None and record["dataset_json_sha256"] is not None
+    return both_named and any(earlier.get(key) != record[key] for key in RUN_SETTINGS)

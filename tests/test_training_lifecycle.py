@@ -257,6 +257,33 @@ def test_a_new_run_into_a_used_ckpt_dir_is_refused_unless_asked_to_overwrite(tin
     assert replacing_logs and not set(replacing_logs) & set(first_logs)  # TensorBoard shows the new run only
 
 
+def test_a_replacing_run_of_other_settings_leaves_no_earlier_model_under_its_record(tiny_phantom_dataset, tmp_path):
+    """``--overwrite True`` with other input settings wrote this run's record at its start while the replaced run's
+    model.pt stayed until the first validation: a run stopped before it left weights of ``--adjacent_slices 0``
+    recorded as ``1`` (loaded as this run's, unchecked). That model.pt is removed at the start; a replacing run with
+    the same settings, fold and dataset, as each MONAI Label fine-tune of its served copy, keeps it."""
+    ckpt_dir, logs = tmp_path / "models", tmp_path / "logs"
+    _workflow(tiny_phantom_dataset, ckpt_dir=str(ckpt_dir), output_dir=str(logs), epochs=1).run()
+    first_model = (ckpt_dir / "model.pt").read_bytes()
+
+    def stopped_before_validation(**override):
+        workflow = _workflow(tiny_phantom_dataset, ckpt_dir=str(ckpt_dir), output_dir=str(logs), overwrite=True,
+                             **override)  # fmt: skip
+
+        def stop(engine):
+            raise KeyboardInterrupt("stopped in the first iteration")
+
+        workflow.parser.get_parsed_content("train#trainer").add_event_handler(Events.ITERATION_STARTED(once=1), stop)
+        with pytest.raises(KeyboardInterrupt):
+            workflow.run()
+        return json.loads((ckpt_dir / TRAINING_RECORD).read_text())
+
+    assert stopped_before_validation()["adjacent_slices"] == 0
+    assert (ckpt_dir / "model.pt").read_bytes() == first_model  # the record describes it as it did
+    assert stopped_before_validation(adjacent_slices=1)["adjacent_slices"] == 1
+    assert not (ckpt_dir / "model.pt").exists()
+
+
 def test_a_new_run_into_used_logs_is_refused(tiny_phantom_dataset, tmp_path):
     """A run with a new ckpt_dir but the output_dir of an earlier run would draw its curves over that run's in
     TensorBoard: refused before it logs anything, naming the id, the folder and how many event files."""
