@@ -394,6 +394,25 @@ def test_output_folder_that_cannot_be_written_is_refused_before_converting(tmp_p
         prepare_isles2018(tmp_path / "TRAINING", blocker / "dataset", folds=2)
 
 
+def test_dst_that_is_or_holds_the_working_folder_is_refused_before_converting(tmp_path, monkeypatch, capsys):
+    """From inside the dataset folder, `prepare isles2018 SRC . --overwrite` converted every case into a temporary
+    folder inside DST itself ('./..<id>.tmp', the sibling of '.'), then refused the run naming that folder as an
+    entry the converter does not write. Now refused before any case is read, whatever the spelling."""
+    src = tmp_path / "TRAINING"
+    write_isles_case(src, "case_1")
+    write_isles_case(src, "case_2")
+    dst = prepare_isles2018(src, tmp_path / "dataset", folds=2)
+    before = {p.relative_to(dst): p.stat().st_mtime_ns for p in dst.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    for working_folder, target in ((dst, "."), (dst / "imagesTr", ".."), (dst / "labelsTr", dst)):
+        monkeypatch.chdir(working_folder)
+        with pytest.raises(ValueError, match=rf"'{target}' is or holds the working folder '{working_folder}'"):
+            prepare_isles2018(src, target, folds=2, overwrite=True)
+        assert "case_1" not in capsys.readouterr().out  # refused before converting
+    assert {p.relative_to(dst): p.stat().st_mtime_ns for p in dst.rglob("*") if p.is_file()} == before
+    assert leftovers(tmp_path, {"TRAINING", "dataset"}) == []
+
+
 def test_refused_run_creates_no_parent_folder_of_dst(tmp_path):
     """Neither a wrong SRC (refused before converting) nor a broken case (refused while converting) leaves the
     missing parent folders of DST behind."""
