@@ -2,6 +2,8 @@
 
 import itertools
 import json
+import re
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -28,7 +30,8 @@ def write_isles_case(
 ):
     """Write ``split_dir/case`` in the ISLES 2018 layout: ``SMIR.Brain.XX.O.<MOD>.<id>/<same>.nii`` per map.
 
-    CT is int16, perfusion maps float32 (``MAP_VALUES`` inside a brain box, 0 outside), OT uint8 with
+    CT is int16 (with one voxel outside the brain that differs between cases), perfusion maps float32
+    (``MAP_VALUES`` inside a brain box, 0 outside), OT uint8 with
     ``lesion_voxels`` lesion voxels. ``replace`` maps a map name (CT, CBF, ..., OT) to the array, or
     (array, affine), to write instead; ``skip`` omits maps; ``gz`` lists maps written as .nii.gz;
     ``with_pwi`` adds a 4DPWI folder whose file is not NIfTI, so opening it would fail; ``affine`` is the
@@ -47,6 +50,8 @@ def write_isles_case(
         else:
             data = np.zeros(SHAPE, np.int16 if name == "CT" else np.float32)
             data[BRAIN] = MAP_VALUES[name]
+            if name == "CT":
+                data[-1, -1, 0] = next(_series_ids) % 1000  # outside the brain: no two cases are one study, as in life
         map_affine = affine
         if name in replace:
             data, map_affine = replace[name] if isinstance(replace[name], tuple) else (replace[name], affine)
@@ -256,6 +261,29 @@ def test_empty_source_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"no case_\* folders in '.*TRAINING'"):
         prepare_isles2018(tmp_path / "TRAINING", tmp_path / "dataset")
     assert leftovers(tmp_path, {"TRAINING"}) == []
+
+
+@pytest.mark.parametrize("copy_to", ["TRAINING/case_1 (1)", "TESTING/case_3"])
+def test_a_study_converted_twice_is_refused_naming_both_case_folders(tmp_path, copy_to):
+    """A case folder copied under another name (a repeated download's 'case_1 (1)') became a patient of its own,
+    in another fold than the original: the same study trained on and validated on, `check` finding no problem.
+    Cases whose CT alone is the same (all zero, for data without a CT) are converted."""
+    src = tmp_path / "TRAINING"
+    for case in ("case_1", "case_2", "case_3"):
+        write_isles_case(src, case)
+    write_isles_case(tmp_path / "TESTING", "case_4", labelled=False)
+    shutil.copytree(src / "case_1", tmp_path / copy_to)
+    expected = f"'{tmp_path / copy_to}' holds the same maps as '{src / 'case_1'}'"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        prepare_isles2018(src, tmp_path / "dataset", folds=2, testing=tmp_path / "TESTING")
+    assert leftovers(tmp_path, {"TRAINING", "TESTING"}) == []
+
+    zero_ct = tmp_path / "ZERO_CT"
+    for number in (1, 2):
+        cbf = np.zeros(SHAPE, np.float32)
+        cbf[BRAIN] = MAP_VALUES["CBF"] + number  # two patients' maps differ
+        write_isles_case(zero_ct, f"case_{number}", replace={"CT": np.zeros(SHAPE, np.int16), "CBF": cbf})
+    assert prepare_isles2018(zero_ct, tmp_path / "zero_ct_dataset", folds=2).is_dir()
 
 
 def test_existing_dst_needs_overwrite_and_survives_a_failed_overwrite(tmp_path):

@@ -7,6 +7,7 @@ corrupt training (maps on different grids, NaN, stray label values), and writes 
 """
 
 import csv
+import hashlib
 import json
 import re
 import sys
@@ -243,6 +244,23 @@ def _unlabelled_source_cases(src: Path, cases: list[CaseFiles]) -> list[CaseFile
     return unlabelled
 
 
+def _refuse_a_repeated_study(case: CaseFiles, image: np.ndarray, case_of_image: dict[bytes, CaseFiles]) -> None:
+    """Refuse a case whose maps equal, voxel for voxel, those of a case converted before (``case_of_image``: digest
+    of the stacked maps -> case, updated here).
+
+    Why: a case folder copied under another name (``case_1 (1)`` from a repeated download) is converted as a
+    patient of its own, so the same study lands in two folds, trained on and validated on, and inflates the
+    cross-validation score without any sign (the file paths differ, so ``check`` cannot tell). Two studies never
+    share every voxel of all five maps (a CT left all zero by data without one is no match on its own)."""
+    digest = hashlib.sha256(repr(image.shape).encode() + np.ascontiguousarray(image).tobytes()).digest()
+    first = case_of_image.setdefault(digest, case)
+    if first is not case:
+        raise ValueError(
+            f"'{case.folder}' holds the same maps as '{first.folder}' (every voxel): one study converted twice would "
+            "be trained on and validated on; remove the copy"
+        )
+
+
 def _refuse_inputs_inside(dst: Path, inputs: dict[str, object]):
     """Refuse a DST that is or holds an input (``what -> path``, None for an absent option): an input inside
     the old DST would be deleted with it by ``--overwrite``."""
@@ -343,6 +361,7 @@ def prepare_isles2018(
 
     def convert(work: Path) -> None:
         lesion_ml = {}
+        case_of_image: dict[bytes, CaseFiles] = {}
         for folder in IMAGE_FOLDERS:
             (work / folder).mkdir()
         all_cases = [(c, True) for c in training] + [(c, False) for c in testing_cases]
@@ -351,6 +370,7 @@ def prepare_isles2018(
                 ct_image, image, label = load_case_from_4d(case, with_label=is_training, dt=dt)
             else:
                 ct_image, image, label = load_case(case, with_label=is_training)
+            _refuse_a_repeated_study(case, image, case_of_image)
             image_folder = "imagesTr" if is_training else "imagesTs"
             _save_on_ct_grid(image, ct_image, work / image_folder / f"{case.name}.nii.gz")
             summary = f"[{index}/{len(all_cases)}] {case.name}: {'x'.join(map(str, image.shape[:3]))}"
