@@ -2,8 +2,10 @@
 
 import itertools
 import json
+import os
 import re
 import shutil
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -306,6 +308,43 @@ def test_existing_dst_needs_overwrite_and_survives_a_failed_overwrite(tmp_path):
     prepare_isles2018(src, dst, folds=2, overwrite=True)
     assert not marker.exists() and (dst / "dataset.json").is_file()
     assert leftovers(tmp_path, {"TRAINING", "dataset", "set_aside"}) == []
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_an_empty_dst_made_beforehand_is_filled(tmp_path, overwrite):
+    """`mkdir -p data/isles2018` then `prepare ... data/isles2018` was refused ('already exists; pass --overwrite'),
+    and with --overwrite refused again ('holds no dataset.json ... --overwrite would delete everything in it'), for a
+    folder holding nothing. The phantom fills an empty OUT; so does prepare now. A hidden file is still refused."""
+    src = tmp_path / "TRAINING"
+    write_isles_case(src, "case_1")
+    write_isles_case(src, "case_2")
+    dst = tmp_path / "dataset"
+    dst.mkdir()
+    assert prepare_isles2018(src, dst, folds=2, overwrite=overwrite) == dst
+    assert (dst / "dataset.json").is_file() and leftovers(tmp_path, {"TRAINING", "dataset"}) == []
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / ".DS_Store").write_bytes(b"")
+    with pytest.raises(FileExistsError, match="holds no dataset.json" if overwrite else "pass --overwrite"):
+        prepare_isles2018(src, other, folds=2, overwrite=overwrite)
+    assert [p.name for p in other.iterdir()] == [".DS_Store"]
+
+
+def test_a_mount_point_dst_is_refused_before_converting(tmp_path, monkeypatch, capsys):
+    """A mount point (an empty Docker volume) cannot be renamed over: taken as an empty DST, every case would be
+    converted before the rename failed with 'Device or resource busy'. Refused before any case is read, naming it
+    (no mount is made: the test marks DST as one)."""
+    src = tmp_path / "TRAINING"
+    write_isles_case(src, "case_1")
+    write_isles_case(src, "case_2")
+    dst = tmp_path / "dataset"
+    dst.mkdir()
+    is_mount = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda path: Path(path) == dst or is_mount(path))
+    with pytest.raises(ValueError, match=re.escape(f"'{dst}' is a mount point")):
+        prepare_isles2018(src, dst, folds=2)
+    assert "case_1" not in capsys.readouterr().out and list(dst.iterdir()) == []
 
 
 def test_temporary_folder_of_a_killed_conversion_is_named(tmp_path, capsys):

@@ -300,6 +300,12 @@ def _refuse_replacing_foreign_entries(dst: Path):
         )
 
 
+def _is_empty_folder(path: Path) -> bool:
+    """Whether ``path`` is a folder holding nothing (hidden files count): a DST made beforehand (``mkdir -p``) is
+    filled as if it did not exist, as the phantom fills an empty OUT; nothing in it can be lost."""
+    return path.is_dir() and not any(path.iterdir())
+
+
 def _remove_empty_folders(folders: list[Path]) -> None:
     """Remove ``folders`` (deepest first) while they are empty: the parents of DST that a failed run created, so
     a refused conversion leaves nothing behind (``write_folder_atomically`` removes only its temporary folder)."""
@@ -329,17 +335,17 @@ def prepare_isles2018(
         seed: seed of the fold assignment's tie-breaking.
         testing: optional extra split folder (e.g. ISLES2018/TESTING) whose cases all go to ``testing``.
         overwrite: replace an existing DST (only once the new one is complete), if it holds nothing but what
-            this converter writes (``_refuse_replacing_foreign_entries``).
+            this converter writes (``_refuse_replacing_foreign_entries``). An empty DST needs no ``overwrite``.
         maps_from_4d: compute CBF, CBV, MTT and Tmax from each case's 4D series (``CT_4DPWI``) with
             custom.perfusion instead of reading the vendor maps (docs/perfusion.md).
         dt: time step (s) of the 4D series when their headers lack it (with ``maps_from_4d``).
     """
     src, dst = Path(src), Path(dst)
-    if dst.exists() and not overwrite:
+    if dst.exists() and not _is_empty_folder(dst) and not overwrite:
         raise FileExistsError(f"'{dst}' already exists; pass --overwrite to replace it")
     inputs = {"the source folder": src, "the --testing folder": testing, "the --patients CSV": patients}
     _refuse_inputs_inside(dst, inputs)
-    if dst.exists():
+    if dst.exists() and not _is_empty_folder(dst):
         _refuse_replacing_foreign_entries(dst)
     if testing is not None and Path(testing).resolve() == src.resolve():
         raise ValueError(f"--testing '{testing}' is the source folder SRC '{src}': its cases would be converted twice")
@@ -405,13 +411,13 @@ def prepare_isles2018(
             "testing": [{"image": f"imagesTs/{c.name}.nii.gz", "case": c.name} for c in testing_cases],
         }
         (work / "dataset.json").write_text(json.dumps(dataset, indent=2) + "\n")
-        if overwrite and dst.exists():  # again just before the old DST is replaced: files may have come meanwhile
+        if dst.exists() and not _is_empty_folder(dst):  # again just before DST is replaced: files may have come
             _refuse_replacing_foreign_entries(dst)
 
     new_folders = [folder for folder in (dst.parent, *dst.parent.parents) if not folder.exists()]
     try:
         require_writable_folder(dst.parent)
-        write_folder_atomically(dst, convert, overwrite)
+        write_folder_atomically(dst, convert, overwrite=overwrite or dst.exists())  # an existing DST: empty, or asked
     except BaseException:
         _remove_empty_folders(new_folders)
         raise
