@@ -130,9 +130,23 @@ def write_folder_atomically(folder, write: Callable[[Path], object], overwrite: 
     The folder's ``write_atomically``: a converted dataset or a phantom cohort is complete under ``folder`` or
     not there. The parent folder is created if needed. An existing ``folder`` is replaced only with
     ``overwrite``, and only once the new one is complete. If anything fails, the temporary folder is removed
-    and ``folder`` is left as it was. Returns ``folder``.
+    and ``folder`` is left as it was. A ``folder`` that is or holds the working folder, or a mount point, is refused
+    before ``write``.
+    Returns ``folder``.
     """
     folder = Path(folder)
+    working = Path.cwd().resolve()
+    if folder.resolve() in (working, *working.parents):
+        # '.' would get its temporary folder inside itself ('./..<id>.tmp'), and a working folder cannot be renamed
+        raise ValueError(
+            f"'{folder}' is or holds the working folder '{working}': it is written beside itself and renamed into "
+            "place, which cannot replace the folder the command runs in; run the command from outside it"
+        )
+    if os.path.ismount(folder):  # renaming a mount point fails (EBUSY), after the whole write
+        raise ValueError(
+            f"'{folder}' is a mount point (a Docker volume?): it is written beside itself and renamed into place, "
+            "which cannot replace a mount point; write into a folder inside it"
+        )
     folder.parent.mkdir(parents=True, exist_ok=True)
     _name_leftover_siblings(folder)
     work = _sibling_folder(folder, "tmp")

@@ -194,6 +194,37 @@ def test_a_study_in_the_training_and_validation_cases_of_a_fold_is_refused(datas
     assert fold_datalist(folder, -1, "train")  # every case, for a fit check: no held-out fold to leak into
 
 
+FOLD_PROBLEMS = {
+    "string": r"dataset.json training\[{index}\].fold: expected an integer in \[0, 2\), found '1'",
+    "out of range": r"dataset.json training\[{index}\].fold: expected an integer in \[0, 2\), found 2",
+    "missing": r"dataset.json training\[{index}\]: missing fold",
+    "patient in two folds": r"dataset.json training: patient '{patient}' is in folds \[0, 1\]",
+}
+
+
+@pytest.mark.parametrize("change", FOLD_PROBLEMS)
+def test_training_entries_without_a_valid_fold_or_a_patient_in_two_folds_are_refused(dataset_copy, change):
+    """A fold "1" (a string, as a hand-written or spreadsheet-made dataset.json has it) or 2 of 2 folds was trained on
+    in every fold and validated in none, and a missing fold failed with a bare KeyError: 'fold'. A patient in two
+    folds (slabs A and B apart) was validated on the slab the model trained on. All without a word."""
+    folder, dataset = dataset_copy
+    index, entry = next((i, e) for i, e in enumerate(dataset["training"]) if e["fold"] == 1)
+    validated = next(e for e in dataset["training"] if e["fold"] == 0)
+    if change == "string":
+        entry["fold"] = "1"
+    elif change == "out of range":
+        entry["fold"] = 2
+    elif change == "missing":
+        del entry["fold"]
+    else:
+        entry["patient"] = validated["patient"]
+    (folder / "dataset.json").write_text(json.dumps(dataset))
+    for fold, role in ((0, "train"), (0, "validate"), (1, "train"), (1, "validate")):
+        with pytest.raises(ValueError, match=FOLD_PROBLEMS[change].format(index=index, patient=validated["patient"])):
+            fold_datalist(folder, fold, role)
+    assert fold_datalist(folder, -1, "train")  # every case, whatever its fold: a fit check
+
+
 @pytest.mark.parametrize("configs", [["train.json"], ["train.json", "evaluate.json"]])
 def test_training_and_evaluation_refuse_before_any_dataloader(dataset_copy, tmp_path, configs):
     folder, dataset = dataset_copy

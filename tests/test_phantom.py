@@ -252,6 +252,16 @@ def test_out_is_made_like_any_folder_and_survives_a_failed_replacement(tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "reference"]
 
 
+def test_out_that_is_the_working_folder_is_refused_before_any_case(tmp_path, monkeypatch):
+    """`python -m custom phantom .` in an empty folder drew every case into '..<id>.tmp' inside it, then failed
+    renaming '.' ("Device or resource busy"). Refused before any case is drawn."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(phantom, "write_case", lambda *args, **kwargs: pytest.fail("a case was drawn"))
+    with pytest.raises(ValueError, match=rf"'\.' is or holds the working folder '{tmp_path}'"):
+        write_phantom(".", cases=1, test_cases=0, size=32)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_figure_writes_a_png(cohort, tmp_path):
     pytest.importorskip("matplotlib")
     from custom.data.figure import phantom_figure

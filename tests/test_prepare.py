@@ -2,6 +2,10 @@
 
 import itertools
 import json
+import os
+import re
+import shutil
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -28,7 +32,8 @@ def write_isles_case(
 ):
     """Write ``split_dir/case`` in the ISLES 2018 layout: ``SMIR.Brain.XX.O.<MOD>.<id>/<same>.nii`` per map.
 
-    CT is int16, perfusion maps float32 (``MAP_VALUES`` inside a brain box, 0 outside), OT uint8 with
+    CT is int16 (with one voxel outside the brain that differs between cases), perfusion maps float32
+    (``MAP_VALUES`` inside a brain box, 0 outside), OT uint8 with
     ``lesion_voxels`` lesion voxels. ``replace`` maps a map name (CT, CBF, ..., OT) to the array, or
     (array, affine), to write instead; ``skip`` omits maps; ``gz`` lists maps written as .nii.gz;
     ``with_pwi`` adds a 4DPWI folder whose file is not NIfTI, so opening it would fail; ``affine`` is the
@@ -47,6 +52,8 @@ def write_isles_case(
         else:
             data = np.zeros(SHAPE, np.int16 if name == "CT" else np.float32)
             data[BRAIN] = MAP_VALUES[name]
+            if name == "CT":
+                data[-1, -1, 0] = next(_series_ids) % 1000  # outside the brain: no two cases are one study, as in life
         map_affine = affine
         if name in replace:
             data, map_affine = replace[name] if isinstance(replace[name], tuple) else (replace[name], affine)
@@ -258,6 +265,29 @@ def test_empty_source_is_refused(tmp_path):
     assert leftovers(tmp_path, {"TRAINING"}) == []
 
 
+@pytest.mark.parametrize("copy_to", ["TRAINING/case_1 (1)", "TESTING/case_3"])
+def test_a_study_converted_twice_is_refused_naming_both_case_folders(tmp_path, copy_to):
+    """A case folder copied under another name (a repeated download's 'case_1 (1)') became a patient of its own,
+    in another fold than the original: the same study trained on and validated on, `check` finding no problem.
+    Cases whose CT alone is the same (all zero, for data without a CT) are converted."""
+    src = tmp_path / "TRAINING"
+    for case in ("case_1", "case_2", "case_3"):
+        write_isles_case(src, case)
+    write_isles_case(tmp_path / "TESTING", "case_4", labelled=False)
+    shutil.copytree(src / "case_1", tmp_path / copy_to)
+    expected = f"'{tmp_path / copy_to}' holds the same maps as '{src / 'case_1'}'"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        prepare_isles2018(src, tmp_path / "dataset", folds=2, testing=tmp_path / "TESTING")
+    assert leftovers(tmp_path, {"TRAINING", "TESTING"}) == []
+
+    zero_ct = tmp_path / "ZERO_CT"
+    for number in (1, 2):
+        cbf = np.zeros(SHAPE, np.float32)
+        cbf[BRAIN] = MAP_VALUES["CBF"] + number  # two patients' maps differ
+        write_isles_case(zero_ct, f"case_{number}", replace={"CT": np.zeros(SHAPE, np.int16), "CBF": cbf})
+    assert prepare_isles2018(zero_ct, tmp_path / "zero_ct_dataset", folds=2).is_dir()
+
+
 def test_existing_dst_needs_overwrite_and_survives_a_failed_overwrite(tmp_path):
     src = tmp_path / "TRAINING"
     write_isles_case(src, "case_1")
@@ -278,6 +308,43 @@ def test_existing_dst_needs_overwrite_and_survives_a_failed_overwrite(tmp_path):
     prepare_isles2018(src, dst, folds=2, overwrite=True)
     assert not marker.exists() and (dst / "dataset.json").is_file()
     assert leftovers(tmp_path, {"TRAINING", "dataset", "set_aside"}) == []
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_an_empty_dst_made_beforehand_is_filled(tmp_path, overwrite):
+    """`mkdir -p data/isles2018` then `prepare ... data/isles2018` was refused ('already exists; pass --overwrite'),
+    and with --overwrite refused again ('holds no dataset.json ... --overwrite would delete everything in it'), for a
+    folder holding nothing. The phantom fills an empty OUT; so does prepare now. A hidden file is still refused."""
+    src = tmp_path / "TRAINING"
+    write_isles_case(src, "case_1")
+    write_isles_case(src, "case_2")
+    dst = tmp_path / "dataset"
+    dst.mkdir()
+    assert prepare_isles2018(src, dst, folds=2, overwrite=overwrite) == dst
+    assert (dst / "dataset.json").is_file() and leftovers(tmp_path, {"TRAINING", "dataset"}) == []
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / ".DS_Store").write_bytes(b"")
+    with pytest.raises(FileExistsError, match="holds no dataset.json" if overwrite else "pass --overwrite"):
+        prepare_isles2018(src, other, folds=2, overwrite=overwrite)
+    assert [p.name for p in other.iterdir()] == [".DS_Store"]
+
+
+def test_a_mount_point_dst_is_refused_before_converting(tmp_path, monkeypatch, capsys):
+    """A mount point (an empty Docker volume) cannot be renamed over: taken as an empty DST, every case would be
+    converted before the rename failed with 'Device or resource busy'. Refused before any case is read, naming it
+    (no mount is made: the test marks DST as one)."""
+    src = tmp_path / "TRAINING"
+    write_isles_case(src, "case_1")
+    write_isles_case(src, "case_2")
+    dst = tmp_path / "dataset"
+    dst.mkdir()
+    is_mount = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda path: Path(path) == dst or is_mount(path))
+    with pytest.raises(ValueError, match=re.escape(f"'{dst}' is a mount point")):
+        prepare_isles2018(src, dst, folds=2)
+    assert "case_1" not in capsys.readouterr().out and list(dst.iterdir()) == []
 
 
 def test_temporary_folder_of_a_killed_conversion_is_named(tmp_path, capsys):
@@ -392,6 +459,25 @@ def test_output_folder_that_cannot_be_written_is_refused_before_converting(tmp_p
     blocker.write_text("not a folder")
     with pytest.raises(OSError, match=f"output folder '{blocker}' is not writable"):
         prepare_isles2018(tmp_path / "TRAINING", blocker / "dataset", folds=2)
+
+
+def test_dst_that_is_or_holds_the_working_folder_is_refused_before_converting(tmp_path, monkeypatch, capsys):
+    """From inside the dataset folder, `prepare isles2018 SRC . --overwrite` converted every case into a temporary
+    folder inside DST itself ('./..<id>.tmp', the sibling of '.'), then refused the run naming that folder as an
+    entry the converter does not write. Now refused before any case is read, whatever the spelling."""
+    src = tmp_path / "TRAINING"
+    write_isles_case(src, "case_1")
+    write_isles_case(src, "case_2")
+    dst = prepare_isles2018(src, tmp_path / "dataset", folds=2)
+    before = {p.relative_to(dst): p.stat().st_mtime_ns for p in dst.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    for working_folder, target in ((dst, "."), (dst / "imagesTr", ".."), (dst / "labelsTr", dst)):
+        monkeypatch.chdir(working_folder)
+        with pytest.raises(ValueError, match=rf"'{target}' is or holds the working folder '{working_folder}'"):
+            prepare_isles2018(src, target, folds=2, overwrite=True)
+        assert "case_1" not in capsys.readouterr().out  # refused before converting
+    assert {p.relative_to(dst): p.stat().st_mtime_ns for p in dst.rglob("*") if p.is_file()} == before
+    assert leftovers(tmp_path, {"TRAINING", "dataset"}) == []
 
 
 def test_refused_run_creates_no_parent_folder_of_dst(tmp_path):

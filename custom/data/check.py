@@ -90,7 +90,14 @@ def inspect_training_entry(folder: Path, entry: dict, where: str) -> tuple[list[
 
 
 def _valid_fold(fold, num_folds: int | None) -> bool:
-    return isinstance(fold, int) and not isinstance(fold, bool) and (num_folds is None or 0 <= fold < num_folds)
+    whole = isinstance(fold, int) and not isinstance(fold, bool)
+    return whole and 0 <= fold and (num_folds is None or fold < num_folds)
+
+
+def dataset_num_folds(dataset: dict) -> int | None:
+    """``dataset.json``'s ``num_folds`` if it is an integer of at least 2, else None."""
+    num_folds = dataset.get("num_folds")
+    return num_folds if isinstance(num_folds, int) and not isinstance(num_folds, bool) and num_folds >= 2 else None
 
 
 def _top_level_problems(dataset: dict, report: DatasetReport) -> dict[str, list]:
@@ -99,11 +106,10 @@ def _top_level_problems(dataset: dict, report: DatasetReport) -> dict[str, list]
     for key, expected in (("modality", EXPECTED_MODALITY), ("labels", EXPECTED_LABELS)):
         if dataset.get(key) != expected:
             problems.append(f"dataset.json '{key}': expected {expected}, found {dataset.get(key)!r}")
-    num_folds = dataset.get("num_folds")
-    if isinstance(num_folds, int) and not isinstance(num_folds, bool) and num_folds >= 2:
-        report.num_folds = num_folds
-    else:
-        problems.append(f"dataset.json 'num_folds': expected an integer of at least 2, found {num_folds!r}")
+    report.num_folds = dataset_num_folds(dataset)
+    if report.num_folds is None:
+        found = dataset.get("num_folds")
+        problems.append(f"dataset.json 'num_folds': expected an integer of at least 2, found {found!r}")
     lists = {}
     for key in ("training", "testing"):
         entries = dataset.get(key)
@@ -117,25 +123,39 @@ def _top_level_problems(dataset: dict, report: DatasetReport) -> dict[str, list]
     return lists
 
 
-def _fold_problems(training: list, num_folds: int | None) -> list[str]:
-    """Patients spread over several folds and folds without cases (entries with invalid folds are skipped)."""
+def fold_assignment_problems(training: list, num_folds: int | None) -> list[str]:
+    """Problems of the ``fold`` of the ``training`` entries that make a cross-validation split wrong without failing:
+    an entry without ``fold``, or whose fold is not an integer in ``[0, num_folds)`` (``"1"``, a string, or 2 of 2
+    folds, is trained on in every fold and validated in none), and a patient in several folds (validated on a slab
+    the model trained on). ``num_folds`` None (unknown) bounds folds below only. Shared by the check and
+    ``custom.data.datalist.fold_datalist``."""
+    problems = []
     folds_of_patient: dict[str, set[int]] = {}
     cases_of_patient: dict[str, list[str]] = {}
-    used_folds = set()
-    for entry in training:
-        fold, patient = (entry.get("fold"), entry.get("patient")) if isinstance(entry, dict) else (None, None)
-        if not _valid_fold(fold, num_folds):
+    for index, entry in enumerate(training):
+        if not isinstance(entry, dict):  # named by the check; fold_datalist reads only objects
             continue
-        used_folds.add(fold)
-        if isinstance(patient, str) and patient:
+        fold, patient = entry.get("fold"), entry.get("patient")
+        if "fold" not in entry:
+            problems.append(f"dataset.json training[{index}]: missing fold")
+        elif not _valid_fold(fold, num_folds):
+            bounds = f"in [0, {num_folds})" if num_folds is not None else ">= 0"
+            problems.append(f"dataset.json training[{index}].fold: expected an integer {bounds}, found {fold!r}")
+        elif isinstance(patient, str) and patient:
             folds_of_patient.setdefault(patient, set()).add(fold)
             cases_of_patient.setdefault(patient, []).append(str(entry.get("case")))
-    problems = [
+    return problems + [
         f"dataset.json training: patient '{patient}' is in folds {sorted(folds)} "
         f"(cases {', '.join(cases_of_patient[patient])})"
         for patient, folds in folds_of_patient.items()
         if len(folds) > 1
     ]
+
+
+def _fold_problems(training: list, num_folds: int | None) -> list[str]:
+    """``fold_assignment_problems`` and folds without cases."""
+    used_folds = {e["fold"] for e in training if isinstance(e, dict) and _valid_fold(e.get("fold"), num_folds)}
+    problems = fold_assignment_problems(training, num_folds)
     if num_folds is not None:
         problems += [f"dataset.json training: fold {f} has no cases" for f in range(num_folds) if f not in used_folds]
     return problems
@@ -164,7 +184,7 @@ def inspect_dataset(dataset_dir) -> DatasetReport:
             if not isinstance(entry, dict):
                 problems.append(f"{where}: expected an object with keys {', '.join(required)}")
                 continue
-            missing = [k for k in required if k not in entry]
+            missing = [k for k in required if k not in entry and k != "fold"]  # fold: fold_assignment_problems
             if missing:
                 problems.append(f"{where}: missing {', '.join(missing)}")
             case = entry.get("case")
@@ -188,8 +208,6 @@ def inspect_dataset(dataset_dir) -> DatasetReport:
                 continue
             fold, patient = entry.get("fold"), entry.get("patient")
             fold_ok = _valid_fold(fold, report.num_folds)
-            if "fold" in entry and not fold_ok:
-                problems.append(f"{where}.fold: expected an integer in [0, {report.num_folds}), found {fold!r}")
             if "patient" in entry and (not isinstance(patient, str) or not patient):
                 problems.append(f"{where}.patient: expected a non-empty string, found {patient!r}")
             label = _read_nifti(folder, entry["label"], f"{where}.label", problems) if "label" in entry else None

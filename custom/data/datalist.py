@@ -53,6 +53,8 @@ def fold_datalist(dataset_dir, fold: int, role: str) -> list[dict]:
     training = dataset.get("training")
     if not training:
         raise ValueError(f"'{folder / 'dataset.json'}' has no 'training' entries")
+    if fold != -1:
+        _refuse_bad_folds(folder, dataset)
     folds = sorted({e.get("fold") for e in training}, key=str)
     if fold != -1 and fold not in folds:
         raise ValueError(f"fold {fold} not found in '{folder / 'dataset.json'}' (folds present: {folds})")
@@ -80,6 +82,24 @@ def fold_datalist(dataset_dir, fold: int, role: str) -> list[dict]:
             "volume)"
         )
     return [_absolute(folder, e, ("image", "label")) for e in selected]
+
+
+def _refuse_bad_folds(folder: Path, dataset: dict) -> None:
+    """Refuse a split whose training entries lack a valid ``fold`` or put a patient in two folds, naming each
+    (``custom.data.check.fold_assignment_problems``, the rules of ``python -m custom check``).
+
+    Why: an entry of fold ``"1"`` (a string) or ``4`` of 4 folds was trained on in every fold and validated in none,
+    and one without ``fold`` failed with a bare ``KeyError``; slabs of one patient in two folds are validated on what
+    the model trained on. ``num_folds`` is the dataset's, if it gives a valid one."""
+    from custom.data.check import dataset_num_folds, fold_assignment_problems  # here: check imports this module
+
+    problems = fold_assignment_problems(dataset["training"], dataset_num_folds(dataset))
+    if problems:
+        listing = "\n  - ".join(problems)
+        raise ValueError(
+            f"'{folder / 'dataset.json'}': the folds of its training cases cannot be used:\n  - {listing}\n"
+            "Give every training case an integer fold, the same for all cases of a patient."
+        )
 
 
 def _refuse_files_in_both_roles(folder: Path, training: list[dict], fold: int) -> None:

@@ -7,6 +7,7 @@ corrupt training (maps on different grids, NaN, stray label values), and writes 
 """
 
 import csv
+import hashlib
 import json
 import re
 import sys
@@ -243,6 +244,23 @@ def _unlabelled_source_cases(src: Path, cases: list[CaseFiles]) -> list[CaseFile
     return unlabelled
 
 
+def _refuse_a_repeated_study(case: CaseFiles, image: np.ndarray, case_of_image: dict[bytes, CaseFiles]) -> None:
+    """Refuse a case whose maps equal, voxel for voxel, those of a case converted before (``case_of_image``: digest
+    of the stacked maps -> case, updated here).
+
+    Why: a case folder copied under another name (``case_1 (1)`` from a repeated download) is converted as a
+    patient of its own, so the same study lands in two folds, trained on and validated on, and inflates the
+    cross-validation score without any sign (the file paths differ, so ``check`` cannot tell). Two studies never
+    share every voxel of all five maps (a CT left all zero by data without one is no match on its own)."""
+    digest = hashlib.sha256(repr(image.shape).encode() + np.ascontiguousarray(image).tobytes()).digest()
+    first = case_of_image.setdefault(digest, case)
+    if first is not case:
+        raise ValueError(
+            f"'{case.folder}' holds the same maps as '{first.folder}' (every voxel): one study converted twice would "
+            "be trained on and validated on; remove the copy"
+        )
+
+
 def _refuse_inputs_inside(dst: Path, inputs: dict[str, object]):
     """Refuse a DST that is or holds an input (``what -> path``, None for an absent option): an input inside
     the old DST would be deleted with it by ``--overwrite``."""
@@ -282,6 +300,12 @@ def _refuse_replacing_foreign_entries(dst: Path):
         )
 
 
+def _is_empty_folder(path: Path) -> bool:
+    """Whether ``path`` is a folder holding nothing (hidden files count): a DST made beforehand (``mkdir -p``) is
+    filled as if it did not exist, as the phantom fills an empty OUT; nothing in it can be lost."""
+    return path.is_dir() and not any(path.iterdir())
+
+
 def _remove_empty_folders(folders: list[Path]) -> None:
     """Remove ``folders`` (deepest first) while they are empty: the parents of DST that a failed run created, so
     a refused conversion leaves nothing behind (``write_folder_atomically`` removes only its temporary folder)."""
@@ -311,17 +335,17 @@ def prepare_isles2018(
         seed: seed of the fold assignment's tie-breaking.
         testing: optional extra split folder (e.g. ISLES2018/TESTING) whose cases all go to ``testing``.
         overwrite: replace an existing DST (only once the new one is complete), if it holds nothing but what
-            this converter writes (``_refuse_replacing_foreign_entries``).
+            this converter writes (``_refuse_replacing_foreign_entries``). An empty DST needs no ``overwrite``.
         maps_from_4d: compute CBF, CBV, MTT and Tmax from each case's 4D series (``CT_4DPWI``) with
             custom.perfusion instead of reading the vendor maps (docs/perfusion.md).
         dt: time step (s) of the 4D series when their headers lack it (with ``maps_from_4d``).
     """
     src, dst = Path(src), Path(dst)
-    if dst.exists() and not overwrite:
+    if dst.exists() and not _is_empty_folder(dst) and not overwrite:
         raise FileExistsError(f"'{dst}' already exists; pass --overwrite to replace it")
     inputs = {"the source folder": src, "the --testing folder": testing, "the --patients CSV": patients}
     _refuse_inputs_inside(dst, inputs)
-    if dst.exists():
+    if dst.exists() and not _is_empty_folder(dst):
         _refuse_replacing_foreign_entries(dst)
     if testing is not None and Path(testing).resolve() == src.resolve():
         raise ValueError(f"--testing '{testing}' is the source folder SRC '{src}': its cases would be converted twice")
@@ -343,6 +367,7 @@ def prepare_isles2018(
 
     def convert(work: Path) -> None:
         lesion_ml = {}
+        case_of_image: dict[bytes, CaseFiles] = {}
         for folder in IMAGE_FOLDERS:
             (work / folder).mkdir()
         all_cases = [(c, True) for c in training] + [(c, False) for c in testing_cases]
@@ -351,6 +376,7 @@ def prepare_isles2018(
                 ct_image, image, label = load_case_from_4d(case, with_label=is_training, dt=dt)
             else:
                 ct_image, image, label = load_case(case, with_label=is_training)
+            _refuse_a_repeated_study(case, image, case_of_image)
             image_folder = "imagesTr" if is_training else "imagesTs"
             _save_on_ct_grid(image, ct_image, work / image_folder / f"{case.name}.nii.gz")
             summary = f"[{index}/{len(all_cases)}] {case.name}: {'x'.join(map(str, image.shape[:3]))}"
@@ -385,13 +411,13 @@ def prepare_isles2018(
             "testing": [{"image": f"imagesTs/{c.name}.nii.gz", "case": c.name} for c in testing_cases],
         }
         (work / "dataset.json").write_text(json.dumps(dataset, indent=2) + "\n")
-        if overwrite and dst.exists():  # again just before the old DST is replaced: files may have come meanwhile
+        if dst.exists() and not _is_empty_folder(dst):  # again just before DST is replaced: files may have come
             _refuse_replacing_foreign_entries(dst)
 
     new_folders = [folder for folder in (dst.parent, *dst.parent.parents) if not folder.exists()]
     try:
         require_writable_folder(dst.parent)
-        write_folder_atomically(dst, convert, overwrite)
+        write_folder_atomically(dst, convert, overwrite=overwrite or dst.exists())  # an existing DST: empty, or asked
     except BaseException:
         _remove_empty_folders(new_folders)
         raise
