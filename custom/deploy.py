@@ -279,10 +279,13 @@ def deploy(*inputs, model="bundle/models/model.ts", out="deploy_out", batch_size
     return str(table)
 
 
-def main(argv=None) -> None:
+def main(argv=None, prog=None) -> None:
     """Command line for machines with neither MONAI nor this project: ``python -m custom.deploy INPUT... --model m.ts``
-    from the folder holding the copied ``custom/`` (docs/deployment.md)."""
-    parser = argparse.ArgumentParser(description=deploy.__doc__.split("\n")[0])
+    from the folder holding the copied ``custom/`` (docs/deployment.md); ``python -m custom deploy`` runs it too.
+
+    argparse, not Fire (the project's other commands): Fire reads every value as a Python literal, so a case folder
+    named ``20240105_1`` became 202401051, ``P1,P2`` a tuple, and ``--out 2024_05_01`` the folder ``20240501``."""
+    parser = argparse.ArgumentParser(prog=prog, description=deploy.__doc__.split("\n")[0])
     parser.add_argument("inputs", nargs="+", help="5-channel NIfTI files and/or ISLES 2018 case folders")
     parser.add_argument("--model", default="bundle/models/model.ts", help="TorchScript model (ckpt_export)")
     parser.add_argument("--out", default="deploy_out", help="output folder")

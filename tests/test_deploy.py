@@ -441,3 +441,21 @@ def test_an_int16_file_whose_scaling_moves_zero_is_refused_naming_it(tmp_path):
     assert np.all(np.asarray(nib.load(tmp_path / "int16.nii.gz").dataobj)[..., 1:].any(axis=-1))
     with pytest.raises(ValueError, match=r"int16\.nii\.gz': no voxel is zero in every perfusion map"):
         read_stacked_image(tmp_path / "int16.nii.gz")
+
+
+def test_project_command_line_keeps_input_and_output_names_as_typed(exported_model, tiny_phantom_dataset, tmp_path,
+                                                                    monkeypatch):  # fmt: skip
+    """``python -m custom deploy`` ran through Fire, which reads every value as a Python literal: a case folder named
+    ``20240105_1`` (date and series, as exports name studies) reached the runner as 202401051 ("input '202401051' does
+    not exist"), and ``--out 2024_05_01`` would have written into ``20240501``. It now runs ``custom.deploy.main``,
+    whose values stay as typed."""
+    from custom.__main__ import main as project_command_line
+
+    _, torchscript = exported_model
+    raw_case = sorted((tiny_phantom_dataset.parent / "isles2018" / "TESTING").iterdir())[0]
+    shutil.copytree(raw_case, tmp_path / "20240105_1")
+    monkeypatch.chdir(tmp_path)
+    project_command_line(["deploy", "20240105_1", "--model", str(torchscript), "--out", "2024_05_01"])
+    out = tmp_path / "2024_05_01"
+    assert sorted(p.name for p in out.iterdir()) == ["20240105_1_seg.nii.gz", "lesion_volumes.csv"]
+    assert list(_table(out / "lesion_volumes.csv")) == ["20240105_1"]
