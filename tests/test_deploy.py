@@ -459,3 +459,26 @@ def test_project_command_line_keeps_input_and_output_names_as_typed(exported_mod
     out = tmp_path / "2024_05_01"
     assert sorted(p.name for p in out.iterdir()) == ["20240105_1_seg.nii.gz", "lesion_volumes.csv"]
     assert list(_table(out / "lesion_volumes.csv")) == ["20240105_1"]
+
+
+def test_a_case_folder_that_cannot_be_listed_is_named_and_stops_no_other_case(exported_model, tiny_phantom_dataset,
+                                                                              tmp_path, monkeypatch):  # fmt: skip
+    """A case folder the user may not list (another user's, mode 700) raised PermissionError out of the runner: the
+    inputs after it were never segmented and no lesion_volumes.csv was written. It is now that input's problem,
+    named with the others. Simulated: the tests run as root, whom permission bits do not stop."""
+    _, torchscript = exported_model
+    raw_cases = sorted((tiny_phantom_dataset.parent / "isles2018" / "TESTING").iterdir())
+    locked, good = (shutil.copytree(case, tmp_path / case.name) for case in raw_cases[:2])
+    iterdir = Path.iterdir
+
+    def iterdir_refusing_locked(folder):
+        if folder == locked:
+            raise PermissionError(errno.EACCES, "Permission denied", str(folder))
+        return iterdir(folder)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir_refusing_locked)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=rf"1 of 2 input\(s\) not segmented .*\n  - '{locked}': cannot list"):
+        deploy(locked, good, model=torchscript, out=out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(["lesion_volumes.csv", f"{good.name}_seg.nii.gz"])
+    assert list(_table(out / "lesion_volumes.csv")) == [good.name]
