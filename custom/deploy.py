@@ -242,7 +242,6 @@ def deploy(*inputs, model="bundle/models/model.ts", out="deploy_out", batch_size
     paths = [Path(str(p)) for p in inputs]
     _check_inputs(paths)
     out = Path(str(out))
-    refuse_earlier_outputs(out, paths, overwrite, tables=(VOLUME_TABLE,), unwritten=("uncertainty",))
     model = Path(str(model))
     if not model.is_file():
         raise FileNotFoundError(f"TorchScript model '{model}' does not exist (export it with monai.bundle ckpt_export)")
@@ -252,6 +251,8 @@ def deploy(*inputs, model="bundle/models/model.ts", out="deploy_out", batch_size
     lesion_threshold = check_lesion_threshold(lesion_threshold)
     device = _usable_device(device)
     network = load_model(model, device)
+    # after the settings and the model are checked: with overwrite it removes the earlier table (and uncertainty maps)
+    refuse_earlier_outputs(out, paths, overwrite, tables=(VOLUME_TABLE,), unwritten=("uncertainty",))
     out.mkdir(parents=True, exist_ok=True)
     rows, failures = [], []
     for path in paths:

@@ -482,3 +482,31 @@ def test_a_case_folder_that_cannot_be_listed_is_named_and_stops_no_other_case(ex
         deploy(locked, good, model=torchscript, out=out)
     assert sorted(p.name for p in out.iterdir()) == sorted(["lesion_volumes.csv", f"{good.name}_seg.nii.gz"])
     assert list(_table(out / "lesion_volumes.csv")) == [good.name]
+
+
+def test_a_replacing_run_stopped_half_way_leaves_no_earlier_table_beside_its_masks(exported_model, tmp_path,
+                                                                                   monkeypatch):  # fmt: skip
+    """``--overwrite`` replaced ``lesion_volumes.csv`` only at the end of the run: a rerun stopped after its first
+    mask (a full disk here; killed, in the repro) left the earlier run's table beside that mask, listing volumes the
+    mask no longer had. The earlier table is now removed once the run's settings and model are checked; a run refused
+    for its model leaves it."""
+    _, torchscript = exported_model
+    rng = np.random.default_rng(0)
+    images = [_write(tmp_path / f"noise_{i}.nii.gz", _with_background(rng.normal(size=(20, 24, 3, 5)))) for i in (0, 1)]
+    out = tmp_path / "out"
+    deploy(*images, model=torchscript, out=out)
+    earlier = (out / "lesion_volumes.csv").read_bytes()
+    with pytest.raises(FileNotFoundError, match="missing.ts"):
+        deploy(*images, model=tmp_path / "missing.ts", out=out, overwrite=True)
+    assert (out / "lesion_volumes.csv").read_bytes() == earlier
+    save = nib.save
+
+    def disk_full_at_the_second_mask(image, filename):
+        if "noise_1" in Path(filename).name:
+            raise OSError(errno.ENOSPC, "simulated")
+        save(image, filename)
+
+    monkeypatch.setattr(nib, "save", disk_full_at_the_second_mask)
+    with pytest.raises(OSError):
+        deploy(*images, model=torchscript, out=out, overwrite=True, lesion_threshold=0.9)
+    assert sorted(p.name for p in out.iterdir()) == ["noise_0_seg.nii.gz", "noise_1_seg.nii.gz"]

@@ -194,7 +194,9 @@ def refuse_earlier_outputs(folder, images, overwrite=False, postfixes=("seg",), 
     one, evaluation's masks without ``save_masks``). An earlier run's such files of this run's cases are refused
     too and, with ``overwrite``, removed here, so that no folder pairs this run's outputs of a case with an earlier
     run's (a mask beside the uncertainty map of another run). Files of cases this run does not process are left:
-    this run's cases are those of its table."""
+    this run's cases are those of its table. The earlier ``tables`` are removed here too, with ``overwrite``: this
+    run writes its own at its end, and a run stopped before (full disk, killed) left the earlier table beside its
+    new masks, whose volumes it no longer matched."""
     def outputs(kinds):
         return [str(Path(case_folder) / f"{output_case_name(image)}_{kind}.nii.gz")
                 for image in images for kind in kinds]
@@ -207,7 +209,7 @@ def refuse_earlier_outputs(folder, images, overwrite=False, postfixes=("seg",), 
             f"would replace ({earlier[0]}{', ...' if len(earlier) > 1 else ''}): replace them with {overwrite_flag}, "
             f"or write into another {folder_flag}"
         )
-    for name in stale:
+    for name in [*stale, *tables]:
         (Path(str(folder)) / name).unlink(missing_ok=True)
 
 
