@@ -161,11 +161,18 @@ def inference_datalist(dataset_dir) -> list[str]:
             f"'{folder / 'dataset.json'}' lists no 'testing' images; to segment other images name them "
             "explicitly, e.g. --datalist \"['/data/a.nii.gz', '/data/b.nii.gz']\""
         )
+    if not isinstance(entries, list):  # a string would be read as one image per character
+        raise ValueError(f"'{folder / 'dataset.json'}' 'testing': expected a list of images, found a "
+                         f"{type(entries).__name__}")
     images = []
     for index, entry in enumerate(entries):
         if isinstance(entry, dict) and "image" not in entry:
             raise KeyError(f"'{folder / 'dataset.json'}' testing[{index}] has no 'image' key")
-        images.append(str(folder / (entry["image"] if isinstance(entry, dict) else entry)))
+        image = entry["image"] if isinstance(entry, dict) else entry
+        if not isinstance(image, str):
+            raise ValueError(f"'{folder / 'dataset.json'}' testing[{index}]: expected the path of one 5-channel NIfTI "
+                             f"file, found {image!r}")
+        images.append(str(folder / image))
     return images
 
 
