@@ -83,7 +83,12 @@ def printed_result(result):
 
 
 def main(argv=None):
-    argv = help_to_fire(sys.argv[1:] if argv is None else list(argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["deploy"]:  # the runner's own command line: argparse keeps paths as typed, Fire does not
+        from custom.deploy import main as deploy_command_line
+
+        return deploy_command_line(argv[1:], prog="python -m custom deploy")
+    argv = help_to_fire(argv)
     command = COMMANDS.get(argv[0]) if argv else None
     if isinstance(command, dict) and len(argv) > 1 and argv[1] in command:
         refuse_unknown_options(_resolve(command[argv[1]]), argv[2:])

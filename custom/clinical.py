@@ -173,7 +173,7 @@ def describe(row: dict) -> str:
     """The log line of one table row, ending with the research-use label; an empty cell reads ``undefined``."""
     value = {key: "undefined" if row[key] is None else f"{row[key]} mL" for key in TMAX_COLUMNS[:3]}
     ratio = row["mismatch_ratio"]
-    value["mismatch_ratio"] = "undefined" if ratio is None else f"{ratio:g}"
+    value["mismatch_ratio"] = "undefined" if ratio is None else str(ratio)  # as the table writes it (not :g's 6 digits)
     return (
         f"{row['case']}: {row['lesion_voxels']} lesion voxels, {row['lesion_ml']} mL; "
         f"Tmax > {TMAX_THRESHOLD_S:g} s {value['hypoperfusion_ml']}; "

@@ -242,7 +242,6 @@ def deploy(*inputs, model="bundle/models/model.ts", out="deploy_out", batch_size
     paths = [Path(str(p)) for p in inputs]
     _check_inputs(paths)
     out = Path(str(out))
-    refuse_earlier_outputs(out, paths, overwrite, tables=(VOLUME_TABLE,), unwritten=("uncertainty",))
     model = Path(str(model))
     if not model.is_file():
         raise FileNotFoundError(f"TorchScript model '{model}' does not exist (export it with monai.bundle ckpt_export)")
@@ -252,6 +251,8 @@ def deploy(*inputs, model="bundle/models/model.ts", out="deploy_out", batch_size
     lesion_threshold = check_lesion_threshold(lesion_threshold)
     device = _usable_device(device)
     network = load_model(model, device)
+    # after the settings and the model are checked: with overwrite it removes the earlier table (and uncertainty maps)
+    refuse_earlier_outputs(out, paths, overwrite, tables=(VOLUME_TABLE,), unwritten=("uncertainty",))
     out.mkdir(parents=True, exist_ok=True)
     rows, failures = [], []
     for path in paths:
@@ -279,10 +280,13 @@ def deploy(*inputs, model="bundle/models/model.ts", out="deploy_out", batch_size
     return str(table)
 
 
-def main(argv=None) -> None:
+def main(argv=None, prog=None) -> None:
     """Command line for machines with neither MONAI nor this project: ``python -m custom.deploy INPUT... --model m.ts``
-    from the folder holding the copied ``custom/`` (docs/deployment.md)."""
-    parser = argparse.ArgumentParser(description=deploy.__doc__.split("\n")[0])
+    from the folder holding the copied ``custom/`` (docs/deployment.md); ``python -m custom deploy`` runs it too.
+
+    argparse, not Fire (the project's other commands): Fire reads every value as a Python literal, so a case folder
+    named ``20240105_1`` became 202401051, ``P1,P2`` a tuple, and ``--out 2024_05_01`` the folder ``20240501``."""
+    parser = argparse.ArgumentParser(prog=prog, description=deploy.__doc__.split("\n")[0])
     parser.add_argument("inputs", nargs="+", help="5-channel NIfTI files and/or ISLES 2018 case folders")
     parser.add_argument("--model", default="bundle/models/model.ts", help="TorchScript model (ckpt_export)")
     parser.add_argument("--out", default="deploy_out", help="output folder")

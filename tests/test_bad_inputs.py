@@ -301,6 +301,25 @@ def test_a_testing_entry_without_image_is_named(dataset_copy):
         inference_datalist(folder)
 
 
+@pytest.mark.parametrize(
+    "testing, problem",
+    [
+        ("imagesTs/x.nii.gz", "'testing': expected a list of images, found a str"),
+        ([{"image": ["imagesTs/ct.nii.gz", "imagesTs/cbf.nii.gz"]}], "testing[0]: expected the path of one 5-channel"),
+        ([3], "testing[0]: expected the path of one 5-channel NIfTI file, found 3"),
+    ],
+)
+def test_a_testing_list_of_other_things_is_named(dataset_copy, testing, problem):
+    """A hand-edited ``testing`` that is one path instead of a list read as one image per character ("'<dir>/s' and
+    '<dir>/s' would both write 's_seg.nii.gz'"); a list of files per entry (one per map) or a number failed with
+    "unsupported operand type(s) for /", naming neither dataset.json nor the entry."""
+    folder, dataset = dataset_copy
+    dataset["testing"] = testing
+    (folder / "dataset.json").write_text(json.dumps(dataset))
+    with pytest.raises(ValueError, match=re.escape(f"'{folder / 'dataset.json'}' {problem}")):
+        inference_datalist(folder)
+
+
 # Inference: every good case written, the bad ones reported by name, a non-zero exit code.
 @pytest.mark.parametrize("second_name", ["case.nii.gz", "case.NII.gz"])
 def test_two_inputs_never_write_one_output(tmp_path, second_name):

@@ -1,6 +1,7 @@
 """The bundle's configs: workflow properties, train/evaluate/infer end to end, resume, the CLI entry points."""
 
 import csv
+import errno
 import json
 import subprocess
 import sys
@@ -154,6 +155,37 @@ def test_inference_into_an_earlier_runs_output_dir_is_refused_unless_asked(tiny_
     assert mask.read_bytes() == b"corrected by hand" and sorted(path.name for path in out.iterdir()) == written
     infer(overwrite=True)
     assert nib.load(mask).shape == nib.load(image).shape[:3]
+
+
+def test_a_replacing_inference_stopped_half_way_leaves_no_earlier_table(tiny_phantom_dataset, tmp_path, monkeypatch):
+    """With --overwrite True, lesion_volumes.csv was replaced only when the run completed: a rerun stopped after its
+    first mask (a full disk here) left the earlier run's table beside that mask, listing volumes the mask no longer
+    had. ``check_output_dir`` now removes the earlier table with the other outputs it lets this run replace."""
+    dataset = json.loads((tiny_phantom_dataset / "dataset.json").read_text())
+    images = [str(tiny_phantom_dataset / (e["image"] if isinstance(e, dict) else e)) for e in dataset["testing"]]
+    cases = [image.split("/")[-1].split(".nii")[0] for image in images]
+    out = tmp_path / "out"
+
+    def infer(**override):
+        workflow = bundle_workflow(["inference.json"], "infer", datalist=images, output_dir=str(out), num_workers=0,
+                                   **override)  # fmt: skip
+        workflow.initialize()
+        workflow.run()
+
+    infer()
+    assert (out / "lesion_volumes.csv").is_file()
+    save = nib.save
+
+    def disk_full_at_the_second_mask(image, filename):
+        if f"{cases[1]}_seg" in str(filename):
+            raise OSError(errno.ENOSPC, "simulated")
+        save(image, filename)
+
+    monkeypatch.setattr(nib, "save", disk_full_at_the_second_mask)
+    with pytest.raises(Exception) as raised:
+        infer(overwrite=True, lesion_threshold=0.9)
+    assert "simulated" in error_chain(raised.value)
+    assert sorted(path.name for path in out.iterdir()) == sorted(f"{case}_seg.nii.gz" for case in cases)
 
 
 @pytest.mark.parametrize("configs", [["inference.json"], ["train.json", "evaluate.json"]])

@@ -86,6 +86,18 @@ def test_no_hypoperfusion_and_no_lesion_leave_the_ratio_undefined():
     assert "ratio undefined" in describe({"case": "a", **row})
 
 
+@pytest.mark.parametrize("ratio", [133.3333, 1.0, 3.5, math.inf])
+def test_the_log_line_gives_the_ratio_of_the_table(tmp_path, ratio):
+    """The log line printed the ratio with 6 significant digits: 133.333 where the table says 133.3333 (80 mL with
+    Tmax > 6 s over a 0.6 mL predicted lesion), 1 where it says 1.0."""
+    row = {"case": "a", "lesion_voxels": 6, "lesion_ml": 0.6, "hypoperfusion_ml": 80.0, "core_rule_ml": 0.1,
+           "mismatch_ml": 79.4, "mismatch_ratio": ratio, "intended_use": RESEARCH_USE_ONLY}  # fmt: skip
+    write_volume_table([row], tmp_path / "table.csv")
+    with open(tmp_path / "table.csv", newline="") as f:
+        cell = next(csv.DictReader(f))["mismatch_ratio"]
+    assert f"ratio {cell} (" in describe(row)
+
+
 def test_mask_on_another_grid_is_refused():
     with pytest.raises(ValueError, match=r"lesion mask shape \(20, 24, 2\) differs"):
         case_volumes(synthetic_case(), np.zeros((20, 24, 2)), AFFINE)

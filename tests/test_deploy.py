@@ -441,3 +441,72 @@ def test_an_int16_file_whose_scaling_moves_zero_is_refused_naming_it(tmp_path):
     assert np.all(np.asarray(nib.load(tmp_path / "int16.nii.gz").dataobj)[..., 1:].any(axis=-1))
     with pytest.raises(ValueError, match=r"int16\.nii\.gz': no voxel is zero in every perfusion map"):
         read_stacked_image(tmp_path / "int16.nii.gz")
+
+
+def test_project_command_line_keeps_input_and_output_names_as_typed(exported_model, tiny_phantom_dataset, tmp_path,
+                                                                    monkeypatch):  # fmt: skip
+    """``python -m custom deploy`` ran through Fire, which reads every value as a Python literal: a case folder named
+    ``20240105_1`` (date and series, as exports name studies) reached the runner as 202401051 ("input '202401051' does
+    not exist"), and ``--out 2024_05_01`` would have written into ``20240501``. It now runs ``custom.deploy.main``,
+    whose values stay as typed."""
+    from custom.__main__ import main as project_command_line
+
+    _, torchscript = exported_model
+    raw_case = sorted((tiny_phantom_dataset.parent / "isles2018" / "TESTING").iterdir())[0]
+    shutil.copytree(raw_case, tmp_path / "20240105_1")
+    monkeypatch.chdir(tmp_path)
+    project_command_line(["deploy", "20240105_1", "--model", str(torchscript), "--out", "2024_05_01"])
+    out = tmp_path / "2024_05_01"
+    assert sorted(p.name for p in out.iterdir()) == ["20240105_1_seg.nii.gz", "lesion_volumes.csv"]
+    assert list(_table(out / "lesion_volumes.csv")) == ["20240105_1"]
+
+
+def test_a_case_folder_that_cannot_be_listed_is_named_and_stops_no_other_case(exported_model, tiny_phantom_dataset,
+                                                                              tmp_path, monkeypatch):  # fmt: skip
+    """A case folder the user may not list (another user's, mode 700) raised PermissionError out of the runner: the
+    inputs after it were never segmented and no lesion_volumes.csv was written. It is now that input's problem,
+    named with the others. Simulated: the tests run as root, whom permission bits do not stop."""
+    _, torchscript = exported_model
+    raw_cases = sorted((tiny_phantom_dataset.parent / "isles2018" / "TESTING").iterdir())
+    locked, good = (shutil.copytree(case, tmp_path / case.name) for case in raw_cases[:2])
+    iterdir = Path.iterdir
+
+    def iterdir_refusing_locked(folder):
+        if folder == locked:
+            raise PermissionError(errno.EACCES, "Permission denied", str(folder))
+        return iterdir(folder)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir_refusing_locked)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=rf"1 of 2 input\(s\) not segmented .*\n  - '{locked}': cannot list"):
+        deploy(locked, good, model=torchscript, out=out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(["lesion_volumes.csv", f"{good.name}_seg.nii.gz"])
+    assert list(_table(out / "lesion_volumes.csv")) == [good.name]
+
+
+def test_a_replacing_run_stopped_half_way_leaves_no_earlier_table_beside_its_masks(exported_model, tmp_path,
+                                                                                   monkeypatch):  # fmt: skip
+    """``--overwrite`` replaced ``lesion_volumes.csv`` only at the end of the run: a rerun stopped after its first
+    mask (a full disk here; killed, in the repro) left the earlier run's table beside that mask, listing volumes the
+    mask no longer had. The earlier table is now removed once the run's settings and model are checked; a run refused
+    for its model leaves it."""
+    _, torchscript = exported_model
+    rng = np.random.default_rng(0)
+    images = [_write(tmp_path / f"noise_{i}.nii.gz", _with_background(rng.normal(size=(20, 24, 3, 5)))) for i in (0, 1)]
+    out = tmp_path / "out"
+    deploy(*images, model=torchscript, out=out)
+    earlier = (out / "lesion_volumes.csv").read_bytes()
+    with pytest.raises(FileNotFoundError, match="missing.ts"):
+        deploy(*images, model=tmp_path / "missing.ts", out=out, overwrite=True)
+    assert (out / "lesion_volumes.csv").read_bytes() == earlier
+    save = nib.save
+
+    def disk_full_at_the_second_mask(image, filename):
+        if "noise_1" in Path(filename).name:
+            raise OSError(errno.ENOSPC, "simulated")
+        save(image, filename)
+
+    monkeypatch.setattr(nib, "save", disk_full_at_the_second_mask)
+    with pytest.raises(OSError):
+        deploy(*images, model=torchscript, out=out, overwrite=True, lesion_threshold=0.9)
+    assert sorted(p.name for p in out.iterdir()) == ["noise_0_seg.nii.gz", "noise_1_seg.nii.gz"]

@@ -181,11 +181,18 @@ def inference_datalist(dataset_dir) -> list[str]:
             f"'{folder / 'dataset.json'}' lists no 'testing' images; to segment other images name them "
             "explicitly, e.g. --datalist \"['/data/a.nii.gz', '/data/b.nii.gz']\""
         )
+    if not isinstance(entries, list):  # a string would be read as one image per character
+        raise ValueError(f"'{folder / 'dataset.json'}' 'testing': expected a list of images, found a "
+                         f"{type(entries).__name__}")
     images = []
     for index, entry in enumerate(entries):
         if isinstance(entry, dict) and "image" not in entry:
             raise KeyError(f"'{folder / 'dataset.json'}' testing[{index}] has no 'image' key")
-        images.append(str(folder / (entry["image"] if isinstance(entry, dict) else entry)))
+        image = entry["image"] if isinstance(entry, dict) else entry
+        if not isinstance(image, str):
+            raise ValueError(f"'{folder / 'dataset.json'}' testing[{index}]: expected the path of one 5-channel NIfTI "
+                             f"file, found {image!r}")
+        images.append(str(folder / image))
     return images
 
 
@@ -214,7 +221,9 @@ def refuse_earlier_outputs(folder, images, overwrite=False, postfixes=("seg",), 
     one, evaluation's masks without ``save_masks``). An earlier run's such files of this run's cases are refused
     too and, with ``overwrite``, removed here, so that no folder pairs this run's outputs of a case with an earlier
     run's (a mask beside the uncertainty map of another run). Files of cases this run does not process are left:
-    this run's cases are those of its table."""
+    this run's cases are those of its table. The earlier ``tables`` are removed here too, with ``overwrite``: this
+    run writes its own at its end, and a run stopped before (full disk, killed) left the earlier table beside its
+    new masks, whose volumes it no longer matched."""
     def outputs(kinds):
         return [str(Path(case_folder) / f"{output_case_name(image)}_{kind}.nii.gz")
                 for image in images for kind in kinds]
@@ -227,7 +236,7 @@ def refuse_earlier_outputs(folder, images, overwrite=False, postfixes=("seg",), 
             f"would replace ({earlier[0]}{', ...' if len(earlier) > 1 else ''}): replace them with {overwrite_flag}, "
             f"or write into another {folder_flag}"
         )
-    for name in stale:
+    for name in [*stale, *tables]:
         (Path(str(folder)) / name).unlink(missing_ok=True)
 
 

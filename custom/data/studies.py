@@ -134,16 +134,25 @@ class CaseFiles:
     label: Path | None  # the OT file; None for unlabelled cases
 
 
+def folder_entries(folder: Path) -> list[Path]:
+    """The sorted entries of ``folder``, or a ValueError naming it: a case folder the user may not list (another
+    user's, mode 700) is that input's problem, reported with the others, not an OSError that stops every case."""
+    try:
+        return sorted(Path(folder).iterdir())
+    except OSError as err:
+        raise ValueError(f"'{folder}': cannot list the folder ({err})") from err
+
+
 def nifti_in(folder: Path) -> Path:
     """The one .nii/.nii.gz file of an ISLES ``SMIR.Brain...`` folder; an error naming the folder otherwise.
 
     Hidden files (names starting with ``.``) are not counted: macOS writes an AppleDouble ``._<name>.nii`` beside
     every file copied to a non-Apple disk, which would make every map folder hold two NIfTI files.
     """
-    files = sorted(
-        p for p in folder.iterdir()
+    files = [
+        p for p in folder_entries(folder)
         if p.is_file() and not p.name.startswith(".") and p.name.endswith((".nii", ".nii.gz"))
-    )
+    ]
     if len(files) != 1:
         raise ValueError(f"'{folder}' should hold exactly one .nii/.nii.gz file, found {len(files)}")
     return files[0]
@@ -158,7 +167,7 @@ def find_case_maps(case_dir) -> CaseFiles:
     """
     case_dir = Path(case_dir)
     found: dict[str, list[Path]] = {}
-    for entry in sorted(case_dir.iterdir()):
+    for entry in folder_entries(case_dir):
         match = SMIR_NAME.match(entry.name)
         map_name = _KNOWN_MAPS.get(match["map"].lower()) if match else None
         if map_name is None:
