@@ -25,7 +25,7 @@ import nibabel as nib
 import numpy as np
 
 from custom.atomic import write_atomically, write_text_atomically
-from custom.data.datalist import load_dataset_json, output_case_name
+from custom.data.datalist import load_dataset_json, output_case_name, shared_case_name
 from custom.package import package_bundle
 from custom.training_record import INPUT_SETTINGS, TRAINING_RECORD, record_of
 
@@ -155,7 +155,7 @@ def plan_studies(dataset_dir, studies, views=None) -> list[tuple[Path, Path, dic
     refused for. MONAI Label names a study after its file (``case_3.nii.gz`` -> ``case_3``). The views are a 3D CT
     and a 3D Tmax volume per study (``<id>_ct.nii.gz``, ``<id>_tmax.nii.gz``) in ``views`` (default:
     ``<studies>_views`` beside it; not inside ``studies``, where MONAI Label would list them as studies). Existing
-    files are refused, nothing is overwritten.
+    files are refused, and so are two images of one study id: nothing is overwritten.
     """
     dataset_dir, studies = Path(dataset_dir), Path(studies)
     views = Path(views) if views else studies.with_name(studies.name + "_views")
@@ -166,6 +166,10 @@ def plan_studies(dataset_dir, studies, views=None) -> list[tuple[Path, Path, dic
     if not images:
         raise ValueError(f"'{dataset_dir / 'dataset.json'}' lists no images")
     sources = [dataset_dir / relative for relative in images]
+    shared = shared_case_name(sources)
+    if shared:
+        raise ValueError(f"'{dataset_dir / 'dataset.json'}' lists '{shared[1]}' and '{shared[2]}': both would be "
+                         f"study '{shared[0]}' (MONAI Label names a study after its file); rename one")
     for source in sources:
         shape = nib.load(source).shape
         if len(shape) != 4 or shape[3] != 5:

@@ -1,6 +1,7 @@
 """What MONAI Label reads from the bundle, and the app preparation that does not need the server."""
 
 import json
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -133,6 +134,24 @@ def test_studies_refuse_an_existing_view_before_writing_anything(tiny_phantom_da
     assert earlier.read_bytes() == b"a correction"
     assert sorted(p.name for p in views.iterdir()) == [earlier.name]
     assert not (tmp_path / "studies").exists() or not any((tmp_path / "studies").iterdir())
+
+
+def test_two_images_of_one_study_id_are_refused_naming_both(tiny_phantom_dataset, tmp_path):
+    """A dataset whose testing image has the file name of a training image (imagesTr/case_1.nii.gz and
+    imagesTs/case_1.nii.gz; ``check`` passes it) gave two studies 'case_1': the testing image was written over the
+    training image, and the count printed both."""
+    dataset_dir = tmp_path / "dataset"
+    shutil.copytree(tiny_phantom_dataset, dataset_dir)
+    dataset = json.loads((dataset_dir / "dataset.json").read_text())
+    training_image = dataset["training"][0]["image"]
+    testing_image = str(Path(dataset["testing"][0]["image"]).with_name(Path(training_image).name))
+    shutil.copyfile(dataset_dir / dataset["testing"][0]["image"], dataset_dir / testing_image)
+    dataset["testing"][0]["image"] = testing_image
+    (dataset_dir / "dataset.json").write_text(json.dumps(dataset))
+    study_id = Path(training_image).name.split(".nii")[0]
+    with pytest.raises(ValueError, match=f"'{dataset_dir / training_image}' and '{dataset_dir / testing_image}': "
+                                         f"both would be study '{study_id}'"):
+        plan_studies(dataset_dir, tmp_path / "studies")
 
 
 def fake_monailabel_venv(folder):
