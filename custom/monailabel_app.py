@@ -1,6 +1,6 @@
 """Prepare a ready-to-start MONAI Label app that serves and fine-tunes this bundle.
 
-Why it exists: MONAI Label 0.8.5 cannot share the project's environment (it pins another torch), its
+Why it exists: MONAI Label 0.8.5 cannot share the project's environment (its torchvision needs another torch), its
 ``monaibundle`` sample app finds bundles only as folders under ``APP_DIR/model/``, and a served bundle
 must write its fine-tuned weights to its own ``models/model.pt`` (the file MONAI Label loads and
 reloads), while a plain training run must not overwrite the shipped weights. This module runs in the
