@@ -599,12 +599,14 @@ def flops(sizes: Sizes, training_rates: dict, inference_rates: dict) -> tuple[li
 
 
 # --------------------------------------------------------------------------------------------------------- report
-def bench(quick: bool = False, out: str = "docs/performance.md", work_dir: str | None = None) -> str:
+def bench(quick: bool = False, out: str | None = None, work_dir: str | None = None) -> str:
     """Measure training, inference, scaling and FLOPs of the bundle on phantom data; write a Markdown report.
 
     Args:
         quick: tiny sizes (64 x 64 volumes, a few cases) that only check the harness runs end to end.
-        out: the Markdown file to write (replaced atomically).
+        out: the Markdown file to write (replaced atomically; an existing file keeps its text around the generated
+            block). Default: ``docs/performance.md``, and ``runs/bench_quick.md`` with ``quick``, whose toy numbers
+            would otherwise replace the measured tables that the text of docs/performance.md interprets.
         work_dir: folder for the generated volumes, checkpoints and masks (default: a temporary folder,
             removed at the end).
 
@@ -612,6 +614,7 @@ def bench(quick: bool = False, out: str = "docs/performance.md", work_dir: str |
         The path of the report.
     """
     sizes = QUICK if quick else FULL
+    out = out or ("runs/bench_quick.md" if quick else "docs/performance.md")
     command = "python -m custom bench" + (" --quick" if quick else "") + f" --out {out}"
     load_before, started = os.getloadavg(), time.perf_counter()
     work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="bench-"))

@@ -1,6 +1,6 @@
 """Prepare a ready-to-start MONAI Label app that serves and fine-tunes this bundle.
 
-Why it exists: MONAI Label 0.8.5 cannot share the project's environment (it pins another torch), its
+Why it exists: MONAI Label 0.8.5 cannot share the project's environment (its torchvision needs another torch), its
 ``monaibundle`` sample app finds bundles only as folders under ``APP_DIR/model/``, and a served bundle
 must write its fine-tuned weights to its own ``models/model.pt`` (the file MONAI Label loads and
 reloads), while a plain training run must not overwrite the shipped weights. This module runs in the
@@ -25,7 +25,7 @@ import nibabel as nib
 import numpy as np
 
 from custom.atomic import write_atomically, write_text_atomically
-from custom.data.datalist import load_dataset_json, output_case_name
+from custom.data.datalist import load_dataset_json, output_case_name, shared_case_name
 from custom.package import package_bundle
 from custom.training_record import INPUT_SETTINGS, TRAINING_RECORD, record_of
 
@@ -146,13 +146,16 @@ def check_served_bundle(bundle_root, weights=None) -> None:
     load_network_checkpoint(weights or bundle_root / "models" / "model.pt", network, input_settings=input_settings)
 
 
-def fill_studies(dataset_dir, studies, views=None) -> list[str]:
-    """Copy every image of a converted dataset (training and testing) to ``studies``; returns the study ids.
+def plan_studies(dataset_dir, studies, views=None) -> list[tuple[Path, Path, dict]]:
+    """Check that every image of a converted dataset (training and testing) can be copied to ``studies``; returns,
+    per image, its source, its study file and its view files, for :func:`write_studies`. Nothing is written.
 
-    MONAI Label names a study after its file (``case_3.nii.gz`` -> ``case_3``). For each study a 3D CT
-    and a 3D Tmax volume (``<id>_ct.nii.gz``, ``<id>_tmax.nii.gz``, same grid and affine) are written to
-    ``views`` (default: ``<studies>_views`` beside it; not inside ``studies``, where MONAI Label would list
-    them as studies). Existing files are refused, nothing is overwritten.
+    Why it is apart from the writing: ``prepare_monailabel_app`` checks the studies before it builds the app folder,
+    so a refused dataset or an existing study file leaves no app folder behind that the corrected rerun would be
+    refused for. MONAI Label names a study after its file (``case_3.nii.gz`` -> ``case_3``). The views are a 3D CT
+    and a 3D Tmax volume per study (``<id>_ct.nii.gz``, ``<id>_tmax.nii.gz``) in ``views`` (default:
+    ``<studies>_views`` beside it; not inside ``studies``, where MONAI Label would list them as studies). Existing
+    files are refused, and so are two images of one study id: nothing is overwritten.
     """
     dataset_dir, studies = Path(dataset_dir), Path(studies)
     views = Path(views) if views else studies.with_name(studies.name + "_views")
@@ -162,26 +165,36 @@ def fill_studies(dataset_dir, studies, views=None) -> list[str]:
     ]
     if not images:
         raise ValueError(f"'{dataset_dir / 'dataset.json'}' lists no images")
-    # everything is checked before the first file is written
     sources = [dataset_dir / relative for relative in images]
+    shared = shared_case_name(sources)
+    if shared:
+        raise ValueError(f"'{dataset_dir / 'dataset.json'}' lists '{shared[1]}' and '{shared[2]}': both would be "
+                         f"study '{shared[0]}' (MONAI Label names a study after its file); rename one")
     for source in sources:
         shape = nib.load(source).shape
         if len(shape) != 4 or shape[3] != 5:
             raise ValueError(f"'{source}' has shape {shape}; expected (H, W, D, 5)")
-    ids = [output_case_name(source) for source in sources]
-    targets = [studies / source.name for source in sources]
-    view_paths = [{view: views / f"{study_id}_{view}.nii.gz" for view in VIEW_CHANNELS} for study_id in ids]
-    for path in targets + [path for paths in view_paths for path in paths.values()]:
+    plan = [
+        (source, studies / source.name, {view: views / f"{study_id}_{view}.nii.gz" for view in VIEW_CHANNELS})
+        for source, study_id in zip(sources, map(output_case_name, sources))
+    ]
+    for path in [target for _, target, _ in plan] + [path for _, _, paths in plan for path in paths.values()]:
         if path.exists():
             raise FileExistsError(f"'{path}' exists; use empty studies and views folders")
-    for source, target, paths in zip(sources, targets, view_paths):
+    return plan
+
+
+def write_studies(plan) -> list[str]:
+    """Copy each image of :func:`plan_studies`'s ``plan`` to its study file and write its 3D CT and Tmax views (same
+    grid and affine); returns the study ids."""
+    for source, target, paths in plan:
         write_atomically(target, lambda temporary, source=source: shutil.copyfile(source, temporary))
         image = nib.load(source)
         volume = np.asarray(image.dataobj, dtype=np.float32)
         for view, channel in VIEW_CHANNELS.items():
             view_image = nib.Nifti1Image(volume[..., channel], image.affine)
             write_atomically(paths[view], lambda temporary, v=view_image: nib.save(v, temporary))
-    return ids
+    return [output_case_name(source) for source, _, _ in plan]
 
 
 def monailabel_command(venv) -> list[str]:
@@ -235,6 +248,7 @@ def prepare_monailabel_app(app_dir, studies=None, dataset_dir=None, archive=None
     studies = Path(studies).absolute() if studies else app_dir / "studies"
     if app_dir.exists():
         raise FileExistsError(f"app folder '{app_dir}' exists; name a new one")
+    studies_plan = plan_studies(dataset_dir, studies) if dataset_dir is not None else []  # before the app is built
     with tempfile.TemporaryDirectory(dir=app_dir.parent if app_dir.parent.exists() else None) as scratch:
         copied = subprocess.run(
             monailabel_command(venv) + ["apps", "--download", "--name", "monaibundle", "--output", scratch],
@@ -257,6 +271,6 @@ def prepare_monailabel_app(app_dir, studies=None, dataset_dir=None, archive=None
         shutil.move(str(sample_app), app_dir)
     studies.mkdir(parents=True, exist_ok=True)
     if dataset_dir is not None:
-        ids = fill_studies(dataset_dir, studies)
+        ids = write_studies(studies_plan)
         print(f"{len(ids)} studies in '{studies}', CT and Tmax views in '{studies.with_name(studies.name + '_views')}'")
     return shlex.join(start_server_command(app_dir, studies, venv, port, name))

@@ -34,12 +34,20 @@ def _tables(text: str) -> dict[str, list[list[str]]]:
 
 
 @pytest.mark.integration
-def test_quick_bench_writes_every_table(tmp_path):
-    out = tmp_path / "performance.md"
-    bench(quick=True, out=str(out))
+def test_quick_bench_writes_every_table(tmp_path, monkeypatch):
+    """Run as docs/performance.md says, ``python -m custom bench --quick`` from the repository root: the quick run
+    writes ``runs/bench_quick.md`` and leaves the measured tables of ``docs/performance.md`` alone (it replaced
+    them with its toy sizes' numbers, under the prose that interprets the measured ones)."""
+    monkeypatch.chdir(tmp_path)
+    measured = tmp_path / "docs" / "performance.md"
+    measured.parent.mkdir()
+    measured.write_text(f"# Performance\n{BEGIN}\nthe measured tables\n{END}\nwhat they say\n")
+    out = tmp_path / bench(quick=True)
+    assert out == tmp_path / "runs" / "bench_quick.md"
+    assert measured.read_text() == f"# Performance\n{BEGIN}\nthe measured tables\n{END}\nwhat they say\n"
     text = out.read_text()
     assert BEGIN in text and END in text
-    assert "python -m custom bench --quick" in text
+    assert "python -m custom bench --quick --out runs/bench_quick.md" in text
     tables = _tables(text)
     for prefix, header in SECTIONS.items():
         (heading,) = [h for h in tables if h.startswith(prefix)]

@@ -1,6 +1,8 @@
 """What MONAI Label reads from the bundle, and the app preparation that does not need the server."""
 
 import json
+import shutil
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -10,10 +12,12 @@ from conftest import CONFIGS, inference_network
 
 from custom.monailabel_app import (
     check_served_bundle,
-    fill_studies,
+    plan_studies,
+    prepare_monailabel_app,
     serve_weights,
     start_server_command,
     unpack_served_bundle,
+    write_studies,
 )
 from custom.package import package_bundle
 from custom.training_record import TRAINING_RECORD, write_training_record
@@ -104,7 +108,7 @@ def test_served_copy_refuses_bad_input_settings(tmp_path):
 
 
 def test_studies_and_3d_views(tiny_phantom_dataset, tmp_path):
-    ids = fill_studies(tiny_phantom_dataset, tmp_path / "studies")
+    ids = write_studies(plan_studies(tiny_phantom_dataset, tmp_path / "studies"))
     dataset = json.loads((tiny_phantom_dataset / "dataset.json").read_text())
     assert len(ids) == len(dataset["training"]) + len(dataset["testing"])
     image = nib.load(tiny_phantom_dataset / dataset["testing"][0]["image"])
@@ -116,7 +120,7 @@ def test_studies_and_3d_views(tiny_phantom_dataset, tmp_path):
     assert tmax.shape == image.shape[:3] and np.allclose(tmax.affine, image.affine)
     assert np.array_equal(tmax.get_fdata(dtype=np.float32), np.asarray(image.dataobj, dtype=np.float32)[..., 4])
     with pytest.raises(FileExistsError, match="exists"):
-        fill_studies(tiny_phantom_dataset, tmp_path / "studies")
+        plan_studies(tiny_phantom_dataset, tmp_path / "studies")
 
 
 def test_studies_refuse_an_existing_view_before_writing_anything(tiny_phantom_dataset, tmp_path):
@@ -126,10 +130,60 @@ def test_studies_refuse_an_existing_view_before_writing_anything(tiny_phantom_da
     earlier = views / f"{dataset['testing'][0]['case']}_ct.nii.gz"
     earlier.write_bytes(b"a correction")
     with pytest.raises(FileExistsError, match=f"'{earlier}' exists"):
-        fill_studies(tiny_phantom_dataset, tmp_path / "studies")
+        plan_studies(tiny_phantom_dataset, tmp_path / "studies")
     assert earlier.read_bytes() == b"a correction"
     assert sorted(p.name for p in views.iterdir()) == [earlier.name]
     assert not (tmp_path / "studies").exists() or not any((tmp_path / "studies").iterdir())
+
+
+def test_two_images_of_one_study_id_are_refused_naming_both(tiny_phantom_dataset, tmp_path):
+    """A dataset whose testing image has the file name of a training image (imagesTr/case_1.nii.gz and
+    imagesTs/case_1.nii.gz; ``check`` passes it) gave two studies 'case_1': the testing image was written over the
+    training image, and the count printed both."""
+    dataset_dir = tmp_path / "dataset"
+    shutil.copytree(tiny_phantom_dataset, dataset_dir)
+    dataset = json.loads((dataset_dir / "dataset.json").read_text())
+    training_image = dataset["training"][0]["image"]
+    testing_image = str(Path(dataset["testing"][0]["image"]).with_name(Path(training_image).name))
+    shutil.copyfile(dataset_dir / dataset["testing"][0]["image"], dataset_dir / testing_image)
+    dataset["testing"][0]["image"] = testing_image
+    (dataset_dir / "dataset.json").write_text(json.dumps(dataset))
+    study_id = Path(training_image).name.split(".nii")[0]
+    with pytest.raises(ValueError, match=f"'{dataset_dir / training_image}' and '{dataset_dir / testing_image}': "
+                                         f"both would be study '{study_id}'"):
+        plan_studies(dataset_dir, tmp_path / "studies")
+
+
+def fake_monailabel_venv(folder):
+    """A MONAI Label environment whose ``python -m monailabel.main apps --download ... --output DIR`` writes an empty
+    sample app to ``DIR/monaibundle``: enough for ``prepare_monailabel_app`` without the 8 GB environment."""
+    (folder / "bin").mkdir(parents=True)
+    (folder / "bin" / "monailabel").touch()
+    python = folder / "bin" / "python"
+    python.write_text('#!/bin/sh\nfor last; do :; done\nmkdir -p "$last/monaibundle"\n')
+    python.chmod(0o755)
+    return folder
+
+
+def test_refused_studies_leave_no_app_folder(tiny_phantom_dataset, tmp_path):
+    """`monailabel-app` moved the app folder into place before it checked the studies: a dataset_dir typo or a study
+    file of an earlier preparation was refused after the app folder was written, and the corrected rerun was then
+    refused for that app folder ("exists; name a new one")."""
+    venv, app, studies = fake_monailabel_venv(tmp_path / "venv"), tmp_path / "app", tmp_path / "studies"
+    with pytest.raises(FileNotFoundError, match="dataset_dir .*typo' does not exist"):
+        prepare_monailabel_app(app, studies=studies, dataset_dir=tmp_path / "typo", venv=venv)
+    assert not app.exists()
+    studies.mkdir()
+    dataset = json.loads((tiny_phantom_dataset / "dataset.json").read_text())
+    earlier = studies / Path(dataset["testing"][0]["image"]).name
+    earlier.write_bytes(b"an earlier study")
+    with pytest.raises(FileExistsError, match=f"'{earlier}' exists"):
+        prepare_monailabel_app(app, studies=studies, dataset_dir=tiny_phantom_dataset, venv=venv)
+    assert not app.exists() and earlier.read_bytes() == b"an earlier study"
+
+    earlier.unlink()
+    prepare_monailabel_app(app, studies=studies, dataset_dir=tiny_phantom_dataset, venv=venv)
+    assert (app / "model" / "ctp_stroke" / "models" / "model.pt").is_file() and earlier.is_file()
 
 
 def test_start_line_is_offline_and_loopback(tmp_path):

@@ -209,6 +209,19 @@ def output_case_name(image) -> str:
     return os.path.splitext(stem)[0] if extension == ".gz" else stem
 
 
+def shared_case_name(images) -> tuple[str, str, str] | None:
+    """``(case name, first image, second image)`` of the first two ``images`` with one :func:`output_case_name`
+    (``a/case.nii.gz`` and ``b/case.nii``), else None: their outputs (inference's masks, MONAI Label's studies) would
+    be one file, the second written over the first."""
+    seen: dict[str, str] = {}
+    for image in images:
+        name = output_case_name(image)
+        if name in seen:
+            return name, seen[name], str(image)
+        seen[name] = str(image)
+    return None
+
+
 def refuse_earlier_outputs(folder, images, overwrite=False, postfixes=("seg",), tables=(),
                            setting="output folder", overwrite_flag="--overwrite", folder_flag="--out",
                            unwritten=(), case_folder=".") -> None:
@@ -266,12 +279,10 @@ def screen_inference_images(images) -> ScreenedImages:
     images = [str(image) for image in images]
     if not images:
         raise ValueError("datalist: no image to segment")
-    seen: dict[str, str] = {}
-    for image in images:
-        name = output_case_name(image)
-        if name in seen:
-            raise ValueError(f"datalist: '{seen[name]}' and '{image}' would both write '{name}_seg.nii.gz'; rename one")
-        seen[name] = image
+    shared = shared_case_name(images)
+    if shared:
+        name, first, second = shared
+        raise ValueError(f"datalist: '{first}' and '{second}' would both write '{name}_seg.nii.gz'; rename one")
     usable, rejected = [], {}
     for image in images:
         if Path(image).is_dir():
