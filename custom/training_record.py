@@ -138,8 +138,9 @@ def write_training_record(ckpt_dir, input_settings: Mapping, fold, dataset_dir, 
     record = run_record(input_settings, fold, dataset_dir)
     folder = Path(str(ckpt_dir))
     earlier_model, earlier = folder / BEST_MODEL, read_record(folder / BEST_MODEL)
-    if resume_ckpt is None and earlier_model.is_file() and earlier and _describes_other_weights(earlier, record):
-        logger.warning(f"removing '{earlier_model}': the best model of the run this one replaces, trained otherwise")
+    if resume_ckpt is None and earlier_model.is_file() and _describes_other_weights(earlier, record):
+        how = "trained otherwise" if earlier else "with no training record"
+        logger.warning(f"removing '{earlier_model}': the best model of the run this one replaces, {how}")
         earlier_model.unlink(missing_ok=True)  # another rank of this run may have removed it
     if resume_ckpt is not None:
         check_record(
@@ -150,10 +151,14 @@ def write_training_record(ckpt_dir, input_settings: Mapping, fold, dataset_dir, 
     return record
 
 
-def _describes_other_weights(earlier: Mapping, record: Mapping) -> bool:
+def _describes_other_weights(earlier: Mapping | None, record: Mapping) -> bool:
     """Whether weights recorded by ``earlier`` would be misdescribed by ``record``: other input settings, or another
     fold or dataset.json where both name a dataset (MONAI Label's served copy names none; each of its fine-tunes
-    starts from the served model.pt under the same input settings, which must stay)."""
+    starts from the served model.pt under the same input settings, which must stay). Weights without a record
+    (``earlier`` None: the shipped ``bundle/models/``, runs up to 0.3.11) are another run's when this run names a
+    dataset; a served copy without a record (built from such weights) keeps them."""
+    if earlier is None:
+        return record["dataset_json_sha256"] is not None
     if any(earlier.get(key) != record[key] for key in INPUT_SETTINGS):
         return True
     both_named = earlier.get("dataset_json_sha256") is not None and record["dataset_json_sha256"] is not None

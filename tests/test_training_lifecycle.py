@@ -257,6 +257,17 @@ def test_a_new_run_into_a_used_ckpt_dir_is_refused_unless_asked_to_overwrite(tin
     assert replacing_logs and not set(replacing_logs) & set(first_logs)  # TensorBoard shows the new run only
 
 
+def _run_stopped_in_first_iteration(workflow):
+    """Run ``workflow`` and stop it as Ctrl-C would, in its first iteration: before any validation or checkpoint."""
+
+    def stop(engine):
+        raise KeyboardInterrupt("stopped in the first iteration")
+
+    workflow.parser.get_parsed_content("train#trainer").add_event_handler(Events.ITERATION_STARTED(once=1), stop)
+    with pytest.raises(KeyboardInterrupt):
+        workflow.run()
+
+
 def test_a_replacing_run_of_other_settings_leaves_no_earlier_model_under_its_record(tiny_phantom_dataset, tmp_path):
     """``--overwrite True`` with other input settings wrote this run's record at its start while the replaced run's
     model.pt stayed until the first validation: a run stopped before it left weights of ``--adjacent_slices 0``
@@ -267,20 +278,28 @@ def test_a_replacing_run_of_other_settings_leaves_no_earlier_model_under_its_rec
     first_model = (ckpt_dir / "model.pt").read_bytes()
 
     def stopped_before_validation(**override):
-        workflow = _workflow(tiny_phantom_dataset, ckpt_dir=str(ckpt_dir), output_dir=str(logs), overwrite=True,
-                             **override)  # fmt: skip
-
-        def stop(engine):
-            raise KeyboardInterrupt("stopped in the first iteration")
-
-        workflow.parser.get_parsed_content("train#trainer").add_event_handler(Events.ITERATION_STARTED(once=1), stop)
-        with pytest.raises(KeyboardInterrupt):
-            workflow.run()
+        _run_stopped_in_first_iteration(_workflow(tiny_phantom_dataset, ckpt_dir=str(ckpt_dir), output_dir=str(logs),
+                                                  overwrite=True, **override))  # fmt: skip
         return json.loads((ckpt_dir / TRAINING_RECORD).read_text())
 
     assert stopped_before_validation()["adjacent_slices"] == 0
     assert (ckpt_dir / "model.pt").read_bytes() == first_model  # the record describes it as it did
     assert stopped_before_validation(adjacent_slices=1)["adjacent_slices"] == 1
+    assert not (ckpt_dir / "model.pt").exists()
+
+
+def test_a_replacing_run_leaves_no_unrecorded_model_under_its_record(tiny_phantom_dataset, tmp_path):
+    """A ``model.pt`` without a record (the shipped ``bundle/models/``, runs up to 0.3.11) replaced with
+    ``--overwrite True`` by a run on a dataset stayed until that run's first validation: a run stopped before it left
+    those weights under a record naming this run's fold and dataset.json. It is removed at the start (a served
+    MONAI Label copy without a record, whose fine-tunes name no dataset, keeps it:
+    ``test_monailabel_fine_tune_updates_the_served_weights``)."""
+    ckpt_dir = tmp_path / "models"
+    ckpt_dir.mkdir()
+    shutil.copyfile(BUNDLE / "models" / "model.pt", ckpt_dir / "model.pt")
+    _run_stopped_in_first_iteration(_workflow(tiny_phantom_dataset, ckpt_dir=str(ckpt_dir),
+                                              output_dir=str(tmp_path / "logs"), overwrite=True))  # fmt: skip
+    assert json.loads((ckpt_dir / TRAINING_RECORD).read_text())["dataset_json_sha256"] is not None
     assert not (ckpt_dir / "model.pt").exists()
 
 
