@@ -14,9 +14,9 @@ Per configuration: Dice of the mask (``custom.metrics.case_metrics``, as the acc
 expected calibration error of the lesion probability pooled over the brain voxels of all cases
 (``custom.calibration``), the absolute lesion volume error of the mask and of the probabilities (sum p x voxel
 volume), and, where N > 1, the mean uncertainty (std of the lesion probability over the N passes) on the brain
-voxels the mask gets wrong and on those it gets right. The mask is that of the shipped inference: the argmax of
-the mean probabilities without the lesions under ``min_lesion_ml`` (``custom.lesions.remove_small_lesions``, the
-function of ``RemoveSmallLesionsd`` and the runner; default: ``--config_file``'s ``min_lesion_ml``).
+voxels the mask gets wrong and on those it gets right. The mask is that of the shipped inference: the mean lesion
+probability above ``lesion_threshold`` without the lesions under ``min_lesion_ml`` (``custom.lesions``, the
+functions of ``LesionMaskd``, ``RemoveSmallLesionsd`` and the runner; default: ``--config_file``'s settings).
 
 ``python -m custom ensemble-bench --help`` lists the options; docs/results.md has the command and results.
 """
@@ -36,7 +36,7 @@ from custom.data.datalist import load_dataset_json, refuse_earlier_outputs
 from custom.deploy import class_probabilities, read_case
 from custom.ensemble import ALL_SLICE_FLIPS
 from custom.handlers import load_network_checkpoint
-from custom.lesions import check_min_volume, remove_small_lesions
+from custom.lesions import check_lesion_threshold, check_min_volume, lesion_from_probabilities, remove_small_lesions
 from custom.metrics import case_metrics
 from custom.reporting import write_case_csv
 
@@ -142,6 +142,16 @@ def _write_results(out: Path, rows, tables, uncertainty, configurations, bins: i
     return summary
 
 
+def _inference_setting(parser, config_file, key: str, value):
+    """``value``, or where it is None the inference config's ``key``: the masks are post-processed as inference does
+    them (a config without it is refused, naming the file and the option to pass)."""
+    if value is not None:
+        return value
+    if key not in parser:
+        raise KeyError(f"'{config_file}' has no '{key}' to post-process the masks as inference does; pass --{key}")
+    return parser.get_parsed_content(key)
+
+
 def run_ensemble_bench(
     cv_dir: str,
     dataset_dir: str,
@@ -154,6 +164,7 @@ def run_ensemble_bench(
     max_cases: int | None = None,
     flips: bool = True,
     min_lesion_ml: float | None = None,
+    lesion_threshold: float | None = None,
     overwrite: bool = False,
 ) -> list[dict]:
     """Score each fold model alone and with flips, the fold ensemble and the ensemble with flips (two or more folds).
@@ -164,8 +175,8 @@ def run_ensemble_bench(
             none of the folds saw (e.g. the accuracy benchmark's test phantom).
         out: folder for ``cases.csv`` (per case and configuration), ``summary.json`` and ``summary.md``.
         folds: how many folds to use (default: every fold with a model).
-        config_file: the inference config whose ``network_def`` the fold models fit and whose ``min_lesion_ml`` is
-            the default post-processing.
+        config_file: the inference config whose ``network_def`` the fold models fit and whose ``lesion_threshold``
+            and ``min_lesion_ml`` are the default post-processing.
         bins: equal-width probability bins of the expected calibration error.
         batch_size: slices per forward pass.
         device: torch device.
@@ -173,7 +184,9 @@ def run_ensemble_bench(
         flips: also score the flip test-time augmentation (4 passes per fold instead of 1).
         min_lesion_ml: predicted lesions (26-connected) smaller than this are removed from every configuration's
             mask before it is scored, as ``inference.json`` does (default: ``config_file``'s ``min_lesion_ml``, so
-            the numbers are those of the shipped inference); 0 scores the argmax mask as it is.
+            the numbers are those of the shipped inference); 0 keeps every lesion.
+        lesion_threshold: a voxel is lesion where its mean lesion probability is above this (default:
+            ``config_file``'s ``lesion_threshold``, as inference; 0.5 is the argmax of the two classes).
         overwrite: replace the tables of an earlier run in ``out``; without it such a folder is refused before any
             work (a rerun with other folds or cases replaced a long run's tables without a word).
 
@@ -194,12 +207,9 @@ def run_ensemble_bench(
     out = require_writable_folder(out)
     parser = ConfigParser()
     parser.read_config(str(config_file))
-    if min_lesion_ml is None:
-        if "min_lesion_ml" not in parser:
-            raise KeyError(f"'{config_file}' has no 'min_lesion_ml' to post-process the masks as inference does; "
-                           "pass --min_lesion_ml (0 keeps every lesion)")
-        min_lesion_ml = parser.get_parsed_content("min_lesion_ml")
-    min_lesion_ml = check_min_volume(min_lesion_ml)
+    min_lesion_ml = check_min_volume(_inference_setting(parser, config_file, "min_lesion_ml", min_lesion_ml))
+    lesion_threshold = check_lesion_threshold(
+        _inference_setting(parser, config_file, "lesion_threshold", lesion_threshold))
     networks = []
     for path in checkpoints:
         network = parser.get_parsed_content("network_def", lazy=False)
@@ -222,7 +232,7 @@ def run_ensemble_bench(
         for name, members in configurations.items():
             stacked = np.stack([maps[m] for m in members])  # (N, 2, H, W, D)
             mean = stacked.mean(axis=0)
-            mask = remove_small_lesions(np.argmax(mean, axis=0).astype(np.uint8), affine, min_lesion_ml)
+            mask = remove_small_lesions(lesion_from_probabilities(mean, lesion_threshold), affine, min_lesion_ml)
             lesion_probability = mean[1].clip(0.0, 1.0)
             dice = case_metrics(mask, label, affine, names=("dice",))["dice"]
             mask_ml, label_ml = mask.sum() * voxel_ml, label.sum() * voxel_ml
@@ -258,6 +268,7 @@ def run_ensemble_bench(
             "cases_listed": len(cases),
             "bins": int(bins),
             "min_lesion_ml": min_lesion_ml,
+            "lesion_threshold": lesion_threshold,
             "flip_passes": [list(axes) for axes in ALL_SLICE_FLIPS] if flips else [],
         })  # fmt: skip
     print(_markdown(summary, int(bins)))

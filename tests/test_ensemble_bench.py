@@ -9,7 +9,7 @@ from monai.bundle import ConfigParser
 
 from custom.__main__ import main
 from custom.clinical import voxel_volume_ml
-from custom.deploy import MIN_LESION_ML, lesion_mask, read_case
+from custom.deploy import LESION_THRESHOLD, MIN_LESION_ML, lesion_mask, read_case
 from custom.ensemble_bench import fold_checkpoints, run_ensemble_bench
 from custom.handlers import load_network_checkpoint
 
@@ -18,7 +18,7 @@ TINY_NETWORK = {
         "_target_": "UNet", "spatial_dims": 2, "in_channels": 5, "out_channels": 2,
         "channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 1, "norm": "instance",
     },
-    "min_lesion_ml": MIN_LESION_ML,  # inference.json's post-processing
+    "lesion_threshold": LESION_THRESHOLD, "min_lesion_ml": MIN_LESION_ML,  # inference.json's post-processing
 }  # fmt: skip
 
 
@@ -115,6 +115,29 @@ def test_masks_are_post_processed_as_the_shipped_inference(identical_folds, two_
             volume, affine = read_case(entry["image"])
             expected = lesion_mask(network.eval(), volume, affine, min_lesion_ml=MIN_LESION_ML)
             assert float(row["mask_ml"]) == pytest.approx(expected.sum() * voxel_volume_ml(affine)) and expected.any()
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.7])
+def test_masks_are_thresholded_as_the_shipped_inference(identical_folds, two_labelled_cases, tmp_path, threshold):
+    """ensemble-bench took the argmax of the mean probabilities whatever the config's ``lesion_threshold``: its masks
+    are now thresholded as inference does them (``custom.deploy.lesion_mask``), by default at ``--config_file``'s."""
+    cv, _ = identical_folds
+    config = tmp_path / "thresholded.json"
+    config.write_text(json.dumps({**TINY_NETWORK, "lesion_threshold": threshold, "min_lesion_ml": 0}))
+    run_ensemble_bench(str(cv), str(two_labelled_cases), str(tmp_path / "out"), config_file=str(config),
+                       flips=False, folds=1)  # fmt: skip
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["lesion_threshold"] == threshold
+    parser = ConfigParser(TINY_NETWORK)
+    network = parser.get_parsed_content("network_def")
+    load_network_checkpoint(cv / "fold_0" / "models" / "model.pt", network)
+    dataset = json.loads((two_labelled_cases / "dataset.json").read_text())
+    with open(tmp_path / "out" / "cases.csv") as f, torch.no_grad():
+        for row, entry in zip(csv.DictReader(f), dataset["training"]):
+            volume, affine = read_case(entry["image"])
+            expected = lesion_mask(network.eval(), volume, affine, min_lesion_ml=0, lesion_threshold=threshold)
+            argmax = lesion_mask(network, volume, affine, min_lesion_ml=0, lesion_threshold=LESION_THRESHOLD)
+            assert expected.sum() != argmax.sum()  # the threshold decides this case's mask
+            assert float(row["mask_ml"]) == pytest.approx(expected.sum() * voxel_volume_ml(affine))
 
 
 def test_an_earlier_runs_tables_are_replaced_only_when_asked(identical_folds, two_labelled_cases, tmp_path):
