@@ -37,7 +37,7 @@ import numpy as np
 from custom.atomic import write_atomically, write_text_atomically
 from custom.baseline import run_baseline
 from custom.crossval import configuration_differences, file_sha256, override_arguments
-from custom.data.datalist import fold_datalist, load_dataset_json, output_case_name
+from custom.data.datalist import fold_datalist, load_dataset_json, output_case_name, refuse_earlier_outputs
 from custom.data.isles2018 import prepare_isles2018
 from custom.data.phantom import write_phantom
 from custom.data.studies import read_nifti, require_same_grid
@@ -440,7 +440,8 @@ def score_masks(dataset_dir: Path, entries: list[dict], method: str, mask_path) 
     return rows
 
 
-def score_masks_command(masks: str, dataset_dir: str, out: str, method: str = "masks", fold: int | None = None) -> str:
+def score_masks_command(masks: str, dataset_dir: str, out: str, method: str = "masks", fold: int | None = None,
+                        overwrite: bool = False) -> str:
     """Score a folder of masks against every label of a converted dataset's ``training`` list (or, with ``fold``,
     of that cross-validation fold only: a validation split) with the benchmark's metrics
     (``custom.metrics.case_metrics``); writes ``out/cases.csv``, prints the means and returns its path.
@@ -449,7 +450,8 @@ def score_masks_command(masks: str, dataset_dir: str, out: str, method: str = "m
     vendor software) on the same cases and metrics as ``accuracy-bench``; ``python -m custom compare-cv`` then
     compares two such folders case by case. A case's mask is ``<case>_seg.nii.gz`` (as ``inference.json`` and
     the runner name it) or ``<case>.nii.gz``, where ``<case>`` is the image's file name without ``.nii.gz``;
-    a case without a mask is an error, and an existing ``out/cases.csv`` is never overwritten. Beside it,
+    a case without a mask is an error, and an existing ``out/cases.csv`` is refused unless ``overwrite`` (then it is
+    removed before the masks are scored: no earlier table stays beside this run's record). Beside it,
     ``out/score_masks_run.json`` records the dataset (its folder and dataset.json SHA-256), the masks folder, the
     method and the fold, so that ``compare-cv`` refuses to pair the table with a run of another dataset.
     """
@@ -460,8 +462,6 @@ def score_masks_command(masks: str, dataset_dir: str, out: str, method: str = "m
         entries = [e for e in entries if e.get("fold") == fold]
         if not entries:
             raise ValueError(f"fold {fold!r} not found in '{dataset_dir / 'dataset.json'}' (folds present: {folds})")
-    if (out / "cases.csv").exists():
-        raise FileExistsError(f"'{out / 'cases.csv'}' exists; choose another --out")
 
     def mask_path(entry: dict) -> Path:
         case = output_case_name(entry["image"])
@@ -472,6 +472,7 @@ def score_masks_command(masks: str, dataset_dir: str, out: str, method: str = "m
     if missing:
         raise FileNotFoundError(f"{len(missing)} of {len(entries)} cases of '{dataset_dir}' have no mask in "
                                 f"'{masks}': {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    refuse_earlier_outputs(out, [], overwrite, postfixes=(), tables=("cases.csv",), setting="--out")
     rows = score_masks(dataset_dir, entries, method, mask_path)
     record = {"dataset_dir": str(dataset_dir.resolve()), "masks": str(masks.resolve()), "method": method,
               "fold": fold, "dataset_json_sha256": file_sha256(dataset_dir / "dataset.json")}

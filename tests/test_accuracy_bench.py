@@ -220,8 +220,14 @@ def test_score_masks_scores_every_labelled_case_and_refuses_gaps_and_overwrites(
     assert sorted(rows) == sorted(e["case"] for e in entries)
     assert float(rows[entries[0]["case"]]["dice"]) == 0.0
     assert all(float(rows[e["case"]]["dice"]) == 1.0 for e in entries[1:])
-    with pytest.raises(FileExistsError, match="cases.csv' exists"):
+    earlier_table = r"--out '.*scored' holds 1 file\(s\) of an earlier run .*cases.csv.*--overwrite"
+    with pytest.raises(FileExistsError, match=earlier_table):
         score_masks_command(str(masks), str(tiny_phantom_dataset), str(tmp_path / "scored"))
+    # rescoring after a mask was corrected (no option to do so up to 0.3.12: the table had to be removed by hand)
+    shutil.copy(tiny_phantom_dataset / entries[0]["label"], masks / f"{emptied}_seg.nii.gz")
+    with open(score_masks_command(str(masks), str(tiny_phantom_dataset), str(tmp_path / "scored"), overwrite=True),
+              newline="") as f:  # fmt: skip
+        assert all(float(row["dice"]) == 1.0 for row in csv.DictReader(f))
 
     (masks / f"{emptied}_seg.nii.gz").unlink()
     with pytest.raises(FileNotFoundError, match=f"1 of {len(entries)} cases .* no mask .*{emptied}_seg.nii.gz"):
