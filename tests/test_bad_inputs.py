@@ -413,9 +413,9 @@ def test_weights_of_other_input_settings_are_refused_naming_the_record(tiny_phan
 
     run = tmp_path / "difference_run"
     run.mkdir()
-    checkpoint = _network_checkpoint(run / "model.pt", in_channels=10)
     trained = {"contralateral_channels": "difference", "adjacent_slices": 0}
-    write_training_record(run, trained, fold=0, dataset_dir=tiny_phantom_dataset)
+    write_training_record(run, trained, fold=0, dataset_dir=tiny_phantom_dataset)  # at its start, as a run does
+    checkpoint = _network_checkpoint(run / "model.pt", in_channels=10)
     configs = ["train.json", "evaluate.json"] if path == "evaluation" else ["inference.json"]
     ensemble = {"ensemble_ckpt_paths": [str(checkpoint)] * 2} if path == "inference ensemble" else {}
 
@@ -451,8 +451,8 @@ def test_evaluating_a_checkpoint_on_cases_it_was_trained_on_is_refused(tiny_phan
 
     run = tmp_path / "fold0"
     run.mkdir()
-    checkpoint = _network_checkpoint(run / "model.pt")
     write_training_record(run, {"contralateral_channels": None, "adjacent_slices": 0}, 0, tiny_phantom_dataset)
+    checkpoint = _network_checkpoint(run / "model.pt")
     workflow = bundle_workflow(
         ["train.json", "evaluate.json"], "train", dataset_dir=str(tiny_phantom_dataset), fold=fold,
         ckpt_path=str(checkpoint), output_dir=str(tmp_path / "eval"), num_workers=0,

@@ -75,9 +75,9 @@ def test_served_weights_of_other_recorded_input_settings_are_refused(tiny_phanto
     record leave none there (it would be another run's)."""
     run = tmp_path / "difference_run"
     run.mkdir()
+    write_training_record(run, {"contralateral_channels": "difference", "adjacent_slices": 0}, 0, tiny_phantom_dataset)
     trained = run / "model.pt"
     torch.save(inference_network(in_channels=10).state_dict(), trained)
-    write_training_record(run, {"contralateral_channels": "difference", "adjacent_slices": 0}, 0, tiny_phantom_dataset)
     archive = package_bundle(tmp_path / "ctp_stroke.zip")
     mirror = unpack_served_bundle(archive, tmp_path / "mirror", {"contralateral_channels": "mirror"})
     serve_weights(mirror, trained)
