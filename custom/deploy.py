@@ -41,10 +41,10 @@ MIN_LESION_ML = 0.5  # inference.json's min_lesion_ml (a test checks that they a
 SPATIAL_DIVISOR = 16  # the U-Net's four stride-2 levels need H and W divisible by 2**4
 
 
-def _refuse_problems(path: Path, volume: np.ndarray) -> np.ndarray:
-    """``volume`` if it meets the data contract (``custom.data.studies.image_problems``, the rules of the bundle
-    and of ``python -m custom check``); a ValueError naming the file and every problem otherwise."""
-    problems = image_problems(f"'{path}'", volume)
+def _refuse_problems(path: Path, volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """``volume`` if it and its ``affine`` meet the data contract (``custom.data.studies.image_problems``, the rules
+    of the bundle and of ``python -m custom check``); a ValueError naming the file and every problem otherwise."""
+    problems = image_problems(f"'{path}'", volume, affine)
     if problems:
         raise ValueError("; ".join(problems))
     return volume
@@ -56,7 +56,7 @@ def read_stacked_image(path) -> tuple[np.ndarray, np.ndarray]:
     a ValueError naming the file."""
     path = Path(path)
     image, data = read_nifti(path)
-    return _refuse_problems(path, np.asarray(data, dtype=np.float32)), image.affine
+    return _refuse_problems(path, np.asarray(data, dtype=np.float32), image.affine), image.affine
 
 
 def read_case(path) -> tuple[np.ndarray, np.ndarray]:
@@ -70,7 +70,7 @@ def read_case(path) -> tuple[np.ndarray, np.ndarray]:
     if not path.is_dir():
         return read_stacked_image(path)
     ct_image, volume, _ = load_case(find_case_maps(path), with_label=False)
-    return _refuse_problems(path, volume), ct_image.affine
+    return _refuse_problems(path, volume, ct_image.affine), ct_image.affine
 
 
 def brain_quantiles(values: torch.Tensor, quantiles: Sequence[float]) -> tuple[float, ...]:

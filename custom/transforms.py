@@ -43,7 +43,8 @@ class ValidateStudy(Transform):
 
     Place it right after ``LoadImage``: ``image`` is the array as read, (H, W, D, 5) with channels CT, CBF,
     CBV, MTT, Tmax (NaN/Inf, an all-zero perfusion map and other shapes are refused); the optional
-    ``label`` (H, W, D) must have the image's shape and only the values 0 and 1. Returns ``image`` unchanged.
+    ``label`` (H, W, D) must have the image's shape and only the values 0 and 1. A MetaTensor's affine must make the
+    third axis the head-foot one (axial slices). Returns ``image`` unchanged.
     """
 
     backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
@@ -51,7 +52,8 @@ class ValidateStudy(Transform):
     def __call__(self, image: NdarrayOrTensor, label: NdarrayOrTensor | None = None) -> NdarrayOrTensor:
         image_name = _file_name(image)
         image_array = convert_to_numpy(image)
-        problems = image_problems(image_name, image_array)
+        affine = convert_to_numpy(image.affine) if isinstance(image, MetaTensor) else None
+        problems = image_problems(image_name, image_array, affine)
         if label is not None:
             problems += label_problems(_file_name(label), convert_to_numpy(label), image_name, image_array.shape)
         if problems:

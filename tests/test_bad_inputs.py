@@ -24,6 +24,8 @@ from custom.transforms import NormalizeWithinBrain
 from custom.writers import ShapePreservingNibabelWriter
 
 AFFINE = np.diag([1.0, 1.0, 5.0, 1.0])
+# The same voxels stored as a sagittal stack: the third voxel axis runs left-right, the first head-foot.
+SAGITTAL = np.array([[0.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 0.0], [5.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
 
 
 def _study(shape=(32, 32, 3)) -> np.ndarray:
@@ -35,8 +37,8 @@ def _study(shape=(32, 32, 3)) -> np.ndarray:
     return volume
 
 
-def _save(path: Path, data: np.ndarray) -> Path:
-    nib.save(nib.Nifti1Image(np.asarray(data), AFFINE), path)
+def _save(path: Path, data: np.ndarray, affine: np.ndarray = AFFINE) -> Path:
+    nib.save(nib.Nifti1Image(np.asarray(data), affine), path)
     return path
 
 
@@ -70,9 +72,10 @@ def dataset_copy(tiny_phantom_dataset, tmp_path) -> tuple[Path, dict]:
     return folder, json.loads((folder / "dataset.json").read_text())
 
 
-def _files(folder: Path, image: np.ndarray, label: np.ndarray) -> dict[str, str]:
+def _files(folder: Path, image: np.ndarray, label: np.ndarray, affine: np.ndarray = AFFINE) -> dict[str, str]:
     """A data-list item: ``image`` and ``label`` saved as ``image.nii.gz`` and ``label.nii.gz`` in ``folder``."""
-    return {"image": str(_save(folder / "image.nii.gz", image)), "label": str(_save(folder / "label.nii.gz", label))}
+    return {"image": str(_save(folder / "image.nii.gz", image, affine)),
+            "label": str(_save(folder / "label.nii.gz", label, affine))}
 
 
 # The bundle's load-time validation (custom.transforms.ValidateStudyd), as the configs use it.
@@ -116,6 +119,8 @@ BAD_STUDIES = {
     "label 0.5": r"label\.nii\.gz: label values must be 0 or 1, found \[0\.5\]",
     "label 2": r"label\.nii\.gz: label values must be 0 or 1, found \[2",
     "label shape": r"label\.nii\.gz: shape \(32, 32, 4\) differs from .*image\.nii\.gz \(32, 32, 3\)",
+    # segmented into a confident mask of sagittal slices up to 0.3.12
+    "sagittal slices": r"image\.nii\.gz: its third voxel axis runs left-right .* voxel axis 1 runs head-foot",
 }
 
 
@@ -126,7 +131,7 @@ BAD_STUDIES = {
 )
 def test_load_time_validation_names_the_file_and_the_problem(tmp_path, problem, config, transforms):
     image, label = _bad_study(problem)
-    item = _files(tmp_path, image, label)
+    item = _files(tmp_path, image, label, SAGITTAL if problem == "sagittal slices" else AFFINE)
     if config == "inference.json":
         del item["label"]
     preprocessing = ConfigParser(ConfigParser.load_config_file(CONFIGS / config)).get_parsed_content(transforms)

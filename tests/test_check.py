@@ -169,6 +169,11 @@ def _too_small(folder):
     save(folder, "imagesTs/case_5.nii.gz", make_image()[:16, :16])
 
 
+def _coronal_testing_image(folder):
+    # the voxels of an axial stack stored with the second and third axes swapped: coronal slices on the third axis
+    save(folder, "imagesTs/case_5.nii.gz", make_image(), AFFINE[:, [0, 2, 1, 3]])
+
+
 def _no_dataset_json(folder):
     (folder / "dataset.json").unlink()
 
@@ -198,6 +203,7 @@ def _no_dataset_json(folder):
         (_miscount, ["'numTraining' is 5 but 'training' has 4"]),
         (_too_small, ["imagesTs/case_5.nii.gz: in-plane size 16 x 16 is below the network's minimum 17 x 17"]),
         (_no_dataset_json, ["dataset.json' is missing"]),
+        (_coronal_testing_image, ["imagesTs/case_5.nii.gz: its third voxel axis runs front-back", "must be axial"]),
     ],
     ids=lambda v: v.__name__.strip("_") if callable(v) else "",
 )

@@ -82,7 +82,7 @@ def inspect_training_entry(folder: Path, entry: dict, where: str) -> tuple[list[
     problems: list[str] = []
     image = _read_nifti(folder, entry.get("image"), f"{where}.image", problems)
     if image is not None:
-        problems += image_problems(entry["image"], image[1])
+        problems += image_problems(entry["image"], image[1], image[0].affine)
     label = _read_nifti(folder, entry.get("label"), f"{where}.label", problems)
     if label is not None:
         problems += _label_image_problems(entry["label"], label, entry.get("image"), image)
@@ -202,7 +202,7 @@ def inspect_dataset(dataset_dir) -> DatasetReport:
                     file_use.setdefault(used, f"{where}.{file_key}")
             image = _read_nifti(folder, entry["image"], f"{where}.image", problems) if "image" in entry else None
             if image is not None:
-                problems += image_problems(entry["image"], image[1])
+                problems += image_problems(entry["image"], image[1], image[0].affine)
             if key == "testing":
                 report.num_testing += 1
                 continue

@@ -295,7 +295,8 @@ def screen_inference_images(images) -> ScreenedImages:
             rejected[image] = f"{image}: missing"
             continue
         try:
-            problems = image_problems(image, read_nifti(image, image)[1])
+            nifti, data = read_nifti(image, image)
+            problems = image_problems(image, data, nifti.affine)
         except ValueError as err:
             problems = [str(err)]
         if problems:

@@ -77,18 +77,19 @@ def require_finite(path, data: np.ndarray) -> None:
         raise ValueError(f"'{path}': {bad} NaN or Inf values")
 
 
-def image_problems(name: str, data: np.ndarray) -> list[str]:
+def image_problems(name: str, data: np.ndarray, affine: np.ndarray | None = None) -> list[str]:
     """Problems of an image array as read from its file (H, W, D, 5): wrong shape, H or W too small, NaN/Inf per
     channel, an all-zero perfusion map (no brain: a mask would be a confident wrong answer), perfusion maps non-zero
     at every voxel (no background: the brain, hence the normalisation, the mask and the clinical volumes, would be
-    the whole volume; seen with an int16 file whose scaling turns 0 into -0.005). The rules of
-    ``python -m custom check``, the bundle's ``ValidateStudy`` and the runner; ``name`` names the file."""
+    the whole volume; seen with an int16 file whose scaling turns 0 into -0.005), and with its ``affine`` slices
+    that are not axial (``slice_axis_problems``). The rules of ``python -m custom check``, the bundle's
+    ``ValidateStudy`` and the runner; ``name`` names the file."""
     if data.ndim != 4 or data.shape[-1] != len(MODALITIES):
         return [
             f"{name}: expected a 4D image with {len(MODALITIES)} channels ({', '.join(MODALITIES)}) "
             f"on the 4th axis, found shape {tuple(data.shape)}"
         ]
-    problems = []
+    problems = [] if affine is None else slice_axis_problems(name, affine)
     if min(data.shape[:2]) < MIN_IN_PLANE_SIZE:
         problems.append(
             f"{name}: in-plane size {data.shape[0]} x {data.shape[1]} is below the network's minimum "
@@ -107,6 +108,28 @@ def image_problems(name: str, data: np.ndarray) -> list[str]:
             "must be zero outside the brain (mask them; an integer file needs a scaling that keeps 0 at 0, scl_inter 0)"
         )
     return problems
+
+
+def slice_axis_problems(name: str, affine: np.ndarray) -> list[str]:
+    """A problem where the third voxel axis of ``affine`` is not the one nearest the head-foot direction.
+
+    Why it exists: the network segments the 2D slices of the third axis, which it learnt as axial slices. A stack
+    stored with its axes permuted (sagittal or coronal slices along the third axis) is read without complaint and
+    segmented into a confident wrong mask. Gantry-tilted and oblique axial stacks, and an affine without orientation
+    (the identity), pass."""
+    linear = np.asarray(affine, dtype=float)[:3, :3]
+    lengths = np.linalg.norm(linear, axis=0)
+    if not np.all(lengths > 0):
+        return []  # no orientation to check
+    head_foot = np.abs(linear[2]) / lengths  # how far each voxel axis runs along the world's head-foot axis
+    if head_foot[2] >= head_foot.max():
+        return []
+    runs = ("left-right", "front-back", "head-foot")[int(np.abs(linear[:, 2]).argmax())]
+    return [
+        f"{name}: its third voxel axis runs {runs} (its affine), and voxel axis {int(head_foot.argmax()) + 1} runs "
+        "head-foot: the network segments the slices of the third axis, which must be axial; reorient the image and "
+        "its label so that the third axis runs head-foot (e.g. nibabel.as_closest_canonical)"
+    ]
 
 
 def label_problems(name: str, data: np.ndarray, image_name: str | None = None, image_shape=None) -> list[str]:
