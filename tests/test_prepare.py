@@ -442,6 +442,25 @@ def test_patients_csv_row_that_cannot_be_read_is_refused_naming_the_line(tmp_pat
     prepare_isles2018(src, tmp_path / "dataset", patients=patients, folds=2)
 
 
+def test_patients_csv_not_in_utf8_is_refused_naming_the_file_and_line(tmp_path):
+    """A CSV saved by Excel as cp1252 with an accented centre name raised a bare UnicodeDecodeError naming neither
+    the file nor the line. It is refused naming both and the encoding expected; Excel's "CSV UTF-8", with its
+    byte-order mark, is read."""
+    src = tmp_path / "TRAINING"
+    for case in ("case_1", "case_2"):
+        write_isles_case(src, case)
+    patients = tmp_path / "patients.csv"
+    text = "case,patient,centre\ncase_1,P1,Zürich\ncase_2,P2,Hôpital de Genève\n"
+    patients.write_bytes(text.encode("cp1252"))
+    with pytest.raises(ValueError, match=re.escape(f"'{patients}' line 2: not UTF-8 (byte 0xfc); save the patients "
+                                                   "CSV as UTF-8")):
+        prepare_isles2018(src, tmp_path / "dataset", patients=patients, folds=2)
+    assert leftovers(tmp_path, {"TRAINING", "patients.csv"}) == []
+    patients.write_bytes(text.encode("utf-8-sig"))
+    dst = prepare_isles2018(src, tmp_path / "dataset", patients=patients, folds=2)
+    assert [e["patient"] for e in json.loads((dst / "dataset.json").read_text())["training"]] == ["P1", "P2"]
+
+
 def test_fewer_patients_than_folds_is_refused_before_converting(tmp_path):
     src = tmp_path / "TRAINING"
     for case in ("case_1", "case_2", "case_3"):

@@ -8,6 +8,7 @@ corrupt training (maps on different grids, NaN, stray label values), and writes 
 
 import csv
 import hashlib
+import io
 import json
 import re
 import sys
@@ -107,12 +108,23 @@ def read_patient_map(csv_path, cases) -> dict[str, str]:
 
     A row whose cells are all empty (spreadsheet padding) is skipped; a row with an empty ``case`` or
     ``patient``, or with more cells than the header (an unquoted comma in a note), is an error naming the file
-    and line, since its case or patient would be lost or misread silently.
+    and line, since its case or patient would be lost or misread silently. The file must be UTF-8 (a leading
+    byte-order mark, as Excel's "CSV UTF-8" writes, is dropped); another encoding is refused naming the file and
+    line rather than guessed, since a guess would write misread patient names into dataset.json.
     """
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise FileNotFoundError(f"patients CSV '{csv_path}' does not exist")
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+    data = csv_path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise ValueError(
+            f"'{csv_path}' line {line}: not UTF-8 (byte {data[err.start]:#04x}); save the patients CSV as UTF-8 "
+            "(Excel: 'CSV UTF-8 (Comma delimited)')"
+        ) from err
+    with io.StringIO(text, newline="") as f:
         reader = csv.DictReader(f)
         columns = [c.strip() for c in reader.fieldnames or []]
         if "case" not in columns or "patient" not in columns:
