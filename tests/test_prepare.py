@@ -258,6 +258,44 @@ def test_broken_case_is_refused_and_leaves_nothing(tmp_path, broken, message):
     assert leftovers(tmp_path, {"TRAINING"}) == []
 
 
+def test_every_broken_case_is_listed_in_one_refusal(tmp_path, capsys):
+    """The converter stopped at the first broken case, so a user fixed one, reran, and met the next. Every case is
+    checked now and one error lists each problem, with the messages of a single refusal; nothing is written."""
+    src, testing = tmp_path / "TRAINING", tmp_path / "TESTING"
+    write_isles_case(src, "case_1")
+    write_isles_case(src, "case_2", skip=("MTT",))
+    nan = write_isles_case(src, "case_3", replace={"CBF": _with_nan()})["CBF"]
+    label = write_isles_case(src, "case_4", replace={"OT": _label_with_two()})["OT"]
+    shutil.copytree(src / "case_1", src / "case_5")
+    write_isles_case(src, "case_6", labelled=False)
+    (src / "case_6" / "SMIR.Brain.XX.O.OT.1 (1)").mkdir()
+    write_isles_case(testing, "case_7", labelled=False, skip=("CBV",))
+    write_isles_case(src, "case_8")
+    expected = [
+        f"'{src / 'case_2'}': missing MTT",
+        f"'{src / 'case_6'}': no OT map recognised, but 'SMIR.Brain.XX.O.OT.1 (1)' looks like one",
+        f"'{testing / 'case_7'}': missing CBV",
+        f"'{nan}': 1 NaN or Inf values",
+        f"'{label}': label values must be 0 or 1, found [2.0]",
+        f"'{src / 'case_5'}' holds the same maps as '{src / 'case_1'}'",
+    ]
+    with pytest.raises(ValueError) as refused:
+        prepare_isles2018(src, tmp_path / "dataset", folds=2, testing=testing)
+    lines = str(refused.value).splitlines()
+    assert lines[0] == "6 problem(s) in the case folders; nothing written:"
+    assert [line[4:].startswith(problem) for line, problem in zip(lines[1:], expected)] == [True] * 6, lines
+    assert "case_8: 20x20x3, training" in capsys.readouterr().out  # read after the broken ones
+    assert leftovers(tmp_path, {"TRAINING", "TESTING"}) == []
+
+    for case in ("case_2", "case_5", "case_6"):  # the cases' maps are found; the rest is refused while converting
+        shutil.rmtree(src / case)
+    shutil.rmtree(testing)
+    with pytest.raises(ValueError) as refused:
+        prepare_isles2018(src, tmp_path / "dataset", folds=2)
+    assert str(refused.value).splitlines()[1:] == [f"  - {problem}" for problem in expected[3:5]]
+    assert leftovers(tmp_path, {"TRAINING"}) == []
+
+
 def test_empty_source_is_refused(tmp_path):
     (tmp_path / "TRAINING").mkdir()
     with pytest.raises(FileNotFoundError, match=r"no case_\* folders in '.*TRAINING'"):

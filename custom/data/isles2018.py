@@ -7,6 +7,7 @@ corrupt training (maps on different grids, NaN, stray label values), and writes 
 """
 
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -214,10 +215,28 @@ def patients_from_slab_geometry(training: list[CaseFiles]) -> dict[str, str]:
     return case_patient
 
 
-def _testing_cases(testing, source_names: set[str], find_case=find_case_maps) -> list[CaseFiles]:
-    """Cases of the extra testing folder; renamed ``<folder>_<case>`` if any name clashes with SRC's cases."""
+def _or_problem(problems: list[str], action, *args):
+    """``action(*args)``, or None after adding the message of its ValueError to ``problems``.
+
+    Why: the converter checks every case and refuses once, listing each case's problem (as ``python -m custom
+    check`` does); stopping at the first made a user with 94 cases fix one, rerun, and meet the next."""
+    try:
+        return action(*args)
+    except ValueError as err:
+        problems.append(str(err))
+        return None
+
+
+def _find_cases(folders: list[Path], find_case, problems: list[str]) -> list[CaseFiles]:
+    """``find_case`` of each folder; the problem of a folder whose maps are not found is added to ``problems``."""
+    return [case for case in (_or_problem(problems, find_case, folder) for folder in folders) if case is not None]
+
+
+def _testing_cases(testing, source_names: set[str], find_case, problems: list[str]) -> list[CaseFiles]:
+    """Cases of the extra testing folder; renamed ``<folder>_<case>`` if any name clashes with SRC's case folders.
+    The problems of its case folders are added to ``problems``."""
     testing = Path(testing)
-    cases = [find_case(folder) for folder in find_case_folders(testing)]
+    cases = _find_cases(find_case_folders(testing), find_case, problems)
     prefix = ""
     if any(case.name in source_names for case in cases):
         prefix = f"{testing.name}_"
@@ -229,25 +248,27 @@ def _testing_cases(testing, source_names: set[str], find_case=find_case_maps) ->
     return renamed
 
 
-def _unlabelled_source_cases(src: Path, cases: list[CaseFiles]) -> list[CaseFiles]:
+def _unlabelled_source_cases(src: Path, cases: list[CaseFiles], problems: list[str]) -> list[CaseFiles]:
     """The cases of SRC without an OT map, which go to the testing list (docs/data.md), each named in a warning.
 
     A case without a recognised OT that holds an entry naming OT (e.g. ``SMIR.Brain.XX.O.OT.345565 (1)`` from
-    a repeated download) is refused instead: its mask would be ignored and the case moved from training to
-    testing with nothing but a progress line saying so.
+    a repeated download) is refused instead (its problem added to ``problems``): its mask would be ignored and the
+    case moved from training to testing with nothing but a progress line saying so.
     """
-    unlabelled = [case for case in cases if case.label is None]
+    unlabelled = []
     lines = []
-    for case in unlabelled:
+    for case in (case for case in cases if case.label is None):
         names = sorted(entry.name for entry in case.folder.iterdir() if not entry.name.startswith("."))
         other = [name for name in names if not SMIR_NAME.match(name)]
         like_ot = [name for name in names if LABEL_MAP.lower() in re.split(r"[^a-z0-9]+", name.lower())]
         if like_ot:
-            raise ValueError(
+            problems.append(
                 f"'{case.folder}': no {LABEL_MAP} map recognised, but {', '.join(map(repr, like_ot))} looks like one; "
                 f"name it SMIR.Brain.XX.O.{LABEL_MAP}.<number> (a folder holding one NIfTI, or a .nii/.nii.gz file) "
                 "to train on the case, or move it out of the case folder to convert the case as a testing case"
             )
+            continue
+        unlabelled.append(case)
         lines.append(f"  '{case.folder}': found {', '.join(case.maps)}; other entries: {', '.join(other) or 'none'}")
     if unlabelled:
         lines.insert(0, f"WARNING: {len(unlabelled)} case(s) of '{src}' have no {LABEL_MAP} mask: they go to the "
@@ -271,6 +292,49 @@ def _refuse_a_repeated_study(case: CaseFiles, image: np.ndarray, case_of_image: 
             f"'{case.folder}' holds the same maps as '{first.folder}' (every voxel): one study converted twice would "
             "be trained on and validated on; remove the copy"
         )
+
+
+def _read_cases(all_cases: list[tuple[CaseFiles, bool]], read, problems: list[str], work: Path | None = None):
+    """Read every case of ``all_cases`` (``(case, is_training)``) with ``read(case, with_label)`` and, while
+    ``problems`` is empty, write it into ``work`` (not when None); returns the training cases' lesion volumes (mL).
+
+    A case that cannot be read or repeats an earlier case's study (``_refuse_a_repeated_study``) adds its problem to
+    ``problems``, and the next case is read all the same, so that one refusal lists every case's problem."""
+    lesion_ml: dict[str, float] = {}
+    case_of_image: dict[bytes, CaseFiles] = {}
+
+    def read_new_study(case, is_training):
+        ct_image, image, label = read(case, is_training)
+        _refuse_a_repeated_study(case, image, case_of_image)
+        return ct_image, image, label
+
+    for index, (case, is_training) in enumerate(all_cases, start=1):
+        loaded = _or_problem(problems, read_new_study, case, is_training)
+        summary = f"[{index}/{len(all_cases)}] {case.name}: "
+        if loaded is None:
+            print(summary + "refused (listed at the end)")
+            continue
+        ct_image, image, label = loaded
+        summary += "x".join(map(str, image.shape[:3]))
+        write = work is not None and not problems
+        if write:
+            image_folder = "imagesTr" if is_training else "imagesTs"
+            _save_on_ct_grid(image, ct_image, work / image_folder / f"{case.name}.nii.gz")
+        if is_training:
+            if write:
+                _save_on_ct_grid(label, ct_image, work / "labelsTr" / f"{case.name}.nii.gz")
+            lesion_ml[case.name] = float(label.sum()) * voxel_volume_ml(ct_image.affine)
+            summary += f", training, lesion {lesion_ml[case.name]:.1f} mL"
+        else:
+            summary += ", testing"
+        print(summary)
+    return lesion_ml
+
+
+def _refuse_cases(problems: list[str]) -> ValueError:
+    """The error that refuses the conversion for ``problems``, listing each."""
+    listing = "\n  - ".join(problems)
+    return ValueError(f"{len(problems)} problem(s) in the case folders; nothing written:\n  - {listing}")
 
 
 def _refuse_inputs_inside(dst: Path, inputs: dict[str, object]):
@@ -363,13 +427,20 @@ def prepare_isles2018(
         raise ValueError(f"--testing '{testing}' is the source folder SRC '{src}': its cases would be converted twice")
 
     find_case = find_case_ct_and_series if maps_from_4d else find_case_maps
-    cases = [find_case(folder) for folder in find_case_folders(src)]
-    testing_cases = _unlabelled_source_cases(src, cases)
+    problems: list[str] = []  # of every case, refused at once (``_refuse_cases``)
+    source_folders = find_case_folders(src)
+    cases = _find_cases(source_folders, find_case, problems)
+    testing_cases = _unlabelled_source_cases(src, cases, problems)
     training = [c for c in cases if c.label is not None]
-    if not training:
+    if not training and not problems:
         raise ValueError(f"no labelled case (with an {LABEL_MAP} map) in '{src}': nothing to train on")
     if testing is not None:
-        testing_cases += _testing_cases(testing, {c.name for c in cases}, find_case)
+        testing_cases += _testing_cases(testing, {f.name for f in source_folders}, find_case, problems)
+    all_cases = [(c, True) for c in training] + [(c, False) for c in testing_cases]
+    read = functools.partial(load_case_from_4d, dt=dt) if maps_from_4d else load_case
+    if problems:  # patients CSV and folds are checked once every case is found; the others are read to list theirs
+        _read_cases(all_cases, read, problems)
+        raise _refuse_cases(problems)
     training_names = [c.name for c in training]
     if patients is None:
         case_patient = patients_from_slab_geometry(training)
@@ -378,28 +449,11 @@ def prepare_isles2018(
     validate_fold_count(len(set(case_patient.values())), folds)
 
     def convert(work: Path) -> None:
-        lesion_ml = {}
-        case_of_image: dict[bytes, CaseFiles] = {}
         for folder in IMAGE_FOLDERS:
             (work / folder).mkdir()
-        all_cases = [(c, True) for c in training] + [(c, False) for c in testing_cases]
-        for index, (case, is_training) in enumerate(all_cases, start=1):
-            if maps_from_4d:
-                ct_image, image, label = load_case_from_4d(case, with_label=is_training, dt=dt)
-            else:
-                ct_image, image, label = load_case(case, with_label=is_training)
-            _refuse_a_repeated_study(case, image, case_of_image)
-            image_folder = "imagesTr" if is_training else "imagesTs"
-            _save_on_ct_grid(image, ct_image, work / image_folder / f"{case.name}.nii.gz")
-            summary = f"[{index}/{len(all_cases)}] {case.name}: {'x'.join(map(str, image.shape[:3]))}"
-            if is_training:
-                _save_on_ct_grid(label, ct_image, work / "labelsTr" / f"{case.name}.nii.gz")
-                lesion_ml[case.name] = float(label.sum()) * voxel_volume_ml(ct_image.affine)
-                summary += f", training, lesion {lesion_ml[case.name]:.1f} mL"
-            else:
-                summary += ", testing"
-            print(summary)
-
+        lesion_ml = _read_cases(all_cases, read, problems, work)
+        if problems:
+            raise _refuse_cases(problems)
         fold_of = assign_folds(case_patient, lesion_ml, folds, seed)
         dataset = {
             "name": dst.name,
