@@ -85,7 +85,7 @@ def test_case_folders_sorted_naturally(tmp_path):
     for name in ("case_10", "case_2", "case_1", "notes"):
         (tmp_path / name).mkdir()
     (tmp_path / "case_3.txt").write_text("not a folder")
-    assert [p.name for p in find_case_folders(tmp_path)] == ["case_1", "case_2", "case_10"]
+    assert [p.name for p in find_case_folders(tmp_path, [])] == ["case_1", "case_2", "case_10"]
 
 
 def test_maps_found_by_name_with_mr_spelling_and_pwi_ignored(tmp_path):
@@ -294,6 +294,36 @@ def test_every_broken_case_is_listed_in_one_refusal(tmp_path, capsys):
         prepare_isles2018(src, tmp_path / "dataset", folds=2)
     assert str(refused.value).splitlines()[1:] == [f"  - {problem}" for problem in expected[3:5]]
     assert leftovers(tmp_path, {"TRAINING"}) == []
+
+
+def test_entries_of_src_that_are_no_case_folder_are_named_and_misnamed_cases_refused(tmp_path, capsys):
+    """A case folder renamed by hand ('Case_3', 'case 4 copy') was skipped without a word: a study lost, and
+    `check` could not tell. A folder holding ISLES 2018 maps under another name is refused by name; other entries
+    are named in one warning line, hidden files (.DS_Store) aside."""
+    src = tmp_path / "TRAINING"
+    for case in ("case_1", "case_2", "Case_3", "case 4 copy", ".case_9"):
+        write_isles_case(src, case)
+    (src / "README.txt").write_text("downloaded from SMIR")
+    (src / ".DS_Store").write_bytes(b"\x00")
+    (src / "__MACOSX" / "case_1").mkdir(parents=True)
+    (src / "case_5.zip").write_bytes(b"PK")
+    with pytest.raises(ValueError) as refused:
+        prepare_isles2018(src, tmp_path / "dataset", folds=2)
+    assert str(refused.value).splitlines()[1:] == [
+        f"  - '{src / name}': holds ISLES 2018 maps (SMIR.Brain...) but is not named case_*, so it would not be "
+        f"converted: rename it case_<N>, or move it out of '{src}'"
+        for name in (".case_9", "case 4 copy", "Case_3")
+    ]
+    assert leftovers(tmp_path, {"TRAINING"}) == []
+    warning = (f"WARNING: '{src}': 3 entries not converted (no case_* folder, no maps): __MACOSX, case_5.zip, "
+               "README.txt\n")
+    assert warning in capsys.readouterr().err
+
+    for name in (".case_9", "Case_3", "case 4 copy"):
+        (src / name).rename(tmp_path / name)
+    dst = prepare_isles2018(src, tmp_path / "dataset", folds=2)
+    assert [e["case"] for e in json.loads((dst / "dataset.json").read_text())["training"]] == ["case_1", "case_2"]
+    assert warning in capsys.readouterr().err
 
 
 def test_empty_source_is_refused(tmp_path):
@@ -599,7 +629,7 @@ def test_slab_grouping_finds_every_two_slab_patient_of_the_phantom(tmp_path, cap
     two_slab_patients = [cases for cases in truth.values() if len(cases) == 2]
     assert two_slab_patients, "the phantom cohort should hold two-slab patients"
 
-    guessed = patients_from_slab_geometry([find_case_maps(f) for f in find_case_folders(raw / "TRAINING")])
+    guessed = patients_from_slab_geometry([find_case_maps(f) for f in find_case_folders(raw / "TRAINING", [])])
     for cases in truth.values():
         assert len({guessed[c] for c in cases}) == 1, f"slabs {cases} of one phantom patient were split"
     warning = capsys.readouterr().err

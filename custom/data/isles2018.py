@@ -29,6 +29,7 @@ from custom.data.studies import (
     CaseFiles,
     affines_match,
     find_case_maps,
+    folder_entries,
     load_case,
     load_label,
     load_map,
@@ -45,16 +46,47 @@ def natural_sort_key(name: str) -> list:
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
 
 
-def find_case_folders(split_dir) -> list[Path]:
-    """The ``case_*`` folders of an ISLES 2018 split folder, naturally sorted."""
+def _holds_maps(folder: Path) -> bool:
+    """Whether ``folder`` holds an entry named like an ISLES 2018 map (``SMIR.Brain.XX.O.<MOD>.<id>``)."""
+    try:
+        return any(SMIR_NAME.match(entry.name) for entry in folder_entries(folder))
+    except ValueError:  # cannot be listed (lost+found of a mounted disk): nothing to tell
+        return False
+
+
+def find_case_folders(split_dir, problems: list[str]) -> list[Path]:
+    """The ``case_*`` folders of an ISLES 2018 split folder, naturally sorted; every other entry is named.
+
+    Why: a case folder renamed by hand (``Case_8``, ``case 8 copy``) was skipped without a word, so a study was lost
+    and ``check`` could not tell. A folder of another name that holds ISLES 2018 maps is a case the user meant to
+    include: its problem is added to ``problems`` (the run is refused, listing it with the other cases' problems).
+    Any other entry (``README.txt``, ``__MACOSX``, ``case_5.zip``) is named in one warning line; hidden ones
+    (``.DS_Store``, macOS's ``._case_1``) are ignored unless they are folders holding maps.
+    """
     split_dir = Path(split_dir)
     if not split_dir.is_dir():
         raise FileNotFoundError(f"'{split_dir}' is not a folder (expected an ISLES 2018 split holding case_* folders)")
-    folders = sorted((p for p in split_dir.glob("case_*") if p.is_dir()), key=lambda p: natural_sort_key(p.name))
-    if not folders:
+    folders, misnamed, others = [], [], []
+    for entry in sorted(folder_entries(split_dir), key=lambda p: natural_sort_key(p.name)):
+        if entry.is_dir() and entry.name.startswith("case_"):
+            folders.append(entry)
+        elif entry.is_dir() and _holds_maps(entry):
+            misnamed.append(entry)
+        elif not entry.name.startswith("."):
+            others.append(entry.name)
+    problems += [
+        f"'{folder}': holds ISLES 2018 maps (SMIR.Brain...) but is not named case_*, so it would not be converted: "
+        f"rename it case_<N>, or move it out of '{split_dir}'"
+        for folder in misnamed
+    ]
+    if not folders and not misnamed:
         raise FileNotFoundError(
             f"no case_* folders in '{split_dir}': point to the ISLES 2018 split folder (e.g. .../TRAINING)"
         )
+    if others:
+        entries = f"{len(others)} entr{'y' if len(others) == 1 else 'ies'}"
+        print(f"WARNING: '{split_dir}': {entries} not converted (no case_* folder, no maps): {', '.join(others)}",
+              file=sys.stderr, flush=True)
     return folders
 
 
@@ -236,7 +268,7 @@ def _testing_cases(testing, source_names: set[str], find_case, problems: list[st
     """Cases of the extra testing folder; renamed ``<folder>_<case>`` if any name clashes with SRC's case folders.
     The problems of its case folders are added to ``problems``."""
     testing = Path(testing)
-    cases = _find_cases(find_case_folders(testing), find_case, problems)
+    cases = _find_cases(find_case_folders(testing, problems), find_case, problems)
     prefix = ""
     if any(case.name in source_names for case in cases):
         prefix = f"{testing.name}_"
@@ -428,7 +460,7 @@ def prepare_isles2018(
 
     find_case = find_case_ct_and_series if maps_from_4d else find_case_maps
     problems: list[str] = []  # of every case, refused at once (``_refuse_cases``)
-    source_folders = find_case_folders(src)
+    source_folders = find_case_folders(src, problems)
     cases = _find_cases(source_folders, find_case, problems)
     testing_cases = _unlabelled_source_cases(src, cases, problems)
     training = [c for c in cases if c.label is not None]
