@@ -431,8 +431,9 @@ def prepare_isles2018(
 
     Cases with an OT map go to ``training`` with a patient-grouped, lesion-volume-balanced ``fold``; the
     other cases of SRC and every case of ``testing`` go to ``testing``. The inputs are checked before anything
-    is written; DST is written to a temporary sibling folder and renamed at the end, so a failure leaves no DST
-    (nor the parent folders this run created).
+    is written; every case is read, and broken cases are refused at once, one line each (docs/data.md). DST is
+    written to a temporary sibling folder and renamed at the end, so a failure leaves no DST (nor the parent
+    folders this run created).
 
     Args:
         src: ISLES 2018 split folder holding case_* folders, e.g. ISLES2018/TRAINING.
