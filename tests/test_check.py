@@ -157,6 +157,12 @@ def _training_image_in_testing(folder):
     edit_json(folder, lambda d: d["testing"][0].update(image="./imagesTr/case_2.nii.gz"))
 
 
+def _training_image_name_in_testing(folder):
+    """Another file of a training image's name: MONAI Label took both as one study, inference as one mask."""
+    save(folder, "imagesTs/case_2.nii.gz", make_image())
+    edit_json(folder, lambda d: d["testing"][0].update(image="imagesTs/case_2.nii.gz"))
+
+
 def _wrong_modality(folder):
     edit_json(folder, lambda d: d["modality"].update({"1": "rCBF"}))
 
@@ -199,6 +205,9 @@ def _no_dataset_json(folder):
          ["training[2].label: 'labelsTr/case_1.nii.gz' is also dataset.json training[0].label"]),
         (_training_image_in_testing,
          ["testing[0].image: './imagesTr/case_2.nii.gz' is also dataset.json training[1].image"]),
+        (_training_image_name_in_testing,
+         ["testing[0].image: 'imagesTs/case_2.nii.gz' has the case name 'case_2' of dataset.json training[1].image "
+          "'imagesTr/case_2.nii.gz'"]),
         (_wrong_modality, ["dataset.json 'modality'", "rCBF"]),
         (_miscount, ["'numTraining' is 5 but 'training' has 4"]),
         (_too_small, ["imagesTs/case_5.nii.gz: in-plane size 16 x 16 is below the network's minimum 17 x 17"]),

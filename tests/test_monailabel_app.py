@@ -138,8 +138,8 @@ def test_studies_refuse_an_existing_view_before_writing_anything(tiny_phantom_da
 
 def test_two_images_of_one_study_id_are_refused_naming_both(tiny_phantom_dataset, tmp_path):
     """A dataset whose testing image has the file name of a training image (imagesTr/case_1.nii.gz and
-    imagesTs/case_1.nii.gz; ``check`` passes it) gave two studies 'case_1': the testing image was written over the
-    training image, and the count printed both."""
+    imagesTs/case_1.nii.gz; ``check`` passed it up to 0.3.12) gave two studies 'case_1': the testing image was
+    written over the training image, and the count printed both."""
     dataset_dir = tmp_path / "dataset"
     shutil.copytree(tiny_phantom_dataset, dataset_dir)
     dataset = json.loads((dataset_dir / "dataset.json").read_text())

@@ -85,7 +85,7 @@ def test_case_folders_sorted_naturally(tmp_path):
     for name in ("case_10", "case_2", "case_1", "notes"):
         (tmp_path / name).mkdir()
     (tmp_path / "case_3.txt").write_text("not a folder")
-    assert [p.name for p in find_case_folders(tmp_path)] == ["case_1", "case_2", "case_10"]
+    assert [p.name for p in find_case_folders(tmp_path, [])] == ["case_1", "case_2", "case_10"]
 
 
 def test_maps_found_by_name_with_mr_spelling_and_pwi_ignored(tmp_path):
@@ -256,6 +256,74 @@ def test_broken_case_is_refused_and_leaves_nothing(tmp_path, broken, message):
     with pytest.raises(ValueError, match=message):
         prepare_isles2018(src, tmp_path / "dataset", folds=2)
     assert leftovers(tmp_path, {"TRAINING"}) == []
+
+
+def test_every_broken_case_is_listed_in_one_refusal(tmp_path, capsys):
+    """The converter stopped at the first broken case, so a user fixed one, reran, and met the next. Every case is
+    checked now and one error lists each problem, with the messages of a single refusal; nothing is written."""
+    src, testing = tmp_path / "TRAINING", tmp_path / "TESTING"
+    write_isles_case(src, "case_1")
+    write_isles_case(src, "case_2", skip=("MTT",))
+    nan = write_isles_case(src, "case_3", replace={"CBF": _with_nan()})["CBF"]
+    label = write_isles_case(src, "case_4", replace={"OT": _label_with_two()})["OT"]
+    shutil.copytree(src / "case_1", src / "case_5")
+    write_isles_case(src, "case_6", labelled=False)
+    (src / "case_6" / "SMIR.Brain.XX.O.OT.1 (1)").mkdir()
+    write_isles_case(testing, "case_7", labelled=False, skip=("CBV",))
+    write_isles_case(src, "case_8")
+    expected = [
+        f"'{src / 'case_2'}': missing MTT",
+        f"'{src / 'case_6'}': no OT map recognised, but 'SMIR.Brain.XX.O.OT.1 (1)' looks like one",
+        f"'{testing / 'case_7'}': missing CBV",
+        f"'{nan}': 1 NaN or Inf values",
+        f"'{label}': label values must be 0 or 1, found [2.0]",
+        f"'{src / 'case_5'}' holds the same maps as '{src / 'case_1'}'",
+    ]
+    with pytest.raises(ValueError) as refused:
+        prepare_isles2018(src, tmp_path / "dataset", folds=2, testing=testing)
+    lines = str(refused.value).splitlines()
+    assert lines[0] == "6 problem(s) in the case folders; nothing written:"
+    assert [line[4:].startswith(problem) for line, problem in zip(lines[1:], expected)] == [True] * 6, lines
+    assert "case_8: 20x20x3, training" in capsys.readouterr().out  # read after the broken ones
+    assert leftovers(tmp_path, {"TRAINING", "TESTING"}) == []
+
+    for case in ("case_2", "case_5", "case_6"):  # the cases' maps are found; the rest is refused while converting
+        shutil.rmtree(src / case)
+    shutil.rmtree(testing)
+    with pytest.raises(ValueError) as refused:
+        prepare_isles2018(src, tmp_path / "dataset", folds=2)
+    assert str(refused.value).splitlines()[1:] == [f"  - {problem}" for problem in expected[3:5]]
+    assert leftovers(tmp_path, {"TRAINING"}) == []
+
+
+def test_entries_of_src_that_are_no_case_folder_are_named_and_misnamed_cases_refused(tmp_path, capsys):
+    """A case folder renamed by hand ('Case_3', 'case 4 copy') was skipped without a word: a study lost, and
+    `check` could not tell. A folder holding ISLES 2018 maps under another name is refused by name; other entries
+    are named in one warning line, hidden files (.DS_Store) aside."""
+    src = tmp_path / "TRAINING"
+    for case in ("case_1", "case_2", "Case_3", "case 4 copy", ".case_9"):
+        write_isles_case(src, case)
+    (src / "README.txt").write_text("downloaded from SMIR")
+    (src / ".DS_Store").write_bytes(b"\x00")
+    (src / "__MACOSX" / "case_1").mkdir(parents=True)
+    (src / "case_5.zip").write_bytes(b"PK")
+    with pytest.raises(ValueError) as refused:
+        prepare_isles2018(src, tmp_path / "dataset", folds=2)
+    assert str(refused.value).splitlines()[1:] == [
+        f"  - '{src / name}': holds ISLES 2018 maps (SMIR.Brain...) but is not named case_*, so it would not be "
+        f"converted: rename it case_<N>, or move it out of '{src}'"
+        for name in (".case_9", "case 4 copy", "Case_3")
+    ]
+    assert leftovers(tmp_path, {"TRAINING"}) == []
+    warning = (f"WARNING: '{src}': 3 entries not converted (no case_* folder, no maps): __MACOSX, case_5.zip, "
+               "README.txt\n")
+    assert warning in capsys.readouterr().err
+
+    for name in (".case_9", "Case_3", "case 4 copy"):
+        (src / name).rename(tmp_path / name)
+    dst = prepare_isles2018(src, tmp_path / "dataset", folds=2)
+    assert [e["case"] for e in json.loads((dst / "dataset.json").read_text())["training"]] == ["case_1", "case_2"]
+    assert warning in capsys.readouterr().err
 
 
 def test_empty_source_is_refused(tmp_path):
@@ -442,6 +510,25 @@ def test_patients_csv_row_that_cannot_be_read_is_refused_naming_the_line(tmp_pat
     prepare_isles2018(src, tmp_path / "dataset", patients=patients, folds=2)
 
 
+def test_patients_csv_not_in_utf8_is_refused_naming_the_file_and_line(tmp_path):
+    """A CSV saved by Excel as cp1252 with an accented centre name raised a bare UnicodeDecodeError naming neither
+    the file nor the line. It is refused naming both and the encoding expected; Excel's "CSV UTF-8", with its
+    byte-order mark, is read."""
+    src = tmp_path / "TRAINING"
+    for case in ("case_1", "case_2"):
+        write_isles_case(src, case)
+    patients = tmp_path / "patients.csv"
+    text = "case,patient,centre\ncase_1,P1,Zürich\ncase_2,P2,Hôpital de Genève\n"
+    patients.write_bytes(text.encode("cp1252"))
+    with pytest.raises(ValueError, match=re.escape(f"'{patients}' line 2: not UTF-8 (byte 0xfc); save the patients "
+                                                   "CSV as UTF-8")):
+        prepare_isles2018(src, tmp_path / "dataset", patients=patients, folds=2)
+    assert leftovers(tmp_path, {"TRAINING", "patients.csv"}) == []
+    patients.write_bytes(text.encode("utf-8-sig"))
+    dst = prepare_isles2018(src, tmp_path / "dataset", patients=patients, folds=2)
+    assert [e["patient"] for e in json.loads((dst / "dataset.json").read_text())["training"]] == ["P1", "P2"]
+
+
 def test_fewer_patients_than_folds_is_refused_before_converting(tmp_path):
     src = tmp_path / "TRAINING"
     for case in ("case_1", "case_2", "case_3"):
@@ -542,7 +629,7 @@ def test_slab_grouping_finds_every_two_slab_patient_of_the_phantom(tmp_path, cap
     two_slab_patients = [cases for cases in truth.values() if len(cases) == 2]
     assert two_slab_patients, "the phantom cohort should hold two-slab patients"
 
-    guessed = patients_from_slab_geometry([find_case_maps(f) for f in find_case_folders(raw / "TRAINING")])
+    guessed = patients_from_slab_geometry([find_case_maps(f) for f in find_case_folders(raw / "TRAINING", [])])
     for cases in truth.values():
         assert len({guessed[c] for c in cases}) == 1, f"slabs {cases} of one phantom patient were split"
     warning = capsys.readouterr().err

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from custom.clinical import MODALITIES, voxel_volume_ml
-from custom.data.datalist import load_dataset_json
+from custom.data.datalist import load_dataset_json, output_case_name
 from custom.data.studies import LABEL_NAMES, affines_match, image_problems, label_problems, read_nifti
 
 EXPECTED_MODALITY = {str(i): name for i, name in enumerate(MODALITIES)}
@@ -178,6 +178,9 @@ def inspect_dataset(dataset_dir) -> DatasetReport:
 
     first_use: dict[str, str] = {}
     file_use: dict[Path, str] = {}  # one study in two entries leaks it between folds, or from training into testing
+    # two image files of one case name (imagesTr/case_1.nii.gz, imagesTs/case_1.nii.gz): inference and MONAI Label
+    # name a mask or a study after the file (``output_case_name``), so one would be written over the other
+    name_use: dict[str, str] = {}
     for key, required in (("training", TRAINING_KEYS), ("testing", TESTING_KEYS)):
         for index, entry in enumerate(lists[key]):
             where = f"dataset.json {key}[{index}]"
@@ -199,6 +202,15 @@ def inspect_dataset(dataset_dir) -> DatasetReport:
                     used = (folder / entry[file_key]).resolve()
                     if used in file_use:
                         problems.append(f"{where}.{file_key}: '{entry[file_key]}' is also {file_use[used]}")
+                    elif file_key == "image":
+                        name = output_case_name(folder / entry["image"])
+                        if name in name_use:
+                            problems.append(
+                                f"{where}.image: '{entry['image']}' has the case name '{name}' of {name_use[name]}: "
+                                "inference and MONAI Label name a mask or study after the image file, so one would "
+                                "replace the other; rename one"
+                            )
+                        name_use.setdefault(name, f"{where}.image '{entry['image']}'")
                     file_use.setdefault(used, f"{where}.{file_key}")
             image = _read_nifti(folder, entry["image"], f"{where}.image", problems) if "image" in entry else None
             if image is not None:

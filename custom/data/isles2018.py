@@ -7,7 +7,9 @@ corrupt training (maps on different grids, NaN, stray label values), and writes 
 """
 
 import csv
+import functools
 import hashlib
+import io
 import json
 import re
 import sys
@@ -27,6 +29,7 @@ from custom.data.studies import (
     CaseFiles,
     affines_match,
     find_case_maps,
+    folder_entries,
     load_case,
     load_label,
     load_map,
@@ -43,16 +46,47 @@ def natural_sort_key(name: str) -> list:
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
 
 
-def find_case_folders(split_dir) -> list[Path]:
-    """The ``case_*`` folders of an ISLES 2018 split folder, naturally sorted."""
+def _holds_maps(folder: Path) -> bool:
+    """Whether ``folder`` holds an entry named like an ISLES 2018 map (``SMIR.Brain.XX.O.<MOD>.<id>``)."""
+    try:
+        return any(SMIR_NAME.match(entry.name) for entry in folder_entries(folder))
+    except ValueError:  # cannot be listed (lost+found of a mounted disk): nothing to tell
+        return False
+
+
+def find_case_folders(split_dir, problems: list[str]) -> list[Path]:
+    """The ``case_*`` folders of an ISLES 2018 split folder, naturally sorted; every other entry is named.
+
+    Why: a case folder renamed by hand (``Case_8``, ``case 8 copy``) was skipped without a word, so a study was lost
+    and ``check`` could not tell. A folder of another name that holds ISLES 2018 maps is a case the user meant to
+    include: its problem is added to ``problems`` (the run is refused, listing it with the other cases' problems).
+    Any other entry (``README.txt``, ``__MACOSX``, ``case_5.zip``) is named in one warning line; hidden ones
+    (``.DS_Store``, macOS's ``._case_1``) are ignored unless they are folders holding maps.
+    """
     split_dir = Path(split_dir)
     if not split_dir.is_dir():
         raise FileNotFoundError(f"'{split_dir}' is not a folder (expected an ISLES 2018 split holding case_* folders)")
-    folders = sorted((p for p in split_dir.glob("case_*") if p.is_dir()), key=lambda p: natural_sort_key(p.name))
-    if not folders:
+    folders, misnamed, others = [], [], []
+    for entry in sorted(folder_entries(split_dir), key=lambda p: natural_sort_key(p.name)):
+        if entry.is_dir() and entry.name.startswith("case_"):
+            folders.append(entry)
+        elif entry.is_dir() and _holds_maps(entry):
+            misnamed.append(entry)
+        elif not entry.name.startswith("."):
+            others.append(entry.name)
+    problems += [
+        f"'{folder}': holds ISLES 2018 maps (SMIR.Brain...) but is not named case_*, so it would not be converted: "
+        f"rename it case_<N>, or move it out of '{split_dir}'"
+        for folder in misnamed
+    ]
+    if not folders and not misnamed:
         raise FileNotFoundError(
             f"no case_* folders in '{split_dir}': point to the ISLES 2018 split folder (e.g. .../TRAINING)"
         )
+    if others:
+        entries = f"{len(others)} entr{'y' if len(others) == 1 else 'ies'}"
+        print(f"WARNING: '{split_dir}': {entries} not converted (no case_* folder, no maps): {', '.join(others)}",
+              file=sys.stderr, flush=True)
     return folders
 
 
@@ -107,12 +141,23 @@ def read_patient_map(csv_path, cases) -> dict[str, str]:
 
     A row whose cells are all empty (spreadsheet padding) is skipped; a row with an empty ``case`` or
     ``patient``, or with more cells than the header (an unquoted comma in a note), is an error naming the file
-    and line, since its case or patient would be lost or misread silently.
+    and line, since its case or patient would be lost or misread silently. The file must be UTF-8 (a leading
+    byte-order mark, as Excel's "CSV UTF-8" writes, is dropped); another encoding is refused naming the file and
+    line rather than guessed, since a guess would write misread patient names into dataset.json.
     """
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise FileNotFoundError(f"patients CSV '{csv_path}' does not exist")
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+    data = csv_path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise ValueError(
+            f"'{csv_path}' line {line}: not UTF-8 (byte {data[err.start]:#04x}); save the patients CSV as UTF-8 "
+            "(Excel: 'CSV UTF-8 (Comma delimited)')"
+        ) from err
+    with io.StringIO(text, newline="") as f:
         reader = csv.DictReader(f)
         columns = [c.strip() for c in reader.fieldnames or []]
         if "case" not in columns or "patient" not in columns:
@@ -202,10 +247,28 @@ def patients_from_slab_geometry(training: list[CaseFiles]) -> dict[str, str]:
     return case_patient
 
 
-def _testing_cases(testing, source_names: set[str], find_case=find_case_maps) -> list[CaseFiles]:
-    """Cases of the extra testing folder; renamed ``<folder>_<case>`` if any name clashes with SRC's cases."""
+def _or_problem(problems: list[str], action, *args):
+    """``action(*args)``, or None after adding the message of its ValueError to ``problems``.
+
+    Why: the converter checks every case and refuses once, listing each case's problem (as ``python -m custom
+    check`` does); stopping at the first made a user with 94 cases fix one, rerun, and meet the next."""
+    try:
+        return action(*args)
+    except ValueError as err:
+        problems.append(str(err))
+        return None
+
+
+def _find_cases(folders: list[Path], find_case, problems: list[str]) -> list[CaseFiles]:
+    """``find_case`` of each folder; the problem of a folder whose maps are not found is added to ``problems``."""
+    return [case for case in (_or_problem(problems, find_case, folder) for folder in folders) if case is not None]
+
+
+def _testing_cases(testing, source_names: set[str], find_case, problems: list[str]) -> list[CaseFiles]:
+    """Cases of the extra testing folder; renamed ``<folder>_<case>`` if any name clashes with SRC's case folders.
+    The problems of its case folders are added to ``problems``."""
     testing = Path(testing)
-    cases = [find_case(folder) for folder in find_case_folders(testing)]
+    cases = _find_cases(find_case_folders(testing, problems), find_case, problems)
     prefix = ""
     if any(case.name in source_names for case in cases):
         prefix = f"{testing.name}_"
@@ -217,25 +280,27 @@ def _testing_cases(testing, source_names: set[str], find_case=find_case_maps) ->
     return renamed
 
 
-def _unlabelled_source_cases(src: Path, cases: list[CaseFiles]) -> list[CaseFiles]:
+def _unlabelled_source_cases(src: Path, cases: list[CaseFiles], problems: list[str]) -> list[CaseFiles]:
     """The cases of SRC without an OT map, which go to the testing list (docs/data.md), each named in a warning.
 
     A case without a recognised OT that holds an entry naming OT (e.g. ``SMIR.Brain.XX.O.OT.345565 (1)`` from
-    a repeated download) is refused instead: its mask would be ignored and the case moved from training to
-    testing with nothing but a progress line saying so.
+    a repeated download) is refused instead (its problem added to ``problems``): its mask would be ignored and the
+    case moved from training to testing with nothing but a progress line saying so.
     """
-    unlabelled = [case for case in cases if case.label is None]
+    unlabelled = []
     lines = []
-    for case in unlabelled:
+    for case in (case for case in cases if case.label is None):
         names = sorted(entry.name for entry in case.folder.iterdir() if not entry.name.startswith("."))
         other = [name for name in names if not SMIR_NAME.match(name)]
         like_ot = [name for name in names if LABEL_MAP.lower() in re.split(r"[^a-z0-9]+", name.lower())]
         if like_ot:
-            raise ValueError(
+            problems.append(
                 f"'{case.folder}': no {LABEL_MAP} map recognised, but {', '.join(map(repr, like_ot))} looks like one; "
                 f"name it SMIR.Brain.XX.O.{LABEL_MAP}.<number> (a folder holding one NIfTI, or a .nii/.nii.gz file) "
                 "to train on the case, or move it out of the case folder to convert the case as a testing case"
             )
+            continue
+        unlabelled.append(case)
         lines.append(f"  '{case.folder}': found {', '.join(case.maps)}; other entries: {', '.join(other) or 'none'}")
     if unlabelled:
         lines.insert(0, f"WARNING: {len(unlabelled)} case(s) of '{src}' have no {LABEL_MAP} mask: they go to the "
@@ -259,6 +324,49 @@ def _refuse_a_repeated_study(case: CaseFiles, image: np.ndarray, case_of_image: 
             f"'{case.folder}' holds the same maps as '{first.folder}' (every voxel): one study converted twice would "
             "be trained on and validated on; remove the copy"
         )
+
+
+def _read_cases(all_cases: list[tuple[CaseFiles, bool]], read, problems: list[str], work: Path | None = None):
+    """Read every case of ``all_cases`` (``(case, is_training)``) with ``read(case, with_label)`` and, while
+    ``problems`` is empty, write it into ``work`` (not when None); returns the training cases' lesion volumes (mL).
+
+    A case that cannot be read or repeats an earlier case's study (``_refuse_a_repeated_study``) adds its problem to
+    ``problems``, and the next case is read all the same, so that one refusal lists every case's problem."""
+    lesion_ml: dict[str, float] = {}
+    case_of_image: dict[bytes, CaseFiles] = {}
+
+    def read_new_study(case, is_training):
+        ct_image, image, label = read(case, is_training)
+        _refuse_a_repeated_study(case, image, case_of_image)
+        return ct_image, image, label
+
+    for index, (case, is_training) in enumerate(all_cases, start=1):
+        loaded = _or_problem(problems, read_new_study, case, is_training)
+        summary = f"[{index}/{len(all_cases)}] {case.name}: "
+        if loaded is None:
+            print(summary + "refused (listed at the end)")
+            continue
+        ct_image, image, label = loaded
+        summary += "x".join(map(str, image.shape[:3]))
+        write = work is not None and not problems
+        if write:
+            image_folder = "imagesTr" if is_training else "imagesTs"
+            _save_on_ct_grid(image, ct_image, work / image_folder / f"{case.name}.nii.gz")
+        if is_training:
+            if write:
+                _save_on_ct_grid(label, ct_image, work / "labelsTr" / f"{case.name}.nii.gz")
+            lesion_ml[case.name] = float(label.sum()) * voxel_volume_ml(ct_image.affine)
+            summary += f", training, lesion {lesion_ml[case.name]:.1f} mL"
+        else:
+            summary += ", testing"
+        print(summary)
+    return lesion_ml
+
+
+def _refuse_cases(problems: list[str]) -> ValueError:
+    """The error that refuses the conversion for ``problems``, listing each."""
+    listing = "\n  - ".join(problems)
+    return ValueError(f"{len(problems)} problem(s) in the case folders; nothing written:\n  - {listing}")
 
 
 def _refuse_inputs_inside(dst: Path, inputs: dict[str, object]):
@@ -323,8 +431,9 @@ def prepare_isles2018(
 
     Cases with an OT map go to ``training`` with a patient-grouped, lesion-volume-balanced ``fold``; the
     other cases of SRC and every case of ``testing`` go to ``testing``. The inputs are checked before anything
-    is written; DST is written to a temporary sibling folder and renamed at the end, so a failure leaves no DST
-    (nor the parent folders this run created).
+    is written; every case is read, and broken cases are refused at once, one line each (docs/data.md). DST is
+    written to a temporary sibling folder and renamed at the end, so a failure leaves no DST (nor the parent
+    folders this run created).
 
     Args:
         src: ISLES 2018 split folder holding case_* folders, e.g. ISLES2018/TRAINING.
@@ -351,13 +460,20 @@ def prepare_isles2018(
         raise ValueError(f"--testing '{testing}' is the source folder SRC '{src}': its cases would be converted twice")
 
     find_case = find_case_ct_and_series if maps_from_4d else find_case_maps
-    cases = [find_case(folder) for folder in find_case_folders(src)]
-    testing_cases = _unlabelled_source_cases(src, cases)
+    problems: list[str] = []  # of every case, refused at once (``_refuse_cases``)
+    source_folders = find_case_folders(src, problems)
+    cases = _find_cases(source_folders, find_case, problems)
+    testing_cases = _unlabelled_source_cases(src, cases, problems)
     training = [c for c in cases if c.label is not None]
-    if not training:
+    if not training and not problems:
         raise ValueError(f"no labelled case (with an {LABEL_MAP} map) in '{src}': nothing to train on")
     if testing is not None:
-        testing_cases += _testing_cases(testing, {c.name for c in cases}, find_case)
+        testing_cases += _testing_cases(testing, {f.name for f in source_folders}, find_case, problems)
+    all_cases = [(c, True) for c in training] + [(c, False) for c in testing_cases]
+    read = functools.partial(load_case_from_4d, dt=dt) if maps_from_4d else load_case
+    if problems:  # patients CSV and folds are checked once every case is found; the others are read to list theirs
+        _read_cases(all_cases, read, problems)
+        raise _refuse_cases(problems)
     training_names = [c.name for c in training]
     if patients is None:
         case_patient = patients_from_slab_geometry(training)
@@ -366,28 +482,11 @@ def prepare_isles2018(
     validate_fold_count(len(set(case_patient.values())), folds)
 
     def convert(work: Path) -> None:
-        lesion_ml = {}
-        case_of_image: dict[bytes, CaseFiles] = {}
         for folder in IMAGE_FOLDERS:
             (work / folder).mkdir()
-        all_cases = [(c, True) for c in training] + [(c, False) for c in testing_cases]
-        for index, (case, is_training) in enumerate(all_cases, start=1):
-            if maps_from_4d:
-                ct_image, image, label = load_case_from_4d(case, with_label=is_training, dt=dt)
-            else:
-                ct_image, image, label = load_case(case, with_label=is_training)
-            _refuse_a_repeated_study(case, image, case_of_image)
-            image_folder = "imagesTr" if is_training else "imagesTs"
-            _save_on_ct_grid(image, ct_image, work / image_folder / f"{case.name}.nii.gz")
-            summary = f"[{index}/{len(all_cases)}] {case.name}: {'x'.join(map(str, image.shape[:3]))}"
-            if is_training:
-                _save_on_ct_grid(label, ct_image, work / "labelsTr" / f"{case.name}.nii.gz")
-                lesion_ml[case.name] = float(label.sum()) * voxel_volume_ml(ct_image.affine)
-                summary += f", training, lesion {lesion_ml[case.name]:.1f} mL"
-            else:
-                summary += ", testing"
-            print(summary)
-
+        lesion_ml = _read_cases(all_cases, read, problems, work)
+        if problems:
+            raise _refuse_cases(problems)
         fold_of = assign_folds(case_patient, lesion_ml, folds, seed)
         dataset = {
             "name": dst.name,
