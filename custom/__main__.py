@@ -6,7 +6,11 @@ is not installed (it needs torch, numpy, scipy and nibabel only).
 
 import importlib
 import inspect
+import os
+import re
 import sys
+import types
+import typing
 
 import fire
 
@@ -47,6 +51,66 @@ def _resolve(target):
     return getattr(importlib.import_module(module), function)
 
 
+def own_arguments(arguments: list[str]) -> list[str]:
+    """A command's own arguments: those before ``--`` (after it come Fire's flags, such as ``--help``)."""
+    return arguments[: arguments.index("--")] if "--" in arguments else arguments
+
+
+def is_name(annotation) -> bool:
+    """Whether a parameter so annotated takes a name: ``str`` or a path type, optionally ``| None``, or
+    ``str | list[str]`` (comma-separated on the command line)."""
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    kinds = [kind for kind in (typing.get_args(annotation) if union else (annotation,)) if kind is not type(None)]
+    return bool(kinds) and all(
+        kind is str or kind == list[str] or (isinstance(kind, type) and issubclass(kind, os.PathLike)) for kind in kinds
+    )
+
+
+def _is_flag(argument: str) -> bool:
+    """As Fire tells an option from a value (``fire.core._IsFlag``): ``-5`` is a value, ``-o`` an option."""
+    return argument.startswith("--") or re.match("-[a-zA-Z]", argument) is not None
+
+
+def names_as_typed(function, arguments: list[str]) -> list[str]:
+    """Fire reads every value as a Python literal (``fire.parser.DefaultParseValue``): a folder typed as ``2018_01``
+    reached the command as the number 201801, ``1e3`` as 1000.0, ``None`` as None. Hand Fire the values of the
+    parameters annotated as names (``is_name``) as quoted literals, which it reads back as the text typed:
+    positional, ``--name value``, ``--name=value``, ``--na-me``, ``-n`` spellings matched to parameters as Fire matches
+    them. The other values (numbers, flags, ``**overrides``) are left to Fire."""
+    parameters = inspect.signature(function).parameters
+    hints = typing.get_type_hints(function)
+    names = {name for name in parameters if is_name(hints.get(name))}
+    options = [p.name for p in parameters.values() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    takes_any_option = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    quoted, given, positional = list(arguments), set(), []
+    own, index = len(own_arguments(arguments)), 0
+    while index < own:
+        argument = arguments[index]
+        if not _is_flag(argument):
+            positional.append(index)
+        else:
+            key, equals, value = argument.lstrip("-").partition("=")
+            key = key.replace("-", "_")
+            shortcut = [name for name in options if name.startswith(key)]
+            if len(key) == 1 and key not in options and not takes_any_option and len(shortcut) == 1:
+                key = shortcut[0]  # Fire's one-letter shortcut of the only parameter starting with it
+            given.add(key)
+            if equals and key in names:
+                quoted[index] = f"{argument.partition('=')[0]}={value!r}"
+            elif not equals and index + 1 < own and not _is_flag(arguments[index + 1]):
+                index += 1  # the option's value
+                if key in names:
+                    quoted[index] = repr(arguments[index])
+        index += 1
+    # Fire fills the parameters not given as options in order with the positional values, the rest go to *args
+    slots = [p for p in parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD and p.name not in given]
+    slots += [p for p in parameters.values() if p.kind is p.VAR_POSITIONAL] * len(positional)
+    for parameter, index in zip(slots, positional):
+        if parameter.name in names:
+            quoted[index] = repr(arguments[index])
+    return quoted
+
+
 def refuse_unknown_options(function, arguments: list[str]) -> None:
     """Fire calls a command before it complains about an option the command does not take (``prepare ...
     --foldz 3`` converts with the default folds, then fails): refuse such options before anything runs."""
@@ -54,8 +118,7 @@ def refuse_unknown_options(function, arguments: list[str]) -> None:
     if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
         return  # the command takes any option (bundle overrides); it checks them itself
     names = set(parameters) | {name.replace("_", "-") for name in parameters}
-    own_options = arguments[: arguments.index("--")] if "--" in arguments else arguments  # after "--": Fire's flags
-    for argument in own_options:
+    for argument in own_arguments(arguments):
         name = argument[2:].split("=")[0]
         if argument.startswith("--") and name != "help" and name not in names and name.removeprefix("no") not in names:
             options = [f"--{p.name}" for p in parameters.values() if p.kind is not p.VAR_POSITIONAL]
@@ -66,8 +129,7 @@ def help_to_fire(arguments: list[str]) -> list[str]:
     """A command taking ``**overrides`` would receive ``--help`` as an override and run (``accuracy-bench --help``
     started a benchmark): when ``--help``/``-h`` is asked for, keep only the command's name and hand Fire its own
     ``-- --help``."""
-    own_options = arguments[: arguments.index("--")] if "--" in arguments else arguments
-    if not {"--help", "-h"} & set(own_options):
+    if not {"--help", "-h"} & set(own_arguments(arguments)):
         return arguments
     command = arguments[:1]
     group = COMMANDS.get(arguments[0]) if arguments else None
@@ -90,10 +152,12 @@ def main(argv=None):
         return deploy_command_line(argv[1:], prog="python -m custom deploy")
     argv = help_to_fire(argv)
     command = COMMANDS.get(argv[0]) if argv else None
-    if isinstance(command, dict) and len(argv) > 1 and argv[1] in command:
-        refuse_unknown_options(_resolve(command[argv[1]]), argv[2:])
-    elif isinstance(command, str):
-        refuse_unknown_options(_resolve(command), argv[1:])
+    path = 2 if isinstance(command, dict) else 1  # the words naming the command: "check", "prepare isles2018"
+    target = command.get(argv[1]) if path == 2 and len(argv) > 1 else command
+    if isinstance(target, str):
+        function = _resolve(target)
+        refuse_unknown_options(function, argv[path:])
+        argv = argv[:path] + names_as_typed(function, argv[path:])
     selected = {argv[0]: COMMANDS[argv[0]]} if argv and argv[0] in COMMANDS else COMMANDS
     fire.Fire(_resolve(selected), command=argv, name="python -m custom", serialize=printed_result)
 

@@ -63,8 +63,18 @@ def _patch_size(value) -> bool:
     )
 
 
+# A folder id given on the command line as a name that Fire, monai.bundle's command line, reads as a number:
+# `--ckpt_dir 2018_01` became 201801, which wrote training_inputs.json and the TensorBoard files to a folder
+# "201801" and then failed deep in pathlib (`expected str, bytes or os.PathLike object, not int`).
+_FOLDER = (
+    lambda v: isinstance(v, (str, os.PathLike)),
+    "a folder path (the command line reads a name such as 2018_01 as the number 201801: pass ./2018_01)",
+)
 # Documented id -> (test of its resolved value, what the value must be).
 SETTING_RULES = {
+    "dataset_dir": _FOLDER,
+    "ckpt_dir": _FOLDER,
+    "output_dir": _FOLDER,
     "epochs": (lambda v: _whole(v) and v >= 1, "a whole number >= 1"),
     "val_interval": (lambda v: _whole(v) and v >= 1, "a whole number >= 1"),
     "warmup_epochs": (lambda v: _whole(v) and v >= 0, "a whole number >= 0"),

@@ -175,7 +175,7 @@ def inference_network(
     return ProbabilityEnsemble(members, flips, uncertainty).eval()
 
 
-def write_ensemble_checkpoint(*checkpoints, out: str, config_file: str | None = None) -> str:
+def write_ensemble_checkpoint(*checkpoints: str, out: str, config_file: str | None = None) -> str:
     """Write one ensemble checkpoint (the state dict of a ``ProbabilityEnsemble`` of the given checkpoints).
 
     Args:

@@ -221,8 +221,10 @@ def start_server_command(app_dir, studies, venv, port=8000, name=BUNDLE_NAME) ->
     ]  # fmt: skip
 
 
-def prepare_monailabel_app(app_dir, studies=None, dataset_dir=None, archive=None, bundle_root="bundle", venv=None,
-                           port=8000, ckpt_path=None, contralateral_channels=None, adjacent_slices=None):  # fmt: skip
+def prepare_monailabel_app(app_dir: str, studies: str | None = None, dataset_dir: str | None = None,
+                           archive: str | None = None, bundle_root: str = "bundle", venv: str | None = None,
+                           port=8000, ckpt_path: str | None = None, contralateral_channels=None,
+                           adjacent_slices=None):  # fmt: skip
     """Prepare ``app_dir`` (must not exist) for ``monailabel start_server``; returns the start line.
 
     Args:

@@ -31,12 +31,12 @@ VERIFY_ATOL = 1e-4
 
 
 def export_onnx(
-    ckpt="bundle/models/model.pt",
-    out="bundle/models/model.onnx",
-    config="bundle/configs/inference.json",
-    meta="bundle/configs/metadata.json",
-    bundle_root="bundle",
-    net_id="network_def",
+    ckpt: str = "bundle/models/model.pt",
+    out: str = "bundle/models/model.onnx",
+    config: str = "bundle/configs/inference.json",
+    meta: str = "bundle/configs/metadata.json",
+    bundle_root: str = "bundle",
+    net_id: str = "network_def",
 ):
     """Export the checkpoint ``ckpt`` of ``net_id`` in ``config`` to ONNX at ``out``; returns ``out``.
 

@@ -56,7 +56,7 @@ def bundle_members(bundle_root="bundle", include_models=True) -> list[tuple[Path
     return members
 
 
-def package_bundle(out, bundle_root="bundle", include_models=True):
+def package_bundle(out: str, bundle_root: str = "bundle", include_models=True):
     """Write the bundle at ``bundle_root`` with a copy of ``custom/`` inside it to the zip ``out``; returns ``out``.
 
     As the MONAI bundle specification asks, the archive holds one folder named after it

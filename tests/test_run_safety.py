@@ -56,10 +56,18 @@ def _bundle_run(*arguments, env=None):
         # PyTorch's own errors named no config id
         (["train.json"], "train", {"device": "cpux"}, "config id 'device' must be a device of this machine"),
         (["inference.json"], "infer", {"device": "cuda:99"}, "config id 'device' must be a device of this machine"),
+        # fire reads `--ckpt_dir 2018_01` as 201801: training wrote training_inputs.json and TensorBoard files to the
+        # folders 201801 and 20240501, then failed deep in pathlib (expected str, bytes or os.PathLike object, not int)
+        (["train.json"], "train", {"ckpt_dir": 201801}, "config id 'ckpt_dir' must be a folder path (the command line"),
+        (["train.json"], "train", {"output_dir": 20240501}, "config id 'output_dir' must be a folder path"),
+        (["train.json"], "train", {"dataset_dir": 1000.0}, "config id 'dataset_dir' must be a folder path"),
+        (["train.json", "evaluate.json"], "train", {"output_dir": 201801}, "config id 'output_dir' must be a folder"),
+        (["inference.json"], "infer", {"output_dir": 201801}, "config id 'output_dir' must be a folder path"),
+        (["inference.json"], "infer", {"dataset_dir": 201801}, "config id 'dataset_dir' must be a folder path"),
     ],
 )
 def test_bad_override_is_refused_naming_the_id(tmp_path, config_files, workflow_type, override, message):
-    workflow = bundle_workflow(config_files, workflow_type, dataset_dir=str(tmp_path), **override)
+    workflow = bundle_workflow(config_files, workflow_type, **{"dataset_dir": str(tmp_path), **override})
     workflow.initialize()
     with pytest.raises(Exception) as raised:
         workflow.run()  # the check is run's first step, before anything is built

@@ -243,7 +243,7 @@ def _patient_count(cases) -> int:
     return len({case.patient for case in cases if isinstance(case.patient, str) and case.patient})
 
 
-def check_dataset_command(dataset_dir):
+def check_dataset_command(dataset_dir: str):
     """Check a converted dataset folder: print a summary per fold and every problem; exit 1 if there are problems.
 
     Args:

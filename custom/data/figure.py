@@ -35,7 +35,7 @@ def _radiological(slice_ras: np.ndarray) -> np.ndarray:
     return slice_ras[::-1, ::-1].T
 
 
-def phantom_figure(dataset_dir, out, case=None, slice_index=None):
+def phantom_figure(dataset_dir: str, out: str, case: str | None = None, slice_index=None):
     """Write a PNG of one training case of DATASET_DIR (layout in docs/data.md) to OUT; returns OUT.
 
     Six panels: CT in a brain window, CBF, CBV, MTT and Tmax with colour bars and units, and the label

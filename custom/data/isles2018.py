@@ -425,7 +425,15 @@ def _remove_empty_folders(folders: list[Path]) -> None:
 
 
 def prepare_isles2018(
-    src, dst, patients=None, folds=4, seed=0, testing=None, overwrite=False, maps_from_4d=False, dt=None
+    src: str,
+    dst: str,
+    patients: str | None = None,
+    folds=4,
+    seed=0,
+    testing: str | None = None,
+    overwrite=False,
+    maps_from_4d=False,
+    dt=None,
 ):
     """Convert an ISLES 2018 split folder SRC (holding case_*) into the dataset folder DST; returns DST.
 

@@ -815,7 +815,7 @@ def write_case(
 
 
 def write_phantom(
-    out,
+    out: str,
     cases: int = 24,
     test_cases: int = 4,
     seed: int = 0,

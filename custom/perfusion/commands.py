@@ -74,10 +74,10 @@ def save_map(volume: np.ndarray, reference: nib.Nifti1Image, path: Path):
 
 
 def maps(
-    series,
-    out,
+    series: str,
+    out: str,
     dt: float | None = None,
-    aif_mask=None,
+    aif_mask: str | None = None,
     method: str = "osvd",
     oscillation_limit: float = OSCILLATION_LIMIT,
     tikhonov_lambda: float = TIKHONOV_LAMBDA,
@@ -180,7 +180,7 @@ def _agreement(computed: np.ndarray, truth: np.ndarray) -> dict:
     }
 
 
-def accuracy(cases: int = 8, size: int = 256, seed: int = 0, method: str = "osvd", out=None) -> dict:
+def accuracy(cases: int = 8, size: int = 256, seed: int = 0, method: str = "osvd", out: str | None = None) -> dict:
     """Computed maps against the phantom's truth for the first ``cases`` training cases of the seed's cohort.
 
     The cases are exactly those of ``python -m custom phantom --seed SEED --size SIZE --pwi`` (rendered in

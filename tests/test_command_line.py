@@ -1,0 +1,92 @@
+"""``python -m custom``: folder and file names reach the commands as typed; numbers and flags stay numbers and flags."""
+
+import functools
+import importlib
+import inspect
+
+import pytest
+
+from custom.__main__ import COMMANDS, main
+
+
+def _record_calls(monkeypatch, arguments: list[str]) -> list[dict]:
+    """Replace the function of the command that ``arguments`` run ("check ...", "perfusion maps ...") by one of the
+    same signature that records the arguments Fire calls it with."""
+    target = COMMANDS[arguments[0]]
+    if isinstance(target, dict):
+        target = target[arguments[1]]
+    module_name, name = target.split(":")
+    module = importlib.import_module(module_name)
+    original = getattr(module, name)
+    calls = []
+
+    @functools.wraps(original)
+    def record(*args, **kwargs):
+        calls.append(dict(inspect.signature(original).bind(*args, **kwargs).arguments))
+
+    monkeypatch.setattr(module, name, record)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "arguments, received",
+    [
+        (["phantom", "2018_01"], {"out": "2018_01"}),
+        (["prepare", "isles2018", "1e3", "--dst=None", "--testing", "0x10"],
+         {"src": "1e3", "dst": "None", "testing": "0x10"}),
+        (["check", "--dataset-dir", "True"], {"dataset_dir": "True"}),
+        (["figure", "2018_01", "[1]", "--case", "007"], {"dataset_dir": "2018_01", "out": "[1]", "case": "007"}),
+        (["cv", "2018_01", "--out", "2024_05_01"], {"dataset_dir": "2018_01", "out": "2024_05_01"}),
+        (["ablation", "--out=2024_05_01", "2018_01", "--variants", "ce,gdl"],
+         {"out": "2024_05_01", "dataset_dir": "2018_01", "variants": "ce,gdl"}),
+        (["score-masks", "1_0", "2018_01", "None"], {"masks": "1_0", "dataset_dir": "2018_01", "out": "None"}),
+        (["ensemble-bench", "1_0", "2018_01", "--out", "2024_05_01"],
+         {"cv_dir": "1_0", "dataset_dir": "2018_01", "out": "2024_05_01"}),
+        (["ensemble-checkpoint", "1e3", "0x10", "--out", "2018_01"],
+         {"checkpoints": ("1e3", "0x10"), "out": "2018_01"}),
+        (["package", "2024_05_01"], {"out": "2024_05_01"}),
+        (["monailabel-app", "2018_01", "--ckpt_path", "1e3"], {"app_dir": "2018_01", "ckpt_path": "1e3"}),
+        (["perfusion", "maps", "2018_01", "None"], {"series": "2018_01", "out": "None"}),
+        (["bench", "-o", "2018_01"], {"out": "2018_01"}),  # Fire's one-letter shortcut of the only option with o
+    ],
+)
+def test_names_reach_the_command_as_typed(monkeypatch, arguments, received):
+    """Fire reads every value as a Python literal: ``prepare isles2018 SRC 2018_01`` wrote the dataset to the
+    folder ``201801`` (or failed deep in pathlib on an int), ``1e3`` became 1000.0, ``None`` the default."""
+    calls = _record_calls(monkeypatch, arguments)
+    main(arguments)
+    assert len(calls) == 1
+    assert {key: calls[0][key] for key in received} == received
+
+
+@pytest.mark.parametrize(
+    "arguments, received",
+    [
+        (["phantom", "x", "--cases", "8", "--overwrite", "True", "--pwi"],
+         {"cases": 8, "overwrite": True, "pwi": True}),
+        (["prepare", "isles2018", "a", "b", "--folds=3", "--dt", "0.5"], {"folds": 3, "dt": 0.5}),
+        (["figure", "a", "b", "--slice_index", "-1"], {"slice_index": -1}),
+        (["cv", "a", "b", "--folds", "2", "--epochs", "300", "--learning_rate", "3e-4", "--patch_size", "[128, 128]"],
+         {"folds": 2, "overrides": {"epochs": 300, "learning_rate": 3e-4, "patch_size": [128, 128]}}),
+        (["accuracy-bench", "--budget_s=720", "--quick", "--epochs", "300"],
+         {"budget_s": 720, "quick": True, "bundle_overrides": {"epochs": 300}}),
+        (["perfusion", "bench", "--size", "64", "--threads", "1"], {"size": 64, "threads": 1}),
+    ],
+)
+def test_numbers_flags_and_overrides_are_read_as_values(monkeypatch, arguments, received):
+    """Only names are kept as text: numeric and bool options, lists and bundle overrides (passed on to
+    ``monai.bundle run`` as Python literals, ``custom.crossval.override_arguments``) are read as before."""
+    calls = _record_calls(monkeypatch, arguments)
+    main(arguments)
+    assert len(calls) == 1
+    assert {key: calls[0][key] for key in received} == received
+    for key, value in received.items():
+        assert type(calls[0][key]) is type(value), key
+
+
+def test_a_folder_named_like_a_number_is_written_under_its_name(tmp_path, monkeypatch):
+    """A real run: ``phantom 2018_01`` failed deep in pathlib (``expected str ... not int``) before."""
+    monkeypatch.chdir(tmp_path)
+    main(["phantom", "2018_01", "--cases", "1", "--test_cases", "0", "--size", "32"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["2018_01"]
+    assert (tmp_path / "2018_01" / "TRAINING" / "case_1").is_dir()
