@@ -42,11 +42,9 @@ INFORMATIVE_RECORD_KEYS = ("config_paths",)
 
 
 def override_arguments(overrides: dict) -> list[str]:
-    """Bundle overrides as ``monai.bundle run`` arguments; non-strings are written as Python literals."""
-    arguments = []
-    for key, value in overrides.items():
-        arguments += [f"--{key}", value if isinstance(value, str) else repr(value)]
-    return arguments
+    """Bundle overrides as ``monai.bundle run`` arguments, each value as a Python literal: its command line (Fire)
+    reads them back as they are, a text included (a folder ``2018_01`` passed on as it is became the number 201801)."""
+    return [argument for key, value in overrides.items() for argument in (f"--{key}", repr(value))]
 
 
 def file_sha256(path) -> str:

@@ -90,3 +90,18 @@ def test_a_folder_named_like_a_number_is_written_under_its_name(tmp_path, monkey
     main(["phantom", "2018_01", "--cases", "1", "--test_cases", "0", "--size", "32"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["2018_01"]
     assert (tmp_path / "2018_01" / "TRAINING" / "case_1").is_dir()
+
+
+@pytest.mark.parametrize(
+    "value", ["2018_01", "1e3", "None", "runs/fold0", "$@network_def", 300, 3e-4, [128, 128], True]
+)
+def test_bundle_overrides_reach_monai_bundle_run_as_they_are(value):
+    """cv and accuracy-bench pass the bundle's settings on to ``monai.bundle run``, whose Fire reads each value as a
+    literal: a text was passed on as it was, so ``cv --dataset_dir 2018_01`` trained on the number 201801."""
+    from fire.parser import DefaultParseValue
+
+    from custom.crossval import override_arguments
+
+    key, argument = override_arguments({"dataset_dir": value})
+    assert key == "--dataset_dir" and DefaultParseValue(argument) == value
+    assert type(DefaultParseValue(argument)) is type(value)
