@@ -7,7 +7,6 @@ corrupt training (maps on different grids, NaN, stray label values), and writes 
 """
 
 import csv
-import hashlib
 import json
 import re
 import sys
@@ -33,6 +32,7 @@ from custom.data.studies import (
     load_nifti,
     nifti_in,
     require_same_grid,
+    voxel_digest,
 )
 
 PWI_MAP = "4DPWI"  # the raw 4D perfusion series, read only with --maps-from-4d
@@ -244,7 +244,7 @@ def _unlabelled_source_cases(src: Path, cases: list[CaseFiles]) -> list[CaseFile
     return unlabelled
 
 
-def _refuse_a_repeated_study(case: CaseFiles, image: np.ndarray, case_of_image: dict[bytes, CaseFiles]) -> None:
+def _refuse_a_repeated_study(case: CaseFiles, image: np.ndarray, case_of_image: dict[str, CaseFiles]) -> None:
     """Refuse a case whose maps equal, voxel for voxel, those of a case converted before (``case_of_image``: digest
     of the stacked maps -> case, updated here).
 
@@ -252,8 +252,7 @@ def _refuse_a_repeated_study(case: CaseFiles, image: np.ndarray, case_of_image: 
     patient of its own, so the same study lands in two folds, trained on and validated on, and inflates the
     cross-validation score without any sign (the file paths differ, so ``check`` cannot tell). Two studies never
     share every voxel of all five maps (a CT left all zero by data without one is no match on its own)."""
-    digest = hashlib.sha256(repr(image.shape).encode() + np.ascontiguousarray(image).tobytes()).digest()
-    first = case_of_image.setdefault(digest, case)
+    first = case_of_image.setdefault(voxel_digest(image), case)
     if first is not case:
         raise ValueError(
             f"'{case.folder}' holds the same maps as '{first.folder}' (every voxel): one study converted twice would "
@@ -367,7 +366,7 @@ def prepare_isles2018(
 
     def convert(work: Path) -> None:
         lesion_ml = {}
-        case_of_image: dict[bytes, CaseFiles] = {}
+        case_of_image: dict[str, CaseFiles] = {}
         for folder in IMAGE_FOLDERS:
             (work / folder).mkdir()
         all_cases = [(c, True) for c in training] + [(c, False) for c in testing_cases]
