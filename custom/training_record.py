@@ -142,6 +142,8 @@ def check_held_out(checkpoint, fold, dataset_dir, cases) -> None:
         advice = f"evaluate its own fold with --fold {trained_fold}"
     elif trained_fold == -1:
         advice = "evaluate it on images it was not trained on"
+    elif os.path.abspath(record["dataset_json"]) == os.path.abspath(dataset_json):  # converted again into its folder
+        advice = f"'{dataset_json}' changed since it was trained (converted again?): train fold {fold} on it again"
     else:
         folder = os.path.dirname(record["dataset_json"])
         advice = (

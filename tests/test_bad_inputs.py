@@ -499,6 +499,31 @@ def test_evaluating_a_checkpoint_on_cases_it_was_trained_on_is_refused(tiny_phan
            f"train fold {fold} of '{other / 'dataset.json'}' and evaluate that model" in str(raised.value)
 
 
+def test_a_checkpoint_of_a_dataset_converted_again_into_its_folder_is_refused_with_advice_that_works(
+    tiny_phantom_dataset, tmp_path
+):
+    """docs/data.md's re-conversion into the same folder (``--overwrite``) with folds that moved: the refusal advised
+    evaluating the checkpoint on 'the dataset it was trained on', ``--dataset_dir`` that very folder, which now holds
+    the new folds and is refused again. It says the dataset changed and to train the fold again."""
+    from custom.data.datalist import fold_datalist
+    from custom.data.isles2018 import prepare_isles2018
+    from custom.training_record import check_held_out, write_training_record
+
+    raw, dataset = tiny_phantom_dataset.parent / "isles2018", tmp_path / "dataset"
+    prepare_isles2018(raw / "TRAINING", dataset, patients=raw / "patients.csv", folds=2, seed=0)
+    checkpoint = _network_checkpoint(tmp_path / "model.pt")
+    settings = {"contralateral_channels": None, "adjacent_slices": 0}
+    write_training_record(tmp_path, settings, 0, dataset, trained_cases=fold_datalist(dataset, 0, "train"))
+    prepare_isles2018(raw / "TRAINING", dataset, patients=raw / "patients.csv", folds=2, seed=3, overwrite=True)
+    with pytest.raises(ValueError) as raised:  # seed 3 swaps the two folds of this phantom
+        check_held_out(checkpoint, 0, dataset, fold_datalist(dataset, 0, "validate"))
+    assert "was trained on 4 of the 4 images of config id 'fold' 0" in str(raised.value)
+    assert str(raised.value).endswith(
+        f"cases it learnt: '{dataset / 'dataset.json'}' changed since it was trained (converted again?): train fold 0 "
+        "on it again"
+    )
+
+
 # Outputs: a failed write (full disk, read-only folder) leaves nothing under the final name, and says which.
 @pytest.mark.parametrize("error", [errno.ENOSPC, errno.EACCES])
 def test_mask_writer_is_atomic_and_names_the_file(tmp_path, monkeypatch, error):
