@@ -9,9 +9,10 @@ fold's best Dice and trained on from its weights. train.json's ``training_record
 ``ckpt_dir`` when a run starts, once its cases are screened and before they are cached (after refusing a resume whose
 record differs; a run refused for its data leaves no record); ``custom.handlers`` compares the
 record beside a checkpoint it loads with the loading run's ``INPUT_SETTINGS``, and evaluate.json's ``check_held_out``
-refuses to score a checkpoint on cases it was trained on. A checkpoint without a record beside it
-(the shipped ``bundle/models/model.pt``, runs of earlier versions) is loaded unchecked. Standard library and
-``custom.atomic`` only, so ``custom.monailabel_app`` imports it without MONAI.
+refuses to score a checkpoint on cases it was trained on (known by their voxels, in any conversion). A checkpoint
+without a record beside it (the shipped ``bundle/models/model.pt``, runs of earlier versions) is loaded unchecked.
+Standard library, ``custom.atomic`` and ``custom.data.datalist`` only, so ``custom.monailabel_app`` imports it
+without MONAI.
 """
 
 import hashlib
@@ -22,6 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from custom.atomic import write_text_atomically
+from custom.data.datalist import IMAGE_DIGEST
 
 logger = logging.getLogger(__name__)
 
@@ -52,13 +54,29 @@ def read_record(checkpoint) -> dict | None:
     return record
 
 
-def run_record(input_settings: Mapping, fold, dataset_dir) -> dict:
-    """The record of a training run: its ``input_settings`` (``INPUT_SETTINGS`` -> value), its fold and its dataset
-    (``dataset.json``'s path and SHA-256; both null where the run has no dataset.json, as MONAI Label's served copy,
-    which is given its studies)."""
+def run_record(input_settings: Mapping, fold, dataset_dir, trained_cases=None) -> dict:
+    """The record of a training run: its ``input_settings`` (``INPUT_SETTINGS`` -> value), its fold, its dataset
+    (``dataset.json``'s path and SHA-256) and ``trained_images``, the ``case_digests`` of ``trained_cases`` (the
+    entries it trains on), by which ``check_held_out`` knows them in any conversion. The dataset and the images are
+    null where the run has no dataset.json (MONAI Label's served copy, which is given its studies: each fine-tune
+    starts from the weights of the earlier ones, so its own studies are not all the weights were trained on)."""
     if set(input_settings) != set(INPUT_SETTINGS):
         raise ValueError(f"input settings must be exactly {list(INPUT_SETTINGS)}, got {sorted(input_settings)}")
-    return {**{key: input_settings[key] for key in INPUT_SETTINGS}, "fold": fold, **_dataset_identity(dataset_dir)}
+    dataset = _dataset_identity(dataset_dir)
+    named = dataset["dataset_json"] is not None and trained_cases is not None
+    trained_images = case_digests(trained_cases) if named else None
+    return {**{key: input_settings[key] for key in INPUT_SETTINGS}, "fold": fold, **dataset,
+            "trained_images": trained_images}
+
+
+def case_digests(cases) -> dict[str, str]:
+    """Image path -> ``custom.data.studies.voxel_digest`` of each entry of ``cases``: the digest ``fold_datalist``
+    computed while screening it (``IMAGE_DIGEST``), else (an entry of another list) the image read for it."""
+    from custom.data.studies import read_nifti, voxel_digest  # here: numpy and nibabel, only for such an entry
+
+    return {
+        str(case["image"]): case.get(IMAGE_DIGEST) or voxel_digest(read_nifti(case["image"])[1]) for case in cases
+    }
 
 
 def _dataset_identity(dataset_dir) -> dict:
@@ -102,32 +120,65 @@ def check_record(checkpoint, settings: Mapping, action: str = "loaded", otherwis
     )
 
 
-def check_held_out(checkpoint, fold, dataset_dir) -> None:
-    """Refuse to evaluate ``checkpoint`` on fold ``fold`` of ``dataset_dir`` where its record says it was trained on
-    those cases: the same dataset.json (SHA-256) and another fold, or ``fold`` -1 (every training case), or a model
-    trained on every case (fold -1). Its Dice would be that of cases it learnt (evaluate.json's ``--fold`` and
-    ``--ckpt_path`` are set apart, and ``--fold 1 --ckpt_path runs/fold0/model.pt`` scored fold 0's model on its own
-    training cases without a word). A checkpoint without a record, or trained on another dataset, passes."""
+def check_held_out(checkpoint, fold, dataset_dir, cases) -> None:
+    """Refuse to evaluate ``checkpoint`` on ``cases`` (fold ``fold`` of ``dataset_dir``, ``fold_datalist`` entries)
+    where its record says it was trained on any of them: its Dice would be that of cases it learnt, without a word.
+
+    A record with ``trained_images`` (``run_record``) is compared by content: any case whose image has the voxels of
+    an image the checkpoint was trained on is refused, whatever the conversion, fold or file name (a fold-0 model of
+    a dataset converted again with other folds, ``--patients``, ``--seed`` or ``--folds``; its own fold of another
+    conversion), and cases of another dataset that only share names pass. An earlier record (up to 0.3.12) names
+    its fold and dataset.json only: refused where the dataset.json is the same (SHA-256) and the fold another, or
+    either fold -1 (every case) (``--fold 1 --ckpt_path runs/fold0/model.pt`` scored fold 0's model on its own
+    training cases). A checkpoint without a record, or whose record names no dataset, passes."""
     record = read_record(checkpoint)
     if record is None or record.get("dataset_json_sha256") is None or "fold" not in record:
         return
-    trained_fold = record["fold"]
+    trained_fold, trained_images = record["fold"], record.get("trained_images")
+    trained_on = "every case" if trained_fold == -1 else f"every fold but {trained_fold}"
+    dataset_json = Path(str(dataset_dir)) / "dataset.json"
     same_dataset = _dataset_identity(dataset_dir)["dataset_json_sha256"] == record["dataset_json_sha256"]
-    if not same_dataset or trained_fold == fold != -1:
-        return
-    if trained_fold == -1:
-        trained_on, advice = "every case", "evaluate it on another dataset"
+    if same_dataset and trained_fold != -1:
+        advice = f"evaluate its own fold with --fold {trained_fold}"
+    elif trained_fold == -1:
+        advice = "evaluate it on images it was not trained on"
+    elif os.path.abspath(record["dataset_json"]) == os.path.abspath(dataset_json):  # converted again into its folder
+        advice = f"'{dataset_json}' changed since it was trained (converted again?): train fold {fold} on it again"
     else:
-        trained_on, advice = f"every fold but {trained_fold}", f"evaluate its own fold with --fold {trained_fold}"
+        folder = os.path.dirname(record["dataset_json"])
+        advice = (
+            f"evaluate it on the dataset it was trained on (--dataset_dir '{folder}' --fold {trained_fold}), or "
+            f"train fold {fold} of '{dataset_json}' and evaluate that model"
+        )
+    checkpoint_trained = f"checkpoint '{os.path.normpath(checkpoint)}' was trained on"
+    recorded = f"recorded in '{os.path.normpath(record_of(checkpoint))}'"
+    if trained_images is None:  # a record of 0.3.12 or earlier: no images, only the fold and the dataset.json
+        if not same_dataset or trained_fold == fold != -1:
+            return
+        raise ValueError(
+            f"{checkpoint_trained} {trained_on} of '{record.get('dataset_json')}' ({recorded}): config id 'fold' "
+            f"{fold} scores cases it was trained on; {advice}"
+        )
+    trained_as = {digest: image for image, digest in trained_images.items()}
+    shared = [(image, trained_as[digest]) for image, digest in case_digests(cases).items() if digest in trained_as]
+    if not shared:
+        return
+    names = [
+        Path(image).name + ("" if Path(image).name == Path(trained).name else f" (trained as '{trained}')")
+        for image, trained in shared
+    ]
     raise ValueError(
-        f"checkpoint '{os.path.normpath(checkpoint)}' was trained on {trained_on} of '{record.get('dataset_json')}' "
-        f"(recorded in '{os.path.normpath(record_of(checkpoint))}'): config id 'fold' {fold} scores cases it was "
-        f"trained on; {advice}"
+        f"{checkpoint_trained} {len(shared)} of the {len(cases)} images of config id 'fold' {fold} of "
+        f"'{dataset_json}': {', '.join(names)} (same voxels; it was trained on {trained_on} of "
+        f"'{record['dataset_json']}', {recorded}). Their scores would be those of cases it learnt: {advice}"
     )
 
 
-def write_training_record(ckpt_dir, input_settings: Mapping, fold, dataset_dir, resume_ckpt=None) -> dict:
-    """Write the record of this training run (``run_record``) into ``ckpt_dir``; returns it.
+def write_training_record(
+    ckpt_dir, input_settings: Mapping, fold, dataset_dir, resume_ckpt=None, trained_cases=None
+) -> dict:
+    """Write the record of this training run (``run_record``; ``trained_cases``: train.json's ``train#datalist``)
+    into ``ckpt_dir``; returns it.
 
     A resumed run is refused first if the record beside ``resume_ckpt`` names other input settings, another fold or
     another dataset.json (it would restore that run's best Dice and train on from its weights). A new run replacing
@@ -135,7 +186,7 @@ def write_training_record(ckpt_dir, input_settings: Mapping, fold, dataset_dir, 
     (``_describes_other_weights``) removes that run's ``model.pt`` first: it would sit under this run's record until
     this run's first validation and, after a stop before it, be loaded as this run's. Every rank of a multi-process
     run checks and writes the same record (each write is atomic)."""
-    record = run_record(input_settings, fold, dataset_dir)
+    record = run_record(input_settings, fold, dataset_dir, trained_cases)
     folder = Path(str(ckpt_dir))
     earlier_model, earlier = folder / BEST_MODEL, read_record(folder / BEST_MODEL)
     if resume_ckpt is None and earlier_model.is_file() and _describes_other_weights(earlier, record):

@@ -446,17 +446,23 @@ def test_weights_of_other_input_settings_are_refused_naming_the_record(tiny_phan
     assert (tmp_path / "difference" / written).is_file()
 
 
+@pytest.mark.parametrize("record", ["images", "0.3.12"])
 @pytest.mark.parametrize("fold", [1, -1])
-def test_evaluating_a_checkpoint_on_cases_it_was_trained_on_is_refused(tiny_phantom_dataset, tmp_path, fold):
+def test_evaluating_a_checkpoint_on_cases_it_was_trained_on_is_refused(tiny_phantom_dataset, tmp_path, fold, record):
     """evaluate.json takes ``--fold`` and ``--ckpt_path`` apart: ``--fold 1 --ckpt_path runs/fold0/model.pt`` (or
     ``--fold -1``, every training case) scored fold 0's model on cases it was trained on, without a word. Its training
-    record names its fold and dataset.json: refused before anything is cached or written, naming the checkpoint, the
-    record and the fold to evaluate. Its own fold, and any fold of another dataset, pass."""
+    record names the voxels of each image it was trained on: refused before anything is cached or written, naming
+    the checkpoint, the record, how many and which images and the fold to evaluate; its own fold passes. A copy of
+    the dataset whose dataset.json differs, with a case renamed, is refused too (it passed up to 0.3.12, and still
+    does with a record of 0.3.12, which names the fold and the dataset.json's SHA-256 only)."""
+    from custom.data.datalist import fold_datalist
     from custom.training_record import TRAINING_RECORD, check_held_out, write_training_record
 
     run = tmp_path / "fold0"
     run.mkdir()
-    write_training_record(run, {"contralateral_channels": None, "adjacent_slices": 0}, 0, tiny_phantom_dataset)
+    trained_cases = fold_datalist(tiny_phantom_dataset, 0, "train") if record == "images" else None
+    settings = {"contralateral_channels": None, "adjacent_slices": 0}
+    write_training_record(run, settings, 0, tiny_phantom_dataset, trained_cases=trained_cases)  # as a run, first
     checkpoint = _network_checkpoint(run / "model.pt")
     workflow = bundle_workflow(
         ["train.json", "evaluate.json"], "train", dataset_dir=str(tiny_phantom_dataset), fold=fold,
@@ -466,14 +472,61 @@ def test_evaluating_a_checkpoint_on_cases_it_was_trained_on_is_refused(tiny_phan
     with pytest.raises(Exception) as raised:
         workflow.run()
     message = _messages(raised.value)
-    assert f"checkpoint '{checkpoint}' was trained on every fold but 0 of '{tiny_phantom_dataset / 'dataset.json'}' " \
-           f"(recorded in '{run / TRAINING_RECORD}')" in message
-    assert f"config id 'fold' {fold} scores cases it was trained on; evaluate its own fold with --fold 0" in message
+    dataset_json, recorded = tiny_phantom_dataset / "dataset.json", run / TRAINING_RECORD
+    if record == "images":
+        assert f"checkpoint '{checkpoint}' was trained on 4 of the {4 if fold == 1 else 8} images of config id " \
+               f"'fold' {fold} of '{dataset_json}': case_4.nii.gz, case_5.nii.gz, case_6.nii.gz, case_8.nii.gz " \
+               f"(same voxels; it was trained on every fold but 0 of '{dataset_json}', recorded in '{recorded}')" \
+               in message
+        assert "Their scores would be those of cases it learnt: evaluate its own fold with --fold 0" in message
+    else:
+        assert f"checkpoint '{checkpoint}' was trained on every fold but 0 of '{dataset_json}' " \
+               f"(recorded in '{recorded}')" in message
+        assert f"config id 'fold' {fold} scores cases it was trained on; evaluate its own fold with --fold 0" in message
     assert not (tmp_path / "eval").exists()
-    check_held_out(checkpoint, 0, tiny_phantom_dataset)
+    check_held_out(checkpoint, 0, tiny_phantom_dataset, fold_datalist(tiny_phantom_dataset, 0, "validate"))
     other = shutil.copytree(tiny_phantom_dataset, tmp_path / "other")
-    (other / "dataset.json").write_text((other / "dataset.json").read_text() + "\n")
-    check_held_out(checkpoint, fold, other)
+    dataset = json.loads((other / "dataset.json").read_text())
+    (other / "imagesTr" / "case_4.nii.gz").rename(other / "imagesTr" / "case_9.nii.gz")
+    dataset["training"][3]["image"] = "imagesTr/case_9.nii.gz"
+    (other / "dataset.json").write_text(json.dumps(dataset))
+    cases = fold_datalist(other, fold, "validate")
+    if record == "0.3.12":
+        check_held_out(checkpoint, fold, other, cases)
+        return
+    with pytest.raises(ValueError, match=f"was trained on 4 of the {len(cases)} images"):  # a datalist of files only
+        check_held_out(checkpoint, fold, other, [{"image": case["image"]} for case in cases])
+    with pytest.raises(ValueError) as raised:
+        check_held_out(checkpoint, fold, other, cases)
+    assert f"4 of the {len(cases)} images of config id 'fold' {fold} of '{other / 'dataset.json'}': case_9.nii.gz " \
+           f"(trained as '{tiny_phantom_dataset / 'imagesTr' / 'case_4.nii.gz'}'), case_5.nii.gz" in str(raised.value)
+    assert f"evaluate it on the dataset it was trained on (--dataset_dir '{tiny_phantom_dataset}' --fold 0), or " \
+           f"train fold {fold} of '{other / 'dataset.json'}' and evaluate that model" in str(raised.value)
+
+
+def test_a_checkpoint_of_a_dataset_converted_again_into_its_folder_is_refused_with_advice_that_works(
+    tiny_phantom_dataset, tmp_path
+):
+    """docs/data.md's re-conversion into the same folder (``--overwrite``) with folds that moved: the refusal advised
+    evaluating the checkpoint on 'the dataset it was trained on', ``--dataset_dir`` that very folder, which now holds
+    the new folds and is refused again. It says the dataset changed and to train the fold again."""
+    from custom.data.datalist import fold_datalist
+    from custom.data.isles2018 import prepare_isles2018
+    from custom.training_record import check_held_out, write_training_record
+
+    raw, dataset = tiny_phantom_dataset.parent / "isles2018", tmp_path / "dataset"
+    prepare_isles2018(raw / "TRAINING", dataset, patients=raw / "patients.csv", folds=2, seed=0)
+    settings = {"contralateral_channels": None, "adjacent_slices": 0}
+    write_training_record(tmp_path, settings, 0, dataset, trained_cases=fold_datalist(dataset, 0, "train"))
+    checkpoint = _network_checkpoint(tmp_path / "model.pt")
+    prepare_isles2018(raw / "TRAINING", dataset, patients=raw / "patients.csv", folds=2, seed=3, overwrite=True)
+    with pytest.raises(ValueError) as raised:  # seed 3 swaps the two folds of this phantom
+        check_held_out(checkpoint, 0, dataset, fold_datalist(dataset, 0, "validate"))
+    assert "was trained on 4 of the 4 images of config id 'fold' 0" in str(raised.value)
+    assert str(raised.value).endswith(
+        f"cases it learnt: '{dataset / 'dataset.json'}' changed since it was trained (converted again?): train fold 0 "
+        "on it again"
+    )
 
 
 # Outputs: a failed write (full disk, read-only folder) leaves nothing under the final name, and says which.

@@ -7,18 +7,21 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import monai.bundle
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLE, CONFIGS, TINY_TRAINING, error_chain
+from conftest import BUNDLE, CONFIGS, TINY_TRAINING, bundle_workflow, error_chain
 from ignite.engine import Engine, Events
 
 from custom import config_check
 from custom.crossval import override_arguments
-from custom.data.datalist import fold_datalist
+from custom.data.datalist import IMAGE_DIGEST, fold_datalist
+from custom.data.isles2018 import prepare_isles2018
+from custom.data.phantom import write_phantom
 from custom.lifecycle import CrashSafeCheckpointSaver, ValidationAtIntervalAndEnd, latest_checkpoint
 from custom.monailabel_app import unpack_served_bundle
 from custom.package import package_bundle
@@ -364,6 +367,7 @@ def test_a_run_resumed_in_the_folder_of_another_fold_dataset_or_input_settings_i
         "contralateral_channels": None, "adjacent_slices": 0, "fold": 0,
         "dataset_json": str(tiny_phantom_dataset / "dataset.json"),
         "dataset_json_sha256": hashlib.sha256((tiny_phantom_dataset / "dataset.json").read_bytes()).hexdigest(),
+        "trained_images": {e["image"]: e[IMAGE_DIGEST] for e in fold_datalist(tiny_phantom_dataset, 0, "train")},
     }  # fmt: skip
     before = {path.name: path.read_bytes() for path in ckpt_dir.iterdir() if path.is_file()}
     checkpoint = latest_checkpoint(ckpt_dir)
@@ -389,6 +393,44 @@ def test_a_run_resumed_in_the_folder_of_another_fold_dataset_or_input_settings_i
         assert expected in message, name
         assert "train with this run's settings into another --ckpt_dir, without --resume_ckpt" in message, name
         assert {path.name: path.read_bytes() for path in ckpt_dir.iterdir() if path.is_file()} == before, name
+
+
+def test_a_checkpoint_is_not_evaluated_on_its_training_images_in_another_conversion(tiny_phantom_dataset, tmp_path):
+    """The held-out check compared dataset.json's SHA-256 only: once the dataset was converted again (``--folds``,
+    ``--seed``, ``--patients`` added later, as docs/data.md advises), fold 0's model of the first conversion was
+    evaluated on the cases it was trained on, now in a fold of the second, without a word. The record names the
+    voxels of each image it trained on: evaluation refuses exactly the folds holding one of them, before anything is
+    written, naming how many and which; folds of only held-out images pass, and so does another phantom whose cases
+    have the same names."""
+    ckpt_dir = tmp_path / "fold0"
+    _workflow(tiny_phantom_dataset, ckpt_dir=str(ckpt_dir), output_dir=str(tmp_path / "logs"), epochs=1).run()
+    reconverted = prepare_isles2018(  # the same studies in 3 folds: fold 0 (case_2, case_3) held out, fold 1 not
+        tiny_phantom_dataset.parent / "isles2018" / "TRAINING", tmp_path / "three_folds", folds=3,
+        patients=tiny_phantom_dataset.parent / "isles2018" / "patients.csv",
+    )  # fmt: skip
+    other_phantom = write_phantom(tmp_path / "other_raw", cases=8, test_cases=0, seed=4, size=64)
+    other = prepare_isles2018(Path(other_phantom) / "TRAINING", tmp_path / "other", folds=2)
+
+    def evaluate(dataset_dir, fold):
+        output_dir = tmp_path / f"eval_{Path(dataset_dir).name}_{fold}"
+        workflow = bundle_workflow(
+            ["train.json", "evaluate.json"], "train", dataset_dir=str(dataset_dir), fold=fold, num_workers=0,
+            ckpt_path=str(ckpt_dir / "model.pt"), output_dir=str(output_dir),
+        )  # fmt: skip
+        workflow.initialize()
+        workflow.run()
+        return output_dir
+
+    with pytest.raises(Exception) as raised:
+        evaluate(reconverted, 1)
+    message = error_chain(raised.value)
+    assert f"checkpoint '{ckpt_dir / 'model.pt'}' was trained on 1 of the 3 images of config id 'fold' 1 of " \
+           f"'{Path(reconverted) / 'dataset.json'}': case_4.nii.gz (same voxels; it was trained on every fold but 0 " \
+           f"of '{tiny_phantom_dataset / 'dataset.json'}', recorded in '{ckpt_dir / TRAINING_RECORD}')" in message
+    assert f"evaluate it on the dataset it was trained on (--dataset_dir '{tiny_phantom_dataset}' --fold 0)" in message
+    assert not (tmp_path / "eval_three_folds_1").exists()
+    assert (evaluate(reconverted, 0) / "metrics.csv").is_file()
+    assert (evaluate(other, 1) / "metrics.csv").is_file()  # case_4 .. of another phantom: not what it learnt
 
 
 def test_resume_keeps_the_best_metric(tiny_phantom_dataset, tmp_path):

@@ -13,7 +13,7 @@ import numpy as np
 
 from custom.clinical import MODALITIES, voxel_volume_ml
 from custom.data.datalist import load_dataset_json, output_case_name
-from custom.data.studies import LABEL_NAMES, affines_match, image_problems, label_problems, read_nifti
+from custom.data.studies import LABEL_NAMES, affines_match, image_problems, label_problems, read_nifti, voxel_digest
 
 EXPECTED_MODALITY = {str(i): name for i, name in enumerate(MODALITIES)}
 EXPECTED_LABELS = {str(i): name for i, name in enumerate(LABEL_NAMES)}
@@ -73,9 +73,9 @@ def _label_image_problems(relative: str, label, image_relative: str, image) -> l
     return problems
 
 
-def inspect_training_entry(folder: Path, entry: dict, where: str) -> tuple[list[str], bool]:
-    """Problems of the files of one ``training`` entry (image and label read in full), each naming its file, and
-    whether its label holds a lesion voxel (read once for both).
+def inspect_training_entry(folder: Path, entry: dict, where: str) -> tuple[list[str], bool, str | None]:
+    """Problems of the files of one ``training`` entry (image and label read in full), each naming its file,
+    whether its label holds a lesion voxel and the image's ``voxel_digest`` (None if unreadable): read once for all.
 
     Used by the fold datalists (``custom.data.datalist``) to refuse bad cases before any DataLoader starts.
     """
@@ -86,7 +86,8 @@ def inspect_training_entry(folder: Path, entry: dict, where: str) -> tuple[list[
     label = _read_nifti(folder, entry.get("label"), f"{where}.label", problems)
     if label is not None:
         problems += _label_image_problems(entry["label"], label, entry.get("image"), image)
-    return problems, label is not None and bool(label[1].any())
+    digest = voxel_digest(image[1]) if image is not None else None
+    return problems, label is not None and bool(label[1].any()), digest
 
 
 def _valid_fold(fold, num_folds: int | None) -> bool:

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROLES = ("train", "validate")
+# The key of a fold_datalist entry holding its image's ``custom.data.studies.voxel_digest``, computed by the
+# screening that reads every image anyway: training records the digests, evaluation compares with them.
+IMAGE_DIGEST = "image_voxels_sha256"
 
 
 def load_dataset_json(dataset_dir, required_keys: tuple[str, ...] = ()) -> dict:
@@ -44,7 +47,8 @@ def fold_datalist(dataset_dir, fold: int, role: str) -> list[dict]:
     ``role="train"`` gives every case whose ``fold`` differs from ``fold``; ``role="validate"`` the
     cases of ``fold``. ``fold=-1`` trains on all cases and validates on all of them (a fit check, not
     a held-out score). Every selected case is read first and the list is refused, naming each bad file,
-    if any case cannot be trained or scored on (see ``_refuse_unusable_cases``).
+    if any case cannot be trained or scored on (see ``_refuse_unusable_cases``); each entry gets its image's
+    digest under ``IMAGE_DIGEST`` (``custom.training_record``).
     """
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got '{role}'")
@@ -68,12 +72,12 @@ def fold_datalist(dataset_dir, fold: int, role: str) -> list[dict]:
         raise ValueError(f"no '{role}' cases for fold {fold} in '{folder / 'dataset.json'}'")
     if fold != -1:
         _refuse_files_in_both_roles(folder, training, fold)
-    holds_lesion = _refuse_unusable_cases(
+    screened = _refuse_unusable_cases(
         folder, selected, lambda e: f"dataset.json training case {e.get('case')!r}",
         f"'{folder / 'dataset.json'}': fold {fold} '{role}' cases",
         "Fix or remove these cases from dataset.json (`python -m custom check` lists every problem).",
     )
-    if role == "train" and not any(holds_lesion):
+    if role == "train" and not any(holds_lesion for holds_lesion, _ in screened):
         # MONAI's RandCropByPosNegLabeld only warns and crops background: hours of training to a network that
         # predicts no lesion (labels emptied by a conversion or a misaligned export look like this)
         raise ValueError(
@@ -81,7 +85,10 @@ def fold_datalist(dataset_dir, fold: int, role: str) -> list[dict]:
             "any label: the network would learn to predict none (`python -m custom check` prints each fold's lesion "
             "volume)"
         )
-    return [_absolute(folder, e, ("image", "label")) for e in selected]
+    return [
+        {**_absolute(folder, entry, ("image", "label")), IMAGE_DIGEST: digest}
+        for entry, (_, digest) in zip(selected, screened)
+    ]
 
 
 def _refuse_bad_folds(folder: Path, dataset: dict) -> None:
@@ -133,11 +140,11 @@ def check_labelled_studies(train, validate=None) -> None:
     train, validate = list(train or []), list(validate or [])
     if not train:
         raise ValueError("MONAI Label gave the fine-tune no labelled study to train on: submit labels (tag 'final')")
-    holds_lesion = _refuse_unusable_cases(
+    screened = _refuse_unusable_cases(
         Path(), train + validate, lambda entry: "MONAI Label's datastore", "MONAI Label's labelled studies",
         "Correct these labels and submit them again, or remove them (DELETE /datastore/label).",
     )
-    if not any(holds_lesion[: len(train)]):
+    if not any(holds_lesion for holds_lesion, _ in screened[: len(train)]):
         raise ValueError(
             f"none of the labels of MONAI Label's {len(train)} training studies holds a lesion voxel "
             f"({', '.join(str(e.get('label')) for e in train)}): the fine-tune would teach the served model to "
@@ -145,10 +152,11 @@ def check_labelled_studies(train, validate=None) -> None:
         )
 
 
-def _refuse_unusable_cases(folder: Path, entries: list[dict], where, what: str, remedy: str) -> list[bool]:
+def _refuse_unusable_cases(folder: Path, entries: list[dict], where, what: str, remedy: str) -> list[tuple[bool, str]]:
     """Read every image and label of ``entries`` (paths relative to ``folder``) and refuse them all in one
     ValueError ("``what`` cannot be used", each problem naming its file, ``where(entry)`` an entry whose file is
-    missing, then ``remedy``); otherwise return, for each entry, whether its label holds a lesion voxel.
+    missing, then ``remedy``); otherwise return, for each entry, whether its label holds a lesion voxel and its
+    image's ``voxel_digest``.
 
     Why: a case that is unreadable, has NaN/Inf, the wrong channels, a non-binary or mismatched label, or an
     all-zero perfusion map otherwise fails deep inside a DataLoader worker (an all-zero map gives
@@ -159,11 +167,11 @@ def _refuse_unusable_cases(folder: Path, entries: list[dict], where, what: str, 
     from custom.data.check import inspect_training_entry  # here, not at the top: check imports this module
 
     inspected = [inspect_training_entry(folder, entry, where(entry)) for entry in entries]
-    problems = [problem for entry_problems, _ in inspected for problem in entry_problems]
+    problems = [problem for entry_problems, _, _ in inspected for problem in entry_problems]
     if problems:
         listing = "\n  - ".join(problems)
         raise ValueError(f"{what} cannot be used:\n  - {listing}\n{remedy}")
-    return [holds_lesion for _, holds_lesion in inspected]
+    return [(holds_lesion, digest) for _, holds_lesion, digest in inspected]
 
 
 def inference_datalist(dataset_dir) -> list[str]:

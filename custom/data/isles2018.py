@@ -8,7 +8,6 @@ corrupt training (maps on different grids, NaN, stray label values), and writes 
 
 import csv
 import functools
-import hashlib
 import io
 import json
 import re
@@ -36,6 +35,7 @@ from custom.data.studies import (
     load_nifti,
     nifti_in,
     require_same_grid,
+    voxel_digest,
 )
 
 PWI_MAP = "4DPWI"  # the raw 4D perfusion series, read only with --maps-from-4d
@@ -309,7 +309,7 @@ def _unlabelled_source_cases(src: Path, cases: list[CaseFiles], problems: list[s
     return unlabelled
 
 
-def _refuse_a_repeated_study(case: CaseFiles, image: np.ndarray, case_of_image: dict[bytes, CaseFiles]) -> None:
+def _refuse_a_repeated_study(case: CaseFiles, image: np.ndarray, case_of_image: dict[str, CaseFiles]) -> None:
     """Refuse a case whose maps equal, voxel for voxel, those of a case converted before (``case_of_image``: digest
     of the stacked maps -> case, updated here).
 
@@ -317,8 +317,7 @@ def _refuse_a_repeated_study(case: CaseFiles, image: np.ndarray, case_of_image: 
     patient of its own, so the same study lands in two folds, trained on and validated on, and inflates the
     cross-validation score without any sign (the file paths differ, so ``check`` cannot tell). Two studies never
     share every voxel of all five maps (a CT left all zero by data without one is no match on its own)."""
-    digest = hashlib.sha256(repr(image.shape).encode() + np.ascontiguousarray(image).tobytes()).digest()
-    first = case_of_image.setdefault(digest, case)
+    first = case_of_image.setdefault(voxel_digest(image), case)
     if first is not case:
         raise ValueError(
             f"'{case.folder}' holds the same maps as '{first.folder}' (every voxel): one study converted twice would "
@@ -333,7 +332,7 @@ def _read_cases(all_cases: list[tuple[CaseFiles, bool]], read, problems: list[st
     A case that cannot be read or repeats an earlier case's study (``_refuse_a_repeated_study``) adds its problem to
     ``problems``, and the next case is read all the same, so that one refusal lists every case's problem."""
     lesion_ml: dict[str, float] = {}
-    case_of_image: dict[bytes, CaseFiles] = {}
+    case_of_image: dict[str, CaseFiles] = {}
 
     def read_new_study(case, is_training):
         ct_image, image, label = read(case, is_training)

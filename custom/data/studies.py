@@ -8,6 +8,7 @@ contract. It imports no MONAI and from the project only ``custom.clinical`` (the
 imports it and is copied without the project (docs/deployment.md).
 """
 
+import hashlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -68,6 +69,16 @@ def read_nifti(path, name: str | None = None) -> tuple[nib.Nifti1Image, np.ndarr
     naming the file as ``name`` if it cannot be read."""
     image = load_nifti(path, name)
     return image, read_voxels(path, lambda: np.asanyarray(image.dataobj), name)
+
+
+def voxel_digest(data: np.ndarray) -> str:
+    """SHA-256 (hex) over an array's shape and voxels: the identity of a study by its content, whatever its file is
+    named. The converter refuses a study converted twice by it (``custom.data.isles2018``); training records the
+    digests of the images it trained on and evaluation refuses a checkpoint trained on an image it would score
+    (``custom.training_record``), across conversions."""
+    digest = hashlib.sha256(repr(data.shape).encode())
+    digest.update(np.ascontiguousarray(data))  # no copy of a contiguous array (the maps of one study: ~10 MB)
+    return digest.hexdigest()
 
 
 def require_finite(path, data: np.ndarray) -> None:
