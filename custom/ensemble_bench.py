@@ -39,6 +39,7 @@ from custom.handlers import load_network_checkpoint
 from custom.lesions import check_lesion_threshold, check_min_volume, lesion_from_probabilities, remove_small_lesions
 from custom.metrics import case_metrics
 from custom.reporting import write_case_csv
+from custom.training_record import case_digests, read_record, record_of, trained_images_among
 
 BUNDLE_ROOT = Path(__file__).resolve().parent.parent / "bundle"
 OUTPUTS = ("cases.csv", "summary.json", "summary.md")
@@ -73,6 +74,24 @@ def fold_checkpoints(cv_dir, folds: int | None = None) -> list[Path]:
             f"missing: {missing or [str(cv_dir / 'fold_0' / 'models' / 'model.pt')]}"
         )
     return paths
+
+
+def _refuse_cases_the_folds_learnt(checkpoints: list[Path], dataset_dir: Path, cases: list[dict]) -> None:
+    """Refuse to score ``cases`` of ``dataset_dir`` where a fold model's training record names any of their images
+    (by their voxels: ``custom.training_record``): on the cross-validation's own dataset every case was learnt by
+    all folds but one, and the bench reported the Dice of cases the models were trained on without a word. Fold
+    models without a record, or with one of 0.3.12 and earlier (no images), are not checked."""
+    digests = case_digests([{"image": str(dataset_dir / entry["image"])} for entry in cases])
+    for path in checkpoints:
+        record = read_record(path)
+        shared = trained_images_among(record, digests) if record else []
+        if shared:
+            raise ValueError(
+                f"fold model '{path}' was trained on {len(shared)} of the {len(cases)} cases to score in "
+                f"'{dataset_dir / 'dataset.json'}' ({', '.join(shared)}; recorded in '{record_of(path)}'): their Dice "
+                "would be that of cases it learnt; score a dataset none of the folds saw (e.g. the accuracy "
+                "benchmark's test phantom, runs/accuracy/test/dataset)"
+            )
 
 
 def _configurations(folds: int, passes: int) -> dict[str, list[tuple[int, int]]]:
@@ -203,6 +222,7 @@ def run_ensemble_bench(
     cases = dataset["training"] if max_cases is None else dataset["training"][: int(max_cases)]
     if not cases:
         raise ValueError(f"'{dataset_dir / 'dataset.json'}' lists no case in 'training'")
+    _refuse_cases_the_folds_learnt(checkpoints, dataset_dir, cases)
     refuse_earlier_outputs(out, [], overwrite, postfixes=(), tables=OUTPUTS, setting="--out")
     out = require_writable_folder(out)
     parser = ConfigParser()

@@ -159,19 +159,27 @@ def check_held_out(checkpoint, fold, dataset_dir, cases) -> None:
             f"{checkpoint_trained} {trained_on} of '{record.get('dataset_json')}' ({recorded}): config id 'fold' "
             f"{fold} scores cases it was trained on; {advice}"
         )
-    trained_as = {digest: image for image, digest in trained_images.items()}
-    shared = [(image, trained_as[digest]) for image, digest in case_digests(cases).items() if digest in trained_as]
+    shared = trained_images_among(record, case_digests(cases))
     if not shared:
         return
-    names = [
-        Path(image).name + ("" if Path(image).name == Path(trained).name else f" (trained as '{trained}')")
-        for image, trained in shared
-    ]
     raise ValueError(
         f"{checkpoint_trained} {len(shared)} of the {len(cases)} images of config id 'fold' {fold} of "
-        f"'{dataset_json}': {', '.join(names)} (same voxels; it was trained on {trained_on} of "
+        f"'{dataset_json}': {', '.join(shared)} (same voxels; it was trained on {trained_on} of "
         f"'{record['dataset_json']}', {recorded}). Their scores would be those of cases it learnt: {advice}"
     )
+
+
+def trained_images_among(record: Mapping, digests: Mapping[str, str]) -> list[str]:
+    """The images of ``digests`` (image path -> ``case_digests`` value) that the run of ``record`` trained on (its
+    ``trained_images``, none where it has none), each as its file name, with the name it was trained under where
+    that differs."""
+    trained_as = {digest: image for image, digest in (record.get("trained_images") or {}).items()}
+    return [
+        Path(image).name + ("" if Path(image).name == Path(trained_as[digest]).name
+                            else f" (trained as '{trained_as[digest]}')")
+        for image, digest in digests.items()
+        if digest in trained_as
+    ]  # fmt: skip
 
 
 def write_training_record(

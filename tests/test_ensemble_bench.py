@@ -2,6 +2,7 @@
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -138,6 +139,28 @@ def test_masks_are_thresholded_as_the_shipped_inference(identical_folds, two_lab
             argmax = lesion_mask(network, volume, affine, min_lesion_ml=0, lesion_threshold=LESION_THRESHOLD)
             assert expected.sum() != argmax.sum()  # the threshold decides this case's mask
             assert float(row["mask_ml"]) == pytest.approx(expected.sum() * voxel_volume_ml(affine))
+
+
+def test_cases_a_fold_model_was_trained_on_are_refused(identical_folds, two_labelled_cases, tmp_path):
+    """Scored on the cross-validation's own dataset, the bench reported the Dice of cases the fold models were
+    trained on, without a word: a fold model whose training record names one of the images to score (by its voxels)
+    is refused before any model is loaded, naming it; cases none of the folds trained on are scored."""
+    from custom.training_record import TRAINING_RECORD, run_record
+
+    cv, config = identical_folds
+    cases = json.loads((two_labelled_cases / "dataset.json").read_text())["training"]
+    settings = {"contralateral_channels": None, "adjacent_slices": 0}
+    record = run_record(settings, 1, two_labelled_cases, trained_cases=[{"image": cases[1]["image"]}])
+    (cv / "fold_1" / "models" / TRAINING_RECORD).write_text(json.dumps(record))
+    with pytest.raises(ValueError) as raised:
+        run_ensemble_bench(str(cv), str(two_labelled_cases), str(tmp_path / "out"), config_file=str(config))
+    message = str(raised.value)
+    assert f"fold model '{cv / 'fold_1' / 'models' / 'model.pt'}' was trained on 1 of the 2 cases to score" in message
+    assert Path(cases[1]["image"]).name in message and "a dataset none of the folds saw" in message
+    assert not (tmp_path / "out").exists()
+    summary = run_ensemble_bench(str(cv), str(two_labelled_cases), str(tmp_path / "first"), config_file=str(config),
+                                 max_cases=1, flips=False)  # fmt: skip
+    assert summary[0]["cases"] == 1
 
 
 def test_an_earlier_runs_tables_are_replaced_only_when_asked(identical_folds, two_labelled_cases, tmp_path):
