@@ -162,7 +162,7 @@ def test_bundle_overrides_that_change_the_network_input_reach_inference(tmp_path
     def value(command, key):
         return command[command.index(f"--{key}") + 1] if f"--{key}" in command else None
 
-    expected_in_both = {"contralateral_channels": "difference", "adjacent_slices": "1", "network_def#norm": "batch"}
+    expected_in_both = {"contralateral_channels": "'difference'", "adjacent_slices": "1", "network_def#norm": "'batch'"}
     for key, expected in expected_in_both.items():
         assert value(commands["train"], key) == expected and value(commands["inference"], key) == expected
     assert value(commands["train"], "learning_rate") == "0.01" and value(commands["inference"], "learning_rate") is None
