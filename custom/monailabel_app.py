@@ -91,6 +91,8 @@ def unpack_served_bundle(archive, model_dir, input_settings=None) -> Path:
     for section in ("train", "validate"):
         config[section]["datalist"] = []
         config[section]["dataset"]["_requires_"] = "@check_labelled_studies"
+    # a fine-tune trains on from the served weights: its record keeps theirs and adds its studies' digests
+    config["training_record"]["fine_tuned_cases"] = "@check_labelled_studies"
     config.update(input_settings)
     write_text_atomically(train_config, json.dumps(config, indent=4) + "\n")
     if input_settings:

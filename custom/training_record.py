@@ -9,7 +9,8 @@ fold's best Dice and trained on from its weights. train.json's ``training_record
 ``ckpt_dir`` when a run starts, once its cases are screened and before they are cached (after refusing a resume whose
 record differs; a run refused for its data leaves no record); ``custom.handlers`` compares the
 record beside a checkpoint it loads with the loading run's ``INPUT_SETTINGS``, and evaluate.json's ``check_held_out``
-refuses to score a checkpoint on cases it was trained on (known by their voxels, in any conversion). A checkpoint
+refuses to score a checkpoint on cases it was trained on (known by their voxels, in any conversion); a MONAI Label
+fine-tune of the served copy keeps the served weights' record and adds its studies. A checkpoint
 without a record beside it (the shipped ``bundle/models/model.pt``, runs of earlier versions) is loaded unchecked.
 Standard library, ``custom.atomic`` and ``custom.data.datalist`` only, so ``custom.monailabel_app`` imports it
 without MONAI.
@@ -33,6 +34,8 @@ BEST_MODEL = "model.pt"  # train.json's best (or final) model in ckpt_dir
 INPUT_SETTINGS = ("contralateral_channels", "adjacent_slices")
 # What a resumed run must share with the run it continues, besides the input settings.
 RUN_SETTINGS = ("fold", "dataset_json_sha256")
+# The record key of the MONAI Label studies that the served copy's fine-tunes trained on (``write_training_record``).
+FINE_TUNED_IMAGES = "fine_tuned_images"
 
 
 def record_of(checkpoint) -> Path:
@@ -58,8 +61,8 @@ def run_record(input_settings: Mapping, fold, dataset_dir, trained_cases=None) -
     """The record of a training run: its ``input_settings`` (``INPUT_SETTINGS`` -> value), its fold, its dataset
     (``dataset.json``'s path and SHA-256) and ``trained_images``, the ``case_digests`` of ``trained_cases`` (the
     entries it trains on), by which ``check_held_out`` knows them in any conversion. The dataset and the images are
-    null where the run has no dataset.json (MONAI Label's served copy, which is given its studies: each fine-tune
-    starts from the weights of the earlier ones, so its own studies are not all the weights were trained on)."""
+    null where the run has no dataset.json (MONAI Label's served copy, which is given its studies:
+    ``write_training_record`` records them as ``FINE_TUNED_IMAGES``)."""
     if set(input_settings) != set(INPUT_SETTINGS):
         raise ValueError(f"input settings must be exactly {list(INPUT_SETTINGS)}, got {sorted(input_settings)}")
     dataset = _dataset_identity(dataset_dir)
@@ -124,56 +127,65 @@ def check_held_out(checkpoint, fold, dataset_dir, cases) -> None:
     """Refuse to evaluate ``checkpoint`` on ``cases`` (fold ``fold`` of ``dataset_dir``, ``fold_datalist`` entries)
     where its record says it was trained on any of them: its Dice would be that of cases it learnt, without a word.
 
-    A record with ``trained_images`` (``run_record``) is compared by content: any case whose image has the voxels of
-    an image the checkpoint was trained on is refused, whatever the conversion, fold or file name (a fold-0 model of
-    a dataset converted again with other folds, ``--patients``, ``--seed`` or ``--folds``; its own fold of another
-    conversion), and cases of another dataset that only share names pass. An earlier record (up to 0.3.12) names
-    its fold and dataset.json only: refused where the dataset.json is the same (SHA-256) and the fold another, or
-    either fold -1 (every case) (``--fold 1 --ckpt_path runs/fold0/model.pt`` scored fold 0's model on its own
-    training cases). A checkpoint without a record, or whose record names no dataset, passes."""
+    A record with ``trained_images`` (``run_record``) or ``FINE_TUNED_IMAGES`` is compared by content: any case whose
+    image has the voxels of an image the checkpoint was trained on is refused, whatever the conversion, fold or file
+    name (a fold-0 model of a dataset converted again with other folds, ``--patients``, ``--seed`` or ``--folds``; its
+    own fold of another conversion), and cases of another dataset that only share names pass. An earlier record (up
+    to 0.3.12) names its fold and dataset.json only: refused where the dataset.json is the same (SHA-256) and the fold
+    another, or either fold -1 (every case) (``--fold 1 --ckpt_path runs/fold0/model.pt`` scored fold 0's model on
+    its own training cases). The weights of a MONAI Label fine-tune are refused the studies it trained on too
+    (``FINE_TUNED_IMAGES``), and those the served weights were trained on (their record, kept). A checkpoint without
+    a record, or whose record names neither a dataset nor studies, passes."""
     record = read_record(checkpoint)
-    if record is None or record.get("dataset_json_sha256") is None or "fold" not in record:
+    if record is None:
         return
-    trained_fold, trained_images = record["fold"], record.get("trained_images")
-    trained_on = "every case" if trained_fold == -1 else f"every fold but {trained_fold}"
     dataset_json = Path(str(dataset_dir)) / "dataset.json"
-    same_dataset = _dataset_identity(dataset_dir)["dataset_json_sha256"] == record["dataset_json_sha256"]
-    if same_dataset and trained_fold != -1:
-        advice = f"evaluate its own fold with --fold {trained_fold}"
-    elif trained_fold == -1:
-        advice = "evaluate it on images it was not trained on"
-    elif os.path.abspath(record["dataset_json"]) == os.path.abspath(dataset_json):  # converted again into its folder
-        advice = f"'{dataset_json}' changed since it was trained (converted again?): train fold {fold} on it again"
-    else:
-        folder = os.path.dirname(record["dataset_json"])
-        advice = (
-            f"evaluate it on the dataset it was trained on (--dataset_dir '{folder}' --fold {trained_fold}), or "
-            f"train fold {fold} of '{dataset_json}' and evaluate that model"
-        )
     checkpoint_trained = f"checkpoint '{os.path.normpath(checkpoint)}' was trained on"
     recorded = f"recorded in '{os.path.normpath(record_of(checkpoint))}'"
-    if trained_images is None:  # a record of 0.3.12 or earlier: no images, only the fold and the dataset.json
-        if not same_dataset or trained_fold == fold != -1:
-            return
-        raise ValueError(
-            f"{checkpoint_trained} {trained_on} of '{record.get('dataset_json')}' ({recorded}): config id 'fold' "
-            f"{fold} scores cases it was trained on; {advice}"
-        )
+    learnt, advice = [], "evaluate it on images it was not trained on"
+    if record.get("dataset_json_sha256") is not None and "fold" in record:
+        trained_fold = record["fold"]
+        trained_on = "every case" if trained_fold == -1 else f"every fold but {trained_fold}"
+        same_dataset = _dataset_identity(dataset_dir)["dataset_json_sha256"] == record["dataset_json_sha256"]
+        if same_dataset and trained_fold != -1:
+            advice = f"evaluate its own fold with --fold {trained_fold}"
+        elif trained_fold != -1 and os.path.abspath(record["dataset_json"]) == os.path.abspath(dataset_json):
+            advice = f"'{dataset_json}' changed since it was trained (converted again?): train fold {fold} on it again"
+        elif trained_fold != -1:
+            folder = os.path.dirname(record["dataset_json"])
+            advice = (
+                f"evaluate it on the dataset it was trained on (--dataset_dir '{folder}' --fold {trained_fold}), or "
+                f"train fold {fold} of '{dataset_json}' and evaluate that model"
+            )
+        # a record of 0.3.12 or earlier (or of a fine-tune of such weights): no images, only the fold and dataset.json
+        if record.get("trained_images") is None and same_dataset and not trained_fold == fold != -1:
+            raise ValueError(
+                f"{checkpoint_trained} {trained_on} of '{record.get('dataset_json')}' ({recorded}): config id 'fold' "
+                f"{fold} scores cases it was trained on; {advice}"
+            )
+        learnt.append(f"trained on {trained_on} of '{record['dataset_json']}'")
+    if record.get(FINE_TUNED_IMAGES):
+        learnt.append(f"fine-tuned in MONAI Label on {len(record[FINE_TUNED_IMAGES])} studies")
+        advice = "evaluate it on images it was not trained on"
     shared = trained_images_among(record, case_digests(cases))
     if not shared:
         return
     raise ValueError(
         f"{checkpoint_trained} {len(shared)} of the {len(cases)} images of config id 'fold' {fold} of "
-        f"'{dataset_json}': {', '.join(shared)} (same voxels; it was trained on {trained_on} of "
-        f"'{record['dataset_json']}', {recorded}). Their scores would be those of cases it learnt: {advice}"
+        f"'{dataset_json}': {', '.join(shared)} (same voxels; it was {' and '.join(learnt)}, {recorded}). Their "
+        f"scores would be those of cases it learnt: {advice}"
     )
 
 
 def trained_images_among(record: Mapping, digests: Mapping[str, str]) -> list[str]:
-    """The images of ``digests`` (image path -> ``case_digests`` value) that the run of ``record`` trained on (its
-    ``trained_images``, none where it has none), each as its file name, with the name it was trained under where
-    that differs."""
-    trained_as = {digest: image for image, digest in (record.get("trained_images") or {}).items()}
+    """The images of ``digests`` (image path -> ``case_digests`` value) that the weights of ``record`` were trained
+    on (its ``trained_images`` and ``FINE_TUNED_IMAGES``, none where it has neither), each as its file name, with the
+    name it was trained under where that differs."""
+    trained_as = {
+        digest: image
+        for key in ("trained_images", FINE_TUNED_IMAGES)
+        for image, digest in (record.get(key) or {}).items()
+    }
     return [
         Path(image).name + ("" if Path(image).name == Path(trained_as[digest]).name
                             else f" (trained as '{trained_as[digest]}')")
@@ -183,10 +195,16 @@ def trained_images_among(record: Mapping, digests: Mapping[str, str]) -> list[st
 
 
 def write_training_record(
-    ckpt_dir, input_settings: Mapping, fold, dataset_dir, resume_ckpt=None, trained_cases=None
+    ckpt_dir, input_settings: Mapping, fold, dataset_dir, resume_ckpt=None, trained_cases=None, fine_tuned_cases=None
 ) -> dict:
     """Write the record of this training run (``run_record``; ``trained_cases``: train.json's ``train#datalist``)
     into ``ckpt_dir``; returns it.
+
+    ``fine_tuned_cases``: the studies of a MONAI Label fine-tune of the served copy (``check_labelled_studies``). It
+    trains on from the served ``model.pt``, so its record is that of those weights (their fold, dataset and
+    ``trained_images``, by which ``check_held_out`` refuses their training cases) with the digests of its studies
+    added to ``FINE_TUNED_IMAGES`` (the earlier fine-tunes' kept): a record naming its studies only let the fine-tuned
+    weights be scored on the images the served fold model learnt.
 
     A resumed run is refused first if the record beside ``resume_ckpt`` names other input settings, another fold or
     another dataset.json (it would restore that run's best Dice and train on from its weights). A new run replacing
@@ -206,19 +224,27 @@ def write_training_record(
             resume_ckpt, {key: record[key] for key in INPUT_SETTINGS + RUN_SETTINGS}, action="resumed",
             otherwise="\nor train with this run's settings into another --ckpt_dir, without --resume_ckpt",
         )  # fmt: skip
+    if fine_tuned_cases is not None:
+        continued = (earlier or {}) if earlier_model.is_file() else {}
+        kept = RUN_SETTINGS + ("dataset_json", "trained_images")
+        record = {
+            **record, **{key: continued[key] for key in kept if key in continued},
+            FINE_TUNED_IMAGES: {**(continued.get(FINE_TUNED_IMAGES) or {}), **case_digests(fine_tuned_cases)},
+        }  # fmt: skip
     write_text_atomically(folder / TRAINING_RECORD, json.dumps(record, indent=4) + "\n")
     return record
 
 
 def _describes_other_weights(earlier: Mapping | None, record: Mapping) -> bool:
-    """Whether weights recorded by ``earlier`` would be misdescribed by ``record``: other input settings, or another
-    fold or dataset.json where both name a dataset (MONAI Label's served copy names none; each of its fine-tunes
-    starts from the served model.pt under the same input settings, which must stay). Weights without a record
-    (``earlier`` None: the shipped ``bundle/models/``, runs up to 0.3.11) are another run's when this run names a
-    dataset; a served copy without a record (built from such weights) keeps them."""
-    if earlier is None:
-        return record["dataset_json_sha256"] is not None
-    if any(earlier.get(key) != record[key] for key in INPUT_SETTINGS):
+    """Whether weights recorded by ``earlier`` would be misdescribed by ``record``: other input settings, or, where
+    this run names a dataset, another fold or dataset.json, no record (the shipped ``bundle/models/``, runs up to
+    0.3.11) or MONAI Label fine-tunes (``FINE_TUNED_IMAGES``: this run's record would not name their studies). A run
+    naming no dataset (MONAI Label's served copy: each fine-tune starts from the served model.pt under the same input
+    settings, and its record keeps theirs) keeps them."""
+    if earlier is not None and any(earlier.get(key) != record[key] for key in INPUT_SETTINGS):
         return True
-    both_named = earlier.get("dataset_json_sha256") is not None and record["dataset_json_sha256"] is not None
-    return both_named and any(earlier.get(key) != record[key] for key in RUN_SETTINGS)
+    if record["dataset_json_sha256"] is None:
+        return False
+    return earlier is None or bool(earlier.get(FINE_TUNED_IMAGES)) or any(
+        earlier.get(key) != record[key] for key in RUN_SETTINGS
+    )

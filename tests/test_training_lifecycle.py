@@ -23,9 +23,11 @@ from custom.data.datalist import IMAGE_DIGEST, fold_datalist
 from custom.data.isles2018 import prepare_isles2018
 from custom.data.phantom import write_phantom
 from custom.lifecycle import CrashSafeCheckpointSaver, ValidationAtIntervalAndEnd, latest_checkpoint
-from custom.monailabel_app import unpack_served_bundle
+from custom.monailabel_app import serve_weights, unpack_served_bundle
 from custom.package import package_bundle
-from custom.training_record import TRAINING_RECORD
+from custom.training_record import (
+    TRAINING_RECORD, case_digests, check_held_out, read_record, trained_images_among, write_training_record
+)
 
 
 def _workflow(dataset_dir, bundle_root=BUNDLE, **override):
@@ -154,6 +156,57 @@ def test_monailabel_fine_tune_updates_the_served_weights(tiny_phantom_dataset, t
     assert weights.read_bytes() != shipped
     state = torch.load(weights, weights_only=True)
     assert state.keys() == torch.load(BUNDLE / "models" / "model.pt", weights_only=True).keys()
+
+
+def test_fine_tuned_served_weights_are_not_evaluated_on_images_they_learnt(tiny_phantom_dataset, tmp_path):
+    """Each MONAI Label fine-tune replaced the served fold model's record with one naming no dataset and no images:
+    ``check_held_out`` (evaluate.json, ensemble-bench) then scored the fine-tuned weights on the images the fold model
+    was trained on, and on the fine-tunes' own studies, without a word. The fine-tune's record keeps the served
+    weights' (fold, dataset, ``trained_images``) and adds its studies' digests to those of the earlier fine-tunes: both
+    are refused, held-out images (validation studies included) pass. A dataset run replacing the fine-tuned weights
+    under the served record's fold and dataset removes them at its start (its record would not name the studies)."""
+    settings = {"contralateral_channels": None, "adjacent_slices": 0}
+    run = tmp_path / "fold0"
+    run.mkdir()
+    write_training_record(run, settings, 0, tiny_phantom_dataset,
+                          trained_cases=fold_datalist(tiny_phantom_dataset, 0, "train"))  # fmt: skip
+    shutil.copyfile(BUNDLE / "models" / "model.pt", run / "model.pt")
+    served = _served_copy(tmp_path)
+    serve_weights(served, run / "model.pt")
+    weights, record = served / "models" / "model.pt", served / "models" / TRAINING_RECORD
+    other_phantom = write_phantom(tmp_path / "other_raw", cases=8, test_cases=0, seed=4, size=64)
+    studies = prepare_isles2018(Path(other_phantom) / "TRAINING", tmp_path / "studies", folds=2)
+    labelled = {
+        fold: [{"image": e["image"], "label": e["label"]} for e in fold_datalist(studies, fold, "validate")]
+        for fold in (0, 1)
+    }
+
+    def refusal(dataset_dir, fold):
+        try:
+            check_held_out(weights, fold, dataset_dir, fold_datalist(dataset_dir, fold, "validate"))
+        except ValueError as err:
+            return str(err)
+        return None
+
+    _monailabel_fine_tune(served, labelled[1], labelled[0][:1], epochs=1)
+    learnt = f"it was trained on every fold but 0 of '{tiny_phantom_dataset / 'dataset.json'}' and fine-tuned in " \
+             f"MONAI Label on 4 studies, recorded in '{record}'). Their scores would be those of cases it learnt: " \
+             "evaluate it on images it was not trained on"
+    assert f"checkpoint '{weights}' was trained on 4 of the 4 images of config id 'fold' 1 of " \
+           f"'{tiny_phantom_dataset / 'dataset.json'}': case_4.nii.gz" in refusal(tiny_phantom_dataset, 1)
+    assert learnt in refusal(tiny_phantom_dataset, 1)
+    assert f"checkpoint '{weights}' was trained on 4 of the 4 images of config id 'fold' 1 of " \
+           f"'{studies / 'dataset.json'}'" in refusal(studies, 1)
+    assert refusal(tiny_phantom_dataset, 0) is None and refusal(studies, 0) is None
+    assert len(trained_images_among(read_record(weights), case_digests(labelled[1]))) == 4  # as ensemble-bench asks
+
+    _monailabel_fine_tune(served, labelled[0], [], epochs=1)
+    assert learnt.replace("on 4 studies", "on 8 studies") in refusal(studies, 0)
+    assert refusal(studies, 1) and refusal(tiny_phantom_dataset, 1) and refusal(tiny_phantom_dataset, 0) is None
+
+    write_training_record(weights.parent, settings, 0, tiny_phantom_dataset,
+                          trained_cases=fold_datalist(tiny_phantom_dataset, 0, "train"))  # fmt: skip
+    assert not weights.exists()
 
 
 def _relabelled(cases, folder, relabel):
@@ -296,13 +349,20 @@ def test_a_replacing_run_leaves_no_unrecorded_model_under_its_record(tiny_phanto
     ``--overwrite True`` by a run on a dataset stayed until that run's first validation: a run stopped before it left
     those weights under a record naming this run's fold and dataset.json. It is removed at the start (a served
     MONAI Label copy without a record, whose fine-tunes name no dataset, keeps it:
-    ``test_monailabel_fine_tune_updates_the_served_weights``)."""
+    ``test_monailabel_fine_tune_updates_the_served_weights``). So is one recorded by a served copy's fine-tune of
+    0.3.12, which names no dataset (it was kept)."""
     ckpt_dir = tmp_path / "models"
     ckpt_dir.mkdir()
     shutil.copyfile(BUNDLE / "models" / "model.pt", ckpt_dir / "model.pt")
     _run_stopped_in_first_iteration(_workflow(tiny_phantom_dataset, ckpt_dir=str(ckpt_dir),
                                               output_dir=str(tmp_path / "logs"), overwrite=True))  # fmt: skip
     assert json.loads((ckpt_dir / TRAINING_RECORD).read_text())["dataset_json_sha256"] is not None
+    assert not (ckpt_dir / "model.pt").exists()
+    shutil.copyfile(BUNDLE / "models" / "model.pt", ckpt_dir / "model.pt")
+    settings = {"contralateral_channels": None, "adjacent_slices": 0}
+    (ckpt_dir / TRAINING_RECORD).write_text(json.dumps({**settings, "fold": 0, "dataset_json": None,
+                                                        "dataset_json_sha256": None, "trained_images": None}))
+    write_training_record(ckpt_dir, settings, 0, tiny_phantom_dataset)
     assert not (ckpt_dir / "model.pt").exists()
 
 

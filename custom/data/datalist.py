@@ -127,8 +127,10 @@ def _refuse_files_in_both_roles(folder: Path, training: list[dict], fold: int) -
         )
 
 
-def check_labelled_studies(train, validate=None) -> None:
-    """Refuse the studies of a MONAI Label fine-tune as :func:`fold_datalist` refuses a fold's cases, naming each file.
+def check_labelled_studies(train, validate=None) -> list[dict]:
+    """Refuse the studies of a MONAI Label fine-tune as :func:`fold_datalist` refuses a fold's cases, naming each file;
+    returns the ``train`` entries, each with its image's digest under ``IMAGE_DIGEST`` (the fine-tune's training
+    record names them: ``custom.training_record.write_training_record``).
 
     ``train`` and ``validate`` are what MONAI Label's ``BundleTrainTask`` sets as ``train#dataset#data`` and
     ``validate#dataset#data`` (``{"image", "label"}`` entries with absolute paths from its datastore). Why it exists:
@@ -150,6 +152,7 @@ def check_labelled_studies(train, validate=None) -> None:
             f"({', '.join(str(e.get('label')) for e in train)}): the fine-tune would teach the served model to "
             "predict none; submit labels that draw the lesion"
         )
+    return [{**entry, IMAGE_DIGEST: digest} for entry, (_, digest) in zip(train, screened)]
 
 
 def _refuse_unusable_cases(folder: Path, entries: list[dict], where, what: str, remedy: str) -> list[tuple[bool, str]]:
