@@ -1,6 +1,7 @@
 """The dataset check: passes a good dataset folder, names the file or key of every broken variant."""
 
 import json
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -15,10 +16,12 @@ BRAIN = (slice(2, 14), slice(2, 14), slice(None))
 TRAINING = {"case_1": ("P1", 0, 10), "case_2": ("P1", 0, 20), "case_3": ("P2", 1, 30), "case_4": ("P2", 1, 0)}
 
 
-def make_image(channels=5):
-    """A (20, 20, 3, channels) float32 image: channel c holds c + 1 inside a brain box, 0 outside."""
+def make_image(channels=5, ct=0.0):
+    """A (20, 20, 3, channels) float32 image: channel c holds c + 1 inside a brain box, 0 outside; ``ct`` is added to
+    the CT channel (channel 0) everywhere, so that studies differ."""
     data = np.zeros(SHAPE + (channels,), np.float32)
     data[BRAIN] = np.arange(1, channels + 1, dtype=np.float32)
+    data[..., 0] += ct
     return data
 
 
@@ -45,8 +48,8 @@ def dataset_dir(tmp_path):
     for sub in ("imagesTr", "labelsTr", "imagesTs"):
         (tmp_path / sub).mkdir()
     training = []
-    for case, (patient, fold, voxels) in TRAINING.items():
-        save(tmp_path, f"imagesTr/{case}.nii.gz", make_image())
+    for number, (case, (patient, fold, voxels)) in enumerate(TRAINING.items(), start=1):
+        save(tmp_path, f"imagesTr/{case}.nii.gz", make_image(ct=number))
         save(tmp_path, f"labelsTr/{case}.nii.gz", make_label(voxels))
         training.append(
             {
@@ -57,7 +60,7 @@ def dataset_dir(tmp_path):
                 "case": case,
             }
         )
-    save(tmp_path, "imagesTs/case_5.nii.gz", make_image())
+    save(tmp_path, "imagesTs/case_5.nii.gz", make_image(ct=5))
     dataset = {
         "name": "toy",
         "description": "check test",
@@ -175,6 +178,10 @@ def _too_small(folder):
     save(folder, "imagesTs/case_5.nii.gz", make_image()[:16, :16])
 
 
+def _copy_of_a_training_study_in_testing(folder):
+    shutil.copyfile(folder / "imagesTr/case_2.nii.gz", folder / "imagesTs/case_5.nii.gz")
+
+
 def _coronal_testing_image(folder):
     # the voxels of an axial stack stored with the second and third axes swapped: coronal slices on the third axis
     save(folder, "imagesTs/case_5.nii.gz", make_image(), AFFINE[:, [0, 2, 1, 3]])
@@ -212,6 +219,9 @@ def _no_dataset_json(folder):
         (_miscount, ["'numTraining' is 5 but 'training' has 4"]),
         (_too_small, ["imagesTs/case_5.nii.gz: in-plane size 16 x 16 is below the network's minimum 17 x 17"]),
         (_no_dataset_json, ["dataset.json' is missing"]),
+        (_copy_of_a_training_study_in_testing,
+         ["testing[0].image: 'imagesTs/case_5.nii.gz' holds the voxels of dataset.json training[1].image "
+          "'imagesTr/case_2.nii.gz'"]),
         (_coronal_testing_image, ["imagesTs/case_5.nii.gz: its third voxel axis runs front-back", "must be axial"]),
     ],
     ids=lambda v: v.__name__.strip("_") if callable(v) else "",

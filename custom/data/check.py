@@ -182,6 +182,8 @@ def inspect_dataset(dataset_dir) -> DatasetReport:
     # two image files of one case name (imagesTr/case_1.nii.gz, imagesTs/case_1.nii.gz): inference and MONAI Label
     # name a mask or a study after the file (``output_case_name``), so one would be written over the other
     name_use: dict[str, str] = {}
+    # one study under two file names (a copy): file_use cannot tell, its voxels can (``voxel_digest``)
+    voxel_use: dict[str, tuple[Path, str]] = {}
     for key, required in (("training", TRAINING_KEYS), ("testing", TESTING_KEYS)):
         for index, entry in enumerate(lists[key]):
             where = f"dataset.json {key}[{index}]"
@@ -216,6 +218,13 @@ def inspect_dataset(dataset_dir) -> DatasetReport:
             image = _read_nifti(folder, entry["image"], f"{where}.image", problems) if "image" in entry else None
             if image is not None:
                 problems += image_problems(entry["image"], image[1], image[0].affine)
+                path, digest = (folder / entry["image"]).resolve(), voxel_digest(image[1])
+                if digest in voxel_use and voxel_use[digest][0] != path:
+                    problems.append(
+                        f"{where}.image: '{entry['image']}' holds the voxels of {voxel_use[digest][1]}: one study "
+                        "under two names is trained on and scored in two places (a copy); list it once"
+                    )
+                voxel_use.setdefault(digest, (path, f"{where}.image '{entry['image']}'"))
             if key == "testing":
                 report.num_testing += 1
                 continue
