@@ -450,10 +450,10 @@ def score_masks_command(masks: str, dataset_dir: str, out: str, method: str = "m
     vendor software) on the same cases and metrics as ``accuracy-bench``; ``python -m custom compare-cv`` then
     compares two such folders case by case. A case's mask is ``<case>_seg.nii.gz`` (as ``inference.json`` and
     the runner name it) or ``<case>.nii.gz``, where ``<case>`` is the image's file name without ``.nii.gz``;
-    a case without a mask is an error, and an existing ``out/cases.csv`` is refused unless ``overwrite`` (then it is
-    removed before the masks are scored: no earlier table stays beside this run's record). Beside it,
-    ``out/score_masks_run.json`` records the dataset (its folder and dataset.json SHA-256), the masks folder, the
-    method and the fold, so that ``compare-cv`` refuses to pair the table with a run of another dataset.
+    a case without a mask, or with both, is an error, and an existing ``out/cases.csv`` is refused unless
+    ``overwrite`` (then it is removed before the masks are scored: no earlier table stays beside this run's record).
+    Beside it, ``out/score_masks_run.json`` records the dataset (its folder and dataset.json SHA-256), the masks
+    folder, the method and the fold, so that ``compare-cv`` refuses to pair the table with a run of another dataset.
     """
     masks, dataset_dir, out = Path(masks), Path(dataset_dir), Path(out)
     entries = load_dataset_json(dataset_dir, ("training",))["training"]
@@ -463,15 +463,22 @@ def score_masks_command(masks: str, dataset_dir: str, out: str, method: str = "m
         if not entries:
             raise ValueError(f"fold {fold!r} not found in '{dataset_dir / 'dataset.json'}' (folds present: {folds})")
 
-    def mask_path(entry: dict) -> Path:
+    def candidates(entry: dict) -> list[Path]:
         case = output_case_name(entry["image"])
-        candidates = [masks / f"{case}_seg.nii.gz", masks / f"{case}.nii.gz"]
-        return next((path for path in candidates if path.is_file()), candidates[0])
+        return [masks / f"{case}_seg.nii.gz", masks / f"{case}.nii.gz"]
+
+    def mask_path(entry: dict) -> Path:
+        return next((path for path in candidates(entry) if path.is_file()), candidates(entry)[0])
 
     missing = [str(mask_path(e)) for e in entries if not mask_path(e).is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} of {len(entries)} cases of '{dataset_dir}' have no mask in "
                                 f"'{masks}': {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    # both names of one case (a mask corrected by hand saved beside the original): scoring either would be a guess
+    doubled = [" and ".join(p.name for p in candidates(e)) for e in entries if all(p.is_file() for p in candidates(e))]
+    if doubled:
+        raise ValueError(f"'{masks}' holds two masks of {len(doubled)} case(s): {'; '.join(doubled[:5])}"
+                         f"{' ...' if len(doubled) > 5 else ''}; keep one of each pair, or score each in a folder")
     refuse_earlier_outputs(out, [], overwrite, postfixes=(), tables=("cases.csv",), setting="--out")
     rows = score_masks(dataset_dir, entries, method, mask_path)
     record = {"dataset_dir": str(dataset_dir.resolve()), "masks": str(masks.resolve()), "method": method,

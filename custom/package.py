@@ -11,6 +11,8 @@ before it extends ``sys.path``). MONAI has no packaging command that adds such c
 import zipfile
 from pathlib import Path
 
+import torch
+
 from custom.atomic import write_atomically
 from custom.training_record import TRAINING_RECORD
 
@@ -34,11 +36,42 @@ def _files_under(folder: Path):
             yield path
 
 
+def stale_exports(models: Path) -> list[str]:
+    """The exports in ``models`` (``model.ts``, ``model.onnx``) that do not hold the weights of ``models/model.pt``.
+
+    Why it exists: training into ``bundle/models`` replaces ``model.pt`` but not the files exported from the earlier
+    weights, and an archive carrying both segmented one case as 1007.5 mL through its ``inference.json`` and 36.5 mL
+    through the runner on its ``model.ts``. A TorchScript export must hold exactly ``model.pt``'s tensors; an ONNX
+    export those of its initializers that keep a ``model.pt`` name (the exporter renames the rest).
+    """
+    weights = torch.load(models / "model.pt", map_location="cpu", weights_only=True)
+
+    def holds_the_weights(tensors: dict) -> bool:
+        return bool(tensors) and all(torch.equal(tensor, weights[key]) for key, tensor in tensors.items())
+
+    stale = []
+    if (models / "model.ts").is_file():
+        tensors = torch.jit.load(models / "model.ts", map_location="cpu").state_dict()
+        if tensors.keys() != weights.keys() or not holds_the_weights(tensors):
+            stale.append("model.ts")
+    if (models / "model.onnx").is_file():
+        try:
+            import onnx
+        except ImportError as err:
+            raise ImportError(f"checking '{models / 'model.onnx'}' against model.pt needs the onnx extra") from err
+        initializers = onnx.load(models / "model.onnx").graph.initializer
+        named = [i for i in initializers if i.name in weights]
+        if not holds_the_weights({i.name: torch.from_numpy(onnx.numpy_helper.to_array(i).copy()) for i in named}):
+            stale.append("model.onnx")
+    return stale
+
+
 def bundle_members(bundle_root="bundle", include_models=True) -> list[tuple[Path, str]]:
     """(source file, path inside the bundle root) of every file a bundle archive carries.
 
     Run outputs (``eval/``, training checkpoints other than ``models/model.*``) are left out; the
-    ``custom`` package this module belongs to goes to ``custom/``.
+    ``custom`` package this module belongs to goes to ``custom/``. An export that is not of ``model.pt``'s weights
+    (``stale_exports``) is refused.
     """
     root = Path(bundle_root)
     missing = [name for name in REQUIRED if not (root / name).is_file()]
@@ -46,6 +79,13 @@ def bundle_members(bundle_root="bundle", include_models=True) -> list[tuple[Path
         missing.append(f"models/{MODEL_FILES[0]}")
     if missing:
         raise FileNotFoundError(f"bundle root '{root}' lacks {', '.join(missing)}")
+    stale = stale_exports(root / "models") if include_models else []
+    if stale:
+        exports = ", ".join(f"models/{name}" for name in stale)
+        raise ValueError(
+            f"bundle root '{root}': {exports} not exported from the weights of models/model.pt (exported before "
+            "model.pt was replaced?): export again from model.pt (docs/deployment.md), or remove it"
+        )
     members = [(root / name, name) for name in BUNDLE_FILES]
     for folder in BUNDLE_FOLDERS:
         members += [(p, p.relative_to(root).as_posix()) for p in _files_under(root / folder)]

@@ -290,6 +290,20 @@ def test_score_masks_names_a_non_binary_mask(tiny_phantom_dataset, tmp_path):
         score_masks_command(str(masks), str(tiny_phantom_dataset), str(tmp_path / "scored"))
 
 
+def test_score_masks_refuses_a_case_with_both_mask_names(tiny_phantom_dataset, tmp_path):
+    """A mask corrected by hand as <case>.nii.gz beside the original <case>_seg.nii.gz: the original was scored
+    without a word. Both names are refused, and nothing is written."""
+    entries = load_dataset_json(tiny_phantom_dataset, ("training",))["training"]
+    masks = tmp_path / "masks"
+    _label_masks(tiny_phantom_dataset, entries, masks)
+    case = Path(entries[0]["image"]).name.split(".nii")[0]
+    label = nib.load(tiny_phantom_dataset / entries[0]["label"])
+    nib.save(nib.Nifti1Image(np.zeros(label.shape, np.uint8), label.affine), masks / f"{case}.nii.gz")
+    with pytest.raises(ValueError, match=f"two masks of 1 case.*{case}_seg.nii.gz and {case}.nii.gz"):
+        score_masks_command(str(masks), str(tiny_phantom_dataset), str(tmp_path / "scored"))
+    assert not (tmp_path / "scored").exists()
+
+
 def test_score_masks_measures_a_sheared_grid_in_mm(tmp_path):
     """A gantry-tilted grid (slices 4 mm apart, each shifted 2 mm along y): the mask is the label moved 4 mm straight
     up. Scored with the affine, not the voxel sizes (1, 1, 4.47 mm taken as perpendicular axes gave HD95 4.60 mm,

@@ -146,6 +146,30 @@ def test_package_refuses_an_incomplete_bundle_and_writes_nothing(bundle_copy, tm
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+def test_package_refuses_exports_that_are_not_of_model_pt(bundle_copy, tmp_path):
+    """Training into bundle/models replaced model.pt and left model.ts and model.onnx of the earlier weights: the
+    archive segmented one case as 1007.5 mL through inference.json and 36.5 mL through the runner on its model.ts."""
+    onnx = pytest.importorskip("onnx")
+    root = shutil.copytree(bundle_copy, tmp_path / "bundle")
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "inference.json"))
+    network = parser.get_parsed_content("network_def")
+    network.load_state_dict(torch.load(root / "models" / "model.pt", weights_only=True))
+    torch.jit.script(network).save(str(root / "models" / "model.ts"))
+    initializers = [onnx.numpy_helper.from_array(t.numpy(), name) for name, t in network.state_dict().items()]
+    exported = onnx.helper.make_model(onnx.helper.make_graph([], "weights only", [], [], initializers))
+    onnx.save(exported, root / "models" / "model.onnx")
+    names = zipfile.ZipFile(package_bundle(tmp_path / "fresh.zip", bundle_root=root)).namelist()
+    assert {"fresh/models/model.ts", "fresh/models/model.onnx"} <= set(names)
+
+    torch.manual_seed(1)  # model.pt retrained, the exports left as they were
+    torch.save(parser.get_parsed_content("network_def", lazy=False).state_dict(), root / "models" / "model.pt")
+    with pytest.raises(ValueError, match=r"models/model\.ts, models/model\.onnx not exported from .*models/model\.pt"):
+        package_bundle(tmp_path / "out" / "stale.zip", bundle_root=root)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    assert zipfile.ZipFile(package_bundle(tmp_path / "light.zip", bundle_root=root, include_models=False))
+
+
 def _isolated_environment(tmp_path: Path, strip_repo: bool) -> dict:
     """Environment whose Python cannot see the repository: PYTHONPATH without it and, with ``strip_repo``,
     a sitecustomize that removes the editable install's finder of ``custom`` from sys.meta_path."""
