@@ -9,6 +9,7 @@ from pathlib import Path
 
 from custom import accuracy_bench, baseline, crossval
 from custom.crossval import run_cross_validation
+from custom.data.datalist import refuse_earlier_file
 from custom.reporting import paired_comparison, read_case_csv, same_case_statistics, write_case_csv, write_markdown
 
 # Each variant is a set of bundle overrides of ``loss`` (train.json builds WeightedCEGeneralizedDiceLoss).
@@ -110,7 +111,9 @@ def _recorded_dataset(folder: Path) -> str | None:
     return None
 
 
-def compare_cross_validations(reference: str, other: str, out: str | None = None) -> list[dict]:
+def compare_cross_validations(
+    reference: str, other: str, out: str | None = None, overwrite: bool = False
+) -> list[dict]:
     """Case-by-case comparison of two ``python -m custom cv`` runs on the cases that ``other`` scored; any two
     folders with a ``cases.csv`` of the same cases work (e.g. two ``accuracy-bench`` method folders).
 
@@ -119,8 +122,11 @@ def compare_cross_validations(reference: str, other: str, out: str | None = None
     the two on the cases both hold, with the table of ``ablation`` (distances over the cases where both have
     one). Every case of ``other`` must be in ``reference``; the reference's other cases are left out, and the
     table's first line says which folds remain. Two folders whose run records (cv, baseline, score-masks) name
-    different dataset.json files are refused. Writes ``out`` (markdown) if given.
+    different dataset.json files are refused. Writes ``out`` (markdown) if given; an existing ``out`` is refused
+    unless ``overwrite``.
     """
+    if out:
+        refuse_earlier_file(out, overwrite)
     runs = {"reference": Path(reference), "other": Path(other)}
     datasets = {name: _recorded_dataset(folder) for name, folder in runs.items()}
     if None not in datasets.values() and datasets["reference"] != datasets["other"]:

@@ -21,6 +21,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
 from custom.atomic import write_atomically
+from custom.data.datalist import refuse_earlier_file
 from custom.handlers import checkpoint_errors_named, load_network_checkpoint
 
 # tta_flips = true: every combination of mirroring the slice's two axes (nnU-Net's 2D mirroring), after the
@@ -175,7 +176,9 @@ def inference_network(
     return ProbabilityEnsemble(members, flips, uncertainty).eval()
 
 
-def write_ensemble_checkpoint(*checkpoints: str, out: str, config_file: str | None = None) -> str:
+def write_ensemble_checkpoint(
+    *checkpoints: str, out: str, config_file: str | None = None, overwrite: bool = False
+) -> str:
     """Write one ensemble checkpoint (the state dict of a ``ProbabilityEnsemble`` of the given checkpoints).
 
     Args:
@@ -184,6 +187,8 @@ def write_ensemble_checkpoint(*checkpoints: str, out: str, config_file: str | No
         out: the file to write (atomically); pass it to ``ckpt_export`` as ``--ckpt_file`` and as
             ``--ensemble_ckpt_paths`` (docs/deployment.md).
         config_file: the inference config whose ``network_def`` the checkpoints fit (default: the bundle's).
+        overwrite: replace an existing ``out`` (refused otherwise: ``--out bundle/models/model.pt`` replaced the
+            trained weights without a word).
 
     Flips are not weights: ``tta_flips`` is chosen when the ensemble is built. Returns ``out``.
     """
@@ -191,6 +196,7 @@ def write_ensemble_checkpoint(*checkpoints: str, out: str, config_file: str | No
 
     if len(checkpoints) < 2:
         raise ValueError(f"an ensemble checkpoint needs two or more checkpoints, got {len(checkpoints)}")
+    refuse_earlier_file(out, overwrite)
     parser = ConfigParser()
     config_file = config_file or str(Path(__file__).resolve().parent.parent / "bundle" / "configs" / "inference.json")
     parser.read_config(str(config_file))

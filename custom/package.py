@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from custom.atomic import write_atomically
+from custom.data.datalist import refuse_earlier_file
 from custom.training_record import TRAINING_RECORD
 
 # What a bundle archive carries (MONAI bundle specification plus the LICENSE the model zoo requires).
@@ -96,18 +97,20 @@ def bundle_members(bundle_root="bundle", include_models=True) -> list[tuple[Path
     return members
 
 
-def package_bundle(out: str, bundle_root: str = "bundle", include_models=True):
+def package_bundle(out: str, bundle_root: str = "bundle", include_models=True, overwrite=False):
     """Write the bundle at ``bundle_root`` with a copy of ``custom/`` inside it to the zip ``out``; returns ``out``.
 
     As the MONAI bundle specification asks, the archive holds one folder named after it
     (``ctp_stroke.zip`` -> ``ctp_stroke/configs/...``, ``ctp_stroke/custom/...``), so unzipping gives a
     bundle root that ``python -m monai.bundle run --bundle_root ctp_stroke ...`` and MONAI Label load
     without this project installed. ``include_models=False`` leaves the weights out (configs and code
-    only; not a complete bundle). The zip is written atomically (``custom.atomic``).
+    only; not a complete bundle). The zip is written atomically (``custom.atomic``); an existing one is refused unless
+    ``overwrite``.
     """
     out = Path(str(out))
     if out.suffix != ".zip":
         raise ValueError(f"output '{out}' must end in .zip")
+    refuse_earlier_file(out, overwrite, option="OUT")
     members = bundle_members(bundle_root, include_models)
 
     def write(temporary):

@@ -315,3 +315,53 @@ def test_command_line_prints_tables_not_the_returned_rows(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| other: " in printed and "+0.200" in printed
     assert not [line for line in printed.splitlines() if line.startswith("{")], printed
+
+
+def _ensemble_checkpoint(tmp_path: Path, out: Path, **options) -> None:
+    from conftest import inference_network
+
+    from custom.ensemble import write_ensemble_checkpoint
+
+    members = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        members.append(tmp_path / f"fold{seed}.pt")
+        torch.save(inference_network().state_dict(), members[-1])
+    write_ensemble_checkpoint(*map(str, members), out=str(out), **options)
+
+
+def _package(tmp_path: Path, out: Path, **options) -> None:
+    from custom.package import package_bundle
+
+    package_bundle(str(out), bundle_root=str(BUNDLE), **options)
+
+
+def _compare_cv(tmp_path: Path, out: Path, **options) -> None:
+    from custom.ablation import compare_cross_validations
+    from custom.reporting import write_case_csv
+
+    for run in ("reference", "other"):
+        if not (tmp_path / run / "cases.csv").exists():
+            write_case_csv([{"case": "a", "fold": 0, "dice": 0.5, "hd95_mm": 2.0, "avd_ml": 1.0, "lesion_f1": 1.0}],
+                           str(tmp_path / run / "cases.csv"))  # fmt: skip
+    compare_cross_validations(str(tmp_path / "reference"), str(tmp_path / "other"), out=str(out), **options)
+
+
+@pytest.mark.parametrize(
+    "write, name, option",
+    [(_ensemble_checkpoint, "model.pt", "--out"), (_package, "ctp_stroke.zip", "OUT"), (_compare_cv, "t.md", "--out")],
+    ids=["ensemble-checkpoint", "package", "compare-cv"],
+)
+def test_a_one_file_output_is_replaced_only_when_asked(tmp_path, write, name, option):
+    """ensemble-checkpoint, package and compare-cv replaced an existing file without a word (``ensemble-checkpoint
+    --out bundle/models/model.pt`` wrote an ensemble over the trained weights): refused, naming the file and
+    ``--overwrite``, the file left as it was; ``overwrite=True`` replaces it."""
+    out = tmp_path / "outputs" / name
+    out.parent.mkdir()
+    out.write_bytes(b"an earlier file")
+    earlier = rf"the folder of {option} '.*outputs' holds 1 file\(s\) .*\({name}\).*--overwrite"
+    with pytest.raises(FileExistsError, match=earlier):
+        write(tmp_path, out)
+    assert out.read_bytes() == b"an earlier file"
+    write(tmp_path, out, overwrite=True)
+    assert out.read_bytes() != b"an earlier file"

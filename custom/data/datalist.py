@@ -264,6 +264,15 @@ def refuse_earlier_outputs(folder, images, overwrite=False, postfixes=("seg",), 
         (Path(str(folder)) / name).unlink(missing_ok=True)
 
 
+def refuse_earlier_file(path, overwrite=False, option="--out") -> None:
+    """``refuse_earlier_outputs`` for a command whose output is the one file ``path`` (an archive, a checkpoint, a
+    table), named by the command's ``option``: it was replaced without a word (``ensemble-checkpoint --out
+    bundle/models/model.pt`` wrote an ensemble over the trained weights)."""
+    path = Path(str(path))
+    refuse_earlier_outputs(path.parent, [], overwrite, postfixes=(), tables=(path.name,),
+                           setting=f"the folder of {option}", folder_flag=option)  # fmt: skip
+
+
 @dataclass
 class ScreenedImages:
     """The images inference can segment (``usable``) and the others with their reason (``rejected``)."""
