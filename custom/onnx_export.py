@@ -135,9 +135,3 @@ class OnnxNetwork:
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         images = np.ascontiguousarray(batch.detach().cpu().numpy(), dtype=np.float32)
         return torch.from_numpy(self.session.run(None, {self.input_name: images})[0])
-
-
-if __name__ == "__main__":
-    import fire
-
-    fire.Fire(export_onnx)
