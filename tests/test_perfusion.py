@@ -171,6 +171,19 @@ def test_bad_series_are_refused_by_name(tmp_path, good_series):
         analyse_series(flat)
 
 
+@pytest.mark.parametrize("frame, value", [(0, 0.0), (3, 0.0), (10, -1024.0)])
+def test_a_blank_frame_is_refused_by_name(tmp_path, good_series, frame, value):
+    """A dropped frame stored as 0 HU or as padding (-1024) gave maps without a word: CBF x 10 (0 HU just after the
+    baseline) to x 80 (-1024) in the phantom, CBV x 4 (0 HU in the first frame)."""
+    from custom.perfusion.commands import analyse_series
+
+    blank = good_series.astype(np.float32)
+    blank[..., frame] = value
+    series = write_series(tmp_path / "blank.nii.gz", blank)
+    with pytest.raises(ValueError, match=rf"blank\.nii\.gz'.*frame\(s\) \[{frame}\].*one value at every voxel"):
+        analyse_series(series)
+
+
 @pytest.mark.parametrize("step, unit", [(1000.0, "sec"), (1.0, "msec")])
 def test_time_step_in_the_wrong_unit_is_refused_by_name(tmp_path, good_series, step, unit):
     """pixdim[4] in ms labelled seconds (or the reverse) scaled CBF and Tmax by 1000 without a word."""
