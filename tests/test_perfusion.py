@@ -231,6 +231,22 @@ def test_maps_command_writes_maps_and_report(tmp_path, good_series):
     assert given["aif"]["curve_hu"] == pytest.approx(report["aif"]["curve_hu"], abs=0.2)
 
 
+def test_an_aif_mask_with_a_fourth_axis_is_refused_by_name(tmp_path, phantom_case, good_series):
+    """A 4D --aif_mask on the series' spatial grid died in numpy's reshape ("cannot reshape array of size 65536
+    into shape (64,64,8)") without naming the file; a 3D mask stored with a trailing axis of 1 is still read."""
+    from custom.perfusion.commands import analyse_series
+
+    series = write_series(tmp_path / "series.nii.gz", good_series)
+    two = np.zeros(good_series.shape[:3] + (2,), np.uint8)
+    nib.save(nib.Nifti1Image(two, nib.load(series).affine), tmp_path / "aif4d.nii.gz")
+    with pytest.raises(ValueError, match=r"AIF mask '.*aif4d\.nii\.gz' \(shape \(.*, 2\)\) is not a 3D mask"):
+        analyse_series(series, aif_mask=tmp_path / "aif4d.nii.gz")
+    one = np.zeros(good_series.shape[:3] + (1,), np.uint8)
+    one[tuple(phantom_case[2].aif.voxels.T)] = 1
+    nib.save(nib.Nifti1Image(one, nib.load(series).affine), tmp_path / "aif.nii.gz")
+    assert analyse_series(series, aif_mask=tmp_path / "aif.nii.gz")[1].maps["CBF"].any()
+
+
 def test_converter_with_maps_from_4d_passes_the_check(tmp_path):
     from custom.data.check import check_dataset
     from custom.data.isles2018 import prepare_isles2018
