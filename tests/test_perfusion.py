@@ -123,6 +123,20 @@ def test_an_aif_that_is_not_an_artery_is_refused(phantom_case):
         compute_perfusion_maps(without_arteries, series.frame_s, name="case_x")
 
 
+def test_a_series_without_a_bolus_is_refused(phantom_case):
+    """A failed injection: no contrast, 5 HU noise and a global bump of 2 HU (drift, beam hardening) passed the flat
+    check (> 1 HU) and the AIF check (the 8 largest noise peaks, 11 HU, are > 4 times the 2 HU brain peak), and the
+    maps came out with a median brain CBF of 30 (the true series': 20) and no note. The true series passes."""
+    _, series, result = phantom_case
+    frames = series.series.shape[-1]
+    bump = 2.0 * np.exp(-0.5 * ((np.arange(frames) - frames / 3) / 3.0) ** 2)
+    noise = np.random.default_rng(2).normal(0.0, 5.0, series.series.shape)
+    no_bolus = (np.repeat(series.series[..., :1], frames, axis=-1) + noise + bump).astype(np.float32)
+    with pytest.raises(ValueError, match=r"'case_x': the AIF .* times the voxel noise .* no contrast bolus"):
+        compute_perfusion_maps(no_bolus, series.frame_s, name="case_x")
+    assert result.maps["CBF"].any()
+
+
 def test_a_truncated_bolus_is_warned_of(phantom_case, caplog):
     """Notes reached perfusion.json only (the maps command printed none, prepare --maps-from-4d dropped them), and a
     series cut before the bolus had passed gave biased CBF, CBV and MTT without any."""
