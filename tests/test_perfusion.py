@@ -149,6 +149,15 @@ def test_a_truncated_bolus_is_warned_of(phantom_case, caplog):
     assert all(record.levelname == "WARNING" for record in caplog.records)
 
 
+def test_a_series_ending_at_the_arterial_peak_is_refused(phantom_case):
+    """Cut at the AIF's peak (frame 12 of the 50), the series gave a median brain CBF of 365 (the whole series': 20)
+    and a CBV of 8.1 (2.3) with only the truncated-bolus warning: the deconvolution had half an arterial bolus."""
+    _, series, result = phantom_case
+    last = int(np.argmax(result.aif.curve))
+    with pytest.raises(ValueError, match=rf"'case_x': the AIF .* peaks in the last frame \({last},"):
+        compute_perfusion_maps(series.series[..., : last + 1], series.frame_s, name="case_x")
+
+
 def write_series(path, array, frame_s=1.0, unit="sec"):
     image = nib.Nifti1Image(array, np.diag([2.0, 2.0, 5.0, 1.0]))
     if array.ndim == 4:

@@ -210,9 +210,10 @@ def compute_perfusion_maps(
 
     Steps: brain mask on the pre-contrast mean (refused when it encloses bone: not in HU); baseline frames
     before the bolus; concentration = HU minus baseline; AIF from ``aif_mask`` (H, W, D) or found
-    automatically (refused when it enhances less than MIN_AIF_TO_BRAIN_PEAK times the mean brain: not an
-    artery, or less than MIN_AIF_TO_NOISE times the voxel noise: no bolus), scaled by area(VOF) / area(AIF)
-    when larger (arterial partial volume); tissue curves smoothed in-plane (``smoothing_mm``) inside the brain;
+    automatically (refused when it peaks in the last frame: the series ends before the bolus has passed; when it
+    enhances less than MIN_AIF_TO_BRAIN_PEAK times the mean brain: not an artery; or less than MIN_AIF_TO_NOISE
+    times the voxel noise: no bolus), scaled by area(VOF) / area(AIF) when larger (arterial partial volume);
+    tissue curves smoothed in-plane (``smoothing_mm``) inside the brain;
     deconvolution (``method`` 'osvd' or 'tikhonov') of all brain voxels in one batch on ``device``.
     ``name`` names the series in errors.
     """
@@ -246,6 +247,11 @@ def compute_perfusion_maps(
         notes.append(
             f"truncated bolus: the mean brain enhancement is still {brain_curve[-1] / brain_peak:.0%} of its peak "
             "at the last frame; CBF, CBV and MTT are biased (acquire until the bolus has passed)"
+        )
+    if int(np.argmax(aif.curve)) == aif.curve.size - 1:  # the deconvolution needs the arterial bolus whole
+        raise ValueError(
+            f"'{name}': the AIF (voxels {aif.voxels[:3].tolist()}...) peaks in the last frame ({aif.curve.size - 1}, "
+            f"{aif.time_to_peak_s:g} s): the series ends before the arterial bolus has passed; acquire longer"
         )
     if aif.peak_hu < MIN_AIF_TO_BRAIN_PEAK * brain_peak:
         source = "the --aif_mask voxels" if aif_mask is not None else "no artery found: the automatic AIF"
