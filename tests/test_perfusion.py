@@ -123,6 +123,20 @@ def test_an_aif_that_is_not_an_artery_is_refused(phantom_case):
         compute_perfusion_maps(without_arteries, series.frame_s, name="case_x")
 
 
+def test_a_series_without_a_bolus_is_refused(phantom_case):
+    """A failed injection: no contrast, 5 HU noise and a global bump of 2 HU (drift, beam hardening) passed the flat
+    check (> 1 HU) and the AIF check (the 8 largest noise peaks, 11 HU, are > 4 times the 2 HU brain peak), and the
+    maps came out with a median brain CBF of 30 (the true series': 20) and no note. The true series passes."""
+    _, series, result = phantom_case
+    frames = series.series.shape[-1]
+    bump = 2.0 * np.exp(-0.5 * ((np.arange(frames) - frames / 3) / 3.0) ** 2)
+    noise = np.random.default_rng(2).normal(0.0, 5.0, series.series.shape)
+    no_bolus = (np.repeat(series.series[..., :1], frames, axis=-1) + noise + bump).astype(np.float32)
+    with pytest.raises(ValueError, match=r"'case_x': the AIF .* times the voxel noise .* no contrast bolus"):
+        compute_perfusion_maps(no_bolus, series.frame_s, name="case_x")
+    assert result.maps["CBF"].any()
+
+
 def test_a_truncated_bolus_is_warned_of(phantom_case, caplog):
     """Notes reached perfusion.json only (the maps command printed none, prepare --maps-from-4d dropped them), and a
     series cut before the bolus had passed gave biased CBF, CBV and MTT without any."""
@@ -133,6 +147,15 @@ def test_a_truncated_bolus_is_warned_of(phantom_case, caplog):
     assert any(note.startswith("truncated bolus") for note in truncated.notes)
     assert [record.getMessage() for record in caplog.records] == [f"'case_x': {note}" for note in truncated.notes]
     assert all(record.levelname == "WARNING" for record in caplog.records)
+
+
+def test_a_series_ending_at_the_arterial_peak_is_refused(phantom_case):
+    """Cut at the AIF's peak (frame 12 of the 50), the series gave a median brain CBF of 365 (the whole series': 20)
+    and a CBV of 8.1 (2.3) with only the truncated-bolus warning: the deconvolution had half an arterial bolus."""
+    _, series, result = phantom_case
+    last = int(np.argmax(result.aif.curve))
+    with pytest.raises(ValueError, match=rf"'case_x': the AIF .* peaks in the last frame \({last},"):
+        compute_perfusion_maps(series.series[..., : last + 1], series.frame_s, name="case_x")
 
 
 def write_series(path, array, frame_s=1.0, unit="sec"):
@@ -169,6 +192,19 @@ def test_bad_series_are_refused_by_name(tmp_path, good_series):
         from custom.perfusion.commands import analyse_series
 
         analyse_series(flat)
+
+
+@pytest.mark.parametrize("frame, value", [(0, 0.0), (3, 0.0), (10, -1024.0)])
+def test_a_blank_frame_is_refused_by_name(tmp_path, good_series, frame, value):
+    """A dropped frame stored as 0 HU or as padding (-1024) gave maps without a word: CBF x 10 (0 HU just after the
+    baseline) to x 80 (-1024) in the phantom, CBV x 4 (0 HU in the first frame)."""
+    from custom.perfusion.commands import analyse_series
+
+    blank = good_series.astype(np.float32)
+    blank[..., frame] = value
+    series = write_series(tmp_path / "blank.nii.gz", blank)
+    with pytest.raises(ValueError, match=rf"blank\.nii\.gz'.*frame\(s\) \[{frame}\].*one value at every voxel"):
+        analyse_series(series)
 
 
 @pytest.mark.parametrize("step, unit", [(1000.0, "sec"), (1.0, "msec")])
@@ -216,6 +252,22 @@ def test_maps_command_writes_maps_and_report(tmp_path, good_series):
     maps(series, tmp_path / "maps", aif_mask=tmp_path / "aif.nii.gz", overwrite=True)
     given = json.loads((tmp_path / "maps" / "perfusion.json").read_text())
     assert given["aif"]["curve_hu"] == pytest.approx(report["aif"]["curve_hu"], abs=0.2)
+
+
+def test_an_aif_mask_with_a_fourth_axis_is_refused_by_name(tmp_path, phantom_case, good_series):
+    """A 4D --aif_mask on the series' spatial grid died in numpy's reshape ("cannot reshape array of size 65536
+    into shape (64,64,8)") without naming the file; a 3D mask stored with a trailing axis of 1 is still read."""
+    from custom.perfusion.commands import analyse_series
+
+    series = write_series(tmp_path / "series.nii.gz", good_series)
+    two = np.zeros(good_series.shape[:3] + (2,), np.uint8)
+    nib.save(nib.Nifti1Image(two, nib.load(series).affine), tmp_path / "aif4d.nii.gz")
+    with pytest.raises(ValueError, match=r"AIF mask '.*aif4d\.nii\.gz' \(shape \(.*, 2\)\) is not a 3D mask"):
+        analyse_series(series, aif_mask=tmp_path / "aif4d.nii.gz")
+    one = np.zeros(good_series.shape[:3] + (1,), np.uint8)
+    one[tuple(phantom_case[2].aif.voxels.T)] = 1
+    nib.save(nib.Nifti1Image(one, nib.load(series).affine), tmp_path / "aif.nii.gz")
+    assert analyse_series(series, aif_mask=tmp_path / "aif.nii.gz")[1].maps["CBF"].any()
 
 
 def test_converter_with_maps_from_4d_passes_the_check(tmp_path):

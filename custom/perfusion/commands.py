@@ -18,6 +18,7 @@ import torch
 from custom.atomic import write_atomically, write_text_atomically
 from custom.clinical import TMAX_THRESHOLD_S  # the DEFUSE 3 hypoperfusion threshold, for the volume agreement
 from custom.clinical import voxel_volume_ml
+from custom.data.studies import read_nifti
 from custom.perfusion.deconvolution import OSCILLATION_LIMIT, TIKHONOV_LAMBDA
 from custom.perfusion.maps import MAP_NAMES, SMOOTHING_MM, compute_perfusion_maps
 from custom.perfusion.series import load_series
@@ -44,10 +45,17 @@ def analyse_series(
         hu = correct_motion(hu, loaded.spacing_mm)
     mask = None
     if aif_mask is not None:
-        mask_image = nib.load(aif_mask)
-        if mask_image.shape[:3] != hu.shape[:3] or not np.allclose(mask_image.affine, loaded.image.affine, atol=1e-3):
-            raise ValueError(f"AIF mask '{aif_mask}' is not on the grid of the series '{series}'")
-        mask = np.asanyarray(mask_image.dataobj).reshape(hu.shape[:3])
+        mask_image, mask = read_nifti(aif_mask)
+        if (
+            mask.shape[:3] != hu.shape[:3]
+            or any(n != 1 for n in mask.shape[3:])  # a 3D mask, possibly stored with trailing axes of length 1
+            or not np.allclose(mask_image.affine, loaded.image.affine, atol=1e-3)
+        ):
+            raise ValueError(
+                f"AIF mask '{aif_mask}' (shape {mask.shape}) is not a 3D mask on the grid of the series '{series}' "
+                f"(shape {hu.shape[:3]})"
+            )
+        mask = mask.reshape(hu.shape[:3])
     result = compute_perfusion_maps(
         hu,
         loaded.frame_s,

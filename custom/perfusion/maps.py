@@ -31,6 +31,9 @@ VESSEL_VOXELS = 8  # voxels averaged into the AIF and into the VOF
 # An artery's peak enhancement is tens of times the mean brain's (brain CBV is a few %); an AIF below this
 # ratio is tissue or noise (no artery in the slab, a misplaced --aif_mask), and CBF, MTT and Tmax would be wrong.
 MIN_AIF_TO_BRAIN_PEAK = 4.0
+# Without a bolus (a failed injection) and a global drift of a few HU, the automatic AIF was the 8 largest noise
+# peaks, 2-3 times the voxel noise, and passed the brain-ratio check; a real arterial peak is tens of times the noise.
+MIN_AIF_TO_NOISE = 5.0
 MTT_CAP_S = 30.0
 # The mean brain enhancement falls to a few % of its peak by the end of a complete series (recirculation
 # included); above this fraction at the last frame the bolus had not passed and CBF, CBV and MTT are biased.
@@ -207,10 +210,11 @@ def compute_perfusion_maps(
 
     Steps: brain mask on the pre-contrast mean (refused when it encloses bone: not in HU); baseline frames
     before the bolus; concentration = HU minus baseline; AIF from ``aif_mask`` (H, W, D) or found
-    automatically (refused when it enhances less than MIN_AIF_TO_BRAIN_PEAK times the mean brain: not an
-    artery), scaled by area(VOF) / area(AIF) when larger (arterial partial volume); tissue curves smoothed
-    in-plane (``smoothing_mm``) inside the brain; deconvolution (``method`` 'osvd' or 'tikhonov') of all
-    brain voxels in one batch on ``device``.
+    automatically (refused when it peaks in the last frame: the series ends before the bolus has passed; when it
+    enhances less than MIN_AIF_TO_BRAIN_PEAK times the mean brain: not an artery; or less than MIN_AIF_TO_NOISE
+    times the voxel noise: no bolus), scaled by area(VOF) / area(AIF) when larger (arterial partial volume);
+    tissue curves smoothed in-plane (``smoothing_mm``) inside the brain;
+    deconvolution (``method`` 'osvd' or 'tikhonov') of all brain voxels in one batch on ``device``.
     ``name`` names the series in errors.
     """
     hu = np.asarray(hu, dtype=np.float32)
@@ -244,12 +248,25 @@ def compute_perfusion_maps(
             f"truncated bolus: the mean brain enhancement is still {brain_curve[-1] / brain_peak:.0%} of its peak "
             "at the last frame; CBF, CBV and MTT are biased (acquire until the bolus has passed)"
         )
+    if int(np.argmax(aif.curve)) == aif.curve.size - 1:  # the deconvolution needs the arterial bolus whole
+        raise ValueError(
+            f"'{name}': the AIF (voxels {aif.voxels[:3].tolist()}...) peaks in the last frame ({aif.curve.size - 1}, "
+            f"{aif.time_to_peak_s:g} s): the series ends before the arterial bolus has passed; acquire longer"
+        )
     if aif.peak_hu < MIN_AIF_TO_BRAIN_PEAK * brain_peak:
         source = "the --aif_mask voxels" if aif_mask is not None else "no artery found: the automatic AIF"
         raise ValueError(
             f"'{name}': {source} (voxels {aif.voxels[:3].tolist()}...) peak at {aif.peak_hu:.1f} HU, "
             f"{aif.peak_hu / brain_peak:.1f} times the mean brain enhancement ({brain_peak:.1f} HU); an artery "
             f"enhances at least {MIN_AIF_TO_BRAIN_PEAK:g} times more. Give arterial voxels with --aif_mask"
+        )
+    # Voxel noise from the two pre-contrast frames (bolus_arrival keeps them baseline): robust to a few moving voxels.
+    noise_hu = 1.4826 * float(np.median(np.abs(hu[..., 1][brain] - hu[..., 0][brain]))) / np.sqrt(2.0)
+    if aif.peak_hu < MIN_AIF_TO_NOISE * noise_hu:
+        raise ValueError(
+            f"'{name}': the AIF (voxels {aif.voxels[:3].tolist()}...) peaks at {aif.peak_hu:.1f} HU, "
+            f"{aif.peak_hu / noise_hu:.1f} times the voxel noise ({noise_hu:.1f} HU between the first two frames); an "
+            f"artery enhances at least {MIN_AIF_TO_NOISE:g} times more: no contrast bolus reached the vessels"
         )
     scale = 1.0
     if venous_scaling and vof is not None:

@@ -44,12 +44,26 @@ def header_frame_s(image: nib.Nifti1Image) -> float | None:
     return step * TIME_UNIT_SECONDS[unit]
 
 
+def require_no_blank_frame(path, hu: np.ndarray) -> None:
+    """Refuse a frame of one value at every voxel, naming the file and the frames: a dropped frame stored as 0 or
+    as padding (-1024) is a drop of tens of HU in every curve, and the maps came out confidently wrong (CBF x 80
+    for one -1024 frame in the phantom, x 10 for one 0 HU frame just after the baseline)."""
+    frames = hu.reshape(-1, hu.shape[-1])
+    blank = np.flatnonzero(frames.min(axis=0) == frames.max(axis=0))
+    if blank.size:
+        raise ValueError(
+            f"'{path}': frame(s) {blank.tolist()} (0-based) hold one value at every voxel "
+            f"({float(frames[0, blank[0]]):g}): a dropped or padded frame; re-export the series, or "
+            "replace the frame by its neighbours' mean"
+        )
+
+
 def load_series(path, frame_s: float | None = None) -> LoadedSeries:
     """Load a 4D CTP NIfTI; the time step comes from ``frame_s`` (seconds) if given, else from the header.
 
     Refused with a ValueError naming ``path``: unreadable files, not 4D (e.g. a 3D map), fewer than
     MIN_FRAMES frames, no time step in the header and none given, a time step outside FRAME_S_RANGE,
-    non-finite values.
+    non-finite values, a blank frame.
     """
     path = Path(path)
     image = load_nifti(path)
@@ -79,4 +93,5 @@ def load_series(path, frame_s: float | None = None) -> LoadedSeries:
         )
     hu = read_voxels(path, lambda: image.get_fdata(dtype=np.float32))
     require_finite(path, hu)
+    require_no_blank_frame(path, hu)
     return LoadedSeries(path, hu, float(frame_s), image)
