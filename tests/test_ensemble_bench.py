@@ -88,6 +88,17 @@ def test_without_flips_only_the_unflipped_configurations(identical_folds, two_la
     ]  # fmt: skip
 
 
+def _fold_0_network_and_scored_cases(cv, dataset_dir, out):
+    """Fold 0's network (eval mode) and, per case ensemble-bench scored into ``out``: its ``cases.csv`` row and the
+    case's volume and affine as the runner reads them."""
+    network = ConfigParser(TINY_NETWORK).get_parsed_content("network_def")
+    load_network_checkpoint(cv / "fold_0" / "models" / "model.pt", network)
+    entries = json.loads((dataset_dir / "dataset.json").read_text())["training"]
+    with open(out / "cases.csv") as f:
+        rows = list(csv.DictReader(f))
+    return network.eval(), [(row, *read_case(entry["image"])) for row, entry in zip(rows, entries)]
+
+
 def test_masks_are_post_processed_as_the_shipped_inference(identical_folds, two_labelled_cases, tmp_path):
     """ensemble-bench scored the argmax mask, with the lesions that inference.json's ``min_lesion_ml`` removes: its
     masks are now those of the shipped inference (``custom.deploy.lesion_mask``), by default with ``--config_file``'s
@@ -107,14 +118,10 @@ def test_masks_are_post_processed_as_the_shipped_inference(identical_folds, two_
 
     run_ensemble_bench(str(cv), str(two_labelled_cases), str(tmp_path / "out"), config_file=str(removes_all),
                        min_lesion_ml=MIN_LESION_ML, **options)
-    parser = ConfigParser(TINY_NETWORK)
-    network = parser.get_parsed_content("network_def")
-    load_network_checkpoint(cv / "fold_0" / "models" / "model.pt", network)
-    dataset = json.loads((two_labelled_cases / "dataset.json").read_text())
-    with open(tmp_path / "out" / "cases.csv") as f, torch.no_grad():
-        for row, entry in zip(csv.DictReader(f), dataset["training"]):
-            volume, affine = read_case(entry["image"])
-            expected = lesion_mask(network.eval(), volume, affine, min_lesion_ml=MIN_LESION_ML)
+    network, scored = _fold_0_network_and_scored_cases(cv, two_labelled_cases, tmp_path / "out")
+    with torch.no_grad():
+        for row, volume, affine in scored:
+            expected = lesion_mask(network, volume, affine, min_lesion_ml=MIN_LESION_ML)
             assert float(row["mask_ml"]) == pytest.approx(expected.sum() * voxel_volume_ml(affine)) and expected.any()
 
 
@@ -128,14 +135,10 @@ def test_masks_are_thresholded_as_the_shipped_inference(identical_folds, two_lab
     run_ensemble_bench(str(cv), str(two_labelled_cases), str(tmp_path / "out"), config_file=str(config),
                        flips=False, folds=1)  # fmt: skip
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["lesion_threshold"] == threshold
-    parser = ConfigParser(TINY_NETWORK)
-    network = parser.get_parsed_content("network_def")
-    load_network_checkpoint(cv / "fold_0" / "models" / "model.pt", network)
-    dataset = json.loads((two_labelled_cases / "dataset.json").read_text())
-    with open(tmp_path / "out" / "cases.csv") as f, torch.no_grad():
-        for row, entry in zip(csv.DictReader(f), dataset["training"]):
-            volume, affine = read_case(entry["image"])
-            expected = lesion_mask(network.eval(), volume, affine, min_lesion_ml=0, lesion_threshold=threshold)
+    network, scored = _fold_0_network_and_scored_cases(cv, two_labelled_cases, tmp_path / "out")
+    with torch.no_grad():
+        for row, volume, affine in scored:
+            expected = lesion_mask(network, volume, affine, min_lesion_ml=0, lesion_threshold=threshold)
             argmax = lesion_mask(network, volume, affine, min_lesion_ml=0, lesion_threshold=LESION_THRESHOLD)
             assert expected.sum() != argmax.sum()  # the threshold decides this case's mask
             assert float(row["mask_ml"]) == pytest.approx(expected.sum() * voxel_volume_ml(affine))
