@@ -347,15 +347,22 @@ def _compare_cv(tmp_path: Path, out: Path, **options) -> None:
     compare_cross_validations(str(tmp_path / "reference"), str(tmp_path / "other"), out=str(out), **options)
 
 
+def _perfusion_accuracy(tmp_path: Path, out: Path, **options) -> None:
+    from custom.perfusion.commands import accuracy
+
+    accuracy(cases=1, size=64, out=str(out), **options)
+
+
 @pytest.mark.parametrize(
     "write, name, option",
-    [(_ensemble_checkpoint, "model.pt", "--out"), (_package, "ctp_stroke.zip", "OUT"), (_compare_cv, "t.md", "--out")],
-    ids=["ensemble-checkpoint", "package", "compare-cv"],
+    [(_ensemble_checkpoint, "model.pt", "--out"), (_package, "ctp_stroke.zip", "OUT"), (_compare_cv, "t.md", "--out"),
+     (_perfusion_accuracy, "accuracy.json", "--out")],
+    ids=["ensemble-checkpoint", "package", "compare-cv", "perfusion accuracy"],
 )
 def test_a_one_file_output_is_replaced_only_when_asked(tmp_path, write, name, option):
-    """ensemble-checkpoint, package and compare-cv replaced an existing file without a word (``ensemble-checkpoint
-    --out bundle/models/model.pt`` wrote an ensemble over the trained weights): refused, naming the file and
-    ``--overwrite``, the file left as it was; ``overwrite=True`` replaces it."""
+    """ensemble-checkpoint, package, compare-cv and perfusion accuracy replaced an existing file without a word
+    (``ensemble-checkpoint --out bundle/models/model.pt`` wrote an ensemble over the trained weights): refused, naming
+    the file and ``--overwrite``, the file left as it was; ``overwrite=True`` replaces it."""
     out = tmp_path / "outputs" / name
     out.parent.mkdir()
     out.write_bytes(b"an earlier file")

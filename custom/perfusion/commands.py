@@ -18,6 +18,7 @@ import torch
 from custom.atomic import write_atomically, write_text_atomically
 from custom.clinical import TMAX_THRESHOLD_S  # the DEFUSE 3 hypoperfusion threshold, for the volume agreement
 from custom.clinical import voxel_volume_ml
+from custom.data.datalist import refuse_earlier_file
 from custom.data.studies import read_nifti
 from custom.perfusion.deconvolution import OSCILLATION_LIMIT, TIKHONOV_LAMBDA
 from custom.perfusion.maps import MAP_NAMES, SMOOTHING_MM, compute_perfusion_maps
@@ -188,16 +189,23 @@ def _agreement(computed: np.ndarray, truth: np.ndarray) -> dict:
     }
 
 
-def accuracy(cases: int = 8, size: int = 256, seed: int = 0, method: str = "osvd", out: str | None = None) -> dict:
+def accuracy(
+    cases: int = 8, size: int = 256, seed: int = 0, method: str = "osvd", out: str | None = None,
+    overwrite: bool = False,
+) -> dict:  # fmt: skip
     """Computed maps against the phantom's truth for the first ``cases`` training cases of the seed's cohort.
 
     The cases are exactly those of ``python -m custom phantom --seed SEED --size SIZE --pwi`` (rendered in
     memory). Per tissue class (grey, white, deep grey matter; voxels free of large and cortical vessels)
     and inside the lesion (OT): bias, relative bias and Pearson r of CBF, CBV, MTT, Tmax pooled over
     cases; the fraction of AIF voxels inside an artery and of VOF voxels inside the sinus; the volume
-    and Dice of Tmax > 6 s within the brain tissue. Prints a Markdown table; ``out`` also writes JSON.
+    and Dice of Tmax > 6 s within the brain tissue. Prints a Markdown table; ``out`` also writes JSON (an existing
+    ``out`` is refused before any case is rendered, unless ``overwrite``).
     """
     from custom.data import phantom
+
+    if out is not None:
+        refuse_earlier_file(out, overwrite)
 
     classes = {"grey matter": (phantom.GREY,), "white matter": (phantom.WHITE,), "deep grey": (phantom.DEEP_GREY,)}
     pooled = {name: {m: ([], []) for m in ("CBF", "CBV", "MTT", "Tmax")} for name in (*classes, "lesion")}
