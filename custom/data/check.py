@@ -177,13 +177,11 @@ def inspect_dataset(dataset_dir) -> DatasetReport:
         return report
     lists = _top_level_problems(dataset, report)
 
-    first_use: dict[str, str] = {}
-    file_use: dict[Path, str] = {}  # one study in two entries leaks it between folds, or from training into testing
-    # two image files of one case name (imagesTr/case_1.nii.gz, imagesTs/case_1.nii.gz): inference and MONAI Label
-    # name a mask or a study after the file (``output_case_name``), so one would be written over the other
-    name_use: dict[str, str] = {}
-    # one study under two file names (a copy): file_use cannot tell, its voxels can (``voxel_digest``)
-    voxel_use: dict[str, tuple[Path, str]] = {}
+    # Repeats: a case name; a file in two entries (one study leaks between folds, or from training into testing); two
+    # image files of one case name (imagesTr/case_1.nii.gz, imagesTs/case_1.nii.gz: inference and MONAI Label name a
+    # mask or a study after the file, ``output_case_name``, so one would be written over the other); one study's
+    # voxels under two file names (a copy, which the file names cannot tell: ``voxel_digest``).
+    first_use: dict[tuple[str, object], str] = {}
     for key, required in (("training", TRAINING_KEYS), ("testing", TESTING_KEYS)):
         for index, entry in enumerate(lists[key]):
             where = f"dataset.json {key}[{index}]"
@@ -195,36 +193,32 @@ def inspect_dataset(dataset_dir) -> DatasetReport:
                 problems.append(f"{where}: missing {', '.join(missing)}")
             case = entry.get("case")
             if isinstance(case, str) and case:
-                if case in first_use:
-                    problems.append(f"{where}: case '{case}' repeats {first_use[case]}")
-                first_use.setdefault(case, where)
+                if earlier := _repeat(first_use, "case", case, where):
+                    problems.append(f"{where}: case '{case}' repeats {earlier}")
             elif "case" in entry:
                 problems.append(f"{where}.case: expected a non-empty string, found {case!r}")
-            for file_key in ("image", "label"):
-                if isinstance(entry.get(file_key), str):
-                    used = (folder / entry[file_key]).resolve()
-                    if used in file_use:
-                        problems.append(f"{where}.{file_key}: '{entry[file_key]}' is also {file_use[used]}")
-                    elif file_key == "image":
-                        name = output_case_name(folder / entry["image"])
-                        if name in name_use:
-                            problems.append(
-                                f"{where}.image: '{entry['image']}' has the case name '{name}' of {name_use[name]}: "
-                                "inference and MONAI Label name a mask or study after the image file, so one would "
-                                "replace the other; rename one"
-                            )
-                        name_use.setdefault(name, f"{where}.image '{entry['image']}'")
-                    file_use.setdefault(used, f"{where}.{file_key}")
+            repeated_files = []
+            for file_key in [k for k in ("image", "label") if isinstance(entry.get(k), str)]:
+                listed, file = f"{where}.{file_key}", entry[file_key]
+                if earlier := _repeat(first_use, "file", (folder / file).resolve(), listed):
+                    problems.append(f"{listed}: '{file}' is also {earlier}")
+                    repeated_files.append(file_key)
+                elif file_key == "image":
+                    name = output_case_name(folder / file)
+                    if earlier := _repeat(first_use, "case name", name, f"{listed} '{file}'"):
+                        problems.append(
+                            f"{listed}: '{file}' has the case name '{name}' of {earlier}: inference and MONAI Label "
+                            "name a mask or study after the image file, so one would replace the other; rename one"
+                        )
             image = _read_nifti(folder, entry["image"], f"{where}.image", problems) if "image" in entry else None
             if image is not None:
                 problems += image_problems(entry["image"], image[1], image[0].affine)
-                path, digest = (folder / entry["image"]).resolve(), voxel_digest(image[1])
-                if digest in voxel_use and voxel_use[digest][0] != path:
+                earlier = _repeat(first_use, "voxels", voxel_digest(image[1]), f"{where}.image '{entry['image']}'")
+                if earlier and "image" not in repeated_files:
                     problems.append(
-                        f"{where}.image: '{entry['image']}' holds the voxels of {voxel_use[digest][1]}: one study "
-                        "under two names is trained on and scored in two places (a copy); list it once"
+                        f"{where}.image: '{entry['image']}' holds the voxels of {earlier}: one study under two names "
+                        "is trained on and scored in two places (a copy); list it once"
                     )
-                voxel_use.setdefault(digest, (path, f"{where}.image '{entry['image']}'"))
             if key == "testing":
                 report.num_testing += 1
                 continue
@@ -241,6 +235,13 @@ def inspect_dataset(dataset_dir) -> DatasetReport:
                 report.training.append(TrainingCaseSummary(case, patient, fold, label[1].shape[2], lesion_ml))
     problems += _fold_problems(lists["training"], report.num_folds)
     return report
+
+
+def _repeat(first_use: dict, kind: str, value, where: str) -> str | None:
+    """The entry that first listed ``value`` of ``kind`` (a case, a file, ...) in ``first_use``, or None when
+    ``where`` lists it first (then recorded as its first use)."""
+    earlier = first_use.setdefault((kind, value), where)
+    return None if earlier == where else earlier
 
 
 def check_dataset(dataset_dir) -> list[str]:
