@@ -19,7 +19,7 @@ from custom.atomic import write_atomically, write_text_atomically
 from custom.clinical import TMAX_THRESHOLD_S  # the DEFUSE 3 hypoperfusion threshold, for the volume agreement
 from custom.clinical import voxel_volume_ml
 from custom.data.datalist import refuse_earlier_file
-from custom.data.studies import read_nifti
+from custom.data.studies import affines_match, read_nifti
 from custom.perfusion.deconvolution import OSCILLATION_LIMIT, TIKHONOV_LAMBDA
 from custom.perfusion.maps import MAP_NAMES, SMOOTHING_MM, compute_perfusion_maps
 from custom.perfusion.series import load_series
@@ -50,7 +50,7 @@ def analyse_series(
         if (
             mask.shape[:3] != hu.shape[:3]
             or any(n != 1 for n in mask.shape[3:])  # a 3D mask, possibly stored with trailing axes of length 1
-            or not np.allclose(mask_image.affine, loaded.image.affine, atol=1e-3)
+            or not affines_match(mask_image.affine, loaded.image.affine)
         ):
             raise ValueError(
                 f"AIF mask '{aif_mask}' (shape {mask.shape}) is not a 3D mask on the grid of the series '{series}' "
