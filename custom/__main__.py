@@ -14,6 +14,8 @@ import typing
 
 import fire
 
+from custom.deploy import usable_device
+
 COMMANDS = {
     "phantom": "custom.data.phantom:write_phantom",
     "prepare": {"isles2018": "custom.data.isles2018:prepare_isles2018"},
@@ -76,7 +78,8 @@ def names_as_typed(function, arguments: list[str]) -> list[str]:
     reached the command as the number 201801, ``1e3`` as 1000.0, ``None`` as None. Hand Fire the values of the
     parameters annotated as names (``is_name``) as quoted literals, which it reads back as the text typed:
     positional, ``--name value``, ``--name=value``, ``--na-me``, ``-n`` spellings matched to parameters as Fire matches
-    them. The other values (numbers, flags, ``**overrides``) are left to Fire."""
+    them; a ``device`` is read as the runner reads it (``_as_typed``). The other values (numbers, flags,
+    ``**overrides``) are left to Fire."""
     parameters = inspect.signature(function).parameters
     hints = typing.get_type_hints(function)
     names = {name for name in parameters if is_name(hints.get(name))}
@@ -96,19 +99,29 @@ def names_as_typed(function, arguments: list[str]) -> list[str]:
                 key = shortcut[0]  # Fire's one-letter shortcut of the only parameter starting with it
             given.add(key)
             if equals and key in names:
-                quoted[index] = f"{argument.partition('=')[0]}={value!r}"
+                quoted[index] = f"{argument.partition('=')[0]}={_as_typed(key, value)}"
             elif not equals and index + 1 < own and not _is_flag(arguments[index + 1]):
                 index += 1  # the option's value
                 if key in names:
-                    quoted[index] = repr(arguments[index])
+                    quoted[index] = _as_typed(key, arguments[index])
         index += 1
     # Fire fills the parameters not given as options in order with the positional values, the rest go to *args
     slots = [p for p in parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD and p.name not in given]
     slots += [p for p in parameters.values() if p.kind is p.VAR_POSITIONAL] * len(positional)
     for parameter, index in zip(slots, positional):
         if parameter.name in names:
-            quoted[index] = repr(arguments[index])
+            quoted[index] = _as_typed(parameter.name, arguments[index])
     return quoted
+
+
+def _as_typed(name: str, value: str) -> str:
+    """The literal Fire reads back as the text ``value`` of the parameter ``name``. A ``device`` is first read by
+    ``custom.deploy.usable_device`` as the runner reads ``--device`` (a bare GPU index N is ``cuda:N``, as Fire's
+    number 0 was to torch; a device this machine lacks is refused naming the option), so a command receives a text
+    ``torch.device`` takes (``"cuda:0"``, not ``"0"``, which it refuses)."""
+    if name == "device":
+        value = str(usable_device(value, "--device", gpu_index=True))
+    return repr(value)
 
 
 def refuse_unknown_options(function, arguments: list[str]) -> None:

@@ -188,16 +188,23 @@ def load_model(path: Path, device="cpu"):
     return network
 
 
-def _usable_device(device) -> torch.device:
-    """``device`` as a torch device this machine has; otherwise an error naming the setting (loading the model
-    onto a missing CUDA device fails inside ``torch.jit.load``, which reads as a broken model file)."""
+def usable_device(device, setting="device", gpu_index=False) -> torch.device:
+    """``device`` as a torch device this machine has; otherwise a ValueError naming ``setting`` and the devices to use
+    (loading the model onto a missing CUDA device fails inside ``torch.jit.load``, which reads as a broken model file).
+    The one rule of the runner, the project's command lines and the bundle's ``device`` id (``custom.config_check``).
+
+    ``gpu_index``: a bare number N means ``cuda:N``, for the command lines' ``--device``: Fire read ``--device 0`` as
+    the number 0 (``cuda:0`` to torch); they now keep the text ``"0"``, which ``torch.device`` refuses."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    usable = "use cpu" + (f", cuda, cuda:N{' or N' if gpu_index else ''} with N < {count}" if count else "")
+    typed = str(device)
     try:
-        device = torch.device(device)
+        parsed = torch.device(f"cuda:{typed}" if gpu_index and typed.isascii() and typed.isdigit() else device)
     except (RuntimeError, TypeError) as err:
-        raise ValueError(f"device '{device}' is not a torch device (e.g. cpu, cuda, cuda:0): {err}") from err
-    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        raise ValueError(f"device '{device}': this machine's PyTorch sees {torch.cuda.device_count()} CUDA device(s)")
-    return device
+        raise ValueError(f"{setting} '{typed}' is not a torch device ({usable}): {err}") from err
+    if parsed.type == "cuda" and (parsed.index or 0) >= count:
+        raise ValueError(f"{setting} '{typed}': this machine's PyTorch sees {count} CUDA device(s) ({usable})")
+    return parsed
 
 
 def _check_inputs(inputs: list[Path]) -> None:
@@ -249,7 +256,7 @@ def deploy(*inputs, model="bundle/models/model.ts", out="deploy_out", batch_size
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     min_lesion_ml = check_min_volume(min_lesion_ml)
     lesion_threshold = check_lesion_threshold(lesion_threshold)
-    device = _usable_device(device)
+    device = usable_device(device)
     network = load_model(model, device)
     # after the settings and the model are checked: with overwrite it removes the earlier table (and uncertainty maps)
     refuse_earlier_outputs(out, paths, overwrite, tables=(VOLUME_TABLE,), unwritten=("uncertainty",))
@@ -291,7 +298,7 @@ def main(argv=None, prog=None) -> None:
     parser.add_argument("--model", default="bundle/models/model.ts", help="TorchScript model (ckpt_export)")
     parser.add_argument("--out", default="deploy_out", help="output folder")
     parser.add_argument("--batch_size", type=int, default=16, help="slices per forward pass")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda:0, or 0 for cuda:0")
     parser.add_argument("--min_lesion_ml", type=float, default=MIN_LESION_ML,
                         help="remove predicted lesions smaller than this (mL); 0 keeps every lesion")  # fmt: skip
     parser.add_argument("--lesion_threshold", type=float, default=LESION_THRESHOLD,
@@ -304,7 +311,7 @@ def main(argv=None, prog=None) -> None:
         model=arguments.model,
         out=arguments.out,
         batch_size=arguments.batch_size,
-        device=arguments.device,
+        device=usable_device(arguments.device, "--device", gpu_index=True),
         min_lesion_ml=arguments.min_lesion_ml,
         lesion_threshold=arguments.lesion_threshold,
         overwrite=arguments.overwrite,

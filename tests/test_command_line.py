@@ -1,10 +1,12 @@
-"""``python -m custom``: folder and file names reach the commands as typed; numbers and flags stay numbers and flags."""
+"""``python -m custom``: folder and file names reach the commands as typed; numbers and flags stay numbers and flags;
+a device is read as torch reads it, a GPU index as its CUDA device."""
 
 import functools
 import importlib
 import inspect
 
 import pytest
+import torch
 
 from custom.__main__ import COMMANDS, main
 
@@ -105,3 +107,49 @@ def test_bundle_overrides_reach_monai_bundle_run_as_they_are(value):
     key, argument = override_arguments({"dataset_dir": value})
     assert key == "--dataset_dir" and DefaultParseValue(argument) == value
     assert type(DefaultParseValue(argument)) is type(value)
+
+
+def _machine_with_gpus(monkeypatch, count: int) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
+@pytest.mark.parametrize(
+    "arguments, device",
+    [
+        (["ensemble-bench", "a", "b", "c", "--device", "1"], "cuda:1"),
+        (["perfusion", "bench", "--device=0"], "cuda:0"),
+        (["perfusion", "maps", "s", "o", "--device", "cuda:1"], "cuda:1"),
+        (["perfusion", "maps", "s", "o", "--device", "cuda"], "cuda"),
+        (["perfusion", "maps", "s", "o", "--device", "cpu"], "cpu"),
+        (["deploy", "x.nii.gz", "--device", "1"], "cuda:1"),
+    ],
+    ids=["ensemble-bench 1", "perfusion bench =0", "perfusion maps cuda:1", "perfusion maps cuda", "perfusion maps cpu",
+         "deploy 1"],
+)
+def test_a_gpu_index_reaches_the_command_as_its_cuda_device(monkeypatch, arguments, device):
+    """Fire read ``--device 0`` as the number 0 (torch: ``cuda:0``); kept as typed, the text ``"0"`` reached the
+    commands, and ``torch.device("0")`` refuses it (``Invalid device string: '0'``). Two GPUs simulated."""
+    _machine_with_gpus(monkeypatch, 2)
+    calls = _record_calls(monkeypatch, arguments)
+    main(arguments)
+    assert len(calls) == 1 and str(calls[0]["device"]) == device
+
+
+@pytest.mark.parametrize("command", [["ensemble-bench", "a", "b", "c"], ["perfusion", "bench"], ["deploy", "x.nii.gz"]],
+                         ids=["ensemble-bench", "perfusion bench", "deploy"])
+@pytest.mark.parametrize(
+    "device, refusal",
+    [("0", "--device '0': this machine's PyTorch sees 0 CUDA device(s) (use cpu)"),
+     ("cuda", "--device 'cuda': this machine's PyTorch sees 0 CUDA device(s) (use cpu)"),
+     ("gpu", "--device 'gpu' is not a torch device (use cpu): ")],
+    ids=["0", "cuda", "gpu"],
+)
+def test_a_device_this_machine_lacks_is_refused_naming_the_option(monkeypatch, command, device, refusal):
+    """Refused before the command runs, naming ``--device`` and the devices to use (no GPU simulated)."""
+    _machine_with_gpus(monkeypatch, 0)
+    calls = _record_calls(monkeypatch, command)
+    with pytest.raises(ValueError) as refused:
+        main([*command, "--device", device])
+    assert refusal in str(refused.value)
+    assert calls == []
