@@ -18,7 +18,10 @@ files (docs/deployment.md). It also holds the brain normalisation that the bundl
 """
 
 import argparse
+import contextlib
+import os
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -39,6 +42,8 @@ NORMALIZE_EPS = 1e-6  # floor of the brain standard deviation
 LESION_THRESHOLD = 0.5  # inference.json's lesion_threshold (a test checks that they agree)
 MIN_LESION_ML = 0.5  # inference.json's min_lesion_ml (a test checks that they agree)
 SPATIAL_DIVISOR = 16  # the U-Net's four stride-2 levels need H and W divisible by 2**4
+TRACEBACK_VARIABLE = "CTP_TRACEBACK"  # set (to any text) to see the traceback of a command line's refusal
+PACKAGE = Path(__file__).resolve().parent  # this project's code, whose raise statements are its refusals
 
 
 def _refuse_problems(path: Path, volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
@@ -287,6 +292,34 @@ def deploy(*inputs, model="bundle/models/model.ts", out="deploy_out", batch_size
     return str(table)
 
 
+def is_refusal(error: BaseException) -> bool:
+    """Whether ``error`` is a refusal of this project: a ValueError or an OSError (FileNotFoundError, FileExistsError,
+    NotADirectoryError, ...), the types its checks raise for a wrong value and for a missing, existing or unwritable
+    file, raised by a ``raise`` statement of this package. The same types raised inside a library or by Python itself
+    (``int("x")``, an unpacking of the wrong length) are programming errors, as is any other type: the project also
+    raises KeyError and RuntimeError, but Python raises those for a missing dict key or a failing tensor operation."""
+    frames = traceback.extract_tb(error.__traceback__)
+    return (
+        isinstance(error, (ValueError, OSError))
+        and bool(frames)
+        and (frames[-1].line or "").startswith("raise ")
+        and Path(frames[-1].filename).resolve().is_relative_to(PACKAGE)
+    )
+
+
+@contextlib.contextmanager
+def refusals_exit(prog: str):
+    """Exit with status 1 and the one line ``<prog>: error: <message>`` on stderr on a refusal (``is_refusal``), as
+    argparse reports a bad argument: the traceback above the message, which was its last line, only showed where the
+    project checked. Any other exception keeps its traceback, and ``CTP_TRACEBACK=1`` keeps it for refusals too."""
+    try:
+        yield
+    except (ValueError, OSError) as error:
+        if os.environ.get(TRACEBACK_VARIABLE) or not is_refusal(error):
+            raise
+        sys.exit(f"{prog}: error: {error}")
+
+
 def main(argv=None, prog=None) -> None:
     """Command line for machines with neither MONAI nor this project: ``python -m custom.deploy INPUT... --model m.ts``
     from the folder holding the copied ``custom/`` (docs/deployment.md); ``python -m custom deploy`` runs it too.
@@ -306,16 +339,17 @@ def main(argv=None, prog=None) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the masks and lesion_volumes.csv of an earlier run in --out")  # fmt: skip
     arguments = parser.parse_args(argv)
-    deploy(
-        *arguments.inputs,
-        model=arguments.model,
-        out=arguments.out,
-        batch_size=arguments.batch_size,
-        device=usable_device(arguments.device, "--device", gpu_index=True),
-        min_lesion_ml=arguments.min_lesion_ml,
-        lesion_threshold=arguments.lesion_threshold,
-        overwrite=arguments.overwrite,
-    )
+    with refusals_exit(parser.prog):
+        deploy(
+            *arguments.inputs,
+            model=arguments.model,
+            out=arguments.out,
+            batch_size=arguments.batch_size,
+            device=usable_device(arguments.device, "--device", gpu_index=True),
+            min_lesion_ml=arguments.min_lesion_ml,
+            lesion_threshold=arguments.lesion_threshold,
+            overwrite=arguments.overwrite,
+        )
 
 
 if __name__ == "__main__":
