@@ -1,7 +1,13 @@
 """Command line of the project: ``python -m custom <command> --help`` lists each command's options.
 
-Only the module of the command being run is imported, so ``python -m custom deploy`` works where MONAI
-is not installed (it needs torch, numpy, scipy and nibabel only).
+Only the module of the command being run is imported, with ``custom.deploy`` (its refusal and device rules are every
+command's), so ``python -m custom deploy`` works where MONAI is not installed (it needs torch, numpy, scipy and
+nibabel only).
+
+A refusal of a command (``custom.deploy.is_refusal``: a ValueError or OSError raised by a ``raise`` statement of the
+project, such as a missing input folder or an existing output) exits with status 1 and prints one line,
+``python -m custom <command>: error: <message>``; any other exception keeps its traceback, and ``CTP_TRACEBACK=1``
+shows the traceback of refusals too.
 """
 
 import importlib
@@ -13,6 +19,9 @@ import types
 import typing
 
 import fire
+
+from custom.deploy import refusals_exit, usable_device
+from custom.deploy import main as deploy_command_line
 
 COMMANDS = {
     "phantom": "custom.data.phantom:write_phantom",
@@ -76,7 +85,8 @@ def names_as_typed(function, arguments: list[str]) -> list[str]:
     reached the command as the number 201801, ``1e3`` as 1000.0, ``None`` as None. Hand Fire the values of the
     parameters annotated as names (``is_name``) as quoted literals, which it reads back as the text typed:
     positional, ``--name value``, ``--name=value``, ``--na-me``, ``-n`` spellings matched to parameters as Fire matches
-    them. The other values (numbers, flags, ``**overrides``) are left to Fire."""
+    them; a ``device`` is read as the runner reads it (``_as_typed``). The other values (numbers, flags,
+    ``**overrides``) are left to Fire."""
     parameters = inspect.signature(function).parameters
     hints = typing.get_type_hints(function)
     names = {name for name in parameters if is_name(hints.get(name))}
@@ -96,24 +106,35 @@ def names_as_typed(function, arguments: list[str]) -> list[str]:
                 key = shortcut[0]  # Fire's one-letter shortcut of the only parameter starting with it
             given.add(key)
             if equals and key in names:
-                quoted[index] = f"{argument.partition('=')[0]}={value!r}"
+                quoted[index] = f"{argument.partition('=')[0]}={_as_typed(key, value)}"
             elif not equals and index + 1 < own and not _is_flag(arguments[index + 1]):
                 index += 1  # the option's value
                 if key in names:
-                    quoted[index] = repr(arguments[index])
+                    quoted[index] = _as_typed(key, arguments[index])
         index += 1
     # Fire fills the parameters not given as options in order with the positional values, the rest go to *args
     slots = [p for p in parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD and p.name not in given]
     slots += [p for p in parameters.values() if p.kind is p.VAR_POSITIONAL] * len(positional)
     for parameter, index in zip(slots, positional):
         if parameter.name in names:
-            quoted[index] = repr(arguments[index])
+            quoted[index] = _as_typed(parameter.name, arguments[index])
     return quoted
+
+
+def _as_typed(name: str, value: str) -> str:
+    """The literal Fire reads back as the text ``value`` of the parameter ``name``. A ``device`` is first read by
+    ``custom.deploy.usable_device`` as the runner reads ``--device`` (a bare GPU index N is ``cuda:N``, as Fire's
+    number 0 was to torch; a device this machine lacks is refused naming the option), so a command receives a text
+    ``torch.device`` takes (``"cuda:0"``, not ``"0"``, which it refuses)."""
+    if name == "device":
+        value = str(usable_device(value, "--device", gpu_index=True))
+    return repr(value)
 
 
 def refuse_unknown_options(function, arguments: list[str]) -> None:
     """Fire calls a command before it complains about an option the command does not take (``prepare ...
-    --foldz 3`` converts with the default folds, then fails): refuse such options before anything runs."""
+    --foldz 3`` converts with the default folds, then fails): refuse such options before anything runs (a ValueError,
+    which ``main`` prints as a refusal)."""
     parameters = inspect.signature(function).parameters
     if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
         return  # the command takes any option (bundle overrides); it checks them itself
@@ -122,7 +143,7 @@ def refuse_unknown_options(function, arguments: list[str]) -> None:
         name = argument[2:].split("=")[0]
         if argument.startswith("--") and name != "help" and name not in names and name.removeprefix("no") not in names:
             options = [f"--{p.name}" for p in parameters.values() if p.kind is not p.VAR_POSITIONAL]
-            raise SystemExit(f"python -m custom: unknown option '--{name}'; options: {', '.join(options)}")
+            raise ValueError(f"unknown option '--{name}'; options: {', '.join(options)}")
 
 
 def help_to_fire(arguments: list[str]) -> list[str]:
@@ -145,21 +166,22 @@ def printed_result(result):
 
 
 def main(argv=None):
+    """Run the command ``argv`` (default: ``sys.argv[1:]``); a refusal exits with its one-line message (module
+    docstring)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["deploy"]:  # the runner's own command line: argparse keeps paths as typed, Fire does not
-        from custom.deploy import main as deploy_command_line
-
         return deploy_command_line(argv[1:], prog="python -m custom deploy")
     argv = help_to_fire(argv)
     command = COMMANDS.get(argv[0]) if argv else None
     path = 2 if isinstance(command, dict) else 1  # the words naming the command: "check", "prepare isles2018"
     target = command.get(argv[1]) if path == 2 and len(argv) > 1 else command
-    if isinstance(target, str):
-        function = _resolve(target)
-        refuse_unknown_options(function, argv[path:])
-        argv = argv[:path] + names_as_typed(function, argv[path:])
-    selected = {argv[0]: COMMANDS[argv[0]]} if argv and argv[0] in COMMANDS else COMMANDS
-    fire.Fire(_resolve(selected), command=argv, name="python -m custom", serialize=printed_result)
+    with refusals_exit(" ".join(["python -m custom", *argv[:path]])):
+        if isinstance(target, str):
+            function = _resolve(target)
+            refuse_unknown_options(function, argv[path:])
+            argv = argv[:path] + names_as_typed(function, argv[path:])
+        selected = {argv[0]: COMMANDS[argv[0]]} if argv and argv[0] in COMMANDS else COMMANDS
+        fire.Fire(_resolve(selected), command=argv, name="python -m custom", serialize=printed_result)
 
 
 if __name__ == "__main__":

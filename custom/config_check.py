@@ -20,13 +20,13 @@ from numbers import Real
 from pathlib import Path
 
 import ignite.distributed as idist
-import torch
 from monai.bundle import ConfigParser
 from monai.bundle.utils import DEFAULT_EXP_MGMT_SETTINGS
 
 from custom.atomic import require_writable_folder
 from custom.clinical import VOLUME_TABLE
 from custom.data.datalist import refuse_earlier_outputs
+from custom.deploy import usable_device
 from custom.lifecycle import latest_checkpoint
 from custom.symmetry import ContralateralChannels
 
@@ -45,14 +45,15 @@ def _flag(key: str) -> tuple:
 
 
 def _present_device(value) -> bool:
-    """A device PyTorch parses and, for CUDA, one this machine has: ``--device cpux`` or ``--device cuda:1`` on a
-    one-GPU machine failed when the network was moved, in PyTorch's words, naming no config id. (MONAI Label sets
-    ``device`` itself, to the CPU where CUDA is missing.)"""
+    """A device PyTorch parses and, for CUDA, one this machine has (``custom.deploy.usable_device``, the rule of the
+    runner and of ``python -m custom``): ``--device cpux`` or ``--device cuda:1`` on a one-GPU machine failed when the
+    network was moved, in PyTorch's words, naming no config id. (MONAI Label sets ``device`` itself, to the CPU where
+    CUDA is missing.)"""
     try:
-        device = torch.device(value)
-    except (RuntimeError, TypeError):
+        usable_device(value)
+    except ValueError:
         return False
-    return device.type != "cuda" or (device.index or 0) < torch.cuda.device_count()
+    return True
 
 
 def _patch_size(value) -> bool:

@@ -18,7 +18,10 @@ files (docs/deployment.md). It also holds the brain normalisation that the bundl
 """
 
 import argparse
+import contextlib
+import os
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -39,6 +42,8 @@ NORMALIZE_EPS = 1e-6  # floor of the brain standard deviation
 LESION_THRESHOLD = 0.5  # inference.json's lesion_threshold (a test checks that they agree)
 MIN_LESION_ML = 0.5  # inference.json's min_lesion_ml (a test checks that they agree)
 SPATIAL_DIVISOR = 16  # the U-Net's four stride-2 levels need H and W divisible by 2**4
+TRACEBACK_VARIABLE = "CTP_TRACEBACK"  # set (to any text) to see the traceback of a command line's refusal
+PACKAGE = Path(__file__).resolve().parent  # this project's code, whose raise statements are its refusals
 
 
 def _refuse_problems(path: Path, volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
@@ -188,16 +193,23 @@ def load_model(path: Path, device="cpu"):
     return network
 
 
-def _usable_device(device) -> torch.device:
-    """``device`` as a torch device this machine has; otherwise an error naming the setting (loading the model
-    onto a missing CUDA device fails inside ``torch.jit.load``, which reads as a broken model file)."""
+def usable_device(device, setting="device", gpu_index=False) -> torch.device:
+    """``device`` as a torch device this machine has; otherwise a ValueError naming ``setting`` and the devices to use
+    (loading the model onto a missing CUDA device fails inside ``torch.jit.load``, which reads as a broken model file).
+    The one rule of the runner, the project's command lines and the bundle's ``device`` id (``custom.config_check``).
+
+    ``gpu_index``: a bare number N means ``cuda:N``, for the command lines' ``--device``: Fire read ``--device 0`` as
+    the number 0 (``cuda:0`` to torch); they now keep the text ``"0"``, which ``torch.device`` refuses."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    usable = "use cpu" + (f", cuda, cuda:N{' or N' if gpu_index else ''} with N < {count}" if count else "")
+    typed = str(device)
     try:
-        device = torch.device(device)
+        parsed = torch.device(f"cuda:{typed}" if gpu_index and typed.isascii() and typed.isdigit() else device)
     except (RuntimeError, TypeError) as err:
-        raise ValueError(f"device '{device}' is not a torch device (e.g. cpu, cuda, cuda:0): {err}") from err
-    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        raise ValueError(f"device '{device}': this machine's PyTorch sees {torch.cuda.device_count()} CUDA device(s)")
-    return device
+        raise ValueError(f"{setting} '{typed}' is not a torch device ({usable}): {err}") from err
+    if parsed.type == "cuda" and (parsed.index or 0) >= count:
+        raise ValueError(f"{setting} '{typed}': this machine's PyTorch sees {count} CUDA device(s) ({usable})")
+    return parsed
 
 
 def _check_inputs(inputs: list[Path]) -> None:
@@ -249,7 +261,7 @@ def deploy(*inputs, model="bundle/models/model.ts", out="deploy_out", batch_size
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     min_lesion_ml = check_min_volume(min_lesion_ml)
     lesion_threshold = check_lesion_threshold(lesion_threshold)
-    device = _usable_device(device)
+    device = usable_device(device)
     network = load_model(model, device)
     # after the settings and the model are checked: with overwrite it removes the earlier table (and uncertainty maps)
     refuse_earlier_outputs(out, paths, overwrite, tables=(VOLUME_TABLE,), unwritten=("uncertainty",))
@@ -280,6 +292,34 @@ def deploy(*inputs, model="bundle/models/model.ts", out="deploy_out", batch_size
     return str(table)
 
 
+def is_refusal(error: BaseException) -> bool:
+    """Whether ``error`` is a refusal of this project: a ValueError or an OSError (FileNotFoundError, FileExistsError,
+    NotADirectoryError, ...), the types its checks raise for a wrong value and for a missing, existing or unwritable
+    file, raised by a ``raise`` statement of this package. The same types raised inside a library or by Python itself
+    (``int("x")``, an unpacking of the wrong length) are programming errors, as is any other type: the project also
+    raises KeyError and RuntimeError, but Python raises those for a missing dict key or a failing tensor operation."""
+    frames = traceback.extract_tb(error.__traceback__)
+    return (
+        isinstance(error, (ValueError, OSError))
+        and bool(frames)
+        and (frames[-1].line or "").startswith("raise ")
+        and Path(frames[-1].filename).resolve().is_relative_to(PACKAGE)
+    )
+
+
+@contextlib.contextmanager
+def refusals_exit(prog: str):
+    """Exit with status 1 and the one line ``<prog>: error: <message>`` on stderr on a refusal (``is_refusal``), as
+    argparse reports a bad argument: the traceback above the message, which was its last line, only showed where the
+    project checked. Any other exception keeps its traceback, and ``CTP_TRACEBACK=1`` keeps it for refusals too."""
+    try:
+        yield
+    except (ValueError, OSError) as error:
+        if os.environ.get(TRACEBACK_VARIABLE) or not is_refusal(error):
+            raise
+        sys.exit(f"{prog}: error: {error}")
+
+
 def main(argv=None, prog=None) -> None:
     """Command line for machines with neither MONAI nor this project: ``python -m custom.deploy INPUT... --model m.ts``
     from the folder holding the copied ``custom/`` (docs/deployment.md); ``python -m custom deploy`` runs it too.
@@ -291,7 +331,7 @@ def main(argv=None, prog=None) -> None:
     parser.add_argument("--model", default="bundle/models/model.ts", help="TorchScript model (ckpt_export)")
     parser.add_argument("--out", default="deploy_out", help="output folder")
     parser.add_argument("--batch_size", type=int, default=16, help="slices per forward pass")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda:0, or 0 for cuda:0")
     parser.add_argument("--min_lesion_ml", type=float, default=MIN_LESION_ML,
                         help="remove predicted lesions smaller than this (mL); 0 keeps every lesion")  # fmt: skip
     parser.add_argument("--lesion_threshold", type=float, default=LESION_THRESHOLD,
@@ -299,16 +339,17 @@ def main(argv=None, prog=None) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the masks and lesion_volumes.csv of an earlier run in --out")  # fmt: skip
     arguments = parser.parse_args(argv)
-    deploy(
-        *arguments.inputs,
-        model=arguments.model,
-        out=arguments.out,
-        batch_size=arguments.batch_size,
-        device=arguments.device,
-        min_lesion_ml=arguments.min_lesion_ml,
-        lesion_threshold=arguments.lesion_threshold,
-        overwrite=arguments.overwrite,
-    )
+    with refusals_exit(parser.prog):
+        deploy(
+            *arguments.inputs,
+            model=arguments.model,
+            out=arguments.out,
+            batch_size=arguments.batch_size,
+            device=usable_device(arguments.device, "--device", gpu_index=True),
+            min_lesion_ml=arguments.min_lesion_ml,
+            lesion_threshold=arguments.lesion_threshold,
+            overwrite=arguments.overwrite,
+        )
 
 
 if __name__ == "__main__":

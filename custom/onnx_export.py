@@ -7,7 +7,8 @@ the result with onnxruntime, embeds ``metadata.json`` and ``inference.json`` as 
 writes the file atomically. :class:`OnnxNetwork` runs the export like the TorchScript model, so the
 MONAI-free runner ``custom.deploy.segment_volume`` accepts either.
 
-Command line: ``python -m custom.onnx_export --ckpt bundle/models/model.pt --out bundle/models/model.onnx``.
+Command line: ``python -m custom onnx --ckpt bundle/models/model.pt --out bundle/models/model.onnx`` (an existing
+``--out`` is refused unless ``--overwrite``).
 """
 
 import importlib
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from custom.atomic import write_atomically
+from custom.data.datalist import refuse_earlier_file
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "pred"
@@ -37,8 +39,13 @@ def export_onnx(
     meta: str = "bundle/configs/metadata.json",
     bundle_root: str = "bundle",
     net_id: str = "network_def",
+    overwrite: bool = False,
 ):
     """Export the checkpoint ``ckpt`` of ``net_id`` in ``config`` to ONNX at ``out``; returns ``out``.
+
+    An existing ``out`` is refused, naming it and ``--overwrite`` (it was replaced without a word); with ``overwrite``
+    it is removed once the input files are found (``custom.data.datalist.refuse_earlier_file``, as every command
+    writing one file).
 
     The model is traced with the legacy TorchScript-based exporter on an input shaped from
     ``network_data_format`` in ``meta``, with dynamic batch/height/width axes, and verified against
@@ -55,6 +62,7 @@ def export_onnx(
     for path, what in ((ckpt, "checkpoint"), (config, "config"), (meta, "metadata")):
         if not Path(path).is_file():
             raise FileNotFoundError(f"{what} file '{path}' does not exist")
+    refuse_earlier_file(out, overwrite)
     out = Path(out)
 
     def write(temporary):

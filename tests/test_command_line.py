@@ -1,10 +1,18 @@
-"""``python -m custom``: folder and file names reach the commands as typed; numbers and flags stay numbers and flags."""
+"""``python -m custom``: folder and file names reach the commands as typed; numbers and flags stay numbers and flags;
+a device is read as torch reads it, a GPU index as its CUDA device; a refusal is one line, a bug keeps its traceback."""
 
 import functools
 import importlib
+import importlib.util
 import inspect
+import os
+import subprocess
+import sys
 
+import numpy as np
 import pytest
+import torch
+from conftest import CONFIGS, REPO
 
 from custom.__main__ import COMMANDS, main
 
@@ -105,3 +113,119 @@ def test_bundle_overrides_reach_monai_bundle_run_as_they_are(value):
     key, argument = override_arguments({"dataset_dir": value})
     assert key == "--dataset_dir" and DefaultParseValue(argument) == value
     assert type(DefaultParseValue(argument)) is type(value)
+
+
+@pytest.mark.parametrize(
+    "arguments, refusal",
+    [
+        (["score-masks", "{tmp}/masks", "{tmp}/dataset", "{tmp}/out"], "dataset_dir '{tmp}/dataset' does not exist"),
+        (["prepare", "isles2018", "{tmp}/missing", "{tmp}/dataset"], "'{tmp}/missing' is not a folder"),
+        (["compare-cv", "{tmp}/a", "{tmp}/b"], "per-case metrics file not found: {tmp}/a/cases.csv"),
+        (["deploy", "{tmp}/missing.nii.gz"], "input '{tmp}/missing.nii.gz' does not exist"),
+        pytest.param(
+            ["onnx", "--ckpt", "{tmp}/model.pt", "--out", "{tmp}/model.onnx", "--config", f"{CONFIGS}/inference.json",
+             "--meta", f"{CONFIGS}/metadata.json"], "the folder of --out '{tmp}' holds 1 file(s) of an earlier run",
+            marks=pytest.mark.skipif(importlib.util.find_spec("onnx") is None, reason="the onnx extra is missing"),
+        ),
+    ],
+    ids=["score-masks", "prepare isles2018", "compare-cv", "deploy", "onnx"],
+)
+def test_a_refusal_exits_with_one_line_naming_the_command(tmp_path, arguments, refusal):
+    """A refusal (a missing input, an existing output) came after a full traceback, its message only the last line:
+    it is now ``python -m custom <command>: error: <message>`` and exit status 1 (``sys.exit`` of the message)."""
+    (tmp_path / "model.pt").write_bytes(b"weights")
+    (tmp_path / "model.onnx").write_bytes(b"an earlier export")
+    arguments = [a.replace("{tmp}", str(tmp_path)) for a in arguments]
+    with pytest.raises(SystemExit) as refused:
+        main(arguments)
+    words = arguments[:2] if arguments[0] == "prepare" else arguments[:1]
+    message = refused.value.code
+    assert isinstance(message, str) and message.startswith(f"python -m custom {' '.join(words)}: error: "), message
+    assert refusal.replace("{tmp}", str(tmp_path)) in message
+    assert (tmp_path / "model.onnx").read_bytes() == b"an earlier export"
+
+
+def test_a_refusal_prints_no_traceback_unless_asked(tmp_path):
+    """The process: one line on stderr and exit status 1; ``CTP_TRACEBACK=1`` shows the traceback."""
+    command = [sys.executable, "-m", "custom", "score-masks", *(str(tmp_path / name) for name in ("m", "d", "o"))]
+    refused = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    assert refused.returncode == 1
+    assert refused.stderr.splitlines() == [
+        f"python -m custom score-masks: error: dataset_dir '{tmp_path / 'd'}' does not exist "
+        "(convert data with `python -m custom prepare`)"
+    ]
+    with_traceback = {**os.environ, "CTP_TRACEBACK": "1"}
+    traced = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=with_traceback)
+    assert traced.returncode == 1
+    assert "Traceback (most recent call last)" in traced.stderr
+    assert f"FileNotFoundError: dataset_dir '{tmp_path / 'd'}' does not exist" in traced.stderr
+
+
+def _library_error(dataset_dir: str):
+    np.quantile([1.0], 2.0)  # numpy raises a ValueError: a bug of the caller, not a refusal of the project
+
+
+def _failing(error: BaseException):
+    def command(dataset_dir: str):
+        raise error
+
+    return command
+
+
+@pytest.mark.parametrize(
+    "command, error",
+    [(_failing(TypeError("a bug")), TypeError), (_failing(KeyError("a bug")), KeyError),
+     (_failing(ValueError("raised outside the project")), ValueError), (_library_error, ValueError)],
+    ids=["TypeError", "KeyError", "ValueError of other code", "ValueError of a library"],
+)
+def test_an_unexpected_error_keeps_its_traceback(monkeypatch, command, error):
+    """Only the project's own refusals become one line: a programming error propagates with its traceback."""
+    monkeypatch.setattr(importlib.import_module("custom.data.check"), "check_dataset_command", command)
+    with pytest.raises(error):
+        main(["check", "somewhere"])
+
+
+def _machine_with_gpus(monkeypatch, count: int) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
+@pytest.mark.parametrize(
+    "arguments, device",
+    [
+        (["ensemble-bench", "a", "b", "c", "--device", "1"], "cuda:1"),
+        (["perfusion", "bench", "--device=0"], "cuda:0"),
+        (["perfusion", "maps", "s", "o", "--device", "cuda:1"], "cuda:1"),
+        (["perfusion", "maps", "s", "o", "--device", "cuda"], "cuda"),
+        (["perfusion", "maps", "s", "o", "--device", "cpu"], "cpu"),
+        (["deploy", "x.nii.gz", "--device", "1"], "cuda:1"),
+    ],
+    ids=["ensemble-bench 1", "perfusion bench =0", "perfusion maps cuda:1", "perfusion maps cuda", "perfusion maps cpu",
+         "deploy 1"],
+)
+def test_a_gpu_index_reaches_the_command_as_its_cuda_device(monkeypatch, arguments, device):
+    """Fire read ``--device 0`` as the number 0 (torch: ``cuda:0``); kept as typed, the text ``"0"`` reached the
+    commands, and ``torch.device("0")`` refuses it (``Invalid device string: '0'``). Two GPUs simulated."""
+    _machine_with_gpus(monkeypatch, 2)
+    calls = _record_calls(monkeypatch, arguments)
+    main(arguments)
+    assert len(calls) == 1 and str(calls[0]["device"]) == device
+
+
+@pytest.mark.parametrize("command", [["ensemble-bench", "a", "b", "c"], ["perfusion", "bench"], ["deploy", "x.nii.gz"]],
+                         ids=["ensemble-bench", "perfusion bench", "deploy"])
+@pytest.mark.parametrize(
+    "device, refusal",
+    [("0", "--device '0': this machine's PyTorch sees 0 CUDA device(s) (use cpu)"),
+     ("cuda", "--device 'cuda': this machine's PyTorch sees 0 CUDA device(s) (use cpu)"),
+     ("gpu", "--device 'gpu' is not a torch device (use cpu): ")],
+    ids=["0", "cuda", "gpu"],
+)
+def test_a_device_this_machine_lacks_is_refused_naming_the_option(monkeypatch, command, device, refusal):
+    """Refused before the command runs, naming ``--device`` and the devices to use (no GPU simulated)."""
+    _machine_with_gpus(monkeypatch, 0)
+    calls = _record_calls(monkeypatch, command)
+    with pytest.raises(SystemExit) as refused:
+        main([*command, "--device", device])
+    assert refusal in refused.value.code
+    assert calls == []

@@ -305,8 +305,8 @@ def test_outputs_of_an_earlier_run_are_replaced_only_when_asked(exported_model, 
     out = tmp_path / "out"
     (out / "noise_seg.nii.gz").parent.mkdir()
     (out / "noise_seg.nii.gz").write_bytes(b"corrected")
-    with pytest.raises(FileExistsError, match=f"output folder '{out}' holds 1 file\\(s\\) of an earlier run .*"
-                                              r"\(noise_seg.nii.gz\): replace them with --overwrite"):
+    with pytest.raises(SystemExit, match=f"error: output folder '{out}' holds 1 file\\(s\\) of an earlier run .*"
+                                         r"\(noise_seg.nii.gz\): replace them with --overwrite"):
         main([str(image), "--model", str(torchscript), "--out", str(out)])
     assert sorted(p.name for p in out.iterdir()) == ["noise_seg.nii.gz"]
     assert (out / "noise_seg.nii.gz").read_bytes() == b"corrected"
@@ -422,8 +422,8 @@ def test_an_earlier_uncertainty_map_of_a_case_is_refused_and_removed_when_asked(
     out = tmp_path / "out"
     out.mkdir()
     (out / "noise_uncertainty.nii.gz").write_bytes(b"earlier run")
-    with pytest.raises(FileExistsError, match=f"output folder '{out}' holds 1 file\\(s\\) of an earlier run .*"
-                                              r"\(noise_uncertainty.nii.gz\): replace them with --overwrite"):
+    with pytest.raises(SystemExit, match=f"error: output folder '{out}' holds 1 file\\(s\\) of an earlier run .*"
+                                         r"\(noise_uncertainty.nii.gz\): replace them with --overwrite"):
         main([str(image), "--model", str(torchscript), "--out", str(out)])
     assert sorted(p.name for p in out.iterdir()) == ["noise_uncertainty.nii.gz"]
     main([str(image), "--model", str(torchscript), "--out", str(out), "--overwrite"])

@@ -353,14 +353,25 @@ def _perfusion_accuracy(tmp_path: Path, out: Path, **options) -> None:
     accuracy(cases=1, size=64, out=str(out), **options)
 
 
+def _onnx(tmp_path: Path, out: Path, **options) -> None:
+    pytest.importorskip("onnxruntime", reason="the onnx extra (onnx, onnxruntime) is not installed")
+    from conftest import inference_network
+
+    from custom.onnx_export import export_onnx
+
+    torch.save(inference_network().state_dict(), tmp_path / "model.pt")
+    export_onnx(str(tmp_path / "model.pt"), str(out), str(CONFIGS / "inference.json"), str(CONFIGS / "metadata.json"),
+                str(BUNDLE), **options)  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "write, name, option",
     [(_ensemble_checkpoint, "model.pt", "--out"), (_package, "ctp_stroke.zip", "OUT"), (_compare_cv, "t.md", "--out"),
-     (_perfusion_accuracy, "accuracy.json", "--out")],
-    ids=["ensemble-checkpoint", "package", "compare-cv", "perfusion accuracy"],
+     (_perfusion_accuracy, "accuracy.json", "--out"), (_onnx, "model.onnx", "--out")],
+    ids=["ensemble-checkpoint", "package", "compare-cv", "perfusion accuracy", "onnx"],
 )
 def test_a_one_file_output_is_replaced_only_when_asked(tmp_path, write, name, option):
-    """ensemble-checkpoint, package, compare-cv and perfusion accuracy replaced an existing file without a word
+    """ensemble-checkpoint, package, compare-cv, perfusion accuracy and onnx replaced an existing file without a word
     (``ensemble-checkpoint --out bundle/models/model.pt`` wrote an ensemble over the trained weights): refused, naming
     the file and ``--overwrite``, the file left as it was; ``overwrite=True`` replaces it."""
     out = tmp_path / "outputs" / name
