@@ -88,7 +88,7 @@ def _channel_layout(modality: dict, path: str) -> dict:
     indices = {name: int(index) for index, name in modality.items()}
     missing = [name for name in ("CT", "CBF", "Tmax") if name not in indices]
     if missing:
-        raise KeyError(f"{path}: 'modality' has no {missing} channel(s); found {modality}.")
+        raise ValueError(f"{path}: 'modality' has no {missing} channel(s); found {modality}.")
     return {
         "CBF": indices["CBF"],
         "Tmax": indices["Tmax"],
@@ -161,7 +161,7 @@ def run_baseline(
     for number, entry in enumerate(dataset["training"]):
         missing = [key for key in ("image", "label", "case", "fold") if key not in entry]
         if missing:
-            raise KeyError(f"{json_path}: training entry {number} has no {missing}.")
+            raise ValueError(f"{json_path}: training entry {number} has no {missing}.")
 
     rows, masks = [], {}
     for entry in dataset["training"]:

@@ -296,8 +296,9 @@ def is_refusal(error: BaseException) -> bool:
     """Whether ``error`` is a refusal of this project: a ValueError or an OSError (FileNotFoundError, FileExistsError,
     NotADirectoryError, ...), the types its checks raise for a wrong value and for a missing, existing or unwritable
     file, raised by a ``raise`` statement of this package. The same types raised inside a library or by Python itself
-    (``int("x")``, an unpacking of the wrong length) are programming errors, as is any other type: the project also
-    raises KeyError and RuntimeError, but Python raises those for a missing dict key or a failing tensor operation."""
+    (``int("x")``, an unpacking of the wrong length) are programming errors, as is any other type (the project's
+    refusals are raised as ValueErrors, not KeyErrors or IndexErrors, and its RuntimeErrors report a failed run or
+    a misuse of its code: Python and torch raise those types for a missing dict key or a failing tensor operation)."""
     frames = traceback.extract_tb(error.__traceback__)
     return (
         isinstance(error, (ValueError, OSError))

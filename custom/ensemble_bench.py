@@ -167,7 +167,7 @@ def _inference_setting(parser, config_file, key: str, value):
     if value is not None:
         return value
     if key not in parser:
-        raise KeyError(f"'{config_file}' has no '{key}' to post-process the masks as inference does; pass --{key}")
+        raise ValueError(f"'{config_file}' has no '{key}' to post-process the masks as inference does; pass --{key}")
     return parser.get_parsed_content(key)
 
 

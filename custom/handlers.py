@@ -103,22 +103,23 @@ def checkpoint_errors_named(path, targets) -> Iterator[None]:
 
     ``weights_only=True`` refuses a pickle that would run code, ``load_state_dict`` lists the missing,
     unexpected and mismatched weights of a checkpoint of another architecture, and ``torch.load`` rejects a
-    truncated file, but none names the file, and the last two are both ``RuntimeError``s.
+    truncated file, but none names the file, and the last two are both ``RuntimeError``s. They are re-raised as
+    ValueErrors, refusals of the file (which the command lines print as one line: ``custom.deploy.is_refusal``).
     """
     try:
         yield
     except FileNotFoundError as err:
         raise FileNotFoundError(f"checkpoint '{path}' does not exist") from err
     except pickle.UnpicklingError as err:
-        raise RuntimeError(f"checkpoint '{path}' is refused by safe loading (weights_only=True): {err}") from err
+        raise ValueError(f"checkpoint '{path}' is refused by safe loading (weights_only=True): {err}") from err
     except (RuntimeError, KeyError) as err:
         try:  # torch.load reports a truncated or foreign file as a RuntimeError too: tell the two apart
             torch.load(path, map_location="cpu", weights_only=True)
         except Exception as unreadable:
-            raise RuntimeError(
+            raise ValueError(
                 f"checkpoint '{path}' cannot be read (truncated, or not a PyTorch checkpoint): {unreadable}"
             ) from err
-        raise RuntimeError(
+        raise ValueError(
             f"checkpoint '{path}' does not fit {', '.join(map(str, targets))} "
             "(another architecture, or weights trained with other input channels: contralateral_channels or "
             f"adjacent_slices?): {err}"

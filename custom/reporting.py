@@ -29,7 +29,7 @@ LABEL_VOLUME, LABEL_VOLUME_TOLERANCE = "label_ml", 1e-4
 def _metric_value(row: dict, metric: str, key: str = "case") -> float:
     """``row[metric]`` as a float (rows read back from CSV hold strings), or raise naming the case and column."""
     if metric not in row:
-        raise KeyError(f"row {row.get(key, '?')!r} has no {metric!r} column; columns: {sorted(row)}.")
+        raise ValueError(f"row {row.get(key, '?')!r} has no {metric!r} column; columns: {sorted(row)}.")
     try:
         return float(row[metric])
     except (TypeError, ValueError) as error:
@@ -68,7 +68,7 @@ def summarise(rows: list[dict], metrics: Sequence[str], group_key: str = "fold")
     groups: dict = {}
     for row in rows:
         if group_key not in row:
-            raise KeyError(f"row {row.get('case', '?')!r} has no {group_key!r} column to group by.")
+            raise ValueError(f"row {row.get('case', '?')!r} has no {group_key!r} column to group by.")
         groups.setdefault(row[group_key], []).append(row)
 
     def summary_row(group, members: list[dict]) -> dict:
@@ -132,7 +132,7 @@ def _rows_by_key(rows: list[dict], key: str, argument: str) -> dict:
     indexed: dict = {}
     for row in rows:
         if key not in row:
-            raise KeyError(f"a row of {argument} has no {key!r} column.")
+            raise ValueError(f"a row of {argument} has no {key!r} column.")
         if row[key] in indexed:
             raise ValueError(f"{argument} has two rows for {key} {row[key]!r}.")
         indexed[row[key]] = row

@@ -302,7 +302,7 @@ def test_a_testing_entry_without_image_is_named(dataset_copy):
     folder, dataset = dataset_copy
     dataset["testing"][1] = {"img": "imagesTs/x.nii.gz", "case": "x"}
     (folder / "dataset.json").write_text(json.dumps(dataset))
-    with pytest.raises(KeyError, match=re.escape(f"'{folder / 'dataset.json'}' testing[1] has no 'image' key")):
+    with pytest.raises(ValueError, match=re.escape(f"'{folder / 'dataset.json'}' testing[1] has no 'image' key")):
         inference_datalist(folder)
 
 

@@ -127,14 +127,22 @@ def test_bundle_overrides_reach_monai_bundle_run_as_they_are(value):
              "--meta", f"{CONFIGS}/metadata.json"], "the folder of --out '{tmp}' holds 1 file(s) of an earlier run",
             marks=pytest.mark.skipif(importlib.util.find_spec("onnx") is None, reason="the onnx extra is missing"),
         ),
+        # refusals raised as KeyError and RuntimeError up to 0.3.13, so printed after a traceback
+        (["score-masks", "{tmp}/masks", "{tmp}", "{tmp}/out"], "'{tmp}/dataset.json' has no 'training' key"),
+        pytest.param(
+            ["onnx", "--ckpt", "{tmp}/model.pt", "--out", "{tmp}/new.onnx", "--config", f"{CONFIGS}/inference.json",
+             "--meta", f"{CONFIGS}/metadata.json"], "checkpoint '{tmp}/model.pt' is refused by safe loading",
+            marks=pytest.mark.skipif(importlib.util.find_spec("onnx") is None, reason="the onnx extra is missing"),
+        ),
     ],
-    ids=["score-masks", "prepare isles2018", "compare-cv", "deploy", "onnx"],
+    ids=["score-masks", "prepare isles2018", "compare-cv", "deploy", "onnx", "dataset.json key", "checkpoint"],
 )
 def test_a_refusal_exits_with_one_line_naming_the_command(tmp_path, arguments, refusal):
     """A refusal (a missing input, an existing output) came after a full traceback, its message only the last line:
     it is now ``python -m custom <command>: error: <message>`` and exit status 1 (``sys.exit`` of the message)."""
     (tmp_path / "model.pt").write_bytes(b"weights")
     (tmp_path / "model.onnx").write_bytes(b"an earlier export")
+    (tmp_path / "dataset.json").write_text("{}")
     arguments = [a.replace("{tmp}", str(tmp_path)) for a in arguments]
     with pytest.raises(SystemExit) as refused:
         main(arguments)

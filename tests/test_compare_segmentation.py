@@ -50,7 +50,7 @@ def _dataset(folder, entries):
 
 def test_dataset_without_training_list_is_named(tmp_path):
     (tmp_path / "dataset.json").write_text(json.dumps({"testing": []}))
-    with pytest.raises(KeyError, match=re.escape(f"{tmp_path / 'dataset.json'}' has no 'training' key")):
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'dataset.json'}' has no 'training' key")):
         fold_assignment(tmp_path)
 
 

@@ -43,7 +43,7 @@ def test_cross_validation_rejects_folds_not_in_dataset(tiny_phantom_dataset, tmp
 
 def test_dataset_without_training_list_is_named(tmp_path):
     (tmp_path / "dataset.json").write_text(json.dumps({"num_folds": 2, "testing": []}))
-    with pytest.raises(KeyError, match=re.escape(f"{tmp_path / 'dataset.json'}' has no 'training' key")):
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'dataset.json'}' has no 'training' key")):
         run_cross_validation(str(tmp_path), str(tmp_path / "cv"), folds=2)
 
 

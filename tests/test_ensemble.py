@@ -129,7 +129,7 @@ def test_bad_member_checkpoints_are_named(tmp_path):
     torch.save(_tiny_unet(0).state_dict(), good)
     other = tmp_path / "four_channels.pt"
     torch.save(UNet(2, 4, 2, (4, 8, 16), (2, 2), num_res_units=1).state_dict(), other)
-    with pytest.raises(RuntimeError, match=f"checkpoint '{other}' does not fit model"):
+    with pytest.raises(ValueError, match=f"checkpoint '{other}' does not fit model"):
         inference_network(_tiny_unet(0), [str(good), str(other)])
     with pytest.raises(FileNotFoundError, match="absent.pt"):
         inference_network(_tiny_unet(0), [str(good), str(tmp_path / "absent.pt")])

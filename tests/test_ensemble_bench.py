@@ -113,7 +113,7 @@ def test_masks_are_post_processed_as_the_shipped_inference(identical_folds, two_
     assert json.loads((tmp_path / "all" / "summary.json").read_text())["min_lesion_ml"] == 1e6
     unset = tmp_path / "network_only.json"
     unset.write_text(json.dumps({"network_def": TINY_NETWORK["network_def"]}))
-    with pytest.raises(KeyError, match="network_only.json' has no 'min_lesion_ml'.*--min_lesion_ml"):
+    with pytest.raises(ValueError, match="network_only.json' has no 'min_lesion_ml'.*--min_lesion_ml"):
         run_ensemble_bench(str(cv), str(two_labelled_cases), str(tmp_path / "unset"), config_file=str(unset))
 
     run_ensemble_bench(str(cv), str(two_labelled_cases), str(tmp_path / "out"), config_file=str(removes_all),

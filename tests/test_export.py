@@ -138,7 +138,7 @@ def test_onnx_export_takes_a_training_checkpoint_and_names_one_that_does_not_fit
 
     foreign = tmp_path / "other_network.pt"
     torch.save({"model": torch.nn.Linear(2, 2).state_dict()}, foreign)
-    with pytest.raises(RuntimeError, match="checkpoint '.*other_network.pt' does not fit 'network_def'"):
+    with pytest.raises(ValueError, match="checkpoint '.*other_network.pt' does not fit 'network_def'"):
         export_onnx(foreign, tmp_path / "other.onnx", CONFIGS / "inference.json", CONFIGS / "metadata.json", BUNDLE)
     assert not (tmp_path / "other.onnx").exists()
 

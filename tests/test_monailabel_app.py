@@ -57,7 +57,7 @@ def test_served_copy_takes_the_input_settings_of_its_weights(tmp_path):
     for name in ("train.json", "inference.json"):
         config = json.loads((served / "configs" / name).read_text())
         assert {key: config[key] for key in settings} == settings, name
-    with pytest.raises(RuntimeError, match="model.pt' does not fit model .*contralateral_channels or adjacent_slices"):
+    with pytest.raises(ValueError, match="model.pt' does not fit model .*contralateral_channels or adjacent_slices"):
         check_served_bundle(served)
 
     trained = tmp_path / "thirty_channels.pt"

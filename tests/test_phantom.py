@@ -273,7 +273,7 @@ def test_figure_writes_a_png(cohort, tmp_path):
     out = phantom_figure(dataset, tmp_path / "figures" / "case.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert out.stat().st_size > 20_000
-    with pytest.raises(KeyError, match="case_99"):
+    with pytest.raises(ValueError, match="case_99"):
         phantom_figure(dataset, tmp_path / "other.png", case="case_99")
     assert not (tmp_path / "other.png").exists()
 

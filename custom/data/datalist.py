@@ -33,7 +33,7 @@ def load_dataset_json(dataset_dir, required_keys: tuple[str, ...] = ()) -> dict:
             raise ValueError(f"'{path}' is not valid JSON: {err}") from err
     for key in required_keys:
         if key not in dataset:
-            raise KeyError(f"'{path}' has no '{key}' key")
+            raise ValueError(f"'{path}' has no '{key}' key")
     return dataset
 
 
@@ -198,7 +198,7 @@ def inference_datalist(dataset_dir) -> list[str]:
     images = []
     for index, entry in enumerate(entries):
         if isinstance(entry, dict) and "image" not in entry:
-            raise KeyError(f"'{folder / 'dataset.json'}' testing[{index}] has no 'image' key")
+            raise ValueError(f"'{folder / 'dataset.json'}' testing[{index}] has no 'image' key")
         image = entry["image"] if isinstance(entry, dict) else entry
         if not isinstance(image, str):
             raise ValueError(f"'{folder / 'dataset.json'}' testing[{index}]: expected the path of one 5-channel NIfTI "

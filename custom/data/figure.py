@@ -52,13 +52,13 @@ def phantom_figure(dataset_dir: str, out: str, case: str | None = None, slice_in
     channel = {name: int(index) for index, name in meta["modality"].items()}
     missing = [name for name in MODALITIES if name not in channel]
     if missing:
-        raise KeyError(f"'{dataset_dir / 'dataset.json'}': 'modality' lacks {', '.join(missing)}")
+        raise ValueError(f"'{dataset_dir / 'dataset.json'}': 'modality' lacks {', '.join(missing)}")
     entries = {entry["case"]: entry for entry in meta["training"]}
     if case is None:
         volumes = {name: _lesion_ml(dataset_dir, entry) for name, entry in entries.items()}
         case = max(volumes, key=volumes.get)
     elif case not in entries:
-        raise KeyError(f"case '{case}' is not in the training list of '{dataset_dir / 'dataset.json'}'")
+        raise ValueError(f"case '{case}' is not in the training list of '{dataset_dir / 'dataset.json'}'")
     entry = entries[case]
 
     image = nib.as_closest_canonical(nib.load(dataset_dir / entry["image"]))
@@ -70,7 +70,7 @@ def phantom_figure(dataset_dir: str, out: str, case: str | None = None, slice_in
     if slice_index is None:
         slice_index = int(np.argmax(label.sum(axis=(0, 1))))
     elif not 0 <= slice_index < label.shape[2]:
-        raise IndexError(f"slice_index {slice_index} is outside 0..{label.shape[2] - 1} of case '{case}'")
+        raise ValueError(f"slice_index {slice_index} is outside 0..{label.shape[2] - 1} of case '{case}'")
     voxel_ml = voxel_volume_ml(image.affine)
 
     figure = Figure(figsize=(15, 9), layout="constrained")
