@@ -20,7 +20,13 @@ from custom.monailabel_app import (
     write_studies,
 )
 from custom.package import package_bundle
-from custom.training_record import TRAINING_RECORD, write_training_record
+from custom.training_record import (
+    FINE_TUNED_IMAGES,
+    TRAINING_RECORD,
+    check_held_out,
+    read_record,
+    write_training_record,
+)
 
 
 def test_metadata_says_what_monailabel_reads():
@@ -96,6 +102,41 @@ def test_served_weights_of_other_recorded_input_settings_are_refused(tiny_phanto
     unrecorded.write_bytes(trained.read_bytes())
     serve_weights(served, unrecorded)
     assert not (served / "models" / TRAINING_RECORD).exists()
+
+
+@pytest.mark.parametrize("first_record", ["digest lists", "one digest per study"])
+def test_a_study_replaced_under_its_name_stays_known_to_the_fine_tuned_weights(tmp_path, first_record):
+    """The served copy's record kept one digest per datastore path: after a study was re-uploaded under its name (a
+    corrected version) and fine-tuned on again, the weights were evaluated on the first version without a word. Every
+    version stays known, in records written with a single digest per study too."""
+    served_models, study = tmp_path / "models", tmp_path / "studies" / "case_1.nii.gz"
+    served_models.mkdir()
+    (served_models / "model.pt").write_bytes(b"the served weights")
+    study.parent.mkdir()
+    first_upload = tmp_path / "first_upload.nii.gz"
+    nib.save(nib.Nifti1Image(np.arange(160, dtype=np.float32).reshape(4, 4, 2, 5), np.eye(4)), first_upload)
+    shutil.copyfile(first_upload, study)
+    settings = {"contralateral_channels": None, "adjacent_slices": 0}
+
+    def fine_tune():
+        write_training_record(served_models, settings, 0, tmp_path / "no_dataset",
+                              fine_tuned_cases=[{"image": str(study), "label": "unread"}])  # fmt: skip
+
+    fine_tune()
+    if first_record == "one digest per study":
+        record = json.loads((served_models / TRAINING_RECORD).read_text())
+        record[FINE_TUNED_IMAGES] = {image: digests[0] for image, digests in record[FINE_TUNED_IMAGES].items()}
+        (served_models / TRAINING_RECORD).write_text(json.dumps(record))
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 2, 5), dtype=np.float32), np.eye(4)), study)  # the corrected study
+    fine_tune()
+
+    cases = [{"image": str(first_upload)}, {"image": str(study)}]
+    with pytest.raises(ValueError) as raised:
+        check_held_out(served_models / "model.pt", 0, tmp_path / "evaluated", cases)
+    assert f"was trained on 2 of the 2 images of config id 'fold' 0 of '{tmp_path / 'evaluated' / 'dataset.json'}': " \
+           f"first_upload.nii.gz (trained as '{study}'), case_1.nii.gz (same voxels; it was fine-tuned in MONAI " \
+           "Label on 1 studies" in str(raised.value)
+    assert len(read_record(served_models / "model.pt")[FINE_TUNED_IMAGES][str(study)]) == 2  # both versions' digests
 
 
 def test_served_copy_refuses_bad_input_settings(tmp_path):
