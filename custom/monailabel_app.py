@@ -27,7 +27,7 @@ import numpy as np
 from custom.atomic import write_atomically, write_text_atomically
 from custom.data.datalist import load_dataset_json, output_case_name, shared_case_name
 from custom.package import package_bundle
-from custom.training_record import INPUT_SETTINGS, TRAINING_RECORD, record_of
+from custom.training_record import EXPORTS, INPUT_SETTINGS, TRAINING_RECORD, record_of
 
 BUNDLE_NAME = "ctp_stroke"
 DEFAULT_VENV = Path.home() / ".cache" / "ctp-monailabel" / "venv"
@@ -106,12 +106,13 @@ def unpack_served_bundle(archive, model_dir, input_settings=None) -> Path:
 def serve_weights(bundle_root, ckpt_path) -> None:
     """Make ``ckpt_path`` (a checkpoint of ``train.json``, or a plain state dict) the served copy's
     ``models/model.pt``, the file MONAI Label loads first, with the training record beside it, if any; the copy's
-    ``model.ts``, an export of other weights, and the record of the archive's weights are removed (export again from
-    the served copy after a fine-tune anyway, docs/monailabel.md)."""
+    ``model.ts`` and ``model.onnx`` (``EXPORTS``), exports of other weights, and the record of the archive's weights are
+    removed (each fine-tune removes the exports too, docs/monailabel.md)."""
     models = Path(bundle_root) / "models"
     models.mkdir(exist_ok=True)
     write_atomically(models / "model.pt", lambda temporary: shutil.copyfile(ckpt_path, temporary))
-    (models / "model.ts").unlink(missing_ok=True)
+    for name in EXPORTS:
+        (models / name).unlink(missing_ok=True)
     if record_of(ckpt_path).is_file():
         write_atomically(models / TRAINING_RECORD, lambda temporary: shutil.copyfile(record_of(ckpt_path), temporary))
     else:

@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 TRAINING_RECORD = "training_inputs.json"
 BEST_MODEL = "model.pt"  # train.json's best (or final) model in ckpt_dir
+# Exports of BEST_MODEL's weights that a bundle's models/ may hold beside it (``python -m custom package`` packs them).
+EXPORTS = ("model.ts", "model.onnx")
 # The config ids that decide what the network sees: weights trained with them need the same values wherever they run.
 INPUT_SETTINGS = ("contralateral_channels", "adjacent_slices")
 # What a resumed run must share with the run it continues, besides the input settings.
@@ -215,7 +217,9 @@ def write_training_record(
     ``trained_images``, by which ``check_held_out`` refuses their training cases) with the digests of its studies
     added to ``FINE_TUNED_IMAGES`` (the earlier fine-tunes' kept, and so the earlier version of a study replaced under
     its name): a record naming its studies only let the fine-tuned weights be scored on the images the served fold
-    model learnt.
+    model learnt. The served copy's ``EXPORTS`` of the weights it replaces are removed, with a warning naming each:
+    MONAI Label serves ``model.pt`` and never looks at them, but a copy of the served bundle deployed through its
+    ``model.ts`` ran the weights the fine-tunes started from.
 
     A resumed run is refused first if the record beside ``resume_ckpt`` names other input settings, another fold or
     another dataset.json (it would restore that run's best Dice and train on from its weights). A new run replacing
@@ -236,6 +240,10 @@ def write_training_record(
             otherwise="\nor train with this run's settings into another --ckpt_dir, without --resume_ckpt",
         )  # fmt: skip
     if fine_tuned_cases is not None:
+        for export in (folder / name for name in EXPORTS if (folder / name).is_file()):
+            logger.warning(f"removing '{export}': an export of the served weights this fine-tune replaces (MONAI Label "
+                           f"serves {BEST_MODEL}); export the fine-tuned weights again before deploying them")
+            export.unlink(missing_ok=True)  # another rank of this run may have removed it
         continued = (earlier or {}) if earlier_model.is_file() else {}
         kept = RUN_SETTINGS + ("dataset_json", "trained_images")
         fine_tuned = fine_tuned_digests(continued)

@@ -68,9 +68,10 @@ def test_served_copy_takes_the_input_settings_of_its_weights(tmp_path):
 
     trained = tmp_path / "thirty_channels.pt"
     torch.save({"model": inference_network(in_channels=30).state_dict()}, trained)
+    (served / "models" / "model.onnx").write_bytes(b"an export an archive may carry")
     serve_weights(served, trained)
     assert (served / "models" / "model.pt").read_bytes() == trained.read_bytes()
-    assert not (served / "models" / "model.ts").exists()  # an export of the shipped weights
+    assert not (served / "models" / "model.ts").exists() and not (served / "models" / "model.onnx").exists()
     check_served_bundle(served)
 
 
