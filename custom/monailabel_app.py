@@ -5,9 +5,10 @@ Why it exists: MONAI Label 0.8.5 cannot share the project's environment (its tor
 must write its fine-tuned weights to its own ``models/model.pt`` (the file MONAI Label loads and
 reloads), while a plain training run must not overwrite the shipped weights. This module runs in the
 project's environment and drives MONAI Label's own command line from its separate environment
-(``.ci/monailabel_env`` builds it): the sample app is copied with ``monailabel apps --download``, the
-bundle archive of :mod:`custom.package` is unpacked under ``APP_DIR/model/<name>/`` and that copy's
-``ckpt_dir`` is pointed at its ``models/`` folder. Optionally a studies folder is filled with a
+(``.ci/monailabel_env`` builds it): the sample app is copied with ``monailabel apps --download`` (its bundle tasks
+extended by :mod:`custom.monailabel_tasks`, so that the bundle's refusals reach the client), the bundle archive of
+:mod:`custom.package` is unpacked under ``APP_DIR/model/<name>/`` and that copy's ``ckpt_dir`` is pointed at its
+``models/`` folder. Optionally a studies folder is filled with a
 converted dataset's 5-channel images, with 3D CT and Tmax volumes beside it for viewers that do not
 display 4D NIfTI.
 """
@@ -27,7 +28,7 @@ import numpy as np
 from custom.atomic import write_atomically, write_text_atomically
 from custom.data.datalist import load_dataset_json, output_case_name, shared_case_name
 from custom.package import package_bundle
-from custom.training_record import INPUT_SETTINGS, TRAINING_RECORD, record_of
+from custom.training_record import EXPORTS, INPUT_SETTINGS, TRAINING_RECORD, record_of
 
 BUNDLE_NAME = "ctp_stroke"
 DEFAULT_VENV = Path.home() / ".cache" / "ctp-monailabel" / "venv"
@@ -36,6 +37,15 @@ VENV_VARIABLE = "CTP_MONAILABEL_VENV"
 # BundleInferTask reloads when its modification time changes.
 SERVED_CKPT_DIR = "$@bundle_root + '/models'"
 VIEW_CHANNELS = {"ct": 0, "tmax": 4}  # channel index in the converter's (H, W, D, 5) images
+# report_refusals puts custom/monailabel_tasks.py at REFUSAL_REPORTING_MODULE of the app and replaces each import
+# line of MONAI Label 0.8.5's sample app main.py by the import of the task that extends it.
+REFUSAL_REPORTING_MODULE = "lib/refusal_reporting.py"
+REFUSAL_REPORTING_IMPORTS = {
+    "from monailabel.tasks.infer.bundle import BundleInferTask\n":
+        "from lib.refusal_reporting import RefusalReportingInferTask as BundleInferTask\n",
+    "from monailabel.tasks.train.bundle import BundleTrainTask\n":
+        "from lib.refusal_reporting import RefusalReportingTrainTask as BundleTrainTask\n",
+}  # fmt: skip
 
 
 def monailabel_venv(venv=None) -> Path:
@@ -106,16 +116,34 @@ def unpack_served_bundle(archive, model_dir, input_settings=None) -> Path:
 def serve_weights(bundle_root, ckpt_path) -> None:
     """Make ``ckpt_path`` (a checkpoint of ``train.json``, or a plain state dict) the served copy's
     ``models/model.pt``, the file MONAI Label loads first, with the training record beside it, if any; the copy's
-    ``model.ts``, an export of other weights, and the record of the archive's weights are removed (export again from
-    the served copy after a fine-tune anyway, docs/monailabel.md)."""
+    ``model.ts`` and ``model.onnx`` (``EXPORTS``), exports of other weights, and the record of the archive's weights are
+    removed (each fine-tune removes the exports too, docs/monailabel.md)."""
     models = Path(bundle_root) / "models"
     models.mkdir(exist_ok=True)
     write_atomically(models / "model.pt", lambda temporary: shutil.copyfile(ckpt_path, temporary))
-    (models / "model.ts").unlink(missing_ok=True)
+    for name in EXPORTS:
+        (models / name).unlink(missing_ok=True)
     if record_of(ckpt_path).is_file():
         write_atomically(models / TRAINING_RECORD, lambda temporary: shutil.copyfile(record_of(ckpt_path), temporary))
     else:
         (models / TRAINING_RECORD).unlink(missing_ok=True)
+
+
+def report_refusals(app) -> None:
+    """Make the sample app in ``app`` build its bundle tasks from ``custom.monailabel_tasks``, so that the bundle's
+    refusal of a study reaches the client (inference: HTTP 422 and the message, not a bare 500; a fine-tune: its log
+    ends with the message): the module is copied to ``REFUSAL_REPORTING_MODULE`` and ``main.py`` imports its tasks
+    under the names of MONAI Label's (``REFUSAL_REPORTING_IMPORTS``). A ``main.py`` without those import lines is
+    refused, naming it."""
+    main = Path(app) / "main.py"
+    text = main.read_text(encoding="utf-8")
+    missing = [line.strip() for line in REFUSAL_REPORTING_IMPORTS if text.count(line) != 1]
+    if missing:
+        raise RuntimeError(f"'{main}' is not MONAI Label 0.8.5's monaibundle app: it does not import {missing} once")
+    shutil.copyfile(Path(__file__).with_name("monailabel_tasks.py"), Path(app) / REFUSAL_REPORTING_MODULE)
+    for line, replacement in REFUSAL_REPORTING_IMPORTS.items():
+        text = text.replace(line, replacement)
+    write_text_atomically(main, text)
 
 
 def check_served_bundle(bundle_root, weights=None) -> None:
@@ -262,6 +290,7 @@ def prepare_monailabel_app(app_dir: str, studies: str | None = None, dataset_dir
         if copied.returncode != 0 or not sample_app.is_dir():
             output = copied.stdout + copied.stderr
             raise RuntimeError(f"`monailabel apps --download --name monaibundle` failed:\n{output}")
+        report_refusals(sample_app)
         if archive is None:
             archive = package_bundle(Path(scratch) / f"{BUNDLE_NAME}.zip", bundle_root=bundle_root)
         given = {"contralateral_channels": contralateral_channels, "adjacent_slices": adjacent_slices}

@@ -15,13 +15,13 @@ import torch
 
 from custom.atomic import write_atomically
 from custom.data.datalist import refuse_earlier_file
-from custom.training_record import TRAINING_RECORD
+from custom.training_record import BEST_MODEL, EXPORTS, TRAINING_RECORD
 
 # What a bundle archive carries (MONAI bundle specification plus the LICENSE the model zoo requires).
 BUNDLE_FOLDERS = ("configs", "docs")
 BUNDLE_FILES = ("LICENSE",)
 # weights; model.pt is required, the exports and model.pt's training record (its input settings) optional
-MODEL_FILES = ("model.pt", "model.ts", "model.onnx", TRAINING_RECORD)
+MODEL_FILES = (BEST_MODEL, *EXPORTS, TRAINING_RECORD)
 REQUIRED = ("configs/metadata.json", "configs/inference.json", "LICENSE")
 SKIPPED_NAMES = ("__pycache__",)
 SKIPPED_SUFFIXES = (".pyc", ".pyo")

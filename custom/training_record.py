@@ -30,11 +30,14 @@ logger = logging.getLogger(__name__)
 
 TRAINING_RECORD = "training_inputs.json"
 BEST_MODEL = "model.pt"  # train.json's best (or final) model in ckpt_dir
+# Exports of BEST_MODEL's weights that a bundle's models/ may hold beside it (``python -m custom package`` packs them).
+EXPORTS = ("model.ts", "model.onnx")
 # The config ids that decide what the network sees: weights trained with them need the same values wherever they run.
 INPUT_SETTINGS = ("contralateral_channels", "adjacent_slices")
 # What a resumed run must share with the run it continues, besides the input settings.
 RUN_SETTINGS = ("fold", "dataset_json_sha256")
-# The record key of the MONAI Label studies that the served copy's fine-tunes trained on (``write_training_record``).
+# The record key of the MONAI Label studies that the served copy's fine-tunes trained on (``write_training_record``):
+# study path -> the digests of every version of it trained on (a study replaced under its name keeps both).
 FINE_TUNED_IMAGES = "fine_tuned_images"
 
 
@@ -181,17 +184,26 @@ def trained_images_among(record: Mapping, digests: Mapping[str, str]) -> list[st
     """The images of ``digests`` (image path -> ``case_digests`` value) that the weights of ``record`` were trained
     on (its ``trained_images`` and ``FINE_TUNED_IMAGES``, none where it has neither), each as its file name, with the
     name it was trained under where that differs."""
-    trained_as = {
-        digest: image
-        for key in ("trained_images", FINE_TUNED_IMAGES)
-        for image, digest in (record.get(key) or {}).items()
-    }
+    trained_as = {digest: image for image, digest in (record.get("trained_images") or {}).items()}
+    trained_as.update({digest: image for image, digests in fine_tuned_digests(record).items() for digest in digests})
     return [
         Path(image).name + ("" if Path(image).name == Path(trained_as[digest]).name
                             else f" (trained as '{trained_as[digest]}')")
         for image, digest in digests.items()
         if digest in trained_as
     ]  # fmt: skip
+
+
+def fine_tuned_digests(record: Mapping) -> dict[str, list[str]]:
+    """``FINE_TUNED_IMAGES`` of ``record``: study path -> the digests of every version of it a fine-tune trained on.
+
+    Why it exists: a study replaced in MONAI Label's datastore under its name (a corrected upload) keeps its path, and a
+    record holding one digest per path forgot the version the weights learnt first. Records written before lists hold
+    one digest (a string) per study, read here as a list of one."""
+    return {
+        image: [digests] if isinstance(digests, str) else list(digests)
+        for image, digests in (record.get(FINE_TUNED_IMAGES) or {}).items()
+    }
 
 
 def write_training_record(
@@ -203,8 +215,11 @@ def write_training_record(
     ``fine_tuned_cases``: the studies of a MONAI Label fine-tune of the served copy (``check_labelled_studies``). It
     trains on from the served ``model.pt``, so its record is that of those weights (their fold, dataset and
     ``trained_images``, by which ``check_held_out`` refuses their training cases) with the digests of its studies
-    added to ``FINE_TUNED_IMAGES`` (the earlier fine-tunes' kept): a record naming its studies only let the fine-tuned
-    weights be scored on the images the served fold model learnt.
+    added to ``FINE_TUNED_IMAGES`` (the earlier fine-tunes' kept, and so the earlier version of a study replaced under
+    its name): a record naming its studies only let the fine-tuned weights be scored on the images the served fold
+    model learnt. The served copy's ``EXPORTS`` of the weights it replaces are removed, with a warning naming each:
+    MONAI Label serves ``model.pt`` and never looks at them, but a copy of the served bundle deployed through its
+    ``model.ts`` ran the weights the fine-tunes started from.
 
     A resumed run is refused first if the record beside ``resume_ckpt`` names other input settings, another fold or
     another dataset.json (it would restore that run's best Dice and train on from its weights). A new run replacing
@@ -225,12 +240,18 @@ def write_training_record(
             otherwise="\nor train with this run's settings into another --ckpt_dir, without --resume_ckpt",
         )  # fmt: skip
     if fine_tuned_cases is not None:
+        for export in (folder / name for name in EXPORTS if (folder / name).is_file()):
+            logger.warning(f"removing '{export}': an export of the served weights this fine-tune replaces (MONAI Label "
+                           f"serves {BEST_MODEL}); export the fine-tuned weights again before deploying them")
+            export.unlink(missing_ok=True)  # another rank of this run may have removed it
         continued = (earlier or {}) if earlier_model.is_file() else {}
         kept = RUN_SETTINGS + ("dataset_json", "trained_images")
-        record = {
-            **record, **{key: continued[key] for key in kept if key in continued},
-            FINE_TUNED_IMAGES: {**(continued.get(FINE_TUNED_IMAGES) or {}), **case_digests(fine_tuned_cases)},
-        }  # fmt: skip
+        fine_tuned = fine_tuned_digests(continued)
+        for image, digest in case_digests(fine_tuned_cases).items():
+            versions = fine_tuned.setdefault(image, [])
+            if digest not in versions:
+                versions.append(digest)
+        record = {**record, **{key: continued[key] for key in kept if key in continued}, FINE_TUNED_IMAGES: fine_tuned}
     write_text_atomically(folder / TRAINING_RECORD, json.dumps(record, indent=4) + "\n")
     return record
 

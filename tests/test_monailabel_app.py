@@ -1,7 +1,11 @@
 """What MONAI Label reads from the bundle, and the app preparation that does not need the server."""
 
+import importlib.util
 import json
 import shutil
+import sys
+import traceback
+import types
 from pathlib import Path
 
 import nibabel as nib
@@ -9,8 +13,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import CONFIGS, inference_network
+from monai.bundle import ConfigParser
 
 from custom.monailabel_app import (
+    REFUSAL_REPORTING_IMPORTS,
+    REFUSAL_REPORTING_MODULE,
     check_served_bundle,
     plan_studies,
     prepare_monailabel_app,
@@ -20,7 +27,13 @@ from custom.monailabel_app import (
     write_studies,
 )
 from custom.package import package_bundle
-from custom.training_record import TRAINING_RECORD, write_training_record
+from custom.training_record import (
+    FINE_TUNED_IMAGES,
+    TRAINING_RECORD,
+    check_held_out,
+    read_record,
+    write_training_record,
+)
 
 
 def test_metadata_says_what_monailabel_reads():
@@ -62,9 +75,10 @@ def test_served_copy_takes_the_input_settings_of_its_weights(tmp_path):
 
     trained = tmp_path / "thirty_channels.pt"
     torch.save({"model": inference_network(in_channels=30).state_dict()}, trained)
+    (served / "models" / "model.onnx").write_bytes(b"an export an archive may carry")
     serve_weights(served, trained)
     assert (served / "models" / "model.pt").read_bytes() == trained.read_bytes()
-    assert not (served / "models" / "model.ts").exists()  # an export of the shipped weights
+    assert not (served / "models" / "model.ts").exists() and not (served / "models" / "model.onnx").exists()
     check_served_bundle(served)
 
 
@@ -96,6 +110,41 @@ def test_served_weights_of_other_recorded_input_settings_are_refused(tiny_phanto
     unrecorded.write_bytes(trained.read_bytes())
     serve_weights(served, unrecorded)
     assert not (served / "models" / TRAINING_RECORD).exists()
+
+
+@pytest.mark.parametrize("first_record", ["digest lists", "one digest per study"])
+def test_a_study_replaced_under_its_name_stays_known_to_the_fine_tuned_weights(tmp_path, first_record):
+    """The served copy's record kept one digest per datastore path: after a study was re-uploaded under its name (a
+    corrected version) and fine-tuned on again, the weights were evaluated on the first version without a word. Every
+    version stays known, in records written with a single digest per study too."""
+    served_models, study = tmp_path / "models", tmp_path / "studies" / "case_1.nii.gz"
+    served_models.mkdir()
+    (served_models / "model.pt").write_bytes(b"the served weights")
+    study.parent.mkdir()
+    first_upload = tmp_path / "first_upload.nii.gz"
+    nib.save(nib.Nifti1Image(np.arange(160, dtype=np.float32).reshape(4, 4, 2, 5), np.eye(4)), first_upload)
+    shutil.copyfile(first_upload, study)
+    settings = {"contralateral_channels": None, "adjacent_slices": 0}
+
+    def fine_tune():
+        write_training_record(served_models, settings, 0, tmp_path / "no_dataset",
+                              fine_tuned_cases=[{"image": str(study), "label": "unread"}])  # fmt: skip
+
+    fine_tune()
+    if first_record == "one digest per study":
+        record = json.loads((served_models / TRAINING_RECORD).read_text())
+        record[FINE_TUNED_IMAGES] = {image: digests[0] for image, digests in record[FINE_TUNED_IMAGES].items()}
+        (served_models / TRAINING_RECORD).write_text(json.dumps(record))
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 2, 5), dtype=np.float32), np.eye(4)), study)  # the corrected study
+    fine_tune()
+
+    cases = [{"image": str(first_upload)}, {"image": str(study)}]
+    with pytest.raises(ValueError) as raised:
+        check_held_out(served_models / "model.pt", 0, tmp_path / "evaluated", cases)
+    assert f"was trained on 2 of the 2 images of config id 'fold' 0 of '{tmp_path / 'evaluated' / 'dataset.json'}': " \
+           f"first_upload.nii.gz (trained as '{study}'), case_1.nii.gz (same voxels; it was fine-tuned in MONAI " \
+           "Label on 1 studies" in str(raised.value)
+    assert len(read_record(served_models / "model.pt")[FINE_TUNED_IMAGES][str(study)]) == 2  # both versions' digests
 
 
 def test_served_copy_refuses_bad_input_settings(tmp_path):
@@ -155,12 +204,15 @@ def test_two_images_of_one_study_id_are_refused_naming_both(tiny_phantom_dataset
 
 
 def fake_monailabel_venv(folder):
-    """A MONAI Label environment whose ``python -m monailabel.main apps --download ... --output DIR`` writes an empty
-    sample app to ``DIR/monaibundle``: enough for ``prepare_monailabel_app`` without the 8 GB environment."""
+    """A MONAI Label environment whose ``python -m monailabel.main apps --download ... --output DIR`` writes a sample
+    app to ``DIR/monaibundle`` with only ``main.py``'s imports of MONAI Label's bundle tasks and an empty ``lib/``:
+    enough for ``prepare_monailabel_app`` without the 8 GB environment."""
     (folder / "bin").mkdir(parents=True)
     (folder / "bin" / "monailabel").touch()
     python = folder / "bin" / "python"
-    python.write_text('#!/bin/sh\nfor last; do :; done\nmkdir -p "$last/monaibundle"\n')
+    imports = "".join(REFUSAL_REPORTING_IMPORTS)
+    python.write_text(f'#!/bin/sh\nfor last; do :; done\nmkdir -p "$last/monaibundle/lib"\n'
+                      f'printf "{imports}" > "$last/monaibundle/main.py"\n')
     python.chmod(0o755)
     return folder
 
@@ -192,3 +244,68 @@ def test_start_line_is_offline_and_loopback(tmp_path):
     assert "--host 127.0.0.1 --port 8123" in line
     for conf in ("models ctp_stroke", "sam2 false", "zoo_source github"):
         assert f"--conf {conf}" in line
+
+
+def _refusal_reporting_tasks(app, monkeypatch, infer, train):
+    """The prepared app's ``lib/refusal_reporting.py``, imported with ``infer`` and ``train`` (stand-ins for MONAI
+    Label's ``BundleInferTask`` and ``BundleTrainTask``, which the project's environment does not have) as its bases."""
+    modules = ("monailabel", "monailabel.tasks", "monailabel.tasks.infer", "monailabel.tasks.infer.bundle",
+               "monailabel.tasks.train", "monailabel.tasks.train.bundle")  # fmt: skip
+    for name in modules:
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    sys.modules["monailabel.tasks.infer.bundle"].BundleInferTask = infer
+    sys.modules["monailabel.tasks.train.bundle"].BundleTrainTask = train
+    spec = importlib.util.spec_from_file_location("refusal_reporting", app / REFUSAL_REPORTING_MODULE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_bundles_refusals_reach_the_monailabel_client(tmp_path, monkeypatch, caplog):
+    """MONAI Label 0.8.5 answers every error of an inference with a bare HTTP 500 ``Internal Server Error``: a study
+    with a NaN voxel (or a missing map, sagittal slices) showed 3D Slicer that, and the bundle's refusal naming the file
+    reached the server's console only; the prepared app's inference task answers HTTP 422 with the refusal. A refused
+    fine-tune's log (the client gets its last 20 lines, the Slicer plugin the last) ended with MONAI's wrapper and its
+    traceback; it ends with the refusal. The stand-ins run what MONAI Label runs: the bundle's preprocessing transform
+    by transform (``run_transforms``, no Compose), the served train.json's screening of the studies MONAI Label gives
+    it (none here); the real server: ``integration/test_monailabel.py``."""
+    from fastapi import HTTPException
+
+    app = tmp_path / "app"
+    prepare_monailabel_app(app, venv=fake_monailabel_venv(tmp_path / "venv"))
+    assert (app / "main.py").read_text() == "".join(REFUSAL_REPORTING_IMPORTS.values())
+    served = app / "model" / "ctp_stroke"
+
+    class BundleInferTask:
+        def __call__(self, request):
+            parser = ConfigParser()
+            parser.read_config(served / "configs" / "inference.json")
+            parser["bundle_root"] = str(served)
+            data = {"image": request["image"]}
+            for transform in parser.get_parsed_content("preprocessing").transforms:
+                data = transform(data)
+            return "mask.nii.gz", {}
+
+    class BundleTrainTask:
+        def __call__(self, request, datastore):
+            parser = ConfigParser()
+            parser.read_config(served / "configs" / "train.json")
+            parser.update({"bundle_root": str(served), "train#dataset#data": [], "validate#dataset#data": []})
+            parser.get_parsed_content("check_labelled_studies")
+
+    tasks = _refusal_reporting_tasks(app, monkeypatch, BundleInferTask, BundleTrainTask)
+    study = tmp_path / "case_nan.nii.gz"
+    volume = np.zeros((32, 32, 2, 5), dtype=np.float32)
+    volume[8:24, 8:24] = 1.0  # the brain
+    volume[12, 12, 1, 2] = np.nan
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), study)
+    with pytest.raises(HTTPException) as raised:
+        tasks.RefusalReportingInferTask()({"image": str(study)})
+    assert (raised.value.status_code, raised.value.detail) == (422, f"{study}: 1 NaN or Inf values in the CBV channel")
+    assert f"the bundle refused the inference of {study}: {raised.value.detail}" in caplog.text
+
+    with pytest.raises(ValueError) as raised:
+        tasks.RefusalReportingTrainTask()({"model": "ctp_stroke"}, None)
+    assert traceback.format_exception(raised.value)[-1] == "ValueError: MONAI Label gave the fine-tune no labelled " \
+                                                           "study to train on: submit labels (tag 'final')\n"
+    assert "Failed to instantiate component 'custom.data.datalist.check_labelled_studies'" in caplog.text

@@ -148,12 +148,15 @@ def _labelled_studies(dataset_dir):
 @pytest.mark.parametrize("validation_cases", [2, 0])
 def test_monailabel_fine_tune_updates_the_served_weights(tiny_phantom_dataset, tmp_path, validation_cases):
     """A MONAI Label fine-tune replaces the served model.pt; MONAI Label's ``val_split`` can leave no validation
-    case, then the final weights are saved."""
+    case, then the final weights are saved. The served copy's model.ts, an export of the weights it replaced, stayed
+    beside them (a copy of the served bundle deployed through it ran the old weights): it is removed."""
     served, cases = _served_copy(tmp_path), _labelled_studies(tiny_phantom_dataset)
     weights = served / "models" / "model.pt"
     shipped = weights.read_bytes()
+    assert (served / "models" / "model.ts").is_file()
     _monailabel_fine_tune(served, cases[validation_cases:], cases[:validation_cases])
     assert weights.read_bytes() != shipped
+    assert not (served / "models" / "model.ts").exists()
     state = torch.load(weights, weights_only=True)
     assert state.keys() == torch.load(BUNDLE / "models" / "model.pt", weights_only=True).keys()
 

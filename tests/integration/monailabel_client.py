@@ -1,7 +1,8 @@
 """Drive a running MONAI Label server with MONAI Label's own client, as the 3D Slicer plugin does.
 
 Runs in the MONAI Label environment (the project's does not have ``monailabel``), called by
-``test_monailabel.py``: ``python monailabel_client.py SERVER_URL MODEL STUDY LABELS_JSON EPOCHS OUT_DIR``.
+``test_monailabel.py``: ``python monailabel_client.py SERVER_URL MODEL STUDY REFUSED_STUDY LABELS_JSON EPOCHS OUT_DIR``
+(``REFUSED_STUDY``: a study the bundle refuses).
 Every server answer is written to ``OUT_DIR`` for the test to check.
 """
 
@@ -12,7 +13,7 @@ import time
 from pathlib import Path
 
 from monailabel.client import MONAILabelClient
-from monailabel.client.client import MONAILabelUtils
+from monailabel.client.client import MONAILabelClientException, MONAILabelUtils
 
 _SAVE_RESULT = MONAILabelUtils.save_result
 TRAIN_TIMEOUT_S = 1200  # a fine-tune of a few epochs on the tiny phantom takes about a minute on 2 cores
@@ -40,7 +41,7 @@ def save_result_under_its_base_name(files, tmpdir):
     return _SAVE_RESULT({Path(name).name: data for name, data in files.items()}, tmpdir)
 
 
-def main(server_url, model, study, labels_json, max_epochs, out_dir):
+def main(server_url, model, study, refused_study, labels_json, max_epochs, out_dir):
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     MONAILabelUtils.save_result = staticmethod(save_result_under_its_base_name)
@@ -52,14 +53,31 @@ def main(server_url, model, study, labels_json, max_epochs, out_dir):
     for name, params in (("before.nii.gz", {}), ("before.nrrd", slicer_infer)):
         mask, _ = client.infer(model, study, params)
         shutil.move(mask, out / name)
+    try:
+        client.infer(model, refused_study, {})
+        (out / "refused.txt").write_text("answered with a mask")
+    except MONAILabelClientException as err:  # what the Slicer plugin shows: "Message: {err.msg}"
+        (out / "refused.txt").write_text(err.msg)
+
+    payload = slicer_train_payload(info, model, int(max_epochs))
+    (out / "train_request.json").write_text(json.dumps(payload, indent=2))
+    # before any label is saved: the bundle refuses the fine-tune (no labelled study)
+    (out / "refused_train_status.json").write_text(json.dumps(fine_tune(client, model, payload), indent=2))
 
     for image_id, label in json.loads(Path(labels_json).read_text()).items():
         client.save_label(image_id, label, tag="final")
     (out / "datastore.json").write_text(json.dumps(client.datastore(), indent=2))
 
     (out / "model_before.json").write_text(json.dumps(model_info(server_url, model)))
-    payload = slicer_train_payload(info, model, int(max_epochs))
-    (out / "train_request.json").write_text(json.dumps(payload, indent=2))
+    (out / "train_status.json").write_text(json.dumps(fine_tune(client, model, payload), indent=2))
+    (out / "model_after.json").write_text(json.dumps(model_info(server_url, model)))
+
+    mask, _ = client.infer(model, study, {})
+    shutil.move(mask, out / "after.nii.gz")
+
+
+def fine_tune(client, model, payload):
+    """Start a fine-tune and wait for it to end; its final status."""
     client.train_start(model, payload)
     # Poll the task's own status: ``check_if_running`` answers "not running" until the server has started the
     # training process, so right after the request it can end the wait before training has begun.
@@ -68,11 +86,7 @@ def main(server_url, model, study, labels_json, max_epochs, out_dir):
         if time.monotonic() > deadline:
             raise TimeoutError(f"training still {status['status']} after {TRAIN_TIMEOUT_S} s")
         time.sleep(2)
-    (out / "train_status.json").write_text(json.dumps(status, indent=2))
-    (out / "model_after.json").write_text(json.dumps(model_info(server_url, model)))
-
-    mask, _ = client.infer(model, study, {})
-    shutil.move(mask, out / "after.nii.gz")
+    return status
 
 
 if __name__ == "__main__":

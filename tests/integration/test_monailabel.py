@@ -109,6 +109,11 @@ def test_server_infers_saves_labels_and_fine_tunes(monailabel_venv, tiny_phantom
     dataset = json.loads((tiny_phantom_dataset / "dataset.json").read_text())
     study = studies / Path(dataset["testing"][0]["image"]).name
     study_id = study.name.split(".nii")[0]
+    refused = studies / "case_nan.nii.gz"  # a study the bundle refuses: a NaN voxel
+    image = nib.load(study)
+    volume = np.asarray(image.dataobj, dtype=np.float32)
+    volume[0, 0, 0, 2] = np.nan
+    nib.save(nib.Nifti1Image(volume, image.affine), refused)
     labels = {Path(e["image"]).name.split(".nii")[0]: str(tiny_phantom_dataset / e["label"])
               for e in dataset["training"][:LABELLED]}  # fmt: skip
     (tmp_path / "labels.json").write_text(json.dumps(labels))
@@ -123,8 +128,8 @@ def test_server_infers_saves_labels_and_fine_tunes(monailabel_venv, tiny_phantom
         url = f"http://127.0.0.1:{port}"
         _wait_for_server(url, server, log)
         client = subprocess.run(
-            [str(monailabel_venv / "bin" / "python"), str(CLIENT), url, MODEL, study_id, str(tmp_path / "labels.json"),
-             str(FINE_TUNE_EPOCHS), str(answers)],
+            [str(monailabel_venv / "bin" / "python"), str(CLIENT), url, MODEL, study_id, refused.name.split(".nii")[0],
+             str(tmp_path / "labels.json"), str(FINE_TUNE_EPOCHS), str(answers)],
             capture_output=True, text=True, env=monailabel_environment(),
         )  # fmt: skip
         assert client.returncode == 0, client.stdout[-3000:] + client.stderr[-5000:]
@@ -138,13 +143,20 @@ def test_server_infers_saves_labels_and_fine_tunes(monailabel_venv, tiny_phantom
         _assert_same_mask(answers / "before.nii.gz", reference)  # float32 0/1 unless result_dtype is asked
         _assert_same_mask(answers / "before.nrrd", reference)
         assert LoadImage(image_only=True, dtype=None)(str(answers / "before.nrrd")).dtype == torch.uint8
+        refusal = (answers / "refused.txt").read_text()
+        assert refusal == f'Status: 422; Response: {{"detail":"{refused}: 1 NaN or Inf values in the CBV channel"}}'
 
         datastore = json.loads((answers / "datastore.json").read_text())
         for image_id in labels:
             assert "final" in datastore["objects"][image_id]["labels"]
 
+        refused_status = json.loads((answers / "refused_train_status.json").read_text())
+        assert refused_status["status"] == "ERROR", refused_status
+        assert refused_status["details"][-1] == "ValueError: MONAI Label gave the fine-tune no labelled study to " \
+                                                "train on: submit labels (tag 'final')", refused_status["details"]
         status = json.loads((answers / "train_status.json").read_text())
         assert status["status"] == "DONE", status
+        assert not (app / "model" / MODEL / "models" / "model.ts").exists()  # an export of the weights replaced
         before_info = json.loads((answers / "model_before.json").read_text())
         after_info = json.loads((answers / "model_after.json").read_text())
         assert after_info["checksum"] != before_info["checksum"]
@@ -155,8 +167,10 @@ def test_server_infers_saves_labels_and_fine_tunes(monailabel_venv, tiny_phantom
         print(f"GET /info/ labels: {info['labels']}; model {MODEL}: {info['models'][MODEL]['labels']}, "
               f"dimension {info['models'][MODEL]['dimension']}")  # fmt: skip
         print(f"POST /infer/{MODEL}?image={study_id}: NIfTI and NRRD masks voxel-identical to inference.json")
+        print(f"POST /infer/{MODEL}?image=case_nan: the client's MONAILabelClientException says {refusal}")
         print(f"PUT /datastore/label (tag final): {sorted(labels)}")
         print(f"POST /train/{MODEL} {json.loads((answers / 'train_request.json').read_text())}")
+        print(f"GET /train/ of a fine-tune without labels: status ERROR, last line {refused_status['details'][-1]}")
         print(f"GET /train/: status {status['status']} (started {status['start_ts']}, ended {status.get('end_ts')})")
         checksums = f"{before_info['checksum'][:12]}... -> {after_info['checksum'][:12]}..."
         print(f"GET /model/info/{MODEL}: checksum {checksums}")
