@@ -534,3 +534,17 @@ def test_every_fold_of_a_dataset_of_more_folds_than_train_json_passes_the_bundle
     monkeypatch.setattr(custom.crossval, "_run_bundle", checked)
     run_cross_validation(str(dataset_dir), str(tmp_path / "cv"))
     assert [run["fold"] for run in runs] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+
+
+def test_each_fold_command_is_printed_as_a_shell_runs_it(tmp_path, monkeypatch, capsys):
+    """The printed line of a fold's bundle run, pasted into a shell, is that run (it printed the config list and list
+    overrides unquoted: `--config_file ['a.json', 'b.json']` reached a shell as several words)."""
+    import shlex
+    import subprocess
+
+    ran = []
+    monkeypatch.setattr(custom.crossval.subprocess, "run", lambda command, **_: ran.append(command)
+                        or subprocess.CompletedProcess(command, 0))  # fmt: skip
+    configs = ["/b/configs/train.json", "/my configs/demo.json"]
+    custom.crossval._run_bundle(configs, {"output_dir": "runs/fold 0"}, {"patch_size": [64, 64]}, tmp_path / "log")
+    assert shlex.split(capsys.readouterr().out) == ran[0]
