@@ -380,6 +380,25 @@ def test_curves_draw_each_epoch_of_a_resumed_fold_once_with_the_last_runs_value(
     assert (tmp_path / "curves.png").stat().st_size > 0
 
 
+def test_curves_name_no_loss_the_run_may_not_have_used(tmp_path, monkeypatch):
+    """The loss panel was titled "training loss (WCE + GDL)" for every cv folder, the ablation's cross-entropy and
+    DiceCE runs included."""
+    import matplotlib.axes
+    from torch.utils.tensorboard import SummaryWriter
+
+    from custom.result_figures import plot_curves
+
+    writer = SummaryWriter(str(tmp_path / "ce" / "fold_0" / "train"))
+    for tag in ("train_loss", "val_mean_dice"):
+        writer.add_scalar(tag, 0.5, 1)
+    writer.close()
+    titles, set_axis = [], matplotlib.axes.Axes.set
+    monkeypatch.setattr(matplotlib.axes.Axes, "set", lambda axis, **options: titles.append(options.get("title"))
+                        or set_axis(axis, **options))  # fmt: skip
+    plot_curves(str(tmp_path / "ce"), str(tmp_path / "curves.png"))
+    assert titles[:2] == ["training loss", "validation Dice (per volume, 3D)"]
+
+
 def test_ablation_table_reports_paired_difference():
     rows = [
         {"variant": name, "description": name, "cases": 4,
