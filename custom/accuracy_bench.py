@@ -25,6 +25,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -79,7 +80,7 @@ SCORE_RECORD = "score_masks_run.json"
 def _run(command: list[str], log_file: Path, env: dict | None = None) -> None:
     """Run ``command`` with its output appended to ``log_file``; raise naming the log if it fails."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    print(" ".join(command), flush=True)
+    print(shlex.join(command), flush=True)  # quoted as a shell needs it
     environment = {**os.environ, **(env or {})}
     environment["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), environment.get("PYTHONPATH", "")) if p)
     with open(log_file, "a") as log:

@@ -146,8 +146,8 @@ def run_baseline(
     (per fold and overall), and with ``save_masks`` the predicted cores as ``out/masks/<case>.nii.gz`` (uint8,
     the image's affine), and ``out/baseline_run.json`` (the dataset, its dataset.json SHA-256, the thresholds).
     Nothing is written unless every case succeeds. The thresholds are checked first (``_checked_thresholds``); an
-    ``out`` holding an earlier run's outputs is refused unless that run had the same record. Returns the summary
-    rows.
+    ``out`` holding an earlier run's outputs is refused unless that run had the same record. Prints the summary
+    table and returns its rows.
     """
     thresholds = _checked_thresholds(rcbf_threshold, tmax_threshold, healthy_tmax)
     dataset = load_dataset_json(dataset_dir, required_keys=("modality", "training"))
@@ -186,4 +186,5 @@ def run_baseline(
     )
     table = summary_markdown(summary, METRIC_NAMES, group_key="fold")
     write_markdown(title + table, os.path.join(out, "summary.md"))
+    print(title + table)  # the command's only output: `python -m custom` does not print the returned rows
     return summary

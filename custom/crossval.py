@@ -7,6 +7,7 @@ with ``train.json`` and ``evaluate.json`` per fold; training, evaluation and met
 
 import hashlib
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -168,7 +169,7 @@ def check_overrides(config_files: list[str], arguments: dict, overrides: dict) -
 def _run_bundle(config_files: list[str], arguments: dict, overrides: dict, log_file: Path) -> None:
     command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", repr(config_files)]
     command += override_arguments({**arguments, **overrides})
-    print(" ".join(command), flush=True)
+    print(shlex.join(command), flush=True)  # quoted as a shell needs it: a fold can be rerun by pasting the line
     with open(log_file, "a") as log:
         completed = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
     if completed.returncode != 0:

@@ -59,7 +59,7 @@ def plot_curves(cv_dir: str, out: str) -> str:
                 raise ValueError(f"'{fold_dir / 'train'}' has no '{tag}' scalars")
             epochs, values = zip(*series[tag])
             axis.plot(epochs, values, marker="." if tag == "val_mean_dice" else None, label=fold_dir.name)
-    loss_axis.set(title="training loss (WCE + GDL)", xlabel="epoch", ylabel="loss")
+    loss_axis.set(title="training loss", xlabel="epoch", ylabel="loss")  # any loss: ablation variants, overrides
     dice_axis.set(title="validation Dice (per volume, 3D)", xlabel="epoch", ylabel="mean Dice", ylim=(0, 1))
     for axis in (loss_axis, dice_axis):
         axis.grid(alpha=0.3)

@@ -320,3 +320,18 @@ def test_score_masks_measures_a_sheared_grid_in_mm(tmp_path):
         (row,) = list(csv.DictReader(f))
     values = {name: float(row[name]) for name in ("hd95_mm", "assd_mm", "pred_ml", "label_ml")}
     assert values == pytest.approx({"hd95_mm": 4.0, "assd_mm": 2.15, "pred_ml": 0.8, "label_ml": 0.8})
+
+
+def test_each_command_is_printed_as_a_shell_runs_it(tmp_path, monkeypatch, capsys):
+    """The printed line of a method's command, pasted into a shell, is that command (as cv's fold commands)."""
+    import shlex
+    import subprocess
+
+    import custom.accuracy_bench
+
+    ran = []
+    monkeypatch.setattr(custom.accuracy_bench.subprocess, "run", lambda command, **_: ran.append(command)
+                        or subprocess.CompletedProcess(command, 0))  # fmt: skip
+    command = custom.accuracy_bench._bundle_command("train.json", {"patch_size": [64, 64], "ckpt_dir": "runs/a b"})
+    custom.accuracy_bench._run(command, tmp_path / "log")
+    assert shlex.split(capsys.readouterr().out) == ran[0] == command

@@ -298,6 +298,20 @@ def test_a_datalist_of_one_path_or_of_other_things(tmp_path):
         screen_inference_images([{"image": str(image)}])
 
 
+def test_a_folder_of_nifti_files_in_the_datalist_is_named_with_its_files(tmp_path):
+    """A folder of converted images (`--datalist imagesTs`) was set aside with the hint for ISLES case folders
+    (convert them with prepare, or use deploy), which neither of its files needs: list them."""
+    folder = tmp_path / "imagesTs"
+    folder.mkdir()
+    _save(folder / "case_9.nii.gz", _study())
+    _save(folder / "case_10.nii.gz", _study())
+    (folder / "._case_9.nii.gz").write_bytes(b"")  # an AppleDouble file is no image
+    image = _save(tmp_path / "one.nii.gz", _study())
+    rejected = screen_inference_images([str(folder), str(image)]).rejected
+    assert rejected == {str(folder): f"{folder}: a folder, not a 5-channel NIfTI file (list its 2 NIfTI file(s) "
+                                     f"instead, e.g. '{folder / 'case_10.nii.gz'}')"}
+
+
 def test_a_testing_entry_without_image_is_named(dataset_copy):
     folder, dataset = dataset_copy
     dataset["testing"][1] = {"img": "imagesTs/x.nii.gz", "case": "x"}

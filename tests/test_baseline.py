@@ -199,3 +199,13 @@ def test_thresholds_out_of_range_are_refused_naming_the_option(dataset, tmp_path
     with pytest.raises(ValueError, match=error):
         run_baseline(str(dataset), str(tmp_path / "out"), **{option: value})
     assert not (tmp_path / "out").exists()
+
+
+def test_the_command_prints_its_summary_table(dataset, tmp_path, capsys):
+    # `python -m custom` prints no returned rows, so the table is the command's only output (it printed nothing)
+    from custom.__main__ import main
+
+    out = tmp_path / "out"
+    main(["baseline", "--dataset_dir", str(dataset), "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert (out / "summary.md").read_text().strip() in printed

@@ -380,6 +380,25 @@ def test_curves_draw_each_epoch_of_a_resumed_fold_once_with_the_last_runs_value(
     assert (tmp_path / "curves.png").stat().st_size > 0
 
 
+def test_curves_name_no_loss_the_run_may_not_have_used(tmp_path, monkeypatch):
+    """The loss panel was titled "training loss (WCE + GDL)" for every cv folder, the ablation's cross-entropy and
+    DiceCE runs included."""
+    import matplotlib.axes
+    from torch.utils.tensorboard import SummaryWriter
+
+    from custom.result_figures import plot_curves
+
+    writer = SummaryWriter(str(tmp_path / "ce" / "fold_0" / "train"))
+    for tag in ("train_loss", "val_mean_dice"):
+        writer.add_scalar(tag, 0.5, 1)
+    writer.close()
+    titles, set_axis = [], matplotlib.axes.Axes.set
+    monkeypatch.setattr(matplotlib.axes.Axes, "set", lambda axis, **options: titles.append(options.get("title"))
+                        or set_axis(axis, **options))  # fmt: skip
+    plot_curves(str(tmp_path / "ce"), str(tmp_path / "curves.png"))
+    assert titles[:2] == ["training loss", "validation Dice (per volume, 3D)"]
+
+
 def test_ablation_table_reports_paired_difference():
     rows = [
         {"variant": name, "description": name, "cases": 4,
@@ -534,3 +553,17 @@ def test_every_fold_of_a_dataset_of_more_folds_than_train_json_passes_the_bundle
     monkeypatch.setattr(custom.crossval, "_run_bundle", checked)
     run_cross_validation(str(dataset_dir), str(tmp_path / "cv"))
     assert [run["fold"] for run in runs] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+
+
+def test_each_fold_command_is_printed_as_a_shell_runs_it(tmp_path, monkeypatch, capsys):
+    """The printed line of a fold's bundle run, pasted into a shell, is that run (it printed the config list and list
+    overrides unquoted: `--config_file ['a.json', 'b.json']` reached a shell as several words)."""
+    import shlex
+    import subprocess
+
+    ran = []
+    monkeypatch.setattr(custom.crossval.subprocess, "run", lambda command, **_: ran.append(command)
+                        or subprocess.CompletedProcess(command, 0))  # fmt: skip
+    configs = ["/b/configs/train.json", "/my configs/demo.json"]
+    custom.crossval._run_bundle(configs, {"output_dir": "runs/fold 0"}, {"patch_size": [64, 64]}, tmp_path / "log")
+    assert shlex.split(capsys.readouterr().out) == ran[0]

@@ -392,3 +392,12 @@ def test_observable_lesion_grows_as_its_threshold_is_shifted_down():
     masks = [phantom.observable_lesion_mask(patient, tissue, severity, shift) for shift in (0.05, 0.0, -0.05)]
     assert np.all(masks[0] <= masks[1]) and np.all(masks[1] <= masks[2])
     assert masks[0].sum() < masks[1].sum() < masks[2].sum()
+
+
+def test_each_case_is_reported_as_it_is_written(tmp_path, capsys):
+    """A cohort takes half a minute at 256 x 256 (minutes with pwi), and the command printed nothing until it ended."""
+    write_phantom(tmp_path / "out", cases=2, test_cases=1, seed=3, size=32)
+    lines = capsys.readouterr().out.splitlines()
+    assert [re.sub(r"x\d+,", "xD,", line) for line in lines] == [
+        "[1/3] case_1: 32x32xD, TRAINING", "[2/3] case_2: 32x32xD, TRAINING", "[3/3] case_3: 32x32xD, TESTING"
+    ]

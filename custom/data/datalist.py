@@ -306,10 +306,14 @@ def screen_inference_images(images) -> ScreenedImages:
     usable, rejected = [], {}
     for image in images:
         if Path(image).is_dir():
-            rejected[image] = (
-                f"{image}: a folder, not a 5-channel NIfTI file (convert ISLES 2018 case folders with "
-                "`python -m custom prepare isles2018`, or segment them with `python -m custom deploy`)"
+            held = sorted(p.name for p in Path(image).iterdir() if p.name.lower().endswith((".nii", ".nii.gz"))
+                          and not p.name.startswith("."))  # fmt: skip
+            remedy = (
+                f"list its {len(held)} NIfTI file(s) instead, e.g. '{Path(image) / held[0]}'" if held
+                else "convert ISLES 2018 case folders with `python -m custom prepare isles2018`, or segment them with "
+                "`python -m custom deploy`"
             )
+            rejected[image] = f"{image}: a folder, not a 5-channel NIfTI file ({remedy})"
             continue
         if not Path(image).is_file():
             rejected[image] = f"{image}: missing"

@@ -855,6 +855,9 @@ def write_phantom(
                 series = render_pwi(slab, size, pwi_generator(seed, slab), model)
             file_id = write_case(work / slab.split, slab, affine, arrays, file_id, series)
             rows.append((slab.case, slab.patient.name, slab.patient.centre.name, slab.split, slab.slices))
+            # progress, as prepare prints it: a 24-case cohort takes half a minute, minutes with pwi
+            print(f"[{len(rows)}/{cases + test_cases}] {slab.case}: {size}x{size}x{slab.slices}, {slab.split}",
+                  flush=True)  # fmt: skip
         with open(work / "patients.csv", "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(("case", "patient", "centre", "split", "slices"))
