@@ -33,7 +33,7 @@ from custom.atomic import write_atomically
 from custom.clinical import MODALITIES, VOLUME_TABLE, case_volumes, describe, write_volume_table
 from custom.clinical import PERFUSION_CHANNELS as BRAIN_CHANNELS  # brain: any of CBF, CBV, MTT, Tmax non-zero
 from custom.data.datalist import output_case_name, refuse_earlier_outputs
-from custom.data.studies import find_case_maps, image_problems, load_case, read_nifti
+from custom.data.studies import SMIR_NAME, find_case_maps, image_problems, load_case, read_nifti
 from custom.lesions import check_lesion_threshold, check_min_volume, lesion_from_probabilities, remove_small_lesions
 
 CLASSES = ("background", "lesion")
@@ -212,6 +212,14 @@ def usable_device(device, setting="device", gpu_index=False) -> torch.device:
     return parsed
 
 
+def _images_in_folder(path: Path) -> list[str]:
+    """The NIfTI files directly in the folder ``path`` when none of its entries is an ISLES map (SMIR name): a folder
+    of 5-channel images, whose files the runner takes as inputs, not the folder."""
+    if not path.is_dir() or any(SMIR_NAME.match(entry.name) for entry in path.iterdir()):
+        return []
+    return sorted(p.name for p in path.iterdir() if p.name.lower().endswith((".nii", ".nii.gz")) and p.is_file())
+
+
 def _check_inputs(inputs: list[Path]) -> None:
     """Fail before any computation on no input, a missing input, or two inputs with one case name (a mistake in
     the command, not in the data: the contents of each input are checked case by case)."""
@@ -221,6 +229,12 @@ def _check_inputs(inputs: list[Path]) -> None:
     for path in inputs:
         if not path.exists():
             raise FileNotFoundError(f"input '{path}' does not exist")
+        images = _images_in_folder(path)
+        if images:  # was refused case by case as an ISLES case folder missing every map
+            raise ValueError(
+                f"input '{path}' is a folder of {len(images)} NIfTI file(s), not an ISLES 2018 case folder: pass the "
+                f"files themselves, e.g. '{path / images[0]}' (or '{path}/*.nii.gz')"
+            )
         name = output_case_name(path)
         if name in seen:
             raise ValueError(f"inputs '{seen[name]}' and '{path}' would both write '{name}_seg.nii.gz'")

@@ -5,6 +5,7 @@ import csv
 import errno
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -276,6 +277,14 @@ def test_bad_inputs_are_named_and_leave_nothing_behind(exported_model, tiny_phan
     shutil.rmtree(next(case.glob("*CT_MTT*")))
     with pytest.raises(ValueError, match=rf"{raw_case.name}': missing MTT"):
         deploy(case, model=torchscript, out=out)
+    folder_of_images = tmp_path / "new_cases"  # was refused as an ISLES case folder missing every map
+    folder_of_images.mkdir()
+    _write(folder_of_images / "case_a.nii.gz", volume)
+    with pytest.raises(ValueError, match=re.escape(
+        f"input '{folder_of_images}' is a folder of 1 NIfTI file(s), not an ISLES 2018 case folder: pass the files "
+        f"themselves, e.g. '{folder_of_images / 'case_a.nii.gz'}'"
+    )):
+        deploy(folder_of_images, model=torchscript, out=out)
     good = _write(tmp_path / "good.nii.gz", volume)
     with pytest.raises(ValueError, match="no input given"):
         deploy(model=torchscript, out=out)
