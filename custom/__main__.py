@@ -160,9 +160,10 @@ def help_to_fire(arguments: list[str]) -> list[str]:
 
 
 def printed_result(result):
-    """What Fire prints after a command: the rows a command returns for Python callers (a list) are not
-    printed again, line by line as JSON, after the table the command printed itself; a path or a number is."""
-    return None if isinstance(result, list) else result
+    """What Fire prints after a command: the rows or the summary a command returns for Python callers (a list, a
+    dict) are not printed again, line by line, after the table or JSON line the command printed itself (``perfusion
+    accuracy`` printed its summary twice); a path or a number is."""
+    return None if isinstance(result, (list, dict)) else result
 
 
 def main(argv=None):

@@ -3,6 +3,7 @@ a device is read as torch reads it, a GPU index as its CUDA device; a refusal is
 
 import functools
 import importlib
+import json
 import importlib.util
 import inspect
 import os
@@ -237,3 +238,24 @@ def test_a_device_this_machine_lacks_is_refused_naming_the_option(monkeypatch, c
         main([*command, "--device", device])
     assert refusal in refused.value.code
     assert calls == []
+
+
+def test_a_summary_is_printed_once_as_strict_json(tmp_path, capsys):
+    """``perfusion accuracy`` printed its summary as JSON, then Fire printed the returned dict again key by key;
+    ``perfusion bench`` printed only Fire's dump. A summary is printed once, as one JSON line, and the written file
+    holds no ``NaN`` (one case has no volume correlation), which strict JSON readers refuse."""
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    out = tmp_path / "accuracy.json"
+    main(["perfusion", "accuracy", "--cases", "1", "--size", "64", "--out", str(out)])
+    printed = capsys.readouterr().out.splitlines()
+    summary = json.loads(out.read_text(), parse_constant=refuse)
+    assert summary["tmax6"]["volume_r"] is None
+    assert json.loads(printed[-1], parse_constant=refuse) == {k: v for k, v in summary.items() if k != "maps"}
+    assert not any(line.startswith(("cases:", "tmax6:")) for line in printed)
+
+    main(["perfusion", "bench", "--size", "48", "--slices", "2", "--frames", "40", "--repeats", "1", "--threads", "1"])
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 1 and json.loads(printed[0])["shape"] == [48, 48, 2, 40]

@@ -170,21 +170,29 @@ def benchmark(
         "load_average_1min": round(os.getloadavg()[0], 2),
         "cpu_count": os.cpu_count(),
     }
+    print(json.dumps(result))
     return result
 
 
-def _pearson(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.corrcoef(a, b)[0, 1]) if a.size > 2 and a.std() > 0 and b.std() > 0 else float("nan")
+def _pearson(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Pearson r, or None where it is undefined (fewer than 3 pairs, a constant side)."""
+    return float(np.corrcoef(a, b)[0, 1]) if a.size > 2 and a.std() > 0 and b.std() > 0 else None
+
+
+def _rounded(value: float | None, digits: int = 3) -> float | None:
+    """``value`` rounded, None where it is undefined: the summary is JSON, which has no NaN (Python wrote ``NaN``,
+    which strict JSON readers refuse)."""
+    return None if value is None or not np.isfinite(value) else round(float(value), digits)
 
 
 def _agreement(computed: np.ndarray, truth: np.ndarray) -> dict:
     """Bias (mean computed - truth), relative bias, Pearson r and voxel count of paired values."""
-    bias = float(np.mean(computed - truth)) if computed.size else float("nan")
-    mean_truth = float(np.mean(truth)) if truth.size else float("nan")
+    bias = float(np.mean(computed - truth)) if computed.size else None
+    mean_truth = float(np.mean(truth)) if truth.size else None
     return {
-        "bias": round(bias, 3),
-        "relative_bias": round(bias / mean_truth, 3) if mean_truth else float("nan"),
-        "r": round(_pearson(computed, truth), 3),
+        "bias": _rounded(bias),
+        "relative_bias": _rounded(bias / mean_truth) if bias is not None and mean_truth else None,
+        "r": _rounded(_pearson(computed, truth)),
         "voxels": int(computed.size),
     }
 
@@ -258,7 +266,7 @@ def accuracy(
         "vof_voxels_in_sinus": round(float(np.mean(vof_in_sinus)), 3) if vof_in_sinus else None,
         "tmax6": {
             "cases": tmax_rows,
-            "volume_r": round(_pearson(computed_ml, true_ml), 3),
+            "volume_r": _rounded(_pearson(computed_ml, true_ml)),
             "mean_volume_difference_ml": round(float(np.mean(computed_ml - true_ml)), 2),
             "mean_dice": round(float(np.mean([r["dice"] for r in tmax_rows])), 3),
         },
@@ -270,5 +278,5 @@ def accuracy(
     print("\n".join(lines))
     print(json.dumps({k: v for k, v in summary.items() if k != "maps"}))
     if out is not None:
-        write_text_atomically(out, json.dumps(summary, indent=2) + "\n")
+        write_text_atomically(out, json.dumps(summary, indent=2, allow_nan=False) + "\n")
     return summary
