@@ -214,10 +214,15 @@ def usable_device(device, setting="device", gpu_index=False) -> torch.device:
 
 def _images_in_folder(path: Path) -> list[str]:
     """The NIfTI files directly in the folder ``path`` when none of its entries is an ISLES map (SMIR name): a folder
-    of 5-channel images, whose files the runner takes as inputs, not the folder."""
-    if not path.is_dir() or any(SMIR_NAME.match(entry.name) for entry in path.iterdir()):
+    of 5-channel images, whose files the runner takes as inputs, not the folder. A folder that cannot be listed is
+    that input's problem, named with the others when it is read."""
+    try:
+        entries = list(path.iterdir()) if path.is_dir() else []
+    except OSError:
         return []
-    return sorted(p.name for p in path.iterdir() if p.name.lower().endswith((".nii", ".nii.gz")) and p.is_file())
+    if any(SMIR_NAME.match(entry.name) for entry in entries):
+        return []
+    return sorted(p.name for p in entries if p.name.lower().endswith((".nii", ".nii.gz")) and p.is_file())
 
 
 def _check_inputs(inputs: list[Path]) -> None:
