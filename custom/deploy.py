@@ -4,7 +4,8 @@ Clinical machines that run the model often cannot install MONAI. This module rep
 ``configs/inference.json`` step by step, so its masks equal the bundle's voxel for voxel:
 ``LoadImaged`` (nibabel) -> ``EnsureChannelFirstd`` -> ``NormalizeWithinBraind`` -> ``DivisiblePadd(k=16,
 symmetric)`` -> ``SliceInferer`` (2D slices in batches) -> softmax -> crop the padding (``Invertd``) ->
-lesion probability above ``lesion_threshold`` (``LesionMaskd``) -> lesions under ``min_lesion_ml`` removed
+lesion probability above ``lesion_threshold`` within the brain of the input maps (``BrainMaskd``, ``LesionMaskd``)
+-> lesions under ``min_lesion_ml`` removed
 (``RemoveSmallLesionsd``) -> uint8 NIfTI on the input grid,
 plus the ``LesionVolumeWriter`` table (``custom.clinical``: lesion and clinical volumes from the raw maps,
 research use only).
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 
 from custom.atomic import write_atomically
-from custom.clinical import MODALITIES, VOLUME_TABLE, case_volumes, describe, write_volume_table
+from custom.clinical import MODALITIES, VOLUME_TABLE, brain_mask, case_volumes, describe, write_volume_table
 from custom.clinical import PERFUSION_CHANNELS as BRAIN_CHANNELS  # brain: any of CBF, CBV, MTT, Tmax non-zero
 from custom.data.datalist import output_case_name, refuse_earlier_outputs
 from custom.data.studies import SMIR_NAME, find_case_maps, image_problems, load_case, read_nifti
@@ -145,9 +146,10 @@ def class_probabilities(network, volume: np.ndarray, batch_size: int = 16, devic
 def segment_volume(network, volume: np.ndarray, batch_size: int = 16, device="cpu",
                    lesion_threshold: float = LESION_THRESHOLD) -> np.ndarray:  # fmt: skip
     """The uint8 lesion mask (H, W, D) of one (H, W, D, 5) volume: the lesion probability of
-    ``class_probabilities`` above ``lesion_threshold`` (``custom.lesions.lesion_from_probabilities``)."""
+    ``class_probabilities`` above ``lesion_threshold`` within the volume's brain (``custom.lesions.
+    lesion_from_probabilities``, ``custom.clinical.brain_mask``)."""
     probabilities = class_probabilities(network, volume, batch_size, device)
-    return lesion_from_probabilities(probabilities.numpy(), lesion_threshold)
+    return lesion_from_probabilities(probabilities.numpy(), lesion_threshold, brain_mask(volume))
 
 
 def lesion_mask(network, volume: np.ndarray, affine: np.ndarray, batch_size: int = 16, device="cpu",

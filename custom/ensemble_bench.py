@@ -252,7 +252,7 @@ def run_ensemble_bench(
         for name, members in configurations.items():
             stacked = np.stack([maps[m] for m in members])  # (N, 2, H, W, D)
             mean = stacked.mean(axis=0)
-            mask = remove_small_lesions(lesion_from_probabilities(mean, lesion_threshold), affine, min_lesion_ml)
+            mask = remove_small_lesions(lesion_from_probabilities(mean, lesion_threshold, brain), affine, min_lesion_ml)
             lesion_probability = mean[1].clip(0.0, 1.0)
             dice = case_metrics(mask, label, affine, names=("dice",))["dice"]
             mask_ml, label_ml = mask.sum() * voxel_ml, label.sum() * voxel_ml

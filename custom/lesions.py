@@ -1,7 +1,8 @@
 """From class probabilities to the lesion mask: the post-processing of the bundle and of the runner.
 
 Why it exists: the mask is the lesion probability above ``lesion_threshold`` (MONAI's ``AsDiscrete`` thresholds
-every channel alike), then without the lesions under ``min_lesion_ml`` (MONAI's ``RemoveSmallObjects`` needs
+every channel alike) within the brain (a lesion outside it is impossible, yet an undertrained network predicts
+one over the background), then without the lesions under ``min_lesion_ml`` (MONAI's ``RemoveSmallObjects`` needs
 scikit-image, which the bundle does not depend on, and passes it a deprecated ``min_size`` argument). The
 MONAI-free runner (``custom/deploy.py``) can use neither MONAI transform. These functions, numpy and scipy only,
 serve ``inference.json``, ``evaluate.json`` and the runner alike, so their masks agree voxel for voxel.
@@ -24,14 +25,21 @@ def check_lesion_threshold(threshold) -> float:
     return float(threshold)
 
 
-def lesion_from_probabilities(probabilities: np.ndarray, threshold: float) -> np.ndarray:
+def lesion_from_probabilities(probabilities: np.ndarray, threshold: float, brain: np.ndarray) -> np.ndarray:
     """The uint8 lesion mask of (2, ...) class probabilities (background, lesion): 1 where the lesion probability
-    is above ``threshold``. At 0.5 this is the argmax of the two classes (up to float rounding at exact ties)."""
+    is above ``threshold`` and ``brain`` (the probabilities' spatial shape; ``custom.clinical.brain_mask`` of the
+    input maps on the same grid) is true. At 0.5 this is the argmax of the two classes within the brain (up to float
+    rounding at exact ties)."""
     threshold = check_lesion_threshold(threshold)
-    probabilities = np.asarray(probabilities)
+    probabilities, brain = np.asarray(probabilities), np.asarray(brain)
     if probabilities.ndim < 2 or probabilities.shape[0] != 2:
         raise ValueError(f"expected (2, ...) class probabilities (background, lesion), got shape {probabilities.shape}")
-    return (probabilities[1] > threshold).astype(np.uint8)
+    if brain.shape != probabilities.shape[1:]:
+        raise ValueError(
+            f"the brain mask has shape {brain.shape}, the class probabilities {probabilities.shape}: "
+            "the brain must be on the probabilities' grid"
+        )
+    return ((probabilities[1] > threshold) & (brain != 0)).astype(np.uint8)
 
 
 def check_min_volume(min_volume_ml) -> float:

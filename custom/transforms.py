@@ -1,5 +1,6 @@
-"""CTP study transforms MONAI does not offer: load-time validation naming the file, brain normalisation,
-slice context, removal of small predicted lesions; and the training batches' padding collate."""
+"""CTP study transforms MONAI does not offer: load-time validation naming the file, the brain mask, brain
+normalisation, slice context, the lesion mask within the brain, removal of small predicted lesions; and the
+training batches' padding collate."""
 
 from collections.abc import Hashable, Mapping, Sequence
 
@@ -9,7 +10,7 @@ from monai.data import MetaTensor, pad_list_data_collate
 from monai.transforms import MapTransform, Transform
 from monai.utils import TransformBackends, convert_to_dst_type, convert_to_numpy, convert_to_tensor
 
-from custom.clinical import PERFUSION_CHANNELS  # CBF, CBV, MTT, Tmax; channel 0 is CT
+from custom.clinical import MODALITIES, PERFUSION_CHANNELS, brain_mask  # PERFUSION_CHANNELS: all but CT
 from custom.data.studies import image_problems, label_problems
 from custom.deploy import CLIP_PERCENTILES, NORMALIZE_EPS, normalize_within_brain
 from custom.lesions import check_lesion_threshold, check_min_volume, lesion_from_probabilities, remove_small_lesions
@@ -79,6 +80,37 @@ class ValidateStudyd(MapTransform):
             return d
         label = None if label_key is None or (label_key not in d and self.allow_missing_keys) else d[label_key]
         self.validator(d[image_key], label)
+        return d
+
+
+class BrainMaskd(MapTransform):
+    """Store the brain of the image under ``brain_key``: the boolean (H, W, D) voxels where any perfusion map is
+    non-zero (:func:`custom.clinical.brain_mask`), for :class:`LesionMaskd`.
+
+    Why it exists: the network sees the maps normalised and padded, and the post-processing gets the probabilities
+    back on the image's grid (``Invertd``); the brain must be taken from the maps as read, on that grid. Place it
+    right after ``ValidateStudyd``: ``image`` is then the channels-last (H, W, D, 5) array as read, and anything else
+    is refused (a channel-first or padded image would give a brain on another grid).
+    """
+
+    backend = [TransformBackends.NUMPY]
+
+    def __init__(self, keys: KeysCollection, brain_key: str = "brain") -> None:
+        super().__init__(keys)
+        if len(self.keys) != 1:
+            raise ValueError(f"BrainMaskd takes one image key, got {self.keys}")
+        self.brain_key = brain_key
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
+        d = dict(data)
+        key = self.keys[0]
+        image = convert_to_numpy(d[key])
+        if image.ndim != 4 or image.shape[-1] != len(MODALITIES):
+            raise ValueError(
+                f"BrainMaskd expects '{key}' channels last, (H, W, D, {len(MODALITIES)}) as read from "
+                f"{_file_name(d[key])}, got shape {image.shape}: place it right after ValidateStudyd"
+            )
+        d[self.brain_key] = brain_mask(image)
         return d
 
 
@@ -193,21 +225,30 @@ class AdjacentSlicesd(MapTransform):
 
 class LesionMaskd(MapTransform):
     """The (1, H, W, D) lesion mask of channel-first (2, H, W, D) class probabilities: the lesion probability
-    above ``threshold`` (:func:`custom.lesions.lesion_from_probabilities`, shared with the MONAI-free runner;
-    0.5 is the argmax of the two classes). The mask keeps the probabilities' metadata and float dtype, as
-    ``AsDiscreted(argmax=True)`` does.
+    above ``threshold`` within the brain stored under ``brain_key`` by :class:`BrainMaskd`
+    (:func:`custom.lesions.lesion_from_probabilities`, shared with the MONAI-free runner; 0.5 is the argmax of the
+    two classes). The probabilities must be back on the image's grid (after ``Invertd``); a brain of another shape
+    is refused. The mask keeps the probabilities' metadata and float dtype, as ``AsDiscreted(argmax=True)`` does.
     """
 
     backend = [TransformBackends.NUMPY]
 
-    def __init__(self, keys: KeysCollection, threshold: float, allow_missing_keys: bool = False) -> None:
+    def __init__(
+        self, keys: KeysCollection, threshold: float, brain_key: str = "brain", allow_missing_keys: bool = False
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.threshold = check_lesion_threshold(threshold)
+        self.brain_key = brain_key
 
     def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
         d = dict(data)
         for key in self.key_iterator(d):
-            mask = lesion_from_probabilities(convert_to_numpy(d[key]), self.threshold)
+            if self.brain_key not in d:
+                raise ValueError(
+                    f"LesionMaskd needs the brain mask under '{self.brain_key}' (BrainMaskd in the preprocessing)"
+                )
+            brain = convert_to_numpy(d[self.brain_key])
+            mask = lesion_from_probabilities(convert_to_numpy(d[key]), self.threshold, brain)
             d[key] = convert_to_dst_type(mask[None], d[key])[0]
         return d
 
