@@ -256,6 +256,12 @@ def test_a_summary_is_printed_once_as_strict_json(tmp_path, capsys):
     assert json.loads(printed[-1], parse_constant=refuse) == {k: v for k, v in summary.items() if k != "maps"}
     assert not any(line.startswith(("cases:", "tmax6:")) for line in printed)
 
-    main(["perfusion", "bench", "--size", "48", "--slices", "2", "--frames", "40", "--repeats", "1", "--threads", "1"])
+    threads = torch.get_num_threads()
+    main(["perfusion", "bench", "--size", "48", "--slices", "2", "--frames", "40", "--repeats", "1", "--threads",
+          str(threads + 1)])  # fmt: skip
     printed = capsys.readouterr().out.splitlines()
     assert len(printed) == 1 and json.loads(printed[0])["shape"] == [48, 48, 2, 40]
+    assert json.loads(printed[0])["torch_threads"] == threads + 1
+    # the caller's threads are restored: the tests after this one ran with 1 thread, the subprocess of
+    # test_kill_9_then_resume_continues_with_the_same_state with all, and their Dice differed in the 5th digit
+    assert torch.get_num_threads() == threads

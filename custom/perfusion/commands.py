@@ -146,30 +146,34 @@ def benchmark(
     (the machine may be shared) and the process CPU seconds. The function to hook into a project-wide
     benchmark.
     """
-    torch.set_num_threads(threads)
     hu, spacing = benchmark_series(size, slices, frames)
-    compute_perfusion_maps(hu, 1.0, spacing_mm=spacing, device=device)  # warm-up (allocations, kernels)
-    seconds, cpu_seconds = [], []
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start, cpu_start = time.perf_counter(), time.process_time()
-        compute_perfusion_maps(hu, 1.0, spacing_mm=spacing, device=device)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - start)
-        cpu_seconds.append(time.process_time() - cpu_start)
-    result = {
-        "shape": list(hu.shape),
-        "device": device,
-        "torch_threads": torch.get_num_threads(),
-        "median_s": round(statistics.median(seconds), 3),
-        "min_s": round(min(seconds), 3),
-        "median_cpu_s": round(statistics.median(cpu_seconds), 3),  # summed over threads
-        "repeats": repeats,
-        "load_average_1min": round(os.getloadavg()[0], 2),
-        "cpu_count": os.cpu_count(),
-    }
+    callers_threads = torch.get_num_threads()  # restored afterwards: the process's other work keeps its threads
+    torch.set_num_threads(threads)
+    try:
+        compute_perfusion_maps(hu, 1.0, spacing_mm=spacing, device=device)  # warm-up (allocations, kernels)
+        seconds, cpu_seconds = [], []
+        for _ in range(repeats):
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start, cpu_start = time.perf_counter(), time.process_time()
+            compute_perfusion_maps(hu, 1.0, spacing_mm=spacing, device=device)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            seconds.append(time.perf_counter() - start)
+            cpu_seconds.append(time.process_time() - cpu_start)
+        result = {
+            "shape": list(hu.shape),
+            "device": device,
+            "torch_threads": torch.get_num_threads(),
+            "median_s": round(statistics.median(seconds), 3),
+            "min_s": round(min(seconds), 3),
+            "median_cpu_s": round(statistics.median(cpu_seconds), 3),  # summed over threads
+            "repeats": repeats,
+            "load_average_1min": round(os.getloadavg()[0], 2),
+            "cpu_count": os.cpu_count(),
+        }
+    finally:
+        torch.set_num_threads(callers_threads)
     print(json.dumps(result))
     return result
 
