@@ -33,7 +33,7 @@ import torch
 from custom.atomic import write_atomically
 from custom.clinical import MODALITIES, VOLUME_TABLE, brain_mask, case_volumes, describe, write_volume_table
 from custom.clinical import PERFUSION_CHANNELS as BRAIN_CHANNELS  # brain: any of CBF, CBV, MTT, Tmax non-zero
-from custom.data.datalist import output_case_name, refuse_earlier_outputs
+from custom.data.datalist import nifti_files_in, output_case_name, refuse_earlier_outputs
 from custom.data.studies import SMIR_NAME, find_case_maps, image_problems, load_case, read_nifti
 from custom.lesions import check_lesion_threshold, check_min_volume, lesion_from_probabilities, remove_small_lesions
 
@@ -215,16 +215,10 @@ def usable_device(device, setting="device", gpu_index=False) -> torch.device:
 
 
 def _images_in_folder(path: Path) -> list[str]:
-    """The NIfTI files directly in the folder ``path`` when none of its entries is an ISLES map (SMIR name): a folder
-    of 5-channel images, whose files the runner takes as inputs, not the folder. A folder that cannot be listed is
-    that input's problem, named with the others when it is read."""
-    try:
-        entries = list(path.iterdir()) if path.is_dir() else []
-    except OSError:
-        return []
-    if any(SMIR_NAME.match(entry.name) for entry in entries):
-        return []
-    return sorted(p.name for p in entries if p.name.lower().endswith((".nii", ".nii.gz")) and p.is_file())
+    """The NIfTI files directly in the folder ``path`` (``custom.data.datalist.nifti_files_in``) when none is an ISLES
+    map (SMIR name): a folder of 5-channel images, whose files the runner takes as inputs, not the folder."""
+    images = nifti_files_in(path) if path.is_dir() else []
+    return [] if any(SMIR_NAME.match(name) for name in images) else images
 
 
 def _check_inputs(inputs: list[Path]) -> None:

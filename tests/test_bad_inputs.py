@@ -312,6 +312,25 @@ def test_a_folder_of_nifti_files_in_the_datalist_is_named_with_its_files(tmp_pat
                                      f"instead, e.g. '{folder / 'case_10.nii.gz'}')"}
 
 
+def test_a_folder_in_the_datalist_that_cannot_be_listed_is_set_aside(tmp_path, monkeypatch):
+    """Listing a folder to name its files raised PermissionError out of the screening (another user's folder, mode
+    700), so no image was segmented; it is set aside with the other reasons. Simulated: the tests run as root."""
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    image = _save(tmp_path / "one.nii.gz", _study())
+    iterdir = Path.iterdir
+
+    def iterdir_refusing_locked(path):
+        if path == folder:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return iterdir(path)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir_refusing_locked)
+    screened = screen_inference_images([str(folder), str(image)])
+    assert list(screened.rejected) == [str(folder)] and "a folder, not a 5-channel NIfTI file" in screened.rejected[
+        str(folder)]
+
+
 def test_a_testing_entry_without_image_is_named(dataset_copy):
     folder, dataset = dataset_copy
     dataset["testing"][1] = {"img": "imagesTs/x.nii.gz", "case": "x"}

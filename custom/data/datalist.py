@@ -3,8 +3,8 @@
 MONAI's ``load_decathlon_datalist`` knows neither folds nor the ``testing`` entries of this
 project's data contract, and it reports a missing folder only as a missing file; these helpers
 select a cross-validation fold and name the folder or key at fault. Standard library only (the readers are
-imported where used): the MONAI-free runner imports ``output_case_name`` and ``refuse_earlier_outputs`` and is
-copied with this file.
+imported where used): the MONAI-free runner imports ``output_case_name``, ``refuse_earlier_outputs`` and
+``nifti_files_in`` and is copied with this file.
 """
 
 import json
@@ -177,6 +177,20 @@ def _refuse_unusable_cases(folder: Path, entries: list[dict], where, what: str, 
     return [(holds_lesion, digest) for _, holds_lesion, digest in inspected]
 
 
+def nifti_files_in(folder: Path) -> list[str]:
+    """The names of the NIfTI files directly in ``folder`` (hidden files, such as AppleDouble ``._x.nii.gz``, left
+    out), to name in place of a folder given where files are expected; none for a folder that cannot be listed,
+    whose own problem is reported where it is read."""
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return []
+    return sorted(
+        p.name for p in entries if p.name.lower().endswith((".nii", ".nii.gz")) and not p.name.startswith(".")
+        and p.is_file()
+    )
+
+
 def inference_datalist(dataset_dir) -> list[str]:
     """Image files to segment: the dataset's ``testing`` list.
 
@@ -306,8 +320,7 @@ def screen_inference_images(images) -> ScreenedImages:
     usable, rejected = [], {}
     for image in images:
         if Path(image).is_dir():
-            held = sorted(p.name for p in Path(image).iterdir() if p.name.lower().endswith((".nii", ".nii.gz"))
-                          and not p.name.startswith("."))  # fmt: skip
+            held = nifti_files_in(Path(image))
             remedy = (
                 f"list its {len(held)} NIfTI file(s) instead, e.g. '{Path(image) / held[0]}'" if held
                 else "convert ISLES 2018 case folders with `python -m custom prepare isles2018`, or segment them with "
