@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny phantom converted by the real converter, reused by every test of a session."""
 
+import errno
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,19 @@ def bundle_workflow(config_files, workflow_type, **override):
         bundle_root=str(BUNDLE),
         **override,
     )
+
+
+def refuse_listing(monkeypatch, locked: Path) -> None:
+    """Make listing the folder ``locked`` fail as for another user's folder (mode 700): the tests run as root, whom
+    permission bits do not stop."""
+    iterdir = Path.iterdir
+
+    def iterdir_refusing_locked(folder):
+        if folder == locked:
+            raise PermissionError(errno.EACCES, "Permission denied", str(folder))
+        return iterdir(folder)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir_refusing_locked)
 
 
 def error_chain(error: BaseException) -> str:

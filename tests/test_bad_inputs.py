@@ -14,7 +14,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLE, CONFIGS, REPO, TINY_TRAINING, bundle_workflow, inference_network
+from conftest import BUNDLE, CONFIGS, REPO, TINY_TRAINING, bundle_workflow, inference_network, refuse_listing
 from monai.bundle import ConfigParser
 from monai.data import create_file_basename
 
@@ -318,14 +318,7 @@ def test_a_folder_in_the_datalist_that_cannot_be_listed_is_set_aside(tmp_path, m
     folder = tmp_path / "locked"
     folder.mkdir()
     image = _save(tmp_path / "one.nii.gz", _study())
-    iterdir = Path.iterdir
-
-    def iterdir_refusing_locked(path):
-        if path == folder:
-            raise PermissionError(errno.EACCES, "Permission denied", str(path))
-        return iterdir(path)
-
-    monkeypatch.setattr(Path, "iterdir", iterdir_refusing_locked)
+    refuse_listing(monkeypatch, folder)
     screened = screen_inference_images([str(folder), str(image)])
     assert list(screened.rejected) == [str(folder)] and "a folder, not a 5-channel NIfTI file" in screened.rejected[
         str(folder)]

@@ -15,7 +15,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLE, CONFIGS, REPO, inference_network
+from conftest import BUNDLE, CONFIGS, REPO, inference_network, refuse_listing
 from monai.bundle import ConfigParser, ckpt_export
 from monai.transforms import DivisiblePad
 from test_clinical import AFFINE as SYNTHETIC_AFFINE
@@ -478,14 +478,7 @@ def test_a_case_folder_that_cannot_be_listed_is_named_and_stops_no_other_case(ex
     _, torchscript = exported_model
     raw_cases = sorted((tiny_phantom_dataset.parent / "isles2018" / "TESTING").iterdir())
     locked, good = (shutil.copytree(case, tmp_path / case.name) for case in raw_cases[:2])
-    iterdir = Path.iterdir
-
-    def iterdir_refusing_locked(folder):
-        if folder == locked:
-            raise PermissionError(errno.EACCES, "Permission denied", str(folder))
-        return iterdir(folder)
-
-    monkeypatch.setattr(Path, "iterdir", iterdir_refusing_locked)
+    refuse_listing(monkeypatch, locked)
     out = tmp_path / "out"
     with pytest.raises(ValueError, match=rf"1 of 2 input\(s\) not segmented .*\n  - '{locked}': cannot list"):
         deploy(locked, good, model=torchscript, out=out)
