@@ -21,6 +21,7 @@ from custom.data.check import check_dataset
 from custom.data.datalist import load_dataset_json
 from custom.lifecycle import latest_checkpoint
 from custom.reporting import summarise, summary_markdown, write_case_csv, write_markdown
+from custom.wording import counted
 
 BUNDLE_ROOT = Path(__file__).resolve().parent.parent / "bundle"
 # evaluate.json's metric names (MetricsSaver files ``<name>_raw.csv``) and the per-case column they become.
@@ -102,7 +103,7 @@ def _dataset_file_differences(recorded: dict | None, current: dict, dataset_dir:
         for name in changed[:shown]
     ]
     if len(changed) > shown:
-        lines.append(f"and {len(changed) - shown} more dataset files differ in size or modification time")
+        lines.append(f"and {counted(len(changed) - shown, 'other dataset file')} of another size or modification time")
     return lines
 
 

@@ -265,3 +265,15 @@ def test_a_summary_is_printed_once_as_strict_json(tmp_path, capsys):
     # the caller's threads are restored: the tests after this one ran with 1 thread, the subprocess of
     # test_kill_9_then_resume_continues_with_the_same_state with all, and their Dice differed in the 5th digit
     assert torch.get_num_threads() == threads
+
+
+@pytest.mark.parametrize(
+    "count, noun, plural, worded",
+    [(1, "testing case", None, "1 testing case"), (2, "testing case", None, "2 testing cases"),
+     (0, "fold", None, "0 folds"), (1, "study", "studies", "1 study"), (2, "study", "studies", "2 studies")],
+)
+def test_counts_are_worded_in_the_right_number(count, noun, plural, worded):
+    """Messages printed "1 testing cases" and "fine-tuned in MONAI Label on 1 studies"."""
+    from custom.wording import counted
+
+    assert counted(count, noun, plural) == worded
