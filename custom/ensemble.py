@@ -204,7 +204,7 @@ def write_ensemble_checkpoint(
     network = inference_network(parser.get_parsed_content("network_def"), [str(c) for c in checkpoints])
     state = network.state_dict()
     write_atomically(out, lambda temporary: torch.save(state, temporary))
-    print(f"{len(checkpoints)} members -> {out}")
+    print(f"ensemble checkpoint of {len(checkpoints)} members")  # python -m custom prints the returned path after it
     return str(out)
 
 

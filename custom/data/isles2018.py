@@ -528,5 +528,7 @@ def prepare_isles2018(
     except BaseException:
         _remove_empty_folders(new_folders)
         raise
-    print(f"wrote '{dst}': {len(training)} training cases in {folds} folds, {len(testing_cases)} testing cases")
+    # the path itself is the last line, printed by the command line (python -m custom) as the returned value
+    print(f"converted {counted(len(training), 'training case')} in {counted(folds, 'fold')} and "
+          f"{counted(len(testing_cases), 'testing case')}")
     return dst
