@@ -399,6 +399,35 @@ def test_curves_name_no_loss_the_run_may_not_have_used(tmp_path, monkeypatch):
     assert titles[:2] == ["training loss", "validation Dice (per volume, 3D)"]
 
 
+def test_curves_show_the_loss_of_a_one_epoch_fold(tmp_path, monkeypatch):
+    """A fold trained for one epoch logs one loss value: its line through a single point, drawn without a marker,
+    was invisible, and the loss panel looked empty. A one-point loss is drawn with a marker; longer ones as before."""
+    import matplotlib.axes
+    from torch.utils.tensorboard import SummaryWriter
+
+    from custom.result_figures import plot_curves
+
+    for fold, epochs in ((0, 1), (1, 3)):
+        writer = SummaryWriter(str(tmp_path / "cv" / f"fold_{fold}" / "train"))
+        for epoch in range(1, epochs + 1):
+            for tag in ("train_loss", "val_mean_dice"):
+                writer.add_scalar(tag, 0.5, epoch)
+        writer.close()
+    drawn, plot = [], matplotlib.axes.Axes.plot
+
+    def recorded_plot(axis, *data, **options):
+        lines = plot(axis, *data, **options)
+        drawn.extend(lines)
+        return lines
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", recorded_plot)
+    plot_curves(str(tmp_path / "cv"), str(tmp_path / "curves.png"))
+    one_epoch_loss, _, three_epoch_loss, _ = drawn  # per fold: the loss line, then the Dice line
+    assert (list(one_epoch_loss.get_xdata()), list(one_epoch_loss.get_ydata())) == ([1], [0.5])
+    assert one_epoch_loss.get_marker() not in ("None", "", " ", None)
+    assert three_epoch_loss.get_marker() == "None"
+
+
 def test_ablation_table_reports_paired_difference():
     rows = [
         {"variant": name, "description": name, "cases": 4,
