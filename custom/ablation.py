@@ -102,13 +102,29 @@ def ablation_markdown(rows: list[dict], reference: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _recorded_dataset(folder: Path) -> str | None:
-    """The dataset.json SHA-256 that a ``cv``, ``baseline`` or ``score-masks`` folder's run record holds, or None
-    without one."""
+def _run_record(folder: Path) -> dict:
+    """The run record of a ``cv``, ``baseline`` or ``score-masks`` folder, or {} without one."""
     for record in (folder / crossval.RUN_RECORD, folder / baseline.RUN_RECORD, folder / accuracy_bench.SCORE_RECORD):
         if record.is_file():
-            return json.loads(record.read_text()).get("dataset_json_sha256")
-    return None
+            return json.loads(record.read_text())
+    return {}
+
+
+def _refuse_other_datasets(first: Path, second: Path) -> None:
+    """Refuse two runs whose records name different datasets: by the part of dataset.json that decides the folds'
+    results where both records hold it (cv's, ``crossval.scored_dataset_sha256``: two cv runs whose dataset.json
+    differ in the testing list alone were refused), else by the whole file's SHA-256; a run without one passes."""
+    records = [_run_record(first), _run_record(second)]
+    key, described = "scored_dataset_sha256", "SHA-256 of the training cases, folds and labels of dataset.json"
+    if not all(key in record for record in records):
+        key, described = "dataset_json_sha256", "dataset.json SHA-256"
+    reference, other = (record.get(key) for record in records)
+    if None not in (reference, other) and reference != other:
+        # cv's tables hold no label_ml, so the same case names of another dataset were paired without a word
+        raise ValueError(
+            f"'{first}' and '{second}' ran on different datasets ({described} {reference} against {other} in their "
+            "run records): compare runs of one dataset"
+        )
 
 
 def compare_cross_validations(
@@ -121,20 +137,14 @@ def compare_cross_validations(
     cross-validated with ``cv``, often on fewer folds (``--folds 2``) than the reference run; this compares
     the two on the cases both hold, with the table of ``ablation`` (distances over the cases where both have
     one). Every case of ``other`` must be in ``reference``; the reference's other cases are left out, and the
-    table's first line says which folds remain. Two folders whose run records (cv, baseline, score-masks) name
-    different dataset.json files are refused. Writes ``out`` (markdown) if given; an existing ``out`` is refused
-    unless ``overwrite``.
+    table's first line says which folds remain. Two folders whose run records (cv, baseline, score-masks)
+    name different datasets are refused (``_refuse_other_datasets``). Writes ``out`` (markdown) if given; an
+    existing ``out`` is refused unless ``overwrite``.
     """
     if out:
         refuse_earlier_file(out, overwrite)
     runs = {"reference": Path(reference), "other": Path(other)}
-    datasets = {name: _recorded_dataset(folder) for name, folder in runs.items()}
-    if None not in datasets.values() and datasets["reference"] != datasets["other"]:
-        # cv's tables hold no label_ml, so the same case names of another dataset were paired without a word
-        raise ValueError(
-            f"'{reference}' and '{other}' ran on different datasets (dataset.json SHA-256 {datasets['reference']} "
-            f"against {datasets['other']} in their run records): compare runs of one dataset"
-        )
+    _refuse_other_datasets(runs["reference"], runs["other"])
     cases = {name: read_case_csv(str(folder / "cases.csv")) for name, folder in runs.items()}
     scored = {row["case"] for row in cases["other"]}
     missing = sorted(scored - {row["case"] for row in cases["reference"]})

@@ -21,6 +21,7 @@ from custom.data.check import check_dataset
 from custom.data.datalist import load_dataset_json
 from custom.lifecycle import latest_checkpoint
 from custom.reporting import summarise, summary_markdown, write_case_csv, write_markdown
+from custom.wording import counted
 
 BUNDLE_ROOT = Path(__file__).resolve().parent.parent / "bundle"
 # evaluate.json's metric names (MetricsSaver files ``<name>_raw.csv``) and the per-case column they become.
@@ -38,8 +39,11 @@ DONE_FILE = "fold_done.json"
 RUN_RECORD = "run_configuration.json"
 # Bundle ids that the cross-validation sets itself for each fold; an override of one would apply to every fold.
 FOLD_IDS = ("fold", "num_folds", "ckpt_dir", "output_dir", "ckpt_path", "resume_ckpt", "overwrite")
-# Entries of the run record that only inform (paths may move); the others must match to reuse a folder.
-INFORMATIVE_RECORD_KEYS = ("config_paths",)
+# The keys of dataset.json that decide the folds' results; its testing list (``testing``, ``numTest``) decides none.
+SCORED_DATASET_KEYS = ("modality", "labels", "num_folds", "training")
+# Entries of the run record that only inform (paths may move) or follow from another (the dataset's scored part
+# from dataset_json_sha256, absent from records of 0.3.14 and earlier); the others must match to reuse a folder.
+INFORMATIVE_RECORD_KEYS = ("config_paths", "scored_dataset_sha256")
 
 
 def override_arguments(overrides: dict) -> list[str]:
@@ -52,24 +56,35 @@ def file_sha256(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def scored_dataset_sha256(dataset: dict) -> str:
+    """SHA-256 of the ``SCORED_DATASET_KEYS`` of a parsed dataset.json (keys sorted): what of it decides a
+    cross-validation's results. ``compare-cv`` compares runs by it: cv trains and scores the training cases only, so
+    two runs on conversions that differ in their testing cases alone were refused as runs of different datasets."""
+    scored = {key: dataset[key] for key in SCORED_DATASET_KEYS if key in dataset}
+    return hashlib.sha256(json.dumps(scored, sort_keys=True).encode()).hexdigest()
+
+
 def run_configuration(
     config_files: list[str], overrides: dict, dataset_dir: Path, bundle_root: Path, save_masks: bool
 ) -> dict:
     """Everything that decides a cross-validation's results, as recorded in ``RUN_RECORD``.
 
-    Config files count by content (SHA-256), the dataset by its folder, the hash of its dataset.json and the
-    size and modification time (ns) of each training image and label it lists (cheap, unlike hashing them; a
-    file rewritten under the same name, e.g. by ``prepare --overwrite``, leaves dataset.json unchanged), the
-    bundle by the version in ``configs/metadata.json``; overrides as given (JSON-normalised).
+    Config files count by content (SHA-256), the dataset by its folder, the hash of its dataset.json (and of the
+    part that decides the folds' results, ``scored_dataset_sha256``) and the size and modification time (ns) of each
+    training image and label it lists (cheap, unlike hashing them; a file rewritten under the same name, e.g. by
+    ``prepare --overwrite``, leaves dataset.json unchanged), the bundle by the version in ``configs/metadata.json``;
+    overrides as given (JSON-normalised).
     """
     metadata = json.loads((bundle_root / "configs" / "metadata.json").read_text())
-    files = [e[key] for e in load_dataset_json(dataset_dir)["training"] for key in ("image", "label")]
+    dataset = load_dataset_json(dataset_dir)
+    files = [e[key] for e in dataset["training"] for key in ("image", "label")]
     return {
         "bundle_version": metadata.get("version"),
         "config_sha256": [file_sha256(Path(c)) for c in config_files],
         "config_paths": [str(c) for c in config_files],
         "dataset_dir": str(dataset_dir),
         "dataset_json_sha256": file_sha256(dataset_dir / "dataset.json"),
+        "scored_dataset_sha256": scored_dataset_sha256(dataset),
         "dataset_files": {name: _size_and_mtime(dataset_dir / name) for name in files},
         "overrides": json.loads(json.dumps(overrides, default=str)),
         "save_masks": bool(save_masks),
@@ -102,7 +117,7 @@ def _dataset_file_differences(recorded: dict | None, current: dict, dataset_dir:
         for name in changed[:shown]
     ]
     if len(changed) > shown:
-        lines.append(f"and {len(changed) - shown} more dataset files differ in size or modification time")
+        lines.append(f"and {counted(len(changed) - shown, 'other dataset file')} of another size or modification time")
     return lines
 
 

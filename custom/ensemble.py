@@ -23,6 +23,7 @@ from monai.transforms import MapTransform
 from custom.atomic import write_atomically
 from custom.data.datalist import refuse_earlier_file
 from custom.handlers import checkpoint_errors_named, load_network_checkpoint
+from custom.wording import counted
 
 # tta_flips = true: every combination of mirroring the slice's two axes (nnU-Net's 2D mirroring), after the
 # unflipped pass. Axes count from the first spatial axis of a slice (0 = H, 1 = W of a (B, C, H, W) batch).
@@ -203,7 +204,7 @@ def write_ensemble_checkpoint(
     network = inference_network(parser.get_parsed_content("network_def"), [str(c) for c in checkpoints])
     state = network.state_dict()
     write_atomically(out, lambda temporary: torch.save(state, temporary))
-    print(f"{len(checkpoints)} members -> {out}")
+    print(f"ensemble checkpoint of {len(checkpoints)} members")  # python -m custom prints the returned path after it
     return str(out)
 
 
@@ -233,7 +234,7 @@ class SplitUncertaintyd(MapTransform):
                 d[key] = d[key][: self.num_classes]
             elif channels != self.num_classes:
                 raise ValueError(
-                    f"'{key}' has {channels} channels; expected {self.num_classes} classes, plus one with "
-                    "write_uncertainty"
+                    f"'{key}' has {counted(channels, 'channel')}; expected "
+                    f"{counted(self.num_classes, 'class', 'classes')}, plus one with write_uncertainty"
                 )
         return d

@@ -305,5 +305,5 @@ def prepare_monailabel_app(app_dir: str, studies: str | None = None, dataset_dir
     studies.mkdir(parents=True, exist_ok=True)
     if dataset_dir is not None:
         ids = write_studies(studies_plan)
-        print(f"{len(ids)} studies in '{studies}', CT and Tmax views in '{studies.with_name(studies.name + '_views')}'")
+        print(f"studies: {len(ids)} in '{studies}'; CT and Tmax views: '{studies.with_name(studies.name + '_views')}'")
     return shlex.join(start_server_command(app_dir, studies, venv, port, name))

@@ -58,7 +58,9 @@ def plot_curves(cv_dir: str, out: str) -> str:
             if tag not in series:
                 raise ValueError(f"'{fold_dir / 'train'}' has no '{tag}' scalars")
             epochs, values = zip(*series[tag])
-            axis.plot(epochs, values, marker="." if tag == "val_mean_dice" else None, label=fold_dir.name)
+            # a line through one point is invisible: the loss of a one-epoch fold is drawn as its marker
+            marker = "." if tag == "val_mean_dice" or len(epochs) == 1 else None
+            axis.plot(epochs, values, marker=marker, label=fold_dir.name)
     loss_axis.set(title="training loss", xlabel="epoch", ylabel="loss")  # any loss: ablation variants, overrides
     dice_axis.set(title="validation Dice (per volume, 3D)", xlabel="epoch", ylabel="mean Dice", ylim=(0, 1))
     for axis in (loss_axis, dice_axis):

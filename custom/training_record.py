@@ -12,8 +12,8 @@ record beside a checkpoint it loads with the loading run's ``INPUT_SETTINGS``, a
 refuses to score a checkpoint on cases it was trained on (known by their voxels, in any conversion); a MONAI Label
 fine-tune of the served copy keeps the served weights' record and adds its studies. A checkpoint
 without a record beside it (the shipped ``bundle/models/model.pt``, runs of earlier versions) is loaded unchecked.
-Standard library, ``custom.atomic`` and ``custom.data.datalist`` only, so ``custom.monailabel_app`` imports it
-without MONAI.
+Standard library, ``custom.atomic``, ``custom.data.datalist`` and ``custom.wording`` only, so
+``custom.monailabel_app`` imports it without MONAI.
 """
 
 import hashlib
@@ -25,6 +25,7 @@ from pathlib import Path
 
 from custom.atomic import write_text_atomically
 from custom.data.datalist import IMAGE_DIGEST
+from custom.wording import counted
 
 logger = logging.getLogger(__name__)
 
@@ -168,13 +169,13 @@ def check_held_out(checkpoint, fold, dataset_dir, cases) -> None:
             )
         learnt.append(f"trained on {trained_on} of '{record['dataset_json']}'")
     if record.get(FINE_TUNED_IMAGES):
-        learnt.append(f"fine-tuned in MONAI Label on {len(record[FINE_TUNED_IMAGES])} studies")
+        learnt.append(f"fine-tuned in MONAI Label on {counted(len(record[FINE_TUNED_IMAGES]), 'study', 'studies')}")
         advice = "evaluate it on images it was not trained on"
     shared = trained_images_among(record, case_digests(cases))
     if not shared:
         return
     raise ValueError(
-        f"{checkpoint_trained} {len(shared)} of the {len(cases)} images of config id 'fold' {fold} of "
+        f"{checkpoint_trained} {len(shared)} of the {counted(len(cases), 'image')} of config id 'fold' {fold} of "
         f"'{dataset_json}': {', '.join(shared)} (same voxels; it was {' and '.join(learnt)}, {recorded}). Their "
         f"scores would be those of cases it learnt: {advice}"
     )

@@ -80,7 +80,7 @@ def test_good_dataset_passes_with_a_summary(dataset_dir, capsys):
     assert check_dataset(dataset_dir) == []
     assert check_dataset_command(dataset_dir) is None
     out = capsys.readouterr().out
-    assert "4 readable training cases from 2 patients, 12 slices, 1 testing cases, 2 folds" in out
+    assert "4 readable training cases from 2 patients, 12 slices, 1 testing case, 2 folds" in out
     voxel_ml = 0.9 * 0.9 * 5.0 / 1000
     per_case = f"{10 * voxel_ml:.1f} / {15 * voxel_ml:.1f} / {20 * voxel_ml:.1f}"
     assert f"   0      2         1       6 {30 * voxel_ml:>10.1f}  {per_case}" in out and "no problems found" in out
@@ -247,7 +247,7 @@ def test_summary_counts_only_named_patients(dataset_dir, capsys):
     with pytest.raises(SystemExit):
         check_dataset_command(dataset_dir)
     out = capsys.readouterr().out
-    assert "4 readable training cases from 1 patients" in out
+    assert "4 readable training cases from 1 patient," in out
     assert "   1      2         0 " in out  # fold 1's cases name no patient
 
 

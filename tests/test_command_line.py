@@ -265,3 +265,43 @@ def test_a_summary_is_printed_once_as_strict_json(tmp_path, capsys):
     # the caller's threads are restored: the tests after this one ran with 1 thread, the subprocess of
     # test_kill_9_then_resume_continues_with_the_same_state with all, and their Dice differed in the 5th digit
     assert torch.get_num_threads() == threads
+
+
+def test_a_written_path_is_printed_once_as_the_last_line(tmp_path, capsys):
+    """``prepare`` and ``ensemble-checkpoint`` printed the path they wrote in a line of their own, then Fire printed
+    the returned path again. Each command prints it once, as its last line (where a script takes it from), after a
+    summary whose counts are worded in the right number ("1 testing case")."""
+    from monai.networks.nets import UNet
+
+    raw, dataset, ensemble = tmp_path / "raw", tmp_path / "dataset", tmp_path / "ensemble.pt"
+    network = {"_target_": "UNet", "spatial_dims": 2, "in_channels": 5, "out_channels": 2, "channels": [4, 8],
+               "strides": [2], "num_res_units": 1, "norm": "instance"}  # fmt: skip
+    (tmp_path / "tiny.json").write_text(json.dumps({"network_def": network}))
+    members = [str(tmp_path / f"fold{k}.pt") for k in (0, 1)]
+    for member in members:
+        torch.save(UNet(**{k: v for k, v in network.items() if k != "_target_"}).state_dict(), member)
+    for arguments, written, summary in (
+        (["phantom", str(raw), "--cases", "4", "--test_cases", "1", "--size", "32"], raw, "[5/5] case_5"),
+        (["prepare", "isles2018", str(raw / "TRAINING"), str(dataset), "--patients", str(raw / "patients.csv"),
+          "--folds", "2", "--testing", str(raw / "TESTING")], dataset,
+         "converted 4 training cases in 2 folds and 1 testing case"),
+        (["ensemble-checkpoint", *members, "--out", str(ensemble), "--config_file", str(tmp_path / "tiny.json")],
+         ensemble, "ensemble checkpoint of 2 members"),
+    ):  # fmt: skip
+        main(arguments)
+        printed = capsys.readouterr().out
+        lines = printed.splitlines()
+        assert printed.count(str(written)) == 1, printed
+        assert lines[-1] == str(written) and lines[-2].startswith(summary)
+
+
+@pytest.mark.parametrize(
+    "count, noun, plural, worded",
+    [(1, "testing case", None, "1 testing case"), (2, "testing case", None, "2 testing cases"),
+     (0, "fold", None, "0 folds"), (1, "study", "studies", "1 study"), (2, "study", "studies", "2 studies")],
+)
+def test_counts_are_worded_in_the_right_number(count, noun, plural, worded):
+    """Messages printed "1 testing cases" and "fine-tuned in MONAI Label on 1 studies"."""
+    from custom.wording import counted
+
+    assert counted(count, noun, plural) == worded

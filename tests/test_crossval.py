@@ -399,6 +399,35 @@ def test_curves_name_no_loss_the_run_may_not_have_used(tmp_path, monkeypatch):
     assert titles[:2] == ["training loss", "validation Dice (per volume, 3D)"]
 
 
+def test_curves_show_the_loss_of_a_one_epoch_fold(tmp_path, monkeypatch):
+    """A fold trained for one epoch logs one loss value: its line through a single point, drawn without a marker,
+    was invisible, and the loss panel looked empty. A one-point loss is drawn with a marker; longer ones as before."""
+    import matplotlib.axes
+    from torch.utils.tensorboard import SummaryWriter
+
+    from custom.result_figures import plot_curves
+
+    for fold, epochs in ((0, 1), (1, 3)):
+        writer = SummaryWriter(str(tmp_path / "cv" / f"fold_{fold}" / "train"))
+        for epoch in range(1, epochs + 1):
+            for tag in ("train_loss", "val_mean_dice"):
+                writer.add_scalar(tag, 0.5, epoch)
+        writer.close()
+    drawn, plot = [], matplotlib.axes.Axes.plot
+
+    def recorded_plot(axis, *data, **options):
+        lines = plot(axis, *data, **options)
+        drawn.extend(lines)
+        return lines
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", recorded_plot)
+    plot_curves(str(tmp_path / "cv"), str(tmp_path / "curves.png"))
+    one_epoch_loss, _, three_epoch_loss, _ = drawn  # per fold: the loss line, then the Dice line
+    assert (list(one_epoch_loss.get_xdata()), list(one_epoch_loss.get_ydata())) == ([1], [0.5])
+    assert one_epoch_loss.get_marker() not in ("None", "", " ", None)
+    assert three_epoch_loss.get_marker() == "None"
+
+
 def test_ablation_table_reports_paired_difference():
     rows = [
         {"variant": name, "description": name, "cases": 4,
@@ -497,6 +526,41 @@ def test_compare_cv_refuses_cv_and_baseline_runs_of_another_dataset(tmp_path):
     with pytest.raises(ValueError, match=r"ran on different datasets \(dataset.json SHA-256 1{64} against 2{64}"):
         compare_cross_validations(str(runs["cv_1"]), str(runs["cv_2"]))
     assert compare_cross_validations(str(runs["cv_1"]), str(runs["rule"]))[1]["dice_vs_reference_equal"] == 2
+
+
+def test_compare_cv_pairs_cv_runs_whose_datasets_differ_in_the_testing_list_only(tiny_phantom_dataset, tmp_path):
+    """cv trains and scores the training cases only, yet compare-cv refused two cv runs of the same source converted
+    with and without --testing (their dataset.json SHA-256 differ). It compares the part of dataset.json that decides
+    the folds' results where both records hold it, so runs of other folds are still refused."""
+    from custom.ablation import compare_cross_validations
+    from custom.crossval import BUNDLE_ROOT, run_configuration
+    from custom.data.isles2018 import prepare_isles2018
+
+    raw = tiny_phantom_dataset.parent / "isles2018"  # converted with --testing into tiny_phantom_dataset
+    without_testing = prepare_isles2018(raw / "TRAINING", tmp_path / "no_testing", patients=raw / "patients.csv",
+                                        folds=2)  # fmt: skip
+    training = json.loads((tiny_phantom_dataset / "dataset.json").read_text())["training"]
+    folds = {entry["case"]: entry["fold"] for entry in training}
+    runs = {}
+
+    def cv_run(name, dataset_dir):
+        run = _write_cases(tmp_path / name, dict.fromkeys(folds, 0.5), folds)
+        record = run_configuration([], {}, Path(dataset_dir), BUNDLE_ROOT, save_masks=True)
+        (run / RUN_RECORD).write_text(json.dumps(record))
+        runs[name] = str(run)
+
+    cv_run("with_testing", tiny_phantom_dataset)
+    cv_run("without_testing", without_testing)
+    dataset = json.loads((without_testing / "dataset.json").read_text())
+    for entry in dataset["training"]:
+        entry["fold"] = 1 - entry["fold"]
+    (without_testing / "dataset.json").write_text(json.dumps(dataset))
+    cv_run("other_folds", without_testing)
+    rows = compare_cross_validations(runs["with_testing"], runs["without_testing"])
+    assert rows[1]["dice_vs_reference_equal"] == len(folds)
+    with pytest.raises(ValueError, match=r"ran on different datasets \(SHA-256 of the training cases, folds and labels "
+                                         r"of dataset.json [0-9a-f]{64} against [0-9a-f]{64} in their run records\)"):
+        compare_cross_validations(runs["with_testing"], runs["other_folds"])
 
 
 def test_compare_cv_refuses_a_score_masks_table_of_another_dataset(tiny_phantom_dataset, tmp_path):

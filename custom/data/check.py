@@ -14,6 +14,7 @@ import numpy as np
 from custom.clinical import MODALITIES, voxel_volume_ml
 from custom.data.datalist import load_dataset_json, output_case_name
 from custom.data.studies import LABEL_NAMES, affines_match, image_problems, label_problems, read_nifti, voxel_digest
+from custom.wording import counted
 
 EXPECTED_MODALITY = {str(i): name for i, name in enumerate(MODALITIES)}
 EXPECTED_LABELS = {str(i): name for i, name in enumerate(LABEL_NAMES)}
@@ -262,10 +263,11 @@ def check_dataset_command(dataset_dir: str):
     """
     report = inspect_dataset(dataset_dir)
     cases = report.training
+    folds = "no valid number of folds" if report.num_folds is None else counted(report.num_folds, "fold")
     print(
-        f"{dataset_dir}: {len(cases)} readable training cases from {_patient_count(cases)} patients, "
-        f"{sum(c.slices for c in cases)} slices, {report.num_testing} testing cases, "
-        f"{report.num_folds if report.num_folds is not None else 'no valid number of'} folds"
+        f"{dataset_dir}: {counted(len(cases), 'readable training case')} from "
+        f"{counted(_patient_count(cases), 'patient')}, {counted(sum(c.slices for c in cases), 'slice')}, "
+        f"{counted(report.num_testing, 'testing case')}, {folds}"
     )
     if cases:
         print(f"{'fold':>4} {'cases':>6} {'patients':>9} {'slices':>7} {'lesion mL':>10}  per case min / median / max")

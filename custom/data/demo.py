@@ -5,6 +5,7 @@ from pathlib import Path
 
 from custom.data.isles2018 import prepare_isles2018
 from custom.data.phantom import write_phantom
+from custom.wording import counted
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +24,8 @@ def ensure_demo_dataset(demo_dir, cases: int = 24, test_cases: int = 4, size: in
         return str(dataset_dir)
     raw_dir = demo_dir / "isles2018"
     if not (raw_dir / "patients.csv").is_file():
-        logger.info(f"generating the demo phantom ({cases} training, {test_cases} testing cases) in {raw_dir}")
+        testing = counted(test_cases, "testing case")
+        logger.info(f"generating the demo phantom ({cases} training, {testing}) in {raw_dir}")
         write_phantom(raw_dir, cases=cases, test_cases=test_cases, seed=seed, size=size, overwrite=True)
     logger.info(f"converting the demo phantom into {dataset_dir}")
     prepare_isles2018(

@@ -37,6 +37,7 @@ from custom.data.studies import (
     require_same_grid,
     voxel_digest,
 )
+from custom.wording import counted
 
 PWI_MAP = "4DPWI"  # the raw 4D perfusion series, read only with --maps-from-4d
 
@@ -84,7 +85,7 @@ def find_case_folders(split_dir, problems: list[str]) -> list[Path]:
             f"no case_* folders in '{split_dir}': point to the ISLES 2018 split folder (e.g. .../TRAINING)"
         )
     if others:
-        entries = f"{len(others)} entr{'y' if len(others) == 1 else 'ies'}"
+        entries = counted(len(others), "entry", "entries")
         print(f"WARNING: '{split_dir}': {entries} not converted (no case_* folder, no maps): {', '.join(others)}",
               file=sys.stderr, flush=True)
     return folders
@@ -402,7 +403,7 @@ def _refuse_replacing_foreign_entries(dst: Path):
             foreign.append(entry.name)
     if foreign:
         raise FileExistsError(
-            f"'{dst}' holds {len(foreign)} entr{'y' if len(foreign) == 1 else 'ies'} this converter does not "
+            f"'{dst}' holds {counted(len(foreign), 'entry', 'entries')} this converter does not "
             f"write, which --overwrite would delete: {', '.join(foreign)}; move them out of '{dst}' first"
         )
 
@@ -527,5 +528,7 @@ def prepare_isles2018(
     except BaseException:
         _remove_empty_folders(new_folders)
         raise
-    print(f"wrote '{dst}': {len(training)} training cases in {folds} folds, {len(testing_cases)} testing cases")
+    # the path itself is the last line, printed by the command line (python -m custom) as the returned value
+    print(f"converted {counted(len(training), 'training case')} in {counted(folds, 'fold')} and "
+          f"{counted(len(testing_cases), 'testing case')}")
     return dst
