@@ -143,7 +143,7 @@ def test_a_study_replaced_under_its_name_stays_known_to_the_fine_tuned_weights(t
         check_held_out(served_models / "model.pt", 0, tmp_path / "evaluated", cases)
     assert f"was trained on 2 of the 2 images of config id 'fold' 0 of '{tmp_path / 'evaluated' / 'dataset.json'}': " \
            f"first_upload.nii.gz (trained as '{study}'), case_1.nii.gz (same voxels; it was fine-tuned in MONAI " \
-           "Label on 1 studies" in str(raised.value)
+           "Label on 1 study" in str(raised.value)
     assert len(read_record(served_models / "model.pt")[FINE_TUNED_IMAGES][str(study)]) == 2  # both versions' digests
 
 
