@@ -310,3 +310,15 @@ def test_motion_correction_realigns_shifted_frames(slices):
         before = np.abs(moved[..., t] - frames[..., t])[inside].mean()
         after = np.abs(corrected[..., t] - frames[..., t])[inside].mean()
         assert after < before / 4
+
+
+@pytest.mark.parametrize("unit", ["hz", "ppm", "rads"])
+def test_a_time_unit_that_is_not_a_time_is_refused_by_name(tmp_path, good_series, unit):
+    """A header whose time unit is a frequency, ppm or rad/s was told "no time step in the header": it has one, in a
+    unit that is not a time. --dt still analyses it."""
+    from custom.perfusion.series import load_series
+
+    series = write_series(tmp_path / "hz.nii.gz", good_series, frame_s=1.0, unit=unit)
+    with pytest.raises(ValueError, match=rf"hz\.nii\.gz'.*time unit .* is '{unit}', which is not a time.*--dt"):
+        load_series(series)
+    assert load_series(series, frame_s=1.0).frame_s == 1.0

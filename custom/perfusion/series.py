@@ -15,6 +15,8 @@ from custom.data.studies import load_nifti, read_voxels, require_finite
 
 MIN_FRAMES = 10
 TIME_UNIT_SECONDS = {"sec": 1.0, "msec": 1e-3, "usec": 1e-6}
+# The other time-axis units NIfTI's xyzt_units can hold (spectroscopy's): not a time, so pixdim[4] is no time step.
+NOT_TIME_UNITS = ("hz", "ppm", "rads")
 # CT perfusion frames are 0.5-4 s apart; outside this range the time unit is wrong (pixdim[4] in ms labelled
 # seconds, or the reverse), which would scale CBF and Tmax by 1000 without a word.
 FRAME_S_RANGE = (0.1, 20.0)
@@ -62,7 +64,8 @@ def load_series(path, frame_s: float | None = None) -> LoadedSeries:
     """Load a 4D CTP NIfTI; the time step comes from ``frame_s`` (seconds) if given, else from the header.
 
     Refused with a ValueError naming ``path``: unreadable files, not 4D (e.g. a 3D map), fewer than
-    MIN_FRAMES frames, no time step in the header and none given, a time step outside FRAME_S_RANGE,
+    MIN_FRAMES frames, no time step in the header and none given (or a time unit that is not a time, e.g. 'hz'),
+    a time step outside FRAME_S_RANGE,
     non-finite values, a blank frame.
     """
     path = Path(path)
@@ -73,6 +76,12 @@ def load_series(path, frame_s: float | None = None) -> LoadedSeries:
     if frames < MIN_FRAMES:
         raise ValueError(f"'{path}': {frames} frames; at least {MIN_FRAMES} are needed to deconvolve a bolus")
     if frame_s is None:
+        unit = image.header.get_xyzt_units()[1]
+        if unit in NOT_TIME_UNITS:
+            raise ValueError(
+                f"'{path}': the header's time unit (NIfTI xyzt_units) is '{unit}', which is not a time, so pixdim[4] "
+                f"= {image.header.get_zooms()[3]:g} is no time step; pass the frame interval with --dt SECONDS"
+            )
         frame_s = header_frame_s(image)
         if frame_s is None:
             raise ValueError(
