@@ -60,13 +60,38 @@ def require_no_blank_frame(path, hu: np.ndarray) -> None:
         )
 
 
+def mean_neighbour_difference_hu(hu: np.ndarray, axis: int) -> float:
+    """Mean absolute HU difference between neighbours along ``axis`` (2: slices, 3: frames) of (H, W, D, T),
+    frame by frame so no second copy of the series is made."""
+    if axis == 2:
+        return float(np.mean([np.abs(np.diff(hu[..., t], axis=2)).mean() for t in range(hu.shape[3])]))
+    return float(np.mean([np.abs(hu[..., t + 1] - hu[..., t]).mean() for t in range(hu.shape[3] - 1)]))
+
+
+def require_time_on_the_fourth_axis(path, hu: np.ndarray) -> None:
+    """Refuse a series whose neighbouring frames differ more than its neighbouring slices, naming the file: frames
+    share the anatomy (only noise and contrast change) while slices cut other anatomy (skull, ventricles), so such
+    a series holds time on the 3rd axis and slices on the 4th (x, y, t, z). Read as (x, y, z, t), it gave maps
+    without a word (docs/perfusion.md)."""
+    if hu.shape[2] < 2 or hu.shape[3] < 2:
+        return  # one slice or one frame: nothing to compare
+    between_slices, between_frames = mean_neighbour_difference_hu(hu, 2), mean_neighbour_difference_hu(hu, 3)
+    if between_frames > between_slices:
+        raise ValueError(
+            f"'{path}': neighbouring frames (4th axis, {hu.shape[3]}) differ by {between_frames:.1f} HU on average, "
+            f"more than neighbouring slices (3rd axis, {hu.shape[2]}: {between_slices:.1f} HU); frames of one head "
+            "differ less than slices, so the axes are likely (x, y, time, slices): store the series as (x, y, slices, "
+            "time), e.g. numpy.swapaxes(data, 2, 3) with pixdim[3] and pixdim[4] swapped"
+        )
+
+
 def load_series(path, frame_s: float | None = None) -> LoadedSeries:
     """Load a 4D CTP NIfTI; the time step comes from ``frame_s`` (seconds) if given, else from the header.
 
     Refused with a ValueError naming ``path``: unreadable files, not 4D (e.g. a 3D map), fewer than
     MIN_FRAMES frames, no time step in the header and none given (or a time unit that is not a time, e.g. 'hz'),
     a time step outside FRAME_S_RANGE,
-    non-finite values, a blank frame.
+    non-finite values, a blank frame, time on the 3rd axis (``require_time_on_the_fourth_axis``).
     """
     path = Path(path)
     image = load_nifti(path)
@@ -103,4 +128,5 @@ def load_series(path, frame_s: float | None = None) -> LoadedSeries:
     hu = read_voxels(path, lambda: image.get_fdata(dtype=np.float32))
     require_finite(path, hu)
     require_no_blank_frame(path, hu)
+    require_time_on_the_fourth_axis(path, hu)
     return LoadedSeries(path, hu, float(frame_s), image)
