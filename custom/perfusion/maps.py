@@ -25,6 +25,10 @@ BONE_HU = 150.0
 MAX_BONE_FRACTION = 0.05
 ARRIVAL_FRACTION = 0.1  # the bolus arrives when the mean brain curve passes this fraction of its peak
 FLAT_ENHANCEMENT_HU = 1.0  # a mean brain enhancement below this means no contrast reached the brain
+# A frame 0 whose mean brain HU is further than this from frame 1's (a mask or higher-dose frame, or one still
+# settling) is replaced by frame 1: the baseline took it, and 20 HU doubled the phantom's CBV (-20) or had the series
+# refused as flat (+20); 0.45 HU moved the median CBV by at most 10 % (docs/perfusion.md).
+FIRST_FRAME_TOLERANCE_HU = 0.5
 CANDIDATE_FRACTION = 0.01  # AIF and VOF are searched among this top fraction of brain voxels by curve area
 MIN_CANDIDATES = 20
 VESSEL_VOXELS = 8  # voxels averaged into the AIF and into the VOF
@@ -212,13 +216,13 @@ def compute_perfusion_maps(
 ) -> PerfusionResult:
     """CBF, CBV, MTT, Tmax, TTP (ISLES units) of a 4D series ``hu`` (H, W, D, T) in HU with time step ``frame_s``.
 
-    Steps: brain mask on the pre-contrast mean (refused when it encloses bone: not in HU); baseline frames
-    before the bolus; concentration = HU minus baseline; AIF from ``aif_mask`` (H, W, D) or found
-    automatically (refused when it ends above MAX_AIF_END_FRACTION of its peak: the series ends before the
-    arterial bolus has passed; when it
-    enhances less than MIN_AIF_TO_BRAIN_PEAK times the mean brain: not an artery; or less than MIN_AIF_TO_NOISE
-    times the voxel noise: no bolus), scaled by area(VOF) / area(AIF) when larger (arterial partial volume);
-    tissue curves smoothed in-plane (``smoothing_mm``) inside the brain;
+    Steps: brain mask on the pre-contrast mean (refused when it encloses bone: not in HU); frame 0 replaced by
+    frame 1, with a note, when their mean brain HU differ by more than FIRST_FRAME_TOLERANCE_HU; baseline frames
+    before the bolus; concentration = HU minus baseline; AIF from ``aif_mask`` (H, W, D) or found automatically
+    (refused when it ends above MAX_AIF_END_FRACTION of its peak: the series ends before the arterial bolus has
+    passed; when it enhances less than MIN_AIF_TO_BRAIN_PEAK times the mean brain: not an artery; or less than
+    MIN_AIF_TO_NOISE times the voxel noise: no bolus), scaled by area(VOF) / area(AIF) when larger (arterial
+    partial volume); tissue curves smoothed in-plane (``smoothing_mm``) inside the brain;
     deconvolution (``method`` 'osvd' or 'tikhonov') of all brain voxels in one batch on ``device``.
     ``name`` names the series in errors.
     """
@@ -233,6 +237,15 @@ def compute_perfusion_maps(
         raise ValueError(
             f"'{name}': {bone_fraction:.0%} of the region found as brain is above {BONE_HU:g} HU (bone): the "
             "series is not in HU (stored values without the rescale intercept -1024? set scl_slope/scl_inter)"
+        )
+    offset = float(hu[..., 0][brain].mean() - hu[..., 1][brain].mean())  # both pre-contrast in a series analysed
+    first = int(abs(offset) > FIRST_FRAME_TOLERANCE_HU)  # the first frame like the others
+    if first:
+        hu = hu.copy()  # the caller's array is left as it is
+        hu[..., 0] = hu[..., 1]
+        notes.append(
+            f"frame 0 replaced by frame 1: its mean brain HU is {offset:+.1f} HU from frame 1's (a mask or higher-dose "
+            "frame, or one still settling), which would have shifted the baseline"
         )
     baseline_frames = bolus_arrival(hu, brain, name)
     concentration = hu - hu[..., :baseline_frames].mean(axis=-1, keepdims=True)
@@ -269,13 +282,15 @@ def compute_perfusion_maps(
             f"{aif.peak_hu / brain_peak:.1f} times the mean brain enhancement ({brain_peak:.1f} HU); an artery "
             f"enhances at least {MIN_AIF_TO_BRAIN_PEAK:g} times more. Give arterial voxels with --aif_mask"
         )
-    # Voxel noise from the two pre-contrast frames (bolus_arrival keeps them baseline): robust to a few moving voxels.
-    noise_hu = 1.4826 * float(np.median(np.abs(hu[..., 1][brain] - hu[..., 0][brain]))) / np.sqrt(2.0)
+    # Voxel noise from two frames before the bolus (bolus_arrival refuses contrast in frames 0 and 1; from frame 2 on
+    # only the vessels may enhance, which the median ignores), frames 1 and 2 when frame 0 is a copy of frame 1.
+    noise_hu = 1.4826 * float(np.median(np.abs(hu[..., first + 1][brain] - hu[..., first][brain]))) / np.sqrt(2.0)
     if aif.peak_hu < MIN_AIF_TO_NOISE * noise_hu:
         raise ValueError(
             f"'{name}': the AIF (voxels {aif.voxels[:3].tolist()}...) peaks at {aif.peak_hu:.1f} HU, "
-            f"{aif.peak_hu / noise_hu:.1f} times the voxel noise ({noise_hu:.1f} HU between the first two frames); an "
-            f"artery enhances at least {MIN_AIF_TO_NOISE:g} times more: no contrast bolus reached the vessels"
+            f"{aif.peak_hu / noise_hu:.1f} times the voxel noise ({noise_hu:.1f} HU between frames {first} and "
+            f"{first + 1}); an artery enhances at least {MIN_AIF_TO_NOISE:g} times more: no contrast bolus reached the "
+            "vessels"
         )
     scale = 1.0
     if venous_scaling and vof is not None:
