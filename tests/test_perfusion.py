@@ -367,3 +367,16 @@ def test_time_on_the_third_axis_is_refused_by_name(tmp_path, good_series):
     for name, series in (("case_12", case_12), ("slab", good_series), ("two", good_series[:, :, 3:5]),
                          ("one", good_series[:, :, 3:4])):  # fmt: skip
         assert load_series(write_series(tmp_path / f"{name}.nii.gz", series)).hu.shape == series.shape
+
+
+def test_accuracy_of_cut_series_lists_each_refusal():
+    """``perfusion accuracy --end_after_aif_peak K`` measures series cut K frames after the arterial peak: a case the
+    analysis refuses is listed with its refusal instead of stopping the command; the whole series is analysed."""
+    from custom.perfusion.commands import accuracy
+
+    cut = accuracy(cases=1, size=64, end_after_aif_peak=0)
+    assert [set(case) for case in cut["per_case"]] == [{"case", "frames", "refused"}]
+    assert "still at 100% of its peak in the last frame" in cut["per_case"][0]["refused"]
+    assert cut["maps"]["white matter"]["CBF"]["voxels"] == 0
+    whole = accuracy(cases=1, size=64)
+    assert whole["per_case"][0]["aif_end_fraction"] < 0.5 and whole["maps"]["white matter"]["CBF"]["voxels"] > 0
