@@ -203,7 +203,7 @@ def _agreement(computed: np.ndarray, truth: np.ndarray) -> dict:
 
 def accuracy(
     cases: int = 8, size: int = 256, seed: int = 0, method: str = "osvd", out: str | None = None,
-    overwrite: bool = False,
+    overwrite: bool = False, end_after_aif_peak: int | None = None,
 ) -> dict:  # fmt: skip
     """Computed maps against the phantom's truth for the first ``cases`` training cases of the seed's cohort.
 
@@ -211,8 +211,12 @@ def accuracy(
     memory). Per tissue class (grey, white, deep grey matter; voxels free of large and cortical vessels)
     and inside the lesion (OT): bias, relative bias and Pearson r of CBF, CBV, MTT, Tmax pooled over
     cases; the fraction of AIF voxels inside an artery and of VOF voxels inside the sinus; the volume
-    and Dice of Tmax > 6 s within the brain tissue. Prints a Markdown table; ``out`` also writes JSON (an existing
-    ``out`` is refused before any case is rendered, unless ``overwrite``).
+    and Dice of Tmax > 6 s within the brain tissue; per case the AIF's level at its last frame (fraction of its
+    peak) and the median computed / true CBF of the brain tissue. Prints a Markdown table; ``out`` also writes JSON
+    (an existing ``out`` is refused before any case is rendered, unless ``overwrite``).
+
+    ``end_after_aif_peak`` K measures truncated series: each series is cut K frames after its true arterial peak,
+    and a case the analysis refuses is listed with the refusal under ``per_case`` instead of stopping the command.
     """
     from custom.data import phantom
 
@@ -221,13 +225,23 @@ def accuracy(
 
     classes = {"grey matter": (phantom.GREY,), "white matter": (phantom.WHITE,), "deep grey": (phantom.DEEP_GREY,)}
     pooled = {name: {m: ([], []) for m in ("CBF", "CBV", "MTT", "Tmax")} for name in (*classes, "lesion")}
-    aif_in_artery, vof_in_sinus, tmax_rows = [], [], []
+    aif_in_artery, vof_in_sinus, tmax_rows, per_case = [], [], [], []
     slabs = [s for s in phantom.iter_cohort(seed, cases, 0)]
     for slab in slabs:
         model = phantom.slab_model(slab, size)
         series = phantom.render_pwi(slab, size, phantom.pwi_generator(seed, slab), model)
         spacing = tuple(float(v) for v in np.abs(np.diag(model.affine))[:3])
-        result = compute_perfusion_maps(series.series, series.frame_s, spacing_mm=spacing, method=method)
+        hu = series.series
+        if end_after_aif_peak is not None:
+            peak = int(np.argmax(series.bolus.arterial(np.arange(hu.shape[-1]) * series.frame_s)))
+            hu = hu[..., : peak + end_after_aif_peak + 1]
+        try:
+            result = compute_perfusion_maps(hu, series.frame_s, spacing_mm=spacing, method=method, name=slab.case)
+        except ValueError as refusal:
+            if end_after_aif_peak is None:
+                raise
+            per_case.append({"case": slab.case, "frames": hu.shape[-1], "refused": str(refusal)})
+            continue
         aif_in_artery.append(float(np.mean([series.arteries[tuple(v)] > 0 for v in result.aif.voxels])))
         if result.vof is not None:
             vof_in_sinus.append(float(np.mean([series.sinus[tuple(v)] > 0 for v in result.vof.voxels])))
@@ -240,6 +254,16 @@ def accuracy(
                 computed.append(result.maps[m][region])
                 truth.append(series.truth[m][region])
         tissue = clean & np.isin(model.tissue, phantom.BRAIN_TISSUES)
+        per_case.append(
+            {
+                "case": slab.case,
+                "frames": hu.shape[-1],
+                "aif_end_fraction": round(float(result.aif.curve[-1] / result.aif.peak_hu), 3),
+                "tissue_cbf_ratio": round(
+                    float(np.median(result.maps["CBF"][tissue]) / np.median(series.truth["CBF"][tissue])), 3
+                ),
+            }
+        )
         true_tmax, found_tmax = tissue & (series.truth["Tmax"] > TMAX_THRESHOLD_S), tissue & (
             result.maps["Tmax"] > TMAX_THRESHOLD_S
         )
@@ -255,8 +279,8 @@ def accuracy(
             }
         )
     table = {
-        name: {m: _agreement(np.concatenate(c), np.concatenate(t)) for m, (c, t) in per_map.items()}
-        for name, per_map in pooled.items()
+        name: {m: _agreement(np.concatenate([[], *c]), np.concatenate([[], *t])) for m, (c, t) in per_map.items()}
+        for name, per_map in pooled.items()  # [] first: with end_after_aif_peak every case may be refused
     }
     true_ml = np.array([r["true_ml"] for r in tmax_rows])
     computed_ml = np.array([r["computed_ml"] for r in tmax_rows])
@@ -266,14 +290,15 @@ def accuracy(
         "seed": seed,
         "method": method,
         "maps": table,
-        "aif_voxels_in_artery": round(float(np.mean(aif_in_artery)), 3),
+        "aif_voxels_in_artery": round(float(np.mean(aif_in_artery)), 3) if aif_in_artery else None,
         "vof_voxels_in_sinus": round(float(np.mean(vof_in_sinus)), 3) if vof_in_sinus else None,
         "tmax6": {
             "cases": tmax_rows,
             "volume_r": _rounded(_pearson(computed_ml, true_ml)),
-            "mean_volume_difference_ml": round(float(np.mean(computed_ml - true_ml)), 2),
-            "mean_dice": round(float(np.mean([r["dice"] for r in tmax_rows])), 3),
+            "mean_volume_difference_ml": _rounded(np.mean(computed_ml - true_ml), 2) if tmax_rows else None,
+            "mean_dice": _rounded(np.mean([r["dice"] for r in tmax_rows])) if tmax_rows else None,
         },
+        "per_case": per_case,
     }
     lines = ["| region | map | bias | relative bias | r | voxels |", "|---|---|---|---|---|---|"]
     for name, per_map in table.items():

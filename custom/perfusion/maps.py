@@ -25,6 +25,10 @@ BONE_HU = 150.0
 MAX_BONE_FRACTION = 0.05
 ARRIVAL_FRACTION = 0.1  # the bolus arrives when the mean brain curve passes this fraction of its peak
 FLAT_ENHANCEMENT_HU = 1.0  # a mean brain enhancement below this means no contrast reached the brain
+# A frame 0 whose mean brain HU is further than this from frame 1's (a mask or higher-dose frame, or one still
+# settling) is replaced by frame 1: the baseline took it, and 20 HU doubled the phantom's CBV (-20) or had the series
+# refused as flat (+20); 0.45 HU moved the median CBV by at most 10 % (docs/perfusion.md).
+FIRST_FRAME_TOLERANCE_HU = 0.5
 CANDIDATE_FRACTION = 0.01  # AIF and VOF are searched among this top fraction of brain voxels by curve area
 MIN_CANDIDATES = 20
 VESSEL_VOXELS = 8  # voxels averaged into the AIF and into the VOF
@@ -38,6 +42,10 @@ MTT_CAP_S = 30.0
 # The mean brain enhancement falls to a few % of its peak by the end of a complete series (recirculation
 # included); above this fraction at the last frame the bolus had not passed and CBF, CBV and MTT are biased.
 MAX_TAIL_FRACTION = 0.5
+# The deconvolution needs the arterial bolus whole: on the phantom, series cut while the AIF was still above half its
+# peak gave a tissue CBF of 0.45 to 2.63 times the whole series' (5 of 9 cuts beyond a factor of 2); cut later, 0.57
+# to 1.30 times (38 cuts). docs/perfusion.md, "Truncated series".
+MAX_AIF_END_FRACTION = 0.5
 SMOOTHING_MM = 2.0
 
 
@@ -208,12 +216,13 @@ def compute_perfusion_maps(
 ) -> PerfusionResult:
     """CBF, CBV, MTT, Tmax, TTP (ISLES units) of a 4D series ``hu`` (H, W, D, T) in HU with time step ``frame_s``.
 
-    Steps: brain mask on the pre-contrast mean (refused when it encloses bone: not in HU); baseline frames
-    before the bolus; concentration = HU minus baseline; AIF from ``aif_mask`` (H, W, D) or found
-    automatically (refused when it peaks in the last frame: the series ends before the bolus has passed; when it
-    enhances less than MIN_AIF_TO_BRAIN_PEAK times the mean brain: not an artery; or less than MIN_AIF_TO_NOISE
-    times the voxel noise: no bolus), scaled by area(VOF) / area(AIF) when larger (arterial partial volume);
-    tissue curves smoothed in-plane (``smoothing_mm``) inside the brain;
+    Steps: brain mask on the pre-contrast mean (refused when it encloses bone: not in HU); frame 0 replaced by
+    frame 1, with a note, when their mean brain HU differ by more than FIRST_FRAME_TOLERANCE_HU; baseline frames
+    before the bolus; concentration = HU minus baseline; AIF from ``aif_mask`` (H, W, D) or found automatically
+    (refused when it ends above MAX_AIF_END_FRACTION of its peak: the series ends before the arterial bolus has
+    passed; when it enhances less than MIN_AIF_TO_BRAIN_PEAK times the mean brain: not an artery; or less than
+    MIN_AIF_TO_NOISE times the voxel noise: no bolus), scaled by area(VOF) / area(AIF) when larger (arterial
+    partial volume); tissue curves smoothed in-plane (``smoothing_mm``) inside the brain;
     deconvolution (``method`` 'osvd' or 'tikhonov') of all brain voxels in one batch on ``device``.
     ``name`` names the series in errors.
     """
@@ -228,6 +237,15 @@ def compute_perfusion_maps(
         raise ValueError(
             f"'{name}': {bone_fraction:.0%} of the region found as brain is above {BONE_HU:g} HU (bone): the "
             "series is not in HU (stored values without the rescale intercept -1024? set scl_slope/scl_inter)"
+        )
+    offset = float(hu[..., 0][brain].mean() - hu[..., 1][brain].mean())  # both pre-contrast in a series analysed
+    first = int(abs(offset) > FIRST_FRAME_TOLERANCE_HU)  # the first frame like the others
+    if first:
+        hu = hu.copy()  # the caller's array is left as it is
+        hu[..., 0] = hu[..., 1]
+        notes.append(
+            f"frame 0 replaced by frame 1: its mean brain HU is {offset:+.1f} HU from frame 1's (a mask or higher-dose "
+            "frame, or one still settling), which would have shifted the baseline"
         )
     baseline_frames = bolus_arrival(hu, brain, name)
     concentration = hu - hu[..., :baseline_frames].mean(axis=-1, keepdims=True)
@@ -248,10 +266,14 @@ def compute_perfusion_maps(
             f"truncated bolus: the mean brain enhancement is still {brain_curve[-1] / brain_peak:.0%} of its peak "
             "at the last frame; CBF, CBV and MTT are biased (acquire until the bolus has passed)"
         )
-    if int(np.argmax(aif.curve)) == aif.curve.size - 1:  # the deconvolution needs the arterial bolus whole
+    aif_end = float(aif.curve[-1]) / aif.peak_hu
+    if aif_end > MAX_AIF_END_FRACTION:
         raise ValueError(
-            f"'{name}': the AIF (voxels {aif.voxels[:3].tolist()}...) peaks in the last frame ({aif.curve.size - 1}, "
-            f"{aif.time_to_peak_s:g} s): the series ends before the arterial bolus has passed; acquire longer"
+            f"'{name}': the AIF (voxels {aif.voxels[:3].tolist()}...) peaks in frame {int(np.argmax(aif.curve))} "
+            f"({aif.time_to_peak_s:g} s) and is still at {aif_end:.0%} of its peak in the last frame "
+            f"({aif.curve.size - 1}): the series ends before the arterial bolus has passed (on the phantom CBF was off "
+            f"by up to a factor of 2.6); these maps need a series acquired until the AIF has fallen below "
+            f"{MAX_AIF_END_FRACTION:.0%} of its peak"
         )
     if aif.peak_hu < MIN_AIF_TO_BRAIN_PEAK * brain_peak:
         source = "the --aif_mask voxels" if aif_mask is not None else "no artery found: the automatic AIF"
@@ -260,13 +282,15 @@ def compute_perfusion_maps(
             f"{aif.peak_hu / brain_peak:.1f} times the mean brain enhancement ({brain_peak:.1f} HU); an artery "
             f"enhances at least {MIN_AIF_TO_BRAIN_PEAK:g} times more. Give arterial voxels with --aif_mask"
         )
-    # Voxel noise from the two pre-contrast frames (bolus_arrival keeps them baseline): robust to a few moving voxels.
-    noise_hu = 1.4826 * float(np.median(np.abs(hu[..., 1][brain] - hu[..., 0][brain]))) / np.sqrt(2.0)
+    # Voxel noise from two frames before the bolus (bolus_arrival refuses contrast in frames 0 and 1; from frame 2 on
+    # only the vessels may enhance, which the median ignores), frames 1 and 2 when frame 0 is a copy of frame 1.
+    noise_hu = 1.4826 * float(np.median(np.abs(hu[..., first + 1][brain] - hu[..., first][brain]))) / np.sqrt(2.0)
     if aif.peak_hu < MIN_AIF_TO_NOISE * noise_hu:
         raise ValueError(
             f"'{name}': the AIF (voxels {aif.voxels[:3].tolist()}...) peaks at {aif.peak_hu:.1f} HU, "
-            f"{aif.peak_hu / noise_hu:.1f} times the voxel noise ({noise_hu:.1f} HU between the first two frames); an "
-            f"artery enhances at least {MIN_AIF_TO_NOISE:g} times more: no contrast bolus reached the vessels"
+            f"{aif.peak_hu / noise_hu:.1f} times the voxel noise ({noise_hu:.1f} HU between frames {first} and "
+            f"{first + 1}); an artery enhances at least {MIN_AIF_TO_NOISE:g} times more: no contrast bolus reached the "
+            "vessels"
         )
     scale = 1.0
     if venous_scaling and vof is not None:

@@ -15,6 +15,8 @@ from custom.data.studies import load_nifti, read_voxels, require_finite
 
 MIN_FRAMES = 10
 TIME_UNIT_SECONDS = {"sec": 1.0, "msec": 1e-3, "usec": 1e-6}
+# The other time-axis units NIfTI's xyzt_units can hold (spectroscopy's): not a time, so pixdim[4] is no time step.
+NOT_TIME_UNITS = ("hz", "ppm", "rads")
 # CT perfusion frames are 0.5-4 s apart; outside this range the time unit is wrong (pixdim[4] in ms labelled
 # seconds, or the reverse), which would scale CBF and Tmax by 1000 without a word.
 FRAME_S_RANGE = (0.1, 20.0)
@@ -58,12 +60,38 @@ def require_no_blank_frame(path, hu: np.ndarray) -> None:
         )
 
 
+def mean_neighbour_difference_hu(hu: np.ndarray, axis: int) -> float:
+    """Mean absolute HU difference between neighbours along ``axis`` (2: slices, 3: frames) of (H, W, D, T),
+    frame by frame so no second copy of the series is made."""
+    if axis == 2:
+        return float(np.mean([np.abs(np.diff(hu[..., t], axis=2)).mean() for t in range(hu.shape[3])]))
+    return float(np.mean([np.abs(hu[..., t + 1] - hu[..., t]).mean() for t in range(hu.shape[3] - 1)]))
+
+
+def require_time_on_the_fourth_axis(path, hu: np.ndarray) -> None:
+    """Refuse a series whose neighbouring frames differ more than its neighbouring slices, naming the file: frames
+    share the anatomy (only noise and contrast change) while slices cut other anatomy (skull, ventricles), so such
+    a series holds time on the 3rd axis and slices on the 4th (x, y, t, z). Read as (x, y, z, t), it gave maps
+    without a word (docs/perfusion.md)."""
+    if hu.shape[2] < 2 or hu.shape[3] < 2:
+        return  # one slice or one frame: nothing to compare
+    between_slices, between_frames = mean_neighbour_difference_hu(hu, 2), mean_neighbour_difference_hu(hu, 3)
+    if between_frames > between_slices:
+        raise ValueError(
+            f"'{path}': neighbouring frames (4th axis, {hu.shape[3]}) differ by {between_frames:.1f} HU on average, "
+            f"more than neighbouring slices (3rd axis, {hu.shape[2]}: {between_slices:.1f} HU); frames of one head "
+            "differ less than slices, so the axes are likely (x, y, time, slices): store the series as (x, y, slices, "
+            "time), e.g. numpy.swapaxes(data, 2, 3) with pixdim[3] and pixdim[4] swapped"
+        )
+
+
 def load_series(path, frame_s: float | None = None) -> LoadedSeries:
     """Load a 4D CTP NIfTI; the time step comes from ``frame_s`` (seconds) if given, else from the header.
 
     Refused with a ValueError naming ``path``: unreadable files, not 4D (e.g. a 3D map), fewer than
-    MIN_FRAMES frames, no time step in the header and none given, a time step outside FRAME_S_RANGE,
-    non-finite values, a blank frame.
+    MIN_FRAMES frames, no time step in the header and none given (or a time unit that is not a time, e.g. 'hz'),
+    a time step outside FRAME_S_RANGE,
+    non-finite values, a blank frame, time on the 3rd axis (``require_time_on_the_fourth_axis``).
     """
     path = Path(path)
     image = load_nifti(path)
@@ -73,6 +101,12 @@ def load_series(path, frame_s: float | None = None) -> LoadedSeries:
     if frames < MIN_FRAMES:
         raise ValueError(f"'{path}': {frames} frames; at least {MIN_FRAMES} are needed to deconvolve a bolus")
     if frame_s is None:
+        unit = image.header.get_xyzt_units()[1]
+        if unit in NOT_TIME_UNITS:
+            raise ValueError(
+                f"'{path}': the header's time unit (NIfTI xyzt_units) is '{unit}', which is not a time, so pixdim[4] "
+                f"= {image.header.get_zooms()[3]:g} is no time step; pass the frame interval with --dt SECONDS"
+            )
         frame_s = header_frame_s(image)
         if frame_s is None:
             raise ValueError(
@@ -94,4 +128,5 @@ def load_series(path, frame_s: float | None = None) -> LoadedSeries:
     hu = read_voxels(path, lambda: image.get_fdata(dtype=np.float32))
     require_finite(path, hu)
     require_no_blank_frame(path, hu)
+    require_time_on_the_fourth_axis(path, hu)
     return LoadedSeries(path, hu, float(frame_s), image)
