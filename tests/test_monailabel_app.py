@@ -15,6 +15,7 @@ import torch
 from conftest import CONFIGS, inference_network
 from monai.bundle import ConfigParser
 
+from custom.__main__ import main as command_line
 from custom.monailabel_app import (
     REFUSAL_REPORTING_IMPORTS,
     REFUSAL_REPORTING_MODULE,
@@ -203,14 +204,13 @@ def test_two_images_of_one_study_id_are_refused_naming_both(tiny_phantom_dataset
         plan_studies(dataset_dir, tmp_path / "studies")
 
 
-def fake_monailabel_venv(folder):
+def fake_monailabel_venv(folder, imports="".join(REFUSAL_REPORTING_IMPORTS)):
     """A MONAI Label environment whose ``python -m monailabel.main apps --download ... --output DIR`` writes a sample
-    app to ``DIR/monaibundle`` with only ``main.py``'s imports of MONAI Label's bundle tasks and an empty ``lib/``:
-    enough for ``prepare_monailabel_app`` without the 8 GB environment."""
+    app to ``DIR/monaibundle`` with only ``main.py``'s ``imports`` (default: 0.8.5's of MONAI Label's bundle tasks) and
+    an empty ``lib/``: enough for ``prepare_monailabel_app`` without the 8 GB environment."""
     (folder / "bin").mkdir(parents=True)
     (folder / "bin" / "monailabel").touch()
     python = folder / "bin" / "python"
-    imports = "".join(REFUSAL_REPORTING_IMPORTS)
     python.write_text(f'#!/bin/sh\nfor last; do :; done\nmkdir -p "$last/monaibundle/lib"\n'
                       f'printf "{imports}" > "$last/monaibundle/main.py"\n')
     python.chmod(0o755)
@@ -236,6 +236,23 @@ def test_refused_studies_leave_no_app_folder(tiny_phantom_dataset, tmp_path):
     earlier.unlink()
     prepare_monailabel_app(app, studies=studies, dataset_dir=tiny_phantom_dataset, venv=venv)
     assert (app / "model" / "ctp_stroke" / "models" / "model.pt").is_file() and earlier.is_file()
+
+
+def test_a_main_py_of_another_monailabel_is_refused_in_one_line_leaving_nothing(tmp_path):
+    """A sample app whose main.py imports MONAI Label's tasks otherwise than 0.8.5's (the two lines cannot be swapped)
+    was refused with a RuntimeError, a traceback through ``python -m custom monailabel-app``: it is a one-line refusal
+    naming main.py, the environment and the lines expected, and the command leaves no app, studies or scratch
+    folder."""
+    other = "from monailabel.tasks.infer.bundle import BundleInferTask, BundleTrainTask\n"
+    venv = fake_monailabel_venv(tmp_path / "venv", imports=other)
+    with pytest.raises(SystemExit) as refused:
+        command_line(["monailabel-app", str(tmp_path / "app"), "--venv", str(venv), "--studies", str(tmp_path / "s")])
+    expected = [line.strip() for line in REFUSAL_REPORTING_IMPORTS]
+    assert refused.value.code.startswith(
+        f"python -m custom monailabel-app: error: the monaibundle sample app of the MONAI Label environment '{venv}' "
+        f"is not MONAI Label 0.8.5's: its main.py does not hold each of the lines {expected} once"
+    ), refused.value.code
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["venv"]
 
 
 def test_start_line_is_offline_and_loopback(tmp_path):
