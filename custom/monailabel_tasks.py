@@ -106,7 +106,7 @@ class RefusalReportingTrainTask(BundleTrainTask):
             if refused is None:
                 raise
             logger.exception("the bundle refused the fine-tune")
-            raise ValueError(str(refused)) from None
+            raise refused.with_traceback(None) from None
 
     def run_multi_gpu(self, request, cmd, env):
         """Run MONAI Label's command line ``cmd`` (``torchrun`` and its arguments) with this environment's Python, and

@@ -365,6 +365,18 @@ def test_the_bundles_refusals_reach_the_monailabel_client(served_tasks, tmp_path
                                                            "study to train on: submit labels (tag 'final')\n"
     assert "Failed to instantiate component 'custom.data.datalist.check_labelled_studies'" in caplog.text
 
+    def missing_dataset():  # a refusal of the project's that is an OSError keeps its type (it became a ValueError)
+        from custom.data.datalist import load_dataset_json
+
+        load_dataset_json(tmp_path / "no_dataset")
+
+    served_tasks.BundleTrainTask.fail = staticmethod(missing_dataset)
+    with pytest.raises(FileNotFoundError) as raised:
+        served_tasks.RefusalReportingTrainTask()({"model": "ctp_stroke"}, None)
+    assert traceback.format_exception(raised.value)[-1] == \
+        f"FileNotFoundError: dataset_dir '{tmp_path / 'no_dataset'}' does not exist (convert data with `python -m " \
+        "custom prepare`)\n"
+
 
 def _truncated(study) -> Path:
     """``study``'s file cut in half, as a broken copy leaves it: nibabel reads its header, not its voxels."""
