@@ -129,17 +129,22 @@ def serve_weights(bundle_root, ckpt_path) -> None:
         (models / TRAINING_RECORD).unlink(missing_ok=True)
 
 
-def report_refusals(app) -> None:
+def report_refusals(app, venv) -> None:
     """Make the sample app in ``app`` build its bundle tasks from ``custom.monailabel_tasks``, so that the bundle's
     refusal of a study reaches the client (inference: HTTP 422 and the message, not a bare 500; a fine-tune: its log
     ends with the message): the module is copied to ``REFUSAL_REPORTING_MODULE`` and ``main.py`` imports its tasks
-    under the names of MONAI Label's (``REFUSAL_REPORTING_IMPORTS``). A ``main.py`` without those import lines is
-    refused, naming it."""
+    under the names of MONAI Label's (``REFUSAL_REPORTING_IMPORTS``). A ``main.py`` without each of those import lines
+    once (another MONAI Label than 0.8.5) is refused before anything is written, naming it and the environment
+    ``venv`` whose ``monailabel apps --download`` gave it."""
     main = Path(app) / "main.py"
     text = main.read_text(encoding="utf-8")
     missing = [line.strip() for line in REFUSAL_REPORTING_IMPORTS if text.count(line) != 1]
     if missing:
-        raise RuntimeError(f"'{main}' is not MONAI Label 0.8.5's monaibundle app: it does not import {missing} once")
+        raise ValueError(
+            f"the monaibundle sample app of the MONAI Label environment '{venv}' is not MONAI Label 0.8.5's: its "
+            f"main.py does not hold each of the lines {missing} once, which this command replaces by the tasks of "
+            f"{REFUSAL_REPORTING_MODULE}; use the environment .ci/monailabel_env builds (nothing was written)"
+        )
     shutil.copyfile(Path(__file__).with_name("monailabel_tasks.py"), Path(app) / REFUSAL_REPORTING_MODULE)
     for line, replacement in REFUSAL_REPORTING_IMPORTS.items():
         text = text.replace(line, replacement)
@@ -290,7 +295,7 @@ def prepare_monailabel_app(app_dir: str, studies: str | None = None, dataset_dir
         if copied.returncode != 0 or not sample_app.is_dir():
             output = copied.stdout + copied.stderr
             raise RuntimeError(f"`monailabel apps --download --name monaibundle` failed:\n{output}")
-        report_refusals(sample_app)
+        report_refusals(sample_app, venv)
         if archive is None:
             archive = package_bundle(Path(scratch) / f"{BUNDLE_NAME}.zip", bundle_root=bundle_root)
         given = {"contralateral_channels": contralateral_channels, "adjacent_slices": adjacent_slices}

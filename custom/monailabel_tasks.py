@@ -1,17 +1,21 @@
-"""MONAI Label's bundle inference and training tasks, passing the bundle's refusals on to the client.
+"""MONAI Label's bundle inference and training tasks, passing the bundle's refusals and other errors on to the client.
 
 Why it exists: MONAI Label 0.8.5 turns every error of an inference into a bare ``500 Internal Server Error`` (its
 endpoints catch nothing; the traceback goes to the server's console only), so 3D Slicer showed ``Status: 500;
-Response: Internal Server Error`` for a study with NaN voxels, a missing map or sagittal slices. A fine-tune runs in
-a process of its own, and the client gets the last 20 lines of its log (``GET /train/``; the Slicer plugin logs the
-last one), which were the end of the traceback of MONAI's wrapper (``Failed to instantiate component
-'custom.data.datalist.check_labelled_studies'``), the refusal naming the labels far above. ``python -m custom
-monailabel-app`` copies this file into the app (``lib/refusal_reporting.py``) and has the sample app's ``main.py``
-import these tasks in place of MONAI Label's. It runs in the MONAI Label environment only (it imports ``monailabel``
-and ``fastapi``), never in the project's.
+Response: Internal Server Error`` for a study with NaN voxels, a missing map or sagittal slices, and for a corrupt
+study file. A fine-tune runs in a process of its own, and the client gets the last 20 lines of its log (``GET
+/train/``; the Slicer plugin logs the last one), which were the end of the traceback of MONAI's wrapper (``Failed to
+instantiate component 'custom.data.datalist.check_labelled_studies'``), the refusal naming the labels far above; a
+fine-tune requested with ``run_sync=true`` runs in the server itself, and its errors were bare 500s too. ``python -m
+custom monailabel-app`` copies this file into the app (``lib/refusal_reporting.py``) and has the sample app's
+``main.py`` import these tasks in place of MONAI Label's. It runs in the MONAI Label environment only (it imports
+``monailabel`` and ``fastapi``), never in the project's.
 """
 
+import asyncio
 import logging
+import subprocess
+import sys
 
 from fastapi import HTTPException
 from monailabel.tasks.infer.bundle import BundleInferTask
@@ -20,41 +24,101 @@ from monailabel.tasks.train.bundle import BundleTrainTask
 logger = logging.getLogger(__name__)
 
 
-def refusal(err: BaseException) -> ValueError | None:
-    """The bundle's refusal behind ``err``: the outermost ``ValueError`` of its chain of causes (MONAI wraps the error
-    of a config component in a ``RuntimeError``), or None."""
-    while err is not None and not isinstance(err, ValueError):
+def causes(err: BaseException) -> list[BaseException]:
+    """``err`` and its chain of causes, outermost first (MONAI wraps the error of a transform or a config component in
+    a ``RuntimeError`` raised ``from`` it)."""
+    chain = []
+    while err is not None:
+        chain.append(err)
         err = err.__cause__
-    return err
+    return chain
+
+
+def refusal(err: BaseException) -> BaseException | None:
+    """The project's refusal behind ``err``: the outermost error of its chain that ``custom.deploy.is_refusal`` accepts
+    (a ValueError or OSError raised by a ``raise`` statement of the project's code), or None; a ValueError of a library
+    is no refusal of the study. The project's code here is the served bundle's copy of ``custom/``, which MONAI Label
+    imports from the bundle folder: its ``is_refusal`` recognises that copy. Before any of it is imported, none of it
+    can have raised ``err``."""
+    if "custom" not in sys.modules:
+        return None
+    from custom.deploy import is_refusal
+
+    return next((cause for cause in causes(err) if is_refusal(cause)), None)
+
+
+def failure(what: str, err: BaseException) -> str:
+    """What a client is told of an error that is no refusal: ``what`` failed, and the innermost error of the chain (the
+    original one, not MONAI's wrapper), type and message, so that a user can report it."""
+    original = causes(err)[-1]
+    return f"{what} failed: {type(original).__name__}: {original} (the traceback is in the server's log)"
+
+
+def in_server() -> bool:
+    """Whether this runs in the server's request handler, on its event loop: a fine-tune requested with
+    ``run_sync=true``, whose error becomes the HTTP answer. MONAI Label runs other fine-tunes in a process of their own
+    (``monailabel.interfaces.utils.app``), whose log is the client's answer."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def http_error(what: str, err: BaseException) -> HTTPException:
+    """The HTTP answer to ``err``, logged here (the server's output and ``logs/app.log``): 422 and the project's refusal
+    alone, or 500 naming ``what`` and the original error (``failure``), the traceback logged. FastAPI sends the text
+    as the JSON body ``{"detail": ...}``."""
+    refused = refusal(err)
+    if refused is not None:
+        logger.warning(f"the bundle refused {what}: {refused}")
+        return HTTPException(status_code=422, detail=str(refused))
+    logger.error(failure(what, err), exc_info=err)
+    return HTTPException(status_code=500, detail=failure(what, err))
 
 
 class RefusalReportingInferTask(BundleInferTask):
     """``BundleInferTask`` that answers a request the bundle refuses (``custom.transforms.ValidateStudyd``) with HTTP
-    422 and the refusal, which FastAPI sends as ``{"detail": ...}``, and logs the refusal (the server's log and
-    ``logs/app.log``). Other errors stay MONAI Label's bare 500."""
+    422 and the refusal, and any other error (a corrupt study file, a failure in a transform or the network) with HTTP
+    500 naming the study and the original error; both are logged (``http_error``)."""
 
     def __call__(self, request, *args, **kwargs):
         try:
             return super().__call__(request, *args, **kwargs)
         except Exception as err:
-            refused = refusal(err)
-            if refused is None:
-                raise
-            logger.warning(f"the bundle refused the inference of {request.get('image')}: {refused}")
-            raise HTTPException(status_code=422, detail=str(refused)) from err
+            raise http_error(f"the inference of {request.get('image')}", err) from err
 
 
 class RefusalReportingTrainTask(BundleTrainTask):
     """``BundleTrainTask`` whose refusal by the bundle (``custom.data.datalist.check_labelled_studies``) ends the
     training log with its message: the whole traceback is logged, then the refusal is raised again alone, so that its
-    short traceback ends the log. Other errors are raised as they are."""
+    short traceback ends the log. Other errors are raised as they are. A fine-tune requested with ``run_sync=true``
+    runs in the server, and is answered as an inference is (``http_error``). Multi-GPU fine-tunes run torchrun of this
+    environment, and fail when it fails (``run_multi_gpu``)."""
 
     def __call__(self, request, datastore):
         try:
             return super().__call__(request, datastore)
         except Exception as err:
+            if in_server():
+                raise http_error(f"the fine-tune of {request.get('model')}", err) from err
             refused = refusal(err)
             if refused is None:
                 raise
             logger.exception("the bundle refused the fine-tune")
-            raise ValueError(str(refused)) from None
+            raise refused.with_traceback(None) from None
+
+    def run_multi_gpu(self, request, cmd, env):
+        """Run MONAI Label's command line ``cmd`` (``torchrun`` and its arguments) with this environment's Python, and
+        raise if it fails.
+
+        Why: MONAI Label 0.8.5 runs ``torchrun`` from ``PATH``, which the documented start line (the environment's
+        ``python -m monailabel.main``, not activated) does not hold (``FileNotFoundError: 'torchrun'``), or which may be
+        another environment's; and it ignores torchrun's exit status, so a refused or failed multi-GPU fine-tune ended
+        DONE. The ranks' output, their errors included, goes to this log as it comes."""
+        command = [sys.executable, "-m", "torch.distributed.run", *cmd[1:]]
+        logger.info(f"running {command}")
+        returncode = subprocess.run(command, env=env).returncode
+        if returncode != 0:
+            raise RuntimeError(f"the multi-GPU fine-tune failed: torchrun exited with status {returncode}; the error "
+                               "of each rank is above in the log")

@@ -1,7 +1,9 @@
 """What MONAI Label reads from the bundle, and the app preparation that does not need the server."""
 
+import asyncio
 import importlib.util
 import json
+import os
 import shutil
 import sys
 import traceback
@@ -15,6 +17,7 @@ import torch
 from conftest import CONFIGS, inference_network
 from monai.bundle import ConfigParser
 
+from custom.__main__ import main as command_line
 from custom.monailabel_app import (
     REFUSAL_REPORTING_IMPORTS,
     REFUSAL_REPORTING_MODULE,
@@ -203,14 +206,13 @@ def test_two_images_of_one_study_id_are_refused_naming_both(tiny_phantom_dataset
         plan_studies(dataset_dir, tmp_path / "studies")
 
 
-def fake_monailabel_venv(folder):
+def fake_monailabel_venv(folder, imports="".join(REFUSAL_REPORTING_IMPORTS)):
     """A MONAI Label environment whose ``python -m monailabel.main apps --download ... --output DIR`` writes a sample
-    app to ``DIR/monaibundle`` with only ``main.py``'s imports of MONAI Label's bundle tasks and an empty ``lib/``:
-    enough for ``prepare_monailabel_app`` without the 8 GB environment."""
+    app to ``DIR/monaibundle`` with only ``main.py``'s ``imports`` (default: 0.8.5's of MONAI Label's bundle tasks) and
+    an empty ``lib/``: enough for ``prepare_monailabel_app`` without the 8 GB environment."""
     (folder / "bin").mkdir(parents=True)
     (folder / "bin" / "monailabel").touch()
     python = folder / "bin" / "python"
-    imports = "".join(REFUSAL_REPORTING_IMPORTS)
     python.write_text(f'#!/bin/sh\nfor last; do :; done\nmkdir -p "$last/monaibundle/lib"\n'
                       f'printf "{imports}" > "$last/monaibundle/main.py"\n')
     python.chmod(0o755)
@@ -238,6 +240,23 @@ def test_refused_studies_leave_no_app_folder(tiny_phantom_dataset, tmp_path):
     assert (app / "model" / "ctp_stroke" / "models" / "model.pt").is_file() and earlier.is_file()
 
 
+def test_a_main_py_of_another_monailabel_is_refused_in_one_line_leaving_nothing(tmp_path):
+    """A sample app whose main.py imports MONAI Label's tasks otherwise than 0.8.5's (the two lines cannot be swapped)
+    was refused with a RuntimeError, a traceback through ``python -m custom monailabel-app``: it is a one-line refusal
+    naming main.py, the environment and the lines expected, and the command leaves no app, studies or scratch
+    folder."""
+    other = "from monailabel.tasks.infer.bundle import BundleInferTask, BundleTrainTask\n"
+    venv = fake_monailabel_venv(tmp_path / "venv", imports=other)
+    with pytest.raises(SystemExit) as refused:
+        command_line(["monailabel-app", str(tmp_path / "app"), "--venv", str(venv), "--studies", str(tmp_path / "s")])
+    expected = [line.strip() for line in REFUSAL_REPORTING_IMPORTS]
+    assert refused.value.code.startswith(
+        f"python -m custom monailabel-app: error: the monaibundle sample app of the MONAI Label environment '{venv}' "
+        f"is not MONAI Label 0.8.5's: its main.py does not hold each of the lines {expected} once"
+    ), refused.value.code
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["venv"]
+
+
 def test_start_line_is_offline_and_loopback(tmp_path):
     command = start_server_command(tmp_path / "app", tmp_path / "studies", tmp_path / "venv", port=8123)
     line = " ".join(command)
@@ -261,22 +280,33 @@ def _refusal_reporting_tasks(app, monkeypatch, infer, train):
     return module
 
 
-def test_the_bundles_refusals_reach_the_monailabel_client(tmp_path, monkeypatch, caplog):
-    """MONAI Label 0.8.5 answers every error of an inference with a bare HTTP 500 ``Internal Server Error``: a study
-    with a NaN voxel (or a missing map, sagittal slices) showed 3D Slicer that, and the bundle's refusal naming the file
-    reached the server's console only; the prepared app's inference task answers HTTP 422 with the refusal. A refused
-    fine-tune's log (the client gets its last 20 lines, the Slicer plugin the last) ended with MONAI's wrapper and its
-    traceback; it ends with the refusal. The stand-ins run what MONAI Label runs: the bundle's preprocessing transform
-    by transform (``run_transforms``, no Compose), the served train.json's screening of the studies MONAI Label gives
-    it (none here); the real server: ``integration/test_monailabel.py``."""
-    from fastapi import HTTPException
+def _project_modules() -> set[str]:
+    return {name for name in sys.modules if name.split(".")[0] == "custom"}
+
+
+@pytest.fixture
+def served_tasks(tmp_path, monkeypatch):
+    """The tasks of an app ``monailabel-app`` prepared (with a fake MONAI Label environment), over stand-ins that run
+    what MONAI Label runs: the served copy's inference preprocessing transform by transform (``run_transforms``, no
+    Compose), then ``network`` (a MONAI transform standing in for the network: ``image`` unchanged unless a test sets
+    it), and the served train.json's screening of the studies MONAI Label gives it (none here) unless ``fail`` is set.
+    As in MONAI Label's server, ``custom`` is the served bundle's copy (imported from the bundle folder), not the
+    project's; the project's modules are put back after the test. The real server:
+    ``integration/test_monailabel.py``."""
+    from monai.transforms import Lambdad, apply_transform
 
     app = tmp_path / "app"
     prepare_monailabel_app(app, venv=fake_monailabel_venv(tmp_path / "venv"))
     assert (app / "main.py").read_text() == "".join(REFUSAL_REPORTING_IMPORTS.values())
     served = app / "model" / "ctp_stroke"
+    project = _project_modules()
+    for name in project:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.syspath_prepend(str(served))
 
     class BundleInferTask:
+        network = staticmethod(lambda image: image)
+
         def __call__(self, request):
             parser = ConfigParser()
             parser.read_config(served / "configs" / "inference.json")
@@ -284,28 +314,135 @@ def test_the_bundles_refusals_reach_the_monailabel_client(tmp_path, monkeypatch,
             data = {"image": request["image"]}
             for transform in parser.get_parsed_content("preprocessing").transforms:
                 data = transform(data)
+            apply_transform(Lambdad("image", self.network), data)
             return "mask.nii.gz", {}
 
     class BundleTrainTask:
+        fail = None
+
         def __call__(self, request, datastore):
             parser = ConfigParser()
             parser.read_config(served / "configs" / "train.json")
             parser.update({"bundle_root": str(served), "train#dataset#data": [], "validate#dataset#data": []})
+            if self.fail:
+                self.fail()
             parser.get_parsed_content("check_labelled_studies")
 
-    tasks = _refusal_reporting_tasks(app, monkeypatch, BundleInferTask, BundleTrainTask)
-    study = tmp_path / "case_nan.nii.gz"
+    yield _refusal_reporting_tasks(app, monkeypatch, BundleInferTask, BundleTrainTask)
+    for name in _project_modules() - project:
+        del sys.modules[name]
+
+
+def _study(folder, nan=False) -> Path:
+    study = folder / ("case_nan.nii.gz" if nan else "case_1.nii.gz")
     volume = np.zeros((32, 32, 2, 5), dtype=np.float32)
     volume[8:24, 8:24] = 1.0  # the brain
-    volume[12, 12, 1, 2] = np.nan
+    if nan:
+        volume[12, 12, 1, 2] = np.nan
     nib.save(nib.Nifti1Image(volume, np.eye(4)), study)
+    return study
+
+
+def test_the_bundles_refusals_reach_the_monailabel_client(served_tasks, tmp_path, caplog):
+    """MONAI Label 0.8.5 answers every error of an inference with a bare HTTP 500 ``Internal Server Error``: a study
+    with a NaN voxel (or a missing map, sagittal slices) showed 3D Slicer that, and the bundle's refusal naming the file
+    reached the server's console only; the prepared app's inference task answers HTTP 422 with the refusal. A refused
+    fine-tune's log (the client gets its last 20 lines, the Slicer plugin the last) ended with MONAI's wrapper and its
+    traceback; it ends with the refusal."""
+    from fastapi import HTTPException
+
+    study = _study(tmp_path, nan=True)
     with pytest.raises(HTTPException) as raised:
-        tasks.RefusalReportingInferTask()({"image": str(study)})
+        served_tasks.RefusalReportingInferTask()({"image": str(study)})
     assert (raised.value.status_code, raised.value.detail) == (422, f"{study}: 1 NaN or Inf values in the CBV channel")
     assert f"the bundle refused the inference of {study}: {raised.value.detail}" in caplog.text
+    served_code = tmp_path / "app" / "model" / "ctp_stroke" / "custom"
+    assert Path(sys.modules["custom.deploy"].__file__) == served_code / "deploy.py"  # recognised as the project's
 
     with pytest.raises(ValueError) as raised:
-        tasks.RefusalReportingTrainTask()({"model": "ctp_stroke"}, None)
+        served_tasks.RefusalReportingTrainTask()({"model": "ctp_stroke"}, None)
     assert traceback.format_exception(raised.value)[-1] == "ValueError: MONAI Label gave the fine-tune no labelled " \
                                                            "study to train on: submit labels (tag 'final')\n"
     assert "Failed to instantiate component 'custom.data.datalist.check_labelled_studies'" in caplog.text
+
+    def missing_dataset():  # a refusal of the project's that is an OSError keeps its type (it became a ValueError)
+        from custom.data.datalist import load_dataset_json
+
+        load_dataset_json(tmp_path / "no_dataset")
+
+    served_tasks.BundleTrainTask.fail = staticmethod(missing_dataset)
+    with pytest.raises(FileNotFoundError) as raised:
+        served_tasks.RefusalReportingTrainTask()({"model": "ctp_stroke"}, None)
+    assert traceback.format_exception(raised.value)[-1] == \
+        f"FileNotFoundError: dataset_dir '{tmp_path / 'no_dataset'}' does not exist (convert data with `python -m " \
+        "custom prepare`)\n"
+
+
+def _truncated(study) -> Path:
+    """``study``'s file cut in half, as a broken copy leaves it: nibabel reads its header, not its voxels."""
+    truncated = study.with_name("case_truncated.nii.gz")
+    truncated.write_bytes(study.read_bytes()[: study.stat().st_size // 2])
+    return truncated
+
+
+def test_other_inference_errors_reach_the_client_naming_the_study_and_the_error(served_tasks, tmp_path, caplog):
+    """Any other error of an inference (a corrupt study file the bundle does not screen, a failure in a transform or
+    the network) reached 3D Slicer as a bare HTTP 500 ``Internal Server Error``, and a ValueError of a library
+    (numpy's here, inside a MONAI transform) was answered HTTP 422 as if the bundle had refused the study. Both are
+    HTTP 500 naming the study and the original error, its traceback in the server's log; a refusal is only what the
+    project's code raises (``custom.deploy.is_refusal``, of the served copy)."""
+    from fastapi import HTTPException
+
+    study = _study(tmp_path)
+    served_tasks.RefusalReportingInferTask()({"image": str(study)})  # the stand-ins run a good study
+    truncated = _truncated(study)
+    with pytest.raises(HTTPException) as raised:
+        served_tasks.RefusalReportingInferTask()({"image": str(truncated)})
+    assert (raised.value.status_code, raised.value.detail) == (
+        500, f"the inference of {truncated} failed: EOFError: Compressed file ended before the end-of-stream marker "
+             "was reached (the traceback is in the server's log)")  # fmt: skip
+
+    served_tasks.BundleInferTask.network = staticmethod(lambda image: np.quantile(image, 2.0))
+    with pytest.raises(HTTPException) as raised:
+        served_tasks.RefusalReportingInferTask()({"image": str(study)})
+    assert (raised.value.status_code, raised.value.detail) == (
+        500, f"the inference of {study} failed: ValueError: Quantiles must be in the range [0, 1] (the traceback is "
+             "in the server's log)")  # fmt: skip
+    assert "Traceback (most recent call last)" in caplog.text and "np.quantile(image, 2.0)" in caplog.text
+
+
+def test_a_fine_tune_run_in_the_server_is_answered_with_its_refusal_or_error(served_tasks, caplog):
+    """``POST /train/<model>?run_sync=true`` runs the fine-tune in the server's request handler: its refusal (no
+    labelled study) and any other error were a bare HTTP 500. They are answered as an inference's are; a fine-tune in a
+    process of its own still ends its log with the refusal (previous test)."""
+    from fastapi import HTTPException
+
+    async def in_the_server(task):
+        return task({"model": "ctp_stroke"}, None)
+
+    with pytest.raises(HTTPException) as raised:
+        asyncio.run(in_the_server(served_tasks.RefusalReportingTrainTask()))
+    assert (raised.value.status_code, raised.value.detail) == (
+        422, "MONAI Label gave the fine-tune no labelled study to train on: submit labels (tag 'final')")
+
+    served_tasks.BundleTrainTask.fail = staticmethod(lambda: torch.zeros(2) @ torch.zeros(3))
+    with pytest.raises(HTTPException) as raised:
+        asyncio.run(in_the_server(served_tasks.RefusalReportingTrainTask()))
+    assert raised.value.status_code == 500
+    assert raised.value.detail.startswith("the fine-tune of ctp_stroke failed: RuntimeError: inconsistent tensor size")
+    assert "Traceback (most recent call last)" in caplog.text
+
+
+def test_a_multi_gpu_fine_tune_runs_torchrun_of_its_environment_and_fails_when_it_fails(served_tasks, tmp_path, capfd):
+    """MONAI Label 0.8.5 ran ``torchrun`` from ``PATH`` (``FileNotFoundError`` under the documented start line, which
+    does not activate the environment) and ignored its exit status (a refused or failed multi-GPU fine-tune ended DONE).
+    MONAI Label's command line is run with this environment's Python, and its failure fails the fine-tune."""
+    task, json_file = served_tasks.RefusalReportingTrainTask(), tmp_path / "valid.json"
+    json_file.write_text("{}")
+    torchrun = ["torchrun", "--standalone", "--nnodes=1", "--nproc_per_node=1", "-m", "json.tool"]  # a tiny program
+    env = {key: value for key, value in os.environ.items() if key != "PATH"}  # no torchrun to find
+    task.run_multi_gpu({}, torchrun + [str(json_file)], env)
+    failed = "the multi-GPU fine-tune failed: torchrun exited with status 1; the error of each rank is above in the log"
+    with pytest.raises(RuntimeError, match=failed):
+        task.run_multi_gpu({}, torchrun + [os.devnull], env)  # json.tool fails on an empty file
+    assert "Expecting value" in capfd.readouterr().err

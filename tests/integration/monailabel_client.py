@@ -1,8 +1,8 @@
 """Drive a running MONAI Label server with MONAI Label's own client, as the 3D Slicer plugin does.
 
-Runs in the MONAI Label environment (the project's does not have ``monailabel``), called by
-``test_monailabel.py``: ``python monailabel_client.py SERVER_URL MODEL STUDY REFUSED_STUDY LABELS_JSON EPOCHS OUT_DIR``
-(``REFUSED_STUDY``: a study the bundle refuses).
+Runs in the MONAI Label environment (the project's does not have ``monailabel``), called by ``test_monailabel.py``:
+``python monailabel_client.py SERVER_URL MODEL STUDY REFUSED_STUDY BROKEN_STUDY LABELS_JSON EPOCHS OUT_DIR``
+(``REFUSED_STUDY``: a study the bundle refuses; ``BROKEN_STUDY``: a corrupt study file the bundle does not screen).
 Every server answer is written to ``OUT_DIR`` for the test to check.
 """
 
@@ -17,6 +17,9 @@ from monailabel.client.client import MONAILabelClientException, MONAILabelUtils
 
 _SAVE_RESULT = MONAILabelUtils.save_result
 TRAIN_TIMEOUT_S = 1200  # a fine-tune of a few epochs on the tiny phantom takes about a minute on 2 cores
+# MONAI Label's multi-GPU path (torchrun) with one process, which runs without a GPU (the bundle's multi_gpu_train.json
+# falls back to the CPU and gloo); run_sync keeps "gpus" as sent (a background fine-tune gets "all", none here)
+MULTI_GPU = {"force_multi_gpu": True, "gpus": "0"}
 
 
 def model_info(server_url, model):
@@ -24,6 +27,16 @@ def model_info(server_url, model):
     if status != 200:
         raise RuntimeError(f"GET /model/info/{model}: status {status}: {response}")
     return json.loads(response)
+
+
+def train_in_the_server(server_url, model, payload):
+    """``POST /train/<model>?run_sync=true`` (not in the client's ``train_start``): the fine-tune runs in the server,
+    which answers when it ends; the status and the answer."""
+    status, response, _, _ = MONAILabelUtils.http_method("POST", server_url, f"/train/{model}?run_sync=true", payload)
+    try:
+        return {"status": status, "response": json.loads(response)}
+    except json.JSONDecodeError:  # MONAI Label's bare "Internal Server Error", for the test to show
+        return {"status": status, "response": response.decode()}
 
 
 def slicer_train_payload(info, model, max_epochs):
@@ -41,7 +54,7 @@ def save_result_under_its_base_name(files, tmpdir):
     return _SAVE_RESULT({Path(name).name: data for name, data in files.items()}, tmpdir)
 
 
-def main(server_url, model, study, refused_study, labels_json, max_epochs, out_dir):
+def main(server_url, model, study, refused_study, broken_study, labels_json, max_epochs, out_dir):
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     MONAILabelUtils.save_result = staticmethod(save_result_under_its_base_name)
@@ -53,16 +66,20 @@ def main(server_url, model, study, refused_study, labels_json, max_epochs, out_d
     for name, params in (("before.nii.gz", {}), ("before.nrrd", slicer_infer)):
         mask, _ = client.infer(model, study, params)
         shutil.move(mask, out / name)
-    try:
-        client.infer(model, refused_study, {})
-        (out / "refused.txt").write_text("answered with a mask")
-    except MONAILabelClientException as err:  # what the Slicer plugin shows: "Message: {err.msg}"
-        (out / "refused.txt").write_text(err.msg)
+    for name, image_id in (("refused.txt", refused_study), ("broken.txt", broken_study)):
+        try:
+            client.infer(model, image_id, {})
+            (out / name).write_text("answered with a mask")
+        except MONAILabelClientException as err:  # what the Slicer plugin shows: "Message: {err.msg}"
+            (out / name).write_text(err.msg)
 
     payload = slicer_train_payload(info, model, int(max_epochs))
     (out / "train_request.json").write_text(json.dumps(payload, indent=2))
     # before any label is saved: the bundle refuses the fine-tune (no labelled study)
     (out / "refused_train_status.json").write_text(json.dumps(fine_tune(client, model, payload), indent=2))
+    answers = {"single": train_in_the_server(server_url, model, payload),  # torchrun, one CPU process:
+               "multi_gpu": train_in_the_server(server_url, model, {**payload, **MULTI_GPU})}  # fmt: skip
+    (out / "refused_sync_train.json").write_text(json.dumps(answers, indent=2))
 
     for image_id, label in json.loads(Path(labels_json).read_text()).items():
         client.save_label(image_id, label, tag="final")
@@ -72,7 +89,11 @@ def main(server_url, model, study, refused_study, labels_json, max_epochs, out_d
     (out / "train_status.json").write_text(json.dumps(fine_tune(client, model, payload), indent=2))
     (out / "model_after.json").write_text(json.dumps(model_info(server_url, model)))
 
-    mask, _ = client.infer(model, study, {})
+    multi_gpu = train_in_the_server(server_url, model, {**payload, **MULTI_GPU})
+    (out / "multi_gpu_train.json").write_text(json.dumps(multi_gpu))
+    (out / "model_after_multi_gpu.json").write_text(json.dumps(model_info(server_url, model)))
+
+    mask, _ = client.infer(model, study, {})  # with the weights of the last fine-tune
     shutil.move(mask, out / "after.nii.gz")
 
 

@@ -114,6 +114,8 @@ def test_server_infers_saves_labels_and_fine_tunes(monailabel_venv, tiny_phantom
     volume = np.asarray(image.dataobj, dtype=np.float32)
     volume[0, 0, 0, 2] = np.nan
     nib.save(nib.Nifti1Image(volume, image.affine), refused)
+    broken = studies / "case_broken.nii.gz"  # a study cut in half (a broken copy): nibabel reads its header only
+    broken.write_bytes(study.read_bytes()[: study.stat().st_size // 2])
     labels = {Path(e["image"]).name.split(".nii")[0]: str(tiny_phantom_dataset / e["label"])
               for e in dataset["training"][:LABELLED]}  # fmt: skip
     (tmp_path / "labels.json").write_text(json.dumps(labels))
@@ -129,7 +131,7 @@ def test_server_infers_saves_labels_and_fine_tunes(monailabel_venv, tiny_phantom
         _wait_for_server(url, server, log)
         client = subprocess.run(
             [str(monailabel_venv / "bin" / "python"), str(CLIENT), url, MODEL, study_id, refused.name.split(".nii")[0],
-             str(tmp_path / "labels.json"), str(FINE_TUNE_EPOCHS), str(answers)],
+             broken.name.split(".nii")[0], str(tmp_path / "labels.json"), str(FINE_TUNE_EPOCHS), str(answers)],
             capture_output=True, text=True, env=monailabel_environment(),
         )  # fmt: skip
         assert client.returncode == 0, client.stdout[-3000:] + client.stderr[-5000:]
@@ -145,6 +147,12 @@ def test_server_infers_saves_labels_and_fine_tunes(monailabel_venv, tiny_phantom
         assert LoadImage(image_only=True, dtype=None)(str(answers / "before.nrrd")).dtype == torch.uint8
         refusal = (answers / "refused.txt").read_text()
         assert refusal == f'Status: 422; Response: {{"detail":"{refused}: 1 NaN or Inf values in the CBV channel"}}'
+        failure = (answers / "broken.txt").read_text()
+        assert failure == f'Status: 500; Response: {{"detail":"the inference of {broken} failed: EOFError: ' \
+                          'Compressed file ended before the end-of-stream marker was reached (the traceback is in ' \
+                          'the server\'s log)"}', failure
+        app_log = (app / "logs" / "app.log").read_text()
+        assert f"the inference of {broken} failed" in app_log and "Traceback (most recent call last)" in app_log
 
         datastore = json.loads((answers / "datastore.json").read_text())
         for image_id in labels:
@@ -154,6 +162,13 @@ def test_server_infers_saves_labels_and_fine_tunes(monailabel_venv, tiny_phantom
         assert refused_status["status"] == "ERROR", refused_status
         assert refused_status["details"][-1] == "ValueError: MONAI Label gave the fine-tune no labelled study to " \
                                                 "train on: submit labels (tag 'final')", refused_status["details"]
+        in_the_server = json.loads((answers / "refused_sync_train.json").read_text())
+        assert in_the_server["single"] == {"status": 422, "response": {"detail": "MONAI Label gave the fine-tune no "
+                                           "labelled study to train on: submit labels (tag 'final')"}}, in_the_server
+        assert in_the_server["multi_gpu"]["status"] == 500, in_the_server
+        assert in_the_server["multi_gpu"]["response"]["detail"].startswith(
+            "the fine-tune of ctp_stroke failed: RuntimeError: the multi-GPU fine-tune failed: torchrun exited with "
+            "status 1"), in_the_server  # fmt: skip
         status = json.loads((answers / "train_status.json").read_text())
         assert status["status"] == "DONE", status
         assert not (app / "model" / MODEL / "models" / "model.ts").exists()  # an export of the weights replaced
@@ -162,18 +177,27 @@ def test_server_infers_saves_labels_and_fine_tunes(monailabel_venv, tiny_phantom
         assert after_info["checksum"] != before_info["checksum"]
         assert served_weights.read_bytes() != initial_weights.read_bytes()
 
+        multi_gpu = json.loads((answers / "multi_gpu_train.json").read_text())
+        after_multi_gpu = json.loads((answers / "model_after_multi_gpu.json").read_text())
+        assert multi_gpu == {"status": 200, "response": {}}, multi_gpu
+        assert after_multi_gpu["checksum"] != after_info["checksum"]
+
         reference_after = _bundle_inference(study, served_weights, tmp_path / "reference_after", input_settings)
-        _assert_same_mask(answers / "after.nii.gz", reference_after)
+        _assert_same_mask(answers / "after.nii.gz", reference_after)  # the weights of the multi-GPU fine-tune
         print(f"GET /info/ labels: {info['labels']}; model {MODEL}: {info['models'][MODEL]['labels']}, "
               f"dimension {info['models'][MODEL]['dimension']}")  # fmt: skip
         print(f"POST /infer/{MODEL}?image={study_id}: NIfTI and NRRD masks voxel-identical to inference.json")
         print(f"POST /infer/{MODEL}?image=case_nan: the client's MONAILabelClientException says {refusal}")
+        print(f"POST /infer/{MODEL}?image=case_broken: the client's MONAILabelClientException says {failure}")
         print(f"PUT /datastore/label (tag final): {sorted(labels)}")
         print(f"POST /train/{MODEL} {json.loads((answers / 'train_request.json').read_text())}")
         print(f"GET /train/ of a fine-tune without labels: status ERROR, last line {refused_status['details'][-1]}")
+        print(f"POST /train/{MODEL}?run_sync=true without labels: {in_the_server}")
         print(f"GET /train/: status {status['status']} (started {status['start_ts']}, ended {status.get('end_ts')})")
         checksums = f"{before_info['checksum'][:12]}... -> {after_info['checksum'][:12]}..."
         print(f"GET /model/info/{MODEL}: checksum {checksums}")
+        print(f"POST /train/{MODEL}?run_sync=true, torchrun with one CPU process: {multi_gpu}, checksum "
+              f"{after_info['checksum'][:12]}... -> {after_multi_gpu['checksum'][:12]}...")
         print(f"POST /infer/{MODEL}?image={study_id} after training: voxel-identical to inference.json, new model.pt")
     except BaseException:
         print(f"---- MONAI Label server log ({log}) ----\n{log.read_text()[-20000:]}", file=sys.stderr)
