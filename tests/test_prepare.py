@@ -10,6 +10,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from test_bad_inputs import NO_VOLUME, save_with_sform
 
 from custom.clinical import MODALITIES
 from custom.data.check import check_dataset
@@ -254,6 +255,18 @@ def test_broken_case_is_refused_and_leaves_nothing(tmp_path, broken, message):
     write_isles_case(src, "case_2")
     write_isles_case(src, "case_3", **broken)
     with pytest.raises(ValueError, match=message):
+        prepare_isles2018(src, tmp_path / "dataset", folds=2)
+    assert leftovers(tmp_path, {"TRAINING"}) == []
+
+
+def test_a_case_whose_maps_have_no_voxel_volume_is_refused(tmp_path):
+    """Maps whose sform matrix is zero (sform_code 1, srow unset) were converted, the lesion counted as 0.0 mL."""
+    src = tmp_path / "TRAINING"
+    write_isles_case(src, "case_1")
+    write_isles_case(src, "case_2")
+    for path in write_isles_case(src, "case_3").values():
+        save_with_sform(path, np.array(nib.load(path, mmap=False).dataobj), NO_VOLUME)
+    with pytest.raises(ValueError, match=r"case_3/SMIR\.Brain\.XX\.O\.CT\..*: its affine gives the voxels no volume"):
         prepare_isles2018(src, tmp_path / "dataset", folds=2)
     assert leftovers(tmp_path, {"TRAINING"}) == []
 

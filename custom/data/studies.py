@@ -17,7 +17,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from custom.clinical import MODALITIES, brain_mask
+from custom.clinical import MODALITIES, brain_mask, voxel_volume_ml
 
 LABEL_NAMES = ("background", "lesion")
 LABEL_MAP = "OT"
@@ -92,15 +92,15 @@ def image_problems(name: str, data: np.ndarray, affine: np.ndarray | None = None
     """Problems of an image array as read from its file (H, W, D, 5): wrong shape, H or W too small, NaN/Inf per
     channel, an all-zero perfusion map (no brain: a mask would be a confident wrong answer), perfusion maps non-zero
     at every voxel (no background: the brain, hence the normalisation, the mask and the clinical volumes, would be
-    the whole volume; seen with an int16 file whose scaling turns 0 into -0.005), and with its ``affine`` slices
-    that are not axial (``slice_axis_problems``). The rules of ``python -m custom check``, the bundle's
-    ``ValidateStudy`` and the runner; ``name`` names the file."""
+    the whole volume; seen with an int16 file whose scaling turns 0 into -0.005), and with its ``affine`` a grid
+    without a voxel volume (``voxel_size_problems``) or slices that are not axial (``slice_axis_problems``). The
+    rules of ``python -m custom check``, the bundle's ``ValidateStudy`` and the runner; ``name`` names the file."""
     if data.ndim != 4 or data.shape[-1] != len(MODALITIES):
         return [
             f"{name}: expected a 4D image with {len(MODALITIES)} channels ({', '.join(MODALITIES)}) "
             f"on the 4th axis, found shape {tuple(data.shape)}"
         ]
-    problems = [] if affine is None else slice_axis_problems(name, affine)
+    problems = [] if affine is None else voxel_size_problems(name, affine) or slice_axis_problems(name, affine)
     if min(data.shape[:2]) < MIN_IN_PLANE_SIZE:
         problems.append(
             f"{name}: in-plane size {data.shape[0]} x {data.shape[1]} is below the network's minimum "
@@ -119,6 +119,24 @@ def image_problems(name: str, data: np.ndarray, affine: np.ndarray | None = None
             "must be zero outside the brain (mask them; an integer file needs a scaling that keeps 0 at 0, scl_inter 0)"
         )
     return problems
+
+
+def voxel_size_problems(name: str, affine: np.ndarray) -> list[str]:
+    """A problem where ``affine`` gives the voxels no volume (a voxel axis of length 0, or axes in one plane) or is
+    not finite.
+
+    Why it exists: lesion volumes (mL), ``min_lesion_ml`` and the clinical columns come from the affine's voxel
+    volume. A header whose sform holds a zero matrix (sform_code > 0, srow left unset) was segmented, its lesions all
+    under ``min_lesion_ml`` (0 mL), and the run then failed writing the mask (a singular affine), stopping the cases
+    after it."""
+    affine = np.asarray(affine, dtype=float)
+    if np.isfinite(affine).all() and voxel_volume_ml(affine) > 0:
+        return []
+    return [
+        f"{name}: its affine gives the voxels no volume (voxel axes of length 0 or in one plane, or not finite), so "
+        f"lesion volumes cannot be measured (voxel axes {np.round(affine[:3, :3], 4).tolist()}): set the voxel size "
+        "and orientation in its header (sform/qform)"
+    ]
 
 
 def slice_axis_problems(name: str, affine: np.ndarray) -> list[str]:
@@ -224,7 +242,8 @@ def find_case_maps(case_dir) -> CaseFiles:
 
 
 def load_map(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
-    """A map as float32 (NIfTI scaling applied), trailing singleton axes squeezed; 3D and finite or an error."""
+    """A map as float32 (NIfTI scaling applied), trailing singleton axes squeezed; 3D, finite and on a grid whose
+    voxels have a volume (``voxel_size_problems``) or an error."""
     image = load_nifti(path)
     data = read_voxels(path, lambda: image.get_fdata(dtype=np.float32))
     while data.ndim > 3 and data.shape[-1] == 1:
@@ -232,6 +251,9 @@ def load_map(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
     if data.ndim != 3:
         raise ValueError(f"'{path}': expected a 3D map, found shape {data.shape}")
     require_finite(path, data)
+    problems = voxel_size_problems(f"'{path}'", image.affine)
+    if problems:
+        raise ValueError(problems[0])
     return image, data
 
 
