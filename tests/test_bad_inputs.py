@@ -3,9 +3,11 @@ one bad case never stops the others (the MONAI-free runner's equivalents are in 
 
 import csv
 import errno
+import gzip
 import json
 import re
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +49,17 @@ def save_with_sform(path: Path, data: np.ndarray, sform: np.ndarray) -> Path:
     header.set_data_dtype(np.asarray(data).dtype)
     header.set_sform(sform, code=1)
     nib.save(nib.Nifti1Image(np.asarray(data), None, header), path)
+    return path
+
+
+def store_voxel_size(path: Path, pixdim) -> Path:
+    """Rewrite the NIfTI file ``path`` (.nii or .nii.gz) to store ``pixdim`` as pixdim[1:4] and sform_code 0, byte by
+    byte: nibabel replaces a stored 0 by 1 when it builds or reads a header, so it cannot write one."""
+    compressed = path.name.endswith(".gz")
+    raw = bytearray(gzip.decompress(path.read_bytes()) if compressed else path.read_bytes())
+    struct.pack_into("<3f", raw, 80, *pixdim)  # pixdim[1:4] (little-endian, as nibabel writes here)
+    struct.pack_into("<h", raw, 254, 0)  # sform_code 0: the affine comes from the qform or pixdim
+    path.write_bytes(gzip.compress(bytes(raw)) if compressed else bytes(raw))
     return path
 
 

@@ -1,6 +1,8 @@
 """NIfTI headers whose qform is not their sform: the bundle reads nibabel's affine, as the runner does."""
 
 import json
+import re
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -10,10 +12,13 @@ import torch
 from conftest import CONFIGS
 from monai.bundle import ConfigParser
 from monai.transforms import LoadImage
+from test_bad_inputs import store_voxel_size
 from test_deploy import _bundle_inference, _table
 from test_deploy import exported_model  # noqa: F401  (a fixture: seeded random weights, model.pt and model.ts)
 
-from custom.deploy import deploy
+from custom.data.check import check_dataset
+from custom.data.datalist import fold_datalist, screen_inference_images
+from custom.deploy import deploy, read_stacked_image
 from custom.readers import HeaderPreservingNibabelReader
 
 
@@ -96,3 +101,23 @@ def test_reader_equals_monais_nibabel_reader_on_a_converted_file(tiny_phantom_da
     assert LoadImage(reader=HeaderPreservingNibabelReader)(
         str(tiny_phantom_dataset / entry["image"])
     ).meta["original_channel_dim"] == -1
+
+
+@pytest.mark.parametrize("pixdim", [(0.9, 0.9, 0.0), (0.0, 0.0, 0.0)], ids=["slice thickness 0", "all 0"])
+def test_a_header_storing_voxel_size_0_is_refused_not_read_as_1_mm(tiny_phantom_dataset, dataset, tmp_path, pixdim):
+    """nibabel reads a stored voxel size of 0 (without an sform) as 1 mm with only a log line: a study with 6 mm slices
+    stored with slice thickness 0 was segmented with lesion volumes 6 times too small (phantom case_5: 11.0 mL for
+    66.0 mL). Inference screening, the runner, the dataset check and training screening refuse it, naming the file."""
+    folder = shutil.copytree(tiny_phantom_dataset, tmp_path / "dataset")
+    image = store_voxel_size(folder / dataset["testing"][0]["image"], pixdim)
+    expected = rf"{re.escape(str(image))}': its header stores the voxel size .* \(pixdim\[1:4\]\) and no sform"
+    with pytest.raises(ValueError, match=expected):
+        read_stacked_image(image)  # deploy.py
+    with pytest.raises(ValueError, match=expected.replace("'", "")):
+        screen_inference_images([str(image)])  # inference.json's screened_images
+    relative = dataset["testing"][0]["image"]
+    assert any(f"{relative}: its header stores the voxel size" in p for p in check_dataset(folder)), relative
+    training = store_voxel_size(folder / dataset["training"][0]["image"], pixdim)
+    with pytest.raises(ValueError, match=rf"{re.escape(dataset['training'][0]['image'])}: its header stores"):
+        fold_datalist(folder, -1, "train")
+    assert nib.load(training).header.get_zooms()[2] == 1.0  # what nibabel reads: 1 mm

@@ -10,7 +10,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from test_bad_inputs import NO_VOLUME, save_with_sform
+from test_bad_inputs import NO_VOLUME, save_with_sform, store_voxel_size
 
 from custom.clinical import MODALITIES
 from custom.data.check import check_dataset
@@ -267,6 +267,18 @@ def test_a_case_whose_maps_have_no_voxel_volume_is_refused(tmp_path):
     for path in write_isles_case(src, "case_3").values():
         save_with_sform(path, np.array(nib.load(path, mmap=False).dataobj), NO_VOLUME)
     with pytest.raises(ValueError, match=r"case_3/SMIR\.Brain\.XX\.O\.CT\..*: its affine gives the voxels no volume"):
+        prepare_isles2018(src, tmp_path / "dataset", folds=2)
+    assert leftovers(tmp_path, {"TRAINING"}) == []
+
+
+def test_a_case_whose_maps_store_slice_thickness_0_is_refused(tmp_path):
+    """nibabel reads a stored slice thickness of 0 (no sform) as 1 mm: the case was converted on a 1 mm grid."""
+    src = tmp_path / "TRAINING"
+    write_isles_case(src, "case_1")
+    write_isles_case(src, "case_2")
+    for path in write_isles_case(src, "case_3").values():
+        store_voxel_size(path, (0.9, 0.9, 0.0))  # AFFINE with a slice thickness of 0
+    with pytest.raises(ValueError, match=r"case_3/SMIR\.Brain\.XX\.O\.CT\..*: its header stores the voxel size"):
         prepare_isles2018(src, tmp_path / "dataset", folds=2)
     assert leftovers(tmp_path, {"TRAINING"}) == []
 

@@ -63,11 +63,31 @@ def read_voxels(path, read: Callable[[], np.ndarray], name: str | None = None) -
         raise ValueError(f"{_named(path, name)}: cannot read the voxels ({err})") from err
 
 
+def require_stored_voxel_size(path, image: nib.Nifti1Image, name: str | None = None) -> None:
+    """Refuse, naming the file as ``name`` (default: the quoted path), a NIfTI whose header stores a voxel size of 0
+    (pixdim[1:4]) where its affine is read from it (no sform).
+
+    Why it exists: nibabel's ``load`` replaces such a size by 1 mm with only a log line, so a slice thickness of 0
+    became 1 mm (a 6 mm slice: lesion volumes 6 times too small, and lesions removed under ``min_lesion_ml``) without
+    a word. The header is read again, unfixed, to see what the file stores."""
+    if not isinstance(image, nib.Nifti1Image) or image.header["sform_code"] > 0:
+        return  # the sform gives the affine: pixdim is not read
+    with nib.openers.ImageOpener(path) as stored:
+        pixdim = type(image.header).from_fileobj(stored, check=False)["pixdim"][1:4]
+    if not np.all(pixdim != 0):
+        raise ValueError(
+            f"{_named(path, name)}: its header stores the voxel size {np.round(pixdim.astype(float), 4).tolist()} "
+            "(pixdim[1:4]) and no sform, so "
+            "a size of 0 would be read as 1 mm and the lesion volumes would be wrong: set the voxel size in its header"
+        )
+
+
 def read_nifti(path, name: str | None = None) -> tuple[nib.Nifti1Image, np.ndarray]:
     """(image, voxel array) of the NIfTI file ``path``, the voxels as stored with the NIfTI scaling applied and
     nibabel's affine (as the bundle's ``custom.readers.HeaderPreservingNibabelReader`` reads them); a ValueError
-    naming the file as ``name`` if it cannot be read."""
+    naming the file as ``name`` if it cannot be read or stores a voxel size of 0 (``require_stored_voxel_size``)."""
     image = load_nifti(path, name)
+    require_stored_voxel_size(path, image, name)
     return image, read_voxels(path, lambda: np.asanyarray(image.dataobj), name)
 
 
@@ -243,8 +263,9 @@ def find_case_maps(case_dir) -> CaseFiles:
 
 def load_map(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
     """A map as float32 (NIfTI scaling applied), trailing singleton axes squeezed; 3D, finite and on a grid whose
-    voxels have a volume (``voxel_size_problems``) or an error."""
+    voxels have a volume (``voxel_size_problems``, ``require_stored_voxel_size``) or an error."""
     image = load_nifti(path)
+    require_stored_voxel_size(path, image)
     data = read_voxels(path, lambda: image.get_fdata(dtype=np.float32))
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
