@@ -63,6 +63,15 @@ def store_voxel_size(path: Path, pixdim) -> Path:
     return path
 
 
+def store_in_meters(path: Path) -> Path:
+    """Rewrite the NIfTI file ``path`` in meters: its affine divided by 1000, xyzt_units meter (nibabel ignores it)."""
+    image = nib.load(path, mmap=False)  # not a memory map of the file it replaces
+    copy = nib.Nifti1Image(np.asanyarray(image.dataobj), np.diag([0.001, 0.001, 0.001, 1.0]) @ image.affine)
+    copy.header.set_xyzt_units("meter", "sec")
+    nib.save(copy, path)
+    return path
+
+
 def _save(path: Path, data: np.ndarray, affine: np.ndarray = AFFINE) -> Path:
     if affine is NO_VOLUME:
         return save_with_sform(path, data, affine)

@@ -12,7 +12,7 @@ import torch
 from conftest import CONFIGS
 from monai.bundle import ConfigParser
 from monai.transforms import LoadImage
-from test_bad_inputs import store_voxel_size
+from test_bad_inputs import store_in_meters, store_voxel_size
 from test_deploy import _bundle_inference, _table
 from test_deploy import exported_model  # noqa: F401  (a fixture: seeded random weights, model.pt and model.ts)
 
@@ -103,21 +103,29 @@ def test_reader_equals_monais_nibabel_reader_on_a_converted_file(tiny_phantom_da
     ).meta["original_channel_dim"] == -1
 
 
-@pytest.mark.parametrize("pixdim", [(0.9, 0.9, 0.0), (0.0, 0.0, 0.0)], ids=["slice thickness 0", "all 0"])
-def test_a_header_storing_voxel_size_0_is_refused_not_read_as_1_mm(tiny_phantom_dataset, dataset, tmp_path, pixdim):
-    """nibabel reads a stored voxel size of 0 (without an sform) as 1 mm with only a log line: a study with 6 mm slices
-    stored with slice thickness 0 was segmented with lesion volumes 6 times too small (phantom case_5: 11.0 mL for
-    66.0 mL). Inference screening, the runner, the dataset check and training screening refuse it, naming the file."""
+VOXEL_SIZES_NOT_IN_MM = {
+    # nibabel reads a stored 0 (no sform) as 1 mm: 6 mm slices stored with thickness 0 gave 11.0 mL for 66.0 mL
+    "slice thickness 0": (lambda path: store_voxel_size(path, (0.9, 0.9, 0.0)),
+                          r"its header stores the voxel size \[0\.9, 0\.9, 0\.0\] \(pixdim\[1:4\]\) and no sform"),
+    "all 0": (lambda path: store_voxel_size(path, (0.0, 0.0, 0.0)), r"its header stores the voxel size \[0\.0, "),
+    # nibabel ignores the unit: a study in meters gave an empty mask (every lesion under min_lesion_ml), 0.0 mL
+    "meters": (store_in_meters, r"its header gives the voxel size in meters \(xyzt_units\), which nibabel reads as mm"),
+}
+
+
+@pytest.mark.parametrize("damage", VOXEL_SIZES_NOT_IN_MM)
+def test_a_voxel_size_nibabel_does_not_read_in_mm_is_refused(tiny_phantom_dataset, dataset, tmp_path, damage):
+    """Inference screening, the runner, the dataset check and training screening refuse a header whose voxel size
+    nibabel's affine does not give in mm (``custom.data.studies.require_voxel_size_in_mm``), naming the file."""
+    rewrite, problem = VOXEL_SIZES_NOT_IN_MM[damage]
     folder = shutil.copytree(tiny_phantom_dataset, tmp_path / "dataset")
-    image = store_voxel_size(folder / dataset["testing"][0]["image"], pixdim)
-    expected = rf"{re.escape(str(image))}': its header stores the voxel size .* \(pixdim\[1:4\]\) and no sform"
-    with pytest.raises(ValueError, match=expected):
+    testing, training = dataset["testing"][0]["image"], dataset["training"][0]["image"]
+    image = rewrite(folder / testing)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(image))}': {problem}"):
         read_stacked_image(image)  # deploy.py
-    with pytest.raises(ValueError, match=expected.replace("'", "")):
+    with pytest.raises(ValueError, match=rf"{re.escape(str(image))}: {problem}"):
         screen_inference_images([str(image)])  # inference.json's screened_images
-    relative = dataset["testing"][0]["image"]
-    assert any(f"{relative}: its header stores the voxel size" in p for p in check_dataset(folder)), relative
-    training = store_voxel_size(folder / dataset["training"][0]["image"], pixdim)
-    with pytest.raises(ValueError, match=rf"{re.escape(dataset['training'][0]['image'])}: its header stores"):
+    assert any(re.match(rf"{re.escape(testing)}: {problem}", p) for p in check_dataset(folder)), testing
+    rewrite(folder / training)
+    with pytest.raises(ValueError, match=rf"{re.escape(training)}: {problem}"):
         fold_datalist(folder, -1, "train")
-    assert nib.load(training).header.get_zooms()[2] == 1.0  # what nibabel reads: 1 mm

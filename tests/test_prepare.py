@@ -10,7 +10,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from test_bad_inputs import NO_VOLUME, save_with_sform, store_voxel_size
+from test_bad_inputs import NO_VOLUME, save_with_sform, store_in_meters, store_voxel_size
 
 from custom.clinical import MODALITIES
 from custom.data.check import check_dataset
@@ -271,14 +271,23 @@ def test_a_case_whose_maps_have_no_voxel_volume_is_refused(tmp_path):
     assert leftovers(tmp_path, {"TRAINING"}) == []
 
 
-def test_a_case_whose_maps_store_slice_thickness_0_is_refused(tmp_path):
-    """nibabel reads a stored slice thickness of 0 (no sform) as 1 mm: the case was converted on a 1 mm grid."""
+@pytest.mark.parametrize(
+    "rewrite, problem",
+    [
+        (lambda path: store_voxel_size(path, (0.9, 0.9, 0.0)), "its header stores the voxel size"),  # AFFINE, slice 0
+        (store_in_meters, "its header gives the voxel size in meters"),
+    ],
+    ids=["slice-thickness-0", "meters"],
+)
+def test_a_case_whose_voxel_size_is_not_read_in_mm_is_refused(tmp_path, rewrite, problem):
+    """nibabel reads a stored slice thickness of 0 (no sform) as 1 mm, and an affine in meters as mm: the case was
+    converted on that grid, its lesion volume wrong."""
     src = tmp_path / "TRAINING"
     write_isles_case(src, "case_1")
     write_isles_case(src, "case_2")
     for path in write_isles_case(src, "case_3").values():
-        store_voxel_size(path, (0.9, 0.9, 0.0))  # AFFINE with a slice thickness of 0
-    with pytest.raises(ValueError, match=r"case_3/SMIR\.Brain\.XX\.O\.CT\..*: its header stores the voxel size"):
+        rewrite(path)
+    with pytest.raises(ValueError, match=rf"case_3/SMIR\.Brain\.XX\.O\.CT\..*: {problem}"):
         prepare_isles2018(src, tmp_path / "dataset", folds=2)
     assert leftovers(tmp_path, {"TRAINING"}) == []
 

@@ -63,31 +63,42 @@ def read_voxels(path, read: Callable[[], np.ndarray], name: str | None = None) -
         raise ValueError(f"{_named(path, name)}: cannot read the voxels ({err})") from err
 
 
-def require_stored_voxel_size(path, image: nib.Nifti1Image, name: str | None = None) -> None:
-    """Refuse, naming the file as ``name`` (default: the quoted path), a NIfTI whose header stores a voxel size of 0
+def require_voxel_size_in_mm(path, image: nib.Nifti1Image, name: str | None = None) -> None:
+    """Refuse, naming the file as ``name`` (default: the quoted path), a NIfTI whose voxel size nibabel's affine does
+    not give in mm: a header whose spatial unit (xyzt_units) is meters or microns, or that stores a voxel size of 0
     (pixdim[1:4]) where its affine is read from it (no sform).
 
-    Why it exists: nibabel's ``load`` replaces such a size by 1 mm with only a log line, so a slice thickness of 0
-    became 1 mm (a 6 mm slice: lesion volumes 6 times too small, and lesions removed under ``min_lesion_ml``) without
-    a word. The header is read again, unfixed, to see what the file stores."""
-    if not isinstance(image, nib.Nifti1Image) or image.header["sform_code"] > 0:
+    Why it exists: lesion volumes (mL) and ``min_lesion_ml`` take the voxel volume from the affine, in mm. nibabel
+    ignores the unit (a study stored in meters gave an empty mask, 0.0 mL: every lesion under ``min_lesion_ml``) and
+    replaces a stored 0 by 1 mm with only a log line (a phantom study of 6 mm slices stored with slice thickness 0
+    gave 11.0 mL for 66.0). The header is read again, unfixed, to see what the file stores."""
+    if not isinstance(image, nib.Nifti1Image):
+        return
+    unit = image.header.get_xyzt_units()[0]
+    if unit in ("meter", "micron"):
+        raise ValueError(
+            f"{_named(path, name)}: its header gives the voxel size in {unit}s (xyzt_units), which nibabel reads as "
+            "mm: the lesion volumes would be wrong; store the image in mm (affine and pixdim in mm, xyzt_units mm)"
+        )
+    if image.header["sform_code"] > 0:
         return  # the sform gives the affine: pixdim is not read
     with nib.openers.ImageOpener(path) as stored:
         pixdim = type(image.header).from_fileobj(stored, check=False)["pixdim"][1:4]
     if not np.all(pixdim != 0):
         raise ValueError(
             f"{_named(path, name)}: its header stores the voxel size {np.round(pixdim.astype(float), 4).tolist()} "
-            "(pixdim[1:4]) and no sform, so "
-            "a size of 0 would be read as 1 mm and the lesion volumes would be wrong: set the voxel size in its header"
+            "(pixdim[1:4]) and no sform, so a size of 0 would be read as 1 mm and the lesion volumes would be wrong: "
+            "set the voxel size in its header"
         )
 
 
 def read_nifti(path, name: str | None = None) -> tuple[nib.Nifti1Image, np.ndarray]:
     """(image, voxel array) of the NIfTI file ``path``, the voxels as stored with the NIfTI scaling applied and
     nibabel's affine (as the bundle's ``custom.readers.HeaderPreservingNibabelReader`` reads them); a ValueError
-    naming the file as ``name`` if it cannot be read or stores a voxel size of 0 (``require_stored_voxel_size``)."""
+    naming the file as ``name`` if it cannot be read or its voxel size is not read in mm
+    (``require_voxel_size_in_mm``)."""
     image = load_nifti(path, name)
-    require_stored_voxel_size(path, image, name)
+    require_voxel_size_in_mm(path, image, name)
     return image, read_voxels(path, lambda: np.asanyarray(image.dataobj), name)
 
 
@@ -263,9 +274,9 @@ def find_case_maps(case_dir) -> CaseFiles:
 
 def load_map(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
     """A map as float32 (NIfTI scaling applied), trailing singleton axes squeezed; 3D, finite and on a grid whose
-    voxels have a volume (``voxel_size_problems``, ``require_stored_voxel_size``) or an error."""
+    voxels have a volume (``voxel_size_problems``, ``require_voxel_size_in_mm``) or an error."""
     image = load_nifti(path)
-    require_stored_voxel_size(path, image)
+    require_voxel_size_in_mm(path, image)
     data = read_voxels(path, lambda: image.get_fdata(dtype=np.float32))
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
