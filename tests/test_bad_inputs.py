@@ -3,6 +3,7 @@ one bad case never stops the others (the MONAI-free runner's equivalents are in 
 
 import csv
 import errno
+import functools
 import gzip
 import json
 import re
@@ -178,6 +179,25 @@ def test_load_time_validation_names_the_file_and_the_problem(tmp_path, problem, 
     with pytest.raises(Exception) as raised:
         preprocessing(item)
     assert re.search(BAD_STUDIES[problem], _messages(raised.value)), _messages(raised.value)
+
+
+@pytest.mark.parametrize(
+    "config, transforms", [("train.json", "validate#preprocessing"), ("inference.json", "preprocessing")]
+)
+def test_load_time_validation_refuses_a_voxel_size_not_read_in_mm(tmp_path, config, transforms):
+    """MONAI Label infers and fine-tunes through these transforms without the screening of the bundle's datalists: a
+    study stored in meters, or with a slice thickness of 0 and no sform, was segmented on nibabel's mm grid."""
+    preprocessing = ConfigParser(ConfigParser.load_config_file(CONFIGS / config)).get_parsed_content(transforms)
+    slice_thickness_0 = functools.partial(store_voxel_size, pixdim=(1.0, 1.0, 0.0))
+    for rewrite, problem in ((store_in_meters, "its header gives the voxel size in meters"),
+                             (slice_thickness_0, "its header stores the voxel size")):
+        item = _files(tmp_path, *_bad_study("none"))
+        rewrite(Path(item["image"]))
+        if config == "inference.json":
+            del item["label"]
+        with pytest.raises(Exception) as raised:
+            preprocessing(item)
+        assert f"{item['image']}: {problem}" in _messages(raised.value), _messages(raised.value)
 
 
 def test_load_time_validation_passes_a_good_study(tmp_path):
