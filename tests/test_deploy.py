@@ -415,6 +415,20 @@ def test_a_failed_write_leaves_no_mask_and_names_it(exported_model, tmp_path, mo
     assert list(out.iterdir()) == []
 
 
+def test_an_out_that_is_a_file_or_under_one_is_refused_naming_it(exported_model, tmp_path):
+    """``--out`` naming a file (or a folder under one) failed in pathlib with a ``NotADirectoryError`` traceback,
+    after the model was loaded; now a one-line refusal naming the folder, the file left as it was."""
+    _, torchscript = exported_model
+    image = _write(tmp_path / "image.nii.gz", _with_background(np.random.default_rng(0).uniform(1, 2, (24, 24, 2, 5))))
+    file = tmp_path / "notes.txt"
+    file.write_text("mine")
+    for out in (file, file / "masks"):
+        with pytest.raises(SystemExit) as exited:  # the one line refusals_exit prints
+            main([str(image), "--model", str(torchscript), "--out", str(out)], prog="deploy")
+        assert exited.value.code == f"deploy: error: output folder '{out}' is not writable: '{file}' is not a folder"
+    assert file.read_text() == "mine"
+
+
 @pytest.mark.slow
 def test_normalisation_of_a_volume_above_2_24_brain_voxels_equals_the_bundle_transform(monkeypatch):
     """512 x 512 x 72 brain voxels are 18.9 M, above the 2**24 that torch.quantile refused."""
