@@ -30,7 +30,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from custom.atomic import write_atomically
+from custom.atomic import require_writable_folder, write_atomically
 from custom.clinical import MODALITIES, VOLUME_TABLE, brain_mask, case_volumes, describe, write_volume_table
 from custom.clinical import PERFUSION_CHANNELS as BRAIN_CHANNELS  # brain: any of CBF, CBV, MTT, Tmax non-zero
 from custom.data.datalist import nifti_files_in, output_case_name, refuse_earlier_outputs
@@ -278,9 +278,10 @@ def deploy(*inputs, model="bundle/models/model.ts", out="deploy_out", batch_size
     lesion_threshold = check_lesion_threshold(lesion_threshold)
     device = usable_device(device)
     network = load_model(model, device)
+    require_writable_folder(out, create=False)  # a file, a path under one, a read-only folder: named before any work
     # after the settings and the model are checked: with overwrite it removes the earlier table (and uncertainty maps)
     refuse_earlier_outputs(out, paths, overwrite, tables=(VOLUME_TABLE,), unwritten=("uncertainty",))
-    out.mkdir(parents=True, exist_ok=True)
+    require_writable_folder(out)
     rows, failures = [], []
     for path in paths:
         try:

@@ -11,7 +11,7 @@ from monai.transforms import MapTransform, Transform
 from monai.utils import TransformBackends, convert_to_dst_type, convert_to_numpy, convert_to_tensor
 
 from custom.clinical import MODALITIES, PERFUSION_CHANNELS, brain_mask  # PERFUSION_CHANNELS: all but CT
-from custom.data.studies import image_problems, label_problems
+from custom.data.studies import image_problems, label_problems, load_nifti, require_voxel_size_in_mm
 from custom.deploy import CLIP_PERCENTILES, NORMALIZE_EPS, normalize_within_brain
 from custom.lesions import check_lesion_threshold, check_min_volume, lesion_from_probabilities, remove_small_lesions
 
@@ -33,6 +33,20 @@ def _file_name(array) -> str:
     return str(meta.get("filename_or_obj") or "<array without file name>")
 
 
+def _voxel_size_problems(array) -> list[str]:
+    """The problem of the NIfTI file an array was read from whose voxel size nibabel does not read in mm
+    (``custom.data.studies.require_voxel_size_in_mm``: the header is read again, unfixed; MONAI's meta holds the one
+    nibabel fixed). An array not read from a NIfTI file has none."""
+    name = _file_name(array)
+    if not name.lower().endswith((".nii", ".nii.gz")):
+        return []
+    try:
+        require_voxel_size_in_mm(name, load_nifti(name, name), name)
+    except ValueError as err:
+        return [str(err)]
+    return []
+
+
 class ValidateStudy(Transform):
     """Raise a ValueError naming the file when an image (and its label) breaks the data contract.
 
@@ -45,7 +59,8 @@ class ValidateStudy(Transform):
     Place it right after ``LoadImage``: ``image`` is the array as read, (H, W, D, 5) with channels CT, CBF,
     CBV, MTT, Tmax (NaN/Inf, an all-zero perfusion map and other shapes are refused); the optional
     ``label`` (H, W, D) must have the image's shape and only the values 0 and 1. A MetaTensor's affine must make the
-    third axis the head-foot one (axial slices). Returns ``image`` unchanged.
+    third axis the head-foot one (axial slices), and the header of the file it was read from must give the voxel size
+    in mm (read again: nibabel reads a stored 0 as 1 mm and ignores a unit of meters). Returns ``image`` unchanged.
     """
 
     backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
@@ -54,7 +69,7 @@ class ValidateStudy(Transform):
         image_name = _file_name(image)
         image_array = convert_to_numpy(image)
         affine = convert_to_numpy(image.affine) if isinstance(image, MetaTensor) else None
-        problems = image_problems(image_name, image_array, affine)
+        problems = _voxel_size_problems(image) + image_problems(image_name, image_array, affine)
         if label is not None:
             problems += label_problems(_file_name(label), convert_to_numpy(label), image_name, image_array.shape)
         if problems:

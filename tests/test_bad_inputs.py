@@ -3,9 +3,12 @@ one bad case never stops the others (the MONAI-free runner's equivalents are in 
 
 import csv
 import errno
+import functools
+import gzip
 import json
 import re
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +29,8 @@ from custom.writers import ShapePreservingNibabelWriter
 AFFINE = np.diag([1.0, 1.0, 5.0, 1.0])
 # The same voxels stored as a sagittal stack: the third voxel axis runs left-right, the first head-foot.
 SAGITTAL = np.array([[0.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 0.0], [5.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
+# An sform of code 1 whose matrix was left unset (zeros): nibabel reads it as the affine, the voxels have no volume.
+NO_VOLUME = np.array([[0.0, 0.0, 0.0, 10.0], [0.0, 0.0, 0.0, 20.0], [0.0, 0.0, 0.0, 30.0], [0.0, 0.0, 0.0, 1.0]])
 
 
 def _study(shape=(32, 32, 3)) -> np.ndarray:
@@ -37,7 +42,40 @@ def _study(shape=(32, 32, 3)) -> np.ndarray:
     return volume
 
 
+def save_with_sform(path: Path, data: np.ndarray, sform: np.ndarray) -> Path:
+    """Save ``data`` with ``sform`` (code 1) as its only affine, no qform: nibabel makes no qform of a singular
+    matrix such as ``NO_VOLUME``, so ``nib.Nifti1Image(data, sform)`` refuses it (test_deploy and test_prepare too)."""
+    header = nib.Nifti1Header()
+    header.set_data_shape(np.shape(data))
+    header.set_data_dtype(np.asarray(data).dtype)
+    header.set_sform(sform, code=1)
+    nib.save(nib.Nifti1Image(np.asarray(data), None, header), path)
+    return path
+
+
+def store_voxel_size(path: Path, pixdim) -> Path:
+    """Rewrite the NIfTI file ``path`` (.nii or .nii.gz) to store ``pixdim`` as pixdim[1:4] and sform_code 0, byte by
+    byte: nibabel replaces a stored 0 by 1 when it builds or reads a header, so it cannot write one."""
+    compressed = path.name.endswith(".gz")
+    raw = bytearray(gzip.decompress(path.read_bytes()) if compressed else path.read_bytes())
+    struct.pack_into("<3f", raw, 80, *pixdim)  # pixdim[1:4] (little-endian, as nibabel writes here)
+    struct.pack_into("<h", raw, 254, 0)  # sform_code 0: the affine comes from the qform or pixdim
+    path.write_bytes(gzip.compress(bytes(raw)) if compressed else bytes(raw))
+    return path
+
+
+def store_in_meters(path: Path) -> Path:
+    """Rewrite the NIfTI file ``path`` in meters: its affine divided by 1000, xyzt_units meter (nibabel ignores it)."""
+    image = nib.load(path, mmap=False)  # not a memory map of the file it replaces
+    copy = nib.Nifti1Image(np.asanyarray(image.dataobj), np.diag([0.001, 0.001, 0.001, 1.0]) @ image.affine)
+    copy.header.set_xyzt_units("meter", "sec")
+    nib.save(copy, path)
+    return path
+
+
 def _save(path: Path, data: np.ndarray, affine: np.ndarray = AFFINE) -> Path:
+    if affine is NO_VOLUME:
+        return save_with_sform(path, data, affine)
     nib.save(nib.Nifti1Image(np.asarray(data), affine), path)
     return path
 
@@ -121,7 +159,10 @@ BAD_STUDIES = {
     "label shape": r"label\.nii\.gz: shape \(32, 32, 4\) differs from .*image\.nii\.gz \(32, 32, 3\)",
     # segmented into a confident mask of sagittal slices up to 0.3.12
     "sagittal slices": r"image\.nii\.gz: its third voxel axis runs left-right .* voxel axis 1 runs head-foot",
+    # segmented with every lesion under min_lesion_ml (0 mL), then a crash writing the mask, up to 0.3.14
+    "no voxel volume": r"image\.nii\.gz: its affine gives the voxels no volume .* set the voxel size",
 }
+STUDY_AFFINES = {"sagittal slices": SAGITTAL, "no voxel volume": NO_VOLUME}
 
 
 @pytest.mark.parametrize(
@@ -131,13 +172,32 @@ BAD_STUDIES = {
 )
 def test_load_time_validation_names_the_file_and_the_problem(tmp_path, problem, config, transforms):
     image, label = _bad_study(problem)
-    item = _files(tmp_path, image, label, SAGITTAL if problem == "sagittal slices" else AFFINE)
+    item = _files(tmp_path, image, label, STUDY_AFFINES.get(problem, AFFINE))
     if config == "inference.json":
         del item["label"]
     preprocessing = ConfigParser(ConfigParser.load_config_file(CONFIGS / config)).get_parsed_content(transforms)
     with pytest.raises(Exception) as raised:
         preprocessing(item)
     assert re.search(BAD_STUDIES[problem], _messages(raised.value)), _messages(raised.value)
+
+
+@pytest.mark.parametrize(
+    "config, transforms", [("train.json", "validate#preprocessing"), ("inference.json", "preprocessing")]
+)
+def test_load_time_validation_refuses_a_voxel_size_not_read_in_mm(tmp_path, config, transforms):
+    """MONAI Label infers and fine-tunes through these transforms without the screening of the bundle's datalists: a
+    study stored in meters, or with a slice thickness of 0 and no sform, was segmented on nibabel's mm grid."""
+    preprocessing = ConfigParser(ConfigParser.load_config_file(CONFIGS / config)).get_parsed_content(transforms)
+    slice_thickness_0 = functools.partial(store_voxel_size, pixdim=(1.0, 1.0, 0.0))
+    for rewrite, problem in ((store_in_meters, "its header gives the voxel size in meters"),
+                             (slice_thickness_0, "its header stores the voxel size")):
+        item = _files(tmp_path, *_bad_study("none"))
+        rewrite(Path(item["image"]))
+        if config == "inference.json":
+            del item["label"]
+        with pytest.raises(Exception) as raised:
+            preprocessing(item)
+        assert f"{item['image']}: {problem}" in _messages(raised.value), _messages(raised.value)
 
 
 def test_load_time_validation_passes_a_good_study(tmp_path):
@@ -378,6 +438,7 @@ def test_bundle_inference_writes_good_cases_and_fails_naming_bad_ones(tmp_path):
         "corrupt": _truncate(_save(tmp_path / "corrupt.nii.gz", _study())),
         "four": _save(tmp_path / "four.nii.gz", _study()[..., :4]),
         "zero": _save(tmp_path / "zero.nii.gz", np.zeros((32, 32, 3, 5), dtype=np.float32)),
+        "no volume": _save(tmp_path / "no_volume.nii.gz", _study(), NO_VOLUME),
         "folder": tmp_path / "case_7",
     }
     bad["folder"].mkdir()
@@ -390,11 +451,12 @@ def test_bundle_inference_writes_good_cases_and_fails_naming_bad_ones(tmp_path):
     completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     assert completed.returncode != 0
     log = completed.stdout + completed.stderr
-    assert "5 image(s) not segmented" in log
+    assert "6 image(s) not segmented" in log
     assert f"{bad['nan']}: 1 NaN or Inf values in the CBF channel" in log
     assert f"{bad['corrupt']}: cannot read the voxels" in log
     assert f"{bad['four']}: expected a 4D image with 5 channels" in log
     assert f"{bad['zero']}: the CBF channel is all zero" in log
+    assert f"{bad['no volume']}: its affine gives the voxels no volume" in log  # crashed the run up to 0.3.14
     assert f"{bad['folder']}: a folder, not a 5-channel NIfTI file" in log
     # the table names the mask SaveImaged wrote (it keeps the upper-case .NII of GOOD_1.NII.GZ)
     assert sorted(p.name for p in out.iterdir()) == ["GOOD_1.NII_seg.nii.gz", "good_0_seg.nii.gz", "lesion_volumes.csv"]

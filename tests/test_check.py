@@ -6,6 +6,7 @@ import shutil
 import nibabel as nib
 import numpy as np
 import pytest
+from test_bad_inputs import NO_VOLUME, save_with_sform
 
 from custom.data.check import check_dataset, check_dataset_command
 
@@ -187,6 +188,11 @@ def _coronal_testing_image(folder):
     save(folder, "imagesTs/case_5.nii.gz", make_image(), AFFINE[:, [0, 2, 1, 3]])
 
 
+def _testing_image_without_voxel_volume(folder):
+    # an sform of code 1 whose matrix was left unset: no voxel volume, so no lesion volume (passed up to 0.3.14)
+    save_with_sform(folder / "imagesTs/case_5.nii.gz", make_image(), NO_VOLUME)
+
+
 def _no_dataset_json(folder):
     (folder / "dataset.json").unlink()
 
@@ -223,6 +229,7 @@ def _no_dataset_json(folder):
          ["testing[0].image: 'imagesTs/case_5.nii.gz' holds the voxels of dataset.json training[1].image "
           "'imagesTr/case_2.nii.gz'"]),
         (_coronal_testing_image, ["imagesTs/case_5.nii.gz: its third voxel axis runs front-back", "must be axial"]),
+        (_testing_image_without_voxel_volume, ["imagesTs/case_5.nii.gz: its affine gives the voxels no volume"]),
     ],
     ids=lambda v: v.__name__.strip("_") if callable(v) else "",
 )

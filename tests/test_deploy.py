@@ -18,6 +18,7 @@ import torch
 from conftest import BUNDLE, CONFIGS, REPO, inference_network, refuse_listing
 from monai.bundle import ConfigParser, ckpt_export
 from monai.transforms import DivisiblePad
+from test_bad_inputs import NO_VOLUME, save_with_sform
 from test_clinical import AFFINE as SYNTHETIC_AFFINE
 from test_clinical import synthetic_case
 
@@ -337,6 +338,7 @@ def test_one_bad_case_never_stops_the_others(exported_model, tiny_phantom_datase
     _, torchscript = exported_model
     rng = np.random.default_rng(1)
     good = [_write(tmp_path / f"good_{i}.nii.gz", _with_background(rng.uniform(1, 2, (20, 24, 2, 5)))) for i in (0, 1)]
+    good_volume = nib.load(good[0]).get_fdata(dtype=np.float32)
     with_inf = _with_background(rng.uniform(1, 2, (20, 24, 2, 5)))
     with_inf[1, 1, 1, 4] = np.inf
     raw_case = sorted((tiny_phantom_dataset.parent / "isles2018" / "TESTING").iterdir())[0]
@@ -348,6 +350,7 @@ def test_one_bad_case_never_stops_the_others(exported_model, tiny_phantom_datase
         "six": _write(tmp_path / "six.nii.gz", rng.uniform(1, 2, (20, 24, 2, 6))),
         "zero": _write(tmp_path / "zero.nii.gz", np.zeros((20, 24, 2, 5))),
         "small": _write(tmp_path / "small.nii.gz", _with_background(rng.uniform(1, 2, (16, 40, 2, 5)))),
+        "no volume": save_with_sform(tmp_path / "no_volume.nii.gz", good_volume.copy(), NO_VOLUME),
         "folder": folder,
     }
     nib.save(nib.Nifti1Image(np.zeros(nib.load(mtt).shape, np.float32), nib.load(mtt).affine), mtt)
@@ -356,20 +359,21 @@ def test_one_bad_case_never_stops_the_others(exported_model, tiny_phantom_datase
     with pytest.raises(ValueError) as raised:
         deploy(*inputs, model=torchscript, out=out)
     message = str(raised.value)
-    assert message.startswith(f"6 of 8 input(s) not segmented (the others were written to {out})")
+    assert message.startswith(f"7 of 9 input(s) not segmented (the others were written to {out})")
     assert f"'{bad['inf']}': 1 NaN or Inf values" in message
     assert f"'{bad['corrupt']}': cannot read the voxels" in message
     assert f"'{bad['six']}': expected a 4D image with 5 channels" in message
     assert f"'{bad['zero']}': the CBF channel is all zero" in message
     assert f"'{bad['folder']}': the MTT channel is all zero" in message
     assert f"'{bad['small']}': in-plane size 16 x 40 is below the network's minimum 17 x 17" in message
+    assert f"'{bad['no volume']}': its affine gives the voxels no volume" in message  # crashed the run up to 0.3.14
     assert sorted(p.name for p in out.iterdir()) == ["good_0_seg.nii.gz", "good_1_seg.nii.gz", "lesion_volumes.csv"]
     assert list(_table(out / "lesion_volumes.csv")) == ["good_0", "good_1"]
 
     command = [sys.executable, "-m", "custom", "deploy", *map(str, inputs), "--model", str(torchscript)]
     completed = subprocess.run(command + ["--out", str(tmp_path / "cli")], capture_output=True, text=True, cwd=REPO)
     assert completed.returncode != 0
-    assert "6 of 8 input(s) not segmented" in completed.stderr and str(bad["corrupt"]) in completed.stderr
+    assert "7 of 9 input(s) not segmented" in completed.stderr and str(bad["corrupt"]) in completed.stderr
     assert (tmp_path / "cli" / "good_1_seg.nii.gz").is_file()
 
 
@@ -409,6 +413,20 @@ def test_a_failed_write_leaves_no_mask_and_names_it(exported_model, tmp_path, mo
         deploy(image, model=torchscript, out=out)
     assert f"while writing '{out / 'image_seg.nii.gz'}'" in " ".join(raised.value.__notes__)
     assert list(out.iterdir()) == []
+
+
+def test_an_out_that_is_a_file_or_under_one_is_refused_naming_it(exported_model, tmp_path):
+    """``--out`` naming a file (or a folder under one) failed in pathlib with a ``NotADirectoryError`` traceback,
+    after the model was loaded; now a one-line refusal naming the folder, the file left as it was."""
+    _, torchscript = exported_model
+    image = _write(tmp_path / "image.nii.gz", _with_background(np.random.default_rng(0).uniform(1, 2, (24, 24, 2, 5))))
+    file = tmp_path / "notes.txt"
+    file.write_text("mine")
+    for out in (file, file / "masks"):
+        with pytest.raises(SystemExit) as exited:  # the one line refusals_exit prints
+            main([str(image), "--model", str(torchscript), "--out", str(out)], prog="deploy")
+        assert exited.value.code == f"deploy: error: output folder '{out}' is not writable: '{file}' is not a folder"
+    assert file.read_text() == "mine"
 
 
 @pytest.mark.slow

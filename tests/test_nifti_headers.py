@@ -1,6 +1,8 @@
 """NIfTI headers whose qform is not their sform: the bundle reads nibabel's affine, as the runner does."""
 
 import json
+import re
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -10,10 +12,13 @@ import torch
 from conftest import CONFIGS
 from monai.bundle import ConfigParser
 from monai.transforms import LoadImage
+from test_bad_inputs import store_in_meters, store_voxel_size
 from test_deploy import _bundle_inference, _table
 from test_deploy import exported_model  # noqa: F401  (a fixture: seeded random weights, model.pt and model.ts)
 
-from custom.deploy import deploy
+from custom.data.check import check_dataset
+from custom.data.datalist import fold_datalist, screen_inference_images
+from custom.deploy import deploy, read_stacked_image
 from custom.readers import HeaderPreservingNibabelReader
 
 
@@ -96,3 +101,31 @@ def test_reader_equals_monais_nibabel_reader_on_a_converted_file(tiny_phantom_da
     assert LoadImage(reader=HeaderPreservingNibabelReader)(
         str(tiny_phantom_dataset / entry["image"])
     ).meta["original_channel_dim"] == -1
+
+
+VOXEL_SIZES_NOT_IN_MM = {
+    # nibabel reads a stored 0 (no sform) as 1 mm: 6 mm slices stored with thickness 0 gave 11.0 mL for 66.0 mL
+    "slice thickness 0": (lambda path: store_voxel_size(path, (0.9, 0.9, 0.0)),
+                          r"its header stores the voxel size \[0\.9, 0\.9, 0\.0\] \(pixdim\[1:4\]\) and no sform"),
+    "all 0": (lambda path: store_voxel_size(path, (0.0, 0.0, 0.0)), r"its header stores the voxel size \[0\.0, "),
+    # nibabel ignores the unit: a study in meters gave an empty mask (every lesion under min_lesion_ml), 0.0 mL
+    "meters": (store_in_meters, r"its header gives the voxel size in meters \(xyzt_units\), which nibabel reads as mm"),
+}
+
+
+@pytest.mark.parametrize("damage", VOXEL_SIZES_NOT_IN_MM)
+def test_a_voxel_size_nibabel_does_not_read_in_mm_is_refused(tiny_phantom_dataset, dataset, tmp_path, damage):
+    """Inference screening, the runner, the dataset check and training screening refuse a header whose voxel size
+    nibabel's affine does not give in mm (``custom.data.studies.require_voxel_size_in_mm``), naming the file."""
+    rewrite, problem = VOXEL_SIZES_NOT_IN_MM[damage]
+    folder = shutil.copytree(tiny_phantom_dataset, tmp_path / "dataset")
+    testing, training = dataset["testing"][0]["image"], dataset["training"][0]["image"]
+    image = rewrite(folder / testing)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(image))}': {problem}"):
+        read_stacked_image(image)  # deploy.py
+    with pytest.raises(ValueError, match=rf"{re.escape(str(image))}: {problem}"):
+        screen_inference_images([str(image)])  # inference.json's screened_images
+    assert any(re.match(rf"{re.escape(testing)}: {problem}", p) for p in check_dataset(folder)), testing
+    rewrite(folder / training)
+    with pytest.raises(ValueError, match=rf"{re.escape(training)}: {problem}"):
+        fold_datalist(folder, -1, "train")

@@ -10,6 +10,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from test_bad_inputs import NO_VOLUME, save_with_sform, store_in_meters, store_voxel_size
 
 from custom.clinical import MODALITIES
 from custom.data.check import check_dataset
@@ -254,6 +255,39 @@ def test_broken_case_is_refused_and_leaves_nothing(tmp_path, broken, message):
     write_isles_case(src, "case_2")
     write_isles_case(src, "case_3", **broken)
     with pytest.raises(ValueError, match=message):
+        prepare_isles2018(src, tmp_path / "dataset", folds=2)
+    assert leftovers(tmp_path, {"TRAINING"}) == []
+
+
+def test_a_case_whose_maps_have_no_voxel_volume_is_refused(tmp_path):
+    """Maps whose sform matrix is zero (sform_code 1, srow unset) were converted, the lesion counted as 0.0 mL."""
+    src = tmp_path / "TRAINING"
+    write_isles_case(src, "case_1")
+    write_isles_case(src, "case_2")
+    for path in write_isles_case(src, "case_3").values():
+        save_with_sform(path, np.array(nib.load(path, mmap=False).dataobj), NO_VOLUME)
+    with pytest.raises(ValueError, match=r"case_3/SMIR\.Brain\.XX\.O\.CT\..*: its affine gives the voxels no volume"):
+        prepare_isles2018(src, tmp_path / "dataset", folds=2)
+    assert leftovers(tmp_path, {"TRAINING"}) == []
+
+
+@pytest.mark.parametrize(
+    "rewrite, problem",
+    [
+        (lambda path: store_voxel_size(path, (0.9, 0.9, 0.0)), "its header stores the voxel size"),  # AFFINE, slice 0
+        (store_in_meters, "its header gives the voxel size in meters"),
+    ],
+    ids=["slice-thickness-0", "meters"],
+)
+def test_a_case_whose_voxel_size_is_not_read_in_mm_is_refused(tmp_path, rewrite, problem):
+    """nibabel reads a stored slice thickness of 0 (no sform) as 1 mm, and an affine in meters as mm: the case was
+    converted on that grid, its lesion volume wrong."""
+    src = tmp_path / "TRAINING"
+    write_isles_case(src, "case_1")
+    write_isles_case(src, "case_2")
+    for path in write_isles_case(src, "case_3").values():
+        rewrite(path)
+    with pytest.raises(ValueError, match=rf"case_3/SMIR\.Brain\.XX\.O\.CT\..*: {problem}"):
         prepare_isles2018(src, tmp_path / "dataset", folds=2)
     assert leftovers(tmp_path, {"TRAINING"}) == []
 

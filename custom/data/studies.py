@@ -17,7 +17,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from custom.clinical import MODALITIES, brain_mask
+from custom.clinical import MODALITIES, brain_mask, voxel_volume_ml
 
 LABEL_NAMES = ("background", "lesion")
 LABEL_MAP = "OT"
@@ -63,11 +63,42 @@ def read_voxels(path, read: Callable[[], np.ndarray], name: str | None = None) -
         raise ValueError(f"{_named(path, name)}: cannot read the voxels ({err})") from err
 
 
+def require_voxel_size_in_mm(path, image: nib.Nifti1Image, name: str | None = None) -> None:
+    """Refuse, naming the file as ``name`` (default: the quoted path), a NIfTI whose voxel size nibabel's affine does
+    not give in mm: a header whose spatial unit (xyzt_units) is meters or microns, or that stores a voxel size of 0
+    (pixdim[1:4]) where its affine is read from it (no sform).
+
+    Why it exists: lesion volumes (mL) and ``min_lesion_ml`` take the voxel volume from the affine, in mm. nibabel
+    ignores the unit (a study stored in meters gave an empty mask, 0.0 mL: every lesion under ``min_lesion_ml``) and
+    replaces a stored 0 by 1 mm with only a log line (a phantom study of 6 mm slices stored with slice thickness 0
+    gave 11.0 mL for 66.0). The header is read again, unfixed, to see what the file stores."""
+    if not isinstance(image, nib.Nifti1Image):
+        return
+    unit = image.header.get_xyzt_units()[0]
+    if unit in ("meter", "micron"):
+        raise ValueError(
+            f"{_named(path, name)}: its header gives the voxel size in {unit}s (xyzt_units), which nibabel reads as "
+            "mm: the lesion volumes would be wrong; store the image in mm (affine and pixdim in mm, xyzt_units mm)"
+        )
+    if image.header["sform_code"] > 0:
+        return  # the sform gives the affine: pixdim is not read
+    with nib.openers.ImageOpener(path) as stored:
+        pixdim = type(image.header).from_fileobj(stored, check=False)["pixdim"][1:4]
+    if not np.all(pixdim != 0):
+        raise ValueError(
+            f"{_named(path, name)}: its header stores the voxel size {np.round(pixdim.astype(float), 4).tolist()} "
+            "(pixdim[1:4]) and no sform, so a size of 0 would be read as 1 mm and the lesion volumes would be wrong: "
+            "set the voxel size in its header"
+        )
+
+
 def read_nifti(path, name: str | None = None) -> tuple[nib.Nifti1Image, np.ndarray]:
     """(image, voxel array) of the NIfTI file ``path``, the voxels as stored with the NIfTI scaling applied and
     nibabel's affine (as the bundle's ``custom.readers.HeaderPreservingNibabelReader`` reads them); a ValueError
-    naming the file as ``name`` if it cannot be read."""
+    naming the file as ``name`` if it cannot be read or its voxel size is not read in mm
+    (``require_voxel_size_in_mm``)."""
     image = load_nifti(path, name)
+    require_voxel_size_in_mm(path, image, name)
     return image, read_voxels(path, lambda: np.asanyarray(image.dataobj), name)
 
 
@@ -92,15 +123,15 @@ def image_problems(name: str, data: np.ndarray, affine: np.ndarray | None = None
     """Problems of an image array as read from its file (H, W, D, 5): wrong shape, H or W too small, NaN/Inf per
     channel, an all-zero perfusion map (no brain: a mask would be a confident wrong answer), perfusion maps non-zero
     at every voxel (no background: the brain, hence the normalisation, the mask and the clinical volumes, would be
-    the whole volume; seen with an int16 file whose scaling turns 0 into -0.005), and with its ``affine`` slices
-    that are not axial (``slice_axis_problems``). The rules of ``python -m custom check``, the bundle's
-    ``ValidateStudy`` and the runner; ``name`` names the file."""
+    the whole volume; seen with an int16 file whose scaling turns 0 into -0.005), and with its ``affine`` a grid
+    without a voxel volume (``voxel_size_problems``) or slices that are not axial (``slice_axis_problems``). The
+    rules of ``python -m custom check``, the bundle's ``ValidateStudy`` and the runner; ``name`` names the file."""
     if data.ndim != 4 or data.shape[-1] != len(MODALITIES):
         return [
             f"{name}: expected a 4D image with {len(MODALITIES)} channels ({', '.join(MODALITIES)}) "
             f"on the 4th axis, found shape {tuple(data.shape)}"
         ]
-    problems = [] if affine is None else slice_axis_problems(name, affine)
+    problems = [] if affine is None else voxel_size_problems(name, affine) or slice_axis_problems(name, affine)
     if min(data.shape[:2]) < MIN_IN_PLANE_SIZE:
         problems.append(
             f"{name}: in-plane size {data.shape[0]} x {data.shape[1]} is below the network's minimum "
@@ -119,6 +150,24 @@ def image_problems(name: str, data: np.ndarray, affine: np.ndarray | None = None
             "must be zero outside the brain (mask them; an integer file needs a scaling that keeps 0 at 0, scl_inter 0)"
         )
     return problems
+
+
+def voxel_size_problems(name: str, affine: np.ndarray) -> list[str]:
+    """A problem where ``affine`` gives the voxels no volume (a voxel axis of length 0, or axes in one plane) or is
+    not finite.
+
+    Why it exists: lesion volumes (mL), ``min_lesion_ml`` and the clinical columns come from the affine's voxel
+    volume. A header whose sform holds a zero matrix (sform_code > 0, srow left unset) was segmented, its lesions all
+    under ``min_lesion_ml`` (0 mL), and the run then failed writing the mask (a singular affine), stopping the cases
+    after it."""
+    affine = np.asarray(affine, dtype=float)
+    if np.isfinite(affine).all() and voxel_volume_ml(affine) > 0:
+        return []
+    return [
+        f"{name}: its affine gives the voxels no volume (voxel axes of length 0 or in one plane, or not finite), so "
+        f"lesion volumes cannot be measured (voxel axes {np.round(affine[:3, :3], 4).tolist()}): set the voxel size "
+        "and orientation in its header (sform/qform)"
+    ]
 
 
 def slice_axis_problems(name: str, affine: np.ndarray) -> list[str]:
@@ -224,14 +273,19 @@ def find_case_maps(case_dir) -> CaseFiles:
 
 
 def load_map(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
-    """A map as float32 (NIfTI scaling applied), trailing singleton axes squeezed; 3D and finite or an error."""
+    """A map as float32 (NIfTI scaling applied), trailing singleton axes squeezed; 3D, finite and on a grid whose
+    voxels have a volume (``voxel_size_problems``, ``require_voxel_size_in_mm``) or an error."""
     image = load_nifti(path)
+    require_voxel_size_in_mm(path, image)
     data = read_voxels(path, lambda: image.get_fdata(dtype=np.float32))
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim != 3:
         raise ValueError(f"'{path}': expected a 3D map, found shape {data.shape}")
     require_finite(path, data)
+    problems = voxel_size_problems(f"'{path}'", image.affine)
+    if problems:
+        raise ValueError(problems[0])
     return image, data
 
 
