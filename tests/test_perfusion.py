@@ -353,6 +353,21 @@ def test_a_time_unit_that_is_not_a_time_is_refused_by_name(tmp_path, good_series
     assert load_series(series, frame_s=1.0).frame_s == 1.0
 
 
+@pytest.mark.parametrize("unit", ["meter", "micron"])
+def test_a_series_whose_voxel_size_is_not_read_in_mm_is_refused(tmp_path, good_series, unit):
+    """nibabel ignores the spatial unit of a header: a series stored in meters was smoothed with a kernel of
+    smoothing_mm / 0.002 pixels and its maps written on a grid 1000 times too small, without a word. The converted
+    maps and studies were refused already (custom.data.studies.require_voxel_size_in_mm), the 4D series was not."""
+    from custom.perfusion.series import load_series
+
+    series = write_series(tmp_path / "series.nii.gz", good_series)
+    image = nib.load(series)
+    image.header.set_xyzt_units(unit, "sec")
+    nib.save(image, series)
+    with pytest.raises(ValueError, match=rf"series\.nii\.gz'.*voxel size in {unit}s"):
+        load_series(series)
+
+
 def test_time_on_the_third_axis_is_refused_by_name(tmp_path, good_series):
     """A series stored (x, y, time, slices) was read as 30 slices of 12 frames and gave maps (this case_12 at 64 x 64:
     median brain CBF 269 and CBV 9.3, read the right way 17.5 and 2.2) with only the truncated-bolus and no-VOF

@@ -11,7 +11,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from custom.data.studies import load_nifti, read_voxels, require_finite
+from custom.data.studies import load_nifti, read_voxels, require_finite, require_voxel_size_in_mm
 
 MIN_FRAMES = 10
 TIME_UNIT_SECONDS = {"sec": 1.0, "msec": 1e-3, "usec": 1e-6}
@@ -90,11 +90,12 @@ def load_series(path, frame_s: float | None = None) -> LoadedSeries:
 
     Refused with a ValueError naming ``path``: unreadable files, not 4D (e.g. a 3D map), fewer than
     MIN_FRAMES frames, no time step in the header and none given (or a time unit that is not a time, e.g. 'hz'),
-    a time step outside FRAME_S_RANGE,
+    a time step outside FRAME_S_RANGE, a voxel size not read in mm (``require_voxel_size_in_mm``),
     non-finite values, a blank frame, time on the 3rd axis (``require_time_on_the_fourth_axis``).
     """
     path = Path(path)
     image = load_nifti(path)
+    require_voxel_size_in_mm(path, image)  # the in-plane smoothing and the maps' grid take the voxel size in mm
     if len(image.shape) != 4:
         raise ValueError(f"'{path}': expected a 4D perfusion series (x, y, z, time), found shape {image.shape}")
     frames = image.shape[3]
