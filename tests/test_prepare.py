@@ -232,6 +232,12 @@ def _with_nan():
     return data
 
 
+def _rgb():
+    data = np.zeros(SHAPE, dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    data["R"] = 200
+    return data
+
+
 def _label_with_two():
     data = np.zeros(SHAPE, np.uint8)
     data[5, 5, 1] = 2
@@ -246,8 +252,9 @@ def _label_with_two():
         ({"replace": {"Tmax": (np.ones(SHAPE, np.float32), _shifted_affine())}}, r"CT_Tmax.*affine differs"),
         ({"replace": {"CBF": _with_nan()}}, r"CT_CBF.*1 NaN or Inf"),
         ({"replace": {"OT": _label_with_two()}}, r"\.OT\..*found \[2\.0\]"),
+        ({"replace": {"MTT": _rgb()}}, r"CT_MTT.*stored as 3-value records \(\('R', 'G', 'B'\).*scalar image"),
     ],
-    ids=["missing-modality", "shape", "affine", "nan", "label-2"],
+    ids=["missing-modality", "shape", "affine", "nan", "label-2", "rgb"],
 )
 def test_broken_case_is_refused_and_leaves_nothing(tmp_path, broken, message):
     src = tmp_path / "TRAINING"

@@ -47,11 +47,19 @@ def _named(path, name: str | None) -> str:
 
 def load_nifti(path, name: str | None = None) -> nib.Nifti1Image:
     """The NIfTI image at ``path`` (header read, voxels not yet), or a ValueError naming the file as ``name``
-    (default: the quoted path)."""
+    (default: the quoted path), also for voxels stored as records (RGB or other vector types: several values per
+    voxel, which numpy refused to convert to numbers with a message of its own types)."""
     try:
-        return nib.load(path)
+        image = nib.load(path)
     except Exception as err:  # nibabel raises many types for corrupt or truncated files
         raise ValueError(f"{_named(path, name)}: cannot read as NIfTI ({err})") from err
+    stored = image.get_data_dtype()
+    if stored.names:
+        raise ValueError(
+            f"{_named(path, name)}: its voxels are stored as {len(stored.names)}-value records ({stored.names}, "
+            "e.g. an RGB screenshot of a map), not one number each: export the map itself as a scalar image"
+        )
+    return image
 
 
 def read_voxels(path, read: Callable[[], np.ndarray], name: str | None = None) -> np.ndarray:
