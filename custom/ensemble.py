@@ -122,6 +122,22 @@ def _member_count(state: dict, path) -> int:
     return len(indices)
 
 
+def _refuse_a_repeated_member(member: torch.nn.Module, path, members: list, paths) -> None:
+    """Refuse ``member`` (loaded from ``path``) when it holds the weights of one of the ``members`` loaded before it
+    from ``paths``, naming both files.
+
+    Why: one fold's checkpoint listed twice (or a copy of it) was averaged in twice without a word, so the "ensemble"
+    leaned on that model, and its uncertainty map showed agreement that no second model gave (all 0 for two copies)."""
+    weights = member.state_dict()
+    for earlier, other in zip(paths, members):
+        if all(torch.equal(tensor, weights[key]) for key, tensor in other.state_dict().items()):
+            raise ValueError(
+                f"ensemble members '{earlier}' and '{path}' hold the same weights (one checkpoint listed twice, or a "
+                "copy of it): the ensemble would count that model twice and its uncertainty would show agreement no "
+                "second model gave; list each model's checkpoint once"
+            )
+
+
 def inference_network(
     network_def: torch.nn.Module, ensemble_ckpt_paths=None, tta_flips=False, uncertainty: bool = False,
     input_settings=None,
@@ -164,6 +180,7 @@ def inference_network(
         for path in ensemble_ckpt_paths:
             member = copy.deepcopy(network_def)
             load_network_checkpoint(path, member, input_settings=input_settings)
+            _refuse_a_repeated_member(member, path, members, ensemble_ckpt_paths)
             members.append(member)
     else:
         members = [network_def]

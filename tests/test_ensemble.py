@@ -139,6 +139,24 @@ def test_bad_member_checkpoints_are_named(tmp_path):
         inference_network(_tiny_unet(0), [])
 
 
+def test_members_holding_the_same_weights_are_refused_naming_both(tmp_path):
+    first, copied, other = tmp_path / "fold0.pt", tmp_path / "fold0_copy.pt", tmp_path / "fold1.pt"
+    torch.save(_tiny_unet(0).state_dict(), first)
+    torch.save(_tiny_unet(0).state_dict(), copied)
+    torch.save(_tiny_unet(1).state_dict(), other)
+    for repeated in (first, copied):
+        with pytest.raises(ValueError, match=f"members '{first}' and '{repeated}' hold the same weights"):
+            inference_network(_tiny_unet(0), [str(first), str(other), str(repeated)], True, uncertainty=True)
+    assert len(inference_network(_tiny_unet(0), [str(first), str(other)]).members) == 2
+
+
+def test_ensemble_checkpoint_of_one_checkpoint_twice_is_refused_and_not_written(member_checkpoints, tmp_path):
+    (first, _), _ = member_checkpoints
+    with pytest.raises(ValueError, match=f"members '{first}' and '{first}' hold the same weights"):
+        write_ensemble_checkpoint(first, first, out=str(tmp_path / "ensemble.pt"))
+    assert not (tmp_path / "ensemble.pt").exists()
+
+
 def test_split_uncertainty():
     split = SplitUncertaintyd(keys="pred")
     pred = MetaTensor(torch.rand(3, 4, 4, 2), meta={"filename_or_obj": "case.nii.gz"})
@@ -181,8 +199,8 @@ def test_bundle_ensemble_equals_single_model_and_exports_to_the_runner(
 ):
     (first, second), ensemble_file = member_checkpoints
     single = _bundle_masks(tiny_phantom_dataset, tmp_path / "single", ckpt_path=str(first))
-    identical = _bundle_masks(tiny_phantom_dataset, tmp_path / "identical", ensemble_ckpt_paths=[str(first)] * 3)
-    assert identical.keys() == single.keys() and all(np.array_equal(identical[k], single[k]) for k in single)
+    listed = _bundle_masks(tiny_phantom_dataset, tmp_path / "listed", ensemble_ckpt_paths=[str(first)])
+    assert listed.keys() == single.keys() and all(np.array_equal(listed[k], single[k]) for k in single)
 
     override = {"ensemble_ckpt_paths": [str(first), str(second)], "tta_flips": True}
     masks = _bundle_masks(tiny_phantom_dataset, tmp_path / "ensemble", write_uncertainty=True, **override)
