@@ -187,8 +187,12 @@ def load_model(path: Path, device="cpu"):
         with torch.inference_mode():
             shape = tuple(network(probe).shape)
     except Exception as err:  # a scripted model fails with a RuntimeError naming its own layer
+        # after the interpreter's traceback of the scripted code, which made the one-line refusal some 15 lines
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[-1]
         raise ValueError(
-            f"model '{path}' does not take a (1, {len(MODALITIES)}, 32, 32) input ({', '.join(MODALITIES)}): {err}"
+            f"model '{path}' does not take a (1, {len(MODALITIES)}, 32, 32) input ({', '.join(MODALITIES)}; a model "
+            f"trained with contralateral_channels or adjacent_slices takes more channels and runs through "
+            f"inference.json only): {reason}"
         ) from err
     if shape != (1, len(CLASSES), 32, 32):
         raise ValueError(f"model '{path}' gives output shape {shape}, expected (1, {len(CLASSES)}, 32, 32)")
