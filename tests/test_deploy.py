@@ -328,6 +328,26 @@ def test_outputs_of_an_earlier_run_are_replaced_only_when_asked(exported_model, 
     assert sorted(p.name for p in out.iterdir()) == ["lesion_volumes.csv", "noise_seg.nii.gz"]
 
 
+def test_an_output_named_as_an_input_is_refused_even_with_overwrite(exported_model, tmp_path):
+    """Written into the inputs' folder, the mask of ``a.nii.gz`` is ``a_seg.nii.gz``: an input of that name was replaced
+    by the mask with ``--overwrite``, then set aside as a 3D image. The runner and the bundle (``check_output_dir``)
+    refuse it before anything is written, naming the file, and leave the inputs as they were."""
+    from custom.config_check import check_output_dir
+
+    _, torchscript = exported_model
+    rng = np.random.default_rng(0)
+    first = _write(tmp_path / "a.nii.gz", _with_background(rng.normal(size=(20, 24, 3, 5))))
+    second = _write(tmp_path / "a_seg.nii.gz", _with_background(rng.normal(size=(20, 24, 3, 5))))
+    before = {path.name: path.read_bytes() for path in (first, second)}
+    for flag in ([], ["--overwrite"]):
+        with pytest.raises(SystemExit, match=f"error: output folder '{tmp_path}': a_seg.nii.gz is an input of this run "
+                                             "and the name of an output it writes"):
+            main([str(first), str(second), "--model", str(torchscript), "--out", str(tmp_path), *flag])
+    with pytest.raises(FileExistsError, match="a_seg.nii.gz is an input of this run"):
+        check_output_dir(str(tmp_path), [str(first), str(second)], overwrite=True)
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+
+
 def _truncated(path: Path) -> Path:
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])

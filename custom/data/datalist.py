@@ -258,7 +258,9 @@ def refuse_earlier_outputs(folder, images, overwrite=False, postfixes=("seg",), 
     ``unwritten``: postfixes of a case's outputs that this run does not write (an uncertainty map of a run without
     one, evaluation's masks without ``save_masks``). An earlier run's such files of this run's cases are refused
     too and, with ``overwrite``, removed here, so that no folder pairs this run's outputs of a case with an earlier
-    run's (a mask beside the uncertainty map of another run). Files of cases this run does not process are left:
+    run's (a mask beside the uncertainty map of another run). An output whose file is one of ``images`` (an input
+    ``a_seg.nii.gz`` beside ``a.nii.gz``, written into their folder) is refused even with ``overwrite``: that input
+    was replaced by a mask and then set aside as a 3D image. Files of cases this run does not process are left:
     this run's cases are those of its table. The earlier ``tables`` are removed here too, with ``overwrite``: this
     run writes its own at its end, and a run stopped before (full disk, killed) left the earlier table beside its
     new masks, whose volumes it no longer matched."""
@@ -267,6 +269,13 @@ def refuse_earlier_outputs(folder, images, overwrite=False, postfixes=("seg",), 
                 for image in images for kind in kinds]
 
     masks, stale = outputs(postfixes), outputs(unwritten)
+    inputs = {os.path.realpath(str(image)) for image in images}
+    for name in [*masks, *stale, *tables]:
+        if os.path.realpath(Path(str(folder)) / name) in inputs:  # even with overwrite: it would destroy an input
+            raise FileExistsError(
+                f"{setting} '{os.path.normpath(str(folder))}': {name} is an input of this run and the name of an "
+                f"output it writes, which would replace that input: write into another {folder_flag}"
+            )
     earlier = [name for name in [*masks, *stale, *tables] if (Path(str(folder)) / name).exists()]
     if earlier and overwrite is not True:
         raise FileExistsError(
