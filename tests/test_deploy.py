@@ -348,6 +348,29 @@ def test_an_output_named_as_an_input_is_refused_even_with_overwrite(exported_mod
     assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
 
 
+def test_an_input_given_twice_or_missing_on_a_relative_path_is_named_as_such(exported_model, tmp_path, monkeypatch):
+    """One file given twice was told to rename one of the two; a relative path that does not exist was named without
+    the folder it is read from (the current one, not that of a datalist file listing it). The runner and the bundle's
+    screening (``screen_inference_images``) share both rules."""
+    from custom.data.datalist import screen_inference_images
+
+    _, torchscript = exported_model
+    monkeypatch.chdir(tmp_path)
+    image = _write(tmp_path / "a.nii.gz", _with_background(np.random.default_rng(0).normal(size=(20, 24, 3, 5))))
+    twice = rf"'{image}' is given twice"
+    with pytest.raises(ValueError, match=rf"^inputs: {twice} \(also as 'a.nii.gz'\); list each image once$"):
+        deploy("a.nii.gz", image, model=torchscript, out=tmp_path / "out")
+    with pytest.raises(ValueError, match=rf"^datalist: {twice}; list each image once$"):
+        screen_inference_images([str(image), str(image)])
+    note = rf" \(a relative path is read from the current folder, '{tmp_path}'\)"
+    with pytest.raises(FileNotFoundError, match=rf"^input 'b.nii.gz' does not exist{note}$"):
+        deploy(image, "b.nii.gz", model=torchscript, out=tmp_path / "out")
+    assert screen_inference_images([str(image), "b.nii.gz"]).rejected == {
+        "b.nii.gz": f"b.nii.gz: missing (a relative path is read from the current folder, '{tmp_path}')"
+    }
+    assert not (tmp_path / "out").exists()
+
+
 def _truncated(path: Path) -> Path:
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])

@@ -247,6 +247,26 @@ def shared_case_name(images) -> tuple[str, str, str] | None:
     return None
 
 
+def refuse_a_shared_case_name(images, where: str) -> None:
+    """Refuse ``images`` two of which have one :func:`output_case_name` (:func:`shared_case_name`), naming both and
+    ``where`` they were given: the second output would replace the first. One file given twice is named as such:
+    the advice for two files, to rename one, cannot help there."""
+    shared = shared_case_name(images)
+    if not shared:
+        return
+    name, first, second = shared
+    if os.path.realpath(first) == os.path.realpath(second):
+        also = "" if first == second else f" (also as '{first}')"
+        raise ValueError(f"{where}: '{second}' is given twice{also}; list each image once")
+    raise ValueError(f"{where}: '{first}' and '{second}' would both write '{name}_seg.nii.gz'; rename one")
+
+
+def relative_path_note(image) -> str:
+    """For the refusal of an input ``image`` that does not exist: the current folder, where a relative path is read
+    from (not from the folder of a datalist file that lists it, nor the dataset's), or nothing for an absolute path."""
+    return "" if os.path.isabs(str(image)) else f" (a relative path is read from the current folder, '{os.getcwd()}')"
+
+
 def refuse_earlier_outputs(folder, images, overwrite=False, postfixes=("seg",), tables=(),
                            setting="output folder", overwrite_flag="--overwrite", folder_flag="--out",
                            unwritten=(), case_folder=".") -> None:
@@ -322,10 +342,7 @@ def screen_inference_images(images) -> ScreenedImages:
     images = [str(image) for image in images]
     if not images:
         raise ValueError("datalist: no image to segment")
-    shared = shared_case_name(images)
-    if shared:
-        name, first, second = shared
-        raise ValueError(f"datalist: '{first}' and '{second}' would both write '{name}_seg.nii.gz'; rename one")
+    refuse_a_shared_case_name(images, "datalist")
     usable, rejected = [], {}
     for image in images:
         if Path(image).is_dir():
@@ -338,7 +355,7 @@ def screen_inference_images(images) -> ScreenedImages:
             rejected[image] = f"{image}: a folder, not a 5-channel NIfTI file ({remedy})"
             continue
         if not Path(image).is_file():
-            rejected[image] = f"{image}: missing"
+            rejected[image] = f"{image}: missing{relative_path_note(image)}"
             continue
         try:
             nifti, data = read_nifti(image, image)
