@@ -204,7 +204,8 @@ def write_ensemble_checkpoint(
             ``model.pt``); each is loaded with ``weights_only=True`` and strictly, errors naming the file.
         out: the file to write (atomically); pass it to ``ckpt_export`` as ``--ckpt_file`` and as
             ``--ensemble_ckpt_paths`` (docs/deployment.md).
-        config_file: the inference config whose ``network_def`` the checkpoints fit (default: the bundle's).
+        config_file: the inference config whose ``network_def`` the checkpoints fit (default: the bundle's); a
+            checkpoint whose training record names other ``input_settings`` than this config's is refused, naming it.
         overwrite: replace an existing ``out`` (refused otherwise: ``--out bundle/models/model.pt`` replaced the
             trained weights without a word).
 
@@ -218,7 +219,10 @@ def write_ensemble_checkpoint(
     parser = ConfigParser()
     config_file = config_file or str(Path(__file__).resolve().parent.parent / "bundle" / "configs" / "inference.json")
     parser.read_config(str(config_file))
-    network = inference_network(parser.get_parsed_content("network_def"), [str(c) for c in checkpoints])
+    # a member whose training record names other input settings than the config's is refused, as inference refuses it
+    settings = parser.get_parsed_content("input_settings", default=None)
+    network = inference_network(parser.get_parsed_content("network_def"), [str(c) for c in checkpoints],
+                                input_settings=settings)  # fmt: skip
     state = network.state_dict()
     write_atomically(out, lambda temporary: torch.save(state, temporary))
     print(f"ensemble checkpoint of {len(checkpoints)} members")  # python -m custom prints the returned path after it

@@ -157,6 +157,29 @@ def test_ensemble_checkpoint_of_one_checkpoint_twice_is_refused_and_not_written(
     assert not (tmp_path / "ensemble.pt").exists()
 
 
+def test_ensemble_checkpoint_refuses_members_trained_with_other_input_settings(tmp_path):
+    """Weights trained with contralateral_channels 'difference' have the 10 channels of 'mirror': an ensemble built with
+    a 'mirror' config took them without a word (inference refuses such a member by its record, the ensemble file has
+    none)."""
+    config = json.loads((CONFIGS / "inference.json").read_text())
+    config_file = tmp_path / "mirror.json"
+    config_file.write_text(json.dumps({**config, "contralateral_channels": "mirror"}))
+    parser = ConfigParser()
+    parser.read_config(str(config_file))
+    members = []
+    for fold, trained_with in enumerate(("mirror", "difference")):
+        torch.manual_seed(fold)
+        (tmp_path / f"fold{fold}").mkdir()
+        members.append(tmp_path / f"fold{fold}" / "model.pt")
+        torch.save(parser.get_parsed_content("network_def", lazy=False).state_dict(), members[-1])
+        record = {"contralateral_channels": trained_with, "adjacent_slices": 0}
+        (tmp_path / f"fold{fold}" / "training_inputs.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=rf"checkpoint '{members[1]}' was trained with other settings(.|\n)*"
+                                         r"contralateral_channels: trained with 'difference', this run 'mirror'"):
+        write_ensemble_checkpoint(*members, out=str(tmp_path / "ensemble.pt"), config_file=str(config_file))
+    assert not (tmp_path / "ensemble.pt").exists()
+
+
 def test_split_uncertainty():
     split = SplitUncertaintyd(keys="pred")
     pred = MetaTensor(torch.rand(3, 4, 4, 2), meta={"filename_or_obj": "case.nii.gz"})
