@@ -33,7 +33,9 @@ import torch
 from custom.atomic import require_writable_folder, write_atomically
 from custom.clinical import MODALITIES, VOLUME_TABLE, brain_mask, case_volumes, describe, write_volume_table
 from custom.clinical import PERFUSION_CHANNELS as BRAIN_CHANNELS  # brain: any of CBF, CBV, MTT, Tmax non-zero
-from custom.data.datalist import nifti_files_in, output_case_name, refuse_earlier_outputs
+from custom.data.datalist import (
+    nifti_files_in, output_case_name, refuse_a_shared_case_name, refuse_earlier_outputs, relative_path_note,
+)
 from custom.data.studies import SMIR_NAME, find_case_maps, image_problems, load_case, read_nifti
 from custom.lesions import check_lesion_threshold, check_min_volume, lesion_from_probabilities, remove_small_lesions
 
@@ -187,8 +189,12 @@ def load_model(path: Path, device="cpu"):
         with torch.inference_mode():
             shape = tuple(network(probe).shape)
     except Exception as err:  # a scripted model fails with a RuntimeError naming its own layer
+        # after the interpreter's traceback of the scripted code, which made the one-line refusal some 15 lines
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[-1]
         raise ValueError(
-            f"model '{path}' does not take a (1, {len(MODALITIES)}, 32, 32) input ({', '.join(MODALITIES)}): {err}"
+            f"model '{path}' does not take a (1, {len(MODALITIES)}, 32, 32) input ({', '.join(MODALITIES)}; a model "
+            f"trained with contralateral_channels or adjacent_slices takes more channels and runs through "
+            f"inference.json only): {reason}"
         ) from err
     if shape != (1, len(CLASSES), 32, 32):
         raise ValueError(f"model '{path}' gives output shape {shape}, expected (1, {len(CLASSES)}, 32, 32)")
@@ -226,20 +232,16 @@ def _check_inputs(inputs: list[Path]) -> None:
     the command, not in the data: the contents of each input are checked case by case)."""
     if not inputs:
         raise ValueError("no input given: pass 5-channel NIfTI files and/or ISLES 2018 case folders")
-    seen: dict[str, Path] = {}
     for path in inputs:
         if not path.exists():
-            raise FileNotFoundError(f"input '{path}' does not exist")
+            raise FileNotFoundError(f"input '{path}' does not exist{relative_path_note(path)}")
         images = _images_in_folder(path)
         if images:  # was refused case by case as an ISLES case folder missing every map
             raise ValueError(
                 f"input '{path}' is a folder of {len(images)} NIfTI file(s), not an ISLES 2018 case folder: pass the "
                 f"files themselves, e.g. '{path / images[0]}' (or '{path}/*.nii.gz')"
             )
-        name = output_case_name(path)
-        if name in seen:
-            raise ValueError(f"inputs '{seen[name]}' and '{path}' would both write '{name}_seg.nii.gz'")
-        seen[name] = path
+    refuse_a_shared_case_name(inputs, "inputs")
 
 
 def deploy(*inputs, model="bundle/models/model.ts", out="deploy_out", batch_size=16, device="cpu",

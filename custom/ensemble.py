@@ -122,6 +122,22 @@ def _member_count(state: dict, path) -> int:
     return len(indices)
 
 
+def _refuse_a_repeated_member(member: torch.nn.Module, path, members: list, paths) -> None:
+    """Refuse ``member`` (loaded from ``path``) when it holds the weights of one of the ``members`` loaded before it
+    from ``paths``, naming both files.
+
+    Why: one fold's checkpoint listed twice (or a copy of it) was averaged in twice without a word, so the "ensemble"
+    leaned on that model, and its uncertainty map showed agreement that no second model gave (all 0 for two copies)."""
+    weights = member.state_dict()
+    for earlier, other in zip(paths, members):
+        if all(torch.equal(tensor, weights[key]) for key, tensor in other.state_dict().items()):
+            raise ValueError(
+                f"ensemble members '{earlier}' and '{path}' hold the same weights (one checkpoint listed twice, or a "
+                "copy of it): the ensemble would count that model twice and its uncertainty would show agreement no "
+                "second model gave; list each model's checkpoint once"
+            )
+
+
 def inference_network(
     network_def: torch.nn.Module, ensemble_ckpt_paths=None, tta_flips=False, uncertainty: bool = False,
     input_settings=None,
@@ -164,6 +180,7 @@ def inference_network(
         for path in ensemble_ckpt_paths:
             member = copy.deepcopy(network_def)
             load_network_checkpoint(path, member, input_settings=input_settings)
+            _refuse_a_repeated_member(member, path, members, ensemble_ckpt_paths)
             members.append(member)
     else:
         members = [network_def]
@@ -187,7 +204,8 @@ def write_ensemble_checkpoint(
             ``model.pt``); each is loaded with ``weights_only=True`` and strictly, errors naming the file.
         out: the file to write (atomically); pass it to ``ckpt_export`` as ``--ckpt_file`` and as
             ``--ensemble_ckpt_paths`` (docs/deployment.md).
-        config_file: the inference config whose ``network_def`` the checkpoints fit (default: the bundle's).
+        config_file: the inference config whose ``network_def`` the checkpoints fit (default: the bundle's); a
+            checkpoint whose training record names other ``input_settings`` than this config's is refused, naming it.
         overwrite: replace an existing ``out`` (refused otherwise: ``--out bundle/models/model.pt`` replaced the
             trained weights without a word).
 
@@ -201,7 +219,10 @@ def write_ensemble_checkpoint(
     parser = ConfigParser()
     config_file = config_file or str(Path(__file__).resolve().parent.parent / "bundle" / "configs" / "inference.json")
     parser.read_config(str(config_file))
-    network = inference_network(parser.get_parsed_content("network_def"), [str(c) for c in checkpoints])
+    # a member whose training record names other input settings than the config's is refused, as inference refuses it
+    settings = parser.get_parsed_content("input_settings", default=None)
+    network = inference_network(parser.get_parsed_content("network_def"), [str(c) for c in checkpoints],
+                                input_settings=settings)  # fmt: skip
     state = network.state_dict()
     write_atomically(out, lambda temporary: torch.save(state, temporary))
     print(f"ensemble checkpoint of {len(checkpoints)} members")  # python -m custom prints the returned path after it

@@ -328,6 +328,49 @@ def test_outputs_of_an_earlier_run_are_replaced_only_when_asked(exported_model, 
     assert sorted(p.name for p in out.iterdir()) == ["lesion_volumes.csv", "noise_seg.nii.gz"]
 
 
+def test_an_output_named_as_an_input_is_refused_even_with_overwrite(exported_model, tmp_path):
+    """Written into the inputs' folder, the mask of ``a.nii.gz`` is ``a_seg.nii.gz``: an input of that name was replaced
+    by the mask with ``--overwrite``, then set aside as a 3D image. The runner and the bundle (``check_output_dir``)
+    refuse it before anything is written, naming the file, and leave the inputs as they were."""
+    from custom.config_check import check_output_dir
+
+    _, torchscript = exported_model
+    rng = np.random.default_rng(0)
+    first = _write(tmp_path / "a.nii.gz", _with_background(rng.normal(size=(20, 24, 3, 5))))
+    second = _write(tmp_path / "a_seg.nii.gz", _with_background(rng.normal(size=(20, 24, 3, 5))))
+    before = {path.name: path.read_bytes() for path in (first, second)}
+    for flag in ([], ["--overwrite"]):
+        with pytest.raises(SystemExit, match=f"error: output folder '{tmp_path}': a_seg.nii.gz is an input of this run "
+                                             "and the name of an output it writes"):
+            main([str(first), str(second), "--model", str(torchscript), "--out", str(tmp_path), *flag])
+    with pytest.raises(FileExistsError, match="a_seg.nii.gz is an input of this run"):
+        check_output_dir(str(tmp_path), [str(first), str(second)], overwrite=True)
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+
+
+def test_an_input_given_twice_or_missing_on_a_relative_path_is_named_as_such(exported_model, tmp_path, monkeypatch):
+    """One file given twice was told to rename one of the two; a relative path that does not exist was named without
+    the folder it is read from (the current one, not that of a datalist file listing it). The runner and the bundle's
+    screening (``screen_inference_images``) share both rules."""
+    from custom.data.datalist import screen_inference_images
+
+    _, torchscript = exported_model
+    monkeypatch.chdir(tmp_path)
+    image = _write(tmp_path / "a.nii.gz", _with_background(np.random.default_rng(0).normal(size=(20, 24, 3, 5))))
+    twice = rf"'{image}' is given twice"
+    with pytest.raises(ValueError, match=rf"^inputs: {twice} \(also as 'a.nii.gz'\); list each image once$"):
+        deploy("a.nii.gz", image, model=torchscript, out=tmp_path / "out")
+    with pytest.raises(ValueError, match=rf"^datalist: {twice}; list each image once$"):
+        screen_inference_images([str(image), str(image)])
+    note = rf" \(a relative path is read from the current folder, '{tmp_path}'\)"
+    with pytest.raises(FileNotFoundError, match=rf"^input 'b.nii.gz' does not exist{note}$"):
+        deploy(image, "b.nii.gz", model=torchscript, out=tmp_path / "out")
+    assert screen_inference_images([str(image), "b.nii.gz"]).rejected == {
+        "b.nii.gz": f"b.nii.gz: missing (a relative path is read from the current folder, '{tmp_path}')"
+    }
+    assert not (tmp_path / "out").exists()
+
+
 def _truncated(path: Path) -> Path:
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])

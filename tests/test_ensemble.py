@@ -139,6 +139,47 @@ def test_bad_member_checkpoints_are_named(tmp_path):
         inference_network(_tiny_unet(0), [])
 
 
+def test_members_holding_the_same_weights_are_refused_naming_both(tmp_path):
+    first, copied, other = tmp_path / "fold0.pt", tmp_path / "fold0_copy.pt", tmp_path / "fold1.pt"
+    torch.save(_tiny_unet(0).state_dict(), first)
+    torch.save(_tiny_unet(0).state_dict(), copied)
+    torch.save(_tiny_unet(1).state_dict(), other)
+    for repeated in (first, copied):
+        with pytest.raises(ValueError, match=f"members '{first}' and '{repeated}' hold the same weights"):
+            inference_network(_tiny_unet(0), [str(first), str(other), str(repeated)], True, uncertainty=True)
+    assert len(inference_network(_tiny_unet(0), [str(first), str(other)]).members) == 2
+
+
+def test_ensemble_checkpoint_of_one_checkpoint_twice_is_refused_and_not_written(member_checkpoints, tmp_path):
+    (first, _), _ = member_checkpoints
+    with pytest.raises(ValueError, match=f"members '{first}' and '{first}' hold the same weights"):
+        write_ensemble_checkpoint(first, first, out=str(tmp_path / "ensemble.pt"))
+    assert not (tmp_path / "ensemble.pt").exists()
+
+
+def test_ensemble_checkpoint_refuses_members_trained_with_other_input_settings(tmp_path):
+    """Weights trained with contralateral_channels 'difference' have the 10 channels of 'mirror': an ensemble built with
+    a 'mirror' config took them without a word (inference refuses such a member by its record, the ensemble file has
+    none)."""
+    config = json.loads((CONFIGS / "inference.json").read_text())
+    config_file = tmp_path / "mirror.json"
+    config_file.write_text(json.dumps({**config, "contralateral_channels": "mirror"}))
+    parser = ConfigParser()
+    parser.read_config(str(config_file))
+    members = []
+    for fold, trained_with in enumerate(("mirror", "difference")):
+        torch.manual_seed(fold)
+        (tmp_path / f"fold{fold}").mkdir()
+        members.append(tmp_path / f"fold{fold}" / "model.pt")
+        torch.save(parser.get_parsed_content("network_def", lazy=False).state_dict(), members[-1])
+        record = {"contralateral_channels": trained_with, "adjacent_slices": 0}
+        (tmp_path / f"fold{fold}" / "training_inputs.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=rf"checkpoint '{members[1]}' was trained with other settings(.|\n)*"
+                                         r"contralateral_channels: trained with 'difference', this run 'mirror'"):
+        write_ensemble_checkpoint(*members, out=str(tmp_path / "ensemble.pt"), config_file=str(config_file))
+    assert not (tmp_path / "ensemble.pt").exists()
+
+
 def test_split_uncertainty():
     split = SplitUncertaintyd(keys="pred")
     pred = MetaTensor(torch.rand(3, 4, 4, 2), meta={"filename_or_obj": "case.nii.gz"})
@@ -181,8 +222,8 @@ def test_bundle_ensemble_equals_single_model_and_exports_to_the_runner(
 ):
     (first, second), ensemble_file = member_checkpoints
     single = _bundle_masks(tiny_phantom_dataset, tmp_path / "single", ckpt_path=str(first))
-    identical = _bundle_masks(tiny_phantom_dataset, tmp_path / "identical", ensemble_ckpt_paths=[str(first)] * 3)
-    assert identical.keys() == single.keys() and all(np.array_equal(identical[k], single[k]) for k in single)
+    listed = _bundle_masks(tiny_phantom_dataset, tmp_path / "listed", ensemble_ckpt_paths=[str(first)])
+    assert listed.keys() == single.keys() and all(np.array_equal(listed[k], single[k]) for k in single)
 
     override = {"ensemble_ckpt_paths": [str(first), str(second)], "tta_flips": True}
     masks = _bundle_masks(tiny_phantom_dataset, tmp_path / "ensemble", write_uncertainty=True, **override)

@@ -105,5 +105,8 @@ def test_deploy_runner_refuses_a_model_with_slice_context(tmp_path):
 
     path = tmp_path / "context.ts"
     torch.jit.script(inference_network(in_channels=15).eval()).save(str(path))
-    with pytest.raises(ValueError, match=r"context\.ts' does not take a \(1, 5, 32, 32\) input"):
+    with pytest.raises(ValueError, match=r"context\.ts' does not take a \(1, 5, 32, 32\) input") as refused:
         load_model(path)
+    # one line, as the command line prints its refusal, ending with the complaint of the layer, not a traceback
+    assert "\n" not in str(refused.value) and "adjacent_slices" in str(refused.value)
+    assert str(refused.value).endswith("to have 15 channels, but got 5 channels instead")

@@ -247,6 +247,26 @@ def shared_case_name(images) -> tuple[str, str, str] | None:
     return None
 
 
+def refuse_a_shared_case_name(images, where: str) -> None:
+    """Refuse ``images`` two of which have one :func:`output_case_name` (:func:`shared_case_name`), naming both and
+    ``where`` they were given: the second output would replace the first. One file given twice is named as such:
+    the advice for two files, to rename one, cannot help there."""
+    shared = shared_case_name(images)
+    if not shared:
+        return
+    name, first, second = shared
+    if os.path.realpath(first) == os.path.realpath(second):
+        also = "" if first == second else f" (also as '{first}')"
+        raise ValueError(f"{where}: '{second}' is given twice{also}; list each image once")
+    raise ValueError(f"{where}: '{first}' and '{second}' would both write '{name}_seg.nii.gz'; rename one")
+
+
+def relative_path_note(image) -> str:
+    """For the refusal of an input ``image`` that does not exist: the current folder, where a relative path is read
+    from (not from the folder of a datalist file that lists it, nor the dataset's), or nothing for an absolute path."""
+    return "" if os.path.isabs(str(image)) else f" (a relative path is read from the current folder, '{os.getcwd()}')"
+
+
 def refuse_earlier_outputs(folder, images, overwrite=False, postfixes=("seg",), tables=(),
                            setting="output folder", overwrite_flag="--overwrite", folder_flag="--out",
                            unwritten=(), case_folder=".") -> None:
@@ -258,7 +278,9 @@ def refuse_earlier_outputs(folder, images, overwrite=False, postfixes=("seg",), 
     ``unwritten``: postfixes of a case's outputs that this run does not write (an uncertainty map of a run without
     one, evaluation's masks without ``save_masks``). An earlier run's such files of this run's cases are refused
     too and, with ``overwrite``, removed here, so that no folder pairs this run's outputs of a case with an earlier
-    run's (a mask beside the uncertainty map of another run). Files of cases this run does not process are left:
+    run's (a mask beside the uncertainty map of another run). An output whose file is one of ``images`` (an input
+    ``a_seg.nii.gz`` beside ``a.nii.gz``, written into their folder) is refused even with ``overwrite``: that input
+    was replaced by a mask and then set aside as a 3D image. Files of cases this run does not process are left:
     this run's cases are those of its table. The earlier ``tables`` are removed here too, with ``overwrite``: this
     run writes its own at its end, and a run stopped before (full disk, killed) left the earlier table beside its
     new masks, whose volumes it no longer matched."""
@@ -267,6 +289,13 @@ def refuse_earlier_outputs(folder, images, overwrite=False, postfixes=("seg",), 
                 for image in images for kind in kinds]
 
     masks, stale = outputs(postfixes), outputs(unwritten)
+    inputs = {os.path.realpath(str(image)) for image in images}
+    for name in [*masks, *stale, *tables]:
+        if os.path.realpath(Path(str(folder)) / name) in inputs:  # even with overwrite: it would destroy an input
+            raise FileExistsError(
+                f"{setting} '{os.path.normpath(str(folder))}': {name} is an input of this run and the name of an "
+                f"output it writes, which would replace that input: write into another {folder_flag}"
+            )
     earlier = [name for name in [*masks, *stale, *tables] if (Path(str(folder)) / name).exists()]
     if earlier and overwrite is not True:
         raise FileExistsError(
@@ -313,10 +342,7 @@ def screen_inference_images(images) -> ScreenedImages:
     images = [str(image) for image in images]
     if not images:
         raise ValueError("datalist: no image to segment")
-    shared = shared_case_name(images)
-    if shared:
-        name, first, second = shared
-        raise ValueError(f"datalist: '{first}' and '{second}' would both write '{name}_seg.nii.gz'; rename one")
+    refuse_a_shared_case_name(images, "datalist")
     usable, rejected = [], {}
     for image in images:
         if Path(image).is_dir():
@@ -329,7 +355,7 @@ def screen_inference_images(images) -> ScreenedImages:
             rejected[image] = f"{image}: a folder, not a 5-channel NIfTI file ({remedy})"
             continue
         if not Path(image).is_file():
-            rejected[image] = f"{image}: missing"
+            rejected[image] = f"{image}: missing{relative_path_note(image)}"
             continue
         try:
             nifti, data = read_nifti(image, image)
