@@ -510,7 +510,14 @@ def test_weights_of_other_input_settings_are_refused_naming_the_record(tiny_phan
     write_training_record(run, trained, fold=0, dataset_dir=tiny_phantom_dataset)  # at its start, as a run does
     checkpoint = _network_checkpoint(run / "model.pt", in_channels=10)
     configs = ["train.json", "evaluate.json"] if path == "evaluation" else ["inference.json"]
-    ensemble = {"ensemble_ckpt_paths": [str(checkpoint)] * 2} if path == "inference ensemble" else {}
+    ensemble = {}
+    if path == "inference ensemble":  # two members of other weights, each with its record (one listed twice is refused)
+        other_run = tmp_path / "difference_run_b"
+        other_run.mkdir()
+        write_training_record(other_run, trained, fold=0, dataset_dir=tiny_phantom_dataset)
+        torch.manual_seed(1)
+        torch.save(inference_network(in_channels=10).state_dict(), other_run / "model.pt")
+        ensemble = {"ensemble_ckpt_paths": [str(checkpoint), str(other_run / "model.pt")]}
 
     def run_with(contralateral_channels):
         workflow = bundle_workflow(
