@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -26,6 +27,7 @@ from custom.clinical import (
     tmax_unit_problem,
 )
 from custom.crossval import file_sha256
+from custom.data.check import inspect_training_entry
 from custom.data.datalist import load_dataset_json
 from custom.metrics import METRIC_NAMES, case_metrics
 from custom.reporting import summarise, summary_markdown, write_case_csv, write_markdown
@@ -83,8 +85,8 @@ def _refuse_earlier_run(out: str, record: dict) -> None:
 
 
 def _channel_layout(modality: dict, path: str) -> dict:
-    """Channel indices the rule needs, looked up by name in the dataset.json ``modality`` map: CBF, Tmax, the
-    perfusion maps (every channel but CT) and the channel count."""
+    """Channel indices the rule needs, looked up by name in the dataset.json ``modality`` map: CBF, Tmax and the
+    perfusion maps (every channel but CT)."""
     indices = {name: int(index) for index, name in modality.items()}
     missing = [name for name in ("CT", "CBF", "Tmax") if name not in indices]
     if missing:
@@ -93,27 +95,35 @@ def _channel_layout(modality: dict, path: str) -> dict:
         "CBF": indices["CBF"],
         "Tmax": indices["Tmax"],
         "perfusion": sorted(index for name, index in indices.items() if name != "CT"),
-        "channels": len(indices),
     }
+
+
+def _refuse_unusable_studies(dataset_dir: str, training: list[dict], json_path: str) -> None:
+    """Read every training image and label with the checks of ``python -m custom check`` (as training and
+    evaluation do, ``custom.data.check.inspect_training_entry``) and refuse them all in one ValueError, each problem
+    naming its file. Why: the rule scored a label stored on another grid than its image (flipped or shifted, its
+    affine adjusted) and an image holding NaN without a word, and died in nibabel's gzip reader on a truncated file."""
+    problems = [
+        problem
+        for number, entry in enumerate(training)
+        for problem in inspect_training_entry(Path(dataset_dir), entry, f"dataset.json training[{number}]")[0]
+    ]
+    if problems:
+        raise ValueError(
+            f"{json_path}: the baseline cannot score these training cases:\n  - " + "\n  - ".join(problems)
+            + "\nFix or remove them (`python -m custom check` lists every problem)."
+        )
 
 
 def _baseline_case(entry: dict, dataset_dir: str, layout: dict, thresholds: dict) -> tuple[dict, nib.Nifti1Image]:
     """Apply the rule to one training entry; returns its metrics row and the predicted mask as a NIfTI image."""
     image_path = os.path.join(dataset_dir, entry["image"])
     label_path = os.path.join(dataset_dir, entry["label"])
-    image = nib.load(image_path)
-    if image.ndim != 4 or image.shape[3] != layout["channels"]:
-        raise ValueError(f"{image_path}: expected a 4D (H, W, D, {layout['channels']}) image, got {image.shape}.")
+    image = nib.load(image_path)  # screened by _refuse_unusable_studies: readable, finite, on its label's grid
     volume = image.get_fdata(dtype=np.float32)
     label = np.asanyarray(nib.load(label_path).dataobj)
-    if label.shape != volume.shape[:3]:
-        raise ValueError(f"{label_path}: label shape {label.shape} differs from the image's {volume.shape[:3]}.")
-    if not np.isin(label, (0, 1)).all():
-        raise ValueError(f"{label_path}: label values must be 0 and 1, got {np.unique(label).tolist()}.")
 
     brain = brain_mask(volume, layout["perfusion"])
-    if not brain.any():
-        raise ValueError(f"{image_path}: every perfusion map is zero, so there is no brain to threshold.")
     unit_problem = tmax_unit_problem(volume[..., layout["Tmax"]], brain)
     if unit_problem:
         raise ValueError(f"{image_path}: {unit_problem}; the rule's thresholds are in seconds.")
@@ -162,6 +172,7 @@ def run_baseline(
         missing = [key for key in ("image", "label", "case", "fold") if key not in entry]
         if missing:
             raise ValueError(f"{json_path}: training entry {number} has no {missing}.")
+    _refuse_unusable_studies(dataset_dir, dataset["training"], json_path)
 
     rows, masks = [], {}
     for entry in dataset["training"]:
