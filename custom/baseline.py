@@ -27,8 +27,8 @@ from custom.clinical import (
     tmax_unit_problem,
 )
 from custom.crossval import file_sha256
-from custom.data.check import inspect_training_entry
-from custom.data.datalist import load_dataset_json
+# the screening of training and evaluation (one error naming every bad file); scored here as there
+from custom.data.datalist import _refuse_unusable_cases, load_dataset_json
 from custom.metrics import METRIC_NAMES, case_metrics
 from custom.reporting import summarise, summary_markdown, write_case_csv, write_markdown
 
@@ -98,28 +98,11 @@ def _channel_layout(modality: dict, path: str) -> dict:
     }
 
 
-def _refuse_unusable_studies(dataset_dir: str, training: list[dict], json_path: str) -> None:
-    """Read every training image and label with the checks of ``python -m custom check`` (as training and
-    evaluation do, ``custom.data.check.inspect_training_entry``) and refuse them all in one ValueError, each problem
-    naming its file. Why: the rule scored a label stored on another grid than its image (flipped or shifted, its
-    affine adjusted) and an image holding NaN without a word, and died in nibabel's gzip reader on a truncated file."""
-    problems = [
-        problem
-        for number, entry in enumerate(training)
-        for problem in inspect_training_entry(Path(dataset_dir), entry, f"dataset.json training[{number}]")[0]
-    ]
-    if problems:
-        raise ValueError(
-            f"{json_path}: the baseline cannot score these training cases:\n  - " + "\n  - ".join(problems)
-            + "\nFix or remove them (`python -m custom check` lists every problem)."
-        )
-
-
 def _baseline_case(entry: dict, dataset_dir: str, layout: dict, thresholds: dict) -> tuple[dict, nib.Nifti1Image]:
     """Apply the rule to one training entry; returns its metrics row and the predicted mask as a NIfTI image."""
     image_path = os.path.join(dataset_dir, entry["image"])
     label_path = os.path.join(dataset_dir, entry["label"])
-    image = nib.load(image_path)  # screened by _refuse_unusable_studies: readable, finite, on its label's grid
+    image = nib.load(image_path)  # screened by _refuse_unusable_cases: readable, finite, on its label's grid
     volume = image.get_fdata(dtype=np.float32)
     label = np.asanyarray(nib.load(label_path).dataobj)
 
@@ -172,7 +155,13 @@ def run_baseline(
         missing = [key for key in ("image", "label", "case", "fold") if key not in entry]
         if missing:
             raise ValueError(f"{json_path}: training entry {number} has no {missing}.")
-    _refuse_unusable_studies(dataset_dir, dataset["training"], json_path)
+    # a label on another grid than its image (mirrored, its affine adjusted) or an image holding NaN was scored
+    # without a word, and a truncated file died in nibabel's gzip reader
+    _refuse_unusable_cases(
+        Path(dataset_dir), dataset["training"], lambda entry: f"dataset.json training case {entry['case']!r}",
+        f"'{json_path}': training cases of the baseline", "Fix or remove these cases from dataset.json "
+        "(`python -m custom check` lists every problem).",
+    )
 
     rows, masks = [], {}
     for entry in dataset["training"]:

@@ -185,7 +185,7 @@ def test_a_study_the_bundle_would_refuse_is_refused_naming_its_file(dataset, tmp
     NaN without a word, and died in nibabel's gzip reader (EOFError) on a truncated file; now each is refused with the
     checks of ``python -m custom check``, naming the file, and nothing is written."""
     expected = spoil(dataset)
-    with pytest.raises(ValueError, match=f"the baseline cannot score these training cases:\n  - .*{expected}"):
+    with pytest.raises(ValueError, match=f"training cases of the baseline cannot be used:\n  - .*{expected}"):
         run_baseline(str(dataset), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 
