@@ -480,6 +480,13 @@ def score_masks_command(masks: str, dataset_dir: str, out: str, method: str = "m
     if doubled:
         raise ValueError(f"'{masks}' holds two masks of {len(doubled)} case(s): {'; '.join(doubled[:5])}"
                          f"{' ...' if len(doubled) > 5 else ''}; keep one of each pair, or score each in a folder")
+    # the dataset's label folder given as MASKS (`score-masks DS/labelsTr DS OUT`): each label was scored against
+    # itself, Dice 1.000 on every case without a word
+    labels = [str(mask_path(e)) for e in entries if mask_path(e).resolve() == (dataset_dir / e["label"]).resolve()]
+    if labels:
+        raise ValueError(f"{len(labels)} of the {len(entries)} masks in '{masks}' are the label files they would be "
+                         f"scored against (e.g. '{labels[0]}'): pass the folder of the masks to score, not the "
+                         "dataset's labels")
     refuse_earlier_outputs(out, [], overwrite, postfixes=(), tables=("cases.csv",), setting="--out")
     rows = score_masks(dataset_dir, entries, method, mask_path)
     record = {"dataset_dir": str(dataset_dir.resolve()), "masks": str(masks.resolve()), "method": method,

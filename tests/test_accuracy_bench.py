@@ -304,6 +304,18 @@ def test_score_masks_refuses_a_case_with_both_mask_names(tiny_phantom_dataset, t
     assert not (tmp_path / "scored").exists()
 
 
+def test_score_masks_refuses_the_datasets_own_labels_as_masks(tiny_phantom_dataset, tmp_path):
+    """``score-masks DS/labelsTr DS OUT`` (the labels' folder typed for the masks') scored each label against itself:
+    mean Dice 1.000 without a word. It is refused, naming a label file, and nothing is written."""
+    entries = load_dataset_json(tiny_phantom_dataset, ("training",))["training"]
+    labels = tiny_phantom_dataset / "labelsTr"
+    assert all(Path(e["label"]).parent == Path("labelsTr") for e in entries)
+    with pytest.raises(ValueError, match=f"{len(entries)} of the {len(entries)} masks in '{labels}' are the label "
+                                         f"files they would be scored against \\(e.g. '{labels}/case_"):
+        score_masks_command(str(labels), str(tiny_phantom_dataset), str(tmp_path / "scored"))
+    assert not (tmp_path / "scored").exists()
+
+
 def test_score_masks_measures_a_sheared_grid_in_mm(tmp_path):
     """A gantry-tilted grid (slices 4 mm apart, each shifted 2 mm along y): the mask is the label moved 4 mm straight
     up. Scored with the affine, not the voxel sizes (1, 1, 4.47 mm taken as perpendicular axes gave HD95 4.60 mm,
