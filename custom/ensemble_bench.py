@@ -172,6 +172,15 @@ def _inference_setting(parser, config_file, key: str, value):
     return parser.get_parsed_content(key)
 
 
+def _refuse_bad_counts(**options) -> None:
+    """Refuse a count option that is not a whole number >= 1 (None: its default), naming it: ``--max_cases -1``
+    scored every case but the last without a word (a negative slice), ``--folds 0`` was reported as a missing
+    ``fold_0`` model, and ``--batch_size 0``, ``--bins -3`` or ``--bins 2.5`` failed deep in ``range`` or numpy."""
+    for name, value in options.items():
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"--{name} must be a whole number >= 1, got {value!r}")
+
+
 def run_ensemble_bench(
     cv_dir: str,
     dataset_dir: str,
@@ -214,13 +223,14 @@ def run_ensemble_bench(
     """
     from monai.bundle import ConfigParser
 
+    _refuse_bad_counts(folds=folds, bins=bins, batch_size=batch_size, max_cases=max_cases)
     checkpoints = fold_checkpoints(cv_dir, folds)
     dataset_dir = Path(dataset_dir)
     dataset = load_dataset_json(dataset_dir, ("training",))
     unlabelled = [e.get("case", e.get("image")) for e in dataset["training"] if not e.get("label")]
     if unlabelled:
         raise ValueError(f"'{dataset_dir / 'dataset.json'}': training entries without a 'label': {unlabelled}")
-    cases = dataset["training"] if max_cases is None else dataset["training"][: int(max_cases)]
+    cases = dataset["training"] if max_cases is None else dataset["training"][:max_cases]
     if not cases:
         raise ValueError(f"'{dataset_dir / 'dataset.json'}' lists no case in 'training'")
     # a label of 0.5 was read as 0 (no lesion) and a label on another grid than its image (mirrored, its affine

@@ -235,3 +235,19 @@ def test_a_label_training_would_refuse_is_refused_before_any_model_runs(
     with pytest.raises(ValueError, match=f"cases to score cannot be used:\\n  - {spoilt}: {problem}"):
         run_ensemble_bench(str(cv), str(two_labelled_cases), str(tmp_path / "out"), config_file=str(config))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "option, value", [("max_cases", -1), ("folds", 0), ("batch_size", 0), ("bins", -3), ("bins", 2.5)]
+)
+def test_a_count_option_that_is_not_a_whole_number_of_at_least_1_is_refused_naming_it(
+    identical_folds, two_labelled_cases, tmp_path, option, value
+):
+    """``--max_cases -1`` scored every case but the last (a negative slice) without a word; ``--folds 0`` was
+    reported as a missing fold_0 model; ``--batch_size 0`` and ``--bins -3`` or ``2.5`` failed deep in range or
+    numpy. Each is refused naming the option, and nothing is written."""
+    cv, config = identical_folds
+    with pytest.raises(ValueError, match=f"^--{option} must be a whole number >= 1, got {value}$"):
+        run_ensemble_bench(str(cv), str(two_labelled_cases), str(tmp_path / "out"), config_file=str(config),
+                           **{option: value})
+    assert not (tmp_path / "out").exists()
