@@ -273,6 +273,16 @@ def test_bad_override_is_refused_before_the_run_folder_is_claimed(tiny_phantom_d
     assert bundle_runs == [] and not (tmp_path / "cv").exists()
 
 
+@pytest.mark.parametrize("folds", [2.5, True, "2"])
+def test_folds_that_is_not_a_whole_number_is_refused_before_any_fold(
+    tiny_phantom_dataset, tmp_path, bundle_runs, folds
+):
+    """``--folds 2.5`` ran 2 folds (``int``) and ``--folds True`` 1, each summarised as the whole run."""
+    with pytest.raises(ValueError, match=f"^--folds must be a whole number of folds, got {folds!r}$"):
+        run_cross_validation(str(tiny_phantom_dataset), str(tmp_path / "cv"), folds=folds, epochs=1)
+    assert bundle_runs == [] and not (tmp_path / "cv").exists()
+
+
 def test_override_of_an_id_set_per_fold_is_refused(tiny_phantom_dataset, tmp_path, bundle_runs):
     with pytest.raises(ValueError, match=r"cv sets \['fold'\] itself for each fold"):
         run_cross_validation(str(tiny_phantom_dataset), str(tmp_path / "cv"), folds=2, fold=1)
