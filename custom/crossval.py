@@ -325,6 +325,12 @@ def run_cross_validation(
     extra = [c for c in (config_files.split(",") if isinstance(config_files, str) else config_files) if c]
     train_configs = [str(bundle_root / "configs" / "train.json")] + [str(Path(c).resolve()) for c in extra]
     evaluate_configs = train_configs + [str(bundle_root / "configs" / "evaluate.json")]
+    missing = [c for c in evaluate_configs if not Path(c).is_file()]
+    if missing:  # MONAI's FileNotFoundError came with its traceback and named no option
+        raise FileNotFoundError(
+            f"config file '{missing[0]}' does not exist: --config_files names extra configs, and --bundle_root "
+            f"'{bundle_root}' must hold configs/train.json and configs/evaluate.json"
+        )
     check_overrides(evaluate_configs, {"bundle_root": str(bundle_root), "dataset_dir": str(dataset_dir)}, overrides)
     run_dir = require_writable_folder(out)
     claim_run_folder(run_dir, run_configuration(evaluate_configs, overrides, dataset_dir, bundle_root, save_masks))
