@@ -617,6 +617,9 @@ def run_accuracy_bench(
     for method in names:  # before any work: a reused method of other settings would be reported as this run's
         facts_file = out / method / "facts.json"
         if (out / method / "cases.csv").is_file():
+            if not facts_file.is_file():  # its run stopped, or failed, between the two (run_baseline writes a table)
+                raise ValueError(f"'{out / method}' holds a cases.csv but no facts.json, so its settings are unknown "
+                                 "(a run that stopped or failed before recording them): delete the folder to rerun it")
             differences = _differences({"scored_on": "test", **json.loads(facts_file.read_text())}, settings(method))
             if differences:
                 raise ValueError(f"'{out / method}' holds {method} results of other settings ({'; '.join(differences)}"

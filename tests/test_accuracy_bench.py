@@ -127,6 +127,19 @@ def test_a_method_of_other_settings_is_refused_not_reused_before_any_work(tmp_pa
     assert sorted(path.name for path in tmp_path.iterdir()) == ["bundle"]  # no phantom was written
 
 
+def test_a_method_folder_without_its_facts_is_refused_naming_it_before_any_work(tmp_path):
+    """The threshold method's run_baseline writes a cases.csv into the method folder before facts.json is written:
+    a run stopped or failed between the two left a folder every rerun died on, reading the missing facts.json
+    (Python's FileNotFoundError and its traceback)."""
+    from custom.accuracy_bench import run_accuracy_bench
+
+    (tmp_path / "threshold").mkdir()
+    (tmp_path / "threshold" / "cases.csv").write_text("case,fold,dice\ncase_1,0,0.5\n")
+    with pytest.raises(ValueError, match=f"'{tmp_path / 'threshold'}' holds a cases.csv but no facts.json"):
+        run_accuracy_bench(out=str(tmp_path), quick=True, methods="threshold")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["threshold"]  # no phantom was written
+
+
 def test_a_phantom_of_other_settings_is_refused_not_reused(tmp_path):
     from custom.accuracy_bench import phantom_dataset
 
