@@ -480,6 +480,13 @@ def score_masks_command(masks: str, dataset_dir: str, out: str, method: str = "m
     if doubled:
         raise ValueError(f"'{masks}' holds two masks of {len(doubled)} case(s): {'; '.join(doubled[:5])}"
                          f"{' ...' if len(doubled) > 5 else ''}; keep one of each pair, or score each in a folder")
+    # the dataset's label folder given as MASKS (`score-masks DS/labelsTr DS OUT`): each label was scored against
+    # itself, Dice 1.000 on every case without a word
+    labels = [str(mask_path(e)) for e in entries if mask_path(e).resolve() == (dataset_dir / e["label"]).resolve()]
+    if labels:
+        raise ValueError(f"{len(labels)} of the {len(entries)} masks in '{masks}' are the label files they would be "
+                         f"scored against (e.g. '{labels[0]}'): pass the folder of the masks to score, not the "
+                         "dataset's labels")
     refuse_earlier_outputs(out, [], overwrite, postfixes=(), tables=("cases.csv",), setting="--out")
     rows = score_masks(dataset_dir, entries, method, mask_path)
     record = {"dataset_dir": str(dataset_dir.resolve()), "masks": str(masks.resolve()), "method": method,
@@ -610,6 +617,9 @@ def run_accuracy_bench(
     for method in names:  # before any work: a reused method of other settings would be reported as this run's
         facts_file = out / method / "facts.json"
         if (out / method / "cases.csv").is_file():
+            if not facts_file.is_file():  # its run stopped, or failed, between the two (run_baseline writes a table)
+                raise ValueError(f"'{out / method}' holds a cases.csv but no facts.json, so its settings are unknown "
+                                 "(a run that stopped or failed before recording them): delete the folder to rerun it")
             differences = _differences({"scored_on": "test", **json.loads(facts_file.read_text())}, settings(method))
             if differences:
                 raise ValueError(f"'{out / method}' holds {method} results of other settings ({'; '.join(differences)}"

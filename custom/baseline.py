@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -26,7 +27,8 @@ from custom.clinical import (
     tmax_unit_problem,
 )
 from custom.crossval import file_sha256
-from custom.data.datalist import load_dataset_json
+# refuse_unusable_cases: the screening of training and evaluation (one error naming every bad file)
+from custom.data.datalist import load_dataset_json, refuse_unusable_cases
 from custom.metrics import METRIC_NAMES, case_metrics
 from custom.reporting import summarise, summary_markdown, write_case_csv, write_markdown
 
@@ -83,8 +85,8 @@ def _refuse_earlier_run(out: str, record: dict) -> None:
 
 
 def _channel_layout(modality: dict, path: str) -> dict:
-    """Channel indices the rule needs, looked up by name in the dataset.json ``modality`` map: CBF, Tmax, the
-    perfusion maps (every channel but CT) and the channel count."""
+    """Channel indices the rule needs, looked up by name in the dataset.json ``modality`` map: CBF, Tmax and the
+    perfusion maps (every channel but CT)."""
     indices = {name: int(index) for index, name in modality.items()}
     missing = [name for name in ("CT", "CBF", "Tmax") if name not in indices]
     if missing:
@@ -93,7 +95,6 @@ def _channel_layout(modality: dict, path: str) -> dict:
         "CBF": indices["CBF"],
         "Tmax": indices["Tmax"],
         "perfusion": sorted(index for name, index in indices.items() if name != "CT"),
-        "channels": len(indices),
     }
 
 
@@ -101,19 +102,11 @@ def _baseline_case(entry: dict, dataset_dir: str, layout: dict, thresholds: dict
     """Apply the rule to one training entry; returns its metrics row and the predicted mask as a NIfTI image."""
     image_path = os.path.join(dataset_dir, entry["image"])
     label_path = os.path.join(dataset_dir, entry["label"])
-    image = nib.load(image_path)
-    if image.ndim != 4 or image.shape[3] != layout["channels"]:
-        raise ValueError(f"{image_path}: expected a 4D (H, W, D, {layout['channels']}) image, got {image.shape}.")
+    image = nib.load(image_path)  # screened by refuse_unusable_cases: readable, finite, on its label's grid
     volume = image.get_fdata(dtype=np.float32)
     label = np.asanyarray(nib.load(label_path).dataobj)
-    if label.shape != volume.shape[:3]:
-        raise ValueError(f"{label_path}: label shape {label.shape} differs from the image's {volume.shape[:3]}.")
-    if not np.isin(label, (0, 1)).all():
-        raise ValueError(f"{label_path}: label values must be 0 and 1, got {np.unique(label).tolist()}.")
 
     brain = brain_mask(volume, layout["perfusion"])
-    if not brain.any():
-        raise ValueError(f"{image_path}: every perfusion map is zero, so there is no brain to threshold.")
     unit_problem = tmax_unit_problem(volume[..., layout["Tmax"]], brain)
     if unit_problem:
         raise ValueError(f"{image_path}: {unit_problem}; the rule's thresholds are in seconds.")
@@ -162,6 +155,13 @@ def run_baseline(
         missing = [key for key in ("image", "label", "case", "fold") if key not in entry]
         if missing:
             raise ValueError(f"{json_path}: training entry {number} has no {missing}.")
+    # a label on another grid than its image (mirrored, its affine adjusted) or an image holding NaN was scored
+    # without a word, and a truncated file died in nibabel's gzip reader
+    refuse_unusable_cases(
+        Path(dataset_dir), dataset["training"], lambda entry: f"dataset.json training case {entry['case']!r}",
+        f"'{json_path}': training cases of the baseline", "Fix or remove these cases from dataset.json "
+        "(`python -m custom check` lists every problem).",
+    )
 
     rows, masks = [], {}
     for entry in dataset["training"]:

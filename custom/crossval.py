@@ -308,13 +308,16 @@ def run_cross_validation(
     Writes ``out/cases.csv`` (per case), ``out/summary.csv`` and ``out/summary.md`` (mean, std, median per
     fold and overall) and returns the summary rows.
     """
+    if folds is not None and (not isinstance(folds, int) or isinstance(folds, bool)):
+        # int() made --folds 2.5 run 2 folds, and --folds True 1, summarised as the whole run without a word
+        raise ValueError(f"--folds must be a whole number of folds, got {folds!r}")
     fold_overrides = [key for key in overrides if key in FOLD_IDS]
     if fold_overrides:
         raise ValueError(f"cv sets {fold_overrides} itself for each fold under OUT; drop these overrides")
     dataset_dir = Path(dataset_dir).resolve()
     dataset = load_dataset_json(dataset_dir, ("training",))
     refuse_unusable_dataset(dataset_dir)
-    num_folds = int(folds if folds is not None else dataset.get("num_folds", 0))
+    num_folds = folds if folds is not None else int(dataset.get("num_folds", 0))
     present = sorted({int(e["fold"]) for e in dataset["training"]})
     if num_folds < 1 or any(k not in present for k in range(num_folds)):
         raise ValueError(f"folds={num_folds} does not match the folds {present} of '{dataset_dir / 'dataset.json'}'")
@@ -322,6 +325,12 @@ def run_cross_validation(
     extra = [c for c in (config_files.split(",") if isinstance(config_files, str) else config_files) if c]
     train_configs = [str(bundle_root / "configs" / "train.json")] + [str(Path(c).resolve()) for c in extra]
     evaluate_configs = train_configs + [str(bundle_root / "configs" / "evaluate.json")]
+    missing = [c for c in evaluate_configs if not Path(c).is_file()]
+    if missing:  # MONAI's FileNotFoundError came with its traceback and named no option
+        raise FileNotFoundError(
+            f"config file '{missing[0]}' does not exist: --config_files names extra configs, and --bundle_root "
+            f"'{bundle_root}' must hold configs/train.json and configs/evaluate.json"
+        )
     check_overrides(evaluate_configs, {"bundle_root": str(bundle_root), "dataset_dir": str(dataset_dir)}, overrides)
     run_dir = require_writable_folder(out)
     claim_run_folder(run_dir, run_configuration(evaluate_configs, overrides, dataset_dir, bundle_root, save_masks))

@@ -32,7 +32,8 @@ import torch
 from custom.atomic import require_writable_folder, write_text_atomically
 from custom.calibration import DEFAULT_BINS, calibration_bins, ece_from_bins, probabilistic_volume_ml
 from custom.clinical import brain_mask, voxel_volume_ml
-from custom.data.datalist import load_dataset_json, refuse_earlier_outputs
+# refuse_unusable_cases: the screening of training and evaluation (one error naming every bad file)
+from custom.data.datalist import load_dataset_json, refuse_earlier_outputs, refuse_unusable_cases
 from custom.deploy import class_probabilities, read_case
 from custom.ensemble import ALL_SLICE_FLIPS
 from custom.handlers import load_network_checkpoint
@@ -171,6 +172,15 @@ def _inference_setting(parser, config_file, key: str, value):
     return parser.get_parsed_content(key)
 
 
+def _refuse_bad_counts(**options) -> None:
+    """Refuse a count option that is not a whole number >= 1 (None: its default), naming it: ``--max_cases -1``
+    scored every case but the last without a word (a negative slice), ``--folds 0`` was reported as a missing
+    ``fold_0`` model, and ``--batch_size 0``, ``--bins -3`` or ``--bins 2.5`` failed deep in ``range`` or numpy."""
+    for name, value in options.items():
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"--{name} must be a whole number >= 1, got {value!r}")
+
+
 def run_ensemble_bench(
     cv_dir: str,
     dataset_dir: str,
@@ -213,15 +223,23 @@ def run_ensemble_bench(
     """
     from monai.bundle import ConfigParser
 
+    _refuse_bad_counts(folds=folds, bins=bins, batch_size=batch_size, max_cases=max_cases)
     checkpoints = fold_checkpoints(cv_dir, folds)
     dataset_dir = Path(dataset_dir)
     dataset = load_dataset_json(dataset_dir, ("training",))
     unlabelled = [e.get("case", e.get("image")) for e in dataset["training"] if not e.get("label")]
     if unlabelled:
         raise ValueError(f"'{dataset_dir / 'dataset.json'}': training entries without a 'label': {unlabelled}")
-    cases = dataset["training"] if max_cases is None else dataset["training"][: int(max_cases)]
+    cases = dataset["training"] if max_cases is None else dataset["training"][:max_cases]
     if not cases:
         raise ValueError(f"'{dataset_dir / 'dataset.json'}' lists no case in 'training'")
+    # a label of 0.5 was read as 0 (no lesion) and a label on another grid than its image (mirrored, its affine
+    # adjusted) scored voxel by voxel, both without a word; a label of 255 stopped the run naming no file
+    refuse_unusable_cases(
+        dataset_dir, cases, lambda entry: f"dataset.json training case {entry.get('case', entry['image'])!r}",
+        f"'{dataset_dir / 'dataset.json'}': cases to score", "Fix them, or score a dataset without them "
+        "(`python -m custom check` lists every problem).",
+    )
     _refuse_cases_the_folds_learnt(checkpoints, dataset_dir, cases)
     refuse_earlier_outputs(out, [], overwrite, postfixes=(), tables=OUTPUTS, setting="--out")
     out = require_writable_folder(out)
@@ -242,7 +260,7 @@ def run_ensemble_bench(
     rows = []
     for number, entry in enumerate(cases, 1):
         volume, affine = read_case(dataset_dir / entry["image"])
-        label = np.asanyarray(nib.load(dataset_dir / entry["label"]).dataobj).astype(np.uint8)
+        label = np.asanyarray(nib.load(dataset_dir / entry["label"]).dataobj).astype(np.uint8)  # screened: 0 or 1
         voxel_ml, brain = voxel_volume_ml(affine), brain_mask(volume)
         maps = {
             (k, f): class_probabilities(_FlippedNetwork(network, dims), volume, batch_size, device).numpy()

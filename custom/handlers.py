@@ -114,10 +114,17 @@ def checkpoint_errors_named(path, targets) -> Iterator[None]:
         raise ValueError(f"checkpoint '{path}' is refused by safe loading (weights_only=True): {err}") from err
     except (RuntimeError, KeyError) as err:
         try:  # torch.load reports a truncated or foreign file as a RuntimeError too: tell the two apart
-            torch.load(path, map_location="cpu", weights_only=True)
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as unreadable:
             raise ValueError(
                 f"checkpoint '{path}' cannot be read (truncated, or not a PyTorch checkpoint): {unreadable}"
+            ) from err
+        if isinstance(loaded, Mapping) and loaded and all(str(name).startswith("members.") for name in loaded):
+            # a ProbabilityEnsemble's state dict was reported as "another architecture or input channels"
+            raise ValueError(
+                f"checkpoint '{path}' is an ensemble checkpoint (python -m custom ensemble-checkpoint), not one "
+                "network's weights: segment with it as inference.json's --ensemble_ckpt_paths, score the folds' "
+                "ensemble with python -m custom ensemble-bench CV_DIR, or pass one of its members' model.pt"
             ) from err
         raise ValueError(
             f"checkpoint '{path}' does not fit {', '.join(map(str, targets))} "

@@ -127,6 +127,19 @@ def test_a_method_of_other_settings_is_refused_not_reused_before_any_work(tmp_pa
     assert sorted(path.name for path in tmp_path.iterdir()) == ["bundle"]  # no phantom was written
 
 
+def test_a_method_folder_without_its_facts_is_refused_naming_it_before_any_work(tmp_path):
+    """The threshold method's run_baseline writes a cases.csv into the method folder before facts.json is written:
+    a run stopped or failed between the two left a folder every rerun died on, reading the missing facts.json
+    (Python's FileNotFoundError and its traceback)."""
+    from custom.accuracy_bench import run_accuracy_bench
+
+    (tmp_path / "threshold").mkdir()
+    (tmp_path / "threshold" / "cases.csv").write_text("case,fold,dice\ncase_1,0,0.5\n")
+    with pytest.raises(ValueError, match=f"'{tmp_path / 'threshold'}' holds a cases.csv but no facts.json"):
+        run_accuracy_bench(out=str(tmp_path), quick=True, methods="threshold")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["threshold"]  # no phantom was written
+
+
 def test_a_phantom_of_other_settings_is_refused_not_reused(tmp_path):
     from custom.accuracy_bench import phantom_dataset
 
@@ -301,6 +314,18 @@ def test_score_masks_refuses_a_case_with_both_mask_names(tiny_phantom_dataset, t
     nib.save(nib.Nifti1Image(np.zeros(label.shape, np.uint8), label.affine), masks / f"{case}.nii.gz")
     with pytest.raises(ValueError, match=f"two masks of 1 case.*{case}_seg.nii.gz and {case}.nii.gz"):
         score_masks_command(str(masks), str(tiny_phantom_dataset), str(tmp_path / "scored"))
+    assert not (tmp_path / "scored").exists()
+
+
+def test_score_masks_refuses_the_datasets_own_labels_as_masks(tiny_phantom_dataset, tmp_path):
+    """``score-masks DS/labelsTr DS OUT`` (the labels' folder typed for the masks') scored each label against itself:
+    mean Dice 1.000 without a word. It is refused, naming a label file, and nothing is written."""
+    entries = load_dataset_json(tiny_phantom_dataset, ("training",))["training"]
+    labels = tiny_phantom_dataset / "labelsTr"
+    assert all(Path(e["label"]).parent == Path("labelsTr") for e in entries)
+    with pytest.raises(ValueError, match=f"{len(entries)} of the {len(entries)} masks in '{labels}' are the label "
+                                         f"files they would be scored against \\(e.g. '{labels}/case_"):
+        score_masks_command(str(labels), str(tiny_phantom_dataset), str(tmp_path / "scored"))
     assert not (tmp_path / "scored").exists()
 
 

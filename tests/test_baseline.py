@@ -143,7 +143,7 @@ def test_missing_dataset_folder_or_json_is_named(tmp_path):
 def test_a_failing_case_leaves_nothing_written(dataset, tmp_path):
     (dataset / "labelsTr" / "case_3.nii.gz").unlink()
     out = tmp_path / "out"
-    with pytest.raises(FileNotFoundError, match="case_3"):
+    with pytest.raises(ValueError, match=r"labelsTr/case_3.nii.gz: missing"):
         run_baseline(str(dataset), str(out), save_masks=True)
     assert not out.exists()
     assert sorted(path.name for path in tmp_path.iterdir()) == ["dataset"]
@@ -153,6 +153,41 @@ def test_bad_label_values_are_named(tmp_path):
     dataset = write_dataset(tmp_path / "dataset", [core_block() * 2])
     with pytest.raises(ValueError, match="case_1.nii.gz: label values"):
         run_baseline(str(dataset), str(tmp_path / "out"))
+
+
+def _flip_label(dataset):
+    """case_2's label stored mirrored left-right with its affine adjusted: the same lesion, on another grid."""
+    path = dataset / "labelsTr" / "case_2.nii.gz"
+    flip = np.diag([-1.0, 1.0, 1.0, 1.0])
+    flip[0, 3] = SHAPE[0] - 1
+    nib.save(nib.Nifti1Image(np.asarray(nib.load(path).dataobj)[::-1].copy(), AFFINE @ flip), path)
+    return "labelsTr/case_2.nii.gz: affine differs from imagesTr/case_2.nii.gz"
+
+
+def _nan_in_image(dataset):
+    volume = ctp_volume()
+    volume[10, 10, 1, 1] = np.nan
+    nib.save(nib.Nifti1Image(volume, AFFINE), dataset / "imagesTr" / "case_2.nii.gz")
+    return "imagesTr/case_2.nii.gz: 1 NaN or Inf values in the CBF channel"
+
+
+def _truncated_image(dataset):
+    path = dataset / "imagesTr" / "case_2.nii.gz"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return "case_2.nii.gz.*cannot read the voxels"
+
+
+@pytest.mark.parametrize(
+    "spoil", [_flip_label, _nan_in_image, _truncated_image], ids=["flipped label", "nan", "truncated"]
+)
+def test_a_study_the_bundle_would_refuse_is_refused_naming_its_file(dataset, tmp_path, spoil):
+    """The rule scored a label on another grid than its image (Dice against the mirrored lesion) and an image holding
+    NaN without a word, and died in nibabel's gzip reader (EOFError) on a truncated file; now each is refused with the
+    checks of ``python -m custom check``, naming the file, and nothing is written."""
+    expected = spoil(dataset)
+    with pytest.raises(ValueError, match=f"training cases of the baseline cannot be used:\n  - .*{expected}"):
+        run_baseline(str(dataset), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_tmax_map_in_milliseconds_is_refused_naming_the_image(dataset, tmp_path):

@@ -25,6 +25,7 @@ from custom.crossval import (
     read_raw_metric,
     run_cross_validation,
 )
+from custom.deploy import is_refusal
 from custom.lifecycle import latest_checkpoint
 
 
@@ -270,6 +271,29 @@ def test_bad_override_is_refused_before_the_run_folder_is_claimed(tiny_phantom_d
     with pytest.raises(RuntimeError) as raised:
         run_cross_validation(str(tiny_phantom_dataset), str(tmp_path / "cv"), folds=2, epochz=5)
     assert "config id 'epochz' is used by nothing" in str(raised.value.__cause__)
+    assert bundle_runs == [] and not (tmp_path / "cv").exists()
+
+
+@pytest.mark.parametrize("folds", [2.5, True, "2"])
+def test_folds_that_is_not_a_whole_number_is_refused_before_any_fold(
+    tiny_phantom_dataset, tmp_path, bundle_runs, folds
+):
+    """``--folds 2.5`` ran 2 folds (``int``) and ``--folds True`` 1, each summarised as the whole run."""
+    with pytest.raises(ValueError, match=f"^--folds must be a whole number of folds, got {folds!r}$"):
+        run_cross_validation(str(tiny_phantom_dataset), str(tmp_path / "cv"), folds=folds, epochs=1)
+    assert bundle_runs == [] and not (tmp_path / "cv").exists()
+
+
+@pytest.mark.parametrize("option", ["config_files", "bundle_root"])
+def test_a_config_file_that_does_not_exist_is_refused_naming_the_option(
+    tiny_phantom_dataset, tmp_path, bundle_runs, option
+):
+    """A mistyped ``--config_files`` (or a ``--bundle_root`` without configs) failed in MONAI's ConfigParser with a
+    traceback naming neither option; it is a refusal of the project now, one line on the command line."""
+    with pytest.raises(FileNotFoundError) as raised:
+        run_cross_validation(str(tiny_phantom_dataset), str(tmp_path / "cv"), folds=2, epochs=1,
+                             **{option: str(tmp_path / "nowhere.json" if option == "config_files" else tmp_path)})
+    assert f"--{option}" in str(raised.value) and is_refusal(raised.value)
     assert bundle_runs == [] and not (tmp_path / "cv").exists()
 
 

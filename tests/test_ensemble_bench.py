@@ -4,6 +4,8 @@ import csv
 import json
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigParser
@@ -203,3 +205,49 @@ def test_missing_fold_models_are_named(tmp_path):
 def test_command_line_refuses_unknown_options():
     with pytest.raises(SystemExit, match="unknown option '--foldz'"):
         main(["ensemble-bench", "--foldz", "2"])
+
+
+def _half_label(label, affine):
+    return label * 0.5, affine, "label values must be 0 or 1, found \\[0.5\\]"
+
+
+def _mirrored_label(label, affine):
+    flip = np.diag([-1.0, 1.0, 1.0, 1.0])
+    flip[0, 3] = label.shape[0] - 1
+    return label[::-1].copy(), affine @ flip, "affine differs from"
+
+
+@pytest.mark.parametrize("spoil", [_half_label, _mirrored_label], ids=["label 0.5", "mirrored label"])
+def test_a_label_training_would_refuse_is_refused_before_any_model_runs(
+    identical_folds, two_labelled_cases, tmp_path, spoil
+):
+    """A label of 0.5 was read as 0 (the case scored as lesion-free) and a label stored mirrored with its affine
+    adjusted was scored voxel by voxel against the image's grid, both without a word; now the cases are screened with
+    the checks of ``python -m custom check`` before a model is loaded, naming the label, and nothing is written."""
+    cv, config = identical_folds
+    dataset = json.loads((two_labelled_cases / "dataset.json").read_text())
+    image = nib.load(dataset["training"][1]["label"])
+    data, affine, problem = spoil(np.asarray(image.dataobj).astype(np.float32), image.affine)
+    spoilt = tmp_path / "spoilt_label.nii.gz"
+    nib.save(nib.Nifti1Image(data, affine), spoilt)
+    dataset["training"][1]["label"] = str(spoilt)
+    (two_labelled_cases / "dataset.json").write_text(json.dumps(dataset))
+    with pytest.raises(ValueError, match=f"cases to score cannot be used:\\n  - {spoilt}: {problem}"):
+        run_ensemble_bench(str(cv), str(two_labelled_cases), str(tmp_path / "out"), config_file=str(config))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "option, value", [("max_cases", -1), ("folds", 0), ("batch_size", 0), ("bins", -3), ("bins", 2.5)]
+)
+def test_a_count_option_that_is_not_a_whole_number_of_at_least_1_is_refused_naming_it(
+    identical_folds, two_labelled_cases, tmp_path, option, value
+):
+    """``--max_cases -1`` scored every case but the last (a negative slice) without a word; ``--folds 0`` was
+    reported as a missing fold_0 model; ``--batch_size 0`` and ``--bins -3`` or ``2.5`` failed deep in range or
+    numpy. Each is refused naming the option, and nothing is written."""
+    cv, config = identical_folds
+    with pytest.raises(ValueError, match=f"^--{option} must be a whole number >= 1, got {value}$"):
+        run_ensemble_bench(str(cv), str(two_labelled_cases), str(tmp_path / "out"), config_file=str(config),
+                           **{option: value})
+    assert not (tmp_path / "out").exists()

@@ -10,8 +10,11 @@ import torch
 from conftest import BUNDLE, CONFIGS, REPO, TINY_TRAINING, bundle_workflow, error_chain
 from ignite.engine import Events
 from monai.handlers import from_engine
+from monai.networks.nets import UNet
 
 from custom.crossval import override_arguments
+from custom.ensemble import ProbabilityEnsemble
+from custom.handlers import load_network_checkpoint
 
 
 def _bundle_run(*arguments, env=None):
@@ -383,3 +386,16 @@ def test_a_one_file_output_is_replaced_only_when_asked(tmp_path, write, name, op
     assert out.read_bytes() == b"an earlier file"
     write(tmp_path, out, overwrite=True)
     assert out.read_bytes() != b"an earlier file"
+
+
+def test_an_ensemble_checkpoint_given_for_one_network_is_named_as_one(tmp_path):
+    """``evaluate.json --ckpt_path ensemble.pt`` (a ``python -m custom ensemble-checkpoint`` file) was refused as a
+    checkpoint of "another architecture, or weights trained with other input channels"; it names what the file is
+    and where it is used."""
+    def network():
+        return UNet(spatial_dims=2, in_channels=5, out_channels=2, channels=(4, 8), strides=(2,), num_res_units=1)
+
+    path = tmp_path / "ensemble.pt"
+    torch.save(ProbabilityEnsemble([network(), network()]).state_dict(), path)
+    with pytest.raises(ValueError, match=f"checkpoint '{path}' is an ensemble checkpoint .*--ensemble_ckpt_paths"):
+        load_network_checkpoint(path, network())

@@ -47,7 +47,7 @@ def fold_datalist(dataset_dir, fold: int, role: str) -> list[dict]:
     ``role="train"`` gives every case whose ``fold`` differs from ``fold``; ``role="validate"`` the
     cases of ``fold``. ``fold=-1`` trains on all cases and validates on all of them (a fit check, not
     a held-out score). Every selected case is read first and the list is refused, naming each bad file,
-    if any case cannot be trained or scored on (see ``_refuse_unusable_cases``); each entry gets its image's
+    if any case cannot be trained or scored on (see ``refuse_unusable_cases``); each entry gets its image's
     digest under ``IMAGE_DIGEST`` (``custom.training_record``).
     """
     if role not in ROLES:
@@ -72,7 +72,7 @@ def fold_datalist(dataset_dir, fold: int, role: str) -> list[dict]:
         raise ValueError(f"no '{role}' cases for fold {fold} in '{folder / 'dataset.json'}'")
     if fold != -1:
         _refuse_files_in_both_roles(folder, training, fold)
-    screened = _refuse_unusable_cases(
+    screened = refuse_unusable_cases(
         folder, selected, lambda e: f"dataset.json training case {e.get('case')!r}",
         f"'{folder / 'dataset.json'}': fold {fold} '{role}' cases",
         "Fix or remove these cases from dataset.json (`python -m custom check` lists every problem).",
@@ -142,7 +142,7 @@ def check_labelled_studies(train, validate=None) -> list[dict]:
     train, validate = list(train or []), list(validate or [])
     if not train:
         raise ValueError("MONAI Label gave the fine-tune no labelled study to train on: submit labels (tag 'final')")
-    screened = _refuse_unusable_cases(
+    screened = refuse_unusable_cases(
         Path(), train + validate, lambda entry: "MONAI Label's datastore", "MONAI Label's labelled studies",
         "Correct these labels and submit them again, or remove them (DELETE /datastore/label).",
     )
@@ -155,7 +155,7 @@ def check_labelled_studies(train, validate=None) -> list[dict]:
     return [{**entry, IMAGE_DIGEST: digest} for entry, (_, digest) in zip(train, screened)]
 
 
-def _refuse_unusable_cases(folder: Path, entries: list[dict], where, what: str, remedy: str) -> list[tuple[bool, str]]:
+def refuse_unusable_cases(folder: Path, entries: list[dict], where, what: str, remedy: str) -> list[tuple[bool, str]]:
     """Read every image and label of ``entries`` (paths relative to ``folder``) and refuse them all in one
     ValueError ("``what`` cannot be used", each problem naming its file, ``where(entry)`` an entry whose file is
     missing, then ``remedy``); otherwise return, for each entry, whether its label holds a lesion voxel and its
