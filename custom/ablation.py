@@ -11,6 +11,7 @@ from custom import accuracy_bench, baseline, crossval
 from custom.crossval import run_cross_validation
 from custom.data.datalist import refuse_earlier_file
 from custom.reporting import paired_comparison, read_case_csv, same_case_statistics, write_case_csv, write_markdown
+from custom.wording import counted
 
 # Each variant is a set of bundle overrides of ``loss`` (train.json builds WeightedCEGeneralizedDiceLoss).
 LOSS_VARIANTS = {
@@ -155,7 +156,7 @@ def compare_cross_validations(
     table = ablation_markdown(rows, "reference")
     folds = sorted({str(row["fold"]) for row in cases["other"] if "fold" in row})
     where = f" (folds {', '.join(folds)})" if folds else ""
-    text = f"{len(scored)} cases{where} scored by both runs\n\n{table}"
+    text = f"{counted(len(scored), 'case')}{where} scored by both runs\n\n{table}"
     if out:
         write_markdown(text, out)
     print(text)

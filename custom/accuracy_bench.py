@@ -52,6 +52,7 @@ from custom.reporting import (
     write_case_csv,
     write_markdown,
 )
+from custom.wording import counted
 
 REPO = Path(__file__).resolve().parent.parent
 BUNDLE_ROOT = REPO / "bundle"
@@ -459,6 +460,8 @@ def score_masks_command(masks: str, dataset_dir: str, out: str, method: str = "m
     masks, dataset_dir, out = Path(masks), Path(dataset_dir), Path(out)
     entries = load_dataset_json(dataset_dir, ("training",))["training"]
     if fold is not None:
+        if isinstance(fold, bool) or not isinstance(fold, int):  # True == 1: --fold True scored fold 1
+            raise ValueError(f"--fold must be a whole number, got {fold!r}")
         folds = sorted({e.get("fold") for e in entries}, key=str)
         entries = [e for e in entries if e.get("fold") == fold]
         if not entries:
@@ -497,7 +500,7 @@ def score_masks_command(masks: str, dataset_dir: str, out: str, method: str = "m
     for metric in TABLE_METRICS:
         print(f"{metric}: {overall[f'{metric}_mean']:.3f} ± {overall[f'{metric}_std']:.3f} "
               f"(median {overall[f'{metric}_median']:.3f}, n={overall[f'{metric}_n']})")
-    print(f"{len(rows)} cases scored")
+    print(f"{counted(len(rows), 'case')} scored")
     return str(out / "cases.csv")
 
 

@@ -266,6 +266,22 @@ def test_score_masks_of_one_fold_scores_its_cases_only(tiny_phantom_dataset, tmp
     assert all(float(row["dice"]) == 1.0 for row in rows)
     with pytest.raises(ValueError, match="fold 7 not found in .*dataset.json' \\(folds present: \\[0, 1"):
         score_masks_command(str(masks), str(tiny_phantom_dataset), str(tmp_path / "scored_7"), fold=7)
+    with pytest.raises(ValueError, match="--fold must be a whole number, got True"):  # True == 1 scored fold 1
+        score_masks_command(str(masks), str(tiny_phantom_dataset), str(tmp_path / "scored_true"), fold=True)
+    assert not (tmp_path / "scored_true").exists()
+
+
+def test_scored_cases_are_counted_in_the_right_number(tiny_phantom_dataset, tmp_path, capsys):
+    """score-masks printed "1 cases scored" for a fold of one case."""
+    entries = load_dataset_json(tiny_phantom_dataset, ("training",))["training"]
+    one = tmp_path / "one"
+    one.mkdir()
+    case = {**entries[0], **{key: str(tiny_phantom_dataset / entries[0][key]) for key in ("image", "label")}}
+    dataset = json.loads((tiny_phantom_dataset / "dataset.json").read_text())
+    (one / "dataset.json").write_text(json.dumps({**dataset, "training": [case]}))
+    _label_masks(tiny_phantom_dataset, entries[:1], tmp_path / "masks")
+    score_masks_command(str(tmp_path / "masks"), str(one), str(tmp_path / "scored"))
+    assert capsys.readouterr().out.rstrip().endswith("\n1 case scored")
 
 
 def _label_masks(dataset: Path, entries: list[dict], masks: Path) -> None:

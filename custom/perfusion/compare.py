@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from custom.data.datalist import load_dataset_json
+from custom.wording import counted
 
 MAP_SOURCES = ("given", "computed")  # OUT/<source>/: dataset/, cv/, baseline/, conversion.json
 METHODS = ("bundle", "threshold")
@@ -259,8 +260,8 @@ def compare_segmentation(
     }
     shared_folds = require_same_folds(datasets["given"], datasets["computed"])
     print(
-        f"same patients and folds in both conversions: {len(shared_folds)} training cases in "
-        f"{len({f for _, f in shared_folds.values()})} folds",
+        f"same patients and folds in both conversions: {counted(len(shared_folds), 'training case')} in "
+        f"{counted(len({f for _, f in shared_folds.values()}), 'fold')}",
         flush=True,
     )
 
