@@ -141,6 +141,14 @@ class WeightedCEGeneralizedDiceLoss(_Loss):
     ) -> None:
         super().__init__()
         name = type(self).__name__
+        switches = {"to_onehot_y": to_onehot_y, "softmax": softmax, "include_background": include_background,
+                    "gdl_batch": gdl_batch}
+        for option, value in switches.items():
+            # the bundle's command line (Fire) passes `--loss#include_background false` as the string 'false', which
+            # is truthy: the option stayed on without a word
+            if not isinstance(value, bool):
+                raise ValueError(f"{name}: {option} must be True or False (a bool: --loss#{option} False on the "
+                                 f"command line), got {value!r}.")
         if lambda_ce < 0 or lambda_gdl < 0:
             raise ValueError(f"{name}: lambda_ce and lambda_gdl must be >= 0, got {lambda_ce} and {lambda_gdl}.")
         if lambda_ce == 0 and lambda_gdl == 0:
