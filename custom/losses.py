@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from numbers import Real
 
 import torch
 import torch.nn.functional as F
@@ -149,6 +150,13 @@ class WeightedCEGeneralizedDiceLoss(_Loss):
             if not isinstance(value, bool):
                 raise ValueError(f"{name}: {option} must be True or False (a bool: --loss#{option} False on the "
                                  f"command line), got {value!r}.")
+        numbers = {"lambda_ce": lambda_ce, "lambda_gdl": lambda_gdl, "ce_max_weight": ce_max_weight,
+                   "boundary_weight": boundary_weight, "boundary_sigma": boundary_sigma}
+        for option, value in numbers.items():
+            # `--loss#ce_max_weight abc` reached the range checks below as a string and died in a comparison
+            # (`'<=' not supported between instances of 'int' and 'str'`) that named no option
+            if not isinstance(value, Real) or isinstance(value, bool):
+                raise ValueError(f"{name}: {option} must be a number, got {value!r}.")
         if lambda_ce < 0 or lambda_gdl < 0:
             raise ValueError(f"{name}: lambda_ce and lambda_gdl must be >= 0, got {lambda_ce} and {lambda_gdl}.")
         if lambda_ce == 0 and lambda_gdl == 0:

@@ -223,6 +223,9 @@ def test_built_from_bundle_config():
         ({"boundary_weight": -1.0}, "boundary_weight"),
         ({"boundary_sigma": 0.0}, "boundary_sigma"),
         ({"gdl_w_type": "cubic"}, "gdl_w_type"),
+        ({"ce_max_weight": "abc"}, "ce_max_weight must be a number, got 'abc'"),
+        ({"lambda_ce": "1"}, "lambda_ce must be a number"),
+        ({"boundary_sigma": None}, "boundary_sigma must be a number"),
     ],
 )
 def test_invalid_arguments_raise(kwargs, message):
