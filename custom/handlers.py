@@ -198,3 +198,25 @@ class NamedCheckpointLoader(CheckpointLoader):
             rates = [base * rate(schedule.last_epoch) for base, rate in zip(schedule.base_lrs, schedule.lr_lambdas)]
             for group, lr in zip(schedule.optimizer.param_groups, rates):
                 group["lr"] = lr
+
+
+class RefuseNonFiniteLoss:
+    """Stop a training run with a ValueError at the first iteration whose loss is not finite.
+
+    Why it exists: a diverged run (``--learning_rate 1e12``) trained on with NaN weights to its last epoch, and its
+    first validation wrote them as ``model.pt`` (every weight NaN), with exit status 0. Ignite's ``TerminateOnNan``
+    only ends the run, which then validates and saves as a run stopped early does.
+    """
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        output = engine.state.output  # MONAI's trainer: a dict, or a list of per-sample dicts after decollation
+        loss = torch.as_tensor((output[0] if isinstance(output, list) else output)["loss"])
+        if not torch.isfinite(loss).all():
+            raise ValueError(
+                f"training loss is {loss.float().mean().item()} at epoch {engine.state.epoch}, iteration "
+                f"{engine.state.iteration}: the weights diverged (config id 'learning_rate' too high?); the run stops "
+                "before they are validated or saved as model.pt"
+            )
