@@ -103,7 +103,8 @@ def checkpoint_errors_named(path, targets) -> Iterator[None]:
 
     ``weights_only=True`` refuses a pickle that would run code, ``load_state_dict`` lists the missing,
     unexpected and mismatched weights of a checkpoint of another architecture, and ``torch.load`` rejects a
-    truncated file, but none names the file, and the last two are both ``RuntimeError``s. They are re-raised as
+    truncated file, but none names the file, and the last two are both ``RuntimeError``s; resuming from a
+    ``model.pt`` (weights only) failed in ignite: ``Key 'optimizer' from x is not found in y``. They are re-raised as
     ValueErrors, refusals of the file (which the command lines print as one line: ``custom.deploy.is_refusal``).
     """
     try:
@@ -112,7 +113,7 @@ def checkpoint_errors_named(path, targets) -> Iterator[None]:
         raise FileNotFoundError(f"checkpoint '{path}' does not exist") from err
     except pickle.UnpicklingError as err:
         raise ValueError(f"checkpoint '{path}' is refused by safe loading (weights_only=True): {err}") from err
-    except (RuntimeError, KeyError) as err:
+    except (RuntimeError, KeyError, ValueError) as err:
         try:  # torch.load reports a truncated or foreign file as a RuntimeError too: tell the two apart
             loaded = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as unreadable:
@@ -125,6 +126,14 @@ def checkpoint_errors_named(path, targets) -> Iterator[None]:
                 f"checkpoint '{path}' is an ensemble checkpoint (python -m custom ensemble-checkpoint), not one "
                 "network's weights: segment with it as inference.json's --ensemble_ckpt_paths, score the folds' "
                 "ensemble with python -m custom ensemble-bench CV_DIR, or pass one of its members' model.pt"
+            ) from err
+        if isinstance(err, ValueError):  # ignite's `Key 'optimizer' from x is not found in y`, naming no file
+            missing = [str(target) for target in targets if isinstance(loaded, Mapping) and str(target) not in loaded]
+            if not missing:
+                raise
+            raise ValueError(
+                f"checkpoint '{path}' holds no {', '.join(missing)}: it is one network's weights (a model.pt), not a "
+                "training checkpoint; --resume_ckpt takes a latest_checkpoint_epoch=N.pt of the run's ckpt_dir"
             ) from err
         raise ValueError(
             f"checkpoint '{path}' does not fit {', '.join(map(str, targets))} "
@@ -189,3 +198,25 @@ class NamedCheckpointLoader(CheckpointLoader):
             rates = [base * rate(schedule.last_epoch) for base, rate in zip(schedule.base_lrs, schedule.lr_lambdas)]
             for group, lr in zip(schedule.optimizer.param_groups, rates):
                 group["lr"] = lr
+
+
+class RefuseNonFiniteLoss:
+    """Stop a training run with a ValueError at the first iteration whose loss is not finite.
+
+    Why it exists: a diverged run (``--learning_rate 1e12``) trained on with NaN weights to its last epoch, and its
+    first validation wrote them as ``model.pt`` (every weight NaN), with exit status 0. Ignite's ``TerminateOnNan``
+    only ends the run, which then validates and saves as a run stopped early does.
+    """
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        output = engine.state.output  # MONAI's trainer: a dict, or a list of per-sample dicts after decollation
+        loss = torch.as_tensor((output[0] if isinstance(output, list) else output)["loss"])
+        if not torch.isfinite(loss).all():
+            raise ValueError(
+                f"training loss is {loss.float().mean().item()} at epoch {engine.state.epoch}, iteration "
+                f"{engine.state.iteration}: the weights diverged (config id 'learning_rate' too high?); the run stops "
+                "before they are validated or saved as model.pt"
+            )

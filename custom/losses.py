@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from numbers import Real
 
 import torch
 import torch.nn.functional as F
@@ -141,6 +142,21 @@ class WeightedCEGeneralizedDiceLoss(_Loss):
     ) -> None:
         super().__init__()
         name = type(self).__name__
+        switches = {"to_onehot_y": to_onehot_y, "softmax": softmax, "include_background": include_background,
+                    "gdl_batch": gdl_batch}
+        for option, value in switches.items():
+            # the bundle's command line (Fire) passes `--loss#include_background false` as the string 'false', which
+            # is truthy: the option stayed on without a word
+            if not isinstance(value, bool):
+                raise ValueError(f"{name}: {option} must be True or False (a bool: --loss#{option} False on the "
+                                 f"command line), got {value!r}.")
+        numbers = {"lambda_ce": lambda_ce, "lambda_gdl": lambda_gdl, "ce_max_weight": ce_max_weight,
+                   "boundary_weight": boundary_weight, "boundary_sigma": boundary_sigma}
+        for option, value in numbers.items():
+            # `--loss#ce_max_weight abc` reached the range checks below as a string and died in a comparison
+            # (`'<=' not supported between instances of 'int' and 'str'`) that named no option
+            if not isinstance(value, Real) or isinstance(value, bool):
+                raise ValueError(f"{name}: {option} must be a number, got {value!r}.")
         if lambda_ce < 0 or lambda_gdl < 0:
             raise ValueError(f"{name}: lambda_ce and lambda_gdl must be >= 0, got {lambda_ce} and {lambda_gdl}.")
         if lambda_ce == 0 and lambda_gdl == 0:

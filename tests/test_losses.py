@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -222,11 +223,27 @@ def test_built_from_bundle_config():
         ({"boundary_weight": -1.0}, "boundary_weight"),
         ({"boundary_sigma": 0.0}, "boundary_sigma"),
         ({"gdl_w_type": "cubic"}, "gdl_w_type"),
+        ({"ce_max_weight": "abc"}, "ce_max_weight must be a number, got 'abc'"),
+        ({"lambda_ce": "1"}, "lambda_ce must be a number"),
+        ({"boundary_sigma": None}, "boundary_sigma must be a number"),
     ],
 )
 def test_invalid_arguments_raise(kwargs, message):
     with pytest.raises(ValueError, match=message):
         WeightedCEGeneralizedDiceLoss(**kwargs)
+
+
+@pytest.mark.parametrize("option", ["to_onehot_y", "softmax", "include_background", "gdl_batch"])
+def test_a_switch_given_as_text_is_refused_naming_it(option):
+    """`--loss#include_background false` reaches the loss as the string 'false' (Fire), which is truthy: the
+    generalized Dice kept the background without a word."""
+    parser = ConfigParser()
+    parser.read_config(Path(__file__).parents[1] / "bundle" / "configs" / "train.json")
+    parser[f"loss#{option}"] = "false"
+    with pytest.raises(RuntimeError, match="Failed to instantiate") as failure:  # MONAI's, raised from ours
+        parser.get_parsed_content("loss")
+    assert isinstance(failure.value.__cause__, ValueError)
+    assert f"{option} must be True or False (a bool: --loss#{option} False" in str(failure.value.__cause__)
 
 
 def test_invalid_inputs_raise():

@@ -8,13 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import BUNDLE, CONFIGS, REPO, TINY_TRAINING, bundle_workflow, error_chain
-from ignite.engine import Events
+from ignite.engine import Engine, Events
+from monai.bundle import ConfigParser
 from monai.handlers import from_engine
 from monai.networks.nets import UNet
 
 from custom.crossval import override_arguments
 from custom.ensemble import ProbabilityEnsemble
-from custom.handlers import load_network_checkpoint
+from custom.handlers import NamedCheckpointLoader, RefuseNonFiniteLoss, load_network_checkpoint
 
 
 def _bundle_run(*arguments, env=None):
@@ -399,3 +400,28 @@ def test_an_ensemble_checkpoint_given_for_one_network_is_named_as_one(tmp_path):
     torch.save(ProbabilityEnsemble([network(), network()]).state_dict(), path)
     with pytest.raises(ValueError, match=f"checkpoint '{path}' is an ensemble checkpoint .*--ensemble_ckpt_paths"):
         load_network_checkpoint(path, network())
+
+
+def test_a_model_pt_given_to_resume_is_named_as_weights_only(tmp_path):
+    """``--resume_ckpt runs/fold0/model.pt`` (the best weights, no optimizer or trainer state) failed in ignite with
+    ``Key 'optimizer' from x is not found in y``, naming no file; it names the file and what to resume from."""
+    network = UNet(spatial_dims=2, in_channels=5, out_channels=2, channels=(4, 8), strides=(2,), num_res_units=1)
+    optimizer = torch.optim.SGD(network.parameters(), lr=0.1)
+    path = tmp_path / "model.pt"
+    torch.save(network.state_dict(), path)
+    loader = NamedCheckpointLoader(load_path=str(path), load_dict={"model": network, "optimizer": optimizer})
+    with pytest.raises(ValueError, match=f"checkpoint '{path}' holds no model, optimizer: it is one network's "
+                                         "weights .*latest_checkpoint_epoch=N.pt"):
+        loader(Engine(lambda engine, batch: None))
+
+
+def test_a_non_finite_training_loss_stops_the_run():
+    """``--learning_rate 1e12`` trained to the end on NaN weights and wrote them as ``model.pt`` (exit status 0)."""
+    losses = iter([torch.tensor(0.7), torch.tensor(float("nan"))])
+    trainer = Engine(lambda engine, batch: [{"loss": next(losses)}])  # MONAI's decollated per-sample outputs
+    RefuseNonFiniteLoss().attach(trainer)
+    with pytest.raises(ValueError, match="training loss is nan at epoch 1, iteration 2: .*'learning_rate'"):
+        trainer.run([0, 1], max_epochs=1)
+    config = ConfigParser()
+    config.read_config(CONFIGS / "train.json")  # the bundle's trainer runs it
+    assert any(handler.get("_target_") == "custom.handlers.RefuseNonFiniteLoss" for handler in config["train#handlers"])
