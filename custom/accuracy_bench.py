@@ -37,6 +37,7 @@ import numpy as np
 
 from custom.atomic import write_atomically, write_text_atomically
 from custom.baseline import run_baseline
+from custom.config_check import whole_number
 from custom.crossval import configuration_differences, file_sha256, override_arguments
 from custom.data.datalist import fold_datalist, load_dataset_json, output_case_name, refuse_earlier_outputs
 from custom.data.isles2018 import prepare_isles2018
@@ -460,7 +461,7 @@ def score_masks_command(masks: str, dataset_dir: str, out: str, method: str = "m
     masks, dataset_dir, out = Path(masks), Path(dataset_dir), Path(out)
     entries = load_dataset_json(dataset_dir, ("training",))["training"]
     if fold is not None:
-        if isinstance(fold, bool) or not isinstance(fold, int):  # True == 1: --fold True scored fold 1
+        if not whole_number(fold):  # True == 1: --fold True scored fold 1
             raise ValueError(f"--fold must be a whole number, got {fold!r}")
         folds = sorted({e.get("fold") for e in entries}, key=str)
         entries = [e for e in entries if e.get("fold") == fold]

@@ -31,7 +31,8 @@ from custom.lifecycle import latest_checkpoint
 from custom.symmetry import ContralateralChannels
 
 
-def _whole(value) -> bool:
+def whole_number(value) -> bool:
+    """An int and not a bool (``True == 1``): the rule of every count option, config id or command-line flag."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -60,7 +61,7 @@ def _patch_size(value) -> bool:
     return (
         isinstance(value, (list, tuple))
         and len(value) == 2
-        and all(_whole(v) and (v == -1 or (v > 0 and v % 16 == 0)) for v in value)
+        and all(whole_number(v) and (v == -1 or (v > 0 and v % 16 == 0)) for v in value)
     )
 
 
@@ -76,16 +77,16 @@ SETTING_RULES = {
     "dataset_dir": _FOLDER,
     "ckpt_dir": _FOLDER,
     "output_dir": _FOLDER,
-    "epochs": (lambda v: _whole(v) and v >= 1, "a whole number >= 1"),
-    "val_interval": (lambda v: _whole(v) and v >= 1, "a whole number >= 1"),
-    "warmup_epochs": (lambda v: _whole(v) and v >= 0, "a whole number >= 0"),
+    "epochs": (lambda v: whole_number(v) and v >= 1, "a whole number >= 1"),
+    "val_interval": (lambda v: whole_number(v) and v >= 1, "a whole number >= 1"),
+    "warmup_epochs": (lambda v: whole_number(v) and v >= 0, "a whole number >= 0"),
     "learning_rate": (lambda v: _number(v) and v > 0, "a number > 0"),
-    "batch_size": (lambda v: _whole(v) and v >= 1, "a whole number >= 1"),
-    "samples_per_volume": (lambda v: _whole(v) and v >= 1, "a whole number >= 1"),
+    "batch_size": (lambda v: whole_number(v) and v >= 1, "a whole number >= 1"),
+    "samples_per_volume": (lambda v: whole_number(v) and v >= 1, "a whole number >= 1"),
     "patch_size": (_patch_size, "two whole numbers, each -1 (whole slice) or a positive multiple of 16"),
-    "num_folds": (lambda v: _whole(v) and v >= 2, "a whole number >= 2"),
-    "num_workers": (lambda v: _whole(v) and v >= 0, "a whole number >= 0"),
-    "adjacent_slices": (lambda v: _whole(v) and v >= 0, "a whole number >= 0 (slices on each side; 0 is off)"),
+    "num_folds": (lambda v: whole_number(v) and v >= 2, "a whole number >= 2"),
+    "num_workers": (lambda v: whole_number(v) and v >= 0, "a whole number >= 0"),
+    "adjacent_slices": (lambda v: whole_number(v) and v >= 0, "a whole number >= 0 (slices on each side; 0 is off)"),
     "contralateral_channels": (
         lambda v: v is None or v in ContralateralChannels.MODES,
         f"null (off) or one of {', '.join(ContralateralChannels.MODES)}",
@@ -93,9 +94,11 @@ SETTING_RULES = {
     "cache_rate": (lambda v: _number(v) and 0 <= v <= 1, "a number from 0 to 1"),
     "lesion_threshold": (lambda v: _number(v) and 0 < v < 1, "a number between 0 and 1 (exclusive)"),
     "min_lesion_ml": (lambda v: _number(v) and v >= 0, "a number >= 0 (mL; 0 keeps every lesion)"),
-    "seed": (_whole, "a whole number"),
+    "seed": (whole_number, "a whole number"),
     # checked here, before the datasets are cached and TensorBoard's files created, not when the trainer is built
-    "time_budget_s": (lambda v: v is None or (_whole(v) and v >= 1), "null (off) or a whole number of seconds >= 1"),
+    "time_budget_s": (
+        lambda v: v is None or (whole_number(v) and v >= 1), "null (off) or a whole number of seconds >= 1"
+    ),
     # checked before the dataset is cached, not after, as MONAI's CheckpointLoader would
     "resume_ckpt": (
         lambda v: v is None or (isinstance(v, str) and Path(v).is_file()), "null or an existing checkpoint file"
@@ -129,7 +132,7 @@ def check_settings(bundle_root, **settings) -> None:
     ]
     if "fold" in settings:
         fold, num_folds = settings["fold"], settings.get("num_folds")
-        if not _whole(fold) or (_whole(num_folds) and not -1 <= fold < num_folds):
+        if not whole_number(fold) or (whole_number(num_folds) and not -1 <= fold < num_folds):
             problems.append(
                 f"config id 'fold' must be a whole number from 0 to num_folds - 1, or -1 (every training case), "
                 f"got {fold!r} (num_folds is {num_folds!r}: --num_folds N for a dataset of N folds)"

@@ -17,6 +17,7 @@ from pathlib import Path
 from monai.bundle import ConfigWorkflow
 
 from custom.atomic import require_writable_folder, write_text_atomically
+from custom.config_check import whole_number
 from custom.data.check import check_dataset
 from custom.data.datalist import load_dataset_json
 from custom.lifecycle import latest_checkpoint
@@ -308,7 +309,7 @@ def run_cross_validation(
     Writes ``out/cases.csv`` (per case), ``out/summary.csv`` and ``out/summary.md`` (mean, std, median per
     fold and overall) and returns the summary rows.
     """
-    if folds is not None and (not isinstance(folds, int) or isinstance(folds, bool)):
+    if folds is not None and not whole_number(folds):
         # int() made --folds 2.5 run 2 folds, and --folds True 1, summarised as the whole run without a word
         raise ValueError(f"--folds must be a whole number of folds, got {folds!r}")
     fold_overrides = [key for key in overrides if key in FOLD_IDS]

@@ -32,6 +32,7 @@ import torch
 from custom.atomic import require_writable_folder, write_text_atomically
 from custom.calibration import DEFAULT_BINS, calibration_bins, ece_from_bins, probabilistic_volume_ml
 from custom.clinical import brain_mask, voxel_volume_ml
+from custom.config_check import whole_number
 # refuse_unusable_cases: the screening of training and evaluation (one error naming every bad file)
 from custom.data.datalist import load_dataset_json, refuse_earlier_outputs, refuse_unusable_cases
 from custom.deploy import class_probabilities, read_case
@@ -177,7 +178,7 @@ def _refuse_bad_counts(**options) -> None:
     scored every case but the last without a word (a negative slice), ``--folds 0`` was reported as a missing
     ``fold_0`` model, and ``--batch_size 0``, ``--bins -3`` or ``--bins 2.5`` failed deep in ``range`` or numpy."""
     for name, value in options.items():
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        if value is not None and not (whole_number(value) and value >= 1):
             raise ValueError(f"--{name} must be a whole number >= 1, got {value!r}")
 
 
