@@ -10,8 +10,9 @@ fold's best Dice and trained on from its weights. train.json's ``training_record
 record differs; a run refused for its data leaves no record); ``custom.handlers`` compares the
 record beside a checkpoint it loads with the loading run's ``INPUT_SETTINGS``, and evaluate.json's ``check_held_out``
 refuses to score a checkpoint on cases it was trained on (known by their voxels, in any conversion); a MONAI Label
-fine-tune of the served copy keeps the served weights' record and adds its studies. A checkpoint
-without a record beside it (the shipped ``bundle/models/model.pt``, runs of earlier versions) is loaded unchecked.
+fine-tune of the served copy keeps the served weights' record and adds its studies; an ensemble checkpoint carries
+its members' input settings inside it (``embed_record``). A checkpoint without a record beside it (the shipped
+``bundle/models/model.pt``, runs of earlier versions) is loaded unchecked.
 Standard library, ``custom.atomic``, ``custom.data.datalist`` and ``custom.wording`` only, so
 ``custom.monailabel_app`` imports it without MONAI.
 """

@@ -212,11 +212,13 @@ def test_an_ensemble_checkpoint_is_refused_with_other_input_settings_than_its_me
     parser["contralateral_channels"] = "mirror"
     network_def = parser.get_parsed_content("network_def", lazy=False)
     settings = {"contralateral_channels": "mirror", "adjacent_slices": 0}
-    with pytest.raises(ValueError, match=rf"checkpoint '{ensemble}' was trained with other settings than this run's "
-                                         r"\(recorded in the checkpoint itself(.|\n)*contralateral_channels: trained "
-                                         r"with 'difference', this run 'mirror' \(--contralateral_channels difference\)"):
+    refusal = (rf"checkpoint '{ensemble}' was trained with other settings than this run's \(recorded in the checkpoint "
+               r"itself(.|\n)*contralateral_channels: trained with 'difference', this run 'mirror' "
+               r"\(--contralateral_channels difference\)")
+    with pytest.raises(ValueError, match=refusal):
         inference_network(network_def, str(ensemble), input_settings=settings)
-    loaded = inference_network(network_def, str(ensemble), input_settings={**settings, "contralateral_channels": "difference"})
+    trained_with = {**settings, "contralateral_channels": "difference"}
+    loaded = inference_network(network_def, str(ensemble), input_settings=trained_with)
     assert len(loaded.members) == 2
 
 
