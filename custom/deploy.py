@@ -10,26 +10,29 @@ lesion probability above ``lesion_threshold`` within the brain of the input maps
 plus the ``LesionVolumeWriter`` table (``custom.clinical``: lesion and clinical volumes from the raw maps,
 research use only).
 
-It imports nothing from MONAI, and from the rest of ``custom`` only ``custom.atomic`` and ``custom.data.datalist``
-(standard library), ``custom.clinical`` (numpy), ``custom.lesions`` (numpy and scipy) and ``custom.data.studies``
-(numpy and nibabel: the case reader and the input checks, shared with the converter and the dataset check); the
-other modules import MONAI. Keep it so: the tests run it with MONAI made unimportable and from a copy of these
-files (docs/deployment.md). It also holds the brain normalisation that the bundle's
-``custom.transforms.NormalizeWithinBrain`` wraps, so the two cannot diverge.
+It imports nothing from MONAI, and from the rest of ``custom`` only its ``__version__`` (the runner's bundle version),
+``custom.atomic`` and ``custom.data.datalist`` (standard library), ``custom.clinical`` (numpy), ``custom.lesions``
+(numpy and scipy) and ``custom.data.studies`` (numpy and nibabel: the case reader and the input checks, shared with
+the converter and the dataset check); the other modules import MONAI. Keep it so: the tests run it with MONAI made
+unimportable and from a copy of these files (docs/deployment.md). It also holds the brain normalisation that the
+bundle's ``custom.transforms.NormalizeWithinBrain`` wraps, so the two cannot diverge.
 """
 
 import argparse
 import contextlib
+import json
 import os
 import sys
 import traceback
-from collections.abc import Sequence
-from pathlib import Path
+import zipfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path, PurePosixPath
 
 import nibabel as nib
 import numpy as np
 import torch
 
+from custom import __version__ as RUNNER_VERSION
 from custom.atomic import require_writable_folder, write_atomically
 from custom.clinical import MODALITIES, VOLUME_TABLE, brain_mask, case_volumes, describe, write_volume_table
 from custom.clinical import PERFUSION_CHANNELS as BRAIN_CHANNELS  # brain: any of CBF, CBV, MTT, Tmax non-zero
@@ -47,6 +50,10 @@ MIN_LESION_ML = 0.5  # inference.json's min_lesion_ml (a test checks that they a
 SPATIAL_DIVISOR = 16  # the U-Net's four stride-2 levels need H and W divisible by 2**4
 TRACEBACK_VARIABLE = "CTP_TRACEBACK"  # set (to any text) to see the traceback of a command line's refusal
 PACKAGE = Path(__file__).resolve().parent  # this project's code, whose raise statements are its refusals
+# What the runner feeds the network: the 5 maps, no contralateral or neighbouring-slice channels. The values of
+# inference.json's input settings (custom.training_record.INPUT_SETTINGS) that take it; a test checks that they agree.
+RUNNER_INPUT_SETTINGS = {"contralateral_channels": None, "adjacent_slices": 0}
+METADATA_FILE = "metadata.json"  # the bundle's metadata as ckpt_export and export_onnx embed it (its "version")
 
 
 def _refuse_problems(path: Path, volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
@@ -178,12 +185,67 @@ def write_mask(mask: np.ndarray, affine: np.ndarray, path) -> None:
 
 
 def load_model(path: Path, device="cpu"):
-    """The TorchScript model at ``path``, checked to map a (1, 5, 32, 32) batch to (1, 2, 32, 32) logits;
-    otherwise an error naming the file and what differs (another architecture or channel count)."""
+    """The TorchScript model at ``path``, checked by ``check_model`` with the files ``ckpt_export`` embedded in it
+    (``embedded_files``); a file that is not TorchScript is refused naming it."""
     try:
         network = torch.jit.load(str(path), map_location=device).eval()
     except Exception as err:  # torch raises RuntimeError or ValueError for files that are not TorchScript
         raise ValueError(f"model '{path}' is not a TorchScript file ({err})") from err
+    check_model(network, path, embedded_files(path), device)
+    return network
+
+
+def embedded_files(path) -> dict[str, str]:
+    """The files stored in the TorchScript file ``path`` beside the model (``monai.bundle ckpt_export``: its
+    ``metadata.json`` and each ``--config_file`` under its own name), name -> text, in the order stored.
+
+    Read from the zip archive that TorchScript is (``<archive>/extra/<name>``): ``torch.jit.load`` returns only the
+    extra files asked for by name, and an override file (``inputs.json``) has a name of the user's choosing."""
+    with zipfile.ZipFile(path) as archive:
+        return {
+            PurePosixPath(name).name: archive.read(name).decode("utf-8", errors="replace")
+            for name in archive.namelist()
+            if PurePosixPath(name).parent.name == "extra"
+        }
+
+
+def check_model(network, path, embedded: Mapping[str, str], device="cpu") -> None:
+    """Refuse a model the runner cannot feed, naming its file ``path``; one check for TorchScript (``load_model``)
+    and ONNX (``custom.onnx_export.OnnxNetwork``).
+
+    Why: a model exported from weights of other input settings, or by another bundle version, ran as if it were this
+    runner's. ``embedded`` holds the files the export stored in the model (name -> text: ``metadata.json`` and the
+    config files). In order:
+
+    1. input settings: a model whose embedded config files set ``contralateral_channels`` or ``adjacent_slices`` (in
+       any of them) to another value than the runner feeds (``RUNNER_INPUT_SETTINGS``) is refused, naming the
+       setting, both values and the file (the export embeds the config files, not command-line overrides: those are
+       caught by 2);
+    2. the probe: the model must map a (1, 5, 32, 32) batch to (1, 2, 32, 32) logits (another channel count or
+       architecture is refused, naming the layer's complaint);
+    3. the bundle version: a model of another version than this runner's (``custom.__version__``) is run, with a
+       warning on stderr naming both: its input contract is the runner's (1 and 2), its masks may still differ.
+    """
+    # Any config file setting another value: TorchScript keeps no order of its extra files (inputs.json, passed after
+    # inference.json, is stored before it), so which file overrode which is not known.
+    other = [
+        (key, value, name)
+        for name, text in sorted(embedded.items())
+        if name.endswith(".json") and name != METADATA_FILE
+        for key, value in _embedded_json(path, name, text).items()
+        if key in RUNNER_INPUT_SETTINGS and value != RUNNER_INPUT_SETTINGS[key]
+    ]
+    if other:
+        settings = ", ".join(
+            f"{key} {value!r} (its embedded {name}; this runner's: {RUNNER_INPUT_SETTINGS[key]!r})"
+            for key, value, name in other
+        )
+        overrides = " ".join(f"--{key} {value}" for key, value, _ in other)
+        raise ValueError(
+            f"model '{path}' was exported with other input settings than this runner's, {settings}: the runner feeds "
+            f"the {len(MODALITIES)} maps only ({', '.join(MODALITIES)}); segment with its weights through "
+            f"inference.json with {overrides}"
+        )
     probe = torch.zeros((1, len(MODALITIES), 32, 32), device=device)
     try:
         with torch.inference_mode():
@@ -198,7 +260,27 @@ def load_model(path: Path, device="cpu"):
         ) from err
     if shape != (1, len(CLASSES), 32, 32):
         raise ValueError(f"model '{path}' gives output shape {shape}, expected (1, {len(CLASSES)}, 32, 32)")
-    return network
+    metadata = _embedded_json(path, METADATA_FILE, embedded[METADATA_FILE]) if METADATA_FILE in embedded else {}
+    version = metadata.get("version")
+    if version is not None and str(version) != RUNNER_VERSION:
+        print(
+            f"warning: model '{path}' was exported by bundle version {version}, this runner is version "
+            f"{RUNNER_VERSION}: their inputs agree, but its masks may differ from that version's bundle; run it with "
+            f"the runner of version {version}, or export the weights with this version's bundle",
+            file=sys.stderr,
+        )
+
+
+def _embedded_json(path, name: str, text: str) -> dict:
+    """The JSON object ``text`` of the file ``name`` embedded in the model ``path``; a ValueError naming both
+    otherwise."""
+    try:
+        content = json.loads(text)
+    except ValueError as err:
+        raise ValueError(f"model '{path}': its embedded {name} is not JSON ({err})") from err
+    if not isinstance(content, dict):
+        raise ValueError(f"model '{path}': its embedded {name} is not a JSON object")
+    return content
 
 
 def usable_device(device, setting="device", gpu_index=False) -> torch.device:

@@ -23,6 +23,7 @@ from monai.transforms import MapTransform
 from custom.atomic import write_atomically
 from custom.data.datalist import refuse_earlier_file
 from custom.handlers import checkpoint_errors_named, load_network_checkpoint
+from custom.training_record import INPUT_SETTINGS, check_record, embed_record, embedded_record, read_record
 from custom.wording import counted
 
 # tta_flips = true: every combination of mirroring the slice's two axes (nnU-Net's 2D mirroring), after the
@@ -150,12 +151,13 @@ def inference_network(
             loads from ``ckpt_path`` (as without an ensemble). A list of checkpoint files (e.g. the folds'
             ``model.pt``): one copy of ``network_def`` per file, loaded here with ``weights_only=True`` and
             errors naming the file. A string: one ensemble checkpoint written by ``python -m custom
-            ensemble-checkpoint`` (what ``ckpt_export`` needs as ``--ckpt_file``).
+            ensemble-checkpoint`` (what ``ckpt_export`` needs as ``--ckpt_file``), checked against the input settings
+            of its members' records, which it carries (``custom.training_record.embed_record``).
         tta_flips: see ``flip_axes``.
         uncertainty: config id ``write_uncertainty``: add the uncertainty channel (``ProbabilityEnsemble``).
             Refused with a single model and no flips: one prediction has no spread.
         input_settings: config id ``input_settings``: a member whose training record names other input settings
-            is refused (``custom.training_record``).
+            is refused (``custom.training_record``), and so is an ensemble checkpoint carrying such a record.
 
     Returns ``network_def`` unchanged when there is neither an ensemble nor flips nor uncertainty, else a
     ``ProbabilityEnsemble`` (in eval mode).
@@ -166,6 +168,9 @@ def inference_network(
         with checkpoint_errors_named(path, ["ensemble"]):
             state = torch.load(path, map_location="cpu", weights_only=True)
         count = _member_count(state, path) if isinstance(state, dict) else _member_count({}, path)
+        embedded = embedded_record(state)  # the members' common record, which write_ensemble_checkpoint embeds
+        if input_settings is not None and embedded is not None:
+            check_record(path, input_settings, embedded=embedded)
         network = ProbabilityEnsemble([copy.deepcopy(network_def) for _ in range(count)], flips, uncertainty)
         with checkpoint_errors_named(path, ["ensemble"]):
             network.load_state_dict(state, strict=True)
@@ -195,7 +200,7 @@ def inference_network(
 
 
 def write_ensemble_checkpoint(
-    *checkpoints: str, out: str, config_file: str | None = None, overwrite: bool = False
+    *checkpoints: str, out: str, config_file: str | None = None, overwrite: bool = False, **input_settings
 ) -> str:
     """Write one ensemble checkpoint (the state dict of a ``ProbabilityEnsemble`` of the given checkpoints).
 
@@ -208,22 +213,35 @@ def write_ensemble_checkpoint(
             checkpoint whose training record names other ``input_settings`` than this config's is refused, naming it.
         overwrite: replace an existing ``out`` (refused otherwise: ``--out bundle/models/model.pt`` replaced the
             trained weights without a word).
+        input_settings: overrides of the config's ``INPUT_SETTINGS`` (``--contralateral_channels difference``), as
+            ``monai.bundle run`` takes them: the refusal of a member names the override to pass in brackets, which
+            this command did not take (its members' settings had to be written into a ``--config_file``).
 
-    Flips are not weights: ``tta_flips`` is chosen when the ensemble is built. Returns ``out``.
+    The file carries the input settings of the members' training records (``custom.training_record.embed_record``;
+    none where no member has a record), by which inference and ``ckpt_export`` refuse it with other settings, as they
+    refuse each member. Flips are not weights: ``tta_flips`` is chosen when the ensemble is built. Returns ``out``.
     """
     from monai.bundle import ConfigParser
 
     if len(checkpoints) < 2:
         raise ValueError(f"an ensemble checkpoint needs two or more checkpoints, got {len(checkpoints)}")
+    unknown = sorted(set(input_settings) - set(INPUT_SETTINGS))
+    if unknown:
+        raise ValueError(f"ensemble-checkpoint takes no option {', '.join('--' + key for key in unknown)}: its "
+                         f"overrides are the input settings {', '.join('--' + key for key in INPUT_SETTINGS)}")
     refuse_earlier_file(out, overwrite)
     parser = ConfigParser()
     config_file = config_file or str(Path(__file__).resolve().parent.parent / "bundle" / "configs" / "inference.json")
     parser.read_config(str(config_file))
+    for key, value in input_settings.items():
+        parser[key] = value
     # a member whose training record names other input settings than the config's is refused, as inference refuses it
     settings = parser.get_parsed_content("input_settings", default=None)
     network = inference_network(parser.get_parsed_content("network_def"), [str(c) for c in checkpoints],
                                 input_settings=settings)  # fmt: skip
     state = network.state_dict()
+    if settings is not None and any(read_record(checkpoint) is not None for checkpoint in checkpoints):
+        embed_record(state, {key: settings[key] for key in INPUT_SETTINGS})  # each recorded member has these
     write_atomically(out, lambda temporary: torch.save(state, temporary))
     print(f"ensemble checkpoint of {len(checkpoints)} members")  # python -m custom prints the returned path after it
     return str(out)

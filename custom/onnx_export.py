@@ -21,6 +21,7 @@ import torch
 
 from custom.atomic import write_atomically
 from custom.data.datalist import refuse_earlier_file
+from custom.deploy import METADATA_FILE, check_model
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "pred"
@@ -128,7 +129,10 @@ class OnnxNetwork:
 
     Why it exists: lets the MONAI-free runner (``custom.deploy.segment_volume``) and the tests use the
     ONNX file exactly like the TorchScript model: a (B, 5, H, W) float32 tensor in, (B, 2, H, W)
-    float32 logits out. ``metadata`` holds the bundle's ``metadata.json`` embedded by :func:`export_onnx`.
+    float32 logits out. ``metadata`` holds the bundle's ``metadata.json`` embedded by :func:`export_onnx`. The file is
+    checked as the runner checks a TorchScript model (``custom.deploy.check_model``): a model of other input settings
+    or channel count is refused naming the file (it was taken, and failed at the first slice of a study with
+    onnxruntime's InvalidArgument naming no file), one of another bundle version is run with a warning.
     """
 
     def __init__(self, onnx_file, providers=("CPUExecutionProvider",)):
@@ -137,9 +141,14 @@ class OnnxNetwork:
         onnxruntime = _import_onnx_extra("onnxruntime")
         self.session = onnxruntime.InferenceSession(str(onnx_file), providers=list(providers))
         self.input_name = self.session.get_inputs()[0].name
-        embedded = self.session.get_modelmeta().custom_metadata_map.get("metadata.json")
-        self.metadata = json.loads(embedded) if embedded else {}
+        embedded = dict(self.session.get_modelmeta().custom_metadata_map)
+        self.metadata = json.loads(embedded[METADATA_FILE]) if embedded.get(METADATA_FILE) else {}
+        check_model(self, onnx_file, embedded)  # the checks of the TorchScript model: input settings, channels, version
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         images = np.ascontiguousarray(batch.detach().cpu().numpy(), dtype=np.float32)
-        return torch.from_numpy(self.session.run(None, {self.input_name: images})[0])
+        try:
+            return torch.from_numpy(self.session.run(None, {self.input_name: images})[0])
+        except Exception as err:  # onnxruntime's own types (InvalidArgument, Fail), its message over three lines
+            # one line, as torch's error of a scripted model ends with one: check_model's refusal quotes its last line
+            raise RuntimeError(" ".join(line.strip() for line in str(err).splitlines() if line.strip())) from err

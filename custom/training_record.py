@@ -10,8 +10,9 @@ fold's best Dice and trained on from its weights. train.json's ``training_record
 record differs; a run refused for its data leaves no record); ``custom.handlers`` compares the
 record beside a checkpoint it loads with the loading run's ``INPUT_SETTINGS``, and evaluate.json's ``check_held_out``
 refuses to score a checkpoint on cases it was trained on (known by their voxels, in any conversion); a MONAI Label
-fine-tune of the served copy keeps the served weights' record and adds its studies. A checkpoint
-without a record beside it (the shipped ``bundle/models/model.pt``, runs of earlier versions) is loaded unchecked.
+fine-tune of the served copy keeps the served weights' record and adds its studies; an ensemble checkpoint carries
+its members' input settings inside it (``embed_record``). A checkpoint without a record beside it (the shipped
+``bundle/models/model.pt``, runs of earlier versions) is loaded unchecked.
 Standard library, ``custom.atomic``, ``custom.data.datalist`` and ``custom.wording`` only, so
 ``custom.monailabel_app`` imports it without MONAI.
 """
@@ -95,13 +96,42 @@ def _dataset_identity(dataset_dir) -> dict:
     }
 
 
-def check_record(checkpoint, settings: Mapping, action: str = "loaded", otherwise: str = "") -> None:
+def embed_record(state: Mapping, record: Mapping) -> None:
+    """Store ``record`` inside the state dict ``state`` (under ``TRAINING_RECORD`` in its ``_metadata``), so that the
+    file it is saved to carries it: ``embedded_record`` reads it back.
+
+    Why it exists: an ensemble checkpoint (``python -m custom ensemble-checkpoint``) is written where its members'
+    records are not (``bundle/models/`` beside a ``model.pt`` of its own record, or none), so a record beside it would
+    describe the folder's other weights. ``_metadata`` is the state dict's own attribute for such data: ``torch.load``
+    keeps it with ``weights_only=True`` and ``load_state_dict`` (strict or not, ``ckpt_export``'s included) reads only
+    its module prefixes, which a file name (``training_inputs.json``) is not."""
+    metadata = getattr(state, "_metadata", None)
+    if metadata is None:
+        raise ValueError("the state dict to carry a training record has no _metadata (not a module's state_dict())")
+    metadata[TRAINING_RECORD] = dict(record)
+
+
+def embedded_record(state) -> dict | None:
+    """The record ``embed_record`` stored in the loaded state dict ``state``, or None where it carries none."""
+    record = (getattr(state, "_metadata", None) or {}).get(TRAINING_RECORD)
+    return dict(record) if isinstance(record, Mapping) else None
+
+
+def check_record(
+    checkpoint, settings: Mapping, action: str = "loaded", otherwise: str = "", embedded: Mapping | None = None
+) -> None:
     """Refuse ``checkpoint`` if the record beside it differs from ``settings`` (id -> this run's value) on any of
     their ids, naming the checkpoint, the record, each differing id with both values and the override to pass
-    (``otherwise``: what else the user can do). A checkpoint without a record passes (nothing to compare)."""
-    record = read_record(checkpoint)
+    (``otherwise``: what else the user can do). A checkpoint without a record passes (nothing to compare).
+    ``embedded``: the record the checkpoint file carries itself (``embedded_record``), compared in place of a record
+    beside it."""
+    record = read_record(checkpoint) if embedded is None else embedded
     if record is None:
         return
+    recorded_in = (
+        f"'{os.path.normpath(record_of(checkpoint))}'" if embedded is None
+        else "the checkpoint itself, from its members' records"
+    )
     # a record of a run without dataset.json (MONAI Label's served copy) names no dataset to compare
     differing = [
         key for key, value in settings.items()
@@ -122,7 +152,7 @@ def check_record(checkpoint, settings: Mapping, action: str = "loaded", otherwis
             lines.append(f"{key}: trained with {record[key]!r}, this run {settings[key]!r} (--{key} {record[key]})")
     raise ValueError(
         f"checkpoint '{os.path.normpath(checkpoint)}' was trained with other settings than this run's (recorded in "
-        f"'{os.path.normpath(record_of(checkpoint))}') and is not {action}; pass the overrides in brackets:\n  "
+        f"{recorded_in}) and is not {action}; pass the overrides in brackets:\n  "
         + "\n  ".join(lines) + otherwise
     )
 

@@ -176,9 +176,9 @@ def _third_party_imports(module: str, top_level_only: bool = False) -> set[str]:
 
 def test_deploy_imports_only_torch_numpy_scipy_nibabel_the_standard_library_and_five_project_modules():
     assert _third_party_imports("deploy.py") == {
-        "torch", "numpy", "nibabel", "custom.atomic", "custom.clinical", "custom.lesions", "custom.data.datalist",
-        "custom.data.studies",
-    }  # fmt: skip
+        "torch", "numpy", "nibabel", "custom", "custom.atomic", "custom.clinical", "custom.lesions",
+        "custom.data.datalist", "custom.data.studies",
+    }  # fmt: skip  # custom: its __version__, the runner's bundle version
     assert _third_party_imports("clinical.py") == {"numpy", "custom.atomic"}
     assert _third_party_imports("lesions.py") == {"numpy", "scipy", "custom.clinical"}
     assert _third_party_imports("atomic.py") == set()
@@ -573,3 +573,66 @@ def test_a_replacing_run_stopped_half_way_leaves_no_earlier_table_beside_its_mas
     with pytest.raises(OSError):
         deploy(*images, model=torchscript, out=out, overwrite=True, lesion_threshold=0.9)
     assert sorted(p.name for p in out.iterdir()) == ["noise_0_seg.nii.gz", "noise_1_seg.nii.gz"]
+
+
+def _exported(folder: Path, name: str, config: dict, meta: dict, *override_files: dict) -> Path:
+    """``name``.ts of the ``network_def`` of ``config`` (inference.json with changes; seeded random weights), exported
+    by ``ckpt_export`` with ``meta`` and the config files ``config`` (as inference.json) and ``override_files``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config_files = [folder / "inference.json", *(folder / f"override{i}.json" for i in range(len(override_files)))]
+    for path, content in zip(config_files, (config, *override_files)):
+        path.write_text(json.dumps(content))
+    (folder / "metadata.json").write_text(json.dumps(meta))
+    parser = ConfigParser()
+    parser.read_config([str(path) for path in config_files])
+    torch.manual_seed(0)
+    torch.save(parser.get_parsed_content("network_def").state_dict(), folder / "model.pt")
+    ckpt_export(
+        net_id="network_def", filepath=str(folder / name), ckpt_file=str(folder / "model.pt"),
+        meta_file=str(folder / "metadata.json"), config_file=[str(path) for path in config_files],
+        bundle_root=str(BUNDLE),
+    )  # fmt: skip
+    return folder / name
+
+
+def test_the_runner_feeds_the_input_settings_of_inference_json_defaults():
+    from custom.deploy import RUNNER_INPUT_SETTINGS
+    from custom.training_record import INPUT_SETTINGS
+
+    defaults = json.loads((CONFIGS / "inference.json").read_text())
+    assert RUNNER_INPUT_SETTINGS == {key: defaults[key] for key in INPUT_SETTINGS}
+
+
+@pytest.mark.parametrize("override, setting, runners", [
+    ({"contralateral_channels": "mirror"}, "contralateral_channels 'mirror'", "None"),
+    ({"adjacent_slices": 1}, "adjacent_slices 1", "0"),
+])  # fmt: skip
+def test_a_model_exported_with_other_input_settings_is_refused_naming_them(tmp_path, override, setting, runners):
+    """The settings are in the config file the export embeds (docs/deployment.md: an override file such as
+    inputs.json); the runner refused the model by its channel count only, as 'another architecture or channel
+    count', naming neither the setting nor its value."""
+    config = json.loads((CONFIGS / "inference.json").read_text())
+    model = _exported(tmp_path / "export", "model.ts", config, json.loads((CONFIGS / "metadata.json").read_text()),
+                      override)  # fmt: skip
+    image = _write(tmp_path / "image.nii.gz", _with_background(np.random.default_rng(0).uniform(1, 2, (20, 24, 2, 5))))
+    key, value = next(iter(override.items()))
+    refusal = (rf"model '{model}' was exported with other input settings than this runner's, {setting} \(its "
+               rf"embedded override0.json; this runner's: {runners}\)(.*)--{key} {value}$")
+    with pytest.raises(ValueError, match=refusal):
+        deploy(image, model=model, out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_of_another_bundle_version_runs_with_a_warning_naming_both(exported_model, tmp_path, capsys):
+    """Same input contract (settings and channels), another version's export: it ran without a word."""
+    config = json.loads((CONFIGS / "inference.json").read_text())
+    meta = json.loads((CONFIGS / "metadata.json").read_text())
+    older = _exported(tmp_path / "export", "older.ts", config, {**meta, "version": "0.3.9"})
+    image = _write(tmp_path / "image.nii.gz", _with_background(np.random.default_rng(0).uniform(1, 2, (20, 24, 2, 5))))
+    deploy(image, model=older, out=tmp_path / "older")
+    warning = capsys.readouterr().err
+    assert f"warning: model '{older}' was exported by bundle version 0.3.9, this runner is version {meta['version']}" \
+        in warning
+    assert (tmp_path / "older" / "image_seg.nii.gz").is_file()
+    deploy(image, model=exported_model[1], out=tmp_path / "same")
+    assert "warning" not in capsys.readouterr().err

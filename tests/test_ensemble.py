@@ -2,6 +2,7 @@
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -13,6 +14,7 @@ from monai.bundle import ConfigParser, ckpt_export
 from monai.data import MetaTensor
 from monai.networks.nets import UNet
 
+from custom.__main__ import main
 from custom.deploy import deploy
 from custom.ensemble import (
     ALL_SLICE_FLIPS,
@@ -157,27 +159,67 @@ def test_ensemble_checkpoint_of_one_checkpoint_twice_is_refused_and_not_written(
     assert not (tmp_path / "ensemble.pt").exists()
 
 
-def test_ensemble_checkpoint_refuses_members_trained_with_other_input_settings(tmp_path):
+def _recorded_members(folder: Path, trained_with: tuple[str, ...]) -> list[Path]:
+    """One model.pt of inference.json's 10-channel network_def (seeded random weights) per ``trained_with``, each in its
+    own folder beside a training record of that ``contralateral_channels``."""
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "inference.json"))
+    parser["contralateral_channels"] = "mirror"  # 'difference' has the same 10 input channels
+    members = []
+    for fold, contralateral in enumerate(trained_with):
+        torch.manual_seed(fold)
+        (folder / f"fold{fold}").mkdir(parents=True)
+        members.append(folder / f"fold{fold}" / "model.pt")
+        torch.save(parser.get_parsed_content("network_def", lazy=False).state_dict(), members[-1])
+        record = {"contralateral_channels": contralateral, "adjacent_slices": 0}
+        (folder / f"fold{fold}" / "training_inputs.json").write_text(json.dumps(record))
+    return members
+
+
+def test_ensemble_checkpoint_refuses_members_trained_with_other_input_settings(tmp_path, capsys):
     """Weights trained with contralateral_channels 'difference' have the 10 channels of 'mirror': an ensemble built with
-    a 'mirror' config took them without a word (inference refuses such a member by its record, the ensemble file has
-    none)."""
+    a 'mirror' config took them without a word (inference refuses such a member by its record). The refusal's
+    bracketed override, pasted onto the command line, works: the command did not take it (no such option)."""
     config = json.loads((CONFIGS / "inference.json").read_text())
     config_file = tmp_path / "mirror.json"
     config_file.write_text(json.dumps({**config, "contralateral_channels": "mirror"}))
-    parser = ConfigParser()
-    parser.read_config(str(config_file))
-    members = []
-    for fold, trained_with in enumerate(("mirror", "difference")):
-        torch.manual_seed(fold)
-        (tmp_path / f"fold{fold}").mkdir()
-        members.append(tmp_path / f"fold{fold}" / "model.pt")
-        torch.save(parser.get_parsed_content("network_def", lazy=False).state_dict(), members[-1])
-        record = {"contralateral_channels": trained_with, "adjacent_slices": 0}
-        (tmp_path / f"fold{fold}" / "training_inputs.json").write_text(json.dumps(record))
+    members = _recorded_members(tmp_path, ("mirror", "difference"))
     with pytest.raises(ValueError, match=rf"checkpoint '{members[1]}' was trained with other settings(.|\n)*"
                                          r"contralateral_channels: trained with 'difference', this run 'mirror'"):
         write_ensemble_checkpoint(*members, out=str(tmp_path / "ensemble.pt"), config_file=str(config_file))
     assert not (tmp_path / "ensemble.pt").exists()
+
+    differences = _recorded_members(tmp_path / "difference", ("difference", "difference"))
+    command = ["ensemble-checkpoint", *map(str, differences), "--out", str(tmp_path / "ensemble.pt")]
+    with pytest.raises(SystemExit) as refused:
+        main(command)
+    advice = re.search(r"\((--contralateral_channels \S+)\)", str(refused.value)).group(1)
+    assert advice == "--contralateral_channels difference" and not (tmp_path / "ensemble.pt").exists()
+    main([*command, *advice.split()])
+    assert (tmp_path / "ensemble.pt").is_file() and "ensemble checkpoint of 2 members" in capsys.readouterr().out
+
+
+def test_an_ensemble_checkpoint_is_refused_with_other_input_settings_than_its_members(tmp_path):
+    """The ensemble file sat where its members' records are not, and inference took it with any settings of the same
+    channel count: members trained with 'difference' were run on 'mirror' channels without a word."""
+    members = _recorded_members(tmp_path, ("difference", "difference"))
+    ensemble, config_file = tmp_path / "ensemble.pt", tmp_path / "difference.json"
+    config_file.write_text(json.dumps({**json.loads((CONFIGS / "inference.json").read_text()),
+                                       "contralateral_channels": "difference"}))  # fmt: skip
+    write_ensemble_checkpoint(*members, out=str(ensemble), config_file=str(config_file))
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "inference.json"))
+    parser["contralateral_channels"] = "mirror"
+    network_def = parser.get_parsed_content("network_def", lazy=False)
+    settings = {"contralateral_channels": "mirror", "adjacent_slices": 0}
+    refusal = (rf"checkpoint '{ensemble}' was trained with other settings than this run's \(recorded in the checkpoint "
+               r"itself(.|\n)*contralateral_channels: trained with 'difference', this run 'mirror' "
+               r"\(--contralateral_channels difference\)")
+    with pytest.raises(ValueError, match=refusal):
+        inference_network(network_def, str(ensemble), input_settings=settings)
+    trained_with = {**settings, "contralateral_channels": "difference"}
+    loaded = inference_network(network_def, str(ensemble), input_settings=trained_with)
+    assert len(loaded.members) == 2
 
 
 def test_split_uncertainty():

@@ -167,3 +167,33 @@ def test_onnx_runs_in_the_monai_free_runner(onnx_file, torchscript_file, tiny_ph
     onnx_mask = np.load(tmp_path / "onnx.npy")
     assert onnx_mask.shape == reference.shape == volume.shape[:3]
     assert np.mean(onnx_mask != reference) < 1e-3
+
+
+@pytest.mark.parametrize("changes, refusal", [
+    ({"network_def#in_channels": 4}, r"' does not take a \(1, 5, 32, 32\) input .*Got: 5 Expected: 4"),
+    ({"contralateral_channels": "mirror"},
+     r"' was exported with other input settings than this runner's, contralateral_channels 'mirror' \(its embedded "
+     r"inference.json; this runner's: None\)"),
+], ids=["4 input channels", "contralateral mirror"])  # fmt: skip
+def test_an_onnx_model_the_runner_cannot_feed_is_refused_when_loaded(tmp_path, changes, refusal):
+    """OnnxNetwork took an export of another input channel count without a word, and onnxruntime failed at the first
+    slice of a study with an InvalidArgument naming no file; it is checked as the runner checks a TorchScript model
+    (``custom.deploy.check_model``: the input settings of its embedded config, then the (1, 5, 32, 32) probe)."""
+    pytest.importorskip("onnxruntime", reason="the onnx extra (onnx, onnxruntime) is not installed")
+    from custom.onnx_export import OnnxNetwork, export_onnx
+
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "inference.json"))
+    for key, value in changes.items():
+        parser[key] = value
+    torch.manual_seed(0)
+    network = parser.get_parsed_content("network_def")
+    torch.save(network.state_dict(), tmp_path / "model.pt")
+    (tmp_path / "inference.json").write_text(json.dumps(parser.get()))
+    meta = json.loads((CONFIGS / "metadata.json").read_text())
+    meta["network_data_format"]["inputs"]["image"]["num_channels"] = network.in_channels  # the traced input's
+    (tmp_path / "metadata.json").write_text(json.dumps(meta))
+    out = tmp_path / "model.onnx"
+    export_onnx(tmp_path / "model.pt", out, tmp_path / "inference.json", tmp_path / "metadata.json", BUNDLE)
+    with pytest.raises(ValueError, match=rf"^model '{out}{refusal}"):
+        OnnxNetwork(out)
