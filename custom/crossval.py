@@ -18,8 +18,8 @@ from monai.bundle import ConfigWorkflow
 
 from custom.atomic import require_writable_folder, write_text_atomically
 from custom.config_check import whole_number
-from custom.data.check import check_dataset
-from custom.data.datalist import load_dataset_json
+from custom.data.check import inspect_dataset
+from custom.data.datalist import cases_without_lesion, load_dataset_json
 from custom.lifecycle import latest_checkpoint
 from custom.reporting import summarise, summary_markdown, write_case_csv, write_markdown
 from custom.wording import counted
@@ -192,16 +192,19 @@ def _run_bundle(config_files: list[str], arguments: dict, overrides: dict, log_f
         raise RuntimeError(f"bundle run failed with exit code {completed.returncode}; see the log '{log_file}'")
 
 
-def refuse_unusable_dataset(dataset_dir: Path) -> None:
+def refuse_unusable_dataset(dataset_dir: Path, folds: int | None = None) -> None:
     """Refuse, before the first fold, a dataset that ``python -m custom check`` faults or whose metrics cv could
     not read back, listing every problem (each names its dataset.json entry and key, or its file).
 
     Why it exists: cv relies on each training entry's ``image``, ``label``, ``fold``, ``case`` and ``patient``;
     without this a missing key or a bad file showed only after a fold had trained and been evaluated (a bare
-    ``KeyError: 'case'``). The checks are the project's (``custom.data.check``) plus one of cv's own: an image
-    path holding a line break, which the unquoted lines of MetricsSaver's CSV files cannot carry.
+    ``KeyError: 'case'``). The checks are the project's (``custom.data.check``) plus two of cv's own: an image
+    path holding a line break, which the unquoted lines of MetricsSaver's CSV files cannot carry, and a fold whose
+    training or validation cases hold no lesion voxel in any label (``cases_without_lesion``), whose training run
+    ``fold_datalist`` refuses after the folds before it had trained: of the first ``folds`` folds, all where None.
     """
-    problems = check_dataset(dataset_dir)
+    report = inspect_dataset(dataset_dir)
+    problems = report.problems
     unreadable = "holds a line break, which MetricsSaver writes unquoted into its CSV files, so cv could not read them"
     if not problems and "\n" in str(dataset_dir):
         problems = [f"the dataset folder {str(dataset_dir)!r} {unreadable}"]
@@ -211,6 +214,11 @@ def refuse_unusable_dataset(dataset_dir: Path) -> None:
             for index, entry in enumerate(load_dataset_json(dataset_dir)["training"])
             if "\n" in entry["image"]
         ]
+        for fold in sorted({case.fold for case in report.training if folds is None or case.fold < folds}):
+            for role, cases in (("train", [case for case in report.training if case.fold != fold]),
+                                ("validate", [case for case in report.training if case.fold == fold])):
+                if not any(case.lesion_ml > 0 for case in cases):
+                    problems.append(cases_without_lesion(fold, role, len(cases)))
     if problems:
         raise ValueError(
             f"'{dataset_dir / 'dataset.json'}' cannot be cross-validated:\n  - " + "\n  - ".join(problems)
@@ -317,7 +325,7 @@ def run_cross_validation(
         raise ValueError(f"cv sets {fold_overrides} itself for each fold under OUT; drop these overrides")
     dataset_dir = Path(dataset_dir).resolve()
     dataset = load_dataset_json(dataset_dir, ("training",))
-    refuse_unusable_dataset(dataset_dir)
+    refuse_unusable_dataset(dataset_dir, folds)
     num_folds = folds if folds is not None else int(dataset.get("num_folds", 0))
     present = sorted({int(e["fold"]) for e in dataset["training"]})
     if num_folds < 1 or any(k not in present for k in range(num_folds)):

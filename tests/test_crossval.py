@@ -27,6 +27,7 @@ from custom.crossval import (
 )
 from custom.deploy import is_refusal
 from custom.lifecycle import latest_checkpoint
+from custom.wording import counted
 
 
 def test_latest_checkpoint_picks_highest_epoch(tmp_path):
@@ -235,6 +236,31 @@ def test_image_path_with_a_line_break_is_refused_before_any_fold(tiny_phantom_da
     with pytest.raises(ValueError, match=re.escape(f"training[3].image: {contents['training'][3]['image']!r} holds")):
         run_cross_validation(str(dataset), str(tmp_path / "cv"), folds=2)
     assert bundle_runs == [] and not (tmp_path / "cv").exists()
+
+
+def test_a_fold_without_any_lesion_is_refused_before_any_fold(tiny_phantom_dataset, tmp_path, bundle_runs):
+    """A third fold of lesion-free labels: its training run refuses to pick a best model on empty labels
+    (fold_datalist), after folds 0 and 1 had trained; cv names it before the first fold. A run of the folds before it
+    is not refused: they train on its cases, beside others that hold lesions."""
+    dataset = shutil.copytree(tiny_phantom_dataset, tmp_path / "ds")
+    contents = json.loads((dataset / "dataset.json").read_text())
+    patient = next(e["patient"] for e in contents["training"] if e["fold"] == 1)
+    fold_2 = [e for e in contents["training"] if e["patient"] == patient]
+    for entry in fold_2:
+        entry["fold"] = 2
+        label = nib.load(dataset / entry["label"])
+        nib.save(nib.Nifti1Image(np.zeros(label.shape, np.uint8), label.affine), dataset / entry["label"])
+    (dataset / "dataset.json").write_text(json.dumps({**contents, "num_folds": 3}))
+    with pytest.raises(ValueError) as refused:
+        run_cross_validation(str(dataset), str(tmp_path / "cv"))
+    message = str(refused.value)
+    assert f"'{dataset / 'dataset.json'}' cannot be cross-validated:\n  - no label of the " \
+        f"{counted(len(fold_2), 'validation case')} of fold 2 holds a lesion voxel: the best model would be picked " \
+        "on empty labels" in message
+    assert message.count("holds a lesion voxel") == 1 and "--folds K --seed S" in message
+    assert bundle_runs == [] and not (tmp_path / "cv").exists()
+    with pytest.raises(BundleRunStopped):
+        run_cross_validation(str(dataset), str(tmp_path / "cv"), folds=2)
 
 
 def test_rerun_after_an_image_or_label_changed_is_refused(tiny_phantom_dataset, tmp_path, bundle_runs):

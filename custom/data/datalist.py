@@ -51,7 +51,7 @@ def fold_datalist(dataset_dir, fold: int, role: str) -> list[dict]:
     check, not a held-out score). Every selected case is read first and the list is refused, naming each bad file,
     if any case cannot be trained or scored on (see ``refuse_unusable_cases``); each entry gets its image's
     digest under ``IMAGE_DIGEST`` (``custom.training_record``). Training or validation cases none of whose labels
-    holds a lesion voxel are refused (``_refuse_cases_without_lesion``); evaluation cases are not.
+    holds a lesion voxel are refused (``cases_without_lesion``); evaluation cases are not.
     """
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got '{role}'")
@@ -81,15 +81,17 @@ def fold_datalist(dataset_dir, fold: int, role: str) -> list[dict]:
         "Fix or remove these cases from dataset.json (`python -m custom check` lists every problem).",
     )
     if role != "evaluate" and not any(holds_lesion for holds_lesion, _ in screened):
-        _refuse_cases_without_lesion(folder, fold, role, len(selected))
+        raise ValueError(f"'{folder / 'dataset.json'}': {cases_without_lesion(fold, role, len(selected))}")
     return [
         {**_absolute(folder, entry, ("image", "label")), IMAGE_DIGEST: digest}
         for entry, (_, digest) in zip(selected, screened)
     ]
 
 
-def _refuse_cases_without_lesion(folder: Path, fold: int, role: str, count: int) -> None:
-    """Refuse the ``count`` training or validation cases of ``fold`` (``role``), none of whose labels holds a lesion.
+def cases_without_lesion(fold: int, role: str, count: int) -> str:
+    """The problem of the ``count`` training or validation cases of ``fold`` (``role`` ``"train"`` or ``"validate"``)
+    when none of their labels holds a lesion voxel; :func:`fold_datalist` refuses them, ``python -m custom cv`` before
+    its first fold.
 
     Why: training on them, MONAI's RandCropByPosNegLabeld only warns and crops background: hours of training to a
     network that predicts no lesion (labels emptied by a conversion or a misaligned export look like this). Validating
@@ -104,11 +106,11 @@ def _refuse_cases_without_lesion(folder: Path, fold: int, role: str, count: int)
         "the network would learn to predict none" if role == "train"
         else "the best model would be picked on empty labels, where Dice rewards predicting no lesion"
     )
-    raise ValueError(
-        f"'{folder / 'dataset.json'}': no label of the {counted(count, f'{what} case')} of fold {fold} holds a "
-        f"lesion voxel: {consequence}. `python -m custom check` prints each fold's lesion volume; fix the labels if "
-        "they were emptied, or convert the dataset again with other folds (`python -m custom prepare isles2018 ... "
-        "--folds K --seed S`) so that every fold holds a lesion"
+    return (
+        f"no label of the {counted(count, f'{what} case')} of fold {fold} holds a lesion voxel: {consequence}. "
+        "`python -m custom check` prints each fold's lesion volume; fix the labels if they were emptied, or convert "
+        "the dataset again with other folds (`python -m custom prepare isles2018 ... --folds K --seed S`) so that "
+        "every fold holds a lesion"
     )
 
 
