@@ -38,6 +38,8 @@ EVALUATION_METRICS = {
 CASE_METRICS = tuple(EVALUATION_METRICS.values())
 DONE_FILE = "fold_done.json"
 RUN_RECORD = "run_configuration.json"
+# The tables of a run whose every fold finished: cases, then summary per fold and overall (CSV and Markdown).
+SUMMARY_FILES = ("cases.csv", "summary.csv", "summary.md")
 # Bundle ids that the cross-validation sets itself for each fold; an override of one would apply to every fold.
 FOLD_IDS = ("fold", "num_folds", "ckpt_dir", "output_dir", "ckpt_path", "resume_ckpt", "overwrite")
 # The keys of dataset.json that decide the folds' results; its testing list (``testing``, ``numTest``) decides none.
@@ -286,6 +288,47 @@ def _fold_case_rows(dataset_dir: Path, dataset: dict, fold: int, eval_dir: Path)
     return list(rows.values())
 
 
+def _cross_validate_fold(
+    fold_dir: Path, common: dict, dataset: dict, train_configs: list[str], evaluate_configs: list[str],
+    overrides: dict, save_masks: bool,
+) -> list[dict]:
+    """Train and evaluate one fold into ``fold_dir`` (``common``: its bundle_root, dataset_dir, fold and num_folds)
+    unless ``fold_done.json`` says it is done, and return its per-case rows."""
+    fold, dataset_dir = common["fold"], Path(common["dataset_dir"])
+    ckpt_dir = fold_dir / "models"
+    eval_dir = fold_dir / "eval"
+    if (fold_dir / DONE_FILE).is_file():
+        print(f"fold {fold}: already done, skipped", flush=True)
+        return _fold_case_rows(dataset_dir, dataset, fold, eval_dir)
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    train_arguments = {**common, "ckpt_dir": str(ckpt_dir), "output_dir": str(fold_dir / "train")}
+    resume = latest_checkpoint(ckpt_dir)
+    if resume is not None:
+        print(f"fold {fold}: resuming from {resume}", flush=True)
+        train_arguments["resume_ckpt"] = str(resume)
+    else:  # the folder is this cross-validation's: a model.pt without a checkpoint to resume is retrained
+        train_arguments["overwrite"] = True
+    started = time.time()
+    _run_bundle(train_configs, train_arguments, overrides, fold_dir / "train.log")
+    trained = time.time()
+    evaluate_arguments = {
+        **common,
+        "ckpt_path": str(ckpt_dir / "model.pt"),
+        "output_dir": str(eval_dir),
+        "save_masks": save_masks,
+        # the folder is this fold's: outputs there are of an evaluation that did not finish the fold
+        # (interrupted, or its metrics could not be read), which this one replaces
+        "overwrite": True,
+    }
+    _run_bundle(evaluate_configs, evaluate_arguments, overrides, fold_dir / "evaluate.log")
+    timing = {"train_seconds": round(trained - started, 1), "evaluate_seconds": round(time.time() - trained, 1)}
+    # read before fold_done.json is written: a fold whose per-case metrics cannot be read is not done, so
+    # a rerun evaluates it again instead of skipping it and failing on the same files
+    rows = _fold_case_rows(dataset_dir, dataset, fold, eval_dir)
+    write_text_atomically(fold_dir / DONE_FILE, json.dumps({**timing, "overrides": overrides}, indent=2, default=str))
+    return rows
+
+
 def run_cross_validation(
     dataset_dir: str,
     out: str,
@@ -314,6 +357,10 @@ def run_cross_validation(
     work. Within the same configuration a fold with ``fold_done.json`` (written once its evaluation's per-case
     metrics have been read) is skipped and an interrupted fold resumes from its latest checkpoint (one stopped
     before its first checkpoint trains again from the start).
+    A fold that fails (its training or evaluation run, or the reading of its metrics) does not stop the others:
+    every fold is run, as nnU-Net trains its folds apart, and the failures are raised together at the end, each
+    naming its fold and log, with no summary written (an earlier run's tables removed), so that a rerun of the same
+    command runs only the failed folds.
     Writes ``out/cases.csv`` (per case), ``out/summary.csv`` and ``out/summary.md`` (mean, std, median per
     fold and overall) and returns the summary rows.
     """
@@ -344,49 +391,33 @@ def run_cross_validation(
     run_dir = require_writable_folder(out)
     claim_run_folder(run_dir, run_configuration(evaluate_configs, overrides, dataset_dir, bundle_root, save_masks))
 
-    rows = []
+    rows, failures, finished = [], [], []
     for fold in range(num_folds):
-        fold_dir = run_dir / f"fold_{fold}"
-        ckpt_dir = fold_dir / "models"
-        eval_dir = fold_dir / "eval"
-        if not (fold_dir / DONE_FILE).is_file():
-            fold_dir.mkdir(parents=True, exist_ok=True)
-            # num_folds: the dataset's, which train.json's (4) would refuse fold 4 of, after folds 0-3 had trained
-            common = {"bundle_root": str(bundle_root), "dataset_dir": str(dataset_dir), "fold": fold,
-                      "num_folds": max(present) + 1}
-            train_arguments = {**common, "ckpt_dir": str(ckpt_dir), "output_dir": str(fold_dir / "train")}
-            resume = latest_checkpoint(ckpt_dir)
-            if resume is not None:
-                print(f"fold {fold}: resuming from {resume}", flush=True)
-                train_arguments["resume_ckpt"] = str(resume)
-            else:  # the folder is this cross-validation's: a model.pt without a checkpoint to resume is retrained
-                train_arguments["overwrite"] = True
-            started = time.time()
-            _run_bundle(train_configs, train_arguments, overrides, fold_dir / "train.log")
-            trained = time.time()
-            evaluate_arguments = {
-                **common,
-                "ckpt_path": str(ckpt_dir / "model.pt"),
-                "output_dir": str(eval_dir),
-                "save_masks": save_masks,
-                # the folder is this fold's: outputs there are of an evaluation that did not finish the fold
-                # (interrupted, or its metrics could not be read), which this one replaces
-                "overwrite": True,
-            }
-            _run_bundle(evaluate_configs, evaluate_arguments, overrides, fold_dir / "evaluate.log")
-            timing = {"train_seconds": round(trained - started, 1), "evaluate_seconds": round(time.time() - trained, 1)}
-            # read before fold_done.json is written: a fold whose per-case metrics cannot be read is not done, so
-            # a rerun evaluates it again instead of skipping it and failing on the same files
-            rows += _fold_case_rows(dataset_dir, dataset, fold, eval_dir)
-            done = json.dumps({**timing, "overrides": overrides}, indent=2, default=str)
-            write_text_atomically(fold_dir / DONE_FILE, done)
-        else:
-            print(f"fold {fold}: already done, skipped", flush=True)
-            rows += _fold_case_rows(dataset_dir, dataset, fold, eval_dir)
+        # num_folds: the dataset's, which train.json's (4) would refuse fold 4 of, after folds 0-3 had trained
+        common = {"bundle_root": str(bundle_root), "dataset_dir": str(dataset_dir), "fold": fold,
+                  "num_folds": max(present) + 1}
+        try:
+            rows += _cross_validate_fold(
+                run_dir / f"fold_{fold}", common, dataset, train_configs, evaluate_configs, overrides, save_masks
+            )
+            finished.append(f"fold {fold}")
+        except Exception as error:  # one fold's failure never stops the others; all are named at the end
+            failures.append(f"fold {fold}: {error}")
+            print(f"fold {fold} failed: {error}; going on with the other folds", flush=True)
+    if failures:
+        for table in SUMMARY_FILES:  # an earlier run's tables would read as this run's
+            (run_dir / table).unlink(missing_ok=True)
+        raise RuntimeError(
+            f"{len(failures)} of {num_folds} folds failed, so '{run_dir}' holds no summary (finished and kept: "
+            f"{', '.join(finished) or 'none'}):\n  - " + "\n  - ".join(failures)
+            + "\nFix the cause and run the same command again: finished folds are skipped and interrupted ones resume "
+            "from their latest checkpoint."
+        )
 
     summary = summarise(rows, CASE_METRICS, group_key="fold")
-    write_case_csv(rows, str(run_dir / "cases.csv"))
-    write_case_csv(summary, str(run_dir / "summary.csv"))
-    write_markdown(summary_markdown(summary, CASE_METRICS, group_key="fold"), str(run_dir / "summary.md"))
+    cases_table, summary_table, summary_text = (str(run_dir / name) for name in SUMMARY_FILES)
+    write_case_csv(rows, cases_table)
+    write_case_csv(summary, summary_table)
+    write_markdown(summary_markdown(summary, CASE_METRICS, group_key="fold"), summary_text)
     print(summary_markdown(summary, CASE_METRICS, group_key="fold"))
     return summary

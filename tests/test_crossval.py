@@ -91,8 +91,9 @@ def test_cross_validation_writes_folds_and_skips_finished_ones(tiny_phantom_data
     assert (fold_1 / "models" / "model.pt").read_bytes() != b"model of the killed run"
 
 
-class BundleRunStopped(Exception):
-    """Raised by the stand-in for ``monai.bundle run`` so that a cross-validation stops at its first run."""
+class BundleRunStopped(BaseException):
+    """Raised by the stand-in for ``monai.bundle run`` so that a cross-validation stops at its first run: a
+    ``BaseException``, as an interruption (Ctrl-C) is, which cv does not take for a failed fold to go on from."""
 
 
 @pytest.fixture
@@ -137,7 +138,7 @@ def fake_bundle(monkeypatch, name_image=str, evaluated=slice(None)) -> list[dict
 def test_fold_whose_metrics_cannot_be_read_is_not_marked_done(tiny_phantom_dataset, tmp_path, monkeypatch):
     out = tmp_path / "cv"
     fake_bundle(monkeypatch, name_image=lambda image: image.replace(".nii.gz", "_moved.nii.gz"))
-    with pytest.raises(ValueError, match="_moved.nii.gz', which is not in dataset.json"):
+    with pytest.raises(RuntimeError, match="fold 0: .*_moved.nii.gz', which is not in dataset.json"):
         run_cross_validation(str(tiny_phantom_dataset), str(out), folds=2)
     assert not (out / "fold_0" / DONE_FILE).exists()
 
@@ -151,12 +152,48 @@ def test_fold_whose_metrics_cannot_be_read_is_not_marked_done(tiny_phantom_datas
     assert sorted(row["case"] for row in cases) == sorted(e["case"] for e in training)
 
 
+def test_a_failed_fold_stops_no_other_fold_and_a_rerun_runs_only_it(
+    tiny_phantom_dataset, tmp_path, monkeypatch, capsys
+):
+    """Fold 0's training failing stopped the cross-validation there: fold 1 was never trained (a night of 4 folds
+    lost to one). Every fold runs; the failures are named together at the end, with no summary as if complete."""
+    out = tmp_path / "cv"
+    out.mkdir()
+    (out / "summary.md").write_text("an earlier run's summary")
+    runs = fake_bundle(monkeypatch)
+    evaluate = custom.crossval._run_bundle
+
+    def fold_0_training_fails(config_files, arguments, overrides, log_file):
+        if arguments["fold"] == 0 and "ckpt_path" not in arguments:
+            raise RuntimeError(f"bundle run failed with exit code 1; see the log '{log_file}'")
+        evaluate(config_files, arguments, overrides, log_file)
+
+    monkeypatch.setattr(custom.crossval, "_run_bundle", fold_0_training_fails)
+    with pytest.raises(RuntimeError) as failed:
+        run_cross_validation(str(tiny_phantom_dataset), str(out), folds=2)
+    assert str(failed.value) == (
+        f"1 of 2 folds failed, so '{out}' holds no summary (finished and kept: fold 1):\n"
+        f"  - fold 0: bundle run failed with exit code 1; see the log '{out / 'fold_0' / 'train.log'}'\n"
+        "Fix the cause and run the same command again: finished folds are skipped and interrupted ones resume from "
+        "their latest checkpoint."
+    )
+    assert "fold 0 failed: bundle run failed" in capsys.readouterr().out
+    assert [(run["fold"], "ckpt_path" in run) for run in runs] == [(1, False), (1, True)]
+    assert (out / "fold_1" / DONE_FILE).is_file() and not (out / "fold_0" / DONE_FILE).exists()
+    assert not any((out / name).exists() for name in ("cases.csv", "summary.csv", "summary.md"))
+
+    runs = fake_bundle(monkeypatch)  # the cause fixed: the rerun runs fold 0 only
+    summary = run_cross_validation(str(tiny_phantom_dataset), str(out), folds=2)
+    assert [(run["fold"], "ckpt_path" in run) for run in runs] == [(0, False), (0, True)]
+    assert [str(row["fold"]) for row in summary] == ["0", "1", "all"] and (out / "summary.md").is_file()
+
+
 def test_evaluation_that_left_out_a_case_is_refused_naming_it(tiny_phantom_dataset, tmp_path, monkeypatch):
     """A fold table over fewer cases than the fold holds would look complete (and lift or lower the mean)."""
     fake_bundle(monkeypatch, evaluated=slice(1, None))
     training = json.loads((tiny_phantom_dataset / "dataset.json").read_text())["training"]
     first = next(e["case"] for e in training if e["fold"] == 0)
-    with pytest.raises(ValueError, match=f"do not match fold 0 of dataset.json: metrics missing for {first}$"):
+    with pytest.raises(RuntimeError, match=f"do not match fold 0 of dataset.json: metrics missing for {first}\n"):
         run_cross_validation(str(tiny_phantom_dataset), str(tmp_path / "cv"), folds=2)
     assert not (tmp_path / "cv" / "fold_0" / DONE_FILE).exists()
 
