@@ -22,6 +22,7 @@ from custom.data.check import inspect_dataset
 from custom.data.datalist import cases_without_lesion, load_dataset_json
 from custom.lifecycle import latest_checkpoint
 from custom.reporting import summarise, summary_markdown, write_case_csv, write_markdown
+from custom.training_record import read_record
 from custom.wording import counted
 
 BUNDLE_ROOT = Path(__file__).resolve().parent.parent / "bundle"
@@ -44,9 +45,10 @@ SUMMARY_FILES = ("cases.csv", "summary.csv", "summary.md")
 FOLD_IDS = ("fold", "num_folds", "ckpt_dir", "output_dir", "ckpt_path", "resume_ckpt", "overwrite")
 # The keys of dataset.json that decide the folds' results; its testing list (``testing``, ``numTest``) decides none.
 SCORED_DATASET_KEYS = ("modality", "labels", "num_folds", "training")
-# Entries of the run record that only inform (paths may move) or follow from another (the dataset's scored part
-# from dataset_json_sha256, absent from records of 0.3.14 and earlier); the others must match to reuse a folder.
-INFORMATIVE_RECORD_KEYS = ("config_paths", "scored_dataset_sha256")
+# Entries of the run record that only inform (paths may move) or are compared through another: the dataset's
+# scored part (``scored_dataset``, absent from records of 0.3.15 and earlier) and its hash (absent from records of
+# 0.3.14 and earlier) through dataset_json_sha256; the others must match to reuse a folder.
+INFORMATIVE_RECORD_KEYS = ("config_paths", "scored_dataset_sha256", "scored_dataset")
 
 
 def override_arguments(overrides: dict) -> list[str]:
@@ -59,12 +61,16 @@ def file_sha256(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def scored_dataset(dataset: dict) -> dict:
+    """The ``SCORED_DATASET_KEYS`` of a parsed dataset.json: what of it decides a cross-validation's results."""
+    return {key: dataset[key] for key in SCORED_DATASET_KEYS if key in dataset}
+
+
 def scored_dataset_sha256(dataset: dict) -> str:
     """SHA-256 of the ``SCORED_DATASET_KEYS`` of a parsed dataset.json (keys sorted): what of it decides a
     cross-validation's results. ``compare-cv`` compares runs by it: cv trains and scores the training cases only, so
     two runs on conversions that differ in their testing cases alone were refused as runs of different datasets."""
-    scored = {key: dataset[key] for key in SCORED_DATASET_KEYS if key in dataset}
-    return hashlib.sha256(json.dumps(scored, sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(scored_dataset(dataset), sort_keys=True).encode()).hexdigest()
 
 
 def run_configuration(
@@ -72,8 +78,9 @@ def run_configuration(
 ) -> dict:
     """Everything that decides a cross-validation's results, as recorded in ``RUN_RECORD``.
 
-    Config files count by content (SHA-256), the dataset by its folder, the hash of its dataset.json (and of the
-    part that decides the folds' results, ``scored_dataset_sha256``) and the size and modification time (ns) of each
+    Config files count by content (SHA-256), the dataset by its folder, the hash of its dataset.json, the part of it
+    that decides the folds' results (``scored_dataset``, by which a refusal names what changed) and its hash
+    (``scored_dataset_sha256``), and the size and modification time (ns) of each
     training image and label it lists (cheap, unlike hashing them; a file rewritten under the same name, e.g. by
     ``prepare --overwrite``, leaves dataset.json unchanged), the bundle by the version in ``configs/metadata.json``;
     overrides as given (JSON-normalised).
@@ -88,6 +95,7 @@ def run_configuration(
         "dataset_dir": str(dataset_dir),
         "dataset_json_sha256": file_sha256(dataset_dir / "dataset.json"),
         "scored_dataset_sha256": scored_dataset_sha256(dataset),
+        "scored_dataset": scored_dataset(dataset),
         "dataset_files": {name: _size_and_mtime(dataset_dir / name) for name in files},
         "overrides": json.loads(json.dumps(overrides, default=str)),
         "save_masks": bool(save_masks),
@@ -124,6 +132,49 @@ def _dataset_file_differences(recorded: dict | None, current: dict, dataset_dir:
     return lines
 
 
+def _scored_dataset_differences(recorded: dict, current: dict, shown: int = 10) -> list[str]:
+    """Lines naming what differs between two ``scored_dataset`` parts of dataset.json: a top-level key, or a training
+    case added, removed or changed (``shown`` lines at most, then a count of the others)."""
+    lines = [
+        f"dataset.json '{key}': recorded {recorded.get(key)!r}, now {current.get(key)!r}"
+        for key in SCORED_DATASET_KEYS if key != "training" and recorded.get(key) != current.get(key)
+    ]
+    before, after = ({entry.get("case"): entry for entry in part.get("training", [])} for part in (recorded, current))
+    for case in sorted(set(before) | set(after), key=str):
+        old, new = before.get(case), after.get(case)
+        if old is None or new is None:
+            lines.append(f"dataset.json training case {case!r}: {'added' if old is None else 'removed'}")
+        else:
+            lines += [
+                f"dataset.json training case {case!r} '{key}': recorded {old.get(key)!r}, now {new.get(key)!r}"
+                for key in sorted(set(old) | set(new), key=str) if old.get(key) != new.get(key)
+            ]
+    if not lines and recorded != current:
+        lines.append("dataset.json 'training': the same entries in another order (the order of the training data)")
+    if len(lines) > shown:
+        lines = lines[:shown] + [f"and {counted(len(lines) - shown, 'other difference')} in dataset.json"]
+    return lines
+
+
+def _dataset_json_differences(recorded: dict, current: dict) -> list[str]:
+    """Lines naming what changed in dataset.json that decides the folds' results; none where only the rest of it
+    changed (its ``testing`` list, ``numTest``, ``description``, ...), which no fold trains or scores on."""
+    if recorded.get("dataset_json_sha256") == current["dataset_json_sha256"]:
+        return []
+    if recorded.get("scored_dataset_sha256") == current["scored_dataset_sha256"]:
+        return []
+    if "scored_dataset" in recorded:
+        return _scored_dataset_differences(recorded["scored_dataset"], current["scored_dataset"])
+    scored = ", ".join(SCORED_DATASET_KEYS)
+    if "scored_dataset_sha256" in recorded:
+        return [f"dataset.json: its {scored} changed (the record, of an earlier version of cv, does not say how)"]
+    return [
+        f"dataset.json: SHA-256 recorded {recorded.get('dataset_json_sha256')!r}, now "
+        f"{current['dataset_json_sha256']!r} (the record, of an earlier version of cv, does not say whether its "
+        f"{scored} changed)"
+    ]
+
+
 def configuration_differences(recorded: dict, current: dict) -> list[str]:
     """One line per deciding entry that differs (overrides one line per key), naming what changed."""
     lines = []
@@ -131,7 +182,9 @@ def configuration_differences(recorded: dict, current: dict) -> list[str]:
         old, new = recorded.get(key), current.get(key)
         if old == new:
             continue
-        if key == "overrides":
+        if key == "dataset_json_sha256":
+            lines += _dataset_json_differences(recorded, current)
+        elif key == "overrides":
             for name in sorted(set(old) | set(new)):
                 before, after = old.get(name, "<unset>"), new.get(name, "<unset>")
                 if before != after:
@@ -151,11 +204,14 @@ def claim_run_folder(run_dir: Path, configuration: dict) -> None:
     """Record ``configuration`` in ``run_dir``, or refuse a folder holding folds of another configuration.
 
     Why it exists: finished folds are skipped and interrupted ones resume from their checkpoints; that is
-    only sound when the earlier run had the same configs, overrides, dataset and bundle version.
+    only sound when the earlier run had the same configs, overrides, dataset and bundle version. A dataset.json
+    changed outside its ``SCORED_DATASET_KEYS`` (its testing list, its description), which no fold trains or scores
+    on, is accepted with a note and recorded (up to 0.3.15 it was refused, naming two SHA-256 only).
     """
     record = run_dir / RUN_RECORD
     if record.is_file():
-        differences = configuration_differences(json.loads(record.read_text()), configuration)
+        recorded = json.loads(record.read_text())
+        differences = configuration_differences(recorded, configuration)
         if differences:
             raise ValueError(
                 f"'{run_dir}' holds a cross-validation run with another configuration (see '{record}'):\n  "
@@ -163,6 +219,14 @@ def claim_run_folder(run_dir: Path, configuration: dict) -> None:
                 + f"\nIts finished folds and checkpoints would be mixed with this run's. To proceed, write to a "
                 f"new --out folder, repeat the recorded settings to resume it, or delete '{run_dir}' to start over."
             )
+        if recorded.get("dataset_json_sha256") != configuration["dataset_json_sha256"]:
+            print(
+                f"note: '{configuration['dataset_dir']}/dataset.json' changed since '{record}' was written, outside "
+                f"its {', '.join(SCORED_DATASET_KEYS)} (its testing list or description, say), which decide nothing "
+                "of a fold: its finished folds are reused and the record names the dataset.json of now", flush=True
+            )
+        if recorded != configuration:  # the dataset.json of now (montage checks it), paths that moved
+            write_text_atomically(record, json.dumps(configuration, indent=2) + "\n")
         return
     started = sorted(p.name for p in run_dir.glob("fold_*"))
     if started:
@@ -303,6 +367,13 @@ def _cross_validate_fold(
     fold_dir.mkdir(parents=True, exist_ok=True)
     train_arguments = {**common, "ckpt_dir": str(ckpt_dir), "output_dir": str(fold_dir / "train")}
     resume = latest_checkpoint(ckpt_dir)
+    trained_on = (read_record(resume) or {}).get("dataset_json_sha256") if resume is not None else None
+    if trained_on not in (None, file_sha256(dataset_dir / "dataset.json")):
+        # claim_run_folder accepted a dataset.json changed outside its scored part; train.json refuses to resume a
+        # checkpoint recorded with another dataset.json, so this fold trains again
+        print(f"fold {fold}: not resuming {resume}, recorded with the dataset.json before it changed: training "
+              "again from the start", flush=True)
+        resume = None
     if resume is not None:
         print(f"fold {fold}: resuming from {resume}", flush=True)
         train_arguments["resume_ckpt"] = str(resume)

@@ -330,6 +330,83 @@ def test_rerun_after_an_image_or_label_changed_is_refused(tiny_phantom_dataset, 
     assert len(bundle_runs) == 1
 
 
+def _edit_dataset_json(dataset: Path, change) -> None:
+    contents = json.loads((dataset / "dataset.json").read_text())
+    change(contents)
+    (dataset / "dataset.json").write_text(json.dumps(contents, indent=2))
+
+
+def _fewer_testing_cases(contents: dict) -> None:
+    contents.update(testing=contents["testing"][:1], numTest=1, description="testing list cut to one case")
+
+
+def test_rerun_after_only_the_testing_list_changed_reuses_the_finished_folds(
+    tiny_phantom_dataset, tmp_path, monkeypatch, capsys
+):
+    """dataset.json's testing list or description decides nothing of a fold, yet a rerun was refused for it, naming
+    two SHA-256 only (`dataset_json_sha256: recorded '32eb...', now 'b22d...'`). It is accepted with a note; a change
+    that decides the folds' results is refused, naming it."""
+    dataset = shutil.copytree(tiny_phantom_dataset, tmp_path / "ds")
+    out = tmp_path / "cv"
+    fake_bundle(monkeypatch)
+    summary = run_cross_validation(str(dataset), str(out), folds=2)
+    _edit_dataset_json(dataset, _fewer_testing_cases)
+    capsys.readouterr()
+    runs = fake_bundle(monkeypatch)
+    assert run_cross_validation(str(dataset), str(out), folds=2) == summary and runs == []  # both folds skipped
+    assert "outside its modality, labels, num_folds, training (its testing list or description, say)" \
+        in capsys.readouterr().out
+    digest = hashlib.sha256((dataset / "dataset.json").read_bytes()).hexdigest()
+    recorded = json.loads((out / RUN_RECORD).read_text())
+    assert recorded["dataset_json_sha256"] == digest  # montage checks the dataset.json of now against it
+
+    contents = json.loads((dataset / "dataset.json").read_text())
+    case, patient = next((e["case"], e["patient"]) for e in contents["training"]
+                         if [f["patient"] for f in contents["training"]].count(e["patient"]) == 1)
+
+    def rename_patient(contents):
+        next(e for e in contents["training"] if e["case"] == case)["patient"] = "another patient"
+
+    _edit_dataset_json(dataset, rename_patient)
+    with pytest.raises(ValueError) as refused:
+        run_cross_validation(str(dataset), str(out), folds=2)
+    message = str(refused.value)
+    assert f"dataset.json training case {case!r} 'patient': recorded {patient!r}, now 'another patient'" in message
+    assert "SHA-256" not in message and "dataset_json_sha256" not in message and runs == []
+
+    # a record of cv 0.3.14 or earlier holds no scored part of dataset.json: a change cannot be told apart
+    del recorded["scored_dataset"], recorded["scored_dataset_sha256"]
+    (out / RUN_RECORD).write_text(json.dumps(recorded))
+    _edit_dataset_json(dataset, lambda contents: contents.update(description="described again"))
+    with pytest.raises(ValueError, match="does not say whether its modality, labels, num_folds, training changed"):
+        run_cross_validation(str(dataset), str(out), folds=2)
+
+
+def test_an_interrupted_fold_recorded_before_the_testing_list_changed_trains_again(
+    tiny_phantom_dataset, tmp_path, bundle_runs
+):
+    """train.json refuses to resume a checkpoint whose training record names another dataset.json, so the fold of a
+    run accepted after a testing-list change trains from the start instead of failing at every rerun."""
+    from custom.training_record import TRAINING_RECORD
+
+    dataset = shutil.copytree(tiny_phantom_dataset, tmp_path / "ds")
+    out = tmp_path / "cv"
+    with pytest.raises(BundleRunStopped):
+        run_cross_validation(str(dataset), str(out), folds=2)
+    models = out / "fold_0" / "models"
+    models.mkdir(parents=True)
+    (models / "latest_checkpoint_epoch=2.pt").touch()
+    digest = hashlib.sha256((dataset / "dataset.json").read_bytes()).hexdigest()
+    (models / TRAINING_RECORD).write_text(json.dumps({"fold": 0, "dataset_json_sha256": digest}))
+    with pytest.raises(BundleRunStopped):
+        run_cross_validation(str(dataset), str(out), folds=2)
+    assert bundle_runs[-1]["resume_ckpt"] == str(models / "latest_checkpoint_epoch=2.pt")
+    _edit_dataset_json(dataset, _fewer_testing_cases)
+    with pytest.raises(BundleRunStopped):
+        run_cross_validation(str(dataset), str(out), folds=2)
+    assert "resume_ckpt" not in bundle_runs[-1] and bundle_runs[-1]["overwrite"] is True
+
+
 def test_bad_override_is_refused_before_the_run_folder_is_claimed(tiny_phantom_dataset, tmp_path, bundle_runs):
     with pytest.raises(RuntimeError) as raised:
         run_cross_validation(str(tiny_phantom_dataset), str(tmp_path / "cv"), folds=2, epochz=5)
