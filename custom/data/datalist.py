@@ -96,9 +96,9 @@ def cases_without_lesion(fold: int, role: str, count: int) -> str:
     Why: training on them, MONAI's RandCropByPosNegLabeld only warns and crops background: hours of training to a
     network that predicts no lesion (labels emptied by a conversion or a misaligned export look like this). Validating
     on them, every case scores Dice 0 where the network predicts any lesion voxel and 1 where it predicts none
-    (``custom.metrics.EMPTY_MASK_CONVENTION``; MONAI's ``DiceMetric`` with ``ignore_empty`` gives NaN): ``model.pt``,
-    the best-Dice checkpoint, was the first validated model (0.0 at every epoch, the first kept, on a size-64 phantom
-    whose fold 0 labels were emptied), or would be the first that predicts no lesion anywhere."""
+    (``custom.metrics.EMPTY_MASK_CONVENTION``; MONAI's ``DiceMetric`` with ``ignore_empty``: NaN, averaged to 0.0):
+    ``model.pt``, the best-Dice checkpoint, was the first validated model (0.0 at every epoch, the first kept, on a
+    size-64 phantom whose fold 0 labels were emptied), or would be the first that predicts no lesion anywhere."""
     from custom.wording import counted  # here: the MONAI-free runner is copied with this module, not with wording
 
     what = "training" if role == "train" else "validation"
