@@ -462,7 +462,7 @@ def run_cross_validation(
     run_dir = require_writable_folder(out)
     claim_run_folder(run_dir, run_configuration(evaluate_configs, overrides, dataset_dir, bundle_root, save_masks))
 
-    rows, failures, finished = [], [], []
+    rows, failures, finished, first_error = [], [], [], None
     for fold in range(num_folds):
         # num_folds: the dataset's, which train.json's (4) would refuse fold 4 of, after folds 0-3 had trained
         common = {"bundle_root": str(bundle_root), "dataset_dir": str(dataset_dir), "fold": fold,
@@ -474,6 +474,7 @@ def run_cross_validation(
             finished.append(f"fold {fold}")
         except Exception as error:  # one fold's failure never stops the others; all are named at the end
             failures.append(f"fold {fold}: {error}")
+            first_error = first_error or error
             print(f"fold {fold} failed: {error}; going on with the other folds", flush=True)
     if failures:
         for table in SUMMARY_FILES:  # an earlier run's tables would read as this run's
@@ -483,7 +484,7 @@ def run_cross_validation(
             f"{', '.join(finished) or 'none'}):\n  - " + "\n  - ".join(failures)
             + "\nFix the cause and run the same command again: finished folds are skipped and interrupted ones resume "
             "from their latest checkpoint."
-        )
+        ) from first_error  # its traceback, for a failure of cv's own code
 
     summary = summarise(rows, CASE_METRICS, group_key="fold")
     cases_table, summary_table, summary_text = (str(run_dir / name) for name in SUMMARY_FILES)
