@@ -18,10 +18,11 @@ from monai.bundle import ConfigWorkflow
 
 from custom.atomic import require_writable_folder, write_text_atomically
 from custom.config_check import whole_number
-from custom.data.check import check_dataset
-from custom.data.datalist import load_dataset_json
+from custom.data.check import inspect_dataset
+from custom.data.datalist import cases_without_lesion, load_dataset_json
 from custom.lifecycle import latest_checkpoint
 from custom.reporting import summarise, summary_markdown, write_case_csv, write_markdown
+from custom.training_record import read_record
 from custom.wording import counted
 
 BUNDLE_ROOT = Path(__file__).resolve().parent.parent / "bundle"
@@ -38,13 +39,16 @@ EVALUATION_METRICS = {
 CASE_METRICS = tuple(EVALUATION_METRICS.values())
 DONE_FILE = "fold_done.json"
 RUN_RECORD = "run_configuration.json"
+# The tables of a run whose every fold finished: cases, then summary per fold and overall (CSV and Markdown).
+SUMMARY_FILES = ("cases.csv", "summary.csv", "summary.md")
 # Bundle ids that the cross-validation sets itself for each fold; an override of one would apply to every fold.
 FOLD_IDS = ("fold", "num_folds", "ckpt_dir", "output_dir", "ckpt_path", "resume_ckpt", "overwrite")
 # The keys of dataset.json that decide the folds' results; its testing list (``testing``, ``numTest``) decides none.
 SCORED_DATASET_KEYS = ("modality", "labels", "num_folds", "training")
-# Entries of the run record that only inform (paths may move) or follow from another (the dataset's scored part
-# from dataset_json_sha256, absent from records of 0.3.14 and earlier); the others must match to reuse a folder.
-INFORMATIVE_RECORD_KEYS = ("config_paths", "scored_dataset_sha256")
+# Entries of the run record that only inform (paths may move) or are compared through another: the dataset's
+# scored part (``scored_dataset``, absent from records of 0.3.15 and earlier) and its hash (absent from records of
+# 0.3.14 and earlier) through dataset_json_sha256; the others must match to reuse a folder.
+INFORMATIVE_RECORD_KEYS = ("config_paths", "scored_dataset_sha256", "scored_dataset")
 
 
 def override_arguments(overrides: dict) -> list[str]:
@@ -57,12 +61,16 @@ def file_sha256(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def scored_dataset(dataset: dict) -> dict:
+    """The ``SCORED_DATASET_KEYS`` of a parsed dataset.json: what of it decides a cross-validation's results."""
+    return {key: dataset[key] for key in SCORED_DATASET_KEYS if key in dataset}
+
+
 def scored_dataset_sha256(dataset: dict) -> str:
     """SHA-256 of the ``SCORED_DATASET_KEYS`` of a parsed dataset.json (keys sorted): what of it decides a
     cross-validation's results. ``compare-cv`` compares runs by it: cv trains and scores the training cases only, so
     two runs on conversions that differ in their testing cases alone were refused as runs of different datasets."""
-    scored = {key: dataset[key] for key in SCORED_DATASET_KEYS if key in dataset}
-    return hashlib.sha256(json.dumps(scored, sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(scored_dataset(dataset), sort_keys=True).encode()).hexdigest()
 
 
 def run_configuration(
@@ -70,8 +78,9 @@ def run_configuration(
 ) -> dict:
     """Everything that decides a cross-validation's results, as recorded in ``RUN_RECORD``.
 
-    Config files count by content (SHA-256), the dataset by its folder, the hash of its dataset.json (and of the
-    part that decides the folds' results, ``scored_dataset_sha256``) and the size and modification time (ns) of each
+    Config files count by content (SHA-256), the dataset by its folder, the hash of its dataset.json, the part of it
+    that decides the folds' results (``scored_dataset``, by which a refusal names what changed) and its hash
+    (``scored_dataset_sha256``), and the size and modification time (ns) of each
     training image and label it lists (cheap, unlike hashing them; a file rewritten under the same name, e.g. by
     ``prepare --overwrite``, leaves dataset.json unchanged), the bundle by the version in ``configs/metadata.json``;
     overrides as given (JSON-normalised).
@@ -86,6 +95,7 @@ def run_configuration(
         "dataset_dir": str(dataset_dir),
         "dataset_json_sha256": file_sha256(dataset_dir / "dataset.json"),
         "scored_dataset_sha256": scored_dataset_sha256(dataset),
+        "scored_dataset": scored_dataset(dataset),
         "dataset_files": {name: _size_and_mtime(dataset_dir / name) for name in files},
         "overrides": json.loads(json.dumps(overrides, default=str)),
         "save_masks": bool(save_masks),
@@ -122,6 +132,49 @@ def _dataset_file_differences(recorded: dict | None, current: dict, dataset_dir:
     return lines
 
 
+def _scored_dataset_differences(recorded: dict, current: dict, shown: int = 10) -> list[str]:
+    """Lines naming what differs between two ``scored_dataset`` parts of dataset.json: a top-level key, or a training
+    case added, removed or changed (``shown`` lines at most, then a count of the others)."""
+    lines = [
+        f"dataset.json '{key}': recorded {recorded.get(key)!r}, now {current.get(key)!r}"
+        for key in SCORED_DATASET_KEYS if key != "training" and recorded.get(key) != current.get(key)
+    ]
+    before, after = ({entry.get("case"): entry for entry in part.get("training", [])} for part in (recorded, current))
+    for case in sorted(set(before) | set(after), key=str):
+        old, new = before.get(case), after.get(case)
+        if old is None or new is None:
+            lines.append(f"dataset.json training case {case!r}: {'added' if old is None else 'removed'}")
+        else:
+            lines += [
+                f"dataset.json training case {case!r} '{key}': recorded {old.get(key)!r}, now {new.get(key)!r}"
+                for key in sorted(set(old) | set(new), key=str) if old.get(key) != new.get(key)
+            ]
+    if not lines and recorded != current:
+        lines.append("dataset.json 'training': the same entries in another order (the order of the training data)")
+    if len(lines) > shown:
+        lines = lines[:shown] + [f"and {counted(len(lines) - shown, 'other difference')} in dataset.json"]
+    return lines
+
+
+def _dataset_json_differences(recorded: dict, current: dict) -> list[str]:
+    """Lines naming what changed in dataset.json that decides the folds' results; none where only the rest of it
+    changed (its ``testing`` list, ``numTest``, ``description``, ...), which no fold trains or scores on."""
+    if recorded.get("dataset_json_sha256") == current["dataset_json_sha256"]:
+        return []
+    if recorded.get("scored_dataset_sha256") == current["scored_dataset_sha256"]:
+        return []
+    if "scored_dataset" in recorded:
+        return _scored_dataset_differences(recorded["scored_dataset"], current["scored_dataset"])
+    scored = ", ".join(SCORED_DATASET_KEYS)
+    if "scored_dataset_sha256" in recorded:
+        return [f"dataset.json: its {scored} changed (the record, of an earlier version of cv, does not say how)"]
+    return [
+        f"dataset.json: SHA-256 recorded {recorded.get('dataset_json_sha256')!r}, now "
+        f"{current['dataset_json_sha256']!r} (the record, of an earlier version of cv, does not say whether its "
+        f"{scored} changed)"
+    ]
+
+
 def configuration_differences(recorded: dict, current: dict) -> list[str]:
     """One line per deciding entry that differs (overrides one line per key), naming what changed."""
     lines = []
@@ -129,7 +182,9 @@ def configuration_differences(recorded: dict, current: dict) -> list[str]:
         old, new = recorded.get(key), current.get(key)
         if old == new:
             continue
-        if key == "overrides":
+        if key == "dataset_json_sha256":
+            lines += _dataset_json_differences(recorded, current)
+        elif key == "overrides":
             for name in sorted(set(old) | set(new)):
                 before, after = old.get(name, "<unset>"), new.get(name, "<unset>")
                 if before != after:
@@ -149,11 +204,14 @@ def claim_run_folder(run_dir: Path, configuration: dict) -> None:
     """Record ``configuration`` in ``run_dir``, or refuse a folder holding folds of another configuration.
 
     Why it exists: finished folds are skipped and interrupted ones resume from their checkpoints; that is
-    only sound when the earlier run had the same configs, overrides, dataset and bundle version.
+    only sound when the earlier run had the same configs, overrides, dataset and bundle version. A dataset.json
+    changed outside its ``SCORED_DATASET_KEYS`` (its testing list, its description), which no fold trains or scores
+    on, is accepted with a note and recorded (up to 0.3.15 it was refused, naming two SHA-256 only).
     """
     record = run_dir / RUN_RECORD
     if record.is_file():
-        differences = configuration_differences(json.loads(record.read_text()), configuration)
+        recorded = json.loads(record.read_text())
+        differences = configuration_differences(recorded, configuration)
         if differences:
             raise ValueError(
                 f"'{run_dir}' holds a cross-validation run with another configuration (see '{record}'):\n  "
@@ -161,6 +219,14 @@ def claim_run_folder(run_dir: Path, configuration: dict) -> None:
                 + f"\nIts finished folds and checkpoints would be mixed with this run's. To proceed, write to a "
                 f"new --out folder, repeat the recorded settings to resume it, or delete '{run_dir}' to start over."
             )
+        if recorded.get("dataset_json_sha256") != configuration["dataset_json_sha256"]:
+            print(
+                f"note: '{configuration['dataset_dir']}/dataset.json' changed since '{record}' was written, outside "
+                f"its {', '.join(SCORED_DATASET_KEYS)} (its testing list or description, say), which decide nothing "
+                "of a fold: its finished folds are reused and the record names the dataset.json of now", flush=True
+            )
+        if recorded != configuration:  # the dataset.json of now (montage checks it), paths that moved
+            write_text_atomically(record, json.dumps(configuration, indent=2) + "\n")
         return
     started = sorted(p.name for p in run_dir.glob("fold_*"))
     if started:
@@ -192,16 +258,19 @@ def _run_bundle(config_files: list[str], arguments: dict, overrides: dict, log_f
         raise RuntimeError(f"bundle run failed with exit code {completed.returncode}; see the log '{log_file}'")
 
 
-def refuse_unusable_dataset(dataset_dir: Path) -> None:
+def refuse_unusable_dataset(dataset_dir: Path, folds: int | None = None) -> None:
     """Refuse, before the first fold, a dataset that ``python -m custom check`` faults or whose metrics cv could
     not read back, listing every problem (each names its dataset.json entry and key, or its file).
 
     Why it exists: cv relies on each training entry's ``image``, ``label``, ``fold``, ``case`` and ``patient``;
     without this a missing key or a bad file showed only after a fold had trained and been evaluated (a bare
-    ``KeyError: 'case'``). The checks are the project's (``custom.data.check``) plus one of cv's own: an image
-    path holding a line break, which the unquoted lines of MetricsSaver's CSV files cannot carry.
+    ``KeyError: 'case'``). The checks are the project's (``custom.data.check``) plus two of cv's own: an image
+    path holding a line break, which the unquoted lines of MetricsSaver's CSV files cannot carry, and a fold whose
+    training or validation cases hold no lesion voxel in any label (``cases_without_lesion``), whose training run
+    ``fold_datalist`` refuses after the folds before it had trained: of the first ``folds`` folds, all where None.
     """
-    problems = check_dataset(dataset_dir)
+    report = inspect_dataset(dataset_dir)
+    problems = report.problems
     unreadable = "holds a line break, which MetricsSaver writes unquoted into its CSV files, so cv could not read them"
     if not problems and "\n" in str(dataset_dir):
         problems = [f"the dataset folder {str(dataset_dir)!r} {unreadable}"]
@@ -211,6 +280,11 @@ def refuse_unusable_dataset(dataset_dir: Path) -> None:
             for index, entry in enumerate(load_dataset_json(dataset_dir)["training"])
             if "\n" in entry["image"]
         ]
+        for fold in sorted({case.fold for case in report.training if folds is None or case.fold < folds}):
+            for role, cases in (("train", [case for case in report.training if case.fold != fold]),
+                                ("validate", [case for case in report.training if case.fold == fold])):
+                if not any(case.lesion_ml > 0 for case in cases):
+                    problems.append(cases_without_lesion(fold, role, len(cases)))
     if problems:
         raise ValueError(
             f"'{dataset_dir / 'dataset.json'}' cannot be cross-validated:\n  - " + "\n  - ".join(problems)
@@ -278,6 +352,54 @@ def _fold_case_rows(dataset_dir: Path, dataset: dict, fold: int, eval_dir: Path)
     return list(rows.values())
 
 
+def _cross_validate_fold(
+    fold_dir: Path, common: dict, dataset: dict, train_configs: list[str], evaluate_configs: list[str],
+    overrides: dict, save_masks: bool,
+) -> list[dict]:
+    """Train and evaluate one fold into ``fold_dir`` (``common``: its bundle_root, dataset_dir, fold and num_folds)
+    unless ``fold_done.json`` says it is done, and return its per-case rows."""
+    fold, dataset_dir = common["fold"], Path(common["dataset_dir"])
+    ckpt_dir = fold_dir / "models"
+    eval_dir = fold_dir / "eval"
+    if (fold_dir / DONE_FILE).is_file():
+        print(f"fold {fold}: already done, skipped", flush=True)
+        return _fold_case_rows(dataset_dir, dataset, fold, eval_dir)
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    train_arguments = {**common, "ckpt_dir": str(ckpt_dir), "output_dir": str(fold_dir / "train")}
+    resume = latest_checkpoint(ckpt_dir)
+    trained_on = (read_record(resume) or {}).get("dataset_json_sha256") if resume is not None else None
+    if trained_on not in (None, file_sha256(dataset_dir / "dataset.json")):
+        # claim_run_folder accepted a dataset.json changed outside its scored part; train.json refuses to resume a
+        # checkpoint recorded with another dataset.json, so this fold trains again
+        print(f"fold {fold}: not resuming {resume}, recorded with the dataset.json before it changed: training "
+              "again from the start", flush=True)
+        resume = None
+    if resume is not None:
+        print(f"fold {fold}: resuming from {resume}", flush=True)
+        train_arguments["resume_ckpt"] = str(resume)
+    else:  # the folder is this cross-validation's: a model.pt without a checkpoint to resume is retrained
+        train_arguments["overwrite"] = True
+    started = time.time()
+    _run_bundle(train_configs, train_arguments, overrides, fold_dir / "train.log")
+    trained = time.time()
+    evaluate_arguments = {
+        **common,
+        "ckpt_path": str(ckpt_dir / "model.pt"),
+        "output_dir": str(eval_dir),
+        "save_masks": save_masks,
+        # the folder is this fold's: outputs there are of an evaluation that did not finish the fold
+        # (interrupted, or its metrics could not be read), which this one replaces
+        "overwrite": True,
+    }
+    _run_bundle(evaluate_configs, evaluate_arguments, overrides, fold_dir / "evaluate.log")
+    timing = {"train_seconds": round(trained - started, 1), "evaluate_seconds": round(time.time() - trained, 1)}
+    # read before fold_done.json is written: a fold whose per-case metrics cannot be read is not done, so
+    # a rerun evaluates it again instead of skipping it and failing on the same files
+    rows = _fold_case_rows(dataset_dir, dataset, fold, eval_dir)
+    write_text_atomically(fold_dir / DONE_FILE, json.dumps({**timing, "overrides": overrides}, indent=2, default=str))
+    return rows
+
+
 def run_cross_validation(
     dataset_dir: str,
     out: str,
@@ -306,6 +428,10 @@ def run_cross_validation(
     work. Within the same configuration a fold with ``fold_done.json`` (written once its evaluation's per-case
     metrics have been read) is skipped and an interrupted fold resumes from its latest checkpoint (one stopped
     before its first checkpoint trains again from the start).
+    A fold that fails (its training or evaluation run, or the reading of its metrics) does not stop the others:
+    every fold is run, as nnU-Net trains its folds apart, and the failures are raised together at the end, each
+    naming its fold and log, with no summary written (an earlier run's tables removed), so that a rerun of the same
+    command runs only the failed folds.
     Writes ``out/cases.csv`` (per case), ``out/summary.csv`` and ``out/summary.md`` (mean, std, median per
     fold and overall) and returns the summary rows.
     """
@@ -317,7 +443,7 @@ def run_cross_validation(
         raise ValueError(f"cv sets {fold_overrides} itself for each fold under OUT; drop these overrides")
     dataset_dir = Path(dataset_dir).resolve()
     dataset = load_dataset_json(dataset_dir, ("training",))
-    refuse_unusable_dataset(dataset_dir)
+    refuse_unusable_dataset(dataset_dir, folds)
     num_folds = folds if folds is not None else int(dataset.get("num_folds", 0))
     present = sorted({int(e["fold"]) for e in dataset["training"]})
     if num_folds < 1 or any(k not in present for k in range(num_folds)):
@@ -336,49 +462,34 @@ def run_cross_validation(
     run_dir = require_writable_folder(out)
     claim_run_folder(run_dir, run_configuration(evaluate_configs, overrides, dataset_dir, bundle_root, save_masks))
 
-    rows = []
+    rows, failures, finished, first_error = [], [], [], None
     for fold in range(num_folds):
-        fold_dir = run_dir / f"fold_{fold}"
-        ckpt_dir = fold_dir / "models"
-        eval_dir = fold_dir / "eval"
-        if not (fold_dir / DONE_FILE).is_file():
-            fold_dir.mkdir(parents=True, exist_ok=True)
-            # num_folds: the dataset's, which train.json's (4) would refuse fold 4 of, after folds 0-3 had trained
-            common = {"bundle_root": str(bundle_root), "dataset_dir": str(dataset_dir), "fold": fold,
-                      "num_folds": max(present) + 1}
-            train_arguments = {**common, "ckpt_dir": str(ckpt_dir), "output_dir": str(fold_dir / "train")}
-            resume = latest_checkpoint(ckpt_dir)
-            if resume is not None:
-                print(f"fold {fold}: resuming from {resume}", flush=True)
-                train_arguments["resume_ckpt"] = str(resume)
-            else:  # the folder is this cross-validation's: a model.pt without a checkpoint to resume is retrained
-                train_arguments["overwrite"] = True
-            started = time.time()
-            _run_bundle(train_configs, train_arguments, overrides, fold_dir / "train.log")
-            trained = time.time()
-            evaluate_arguments = {
-                **common,
-                "ckpt_path": str(ckpt_dir / "model.pt"),
-                "output_dir": str(eval_dir),
-                "save_masks": save_masks,
-                # the folder is this fold's: outputs there are of an evaluation that did not finish the fold
-                # (interrupted, or its metrics could not be read), which this one replaces
-                "overwrite": True,
-            }
-            _run_bundle(evaluate_configs, evaluate_arguments, overrides, fold_dir / "evaluate.log")
-            timing = {"train_seconds": round(trained - started, 1), "evaluate_seconds": round(time.time() - trained, 1)}
-            # read before fold_done.json is written: a fold whose per-case metrics cannot be read is not done, so
-            # a rerun evaluates it again instead of skipping it and failing on the same files
-            rows += _fold_case_rows(dataset_dir, dataset, fold, eval_dir)
-            done = json.dumps({**timing, "overrides": overrides}, indent=2, default=str)
-            write_text_atomically(fold_dir / DONE_FILE, done)
-        else:
-            print(f"fold {fold}: already done, skipped", flush=True)
-            rows += _fold_case_rows(dataset_dir, dataset, fold, eval_dir)
+        # num_folds: the dataset's, which train.json's (4) would refuse fold 4 of, after folds 0-3 had trained
+        common = {"bundle_root": str(bundle_root), "dataset_dir": str(dataset_dir), "fold": fold,
+                  "num_folds": max(present) + 1}
+        try:
+            rows += _cross_validate_fold(
+                run_dir / f"fold_{fold}", common, dataset, train_configs, evaluate_configs, overrides, save_masks
+            )
+            finished.append(f"fold {fold}")
+        except Exception as error:  # one fold's failure never stops the others; all are named at the end
+            failures.append(f"fold {fold}: {error}")
+            first_error = first_error or error
+            print(f"fold {fold} failed: {error}; going on with the other folds", flush=True)
+    if failures:
+        for table in SUMMARY_FILES:  # an earlier run's tables would read as this run's
+            (run_dir / table).unlink(missing_ok=True)
+        raise RuntimeError(
+            f"{len(failures)} of {num_folds} folds failed, so '{run_dir}' holds no summary (finished and kept: "
+            f"{', '.join(finished) or 'none'}):\n  - " + "\n  - ".join(failures)
+            + "\nFix the cause and run the same command again: finished folds are skipped and interrupted ones resume "
+            "from their latest checkpoint."
+        ) from first_error  # its traceback, for a failure of cv's own code
 
     summary = summarise(rows, CASE_METRICS, group_key="fold")
-    write_case_csv(rows, str(run_dir / "cases.csv"))
-    write_case_csv(summary, str(run_dir / "summary.csv"))
-    write_markdown(summary_markdown(summary, CASE_METRICS, group_key="fold"), str(run_dir / "summary.md"))
+    cases_table, summary_table, summary_text = (str(run_dir / name) for name in SUMMARY_FILES)
+    write_case_csv(rows, cases_table)
+    write_case_csv(summary, summary_table)
+    write_markdown(summary_markdown(summary, CASE_METRICS, group_key="fold"), summary_text)
     print(summary_markdown(summary, CASE_METRICS, group_key="fold"))
     return summary

@@ -235,16 +235,51 @@ def test_fold_datalists_refuse_unusable_cases_naming_each(dataset_copy):
     assert fold_datalist(folder, 0, "train")  # fold 0's training cases (folds 1) are intact
 
 
+def _empty_labels(folder: Path, entries) -> None:
+    for entry in entries:
+        label = nib.load(folder / entry["label"])
+        nib.save(nib.Nifti1Image(np.zeros(label.shape, np.uint8), label.affine), folder / entry["label"])
+
+
 def test_training_cases_without_any_lesion_are_refused(dataset_copy):
     folder, dataset = dataset_copy
-    for entry in dataset["training"]:
-        if entry["fold"] != 0:
-            label = nib.load(folder / entry["label"])
-            nib.save(nib.Nifti1Image(np.zeros(label.shape, np.uint8), label.affine), folder / entry["label"])
-    with pytest.raises(ValueError, match="training cases of fold 0 hold no lesion voxel in any label"):
+    _empty_labels(folder, [e for e in dataset["training"] if e["fold"] != 0])
+    with pytest.raises(ValueError, match="no label of the 4 training cases of fold 0 holds a lesion voxel: the net"):
         fold_datalist(folder, 0, "train")
     assert fold_datalist(folder, 0, "validate")  # fold 0's own labels still hold lesions
     assert fold_datalist(folder, 1, "train")  # trains on fold 0's
+    # one training case: counted in the singular ("the 1 training cases" up to 0.3.15)
+    kept = [next(e for e in dataset["training"] if e["fold"] == fold) for fold in (0, 1)]
+    (folder / "dataset.json").write_text(json.dumps({**dataset, "training": kept}))
+    with pytest.raises(ValueError, match="no label of the 1 training case of fold 0 holds a lesion voxel"):
+        fold_datalist(folder, 0, "train")
+
+
+def test_validation_cases_without_any_lesion_are_refused_for_training_not_for_evaluation(dataset_copy, tmp_path):
+    """On a fold of empty labels every case scores Dice 0 where the network predicts any lesion voxel and 1 where it
+    predicts none: train.json's best-Dice model.pt was the first validated one (0.0 at every epoch), without a word.
+    Evaluating a lesion-free fold measures false positives (avd_ml is the predicted volume): evaluate.json takes it."""
+    folder, dataset = dataset_copy
+    fold_0 = [e for e in dataset["training"] if e["fold"] == 0]
+    _empty_labels(folder, fold_0)
+    with pytest.raises(ValueError) as refused:
+        fold_datalist(folder, 0, "validate")
+    message = str(refused.value)
+    assert f"'{folder / 'dataset.json'}': no label of the {len(fold_0)} validation cases of fold 0 holds a lesion" \
+        in message
+    assert "the best model would be picked on empty labels" in message
+    assert "python -m custom check" in message and "--folds K --seed S" in message
+    assert len(fold_datalist(folder, 0, "evaluate")) == len(fold_0)
+    assert fold_datalist(folder, 0, "train")  # fold 1's labels hold lesions
+    folders = {"dataset_dir": str(folder), "ckpt_dir": str(tmp_path / "models"), "output_dir": str(tmp_path / "out")}
+    training = bundle_workflow(["train.json"], "train", **folders, **TINY_TRAINING)
+    training.initialize()
+    with pytest.raises(Exception) as refused_by_the_bundle:
+        training.parser.get_parsed_content("validate#datalist")
+    assert "no label of the 4 validation cases of fold 0" in _messages(refused_by_the_bundle.value)
+    evaluation = bundle_workflow(["train.json", "evaluate.json"], "eval", **folders)
+    evaluation.initialize()
+    assert len(evaluation.parser.get_parsed_content("validate#datalist")) == len(fold_0)
 
 
 def test_a_study_in_the_training_and_validation_cases_of_a_fold_is_refused(dataset_copy):

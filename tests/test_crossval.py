@@ -27,6 +27,7 @@ from custom.crossval import (
 )
 from custom.deploy import is_refusal
 from custom.lifecycle import latest_checkpoint
+from custom.wording import counted
 
 
 def test_latest_checkpoint_picks_highest_epoch(tmp_path):
@@ -90,8 +91,9 @@ def test_cross_validation_writes_folds_and_skips_finished_ones(tiny_phantom_data
     assert (fold_1 / "models" / "model.pt").read_bytes() != b"model of the killed run"
 
 
-class BundleRunStopped(Exception):
-    """Raised by the stand-in for ``monai.bundle run`` so that a cross-validation stops at its first run."""
+class BundleRunStopped(BaseException):
+    """Raised by the stand-in for ``monai.bundle run`` so that a cross-validation stops at its first run: a
+    ``BaseException``, as an interruption (Ctrl-C) is, which cv does not take for a failed fold to go on from."""
 
 
 @pytest.fixture
@@ -136,7 +138,7 @@ def fake_bundle(monkeypatch, name_image=str, evaluated=slice(None)) -> list[dict
 def test_fold_whose_metrics_cannot_be_read_is_not_marked_done(tiny_phantom_dataset, tmp_path, monkeypatch):
     out = tmp_path / "cv"
     fake_bundle(monkeypatch, name_image=lambda image: image.replace(".nii.gz", "_moved.nii.gz"))
-    with pytest.raises(ValueError, match="_moved.nii.gz', which is not in dataset.json"):
+    with pytest.raises(RuntimeError, match="fold 0: .*_moved.nii.gz', which is not in dataset.json"):
         run_cross_validation(str(tiny_phantom_dataset), str(out), folds=2)
     assert not (out / "fold_0" / DONE_FILE).exists()
 
@@ -150,12 +152,48 @@ def test_fold_whose_metrics_cannot_be_read_is_not_marked_done(tiny_phantom_datas
     assert sorted(row["case"] for row in cases) == sorted(e["case"] for e in training)
 
 
+def test_a_failed_fold_stops_no_other_fold_and_a_rerun_runs_only_it(
+    tiny_phantom_dataset, tmp_path, monkeypatch, capsys
+):
+    """Fold 0's training failing stopped the cross-validation there: fold 1 was never trained (a night of 4 folds
+    lost to one). Every fold runs; the failures are named together at the end, with no summary as if complete."""
+    out = tmp_path / "cv"
+    out.mkdir()
+    (out / "summary.md").write_text("an earlier run's summary")
+    runs = fake_bundle(monkeypatch)
+    evaluate = custom.crossval._run_bundle
+
+    def fold_0_training_fails(config_files, arguments, overrides, log_file):
+        if arguments["fold"] == 0 and "ckpt_path" not in arguments:
+            raise RuntimeError(f"bundle run failed with exit code 1; see the log '{log_file}'")
+        evaluate(config_files, arguments, overrides, log_file)
+
+    monkeypatch.setattr(custom.crossval, "_run_bundle", fold_0_training_fails)
+    with pytest.raises(RuntimeError) as failed:
+        run_cross_validation(str(tiny_phantom_dataset), str(out), folds=2)
+    assert str(failed.value) == (
+        f"1 of 2 folds failed, so '{out}' holds no summary (finished and kept: fold 1):\n"
+        f"  - fold 0: bundle run failed with exit code 1; see the log '{out / 'fold_0' / 'train.log'}'\n"
+        "Fix the cause and run the same command again: finished folds are skipped and interrupted ones resume from "
+        "their latest checkpoint."
+    )
+    assert "fold 0 failed: bundle run failed" in capsys.readouterr().out
+    assert [(run["fold"], "ckpt_path" in run) for run in runs] == [(1, False), (1, True)]
+    assert (out / "fold_1" / DONE_FILE).is_file() and not (out / "fold_0" / DONE_FILE).exists()
+    assert not any((out / name).exists() for name in ("cases.csv", "summary.csv", "summary.md"))
+
+    runs = fake_bundle(monkeypatch)  # the cause fixed: the rerun runs fold 0 only
+    summary = run_cross_validation(str(tiny_phantom_dataset), str(out), folds=2)
+    assert [(run["fold"], "ckpt_path" in run) for run in runs] == [(0, False), (0, True)]
+    assert [str(row["fold"]) for row in summary] == ["0", "1", "all"] and (out / "summary.md").is_file()
+
+
 def test_evaluation_that_left_out_a_case_is_refused_naming_it(tiny_phantom_dataset, tmp_path, monkeypatch):
     """A fold table over fewer cases than the fold holds would look complete (and lift or lower the mean)."""
     fake_bundle(monkeypatch, evaluated=slice(1, None))
     training = json.loads((tiny_phantom_dataset / "dataset.json").read_text())["training"]
     first = next(e["case"] for e in training if e["fold"] == 0)
-    with pytest.raises(ValueError, match=f"do not match fold 0 of dataset.json: metrics missing for {first}$"):
+    with pytest.raises(RuntimeError, match=f"do not match fold 0 of dataset.json: metrics missing for {first}\n"):
         run_cross_validation(str(tiny_phantom_dataset), str(tmp_path / "cv"), folds=2)
     assert not (tmp_path / "cv" / "fold_0" / DONE_FILE).exists()
 
@@ -237,6 +275,31 @@ def test_image_path_with_a_line_break_is_refused_before_any_fold(tiny_phantom_da
     assert bundle_runs == [] and not (tmp_path / "cv").exists()
 
 
+def test_a_fold_without_any_lesion_is_refused_before_any_fold(tiny_phantom_dataset, tmp_path, bundle_runs):
+    """A third fold of lesion-free labels: its training run refuses to pick a best model on empty labels
+    (fold_datalist), after folds 0 and 1 had trained; cv names it before the first fold. A run of the folds before it
+    is not refused: they train on its cases, beside others that hold lesions."""
+    dataset = shutil.copytree(tiny_phantom_dataset, tmp_path / "ds")
+    contents = json.loads((dataset / "dataset.json").read_text())
+    patient = next(e["patient"] for e in contents["training"] if e["fold"] == 1)
+    fold_2 = [e for e in contents["training"] if e["patient"] == patient]
+    for entry in fold_2:
+        entry["fold"] = 2
+        label = nib.load(dataset / entry["label"])
+        nib.save(nib.Nifti1Image(np.zeros(label.shape, np.uint8), label.affine), dataset / entry["label"])
+    (dataset / "dataset.json").write_text(json.dumps({**contents, "num_folds": 3}))
+    with pytest.raises(ValueError) as refused:
+        run_cross_validation(str(dataset), str(tmp_path / "cv"))
+    message = str(refused.value)
+    assert f"'{dataset / 'dataset.json'}' cannot be cross-validated:\n  - no label of the " \
+        f"{counted(len(fold_2), 'validation case')} of fold 2 holds a lesion voxel: the best model would be picked " \
+        "on empty labels" in message
+    assert message.count("holds a lesion voxel") == 1 and "--folds K --seed S" in message
+    assert bundle_runs == [] and not (tmp_path / "cv").exists()
+    with pytest.raises(BundleRunStopped):
+        run_cross_validation(str(dataset), str(tmp_path / "cv"), folds=2)
+
+
 def test_rerun_after_an_image_or_label_changed_is_refused(tiny_phantom_dataset, tmp_path, bundle_runs):
     dataset = shutil.copytree(tiny_phantom_dataset, tmp_path / "ds")
     out = tmp_path / "cv"
@@ -265,6 +328,83 @@ def test_rerun_after_an_image_or_label_changed_is_refused(tiny_phantom_dataset, 
     with pytest.raises(ValueError, match="the record has no sizes and modification times of the images and labels"):
         run_cross_validation(str(dataset), str(out), folds=2)
     assert len(bundle_runs) == 1
+
+
+def _edit_dataset_json(dataset: Path, change) -> None:
+    contents = json.loads((dataset / "dataset.json").read_text())
+    change(contents)
+    (dataset / "dataset.json").write_text(json.dumps(contents, indent=2))
+
+
+def _fewer_testing_cases(contents: dict) -> None:
+    contents.update(testing=contents["testing"][:1], numTest=1, description="testing list cut to one case")
+
+
+def test_rerun_after_only_the_testing_list_changed_reuses_the_finished_folds(
+    tiny_phantom_dataset, tmp_path, monkeypatch, capsys
+):
+    """dataset.json's testing list or description decides nothing of a fold, yet a rerun was refused for it, naming
+    two SHA-256 only (`dataset_json_sha256: recorded '32eb...', now 'b22d...'`). It is accepted with a note; a change
+    that decides the folds' results is refused, naming it."""
+    dataset = shutil.copytree(tiny_phantom_dataset, tmp_path / "ds")
+    out = tmp_path / "cv"
+    fake_bundle(monkeypatch)
+    summary = run_cross_validation(str(dataset), str(out), folds=2)
+    _edit_dataset_json(dataset, _fewer_testing_cases)
+    capsys.readouterr()
+    runs = fake_bundle(monkeypatch)
+    assert run_cross_validation(str(dataset), str(out), folds=2) == summary and runs == []  # both folds skipped
+    assert "outside its modality, labels, num_folds, training (its testing list or description, say)" \
+        in capsys.readouterr().out
+    digest = hashlib.sha256((dataset / "dataset.json").read_bytes()).hexdigest()
+    recorded = json.loads((out / RUN_RECORD).read_text())
+    assert recorded["dataset_json_sha256"] == digest  # montage checks the dataset.json of now against it
+
+    contents = json.loads((dataset / "dataset.json").read_text())
+    case, patient = next((e["case"], e["patient"]) for e in contents["training"]
+                         if [f["patient"] for f in contents["training"]].count(e["patient"]) == 1)
+
+    def rename_patient(contents):
+        next(e for e in contents["training"] if e["case"] == case)["patient"] = "another patient"
+
+    _edit_dataset_json(dataset, rename_patient)
+    with pytest.raises(ValueError) as refused:
+        run_cross_validation(str(dataset), str(out), folds=2)
+    message = str(refused.value)
+    assert f"dataset.json training case {case!r} 'patient': recorded {patient!r}, now 'another patient'" in message
+    assert "SHA-256" not in message and "dataset_json_sha256" not in message and runs == []
+
+    # a record of cv 0.3.14 or earlier holds no scored part of dataset.json: a change cannot be told apart
+    del recorded["scored_dataset"], recorded["scored_dataset_sha256"]
+    (out / RUN_RECORD).write_text(json.dumps(recorded))
+    _edit_dataset_json(dataset, lambda contents: contents.update(description="described again"))
+    with pytest.raises(ValueError, match="does not say whether its modality, labels, num_folds, training changed"):
+        run_cross_validation(str(dataset), str(out), folds=2)
+
+
+def test_an_interrupted_fold_recorded_before_the_testing_list_changed_trains_again(
+    tiny_phantom_dataset, tmp_path, bundle_runs
+):
+    """train.json refuses to resume a checkpoint whose training record names another dataset.json, so the fold of a
+    run accepted after a testing-list change trains from the start instead of failing at every rerun."""
+    from custom.training_record import TRAINING_RECORD
+
+    dataset = shutil.copytree(tiny_phantom_dataset, tmp_path / "ds")
+    out = tmp_path / "cv"
+    with pytest.raises(BundleRunStopped):
+        run_cross_validation(str(dataset), str(out), folds=2)
+    models = out / "fold_0" / "models"
+    models.mkdir(parents=True)
+    (models / "latest_checkpoint_epoch=2.pt").touch()
+    digest = hashlib.sha256((dataset / "dataset.json").read_bytes()).hexdigest()
+    (models / TRAINING_RECORD).write_text(json.dumps({"fold": 0, "dataset_json_sha256": digest}))
+    with pytest.raises(BundleRunStopped):
+        run_cross_validation(str(dataset), str(out), folds=2)
+    assert bundle_runs[-1]["resume_ckpt"] == str(models / "latest_checkpoint_epoch=2.pt")
+    _edit_dataset_json(dataset, _fewer_testing_cases)
+    with pytest.raises(BundleRunStopped):
+        run_cross_validation(str(dataset), str(out), folds=2)
+    assert "resume_ckpt" not in bundle_runs[-1] and bundle_runs[-1]["overwrite"] is True
 
 
 def test_bad_override_is_refused_before_the_run_folder_is_claimed(tiny_phantom_dataset, tmp_path, bundle_runs):

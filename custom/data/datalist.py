@@ -12,7 +12,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-ROLES = ("train", "validate")
+# "validate": the held-out cases a training run picks its best model on; "evaluate": the same cases, scored by
+# evaluate.json, where a fold without any lesion is accepted (its false-positive volume is a legitimate measurement).
+ROLES = ("train", "validate", "evaluate")
 # The key of a fold_datalist entry holding its image's ``custom.data.studies.voxel_digest``, computed by the
 # screening that reads every image anyway: training records the digests, evaluation compares with them.
 IMAGE_DIGEST = "image_voxels_sha256"
@@ -44,11 +46,12 @@ def _absolute(folder: Path, entry: dict, keys) -> dict:
 def fold_datalist(dataset_dir, fold: int, role: str) -> list[dict]:
     """Training entries for one role of a cross-validation split, with absolute paths.
 
-    ``role="train"`` gives every case whose ``fold`` differs from ``fold``; ``role="validate"`` the
-    cases of ``fold``. ``fold=-1`` trains on all cases and validates on all of them (a fit check, not
-    a held-out score). Every selected case is read first and the list is refused, naming each bad file,
+    ``role="train"`` gives every case whose ``fold`` differs from ``fold``; ``role="validate"`` and
+    ``role="evaluate"`` the cases of ``fold``. ``fold=-1`` trains on all cases and validates on all of them (a fit
+    check, not a held-out score). Every selected case is read first and the list is refused, naming each bad file,
     if any case cannot be trained or scored on (see ``refuse_unusable_cases``); each entry gets its image's
-    digest under ``IMAGE_DIGEST`` (``custom.training_record``).
+    digest under ``IMAGE_DIGEST`` (``custom.training_record``). Training or validation cases none of whose labels
+    holds a lesion voxel are refused (``cases_without_lesion``); evaluation cases are not.
     """
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got '{role}'")
@@ -77,18 +80,38 @@ def fold_datalist(dataset_dir, fold: int, role: str) -> list[dict]:
         f"'{folder / 'dataset.json'}': fold {fold} '{role}' cases",
         "Fix or remove these cases from dataset.json (`python -m custom check` lists every problem).",
     )
-    if role == "train" and not any(holds_lesion for holds_lesion, _ in screened):
-        # MONAI's RandCropByPosNegLabeld only warns and crops background: hours of training to a network that
-        # predicts no lesion (labels emptied by a conversion or a misaligned export look like this)
-        raise ValueError(
-            f"'{folder / 'dataset.json'}': the {len(selected)} training cases of fold {fold} hold no lesion voxel in "
-            "any label: the network would learn to predict none (`python -m custom check` prints each fold's lesion "
-            "volume)"
-        )
+    if role != "evaluate" and not any(holds_lesion for holds_lesion, _ in screened):
+        raise ValueError(f"'{folder / 'dataset.json'}': {cases_without_lesion(fold, role, len(selected))}")
     return [
         {**_absolute(folder, entry, ("image", "label")), IMAGE_DIGEST: digest}
         for entry, (_, digest) in zip(selected, screened)
     ]
+
+
+def cases_without_lesion(fold: int, role: str, count: int) -> str:
+    """The problem of the ``count`` training or validation cases of ``fold`` (``role`` ``"train"`` or ``"validate"``)
+    when none of their labels holds a lesion voxel; :func:`fold_datalist` refuses them, ``python -m custom cv`` before
+    its first fold.
+
+    Why: training on them, MONAI's RandCropByPosNegLabeld only warns and crops background: hours of training to a
+    network that predicts no lesion (labels emptied by a conversion or a misaligned export look like this). Validating
+    on them, every case scores Dice 0 where the network predicts any lesion voxel and 1 where it predicts none
+    (``custom.metrics.EMPTY_MASK_CONVENTION``; MONAI's ``DiceMetric`` with ``ignore_empty``: NaN, averaged to 0.0):
+    ``model.pt``, the best-Dice checkpoint, was the first validated model (0.0 at every epoch, the first kept, on a
+    size-64 phantom whose fold 0 labels were emptied), or would be the first that predicts no lesion anywhere."""
+    from custom.wording import counted  # here: the MONAI-free runner is copied with this module, not with wording
+
+    what = "training" if role == "train" else "validation"
+    consequence = (
+        "the network would learn to predict none" if role == "train"
+        else "the best model would be picked on empty labels, where Dice rewards predicting no lesion"
+    )
+    return (
+        f"no label of the {counted(count, f'{what} case')} of fold {fold} holds a lesion voxel: {consequence}. "
+        "`python -m custom check` prints each fold's lesion volume; fix the labels if they were emptied, or convert "
+        "the dataset again with other folds (`python -m custom prepare isles2018 ... --folds K --seed S`) so that "
+        "every fold holds a lesion"
+    )
 
 
 def _refuse_bad_folds(folder: Path, dataset: dict) -> None:
