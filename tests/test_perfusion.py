@@ -353,18 +353,26 @@ def test_a_time_unit_that_is_not_a_time_is_refused_by_name(tmp_path, good_series
     assert load_series(series, frame_s=1.0).frame_s == 1.0
 
 
-@pytest.mark.parametrize("unit", ["meter", "micron"])
+@pytest.mark.parametrize("unit", ["meter", "micron", "unknown"])
 def test_a_series_whose_voxel_size_is_not_read_in_mm_is_refused(tmp_path, good_series, unit):
     """nibabel ignores the spatial unit of a header: a series stored in meters was smoothed with a kernel of
     smoothing_mm / 0.002 pixels and its maps written on a grid 1000 times too small, without a word. The converted
-    maps and studies were refused already (custom.data.studies.require_voxel_size_in_mm), the 4D series was not."""
+    maps and studies were refused already (custom.data.studies.require_voxel_size_in_mm), the 4D series was not.
+    With unit unknown (read as mm), sizes in meters (0.002 x 0.002 x 0.005) passed as well."""
     from custom.perfusion.series import load_series
 
     series = write_series(tmp_path / "series.nii.gz", good_series)
     image = nib.load(series)
-    image.header.set_xyzt_units(unit, "sec")
+    if unit == "unknown":
+        image = nib.Nifti1Image(np.asanyarray(image.dataobj), np.diag([0.001, 0.001, 0.001, 1.0]) @ image.affine,
+                                image.header)  # fmt: skip
+        image.header.set_xyzt_units(0, "sec")
+        problem = r"voxel size \[0\.002, 0\.002, 0\.005\] .*xyzt_units 'unknown'.*outside the 0\.05-30 mm"
+    else:
+        image.header.set_xyzt_units(unit, "sec")
+        problem = f"voxel size in {unit}s"
     nib.save(image, series)
-    with pytest.raises(ValueError, match=rf"series\.nii\.gz'.*voxel size in {unit}s"):
+    with pytest.raises(ValueError, match=rf"series\.nii\.gz'.*{problem}"):
         load_series(series)
 
 
