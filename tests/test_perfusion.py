@@ -3,6 +3,7 @@ the phantom's truth, the converter's --maps-from-4d, and refusal of bad series."
 
 import dataclasses
 import json
+import re
 
 import nibabel as nib
 import numpy as np
@@ -166,25 +167,48 @@ def test_a_series_ending_before_the_arterial_bolus_has_passed_is_refused(phantom
     assert any(note.startswith("truncated bolus") for note in later.notes)
 
 
-@pytest.mark.parametrize("offset", [-20.0, 20.0])
-def test_an_outlying_first_frame_is_replaced_with_a_note(phantom_case, offset):
-    """A first frame 20 HU off over the brain (a mask or higher-dose frame, or one still settling): -20 HU doubled the
-    phantom's CBV or more without a note (the baseline took it), +20 HU had the series refused as flat. Frame 0 is
-    now replaced by frame 1 with a note, and the maps are those of the series as acquired (within 10 %: on this
-    64-pixel case the replacement alone moves the median CBF by 6 %, from 19.8 to 20.9)."""
+OUTLYING_FRAMES = {  # frames shifted -> frames copied over them, by offset (HU over the brain)
+    **{f"frame 0 {offset:+g}": ((0,), (1,), offset) for offset in (-20.0, 20.0)},
+    **{f"frame 1 {offset:+g}": ((1,), (2,), offset) for offset in (-20.0, 20.0)},
+    **{f"frames 0 and 1 {offset:+g}": ((0, 1), (2, 2), offset) for offset in (-20.0, 20.0)},
+    # +20 HU on frame 3 is taken for the bolus arrival (the baseline ends before it): left alone
+    "frame 3 -20": ((3,), (4,), -20.0),
+}
+
+
+@pytest.mark.parametrize("damage", OUTLYING_FRAMES)
+def test_an_outlying_baseline_frame_is_replaced_with_a_note(phantom_case, damage):
+    """Baseline frames 20 HU off over the brain (a mask, higher-dose or corrupt frame, or one still settling): -20 HU on
+    frame 0 doubled the phantom's CBV or more without a note (the baseline took it), +20 HU had the series refused as
+    flat. Frame 0 was then compared with frame 1 only: a corrupt frame 1 (-20) replaced the good frame 0 (median brain
+    CBF 79.7 instead of 19.8, with a note blaming frame 0), frames 0 and 1 both off passed (-20: CBF 78.8; +20: refused
+    as flat), and so did frame 3 (-20: CBF 25.3). Each is now replaced by the nearest frame within 0.5 HU of the median
+    of frames 0-4 (frame 3: of the baseline frames) with a note, and the maps are those of the series as acquired
+    (within 10 %: on this 64-pixel case the replacement alone moves the median CBF by 6 %)."""
+    frames, sources, offset = OUTLYING_FRAMES[damage]
     _, series, result = phantom_case
     shifted = series.series.astype(np.float32)
-    shifted[..., 0][result.brain] += offset
+    for frame in frames:
+        shifted[..., frame][result.brain] += offset
     given = shifted.copy()
     found = compute_perfusion_maps(shifted, series.frame_s, name="case_x")
     for name in ("CBF", "CBV"):
         assert np.median(found.maps[name][found.brain]) == pytest.approx(np.median(result.maps[name][result.brain]),
                                                                          rel=0.1)  # fmt: skip
-    assert [note for note in found.notes if note.startswith("frame 0")] == [
-        f"frame 0 replaced by frame 1: its mean brain HU is {offset:+.1f} HU from frame 1's (a mask or higher-dose "
-        "frame, or one still settling), which would have shifted the baseline"
-    ]
+    among = "frames 0-4" if frames != (3,) else f"frames 0-{result.baseline_frames - 1}"
+    notes = [note for note in found.notes if " replaced by frame " in note]
+    assert len(notes) == len(frames), notes
+    for note, frame, source in zip(notes, frames, sources):
+        assert re.fullmatch(
+            rf"frame {frame} replaced by frame {source}: its mean brain HU is {re.escape(f'{offset:+.1f}')} HU from "
+            rf"the median of {among} \(\d+\.\d HU; a mask, higher-dose or corrupt frame, or one still settling\), "
+            r"which would have shifted the baseline", note), note  # fmt: skip
     np.testing.assert_array_equal(shifted, given)  # the caller's series is left as it was
+
+
+def test_a_series_without_outlying_frames_is_analysed_unchanged(phantom_case):
+    """No frame of the phantom's series is replaced: its baseline frames lie within 0.1 HU of their median."""
+    assert not [note for note in phantom_case[2].notes if " replaced by frame " in note]
 
 
 def write_series(path, array, frame_s=1.0, unit="sec"):
