@@ -64,11 +64,12 @@ def store_voxel_size(path: Path, pixdim) -> Path:
     return path
 
 
-def store_in_meters(path: Path) -> Path:
-    """Rewrite the NIfTI file ``path`` in meters: its affine divided by 1000, xyzt_units meter (nibabel ignores it)."""
+def store_in_meters(path: Path, unit: str = "meter") -> Path:
+    """Rewrite the NIfTI file ``path`` in meters: its affine divided by 1000, xyzt_units ``unit`` (nibabel ignores it;
+    "unknown", code 0, is read as mm)."""
     image = nib.load(path, mmap=False)  # not a memory map of the file it replaces
     copy = nib.Nifti1Image(np.asanyarray(image.dataobj), np.diag([0.001, 0.001, 0.001, 1.0]) @ image.affine)
-    copy.header.set_xyzt_units("meter", "sec")
+    copy.header.set_xyzt_units(0 if unit == "unknown" else unit, "sec")
     nib.save(copy, path)
     return path
 
@@ -189,15 +190,17 @@ def test_load_time_validation_refuses_a_voxel_size_not_read_in_mm(tmp_path, conf
     study stored in meters, or with a slice thickness of 0 and no sform, was segmented on nibabel's mm grid."""
     preprocessing = ConfigParser(ConfigParser.load_config_file(CONFIGS / config)).get_parsed_content(transforms)
     slice_thickness_0 = functools.partial(store_voxel_size, pixdim=(1.0, 1.0, 0.0))
+    meters_unit_unknown = functools.partial(store_in_meters, unit="unknown")
     for rewrite, problem in ((store_in_meters, "its header gives the voxel size in meters"),
-                             (slice_thickness_0, "its header stores the voxel size")):
+                             (slice_thickness_0, "its header stores the voxel size"),
+                             (meters_unit_unknown, r"its voxel size \[0\.001, 0\.001, 0\.005\] \(its affine")):
         item = _files(tmp_path, *_bad_study("none"))
         rewrite(Path(item["image"]))
         if config == "inference.json":
             del item["label"]
         with pytest.raises(Exception) as raised:
             preprocessing(item)
-        assert f"{item['image']}: {problem}" in _messages(raised.value), _messages(raised.value)
+        assert re.search(f"{re.escape(item['image'])}: {problem}", _messages(raised.value)), _messages(raised.value)
 
 
 def test_load_time_validation_passes_a_good_study(tmp_path):

@@ -18,6 +18,7 @@ from test_deploy import exported_model  # noqa: F401  (a fixture: seeded random 
 
 from custom.data.check import check_dataset
 from custom.data.datalist import fold_datalist, screen_inference_images
+from custom.data.studies import require_voxel_size_in_mm
 from custom.deploy import deploy, read_stacked_image
 from custom.readers import HeaderPreservingNibabelReader
 
@@ -110,7 +111,24 @@ VOXEL_SIZES_NOT_IN_MM = {
     "all 0": (lambda path: store_voxel_size(path, (0.0, 0.0, 0.0)), r"its header stores the voxel size \[0\.0, "),
     # nibabel ignores the unit: a study in meters gave an empty mask (every lesion under min_lesion_ml), 0.0 mL
     "meters": (store_in_meters, r"its header gives the voxel size in meters \(xyzt_units\), which nibabel reads as mm"),
+    # a unit of unknown (xyzt_units 0) is read as mm: 0.0009 x 0.0009 x 0.005 passed, every volume 10^9 times too small
+    "meters, unit unknown": (lambda path: store_in_meters(path, unit="unknown"),
+                             r"its voxel size \[[0-9.e, -]+\] \(its affine, read as mm; xyzt_units 'unknown'\) is "
+                             r"outside the 0\.05-30 mm of CT voxels: a header of unit unknown written in meters"),
 }
+
+
+@pytest.mark.parametrize("diagonal", [(0.2, 0.2, 0.5), (0.43, 0.43, 1.0), (0.7, 0.7, 12.0), (1.0, 1.0, 22.0),
+                                      (-7.84, -7.84, 6.0)])  # the last: the phantom's coarsest grid (32 pixels)
+@pytest.mark.parametrize("unit", ["unknown", "mm"])
+def test_voxel_sizes_a_ct_scanner_writes_pass_with_any_unit_read_as_mm(tmp_path, diagonal, unit):
+    """The plausibility range of ``require_voxel_size_in_mm`` (``VOXEL_MM_RANGE``) refuses meters and microns written
+    with unit unknown, never what a CT scanner writes: ultra-high-resolution pixels, thin and thick slices."""
+    path = tmp_path / "study.nii.gz"
+    image = nib.Nifti1Image(np.zeros((4, 4, 2), np.float32), np.diag([*diagonal, 1.0]))
+    image.header.set_xyzt_units(0 if unit == "unknown" else unit)
+    nib.save(image, path)
+    require_voxel_size_in_mm(path, nib.load(path))
 
 
 @pytest.mark.parametrize("damage", VOXEL_SIZES_NOT_IN_MM)

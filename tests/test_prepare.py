@@ -283,8 +283,10 @@ def test_a_case_whose_maps_have_no_voxel_volume_is_refused(tmp_path):
     [
         (lambda path: store_voxel_size(path, (0.9, 0.9, 0.0)), "its header stores the voxel size"),  # AFFINE, slice 0
         (store_in_meters, "its header gives the voxel size in meters"),
+        (lambda path: store_in_meters(path, unit="unknown"), r"its voxel size \[.*\] \(its affine, read as mm; "
+                                                             r"xyzt_units 'unknown'\) is outside the 0\.05-30 mm"),
     ],
-    ids=["slice-thickness-0", "meters"],
+    ids=["slice-thickness-0", "meters", "meters-unit-unknown"],
 )
 def test_a_case_whose_voxel_size_is_not_read_in_mm_is_refused(tmp_path, rewrite, problem):
     """nibabel reads a stored slice thickness of 0 (no sform) as 1 mm, and an affine in meters as mm: the case was

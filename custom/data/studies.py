@@ -24,6 +24,11 @@ LABEL_MAP = "OT"
 # Two maps share a grid when their affines agree within this tolerance (mm, relative).
 AFFINE_ATOL_MM = 1e-3
 AFFINE_RTOL = 1e-4
+# Voxel sizes (mm) of CT grids: ISLES 2018 has 0.7-1.0 mm pixels and 5-12 mm slices, thin-slice CTP 0.5-1 mm, the
+# phantom (32 pixels or more) up to 7.84 mm pixels. Outside this range the size is not in mm: a header whose unit is
+# unknown (xyzt_units 0) is read as mm, so sizes written in meters (0.0009) read 1000 times too small, in microns
+# 1000 times too large; the bounds lie a factor of 2 or more beyond such sizes of 0.2-22 mm misread.
+VOXEL_MM_RANGE = (0.05, 30.0)
 # H and W are padded to multiples of 16 for the U-Net's four stride-2 levels; a side of 16 or less reaches a
 # 1 x 1 bottleneck, where instance normalisation fails. Larger sides are accepted whatever their size.
 MIN_IN_PLANE_SIZE = 17
@@ -74,7 +79,9 @@ def read_voxels(path, read: Callable[[], np.ndarray], name: str | None = None) -
 def require_voxel_size_in_mm(path, image: nib.Nifti1Image, name: str | None = None) -> None:
     """Refuse, naming the file as ``name`` (default: the quoted path), a NIfTI whose voxel size nibabel's affine does
     not give in mm: a header whose spatial unit (xyzt_units) is meters or microns, or that stores a voxel size of 0
-    (pixdim[1:4]) where its affine is read from it (no sform).
+    (pixdim[1:4]) where its affine is read from it (no sform), or whose voxel size, read as mm, lies outside
+    ``VOXEL_MM_RANGE`` (a unit of unknown, xyzt_units 0, which nibabel and NIfTI readers take as mm, over sizes written
+    in meters: 0.0009 x 0.0009 x 0.005 gave volumes 10^9 times too small).
 
     Why it exists: lesion volumes (mL) and ``min_lesion_ml`` take the voxel volume from the affine, in mm. nibabel
     ignores the unit (a study stored in meters gave an empty mask, 0.0 mL: every lesion under ``min_lesion_ml``) and
@@ -88,15 +95,24 @@ def require_voxel_size_in_mm(path, image: nib.Nifti1Image, name: str | None = No
             f"{_named(path, name)}: its header gives the voxel size in {unit}s (xyzt_units), which nibabel reads as "
             "mm: the lesion volumes would be wrong; store the image in mm (affine and pixdim in mm, xyzt_units mm)"
         )
-    if image.header["sform_code"] > 0:
-        return  # the sform gives the affine: pixdim is not read
-    with nib.openers.ImageOpener(path) as stored:
-        pixdim = type(image.header).from_fileobj(stored, check=False)["pixdim"][1:4]
-    if not np.all(pixdim != 0):
+    if image.header["sform_code"] <= 0:  # else the sform gives the affine: pixdim is not read
+        with nib.openers.ImageOpener(path) as stored:
+            pixdim = type(image.header).from_fileobj(stored, check=False)["pixdim"][1:4]
+        if not np.all(pixdim != 0):
+            raise ValueError(
+                f"{_named(path, name)}: its header stores the voxel size {np.round(pixdim.astype(float), 4).tolist()} "
+                "(pixdim[1:4]) and no sform, so a size of 0 would be read as 1 mm and the lesion volumes would be "
+                "wrong: set the voxel size in its header"
+            )
+    sizes = np.linalg.norm(np.asarray(image.affine, dtype=float)[:3, :3], axis=0)
+    low, high = VOXEL_MM_RANGE
+    if np.all(np.isfinite(sizes) & (sizes > 0)) and not np.all((sizes >= low) & (sizes <= high)):
+        # sizes of 0 or not finite: voxel_size_problems names them
         raise ValueError(
-            f"{_named(path, name)}: its header stores the voxel size {np.round(pixdim.astype(float), 4).tolist()} "
-            "(pixdim[1:4]) and no sform, so a size of 0 would be read as 1 mm and the lesion volumes would be wrong: "
-            "set the voxel size in its header"
+            f"{_named(path, name)}: its voxel size {np.round(sizes, 6).tolist()} (its affine, read as mm; xyzt_units "
+            f"'{unit}') is outside the {low:g}-{high:g} mm of CT voxels: a header of unit unknown written in meters "
+            "(0.0009 for 0.9 mm) or microns is read as mm, and the lesion volumes would be off by 10^3 or more; "
+            "store the image in mm (affine and pixdim in mm, xyzt_units mm)"
         )
 
 

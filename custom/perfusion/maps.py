@@ -25,10 +25,12 @@ BONE_HU = 150.0
 MAX_BONE_FRACTION = 0.05
 ARRIVAL_FRACTION = 0.1  # the bolus arrives when the mean brain curve passes this fraction of its peak
 FLAT_ENHANCEMENT_HU = 1.0  # a mean brain enhancement below this means no contrast reached the brain
-# A frame 0 whose mean brain HU is further than this from frame 1's (a mask or higher-dose frame, or one still
-# settling) is replaced by frame 1: the baseline took it, and 20 HU doubled the phantom's CBV (-20) or had the series
-# refused as flat (+20); 0.45 HU moved the median CBV by at most 10 % (docs/perfusion.md).
+# A baseline frame whose mean brain HU is further than this from the baseline's median (a mask, higher-dose or corrupt
+# frame, or one still settling) is replaced by the nearest frame that is not (replace_outlying_frames): the baseline
+# took it, and 20 HU on frame 0 doubled the phantom's CBV (-20) or had the series refused as flat (+20); 0.45 HU moved
+# the median CBV by at most 10 % (docs/perfusion.md).
 FIRST_FRAME_TOLERANCE_HU = 0.5
+FIRST_FRAMES_COMPARED = 5  # frames 0 and 1 are compared with the median of frames 0-4
 CANDIDATE_FRACTION = 0.01  # AIF and VOF are searched among this top fraction of brain voxels by curve area
 MIN_CANDIDATES = 20
 VESSEL_VOXELS = 8  # voxels averaged into the AIF and into the VOF
@@ -142,6 +144,35 @@ def bolus_arrival(hu: np.ndarray, brain: np.ndarray, path_name: str) -> int:
     return arrival - 1
 
 
+def replace_outlying_frames(hu: np.ndarray, brain: np.ndarray, checked: int, among: int, replaced: dict,
+                            notes: list) -> np.ndarray:
+    """``hu`` (H, W, D, T) with each of its first ``checked`` frames whose mean brain HU is further than
+    FIRST_FRAME_TOLERANCE_HU from the median of the first ``among`` frames' (the lower median: a frame's) replaced by
+    the nearest of those frames that is not, recorded in ``replaced`` (frame -> the frame copied) and ``notes``. A
+    copy when the first frame is replaced (``replaced`` empty before): the caller's array is left as it is.
+
+    Why it exists: the baseline (mean of the pre-contrast frames) takes every frame before the bolus alike. Frame 0
+    compared with frame 1 alone replaced a good frame 0 by a corrupt frame 1 (frame 1 at -20 HU over the brain gave the
+    test phantom case a median CBF of 79.7 for 19.8) and let two outlying first frames through (-20 HU: CBF 78.8; +20
+    HU: refused as flat)."""
+    level = hu[brain].mean(axis=0)
+    median = float(np.sort(level[:among])[(among - 1) // 2])
+    off = np.abs(level[:among] - median) > FIRST_FRAME_TOLERANCE_HU
+    outliers = [t for t in range(checked) if off[t]]
+    if outliers and not replaced:
+        hu = hu.copy()
+    for frame in outliers:
+        source = min((t for t in range(among) if not off[t]), key=lambda t: (abs(t - frame), -t))
+        hu[..., frame] = hu[..., source]
+        replaced[frame] = source
+        notes.append(
+            f"frame {frame} replaced by frame {source}: its mean brain HU is {level[frame] - median:+.1f} HU from the "
+            f"median of frames 0-{among - 1} ({median:.1f} HU; a mask, higher-dose or corrupt frame, or one still "
+            "settling), which would have shifted the baseline"
+        )
+    return hu
+
+
 def smooth_in_plane(values: torch.Tensor, mask: torch.Tensor, sigma_px: tuple) -> torch.Tensor:
     """Gaussian smoothing of (H, W, D, T) curves inside ``mask`` (H, W, D) only (normalised convolution)."""
     gaussian = GaussianFilter(spatial_dims=2, sigma=list(sigma_px), truncated=3.0).to(values.device)
@@ -216,9 +247,10 @@ def compute_perfusion_maps(
 ) -> PerfusionResult:
     """CBF, CBV, MTT, Tmax, TTP (ISLES units) of a 4D series ``hu`` (H, W, D, T) in HU with time step ``frame_s``.
 
-    Steps: brain mask on the pre-contrast mean (refused when it encloses bone: not in HU); frame 0 replaced by
-    frame 1, with a note, when their mean brain HU differ by more than FIRST_FRAME_TOLERANCE_HU; baseline frames
-    before the bolus; concentration = HU minus baseline; AIF from ``aif_mask`` (H, W, D) or found automatically
+    Steps: brain mask on the pre-contrast mean (refused when it encloses bone: not in HU); a baseline frame whose
+    mean brain HU is more than FIRST_FRAME_TOLERANCE_HU from the baseline's median replaced, with a note, by the
+    nearest that is not (``replace_outlying_frames``); baseline frames before the bolus; concentration = HU minus
+    baseline; AIF from ``aif_mask`` (H, W, D) or found automatically
     (refused when it ends above MAX_AIF_END_FRACTION of its peak: the series ends before the arterial bolus has
     passed; when it enhances less than MIN_AIF_TO_BRAIN_PEAK times the mean brain: not an artery; or less than
     MIN_AIF_TO_NOISE times the voxel noise: no bolus), scaled by area(VOF) / area(AIF) when larger (arterial
@@ -238,16 +270,17 @@ def compute_perfusion_maps(
             f"'{name}': {bone_fraction:.0%} of the region found as brain is above {BONE_HU:g} HU (bone): the "
             "series is not in HU (stored values without the rescale intercept -1024? set scl_slope/scl_inter)"
         )
-    offset = float(hu[..., 0][brain].mean() - hu[..., 1][brain].mean())  # both pre-contrast in a series analysed
-    first = int(abs(offset) > FIRST_FRAME_TOLERANCE_HU)  # the first frame like the others
-    if first:
-        hu = hu.copy()  # the caller's array is left as it is
-        hu[..., 0] = hu[..., 1]
-        notes.append(
-            f"frame 0 replaced by frame 1: its mean brain HU is {offset:+.1f} HU from frame 1's (a mask or higher-dose "
-            "frame, or one still settling), which would have shifted the baseline"
-        )
+    # Frames 0 and 1 (pre-contrast in a series analysed) against frames 0-4 (the bolus reaches the mean brain after
+    # them: its arrival in the vessels is frame 2 or later, and the mean brain lags), then every baseline frame against
+    # the baseline: frames 0 and 1 both off, or outliers among the later baseline frames, are replaced too.
+    replaced: dict[int, int] = {}
+    hu = replace_outlying_frames(hu, brain, 2, min(FIRST_FRAMES_COMPARED, hu.shape[-1]), replaced, notes)
     baseline_frames = bolus_arrival(hu, brain, name)
+    if baseline_frames >= 3:
+        before = len(replaced)
+        hu = replace_outlying_frames(hu, brain, baseline_frames, baseline_frames, replaced, notes)
+        if len(replaced) > before:
+            baseline_frames = bolus_arrival(hu, brain, name)
     concentration = hu - hu[..., :baseline_frames].mean(axis=-1, keepdims=True)
     vessel_region = vessel_search_region(pre_contrast, brain)
     if aif_mask is None:
@@ -282,14 +315,15 @@ def compute_perfusion_maps(
             f"{aif.peak_hu / brain_peak:.1f} times the mean brain enhancement ({brain_peak:.1f} HU); an artery "
             f"enhances at least {MIN_AIF_TO_BRAIN_PEAK:g} times more. Give arterial voxels with --aif_mask"
         )
-    # Voxel noise from two frames before the bolus (bolus_arrival refuses contrast in frames 0 and 1; from frame 2 on
-    # only the vessels may enhance, which the median ignores), frames 1 and 2 when frame 0 is a copy of frame 1.
-    noise_hu = 1.4826 * float(np.median(np.abs(hu[..., first + 1][brain] - hu[..., first][brain]))) / np.sqrt(2.0)
+    # Voxel noise from the first two frames not replaced (bolus_arrival refuses contrast in frames 0 and 1; from frame
+    # 2 on only the vessels may enhance, which the median ignores): a replaced frame is a copy of another.
+    first, second = [t for t in range(hu.shape[-1]) if t not in replaced][:2]
+    noise_hu = 1.4826 * float(np.median(np.abs(hu[..., second][brain] - hu[..., first][brain]))) / np.sqrt(2.0)
     if aif.peak_hu < MIN_AIF_TO_NOISE * noise_hu:
         raise ValueError(
             f"'{name}': the AIF (voxels {aif.voxels[:3].tolist()}...) peaks at {aif.peak_hu:.1f} HU, "
             f"{aif.peak_hu / noise_hu:.1f} times the voxel noise ({noise_hu:.1f} HU between frames {first} and "
-            f"{first + 1}); an artery enhances at least {MIN_AIF_TO_NOISE:g} times more: no contrast bolus reached the "
+            f"{second}); an artery enhances at least {MIN_AIF_TO_NOISE:g} times more: no contrast bolus reached the "
             "vessels"
         )
     scale = 1.0

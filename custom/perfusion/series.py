@@ -68,20 +68,41 @@ def mean_neighbour_difference_hu(hu: np.ndarray, axis: int) -> float:
     return float(np.mean([np.abs(hu[..., t + 1] - hu[..., t]).mean() for t in range(hu.shape[3] - 1)]))
 
 
+def mean_spread_hu(hu: np.ndarray, axis: int) -> float:
+    """Mean absolute HU difference of (H, W, D, T) from its median along ``axis`` (2: slices, 3: frames), slice by
+    slice or frame by frame so no second copy of the series is made."""
+    if axis == 2:
+        parts = (hu[..., t] for t in range(hu.shape[3]))
+    else:
+        parts = (hu[:, :, k, :] for k in range(hu.shape[2]))
+    return float(np.mean([np.abs(part - np.median(part, axis=-1, keepdims=True)).mean() for part in parts]))
+
+
 def require_time_on_the_fourth_axis(path, hu: np.ndarray) -> None:
-    """Refuse a series whose neighbouring frames differ more than its neighbouring slices, naming the file: frames
-    share the anatomy (only noise and contrast change) while slices cut other anatomy (skull, ventricles), so such
-    a series holds time on the 3rd axis and slices on the 4th (x, y, t, z). Read as (x, y, z, t), it gave maps
-    without a word (docs/perfusion.md)."""
+    """Refuse a series whose neighbouring frames differ more than its neighbouring slices and whose frames spread
+    more about their median than its slices about theirs, naming the file: frames share the anatomy (only noise,
+    contrast and motion change) while slices cut other anatomy (skull, ventricles), so such a series holds time on
+    the 3rd axis and slices on the 4th (x, y, t, z). Read as (x, y, z, t), it gave maps without a word
+    (docs/perfusion.md).
+
+    The spread is the second test: head motion moves neighbouring frames apart by its own amplitude, and thin slices
+    (0.5-1 mm, whole-brain CTP) lie closer than that, but a head moving in the scanner stays one head, while the
+    slices of a whole-brain series span it. A phantom series of 128 slices of 0.5 mm moved 5 mm and 5 degrees for three
+    frames, or 64 slices of 1 mm moved about 1 mm and 1 degree every frame, was refused by the neighbours alone
+    (before --motion_correction could run)."""
     if hu.shape[2] < 2 or hu.shape[3] < 2:
         return  # one slice or one frame: nothing to compare
     between_slices, between_frames = mean_neighbour_difference_hu(hu, 2), mean_neighbour_difference_hu(hu, 3)
-    if between_frames > between_slices:
+    if between_frames <= between_slices:
+        return
+    slices_spread, frames_spread = mean_spread_hu(hu, 2), mean_spread_hu(hu, 3)
+    if frames_spread > slices_spread:
         raise ValueError(
             f"'{path}': neighbouring frames (4th axis, {hu.shape[3]}) differ by {between_frames:.1f} HU on average, "
-            f"more than neighbouring slices (3rd axis, {hu.shape[2]}: {between_slices:.1f} HU); frames of one head "
-            "differ less than slices, so the axes are likely (x, y, time, slices): store the series as (x, y, slices, "
-            "time), e.g. numpy.swapaxes(data, 2, 3) with pixdim[3] and pixdim[4] swapped"
+            f"more than neighbouring slices (3rd axis, {hu.shape[2]}: {between_slices:.1f} HU), and frames spread "
+            f"{frames_spread:.1f} HU about their median, slices {slices_spread:.1f} HU; frames of one head differ less "
+            "than slices, so the axes are likely (x, y, time, slices): store the series as (x, y, slices, time), e.g. "
+            "numpy.swapaxes(data, 2, 3) with pixdim[3] and pixdim[4] swapped"
         )
 
 
