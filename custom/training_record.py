@@ -11,9 +11,18 @@ record differs; a run refused for its data leaves no record); ``custom.handlers`
 record beside a checkpoint it loads with the loading run's ``INPUT_SETTINGS``, and evaluate.json's ``check_held_out``
 refuses to score a checkpoint on cases it was trained on (known by their voxels, in any conversion); a MONAI Label
 fine-tune of the served copy keeps the served weights' record and adds its studies. A checkpoint
-without a record beside it (the shipped ``bundle/models/model.pt``, runs of earlier versions) is loaded unchecked.
+without a record beside it (runs of earlier versions, a ``model.pt`` copied alone) is loaded unchecked.
 Standard library, ``custom.atomic``, ``custom.data.datalist`` and ``custom.wording`` only, so
 ``custom.monailabel_app`` imports it without MONAI.
+
+The shipped ``bundle/models/model.pt`` has its record, ``bundle/models/training_inputs.json`` (none up to 0.3.15; the
+bundle archive and MONAI Label's served copy carry it): that of ``python -m custom accuracy-bench --out runs/accuracy
+--budget_s 720`` of 0.3.0, which trained it on folds 1 to 3 of its training phantom (seed 2026), with the input
+settings that give its 5 channels, and its dataset.json and images named as that command writes them from the
+repository root (no path of the machine it ran on). Its ``trained_images`` are the digests of that phantom as this
+version generates and converts it, identical to those of the code that trained the weights (docs/deployment.md,
+"The shipped weights' training record"). A retrain with other input settings must write it again
+(``tests/test_shipped_record.py``).
 """
 
 import hashlib
@@ -259,8 +268,9 @@ def write_training_record(
 
 def _describes_other_weights(earlier: Mapping | None, record: Mapping) -> bool:
     """Whether weights recorded by ``earlier`` would be misdescribed by ``record``: other input settings, or, where
-    this run names a dataset, another fold or dataset.json, no record (the shipped ``bundle/models/``, runs up to
-    0.3.11) or MONAI Label fine-tunes (``FINE_TUNED_IMAGES``: this run's record would not name their studies). A run
+    this run names a dataset, another fold or dataset.json (the shipped ``bundle/models/``, replaced by
+    ``--ckpt_dir models --overwrite True``), no record (runs up to 0.3.11, a ``model.pt`` copied alone) or MONAI Label
+    fine-tunes (``FINE_TUNED_IMAGES``: this run's record would not name their studies). A run
     naming no dataset (MONAI Label's served copy: each fine-tune starts from the served model.pt under the same input
     settings, and its record keeps theirs) keeps them."""
     if earlier is not None and any(earlier.get(key) != record[key] for key in INPUT_SETTINGS):
