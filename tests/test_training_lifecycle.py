@@ -464,6 +464,7 @@ def test_a_run_resumed_in_the_folder_of_another_fold_dataset_or_input_settings_i
         "dataset_json": str(tiny_phantom_dataset / "dataset.json"),
         "dataset_json_sha256": hashlib.sha256((tiny_phantom_dataset / "dataset.json").read_bytes()).hexdigest(),
         "trained_images": {e["image"]: e[IMAGE_DIGEST] for e in fold_datalist(tiny_phantom_dataset, 0, "train")},
+        "loss": {"loss#_target_": "custom.losses.WeightedCEGeneralizedDiceLoss", "loss#gdl_batch": True},
     }  # fmt: skip
     before = {path.name: path.read_bytes() for path in ckpt_dir.iterdir() if path.is_file()}
     checkpoint = latest_checkpoint(ckpt_dir)
@@ -489,6 +490,36 @@ def test_a_run_resumed_in_the_folder_of_another_fold_dataset_or_input_settings_i
         assert expected in message, name
         assert "train with this run's settings into another --ckpt_dir, without --resume_ckpt" in message, name
         assert {path.name: path.read_bytes() for path in ckpt_dir.iterdir() if path.is_file()} == before, name
+
+
+def test_a_run_resumed_with_another_loss_is_refused_naming_each_id(tiny_phantom_dataset, tmp_path):
+    """``--resume_ckpt`` with other loss switches or numbers (``--loss#gdl_batch False``, ``--loss#lambda_gdl 0``)
+    trained on from the checkpoint with another objective without a word. The record names the loss's config ids:
+    refused before the dataset is cached, naming each differing id with both values and the override (or that the
+    trained run did not set it); the folder is left as it was. A record written before the loss was recorded (up to
+    0.3.15) resumes as before."""
+    ckpt_dir, logs = tmp_path / "run", tmp_path / "logs"
+    _workflow(tiny_phantom_dataset, ckpt_dir=str(ckpt_dir), output_dir=str(logs), epochs=1).run()
+    before = {path.name: path.read_bytes() for path in ckpt_dir.iterdir() if path.is_file()}
+    checkpoint = latest_checkpoint(ckpt_dir)
+    with pytest.raises(Exception) as raised:
+        _workflow(tiny_phantom_dataset, ckpt_dir=str(ckpt_dir), output_dir=str(logs), epochs=2,
+                  resume_ckpt=str(checkpoint), **{"loss#gdl_batch": False, "loss#lambda_gdl": 0}).run()  # fmt: skip
+    message = error_chain(raised.value)
+    assert f"checkpoint '{checkpoint}' was trained with other settings than this run's (recorded in " \
+           f"'{ckpt_dir / TRAINING_RECORD}') and is not resumed" in message
+    assert "loss#gdl_batch: trained with True, this run False (--loss#gdl_batch True)" in message
+    assert "loss#lambda_gdl: not set in training, this run 0 (leave --loss#lambda_gdl out)" in message
+    assert {path.name: path.read_bytes() for path in ckpt_dir.iterdir() if path.is_file()} == before
+
+    record = json.loads((ckpt_dir / TRAINING_RECORD).read_text())
+    del record["loss"]  # as written up to 0.3.15
+    (ckpt_dir / TRAINING_RECORD).write_text(json.dumps(record))
+    workflow = _workflow(tiny_phantom_dataset, ckpt_dir=str(ckpt_dir), output_dir=str(logs), epochs=2,
+                         resume_ckpt=str(checkpoint), **{"loss#lambda_gdl": 0})  # fmt: skip
+    workflow.run()
+    assert workflow.parser.get_parsed_content("train#trainer").state.epoch == 2
+    assert read_record(ckpt_dir / "model.pt")["loss"]["loss#lambda_gdl"] == 0
 
 
 def test_a_checkpoint_is_not_evaluated_on_its_training_images_in_another_conversion(tiny_phantom_dataset, tmp_path):
