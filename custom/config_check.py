@@ -8,7 +8,8 @@ trains with the default epochs. MONAI validates neither. The configs' ``check_se
 step of ``run``, calls ``check_settings`` with the resolved values of their documented ids before anything
 is built (not ``initialize``: MONAI puts the bundle root, and so a bundle's own copy of ``custom``, on the
 Python path only when ``run`` starts); train.json's ``check_ckpt_dir`` and the ``check_output_dir`` of
-inference.json and evaluate.json follow it.
+inference.json and evaluate.json follow it. ``config_values`` gives train.json's training record the loss's config
+ids as the run's configuration holds them (``custom.training_record``).
 """
 
 import inspect
@@ -287,6 +288,30 @@ def known_ids(config_folder) -> set[str]:
         if isinstance(content, dict):
             ids |= set(content)
     return ids
+
+
+def config_values(root_id: str) -> dict:
+    """The running configuration's ``root_id`` as config id -> value, as written: overrides applied, references and
+    expressions unresolved, nested ids joined with ``#`` (train.json's ``loss`` gives ``{"loss#_target_":
+    "custom.losses.WeightedCEGeneralizedDiceLoss", "loss#gdl_batch": True}``; ``--loss#lambda_gdl 0`` adds
+    ``"loss#lambda_gdl": 0``), a value that is no dictionary under ``root_id`` itself.
+
+    Why it exists: a config item is given the resolved content of another (the instantiated loss, which keeps none
+    of its arguments), and training records the loss's config ids so that a resume with another loss is refused
+    naming them (``custom.training_record``)."""
+    parser = _running_parser()
+    if parser is None:
+        raise RuntimeError(f"config_values('{root_id}') reads the running bundle configuration, and none is running")
+
+    def flattened(value, config_id: str) -> dict:
+        if not isinstance(value, dict):
+            return {config_id: value}
+        ids = {}
+        for name, content in value.items():
+            ids.update(flattened(content, f"{config_id}#{name}"))
+        return ids
+
+    return flattened(parser.get(root_id), root_id)
 
 
 def _running_parser() -> ConfigParser | None:

@@ -5,16 +5,26 @@ Why it exists: ``model.pt`` is a plain state dict (MONAI Label, ``monai.bundle c
 ``CheckpointLoader`` read it so) and holds no settings. Weights trained with ``--contralateral_channels difference``
 have the 10 input channels of ``mirror`` and were evaluated and served with it without a word; a run resumed from
 another fold's checkpoint in its folder (``--fold 1 --ckpt_dir runs/f0 --resume_ckpt runs/f0/...``) restored that
-fold's best Dice and trained on from its weights. train.json's ``training_record`` writes ``TRAINING_RECORD`` into
+fold's best Dice and trained on from its weights, and one resumed with other loss overrides trained on with another
+objective. train.json's ``training_record`` writes ``TRAINING_RECORD`` into
 ``ckpt_dir`` when a run starts, once its cases are screened and before they are cached (after refusing a resume whose
 record differs; a run refused for its data leaves no record); ``custom.handlers`` compares the
 record beside a checkpoint it loads with the loading run's ``INPUT_SETTINGS``, and evaluate.json's ``check_held_out``
 refuses to score a checkpoint on cases it was trained on (known by their voxels, in any conversion); a MONAI Label
 fine-tune of the served copy keeps the served weights' record and adds its studies; an ensemble checkpoint carries
-its members' input settings inside it (``embed_record``). A checkpoint without a record beside it (the shipped
-``bundle/models/model.pt``, runs of earlier versions) is loaded unchecked.
+its members' input settings inside it (``embed_record``). A checkpoint without a record beside it (runs of earlier
+versions, a ``model.pt`` copied alone) is loaded unchecked.
 Standard library, ``custom.atomic``, ``custom.data.datalist`` and ``custom.wording`` only, so
 ``custom.monailabel_app`` imports it without MONAI.
+
+The shipped ``bundle/models/model.pt`` has its record, ``bundle/models/training_inputs.json`` (none up to 0.3.15; the
+bundle archive and MONAI Label's served copy carry it): that of ``python -m custom accuracy-bench --out runs/accuracy
+--budget_s 720`` of 0.3.0, which trained it on folds 1 to 3 of its training phantom (seed 2026), with the input
+settings that give its 5 channels, and its dataset.json and images named as that command writes them from the
+repository root (no path of the machine it ran on). Its ``trained_images`` are the digests of that phantom as this
+version generates and converts it, identical to those of the code that trained the weights (docs/deployment.md,
+"The shipped weights' training record"). A retrain with other input settings must write it again
+(``tests/test_shipped_record.py``).
 """
 
 import hashlib
@@ -38,6 +48,9 @@ EXPORTS = ("model.ts", "model.onnx")
 INPUT_SETTINGS = ("contralateral_channels", "adjacent_slices")
 # What a resumed run must share with the run it continues, besides the input settings.
 RUN_SETTINGS = ("fold", "dataset_json_sha256")
+# The record key of the loss's config ids (``custom.config_check.config_values``: ``{"loss#lambda_gdl": 0, ...}``),
+# which a resumed run must share too: it would train on with another objective. Absent from records up to 0.3.15.
+LOSS = "loss"
 # The record key of the MONAI Label studies that the served copy's fine-tunes trained on (``write_training_record``):
 # study path -> the digests of every version of it trained on (a study replaced under its name keeps both).
 FINE_TUNED_IMAGES = "fine_tuned_images"
@@ -62,19 +75,20 @@ def read_record(checkpoint) -> dict | None:
     return record
 
 
-def run_record(input_settings: Mapping, fold, dataset_dir, trained_cases=None) -> dict:
+def run_record(input_settings: Mapping, fold, dataset_dir, trained_cases=None, loss=None) -> dict:
     """The record of a training run: its ``input_settings`` (``INPUT_SETTINGS`` -> value), its fold, its dataset
-    (``dataset.json``'s path and SHA-256) and ``trained_images``, the ``case_digests`` of ``trained_cases`` (the
-    entries it trains on), by which ``check_held_out`` knows them in any conversion. The dataset and the images are
-    null where the run has no dataset.json (MONAI Label's served copy, which is given its studies:
-    ``write_training_record`` records them as ``FINE_TUNED_IMAGES``)."""
+    (``dataset.json``'s path and SHA-256), ``trained_images``, the ``case_digests`` of ``trained_cases`` (the
+    entries it trains on), by which ``check_held_out`` knows them in any conversion, and its ``loss`` (``LOSS``:
+    config id -> value, null where not given). The dataset and the images are null where the run has no
+    dataset.json (MONAI Label's served copy, which is given its studies: ``write_training_record`` records them as
+    ``FINE_TUNED_IMAGES``)."""
     if set(input_settings) != set(INPUT_SETTINGS):
         raise ValueError(f"input settings must be exactly {list(INPUT_SETTINGS)}, got {sorted(input_settings)}")
     dataset = _dataset_identity(dataset_dir)
     named = dataset["dataset_json"] is not None and trained_cases is not None
     trained_images = case_digests(trained_cases) if named else None
     return {**{key: input_settings[key] for key in INPUT_SETTINGS}, "fold": fold, **dataset,
-            "trained_images": trained_images}
+            "trained_images": trained_images, LOSS: None if loss is None else dict(loss)}
 
 
 def case_digests(cases) -> dict[str, str]:
@@ -132,16 +146,20 @@ def check_record(
         f"'{os.path.normpath(record_of(checkpoint))}'" if embedded is None
         else "the checkpoint itself, from its members' records"
     )
-    # a record of a run without dataset.json (MONAI Label's served copy) names no dataset to compare
+    # a record of a run without dataset.json (MONAI Label's served copy) names no dataset to compare, one of 0.3.15 or
+    # earlier no loss
     differing = [
         key for key, value in settings.items()
         if key in record and record[key] != value and not (key == "dataset_json_sha256" and record[key] is None)
+        and not (key == LOSS and None in (record[key], value))
     ]
     if not differing:
         return
     lines = []
     for key in differing:
-        if key == "dataset_json_sha256":
+        if key == LOSS:
+            lines += _loss_differences(record[key], settings[key])
+        elif key == "dataset_json_sha256":
             trained_on = record.get("dataset_json")
             folder = os.path.dirname(trained_on) if trained_on else "<its dataset folder>"
             lines.append(
@@ -155,6 +173,23 @@ def check_record(
         f"{recorded_in}) and is not {action}; pass the overrides in brackets:\n  "
         + "\n  ".join(lines) + otherwise
     )
+
+
+def _loss_differences(trained: Mapping, this_run: Mapping) -> list[str]:
+    """One line per loss config id whose value differs between the record (``trained``) and this run, with the
+    override that gives the trained value (an id the trained run did not set is left out)."""
+    lines = []
+    for config_id in sorted(set(trained) | set(this_run)):
+        if config_id not in trained:
+            lines.append(f"{config_id}: not set in training, this run {this_run[config_id]!r} "
+                         f"(leave --{config_id} out)")
+        elif config_id not in this_run:
+            lines.append(f"{config_id}: trained with {trained[config_id]!r}, not set in this run "
+                         f"(--{config_id} {trained[config_id]})")
+        elif trained[config_id] != this_run[config_id]:
+            lines.append(f"{config_id}: trained with {trained[config_id]!r}, this run {this_run[config_id]!r} "
+                         f"(--{config_id} {trained[config_id]})")
+    return lines
 
 
 def check_held_out(checkpoint, fold, dataset_dir, cases) -> None:
@@ -238,10 +273,11 @@ def fine_tuned_digests(record: Mapping) -> dict[str, list[str]]:
 
 
 def write_training_record(
-    ckpt_dir, input_settings: Mapping, fold, dataset_dir, resume_ckpt=None, trained_cases=None, fine_tuned_cases=None
+    ckpt_dir, input_settings: Mapping, fold, dataset_dir, resume_ckpt=None, trained_cases=None, fine_tuned_cases=None,
+    loss=None,
 ) -> dict:
-    """Write the record of this training run (``run_record``; ``trained_cases``: train.json's ``train#datalist``)
-    into ``ckpt_dir``; returns it.
+    """Write the record of this training run (``run_record``; ``trained_cases``: train.json's ``train#datalist``;
+    ``loss``: its loss's config ids, ``custom.config_check.config_values``) into ``ckpt_dir``; returns it.
 
     ``fine_tuned_cases``: the studies of a MONAI Label fine-tune of the served copy (``check_labelled_studies``). It
     trains on from the served ``model.pt``, so its record is that of those weights (their fold, dataset and
@@ -252,13 +288,14 @@ def write_training_record(
     MONAI Label serves ``model.pt`` and never looks at them, but a copy of the served bundle deployed through its
     ``model.ts`` ran the weights the fine-tunes started from.
 
-    A resumed run is refused first if the record beside ``resume_ckpt`` names other input settings, another fold or
-    another dataset.json (it would restore that run's best Dice and train on from its weights). A new run replacing
-    another in ``ckpt_dir`` (``check_ckpt_dir`` let it: ``--overwrite True``) whose record describes other weights
-    (``_describes_other_weights``) removes that run's ``model.pt`` first: it would sit under this run's record until
-    this run's first validation and, after a stop before it, be loaded as this run's. Every rank of a multi-process
-    run checks and writes the same record (each write is atomic)."""
-    record = run_record(input_settings, fold, dataset_dir, trained_cases)
+    A resumed run is refused first if the record beside ``resume_ckpt`` names other input settings, another fold,
+    another dataset.json (it would restore that run's best Dice and train on from its weights) or another loss (it
+    would train on with another objective; a record without a loss, up to 0.3.15, is not compared on it). A new run
+    replacing another in ``ckpt_dir`` (``check_ckpt_dir`` let it: ``--overwrite True``) whose record describes other
+    weights (``_describes_other_weights``) removes that run's ``model.pt`` first: it would sit under this run's record
+    until this run's first validation and, after a stop before it, be loaded as this run's.
+    Every rank of a multi-process run checks and writes the same record (each write is atomic)."""
+    record = run_record(input_settings, fold, dataset_dir, trained_cases, loss)
     folder = Path(str(ckpt_dir))
     earlier_model, earlier = folder / BEST_MODEL, read_record(folder / BEST_MODEL)
     if resume_ckpt is None and earlier_model.is_file() and _describes_other_weights(earlier, record):
@@ -267,7 +304,7 @@ def write_training_record(
         earlier_model.unlink(missing_ok=True)  # another rank of this run may have removed it
     if resume_ckpt is not None:
         check_record(
-            resume_ckpt, {key: record[key] for key in INPUT_SETTINGS + RUN_SETTINGS}, action="resumed",
+            resume_ckpt, {key: record[key] for key in INPUT_SETTINGS + RUN_SETTINGS + (LOSS,)}, action="resumed",
             otherwise="\nor train with this run's settings into another --ckpt_dir, without --resume_ckpt",
         )  # fmt: skip
     if fine_tuned_cases is not None:
@@ -289,8 +326,9 @@ def write_training_record(
 
 def _describes_other_weights(earlier: Mapping | None, record: Mapping) -> bool:
     """Whether weights recorded by ``earlier`` would be misdescribed by ``record``: other input settings, or, where
-    this run names a dataset, another fold or dataset.json, no record (the shipped ``bundle/models/``, runs up to
-    0.3.11) or MONAI Label fine-tunes (``FINE_TUNED_IMAGES``: this run's record would not name their studies). A run
+    this run names a dataset, another fold or dataset.json (the shipped ``bundle/models/``, replaced by
+    ``--ckpt_dir models --overwrite True``), no record (runs up to 0.3.11, a ``model.pt`` copied alone) or MONAI Label
+    fine-tunes (``FINE_TUNED_IMAGES``: this run's record would not name their studies). A run
     naming no dataset (MONAI Label's served copy: each fine-tune starts from the served model.pt under the same input
     settings, and its record keeps theirs) keeps them."""
     if earlier is not None and any(earlier.get(key) != record[key] for key in INPUT_SETTINGS):

@@ -17,6 +17,7 @@ from conftest import BUNDLE, CONFIGS, REPO
 from monai.bundle import ConfigParser, verify_metadata
 
 from custom.package import package_bundle
+from custom.training_record import TRAINING_RECORD
 
 LOCAL_SCHEMA = Path(__file__).with_name("meta_schema_20240725.json")
 METADATA = CONFIGS / "metadata.json"
@@ -109,9 +110,10 @@ def _table(path: Path) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def bundle_copy(tmp_path_factory) -> Path:
-    """A copy of bundle/ with seeded random weights, plus run outputs and caches an archive must leave out."""
+    """A copy of bundle/ with seeded random weights (without the shipped weights' training record: they were not
+    trained), plus run outputs and caches an archive must leave out."""
     root = tmp_path_factory.mktemp("bundle_copy") / "bundle"
-    shutil.copytree(BUNDLE, root, ignore=shutil.ignore_patterns("model.*", "__pycache__"))
+    shutil.copytree(BUNDLE, root, ignore=shutil.ignore_patterns("model.*", TRAINING_RECORD, "__pycache__"))
     parser = ConfigParser()
     parser.read_config(str(CONFIGS / "inference.json"))
     torch.manual_seed(0)

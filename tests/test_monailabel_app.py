@@ -66,13 +66,21 @@ def test_served_copy_trains_into_its_models_folder(tmp_path):
 def test_served_copy_takes_the_input_settings_of_its_weights(tmp_path):
     """Weights trained with slice context and hemisphere differences (30 input channels) are served with both
     keys in the copy's train.json and inference.json; the shipped 5-channel weights do not fit those configs,
-    and the check says so before a server starts."""
+    and the check says so before a server starts: their training record, served with them, names both settings
+    (weights copied without it are refused by the network's shape)."""
     archive = package_bundle(tmp_path / "ctp_stroke.zip")
     settings = {"contralateral_channels": "difference", "adjacent_slices": 1}
     served = unpack_served_bundle(archive, tmp_path / "model", settings)
     for name in ("train.json", "inference.json"):
         config = json.loads((served / "configs" / name).read_text())
         assert {key: config[key] for key in settings} == settings, name
+    with pytest.raises(ValueError) as raised:
+        check_served_bundle(served)
+    assert f"(recorded in '{served / 'models' / TRAINING_RECORD}')" in str(raised.value)
+    assert "contralateral_channels: trained with None, this run 'difference' (--contralateral_channels None)" in \
+        str(raised.value)  # fmt: skip
+    assert "adjacent_slices: trained with 0, this run 1 (--adjacent_slices 0)" in str(raised.value)
+    (served / "models" / TRAINING_RECORD).unlink()
     with pytest.raises(ValueError, match="model.pt' does not fit model .*contralateral_channels or adjacent_slices"):
         check_served_bundle(served)
 

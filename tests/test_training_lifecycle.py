@@ -26,7 +26,13 @@ from custom.lifecycle import CrashSafeCheckpointSaver, ValidationAtIntervalAndEn
 from custom.monailabel_app import serve_weights, unpack_served_bundle
 from custom.package import package_bundle
 from custom.training_record import (
-    TRAINING_RECORD, case_digests, check_held_out, read_record, trained_images_among, write_training_record
+    FINE_TUNED_IMAGES,
+    TRAINING_RECORD,
+    case_digests,
+    check_held_out,
+    read_record,
+    trained_images_among,
+    write_training_record,
 )
 
 
@@ -96,15 +102,15 @@ def test_schedule_follows_the_trainers_max_epochs(tiny_phantom_dataset, tmp_path
 
 def test_short_default_run_ends_with_model_and_keeps_shipped_weights(tiny_phantom_dataset, tmp_path):
     """A run shorter than val_interval, with the default ckpt_dir and output_dir: model.pt and the logs written
-    under runs/fold0/, bundle/models untouched."""
+    under runs/fold0/, bundle/models (the shipped weights, their export and their training record) untouched."""
     bundle_root = tmp_path / "bundle"
     shutil.copytree(BUNDLE / "configs", bundle_root / "configs")
     shutil.copytree(BUNDLE / "models", bundle_root / "models")
-    shipped = (bundle_root / "models" / "model.pt").read_bytes()
+    shipped = {path.name: path.read_bytes() for path in (bundle_root / "models").iterdir()}
+    assert sorted(shipped) == ["model.pt", "model.ts", TRAINING_RECORD]
     workflow = _workflow(tiny_phantom_dataset, bundle_root=bundle_root, epochs=1, val_interval=10)
     workflow.run()
-    assert (bundle_root / "models" / "model.pt").read_bytes() == shipped
-    assert sorted(p.name for p in (bundle_root / "models").iterdir()) == ["model.pt", "model.ts"]
+    assert {path.name: path.read_bytes() for path in (bundle_root / "models").iterdir()} == shipped
     assert workflow.parser.get_parsed_content("validate#evaluator").state.best_metric_epoch == 1
     state = torch.load(bundle_root / "runs" / "fold0" / "model.pt", weights_only=True)
     assert state.keys() == workflow.parser.get_parsed_content("network").state_dict().keys()
@@ -149,16 +155,24 @@ def _labelled_studies(dataset_dir):
 def test_monailabel_fine_tune_updates_the_served_weights(tiny_phantom_dataset, tmp_path, validation_cases):
     """A MONAI Label fine-tune replaces the served model.pt; MONAI Label's ``val_split`` can leave no validation
     case, then the final weights are saved. The served copy's model.ts, an export of the weights it replaced, stayed
-    beside them (a copy of the served bundle deployed through it ran the old weights): it is removed."""
+    beside them (a copy of the served bundle deployed through it ran the old weights): it is removed. The served copy
+    holds the shipped weights' training record; the fine-tune keeps it (their input settings, fold, dataset and
+    training images) and adds the digests of its training studies."""
     served, cases = _served_copy(tmp_path), _labelled_studies(tiny_phantom_dataset)
     weights = served / "models" / "model.pt"
     shipped = weights.read_bytes()
     assert (served / "models" / "model.ts").is_file()
+    shipped_record = read_record(BUNDLE / "models" / "model.pt")
+    assert read_record(weights) == shipped_record
     _monailabel_fine_tune(served, cases[validation_cases:], cases[:validation_cases])
     assert weights.read_bytes() != shipped
     assert not (served / "models" / "model.ts").exists()
     state = torch.load(weights, weights_only=True)
     assert state.keys() == torch.load(BUNDLE / "models" / "model.pt", weights_only=True).keys()
+    record = read_record(weights)
+    assert {key: record[key] for key in shipped_record} == shipped_record
+    assert record[FINE_TUNED_IMAGES] == {image: [digest] for image, digest in
+                                         case_digests(cases[validation_cases:]).items()}  # fmt: skip
 
 
 def test_fine_tuned_served_weights_are_not_evaluated_on_images_they_learnt(tiny_phantom_dataset, tmp_path):
@@ -259,7 +273,8 @@ def test_monailabel_fine_tune_refuses_unusable_labels_naming_them(tiny_phantom_d
     if problem not in ("no labels", "no lesion"):
         assert f"{tmp_path / 'labels' / 'label_0.nii.gz'}: " in message
     assert weights.read_bytes() == shipped
-    assert sorted(path.name for path in weights.parent.iterdir()) == ["model.pt", "model.ts"]
+    assert sorted(path.name for path in weights.parent.iterdir()) == ["model.pt", "model.ts", TRAINING_RECORD]
+    assert (weights.parent / TRAINING_RECORD).read_bytes() == (BUNDLE / "models" / TRAINING_RECORD).read_bytes()
 
 
 def _event_files(folder):
@@ -348,7 +363,7 @@ def test_a_replacing_run_of_other_settings_leaves_no_earlier_model_under_its_rec
 
 
 def test_a_replacing_run_leaves_no_unrecorded_model_under_its_record(tiny_phantom_dataset, tmp_path):
-    """A ``model.pt`` without a record (the shipped ``bundle/models/``, runs up to 0.3.11) replaced with
+    """A ``model.pt`` without a record (runs up to 0.3.11, a ``model.pt`` copied alone) replaced with
     ``--overwrite True`` by a run on a dataset stayed until that run's first validation: a run stopped before it left
     those weights under a record naming this run's fold and dataset.json. It is removed at the start (a served
     MONAI Label copy without a record, whose fine-tunes name no dataset, keeps it:
@@ -367,6 +382,24 @@ def test_a_replacing_run_leaves_no_unrecorded_model_under_its_record(tiny_phanto
                                                         "dataset_json_sha256": None, "trained_images": None}))
     write_training_record(ckpt_dir, settings, 0, tiny_phantom_dataset)
     assert not (ckpt_dir / "model.pt").exists()
+
+
+def test_a_run_into_the_shipped_models_folder_replaces_the_weights_and_their_record(tiny_phantom_dataset, tmp_path):
+    """``--ckpt_dir models --overwrite True`` from the bundle root (README): the shipped weights and their record (the
+    benchmark's training phantom) give way to this run's; stopped before its first validation, the run leaves its
+    record and no model.pt (the shipped weights would sit under it). Without ``--overwrite True`` it is refused."""
+    models = shutil.copytree(BUNDLE / "models", tmp_path / "bundle_models")
+    with pytest.raises(Exception) as refused:
+        _workflow(tiny_phantom_dataset, ckpt_dir=str(models), output_dir=str(tmp_path / "logs")).run()
+    assert "--overwrite True" in error_chain(refused.value)
+    assert read_record(models / "model.pt") == read_record(BUNDLE / "models" / "model.pt")
+    _run_stopped_in_first_iteration(_workflow(tiny_phantom_dataset, ckpt_dir=str(models),
+                                              output_dir=str(tmp_path / "logs"), overwrite=True))  # fmt: skip
+    record = json.loads((models / TRAINING_RECORD).read_text())
+    assert record["dataset_json"] == str(tiny_phantom_dataset / "dataset.json")
+    trained = fold_datalist(tiny_phantom_dataset, 0, "train")
+    assert record["trained_images"].keys() == {case["image"] for case in trained}
+    assert not (models / "model.pt").exists()
 
 
 def test_a_new_run_into_used_logs_is_refused(tiny_phantom_dataset, tmp_path):
@@ -431,6 +464,7 @@ def test_a_run_resumed_in_the_folder_of_another_fold_dataset_or_input_settings_i
         "dataset_json": str(tiny_phantom_dataset / "dataset.json"),
         "dataset_json_sha256": hashlib.sha256((tiny_phantom_dataset / "dataset.json").read_bytes()).hexdigest(),
         "trained_images": {e["image"]: e[IMAGE_DIGEST] for e in fold_datalist(tiny_phantom_dataset, 0, "train")},
+        "loss": {"loss#_target_": "custom.losses.WeightedCEGeneralizedDiceLoss", "loss#gdl_batch": True},
     }  # fmt: skip
     before = {path.name: path.read_bytes() for path in ckpt_dir.iterdir() if path.is_file()}
     checkpoint = latest_checkpoint(ckpt_dir)
@@ -456,6 +490,36 @@ def test_a_run_resumed_in_the_folder_of_another_fold_dataset_or_input_settings_i
         assert expected in message, name
         assert "train with this run's settings into another --ckpt_dir, without --resume_ckpt" in message, name
         assert {path.name: path.read_bytes() for path in ckpt_dir.iterdir() if path.is_file()} == before, name
+
+
+def test_a_run_resumed_with_another_loss_is_refused_naming_each_id(tiny_phantom_dataset, tmp_path):
+    """``--resume_ckpt`` with other loss switches or numbers (``--loss#gdl_batch False``, ``--loss#lambda_gdl 0``)
+    trained on from the checkpoint with another objective without a word. The record names the loss's config ids:
+    refused before the dataset is cached, naming each differing id with both values and the override (or that the
+    trained run did not set it); the folder is left as it was. A record written before the loss was recorded (up to
+    0.3.15) resumes as before."""
+    ckpt_dir, logs = tmp_path / "run", tmp_path / "logs"
+    _workflow(tiny_phantom_dataset, ckpt_dir=str(ckpt_dir), output_dir=str(logs), epochs=1).run()
+    before = {path.name: path.read_bytes() for path in ckpt_dir.iterdir() if path.is_file()}
+    checkpoint = latest_checkpoint(ckpt_dir)
+    with pytest.raises(Exception) as raised:
+        _workflow(tiny_phantom_dataset, ckpt_dir=str(ckpt_dir), output_dir=str(logs), epochs=2,
+                  resume_ckpt=str(checkpoint), **{"loss#gdl_batch": False, "loss#lambda_gdl": 0}).run()  # fmt: skip
+    message = error_chain(raised.value)
+    assert f"checkpoint '{checkpoint}' was trained with other settings than this run's (recorded in " \
+           f"'{ckpt_dir / TRAINING_RECORD}') and is not resumed" in message
+    assert "loss#gdl_batch: trained with True, this run False (--loss#gdl_batch True)" in message
+    assert "loss#lambda_gdl: not set in training, this run 0 (leave --loss#lambda_gdl out)" in message
+    assert {path.name: path.read_bytes() for path in ckpt_dir.iterdir() if path.is_file()} == before
+
+    record = json.loads((ckpt_dir / TRAINING_RECORD).read_text())
+    del record["loss"]  # as written up to 0.3.15
+    (ckpt_dir / TRAINING_RECORD).write_text(json.dumps(record))
+    workflow = _workflow(tiny_phantom_dataset, ckpt_dir=str(ckpt_dir), output_dir=str(logs), epochs=2,
+                         resume_ckpt=str(checkpoint), **{"loss#lambda_gdl": 0})  # fmt: skip
+    workflow.run()
+    assert workflow.parser.get_parsed_content("train#trainer").state.epoch == 2
+    assert read_record(ckpt_dir / "model.pt")["loss"]["loss#lambda_gdl"] == 0
 
 
 def test_a_checkpoint_is_not_evaluated_on_its_training_images_in_another_conversion(tiny_phantom_dataset, tmp_path):
