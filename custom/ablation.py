@@ -113,8 +113,9 @@ def _run_record(folder: Path) -> dict:
 
 def _refuse_other_datasets(first: Path, second: Path) -> None:
     """Refuse two runs whose records name different datasets: by the part of dataset.json that decides the folds'
-    results where both records hold it (cv's, ``crossval.scored_dataset_sha256``: two cv runs whose dataset.json
-    differ in the testing list alone were refused), else by the whole file's SHA-256; a run without one passes."""
+    results where both records hold it (``crossval.scored_dataset_sha256``, in the records of cv, baseline and
+    score-masks: two runs whose dataset.json differ in the testing list alone were refused), else (a record of an
+    earlier version) by the whole file's SHA-256; a run without one passes."""
     records = [_run_record(first), _run_record(second)]
     key, described = "scored_dataset_sha256", "SHA-256 of the training cases, folds and labels of dataset.json"
     if not all(key in record for record in records):

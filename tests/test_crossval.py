@@ -727,6 +727,34 @@ def test_compare_cv_pairs_cv_runs_whose_datasets_differ_in_the_testing_list_only
         compare_cross_validations(runs["with_testing"], runs["other_folds"])
 
 
+def test_compare_cv_pairs_a_cv_run_with_baseline_and_score_masks_runs_of_another_testing_list(
+    tiny_phantom_dataset, tmp_path
+):
+    """baseline and score-masks recorded the whole dataset.json's SHA-256 only, so compare-cv refused to pair a cv run
+    with the threshold rule or masks scored on the same training cases converted without --testing; they record the
+    hash of the scored part too, as cv does (``crossval.scored_dataset_sha256``)."""
+    from custom.ablation import compare_cross_validations
+    from custom.accuracy_bench import score_masks_command
+    from custom.crossval import BUNDLE_ROOT, run_configuration
+    from custom.data.isles2018 import prepare_isles2018
+
+    raw = tiny_phantom_dataset.parent / "isles2018"  # converted with --testing into tiny_phantom_dataset
+    without_testing = prepare_isles2018(raw / "TRAINING", tmp_path / "no_testing", patients=raw / "patients.csv",
+                                        folds=2)  # fmt: skip
+    training = json.loads((tiny_phantom_dataset / "dataset.json").read_text())["training"]
+    folds = {entry["case"]: entry["fold"] for entry in training}
+    cv = _write_cases(tmp_path / "cv", dict.fromkeys(folds, 0.5), folds)
+    (cv / RUN_RECORD).write_text(json.dumps(run_configuration([], {}, tiny_phantom_dataset, BUNDLE_ROOT, True)))
+    run_baseline(str(without_testing), str(tmp_path / "rule"))
+    (tmp_path / "masks").mkdir()
+    for entry in training:
+        shutil.copy(without_testing / entry["label"], tmp_path / "masks" / f"{entry['case']}_seg.nii.gz")
+    score_masks_command(str(tmp_path / "masks"), str(without_testing), str(tmp_path / "scored"))
+    for other in ("rule", "scored"):
+        rows = compare_cross_validations(str(cv), str(tmp_path / other))
+        assert rows[1]["cases"] == len(folds), other
+
+
 def test_compare_cv_refuses_a_score_masks_table_of_another_dataset(tiny_phantom_dataset, tmp_path):
     """score-masks wrote no run record, so its table was paired with a cv run of the same case names in another
     dataset; it records the dataset.json SHA-256 of the labels it scored, which compare-cv checks as cv's."""
