@@ -10,6 +10,7 @@ from pathlib import Path
 from custom import accuracy_bench, baseline, crossval
 from custom.crossval import run_cross_validation
 from custom.data.datalist import refuse_earlier_file
+from custom.deploy import is_refusal
 from custom.reporting import paired_comparison, read_case_csv, same_case_statistics, write_case_csv, write_markdown
 from custom.wording import counted
 
@@ -52,10 +53,11 @@ def run_ablation(
     prediction) and the paired per-case Dice difference against ``reference``. Finished folds are reused;
     a variant folder holding a run of other settings is refused.
 
-    The dataset is checked once first (``crossval.refuse_unusable_dataset``): every variant would refuse it. A
-    variant that fails (any fold, or its cv refusing its folder) stops no other: every variant runs, as cv runs every
-    fold, and the failures are raised together at the end, each naming its variant and cv's error, with no table
-    written (an earlier run's removed), so that the same command run again skips the finished folds of every variant.
+    A refusal of the first variant's cv is raised at once, before any work: a bad dataset, ``folds``, config file or
+    override, which every variant would refuse. After it, a variant that fails (any fold, or its cv refusing its
+    folder) stops no other: every variant runs, as cv runs every fold, and the failures are raised together at the
+    end, each naming its variant and cv's error, with no table written (an earlier run's removed), so that the same
+    command run again skips the finished folds of every variant.
     """
     names = [v for v in (variants.split(",") if isinstance(variants, str) else list(variants)) if v]
     unknown = [v for v in names + [reference] if v not in LOSS_VARIANTS]
@@ -64,7 +66,6 @@ def run_ablation(
     if reference not in names:
         names.insert(0, reference)
     out = Path(out)
-    crossval.refuse_unusable_dataset(Path(dataset_dir).resolve(), folds)
     cases, failures, first_error = {}, [], None
     for name in names:
         try:
@@ -72,6 +73,8 @@ def run_ablation(
                                  **{**overrides, **LOSS_VARIANTS[name]})
             cases[name] = read_case_csv(str(out / name / "cases.csv"))
         except Exception as error:  # one variant's failure never stops the others; all are named at the end
+            if name == names[0] and is_refusal(error):  # before any work: every variant would refuse it
+                raise
             failures.append(f"{name}: " + str(error).replace("\n", "\n    "))
             first_error = first_error or error
             print(f"loss variant {name} failed; going on with the other variants", flush=True)

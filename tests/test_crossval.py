@@ -230,7 +230,8 @@ def test_a_failed_loss_variant_stops_no_other_and_a_rerun_runs_only_its_failed_f
 def test_an_ablation_of_an_unusable_dataset_is_refused_once_before_any_variant(
     tiny_phantom_dataset, tmp_path, bundle_runs
 ):
-    """Every variant's cv would refuse the dataset, each in the end's list of failures: it is refused once, first."""
+    """Every variant's cv would refuse the dataset, each in the end's list of failures: the first variant's refusal
+    is raised at once, before any work."""
     from custom.ablation import run_ablation
 
     dataset = shutil.copytree(tiny_phantom_dataset, tmp_path / "ds")
