@@ -10,6 +10,7 @@ from pathlib import Path
 from custom import accuracy_bench, baseline, crossval
 from custom.crossval import run_cross_validation
 from custom.data.datalist import refuse_earlier_file
+from custom.deploy import is_refusal
 from custom.reporting import paired_comparison, read_case_csv, same_case_statistics, write_case_csv, write_markdown
 from custom.wording import counted
 
@@ -31,6 +32,8 @@ DESCRIPTIONS = {
     "dice_ce": "MONAI DiceCELoss (reference)",
 }
 TABLE_METRICS = ("dice", "hd95_mm", "avd_ml", "lesion_f1")
+# The tables of an ablation whose every variant finished.
+ABLATION_FILES = ("ablation.csv", "ablation.md")
 
 
 def run_ablation(
@@ -49,6 +52,12 @@ def run_ablation(
     over the cases where every variant has a value (``same_case_statistics``; HD95 is undefined for an empty
     prediction) and the paired per-case Dice difference against ``reference``. Finished folds are reused;
     a variant folder holding a run of other settings is refused.
+
+    A refusal of the first variant's cv is raised at once, before any work: a bad dataset, ``folds``, config file or
+    override, which every variant would refuse. After it, a variant that fails (any fold, or its cv refusing its
+    folder) stops no other: every variant runs, as cv runs every fold, and the failures are raised together at the
+    end, each naming its variant and cv's error, with no table written (an earlier run's removed), so that the same
+    command run again skips the finished folds of every variant.
     """
     names = [v for v in (variants.split(",") if isinstance(variants, str) else list(variants)) if v]
     unknown = [v for v in names + [reference] if v not in LOSS_VARIANTS]
@@ -57,16 +66,31 @@ def run_ablation(
     if reference not in names:
         names.insert(0, reference)
     out = Path(out)
-    cases = {}
+    cases, failures, first_error = {}, [], None
     for name in names:
-        run_cross_validation(
-            dataset_dir, str(out / name), folds=folds, config_files=config_files, **{**overrides, **LOSS_VARIANTS[name]}
-        )
-        cases[name] = read_case_csv(str(out / name / "cases.csv"))
+        try:
+            run_cross_validation(dataset_dir, str(out / name), folds=folds, config_files=config_files,
+                                 **{**overrides, **LOSS_VARIANTS[name]})
+            cases[name] = read_case_csv(str(out / name / "cases.csv"))
+        except Exception as error:  # one variant's failure never stops the others; all are named at the end
+            if name == names[0] and is_refusal(error):  # before any work: every variant would refuse it
+                raise
+            failures.append(f"{name}: " + str(error).replace("\n", "\n    "))
+            first_error = first_error or error
+            print(f"loss variant {name} failed; going on with the other variants", flush=True)
+    if failures:
+        for table in ABLATION_FILES:  # an earlier run's table would read as this run's
+            (out / table).unlink(missing_ok=True)
+        raise RuntimeError(
+            f"{len(failures)} of {len(names)} loss variants failed, so '{out}' holds no ablation table (finished and "
+            f"kept: {', '.join(cases) or 'none'}):\n  - " + "\n  - ".join(failures)
+            + "\nFix the cause and run the same command again: the finished folds of every variant are skipped."
+        ) from first_error  # its traceback, for a failure of the ablation's own code
     rows = _table_rows({name: DESCRIPTIONS[name] for name in names}, cases, reference)
 
-    write_case_csv(rows, str(out / "ablation.csv"))
-    write_markdown(ablation_markdown(rows, reference), str(out / "ablation.md"))
+    csv_table, markdown_table = (str(out / name) for name in ABLATION_FILES)
+    write_case_csv(rows, csv_table)
+    write_markdown(ablation_markdown(rows, reference), markdown_table)
     print(ablation_markdown(rows, reference))
     return rows
 
@@ -113,8 +137,9 @@ def _run_record(folder: Path) -> dict:
 
 def _refuse_other_datasets(first: Path, second: Path) -> None:
     """Refuse two runs whose records name different datasets: by the part of dataset.json that decides the folds'
-    results where both records hold it (cv's, ``crossval.scored_dataset_sha256``: two cv runs whose dataset.json
-    differ in the testing list alone were refused), else by the whole file's SHA-256; a run without one passes."""
+    results where both records hold it (``crossval.scored_dataset_sha256``, in the records of cv, baseline and
+    score-masks: two runs whose dataset.json differ in the testing list alone were refused), else (a record of an
+    earlier version) by the whole file's SHA-256; a run without one passes."""
     records = [_run_record(first), _run_record(second)]
     key, described = "scored_dataset_sha256", "SHA-256 of the training cases, folds and labels of dataset.json"
     if not all(key in record for record in records):

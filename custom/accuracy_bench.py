@@ -38,7 +38,7 @@ import numpy as np
 from custom.atomic import write_atomically, write_text_atomically
 from custom.baseline import run_baseline
 from custom.config_check import whole_number
-from custom.crossval import configuration_differences, file_sha256, override_arguments
+from custom.crossval import configuration_differences, file_sha256, override_arguments, scored_dataset_sha256
 from custom.data.datalist import fold_datalist, load_dataset_json, output_case_name, refuse_earlier_outputs
 from custom.data.isles2018 import prepare_isles2018
 from custom.data.phantom import write_phantom
@@ -75,7 +75,7 @@ QUICK = {"train_cases": 8, "test_cases": 4, "size": 64}
 QUICK_BUNDLE_OVERRIDES = {"num_workers": 0, "batch_size": 2, "samples_per_volume": 2, "patch_size": [32, 32]}
 NNUNET_DATASET_ID = 990
 NNUNET_DATASET = f"Dataset{NNUNET_DATASET_ID}_CTPPhantom"
-# What score-masks scored (the labels' dataset.json SHA-256, as the run records of cv and baseline), beside its table
+# What score-masks scored (the labels' dataset.json, by SHA-256 as the run records of cv and baseline), beside its table
 SCORE_RECORD = "score_masks_run.json"
 
 
@@ -455,11 +455,14 @@ def score_masks_command(masks: str, dataset_dir: str, out: str, method: str = "m
     the runner name it) or ``<case>.nii.gz``, where ``<case>`` is the image's file name without ``.nii.gz``;
     a case without a mask, or with both, is an error, and an existing ``out/cases.csv`` is refused unless
     ``overwrite`` (then it is removed before the masks are scored: no earlier table stays beside this run's record).
-    Beside it, ``out/score_masks_run.json`` records the dataset (its folder and dataset.json SHA-256), the masks
-    folder, the method and the fold, so that ``compare-cv`` refuses to pair the table with a run of another dataset.
+    Beside it, ``out/score_masks_run.json`` records the dataset (its folder, dataset.json SHA-256 and the SHA-256 of
+    its training cases, folds and labels, ``crossval.scored_dataset_sha256``: the part scored), the masks folder, the
+    method and the fold, so that ``compare-cv`` refuses to pair the table with a run of another dataset, and pairs it
+    with a cv run of the same dataset whose testing list differs (refused up to 0.3.15).
     """
     masks, dataset_dir, out = Path(masks), Path(dataset_dir), Path(out)
-    entries = load_dataset_json(dataset_dir, ("training",))["training"]
+    dataset = load_dataset_json(dataset_dir, ("training",))
+    entries = dataset["training"]
     if fold is not None:
         if not whole_number(fold):  # True == 1: --fold True scored fold 1
             raise ValueError(f"--fold must be a whole number, got {fold!r}")
@@ -494,7 +497,8 @@ def score_masks_command(masks: str, dataset_dir: str, out: str, method: str = "m
     refuse_earlier_outputs(out, [], overwrite, postfixes=(), tables=("cases.csv",), setting="--out")
     rows = score_masks(dataset_dir, entries, method, mask_path)
     record = {"dataset_dir": str(dataset_dir.resolve()), "masks": str(masks.resolve()), "method": method,
-              "fold": fold, "dataset_json_sha256": file_sha256(dataset_dir / "dataset.json")}
+              "fold": fold, "dataset_json_sha256": file_sha256(dataset_dir / "dataset.json"),
+              "scored_dataset_sha256": scored_dataset_sha256(dataset)}
     write_text_atomically(out / SCORE_RECORD, json.dumps(record, indent=2) + "\n")  # first: no table without it
     write_case_csv(rows, str(out / "cases.csv"))
     overall = summarise(rows, TABLE_METRICS, group_key="method")[-1]

@@ -19,7 +19,7 @@ from monai.bundle import ConfigWorkflow
 from custom.atomic import require_writable_folder, write_text_atomically
 from custom.config_check import whole_number
 from custom.data.check import inspect_dataset
-from custom.data.datalist import cases_without_lesion, load_dataset_json
+from custom.data.datalist import load_dataset_json
 from custom.lifecycle import latest_checkpoint
 from custom.reporting import summarise, summary_markdown, write_case_csv, write_markdown
 from custom.training_record import read_record
@@ -264,12 +264,12 @@ def refuse_unusable_dataset(dataset_dir: Path, folds: int | None = None) -> None
 
     Why it exists: cv relies on each training entry's ``image``, ``label``, ``fold``, ``case`` and ``patient``;
     without this a missing key or a bad file showed only after a fold had trained and been evaluated (a bare
-    ``KeyError: 'case'``). The checks are the project's (``custom.data.check``) plus two of cv's own: an image
-    path holding a line break, which the unquoted lines of MetricsSaver's CSV files cannot carry, and a fold whose
-    training or validation cases hold no lesion voxel in any label (``cases_without_lesion``), whose training run
-    ``fold_datalist`` refuses after the folds before it had trained: of the first ``folds`` folds, all where None.
+    ``KeyError: 'case'``). The checks are the project's (``custom.data.check``), its folds without any lesion
+    voxel (``lesion_free_fold_problems``, whose training run ``fold_datalist`` refuses after the folds before it had
+    trained) among the first ``folds`` folds only (all where None: the folds cv runs), plus one of cv's own: an image
+    path holding a line break, which the unquoted lines of MetricsSaver's CSV files cannot carry.
     """
-    report = inspect_dataset(dataset_dir)
+    report = inspect_dataset(dataset_dir, folds)
     problems = report.problems
     unreadable = "holds a line break, which MetricsSaver writes unquoted into its CSV files, so cv could not read them"
     if not problems and "\n" in str(dataset_dir):
@@ -280,11 +280,6 @@ def refuse_unusable_dataset(dataset_dir: Path, folds: int | None = None) -> None
             for index, entry in enumerate(load_dataset_json(dataset_dir)["training"])
             if "\n" in entry["image"]
         ]
-        for fold in sorted({case.fold for case in report.training if folds is None or case.fold < folds}):
-            for role, cases in (("train", [case for case in report.training if case.fold != fold]),
-                                ("validate", [case for case in report.training if case.fold == fold])):
-                if not any(case.lesion_ml > 0 for case in cases):
-                    problems.append(cases_without_lesion(fold, role, len(cases)))
     if problems:
         raise ValueError(
             f"'{dataset_dir / 'dataset.json'}' cannot be cross-validated:\n  - " + "\n  - ".join(problems)

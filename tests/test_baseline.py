@@ -1,13 +1,14 @@
 """The threshold baseline on a tiny dataset written per the data contract, with a known hypoperfused block."""
 
 import csv
+import hashlib
 import json
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-from custom.baseline import run_baseline, threshold_core
+from custom.baseline import RUN_RECORD, run_baseline, threshold_core
 from custom.metrics import METRIC_NAMES
 
 SHAPE = (32, 32, 4)
@@ -215,6 +216,40 @@ def test_an_earlier_run_of_other_settings_is_refused_and_kept(dataset, tmp_path)
     run_baseline(str(dataset), str(out))
     assert (out / "cases.csv").read_text() == before
     (out / "baseline_run.json").unlink()  # outputs of unknown settings
+    with pytest.raises(FileExistsError, match="other or unrecorded settings"):
+        run_baseline(str(dataset), str(out))
+
+
+def test_a_rerun_after_a_change_outside_the_scored_cases_is_not_refused(dataset, tmp_path):
+    """baseline scores the training cases only, yet a dataset.json whose description or testing list alone changed
+    refused a rerun into the same --out (its whole SHA-256 was compared); the scored part is compared, as cv does.
+    A record written before it held that part is compared by the whole file still."""
+    out, path = tmp_path / "out", dataset / "dataset.json"
+    original = path.read_bytes()
+    run_baseline(str(dataset), str(out))
+    before = (out / "cases.csv").read_text()
+    contents = json.loads(original)
+    described = json.dumps({**contents, "description": "testing list to come"})
+    path.write_text(described)
+    run_baseline(str(dataset), str(out))
+    assert (out / "cases.csv").read_text() == before
+    recorded = json.loads((out / RUN_RECORD).read_text())["dataset_json_sha256"]
+    assert recorded == hashlib.sha256(path.read_bytes()).hexdigest()  # the dataset.json of now
+    training = [{**entry, "fold": 1 - entry["fold"]} if entry["case"] in ("case_1", "case_2") else entry
+                for entry in contents["training"]]  # the folds of the summary swapped
+    path.write_text(json.dumps({**contents, "training": training}))
+    with pytest.raises(FileExistsError, match="other or unrecorded settings"):
+        run_baseline(str(dataset), str(out))
+    assert (out / "cases.csv").read_text() == before
+
+    path.write_bytes(original)  # a record of an earlier version, without the scored part's hash
+    run_baseline(str(dataset), str(out))
+    earlier = json.loads((out / RUN_RECORD).read_text())
+    earlier.pop("scored_dataset_sha256")
+    (out / RUN_RECORD).write_text(json.dumps(earlier))
+    run_baseline(str(dataset), str(out))  # the same dataset.json
+    (out / RUN_RECORD).write_text(json.dumps(earlier))
+    path.write_text(described)
     with pytest.raises(FileExistsError, match="other or unrecorded settings"):
         run_baseline(str(dataset), str(out))
 

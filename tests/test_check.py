@@ -264,3 +264,36 @@ def test_command_on_a_missing_folder_names_it_without_a_fold_count(tmp_path, cap
     out = capsys.readouterr().out
     assert "0 testing cases, no valid number of folds" in out and "None" not in out
     assert f"dataset_dir '{tmp_path / 'missing'}' does not exist" in out
+
+
+def test_a_fold_without_any_lesion_is_the_problem_training_refuses_it_for(dataset_dir, capsys):
+    """check printed "no problems found" for a dataset whose fold held no lesion voxel, which training that fold (and
+    cv) refuses; it names each such fold in fold_datalist's words. Evaluation scores the fold (false positives)."""
+    from custom.data.datalist import fold_datalist
+
+    save(dataset_dir, "labelsTr/case_3.nii.gz", make_label(0))  # fold 1: case_3 and case_4, both lesion-free now
+    problems = check_dataset(dataset_dir)
+    assert len(problems) == 2, problems
+    assert problems[0].startswith("no label of the 2 training cases of fold 0 holds a lesion voxel: the network")
+    assert problems[1].startswith("no label of the 2 validation cases of fold 1 holds a lesion voxel: the best model")
+    for problem, fold, role in zip(problems, (0, 1), ("train", "validate")):
+        with pytest.raises(ValueError) as refused:
+            fold_datalist(dataset_dir, fold, role)
+        assert str(refused.value).endswith(problem)
+    assert len(fold_datalist(dataset_dir, 1, "evaluate")) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        check_dataset_command(dataset_dir)
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 1 and "no problems found" not in out
+    assert all(f"  - {problem}" in out for problem in problems)
+
+    # a label of 2 is a lesion to fold_datalist (and a problem of its own), so fold 1 is not called lesion-free
+    label = make_label(0)
+    label[8, 8, 2] = 2
+    save(dataset_dir, "labelsTr/case_4.nii.gz", label)
+    assert not [p for p in check_dataset(dataset_dir) if "holds a lesion voxel" in p]
+    # a label that cannot be read: whether its fold holds a lesion is unknown, and the missing file is the problem
+    save(dataset_dir, "labelsTr/case_4.nii.gz", make_label(0))
+    (dataset_dir / "labelsTr/case_4.nii.gz").unlink()
+    problems = check_dataset(dataset_dir)
+    assert len(problems) == 1 and problems[0].startswith("labelsTr/case_4.nii.gz: missing"), problems

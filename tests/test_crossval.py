@@ -188,6 +188,64 @@ def test_a_failed_fold_stops_no_other_fold_and_a_rerun_runs_only_it(
     assert [str(row["fold"]) for row in summary] == ["0", "1", "all"] and (out / "summary.md").is_file()
 
 
+def test_a_failed_loss_variant_stops_no_other_and_a_rerun_runs_only_its_failed_fold(
+    tiny_phantom_dataset, tmp_path, monkeypatch, capsys
+):
+    """cv raises once all its folds have run; the ablation stopped at the first variant whose cv raised, so the
+    variants after it never ran (a night's ablation lost to one fold), and an earlier ablation table stayed. Every
+    variant runs; the failures are named together at the end, with no table as if complete."""
+    from custom.ablation import run_ablation
+
+    tables = ("ablation.csv", "ablation.md")
+    out = tmp_path / "ablation"
+    out.mkdir()
+    (out / "ablation.md").write_text("an earlier run's table")
+    runs = fake_bundle(monkeypatch)
+    run = custom.crossval._run_bundle
+
+    def ce_fold_0_training_fails(config_files, arguments, overrides, log_file):
+        if overrides.get("loss#ce_weight_mode") == "fixed" and arguments["fold"] == 0 and "ckpt_path" not in arguments:
+            raise RuntimeError(f"bundle run failed with exit code 1; see the log '{log_file}'")
+        run(config_files, arguments, overrides, log_file)
+
+    monkeypatch.setattr(custom.crossval, "_run_bundle", ce_fold_0_training_fails)
+    with pytest.raises(RuntimeError) as failed:
+        run_ablation(str(tiny_phantom_dataset), str(out), variants="gdl", reference="ce", folds=2)
+    message = str(failed.value)
+    assert message.startswith(f"1 of 2 loss variants failed, so '{out}' holds no ablation table (finished and kept: "
+                              f"gdl):\n  - ce: 1 of 2 folds failed, so '{out / 'ce'}' holds no summary")
+    assert f"\n      - fold 0: bundle run failed with exit code 1; see the log '{out / 'ce' / 'fold_0'}" in message
+    assert "loss variant ce failed; going on with the other variants" in capsys.readouterr().out
+    variant_of = {"fixed": "ce", None: "gdl"}
+    ran = [(variant_of[r.get("loss#ce_weight_mode")], r["fold"], "ckpt_path" in r) for r in runs]
+    assert ran == [("ce", 1, False), ("ce", 1, True)] + [("gdl", f, e) for f in (0, 1) for e in (False, True)]
+    assert not any((out / name).exists() for name in tables) and (out / "gdl" / "summary.md").is_file()
+
+    runs = fake_bundle(monkeypatch)  # the cause fixed: the rerun trains and evaluates ce's fold 0 only
+    rows = run_ablation(str(tiny_phantom_dataset), str(out), variants="gdl", reference="ce", folds=2)
+    assert [(r["fold"], "ckpt_path" in r) for r in runs] == [(0, False), (0, True)]
+    assert [row["variant"] for row in rows] == ["ce", "gdl"] and all((out / n).is_file() for n in tables)
+
+
+def test_an_ablation_of_an_unusable_dataset_is_refused_once_before_any_variant(
+    tiny_phantom_dataset, tmp_path, bundle_runs
+):
+    """Every variant's cv would refuse the dataset, each in the end's list of failures: the first variant's refusal
+    is raised at once, before any work."""
+    from custom.ablation import run_ablation
+
+    dataset = shutil.copytree(tiny_phantom_dataset, tmp_path / "ds")
+    for entry in json.loads((dataset / "dataset.json").read_text())["training"]:
+        if entry["fold"] == 1:
+            label = nib.load(dataset / entry["label"])
+            nib.save(nib.Nifti1Image(np.zeros(label.shape, np.uint8), label.affine), dataset / entry["label"])
+    with pytest.raises(ValueError) as refused:
+        run_ablation(str(dataset), str(tmp_path / "ablation"), variants="gdl,wce_gdl", folds=2)
+    assert str(refused.value).startswith(f"'{dataset / 'dataset.json'}' cannot be cross-validated:\n  - no label")
+    assert is_refusal(refused.value) and str(refused.value).count("of fold 1 holds a lesion voxel") == 1
+    assert bundle_runs == [] and not (tmp_path / "ablation").exists()
+
+
 def test_evaluation_that_left_out_a_case_is_refused_naming_it(tiny_phantom_dataset, tmp_path, monkeypatch):
     """A fold table over fewer cases than the fold holds would look complete (and lift or lower the mean)."""
     fake_bundle(monkeypatch, evaluated=slice(1, None))
@@ -725,6 +783,34 @@ def test_compare_cv_pairs_cv_runs_whose_datasets_differ_in_the_testing_list_only
     with pytest.raises(ValueError, match=r"ran on different datasets \(SHA-256 of the training cases, folds and labels "
                                          r"of dataset.json [0-9a-f]{64} against [0-9a-f]{64} in their run records\)"):
         compare_cross_validations(runs["with_testing"], runs["other_folds"])
+
+
+def test_compare_cv_pairs_a_cv_run_with_baseline_and_score_masks_runs_of_another_testing_list(
+    tiny_phantom_dataset, tmp_path
+):
+    """baseline and score-masks recorded the whole dataset.json's SHA-256 only, so compare-cv refused to pair a cv run
+    with the threshold rule or masks scored on the same training cases converted without --testing; they record the
+    hash of the scored part too, as cv does (``crossval.scored_dataset_sha256``)."""
+    from custom.ablation import compare_cross_validations
+    from custom.accuracy_bench import score_masks_command
+    from custom.crossval import BUNDLE_ROOT, run_configuration
+    from custom.data.isles2018 import prepare_isles2018
+
+    raw = tiny_phantom_dataset.parent / "isles2018"  # converted with --testing into tiny_phantom_dataset
+    without_testing = prepare_isles2018(raw / "TRAINING", tmp_path / "no_testing", patients=raw / "patients.csv",
+                                        folds=2)  # fmt: skip
+    training = json.loads((tiny_phantom_dataset / "dataset.json").read_text())["training"]
+    folds = {entry["case"]: entry["fold"] for entry in training}
+    cv = _write_cases(tmp_path / "cv", dict.fromkeys(folds, 0.5), folds)
+    (cv / RUN_RECORD).write_text(json.dumps(run_configuration([], {}, tiny_phantom_dataset, BUNDLE_ROOT, True)))
+    run_baseline(str(without_testing), str(tmp_path / "rule"))
+    (tmp_path / "masks").mkdir()
+    for entry in training:
+        shutil.copy(without_testing / entry["label"], tmp_path / "masks" / f"{entry['case']}_seg.nii.gz")
+    score_masks_command(str(tmp_path / "masks"), str(without_testing), str(tmp_path / "scored"))
+    for other in ("rule", "scored"):
+        rows = compare_cross_validations(str(cv), str(tmp_path / other))
+        assert rows[1]["cases"] == len(folds), other
 
 
 def test_compare_cv_refuses_a_score_masks_table_of_another_dataset(tiny_phantom_dataset, tmp_path):

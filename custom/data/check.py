@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from custom.clinical import MODALITIES, voxel_volume_ml
-from custom.data.datalist import load_dataset_json, output_case_name
+from custom.data.datalist import cases_without_lesion, load_dataset_json, output_case_name
 from custom.data.studies import LABEL_NAMES, affines_match, image_problems, label_problems, read_nifti, voxel_digest
 from custom.wording import counted
 
@@ -31,6 +31,7 @@ class TrainingCaseSummary:
     fold: int
     slices: int
     lesion_ml: float
+    holds_lesion: bool  # any non-zero label voxel, as ``fold_datalist`` counts a lesion (a label of 2 included)
 
 
 @dataclass
@@ -163,8 +164,28 @@ def _fold_problems(training: list, num_folds: int | None) -> list[str]:
     return problems
 
 
-def inspect_dataset(dataset_dir) -> DatasetReport:
-    """Read ``dataset.json`` and every file it references; collect all problems and per-case figures."""
+def lesion_free_fold_problems(cases: list[TrainingCaseSummary], folds: int | None = None) -> list[str]:
+    """``cases_without_lesion`` for each fold (of the first ``folds``, all where None) whose training or validation
+    cases hold no lesion voxel in any label: the folds whose training run ``fold_datalist`` refuses (evaluate.json
+    scores such a fold: false positives). ``cases``: every training case of the dataset, its label read.
+
+    Why it exists: ``python -m custom check`` printed "no problems found" for a dataset whose fold held no lesion,
+    and training that fold (and ``cv``, before its first fold) refused it."""
+    problems = []
+    for fold in sorted({case.fold for case in cases if folds is None or case.fold < folds}):
+        for role, members in (("train", [case for case in cases if case.fold != fold]),
+                              ("validate", [case for case in cases if case.fold == fold])):
+            if members and not any(case.holds_lesion for case in members):
+                problems.append(cases_without_lesion(fold, role, len(members)))
+    return problems
+
+
+def inspect_dataset(dataset_dir, folds: int | None = None) -> DatasetReport:
+    """Read ``dataset.json`` and every file it references; collect all problems and per-case figures.
+
+    The lesion check (``lesion_free_fold_problems``) covers the first ``folds`` folds (``cv --folds``; all where
+    None), once every training label has been read with a valid fold: until then which folds hold a lesion is unknown
+    (those labels and folds are problems already), and the check names the folds once they are fixed."""
     folder = Path(dataset_dir)
     report = DatasetReport()
     problems = report.problems
@@ -233,8 +254,12 @@ def inspect_dataset(dataset_dir) -> DatasetReport:
             problems += _label_image_problems(entry["label"], label, entry.get("image"), image)
             if fold_ok and label[1].ndim == 3:
                 lesion_ml = float(np.count_nonzero(label[1] == 1)) * voxel_volume_ml(label[0].affine)
-                report.training.append(TrainingCaseSummary(case, patient, fold, label[1].shape[2], lesion_ml))
+                report.training.append(
+                    TrainingCaseSummary(case, patient, fold, label[1].shape[2], lesion_ml, bool(label[1].any()))
+                )
     problems += _fold_problems(lists["training"], report.num_folds)
+    if len(report.training) == len(lists["training"]):
+        problems += lesion_free_fold_problems(report.training, folds)
     return report
 
 
