@@ -133,7 +133,16 @@ class RefusalReportingTrainTask(BundleTrainTask):
         return lock
 
     def fine_tune(self, request, datastore):
-        """MONAI Label's fine-tune, its refusal or error reported as the class says."""
+        """MONAI Label's fine-tune of the bundle's ``configs/train.json`` as it is on disk, its refusal or error
+        reported as the class says.
+
+        Why the config is read again: MONAI Label 0.8.5 reads it once, when the task is made, and each fine-tune
+        changes that copy (the ``CheckpointLoader`` it inserts into ``train#handlers``, and on the multi-GPU path every
+        override, which it writes to ``configs/monailabel_train.json``). A fine-tune of its own process starts from a
+        new task; fine-tunes requested with ``run_sync=true`` share the server's: one asking for another
+        ``model_filename`` started from the first one's, and a multi-GPU one with ``val_split`` -1 (no validation)
+        validated on the studies of an earlier one's validation, which it also trained on (seen here)."""
+        self.bundle_config = self._load_bundle_config(self.bundle_path, self.bundle_config_path)
         try:
             return super().__call__(request, datastore)
         except Exception as err:

@@ -320,9 +320,24 @@ def served_tasks(tmp_path, monkeypatch):
 
     class BundleTrainTask:
         fail = None
-        bundle_path = str(served)  # set by MONAI Label's __init__
+        bundle_path, bundle_config_path = str(served), str(served / "configs" / "train.json")
+
+        def __init__(self):  # as MONAI Label's: train.json read once, when the task is made
+            self.bundle_config = self._load_bundle_config(self.bundle_path, self.bundle_config_path)
+
+        @staticmethod
+        def _load_bundle_config(path, config):
+            parser = ConfigParser()
+            parser.read_config(config)
+            parser.config.update({"bundle_root": path})
+            return parser
 
         def __call__(self, request, datastore):
+            # MONAI Label's multi-GPU path sets its overrides into the task's config, validation studies only where
+            # val_split leaves some, and runs torchrun with that config
+            self.validated_on = self.bundle_config.get("validate#dataset#data")
+            if "validate" in request:
+                self.bundle_config.set(request["validate"], "validate#dataset#data")
             parser = ConfigParser()
             parser.read_config(served / "configs" / "train.json")
             parser.update({"bundle_root": str(served), "train#dataset#data": [], "validate#dataset#data": []})
@@ -489,3 +504,16 @@ def test_one_fine_tune_of_the_served_bundle_runs_at_a_time(served_tasks, tmp_pat
         with pytest.raises(ValueError, match="MONAI Label gave the fine-tune no labelled study to train on"):
             served_tasks.RefusalReportingTrainTask()({"model": "ctp_stroke"}, None)
     assert started == ["fine-tune", "fine-tune"]
+
+
+def test_each_fine_tune_in_the_server_starts_from_train_json_as_it_is_on_disk(served_tasks):
+    """MONAI Label 0.8.5 reads train.json once per task and each fine-tune changes that copy; fine-tunes requested with
+    ``run_sync=true`` share the server's task, so a multi-GPU one with ``val_split`` -1 (no validation studies) was
+    validated on those of the fine-tune before it (seen with a real server: ``val_mean_dice`` of a study it also
+    trained on). Each fine-tune reads train.json again."""
+    task, earlier = served_tasks.RefusalReportingTrainTask(), [{"image": "case_5.nii.gz", "label": "label_5.nii.gz"}]
+    on_disk = task.bundle_config.get("validate#dataset#data")
+    for request in ({"model": "ctp_stroke", "validate": earlier}, {"model": "ctp_stroke"}):
+        with pytest.raises(ValueError, match="MONAI Label gave the fine-tune no labelled study to train on"):
+            task(request, None)
+        assert task.validated_on == on_disk == "@validate#datalist"
