@@ -16,12 +16,17 @@ import asyncio
 import logging
 import subprocess
 import sys
+from pathlib import Path
 
 from fastapi import HTTPException
+from filelock import FileLock, Timeout
 from monailabel.tasks.infer.bundle import BundleInferTask
 from monailabel.tasks.train.bundle import BundleTrainTask
 
 logger = logging.getLogger(__name__)
+# Held by each fine-tune of a served bundle while it runs: an empty file in its models/ folder, which filelock leaves in
+# place (MONAI Label lists the *.pt files there, `python -m custom package` takes models/model.* only).
+FINE_TUNE_LOCK = ".fine_tune.lock"
 
 
 def causes(err: BaseException) -> list[BaseException]:
@@ -94,9 +99,50 @@ class RefusalReportingTrainTask(BundleTrainTask):
     training log with its message: the whole traceback is logged, then the refusal is raised again alone, so that its
     short traceback ends the log. Other errors are raised as they are. A fine-tune requested with ``run_sync=true``
     runs in the server, and is answered as an inference is (``http_error``). Multi-GPU fine-tunes run torchrun of this
-    environment, and fail when it fails (``run_multi_gpu``)."""
+    environment, and fail when it fails (``run_multi_gpu``). One fine-tune of a bundle runs at a time
+    (``one_at_a_time``)."""
 
     def __call__(self, request, datastore):
+        lock = self.one_at_a_time(request)
+        try:
+            return self.fine_tune(request, datastore)
+        finally:
+            lock.release()
+
+    def one_at_a_time(self, request) -> FileLock:
+        """Take the lock of the bundle's ``models/`` folder (``FINE_TUNE_LOCK``), or refuse the fine-tune: HTTP 429 in
+        the server (``run_sync=true``), else a RuntimeError, the last line of its log.
+
+        Why: MONAI Label 0.8.5 answers 429 to a second fine-tune only where it was not asked to queue it: ``POST
+        /train/<model>?run_sync=true&enqueue=true`` and ``POST /train/?run_sync=true`` ran in the server beside the
+        background fine-tune, both writing the served ``models/model.pt`` and ``latest_checkpoint_epoch=N.pt`` of the
+        same names (seen here: the second replaced ``model.pt``, then failed removing a checkpoint the first had
+        removed, HTTP 500, while the first trained on). filelock's lock (a dependency of torch) is the kernel's
+        ``flock``, released when the process holding it ends, also when ``DELETE /train/`` kills it."""
+        lock = FileLock(Path(self.bundle_path) / "models" / FINE_TUNE_LOCK, blocking=False)
+        try:
+            lock.acquire()
+        except Timeout:
+            busy = (f"another fine-tune of {request.get('model')} is running, which writes the same "
+                    f"'{Path(self.bundle_path) / 'models' / 'model.pt'}': wait until it ends (GET /train/ gives its "
+                    "status) or stop it (DELETE /train/), then ask again")  # fmt: skip
+            logger.warning(busy)
+            if in_server():
+                raise HTTPException(status_code=429, detail=busy) from None
+            raise RuntimeError(busy) from None
+        return lock
+
+    def fine_tune(self, request, datastore):
+        """MONAI Label's fine-tune of the bundle's ``configs/train.json`` as it is on disk, its refusal or error
+        reported as the class says.
+
+        Why the config is read again: MONAI Label 0.8.5 reads it once, when the task is made, and each fine-tune
+        changes that copy (the ``CheckpointLoader`` it inserts into ``train#handlers``, and on the multi-GPU path every
+        override, which it writes to ``configs/monailabel_train.json``). A fine-tune of its own process starts from a
+        new task; fine-tunes requested with ``run_sync=true`` share the server's: one asking for another
+        ``model_filename`` started from the first one's, and a multi-GPU one with ``val_split`` -1 (no validation)
+        validated on the studies of an earlier one's validation, which it also trained on (seen here)."""
+        self.bundle_config = self._load_bundle_config(self.bundle_path, self.bundle_config_path)
         try:
             return super().__call__(request, datastore)
         except Exception as err:

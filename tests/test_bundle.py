@@ -377,6 +377,25 @@ def test_multi_gpu_ranks_draw_different_augmentations(monkeypatch):
     assert draws[1] != draws[0]
 
 
+def test_a_multi_gpu_run_without_validation_studies_builds(monkeypatch):
+    """MONAI Label's ``val_split`` 0 or -1 (or a single labelled study) leaves a fine-tune no validation study: in one
+    process the final weights are saved, but on the multi-GPU path the validation ``DistributedSampler`` refused the
+    empty dataset ("the dataset length is less than the number of participating ranks"), torchrun exited with status 1
+    and the fine-tune failed (HTTP 500, seen with a real server). The sampler is left out when there is nothing to
+    validate, and kept otherwise."""
+    from monai.data import DistributedSampler
+
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "train.json"), str(CONFIGS / "multi_gpu_train.json")])
+    parser.update({"cache_rate": 0.0, "num_workers": 0, "validate#dataset#data": []})
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 0)
+    loader = parser.get_parsed_content("validate#dataloader")
+    assert len(loader.dataset) == 0 and not isinstance(loader.sampler, DistributedSampler)
+    parser["validate#dataset#data"] = [{"image": f"case_{n}.nii.gz", "label": f"label_{n}.nii.gz"} for n in range(3)]
+    assert isinstance(parser.get_parsed_content("validate#dataloader").sampler, DistributedSampler)
+
+
 @pytest.mark.integration
 def test_multi_gpu_configs_run_distributed_on_cpu(tiny_phantom_dataset, tmp_path):
     """torchrun with two CPU processes (gloo): the multi-GPU overrides train, checkpoint and evaluate."""

@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import shutil
+import subprocess
 import sys
 import traceback
 import types
@@ -327,8 +328,24 @@ def served_tasks(tmp_path, monkeypatch):
 
     class BundleTrainTask:
         fail = None
+        bundle_path, bundle_config_path = str(served), str(served / "configs" / "train.json")
+
+        def __init__(self):  # as MONAI Label's: train.json read once, when the task is made
+            self.bundle_config = self._load_bundle_config(self.bundle_path, self.bundle_config_path)
+
+        @staticmethod
+        def _load_bundle_config(path, config):
+            parser = ConfigParser()
+            parser.read_config(config)
+            parser.config.update({"bundle_root": path})
+            return parser
 
         def __call__(self, request, datastore):
+            # MONAI Label's multi-GPU path sets its overrides into the task's config, validation studies only where
+            # val_split leaves some, and runs torchrun with that config
+            self.validated_on = self.bundle_config.get("validate#dataset#data")
+            if "validate" in request:
+                self.bundle_config.set(request["validate"], "validate#dataset#data")
             parser = ConfigParser()
             parser.read_config(served / "configs" / "train.json")
             parser.update({"bundle_root": str(served), "train#dataset#data": [], "validate#dataset#data": []})
@@ -454,3 +471,57 @@ def test_a_multi_gpu_fine_tune_runs_torchrun_of_its_environment_and_fails_when_i
     with pytest.raises(RuntimeError, match=failed):
         task.run_multi_gpu({}, torchrun + [os.devnull], env)  # json.tool fails on an empty file
     assert "Expecting value" in capfd.readouterr().err
+
+
+def test_one_fine_tune_of_the_served_bundle_runs_at_a_time(served_tasks, tmp_path):
+    """MONAI Label 0.8.5 answers HTTP 429 to a second fine-tune only where it was not asked to queue it: ``POST
+    /train/ctp_stroke?run_sync=true&enqueue=true`` ran in the server beside a background fine-tune (a process of its
+    own), both writing the served ``models/model.pt`` and ``latest_checkpoint_epoch=N.pt`` of the same names. A
+    fine-tune while another process fine-tunes the bundle is refused before it starts: HTTP 429 in the server, a
+    RuntimeError (the last line of its log) in a background one; it runs once the other has ended, and a fine-tune
+    that failed leaves the bundle free."""
+    from fastapi import HTTPException
+
+    models = tmp_path / "app" / "model" / "ctp_stroke" / "models"
+    started = []
+    served_tasks.BundleTrainTask.fail = staticmethod(lambda: started.append("fine-tune"))
+    holder = subprocess.Popen(  # the background fine-tune: another process holding the bundle's lock
+        [sys.executable, "-c", "import sys; from filelock import FileLock; lock = FileLock(sys.argv[1]); "
+         "lock.acquire(); print('held', flush=True); sys.stdin.read()", str(models / served_tasks.FINE_TUNE_LOCK)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "held\n"
+
+        async def in_the_server(task):
+            return task({"model": "ctp_stroke"}, None)
+
+        busy = f"another fine-tune of ctp_stroke is running, which writes the same '{models / 'model.pt'}': wait " \
+               "until it ends (GET /train/ gives its status) or stop it (DELETE /train/), then ask again"
+        with pytest.raises(HTTPException) as raised:
+            asyncio.run(in_the_server(served_tasks.RefusalReportingTrainTask()))
+        assert (raised.value.status_code, raised.value.detail) == (429, busy)
+        with pytest.raises(RuntimeError) as raised:
+            served_tasks.RefusalReportingTrainTask()({"model": "ctp_stroke"}, None)
+        assert traceback.format_exception(raised.value)[-1] == f"RuntimeError: {busy}\n"
+        assert started == []
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    for _ in range(2):  # the lock is free again once the holder has ended, and after a refused fine-tune
+        with pytest.raises(ValueError, match="MONAI Label gave the fine-tune no labelled study to train on"):
+            served_tasks.RefusalReportingTrainTask()({"model": "ctp_stroke"}, None)
+    assert started == ["fine-tune", "fine-tune"]
+
+
+def test_each_fine_tune_in_the_server_starts_from_train_json_as_it_is_on_disk(served_tasks):
+    """MONAI Label 0.8.5 reads train.json once per task and each fine-tune changes that copy; fine-tunes requested with
+    ``run_sync=true`` share the server's task, so a multi-GPU one with ``val_split`` -1 (no validation studies) was
+    validated on those of the fine-tune before it (seen with a real server: ``val_mean_dice`` of a study it also
+    trained on). Each fine-tune reads train.json again."""
+    task, earlier = served_tasks.RefusalReportingTrainTask(), [{"image": "case_5.nii.gz", "label": "label_5.nii.gz"}]
+    on_disk = task.bundle_config.get("validate#dataset#data")
+    for request in ({"model": "ctp_stroke", "validate": earlier}, {"model": "ctp_stroke"}):
+        with pytest.raises(ValueError, match="MONAI Label gave the fine-tune no labelled study to train on"):
+            task(request, None)
+        assert task.validated_on == on_disk == "@validate#datalist"

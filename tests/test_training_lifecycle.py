@@ -247,12 +247,15 @@ def _mirrored(data, affine):
     return data[::-1].copy(), flipped
 
 
-@pytest.mark.parametrize("problem", ["no labels", "no lesion", "another orientation", "label 255"])
+@pytest.mark.parametrize(
+    "problem", ["no labels", "no lesion", "no lesion to validate on", "another orientation", "label 255"]
+)
 def test_monailabel_fine_tune_refuses_unusable_labels_naming_them(tiny_phantom_dataset, tmp_path, problem):
     """MONAI Label sets the datasets' data itself, past fold_datalist: its studies are screened by the same rules
     before anything is cached or trained, the served model.pt untouched (without the screening the labels without
     lesion replaced it with a network predicting none, a mirrored label was trained on, no labels failed inside
-    MONAI's DataLoader)."""
+    MONAI's DataLoader, and validation studies without lesion replaced it with the model picked on empty labels,
+    status DONE)."""
     served, cases = _served_copy(tmp_path), _labelled_studies(tiny_phantom_dataset)
     weights = served / "models" / "model.pt"
     shipped = weights.read_bytes()
@@ -261,6 +264,13 @@ def test_monailabel_fine_tune_refuses_unusable_labels_naming_them(tiny_phantom_d
     elif problem == "no lesion":
         train = _relabelled(cases[1:], tmp_path / "labels", lambda data, affine: (np.zeros_like(data), affine))
         validate, expected = cases[:1], f"none of the labels of MONAI Label's {len(train)} training studies holds"
+    elif problem == "no lesion to validate on":
+        train = cases[2:]
+        validate = _relabelled(cases[:2], tmp_path / "labels", lambda data, affine: (np.zeros_like(data), affine))
+        expected = (
+            f"none of the labels of MONAI Label's 2 validation studies holds a lesion voxel ({validate[0]['label']}, "
+            f"{validate[1]['label']}): the fine-tune would pick the model.pt it serves on empty labels"
+        )
     else:
         relabel = _mirrored if problem == "another orientation" else lambda data, affine: (data * 255, affine)
         train = _relabelled(cases[1:2], tmp_path / "labels", relabel) + cases[2:]
@@ -270,7 +280,7 @@ def test_monailabel_fine_tune_refuses_unusable_labels_naming_them(tiny_phantom_d
         _monailabel_fine_tune(served, train, validate)
     message = error_chain(raised.value)
     assert expected in message
-    if problem not in ("no labels", "no lesion"):
+    if problem not in ("no labels", "no lesion", "no lesion to validate on"):
         assert f"{tmp_path / 'labels' / 'label_0.nii.gz'}: " in message
     assert weights.read_bytes() == shipped
     assert sorted(path.name for path in weights.parent.iterdir()) == ["model.pt", "model.ts", TRAINING_RECORD]

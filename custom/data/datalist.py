@@ -159,9 +159,13 @@ def check_labelled_studies(train, validate=None) -> list[dict]:
     ``validate#dataset#data`` (``{"image", "label"}`` entries with absolute paths from its datastore). Why it exists:
     MONAI Label fills the datasets itself, past ``fold_datalist``. Without a labelled study the fine-tune died inside
     MONAI's DataLoader; a label whose affine differs from its study's (stored in another orientation) was trained on
-    as its voxels lay; labels without any lesion voxel made the fine-tune replace the served ``model.pt`` with a
-    network that predicts no lesion. The served copy's datasets require this check (``custom.monailabel_app``).
+    as its voxels lay; training labels without any lesion voxel made the fine-tune replace the served ``model.pt``
+    with a network that predicts no lesion, and validation labels without any (``val_split`` took only lesion-free
+    studies) replaced it with the model picked on empty labels (``cases_without_lesion``). The served copy's datasets
+    require this check (``custom.monailabel_app``).
     """
+    from custom.wording import counted  # here, as in cases_without_lesion
+
     train, validate = list(train or []), list(validate or [])
     if not train:
         raise ValueError("MONAI Label gave the fine-tune no labelled study to train on: submit labels (tag 'final')")
@@ -169,12 +173,21 @@ def check_labelled_studies(train, validate=None) -> list[dict]:
         Path(), train + validate, lambda entry: "MONAI Label's datastore", "MONAI Label's labelled studies",
         "Correct these labels and submit them again, or remove them (DELETE /datastore/label).",
     )
-    if not any(holds_lesion for holds_lesion, _ in screened[: len(train)]):
-        raise ValueError(
-            f"none of the labels of MONAI Label's {len(train)} training studies holds a lesion voxel "
-            f"({', '.join(str(e.get('label')) for e in train)}): the fine-tune would teach the served model to "
-            "predict none; submit labels that draw the lesion"
-        )
+    lesions = [holds_lesion for holds_lesion, _ in screened]
+    for what, entries, holds_lesion, problem in (
+        ("training", train, lesions[: len(train)],
+         "the fine-tune would teach the served model to predict none; submit labels that draw the lesion"),
+        ("validation", validate, lesions[len(train):],
+         "the fine-tune would pick the model.pt it serves on empty labels, where Dice rewards predicting no lesion; "
+         "submit a label that draws the lesion for one of them (MONAI Label validates on the last val_split share of "
+         "its labelled studies, in the datastore's order), or fine-tune with val_split 0 (no validation: the last "
+         "epoch's weights are served)"),
+    ):  # fmt: skip
+        if entries and not any(holds_lesion):
+            raise ValueError(
+                f"none of the labels of MONAI Label's {counted(len(entries), f'{what} study', f'{what} studies')} "
+                f"holds a lesion voxel ({', '.join(str(e.get('label')) for e in entries)}): {problem}"
+            )
     return [{**entry, IMAGE_DIGEST: digest} for entry, (_, digest) in zip(train, screened)]
 
 
