@@ -195,7 +195,9 @@ def claim_log_dir(output_dir, ckpt_dir, resume_ckpt=None, overwrite=False) -> st
     ``events.out.tfevents.*`` files and a run resuming from a checkpoint in ``ckpt_dir`` (its curves go on);
     with ``overwrite`` true the earlier run's event files are removed (the run replaces that run), otherwise
     the run is refused. train.json's TensorBoard handlers take their ``log_dir`` from this, so it runs before
-    they create this run's files, whenever they are built. In a multi-process run every rank resolves this id
+    they create this run's files, whenever they are built; train.json's ``run`` resolves it before
+    ``training_record``, so a refused run leaves no ``ckpt_dir`` record behind. In a multi-process run every rank
+    resolves this id
     (multi_gpu_train.json builds the TensorBoard handlers on rank 0 only): rank 0 checks, the others wait for it.
     """
     folder = Path(str(output_dir))

@@ -414,7 +414,8 @@ def test_a_run_into_the_shipped_models_folder_replaces_the_weights_and_their_rec
 
 def test_a_new_run_into_used_logs_is_refused(tiny_phantom_dataset, tmp_path):
     """A run with a new ckpt_dir but the output_dir of an earlier run would draw its curves over that run's in
-    TensorBoard: refused before it logs anything, naming the id, the folder and how many event files."""
+    TensorBoard: refused before it logs or writes anything, naming the id, the folder and how many event files (up to
+    0.3.15 its ckpt_dir was made first, holding its training_inputs.json)."""
     logs = tmp_path / "logs"
     _workflow(tiny_phantom_dataset, ckpt_dir=str(tmp_path / "first"), output_dir=str(logs), epochs=1).run()
     first_logs = _event_files(logs)
@@ -425,6 +426,7 @@ def test_a_new_run_into_used_logs_is_refused(tiny_phantom_dataset, tmp_path):
     assert f"config id 'output_dir': '{logs}' holds TensorBoard logs of an earlier run {earlier}" in message
     assert "--overwrite True" in message and "--output_dir" in message
     assert _event_files(logs) == first_logs
+    assert not (tmp_path / "second").exists()
 
 
 def test_a_resumed_run_keeps_the_newest_periodic_checkpoints_of_both_runs(tiny_phantom_dataset, tmp_path):
