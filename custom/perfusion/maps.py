@@ -24,6 +24,10 @@ BONE_HU = 150.0
 # holes filled: the whole head, bone (> BONE_HU) and all. A brain in HU encloses almost no bone (calcifications).
 MAX_BONE_FRACTION = 0.05
 ARRIVAL_FRACTION = 0.1  # the bolus arrives when the mean brain curve passes this fraction of its peak
+# ... and stays above it for this many frames: a bolus rises over several frames, while one outlying pre-contrast frame
+# (+20 HU over the brain in frame 3) passed the fraction alone, was taken for the arrival and ended the baseline before
+# it (the phantom's Tmax 0 and CBF 0.6-1.7 times the series', docs/perfusion.md).
+ARRIVAL_FRAMES = 2
 FLAT_ENHANCEMENT_HU = 1.0  # a mean brain enhancement below this means no contrast reached the brain
 # A baseline frame whose mean brain HU is further than this from the baseline's median (a mask, higher-dose or corrupt
 # frame, or one still settling) is replaced by the nearest frame that is not (replace_outlying_frames): the baseline
@@ -123,9 +127,11 @@ def bolus_arrival(hu: np.ndarray, brain: np.ndarray, path_name: str) -> int:
     """Number of pre-contrast (baseline) frames: those before the bolus reaches the most enhancing voxels.
 
     The arrival is the first frame where the mean curve of the top CANDIDATE_FRACTION of brain voxels by
-    enhancement (the large vessels, arteries first) passes ARRIVAL_FRACTION of its peak; one frame of
-    margin is kept before it. Refuses a flat series (no enhancement of the mean brain curve) and one
-    whose first frames already hold contrast.
+    enhancement (the large vessels, arteries first), less the mean brain HU of each frame, passes ARRIVAL_FRACTION of
+    its peak and stays above it for ARRIVAL_FRAMES frames: one outlying pre-contrast frame is not a bolus, whether
+    offset as a whole (cancelled by the brain's level, even just before the arrival) or in the vessels alone (it does
+    not persist). One frame of margin is kept before it. Refuses a flat series (no enhancement of the mean brain
+    curve) and one whose first frames already hold contrast.
     """
     curves = hu[brain]
     rise = curves.mean(axis=0) - curves[:, 0].mean()
@@ -137,8 +143,12 @@ def bolus_arrival(hu: np.ndarray, brain: np.ndarray, path_name: str) -> int:
     level = np.median(curves, axis=1, keepdims=True)  # selection on the whole curve, not on its first frames
     count = max(MIN_CANDIDATES, int(CANDIDATE_FRACTION * len(curves)))
     vessels = curves[np.argsort((curves - level).max(axis=1))[::-1][:count]]
-    vessel_rise = vessels.mean(axis=0) - np.median(vessels.mean(axis=0)[:3])
-    arrival = int(np.argmax(vessel_rise > ARRIVAL_FRACTION * vessel_rise.max()))
+    # above the brain's mean HU of each frame: an offset of a whole frame (a corrupt or higher-dose frame) cancels
+    vessel_curve = vessels.mean(axis=0) - curves.mean(axis=0)
+    vessel_rise = vessel_curve - np.median(vessel_curve[:3])
+    above = vessel_rise > ARRIVAL_FRACTION * vessel_rise.max()
+    # the first frame from which the rise stays above for ARRIVAL_FRAMES frames (or to the end of a cut series)
+    arrival = next((t for t in range(above.size) if above[t:t + ARRIVAL_FRAMES].all()), int(np.argmax(above)))
     if arrival < 2:
         raise ValueError(f"'{path_name}': the bolus arrives in frame {arrival}: no pre-contrast baseline frame")
     return arrival - 1
@@ -271,14 +281,15 @@ def compute_perfusion_maps(
             "series is not in HU (stored values without the rescale intercept -1024? set scl_slope/scl_inter)"
         )
     # Frames 0 and 1 (pre-contrast in a series analysed) against frames 0-4 (the bolus reaches the mean brain after
-    # them: its arrival in the vessels is frame 2 or later, and the mean brain lags), then every baseline frame against
-    # the baseline: frames 0 and 1 both off, or outliers among the later baseline frames, are replaced too.
+    # them: its arrival in the vessels is frame 2 or later, and the mean brain lags), then every frame before the
+    # arrival (the baseline and the margin frame after it, whose mean brain HU the phantom's bolus moves by 0.03 HU at
+    # most) against their median: frames 0 and 1 both off, or outliers among the later frames, are replaced too.
     replaced: dict[int, int] = {}
     hu = replace_outlying_frames(hu, brain, 2, min(FIRST_FRAMES_COMPARED, hu.shape[-1]), replaced, notes)
     baseline_frames = bolus_arrival(hu, brain, name)
-    if baseline_frames >= 3:
+    if baseline_frames + 1 >= 3:
         before = len(replaced)
-        hu = replace_outlying_frames(hu, brain, baseline_frames, baseline_frames, replaced, notes)
+        hu = replace_outlying_frames(hu, brain, baseline_frames + 1, baseline_frames + 1, replaced, notes)
         if len(replaced) > before:
             baseline_frames = bolus_arrival(hu, brain, name)
     concentration = hu - hu[..., :baseline_frames].mean(axis=-1, keepdims=True)
