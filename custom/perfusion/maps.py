@@ -140,12 +140,13 @@ def bolus_arrival(hu: np.ndarray, brain: np.ndarray, path_name: str) -> int:
             f"'{path_name}': flat series, the mean brain enhancement peaks at {float(rise.max()):.2f} HU "
             f"(< {FLAT_ENHANCEMENT_HU} HU): no contrast bolus to analyse"
         )
-    level = np.median(curves, axis=1, keepdims=True)  # selection on the whole curve, not on its first frames
+    # above the brain's mean HU of each frame: an offset of a whole frame (a corrupt or higher-dose frame) cancels, in
+    # the choice of the vessels as in their curve (on a weak bolus, tissue voxels 20 HU up in one frame were chosen)
+    relative = curves - curves.mean(axis=0)
+    level = np.median(relative, axis=1, keepdims=True)  # selection on the whole curve, not on its first frames
     count = max(MIN_CANDIDATES, int(CANDIDATE_FRACTION * len(curves)))
-    vessels = curves[np.argsort((curves - level).max(axis=1))[::-1][:count]]
-    # above the brain's mean HU of each frame: an offset of a whole frame (a corrupt or higher-dose frame) cancels
-    vessel_curve = vessels.mean(axis=0) - curves.mean(axis=0)
-    vessel_rise = vessel_curve - np.median(vessel_curve[:3])
+    vessels = relative[np.argsort((relative - level).max(axis=1))[::-1][:count]].mean(axis=0)
+    vessel_rise = vessels - np.median(vessels[:3])
     above = vessel_rise > ARRIVAL_FRACTION * vessel_rise.max()
     # the first frame from which the rise stays above for ARRIVAL_FRAMES frames (or to the end of a cut series)
     arrival = next((t for t in range(above.size) if above[t:t + ARRIVAL_FRAMES].all()), int(np.argmax(above)))
