@@ -231,9 +231,11 @@ def test_one_outlying_frame_is_not_taken_for_the_bolus_arrival(phantom_case, dam
 
 
 def test_an_outlying_frame_just_before_a_weak_bolus_is_not_taken_for_its_arrival():
-    """On a weak bolus (this 2-slice case_1: its large vessels rise by about 30 HU) tissue voxels 20 HU up in one frame
-    were chosen as vessels: with frame 5, just before the arrival, at +20 HU over the brain the arrival moved to frame 5
-    and the series was refused as having no artery. The vessels are now chosen above each frame's brain level too."""
+    """On a weak bolus (this 2-slice case_1: its large vessels rise by about 30 HU) frame 5, just before the arrival, at
+    +20 HU over the brain was taken for the arrival, and the series refused as having no artery; with the vessels'
+    curve measured above the brain's level but chosen, and their peak taken, on that curve, tissue voxels 20 HU up in
+    frame 5 were chosen as vessels and the arrival still moved. The vessels are now chosen above each frame's brain
+    level, and the 10 % are of their peak as stored."""
     slab = next(s for s in phantom.iter_cohort(0, 1, 0) if s.case == "case_1")
     series = phantom.render_pwi(slab, 64, phantom.pwi_generator(0, slab)).series.astype(np.float32)
     whole = compute_perfusion_maps(series, slab.patient.centre.frame_s)

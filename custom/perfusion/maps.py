@@ -127,11 +127,11 @@ def bolus_arrival(hu: np.ndarray, brain: np.ndarray, path_name: str) -> int:
     """Number of pre-contrast (baseline) frames: those before the bolus reaches the most enhancing voxels.
 
     The arrival is the first frame where the mean curve of the top CANDIDATE_FRACTION of brain voxels by
-    enhancement (the large vessels, arteries first), less the mean brain HU of each frame, passes ARRIVAL_FRACTION of
-    its peak and stays above it for ARRIVAL_FRAMES frames: one outlying pre-contrast frame is not a bolus, whether
-    offset as a whole (cancelled by the brain's level, even just before the arrival) or in the vessels alone (it does
-    not persist). One frame of margin is kept before it. Refuses a flat series (no enhancement of the mean brain
-    curve) and one whose first frames already hold contrast.
+    enhancement (the large vessels, arteries first), both less the mean brain HU of each frame, passes ARRIVAL_FRACTION
+    of the vessels' peak enhancement and stays above it for ARRIVAL_FRAMES frames: one outlying pre-contrast frame is
+    not a bolus, whether offset as a whole (cancelled by the brain's level, even just before the arrival) or in the
+    vessels alone (it does not persist). One frame of margin is kept before it. Refuses a flat series (no enhancement
+    of the mean brain curve) and one whose first frames already hold contrast.
     """
     curves = hu[brain]
     rise = curves.mean(axis=0) - curves[:, 0].mean()
@@ -141,13 +141,15 @@ def bolus_arrival(hu: np.ndarray, brain: np.ndarray, path_name: str) -> int:
             f"(< {FLAT_ENHANCEMENT_HU} HU): no contrast bolus to analyse"
         )
     # above the brain's mean HU of each frame: an offset of a whole frame (a corrupt or higher-dose frame) cancels, in
-    # the choice of the vessels as in their curve (on a weak bolus, tissue voxels 20 HU up in one frame were chosen)
+    # the choice of the vessels as in their curve (on a weak bolus, tissue voxels 20 HU up in one frame were chosen);
+    # the fraction is of the vessels' own peak as stored, so the arrival of a series without outliers stays where it was
     relative = curves - curves.mean(axis=0)
     level = np.median(relative, axis=1, keepdims=True)  # selection on the whole curve, not on its first frames
     count = max(MIN_CANDIDATES, int(CANDIDATE_FRACTION * len(curves)))
-    vessels = relative[np.argsort((relative - level).max(axis=1))[::-1][:count]].mean(axis=0)
+    chosen = np.argsort((relative - level).max(axis=1))[::-1][:count]
+    stored, vessels = curves[chosen].mean(axis=0), relative[chosen].mean(axis=0)
     vessel_rise = vessels - np.median(vessels[:3])
-    above = vessel_rise > ARRIVAL_FRACTION * vessel_rise.max()
+    above = vessel_rise > ARRIVAL_FRACTION * (stored - np.median(stored[:3])).max()
     # the first frame from which the rise stays above for ARRIVAL_FRAMES frames (or to the end of a cut series)
     arrival = next((t for t in range(above.size) if above[t:t + ARRIVAL_FRAMES].all()), int(np.argmax(above)))
     if arrival < 2:
