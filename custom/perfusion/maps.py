@@ -26,7 +26,7 @@ MAX_BONE_FRACTION = 0.05
 ARRIVAL_FRACTION = 0.1  # the bolus arrives when the mean brain curve passes this fraction of its peak
 # ... and stays above it for this many frames: a bolus rises over several frames, while one outlying pre-contrast frame
 # (+20 HU over the brain in frame 3) passed the fraction alone, was taken for the arrival and ended the baseline before
-# it (the phantom's Tmax 0 and CBF 0.6-1.7 times the series', docs/perfusion.md).
+# it (on the 8 cases of the accuracy table at 128, median brain CBF 0.66-27.6 times the series', docs/perfusion.md).
 ARRIVAL_FRAMES = 2
 FLAT_ENHANCEMENT_HU = 1.0  # a mean brain enhancement below this means no contrast reached the brain
 # A baseline frame whose mean brain HU is further than this from the baseline's median (a mask, higher-dose or corrupt
