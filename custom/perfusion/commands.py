@@ -40,10 +40,6 @@ def analyse_series(
     maps; returns (LoadedSeries, PerfusionResult). ``aif_mask``: a 3D NIfTI on the series' grid."""
     loaded = load_series(series, dt)
     hu = loaded.hu
-    if motion_correction:
-        from custom.perfusion.motion import correct_motion
-
-        hu = correct_motion(hu, loaded.spacing_mm)
     mask = None
     if aif_mask is not None:
         mask_image, mask = read_nifti(aif_mask)
@@ -68,6 +64,7 @@ def analyse_series(
         spacing_mm=loaded.spacing_mm,
         device=device,
         name=str(series),
+        motion_correction=motion_correction,  # after frames 0 and 1 are checked: they make the reference
     )
     return loaded, result
 

@@ -7,7 +7,9 @@ no classical rigid registration, so each frame is registered to the pre-contrast
 
 import numpy as np
 
-REFERENCE_FRAMES = 2  # the reference is the mean of the first frames (before contrast)
+# the reference is the mean of the first frames (before contrast), taken after an outlying frame 0 or 1 is replaced
+# (compute_perfusion_maps calls correct_motion after that check)
+REFERENCE_FRAMES = 2
 METRIC_SAMPLING = 0.2  # fraction of voxels the metric samples per iteration
 ITERATIONS = 100
 
