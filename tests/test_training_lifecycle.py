@@ -1,6 +1,7 @@
 """Training lifecycle of configs/train.json: where weights go, runs of any length, resume, fine-tunes, kill -9."""
 
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ from custom.data.datalist import IMAGE_DIGEST, fold_datalist, load_dataset_json,
 from custom.data.isles2018 import prepare_isles2018
 from custom.data.phantom import write_phantom
 from custom.lifecycle import CrashSafeCheckpointSaver, ValidationAtIntervalAndEnd, latest_checkpoint
+from custom.losses import WeightedCEGeneralizedDiceLoss
 from custom.monailabel_app import serve_weights, unpack_served_bundle
 from custom.package import package_bundle
 from custom.training_record import (
@@ -479,7 +481,9 @@ def test_a_run_resumed_in_the_folder_of_another_fold_dataset_or_input_settings_i
         "dataset_json_sha256": hashlib.sha256((tiny_phantom_dataset / "dataset.json").read_bytes()).hexdigest(),
         "scored_dataset_sha256": scored_dataset_sha256(load_dataset_json(tiny_phantom_dataset)),
         "trained_images": {e["image"]: e[IMAGE_DIGEST] for e in fold_datalist(tiny_phantom_dataset, 0, "train")},
-        "loss": {"loss#_target_": "custom.losses.WeightedCEGeneralizedDiceLoss", "loss#gdl_batch": True},
+        "loss": {"loss#_target_": "custom.losses.WeightedCEGeneralizedDiceLoss", "loss#gdl_batch": True,
+                 **{f"loss#{name}": parameter.default for name, parameter in
+                    inspect.signature(WeightedCEGeneralizedDiceLoss).parameters.items() if name != "gdl_batch"}},
     }  # fmt: skip
     before = {path.name: path.read_bytes() for path in ckpt_dir.iterdir() if path.is_file()}
     checkpoint = latest_checkpoint(ckpt_dir)
@@ -533,10 +537,11 @@ def _edit_dataset_json(dataset: Path, change) -> None:
 
 def test_a_run_resumed_with_another_loss_is_refused_naming_each_id(tiny_phantom_dataset, tmp_path):
     """``--resume_ckpt`` with other loss switches or numbers (``--loss#gdl_batch False``, ``--loss#lambda_gdl 0``)
-    trained on from the checkpoint with another objective without a word. The record names the loss's config ids:
-    refused before the dataset is cached, naming each differing id with both values and the override (or that the
-    trained run did not set it); the folder is left as it was. A record written before the loss was recorded (up to
-    0.3.15) resumes as before."""
+    trained on from the checkpoint with another objective without a word. The record names the loss's config ids,
+    with the defaults of its signature filled in: refused before the dataset is cached, naming each differing id with
+    both values and the override; the folder is left as it was. An argument set to its default (``--loss#lambda_gdl
+    1.0``) equals one left out (it was refused as "not set in training"). A record written before the loss was
+    recorded (up to 0.3.15) resumes as before."""
     ckpt_dir, logs = tmp_path / "run", tmp_path / "logs"
     _workflow(tiny_phantom_dataset, ckpt_dir=str(ckpt_dir), output_dir=str(logs), epochs=1).run()
     before = {path.name: path.read_bytes() for path in ckpt_dir.iterdir() if path.is_file()}
@@ -548,16 +553,22 @@ def test_a_run_resumed_with_another_loss_is_refused_naming_each_id(tiny_phantom_
     assert f"checkpoint '{checkpoint}' was trained with other settings than this run's (recorded in " \
            f"'{ckpt_dir / TRAINING_RECORD}') and is not resumed" in message
     assert "loss#gdl_batch: trained with True, this run False (--loss#gdl_batch True)" in message
-    assert "loss#lambda_gdl: not set in training, this run 0 (leave --loss#lambda_gdl out)" in message
+    assert "loss#lambda_gdl: trained with 1.0, this run 0 (--loss#lambda_gdl 1.0)" in message
     assert {path.name: path.read_bytes() for path in ckpt_dir.iterdir() if path.is_file()} == before
+
+    # an argument set to its default equals one left out (it was refused as "not set in training")
+    workflow = _workflow(tiny_phantom_dataset, ckpt_dir=str(ckpt_dir), output_dir=str(logs), epochs=2,
+                         resume_ckpt=str(checkpoint), **{"loss#lambda_gdl": 1.0})  # fmt: skip
+    workflow.run()
+    assert workflow.parser.get_parsed_content("train#trainer").state.epoch == 2
 
     record = json.loads((ckpt_dir / TRAINING_RECORD).read_text())
     del record["loss"]  # as written up to 0.3.15
     (ckpt_dir / TRAINING_RECORD).write_text(json.dumps(record))
-    workflow = _workflow(tiny_phantom_dataset, ckpt_dir=str(ckpt_dir), output_dir=str(logs), epochs=2,
-                         resume_ckpt=str(checkpoint), **{"loss#lambda_gdl": 0})  # fmt: skip
+    workflow = _workflow(tiny_phantom_dataset, ckpt_dir=str(ckpt_dir), output_dir=str(logs), epochs=3,
+                         resume_ckpt=str(latest_checkpoint(ckpt_dir)), **{"loss#lambda_gdl": 0})  # fmt: skip
     workflow.run()
-    assert workflow.parser.get_parsed_content("train#trainer").state.epoch == 2
+    assert workflow.parser.get_parsed_content("train#trainer").state.epoch == 3
     assert read_record(ckpt_dir / "model.pt")["loss"]["loss#lambda_gdl"] == 0
 
 
