@@ -22,7 +22,9 @@ from pathlib import Path
 
 import ignite.distributed as idist
 from monai.bundle import ConfigParser
+from monai.bundle.config_item import ConfigComponent
 from monai.bundle.utils import DEFAULT_EXP_MGMT_SETTINGS
+from monai.utils.module import locate
 
 from custom.atomic import require_writable_folder
 from custom.clinical import VOLUME_TABLE
@@ -296,7 +298,10 @@ def config_values(root_id: str) -> dict:
     """The running configuration's ``root_id`` as config id -> value, as written: overrides applied, references and
     expressions unresolved, nested ids joined with ``#`` (train.json's ``loss`` gives ``{"loss#_target_":
     "custom.losses.WeightedCEGeneralizedDiceLoss", "loss#gdl_batch": True}``; ``--loss#lambda_gdl 0`` adds
-    ``"loss#lambda_gdl": 0``), a value that is no dictionary under ``root_id`` itself.
+    ``"loss#lambda_gdl": 0``), a value that is no dictionary under ``root_id`` itself. Where ``root_id`` names a
+    ``_target_``, each argument of its signature that the config does not set is added with its default (a number,
+    text, bool or null; train.json's loss adds ``"loss#lambda_gdl": 1.0`` and the others), so that an argument set to
+    its default equals one left out.
 
     Why it exists: a config item is given the resolved content of another (the instantiated loss, which keeps none
     of its arguments), and training records the loss's config ids so that a resume with another loss is refused
@@ -313,7 +318,16 @@ def config_values(root_id: str) -> dict:
             ids.update(flattened(content, f"{config_id}#{name}"))
         return ids
 
-    return flattened(parser.get(root_id), root_id)
+    config = parser.get(root_id)
+    ids = flattened(config, root_id)
+    target = config.get("_target_") if isinstance(config, dict) else None
+    if isinstance(target, str):
+        component = locate(ConfigComponent(config, id=root_id).resolve_module_name())
+        for name, parameter in inspect.signature(component).parameters.items():
+            default = parameter.default
+            if default is not parameter.empty and (default is None or isinstance(default, (bool, int, float, str))):
+                ids.setdefault(f"{root_id}#{name}", default)
+    return ids
 
 
 def _running_parser() -> ConfigParser | None:

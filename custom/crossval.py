@@ -19,10 +19,9 @@ from monai.bundle import ConfigWorkflow
 from custom.atomic import require_writable_folder, write_text_atomically
 from custom.config_check import whole_number
 from custom.data.check import inspect_dataset
-from custom.data.datalist import load_dataset_json
+from custom.data.datalist import SCORED_DATASET_KEYS, load_dataset_json, scored_dataset, scored_dataset_sha256
 from custom.lifecycle import latest_checkpoint
 from custom.reporting import summarise, summary_markdown, write_case_csv, write_markdown
-from custom.training_record import read_record
 from custom.wording import counted
 
 BUNDLE_ROOT = Path(__file__).resolve().parent.parent / "bundle"
@@ -43,8 +42,6 @@ RUN_RECORD = "run_configuration.json"
 SUMMARY_FILES = ("cases.csv", "summary.csv", "summary.md")
 # Bundle ids that the cross-validation sets itself for each fold; an override of one would apply to every fold.
 FOLD_IDS = ("fold", "num_folds", "ckpt_dir", "output_dir", "ckpt_path", "resume_ckpt", "overwrite")
-# The keys of dataset.json that decide the folds' results; its testing list (``testing``, ``numTest``) decides none.
-SCORED_DATASET_KEYS = ("modality", "labels", "num_folds", "training")
 # Entries of the run record that only inform (paths may move) or are compared through another: the dataset's
 # scored part (``scored_dataset``, absent from records of 0.3.15 and earlier) and its hash (absent from records of
 # 0.3.14 and earlier) through dataset_json_sha256; the others must match to reuse a folder.
@@ -59,18 +56,6 @@ def override_arguments(overrides: dict) -> list[str]:
 
 def file_sha256(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def scored_dataset(dataset: dict) -> dict:
-    """The ``SCORED_DATASET_KEYS`` of a parsed dataset.json: what of it decides a cross-validation's results."""
-    return {key: dataset[key] for key in SCORED_DATASET_KEYS if key in dataset}
-
-
-def scored_dataset_sha256(dataset: dict) -> str:
-    """SHA-256 of the ``SCORED_DATASET_KEYS`` of a parsed dataset.json (keys sorted): what of it decides a
-    cross-validation's results. ``compare-cv`` compares runs by it: cv trains and scores the training cases only, so
-    two runs on conversions that differ in their testing cases alone were refused as runs of different datasets."""
-    return hashlib.sha256(json.dumps(scored_dataset(dataset), sort_keys=True).encode()).hexdigest()
 
 
 def run_configuration(
@@ -362,13 +347,6 @@ def _cross_validate_fold(
     fold_dir.mkdir(parents=True, exist_ok=True)
     train_arguments = {**common, "ckpt_dir": str(ckpt_dir), "output_dir": str(fold_dir / "train")}
     resume = latest_checkpoint(ckpt_dir)
-    trained_on = (read_record(resume) or {}).get("dataset_json_sha256") if resume is not None else None
-    if trained_on not in (None, file_sha256(dataset_dir / "dataset.json")):
-        # claim_run_folder accepted a dataset.json changed outside its scored part; train.json refuses to resume a
-        # checkpoint recorded with another dataset.json, so this fold trains again
-        print(f"fold {fold}: not resuming {resume}, recorded with the dataset.json before it changed: training "
-              "again from the start", flush=True)
-        resume = None
     if resume is not None:
         print(f"fold {fold}: resuming from {resume}", flush=True)
         train_arguments["resume_ckpt"] = str(resume)

@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 
 from custom.atomic import write_atomically
-from custom.data.datalist import load_dataset_json
+from custom.data.datalist import load_dataset_json, scored_dataset_sha256
 from custom.reporting import read_case_csv
 
 
@@ -80,21 +80,30 @@ def _lesion_slice(label: np.ndarray, pred: np.ndarray) -> int:
 def require_cv_dataset(cv_dir: Path, dataset_dir: Path) -> None:
     """Refuse a ``dataset_dir`` whose dataset.json is not the one the cross-validation in ``cv_dir`` ran on, by the
     SHA-256 its ``run_configuration.json`` records (``custom.crossval.run_configuration``): another dataset would
-    pair its images and labels with the cv's Dice and masks. A ``cv_dir`` without that record is refused too."""
+    pair its images and labels with the cv's Dice and masks. It compares the part that decides the folds' results
+    (``scored_dataset_sha256``: training cases, folds, labels) where the record holds it (from 0.3.15), the whole
+    file otherwise: a testing list changed after the run pairs nothing otherwise. A ``cv_dir`` without that record
+    is refused too."""
     from custom.crossval import RUN_RECORD
     from custom.crossval import file_sha256
 
     record_path = cv_dir / RUN_RECORD
     try:
-        recorded = json.loads(record_path.read_text()).get("dataset_json_sha256")
+        record = json.loads(record_path.read_text())
+        key = "scored_dataset_sha256" if record.get("scored_dataset_sha256") else "dataset_json_sha256"
+        recorded = record.get(key)
     except (OSError, ValueError, AttributeError) as err:
         raise ValueError(f"cannot read the dataset of the cv run '{cv_dir}' from '{record_path}' ({err}); "
                          "it is written by python -m custom cv") from err
     if not recorded:
         raise ValueError(f"'{record_path}' records no dataset_json_sha256: cannot check the cv run's dataset")
-    if file_sha256(dataset_dir / "dataset.json") != recorded:
+    current = (scored_dataset_sha256(load_dataset_json(dataset_dir)) if key == "scored_dataset_sha256"
+               else file_sha256(dataset_dir / "dataset.json"))
+    if current != recorded:
+        part = "its training cases, folds or labels differ from" if key == "scored_dataset_sha256" else \
+            "its SHA-256 differs from"
         raise ValueError(f"'{dataset_dir / 'dataset.json'}' is not the dataset.json the cv run '{cv_dir}' used "
-                         f"(its SHA-256 differs from the one recorded in '{record_path}'); pass that run's dataset")
+                         f"({part} the one recorded in '{record_path}'); pass that run's dataset")
 
 
 def plot_montage(cv_dir: str, dataset_dir: str, out: str) -> str:

@@ -35,7 +35,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from custom.atomic import write_text_atomically
-from custom.data.datalist import IMAGE_DIGEST
+from custom.data.datalist import IMAGE_DIGEST, scored_dataset_sha256
 from custom.wording import counted
 
 logger = logging.getLogger(__name__)
@@ -48,6 +48,11 @@ EXPORTS = ("model.ts", "model.onnx")
 INPUT_SETTINGS = ("contralateral_channels", "adjacent_slices")
 # What a resumed run must share with the run it continues, besides the input settings.
 RUN_SETTINGS = ("fold", "dataset_json_sha256")
+# The record key of the SHA-256 of the part of dataset.json that decides training (``custom.data.datalist.
+# scored_dataset_sha256``: training cases, folds, labels, modality). A resume compares it in place of
+# ``dataset_json_sha256`` where the record holds it (absent from records up to 0.3.15, compared by the whole file):
+# a dataset.json changed only in its testing list or description trains the same.
+SCORED_DATASET = "scored_dataset_sha256"
 # The record key of the loss's config ids (``custom.config_check.config_values``: ``{"loss#lambda_gdl": 0, ...}``),
 # which a resumed run must share too: it would train on with another objective. Absent from records up to 0.3.15.
 LOSS = "loss"
@@ -103,10 +108,11 @@ def case_digests(cases) -> dict[str, str]:
 
 def _dataset_identity(dataset_dir) -> dict:
     dataset_json = Path(str(dataset_dir)) / "dataset.json"
-    present = dataset_json.is_file()
+    contents = dataset_json.read_bytes() if dataset_json.is_file() else None
     return {
-        "dataset_json": os.path.abspath(dataset_json) if present else None,
-        "dataset_json_sha256": hashlib.sha256(dataset_json.read_bytes()).hexdigest() if present else None,
+        "dataset_json": None if contents is None else os.path.abspath(dataset_json),
+        "dataset_json_sha256": None if contents is None else hashlib.sha256(contents).hexdigest(),
+        SCORED_DATASET: None if contents is None else scored_dataset_sha256(json.loads(contents)),
     }
 
 
@@ -147,10 +153,13 @@ def check_record(
         else "the checkpoint itself, from its members' records"
     )
     # a record of a run without dataset.json (MONAI Label's served copy) names no dataset to compare, one of 0.3.15 or
-    # earlier no loss
+    # earlier no loss and no SCORED_DATASET (its whole dataset.json compared); one with it not its whole dataset.json
+    by_scored_part = record.get(SCORED_DATASET) is not None and SCORED_DATASET in settings
     differing = [
         key for key, value in settings.items()
-        if key in record and record[key] != value and not (key == "dataset_json_sha256" and record[key] is None)
+        if key in record and record[key] != value
+        and not (key in ("dataset_json_sha256", SCORED_DATASET) and record[key] is None)
+        and not (key == "dataset_json_sha256" and by_scored_part)
         and not (key == LOSS and None in (record[key], value))
     ]
     if not differing:
@@ -159,12 +168,13 @@ def check_record(
     for key in differing:
         if key == LOSS:
             lines += _loss_differences(record[key], settings[key])
-        elif key == "dataset_json_sha256":
+        elif key in ("dataset_json_sha256", SCORED_DATASET):
             trained_on = record.get("dataset_json")
             folder = os.path.dirname(trained_on) if trained_on else "<its dataset folder>"
+            part = "SHA-256" if key == "dataset_json_sha256" else "training cases, folds and labels of SHA-256"
             lines.append(
-                f"dataset: trained on '{trained_on}' (SHA-256 {record[key][:12]}...), this run's dataset.json has "
-                f"SHA-256 {str(settings[key])[:12]}... (--dataset_dir '{folder}')"
+                f"dataset: trained on '{trained_on}' ({part} {record[key][:12]}...), this run's dataset.json has "
+                f"{part} {str(settings[key])[:12]}... (--dataset_dir '{folder}')"
             )
         else:
             lines.append(f"{key}: trained with {record[key]!r}, this run {settings[key]!r} (--{key} {record[key]})")
@@ -289,7 +299,8 @@ def write_training_record(
     ``model.ts`` ran the weights the fine-tunes started from.
 
     A resumed run is refused first if the record beside ``resume_ckpt`` names other input settings, another fold,
-    another dataset.json (it would restore that run's best Dice and train on from its weights) or another loss (it
+    another dataset.json (it would restore that run's best Dice and train on from its weights: compared by its
+    ``SCORED_DATASET`` where the record holds it, so a change of its testing list alone is accepted) or another loss (it
     would train on with another objective; a record without a loss, up to 0.3.15, is not compared on it). A new run
     replacing another in ``ckpt_dir`` (``check_ckpt_dir`` let it: ``--overwrite True``) whose record describes other
     weights (``_describes_other_weights``) removes that run's ``model.pt`` first: it would sit under this run's record
@@ -304,7 +315,8 @@ def write_training_record(
         earlier_model.unlink(missing_ok=True)  # another rank of this run may have removed it
     if resume_ckpt is not None:
         check_record(
-            resume_ckpt, {key: record[key] for key in INPUT_SETTINGS + RUN_SETTINGS + (LOSS,)}, action="resumed",
+            resume_ckpt, {key: record[key] for key in INPUT_SETTINGS + RUN_SETTINGS + (SCORED_DATASET, LOSS)},
+            action="resumed",
             otherwise="\nor train with this run's settings into another --ckpt_dir, without --resume_ckpt",
         )  # fmt: skip
     if fine_tuned_cases is not None:
@@ -313,7 +325,7 @@ def write_training_record(
                            f"serves {BEST_MODEL}); export the fine-tuned weights again before deploying them")
             export.unlink(missing_ok=True)  # another rank of this run may have removed it
         continued = (earlier or {}) if earlier_model.is_file() else {}
-        kept = RUN_SETTINGS + ("dataset_json", "trained_images")
+        kept = RUN_SETTINGS + (SCORED_DATASET, "dataset_json", "trained_images")
         fine_tuned = fine_tuned_digests(continued)
         for image, digest in case_digests(fine_tuned_cases).items():
             versions = fine_tuned.setdefault(image, [])

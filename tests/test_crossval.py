@@ -25,6 +25,7 @@ from custom.crossval import (
     read_raw_metric,
     run_cross_validation,
 )
+from custom.data.datalist import scored_dataset_sha256
 from custom.deploy import is_refusal
 from custom.lifecycle import latest_checkpoint
 from custom.wording import counted
@@ -440,11 +441,13 @@ def test_rerun_after_only_the_testing_list_changed_reuses_the_finished_folds(
         run_cross_validation(str(dataset), str(out), folds=2)
 
 
-def test_an_interrupted_fold_recorded_before_the_testing_list_changed_trains_again(
+def test_an_interrupted_fold_recorded_before_the_testing_list_changed_resumes(
     tiny_phantom_dataset, tmp_path, bundle_runs
 ):
-    """train.json refuses to resume a checkpoint whose training record names another dataset.json, so the fold of a
-    run accepted after a testing-list change trains from the start instead of failing at every rerun."""
+    """The fold of a run accepted after a testing-list change trained again from the start, losing its progress:
+    train.json refused to resume a checkpoint recorded with another dataset.json. It compares the part that decides
+    training now (``test_a_run_resumed_in_the_folder_of_another_fold_dataset_or_input_settings_is_refused``), so
+    cv resumes the fold."""
     from custom.training_record import TRAINING_RECORD
 
     dataset = shutil.copytree(tiny_phantom_dataset, tmp_path / "ds")
@@ -462,7 +465,8 @@ def test_an_interrupted_fold_recorded_before_the_testing_list_changed_trains_aga
     _edit_dataset_json(dataset, _fewer_testing_cases)
     with pytest.raises(BundleRunStopped):
         run_cross_validation(str(dataset), str(out), folds=2)
-    assert "resume_ckpt" not in bundle_runs[-1] and bundle_runs[-1]["overwrite"] is True
+    assert bundle_runs[-1]["resume_ckpt"] == str(models / "latest_checkpoint_epoch=2.pt")
+    assert "overwrite" not in bundle_runs[-1]
 
 
 def test_bad_override_is_refused_before_the_run_folder_is_claimed(tiny_phantom_dataset, tmp_path, bundle_runs):
@@ -525,9 +529,10 @@ def test_read_only_output_folder_is_refused_before_any_work(tiny_phantom_dataset
     assert bundle_runs == [] and not any(read_only.iterdir())
 
 
-def _montage_cv(dataset: Path, cv_dir: Path, dice=(0.9, "nan", 0.5, 0.7)) -> list[dict]:
+def _montage_cv(dataset: Path, cv_dir: Path, dice=(0.9, "nan", 0.5, 0.7), whole_file_only=False) -> list[dict]:
     """A cv folder as ``python -m custom cv`` leaves it for the montage: the labels as its masks, cases.csv with
-    ``dice`` for the first cases, and the run record's dataset.json SHA-256; returns the cases' entries."""
+    ``dice`` for the first cases, and the run record's dataset.json SHA-256s (that of its scored part left out with
+    ``whole_file_only``, as in records up to 0.3.14); returns the cases' entries."""
     from custom.reporting import write_case_csv
 
     entries = json.loads((dataset / "dataset.json").read_text())["training"][: len(dice)]
@@ -538,7 +543,10 @@ def _montage_cv(dataset: Path, cv_dir: Path, dice=(0.9, "nan", 0.5, 0.7)) -> lis
     write_case_csv([{"fold": e["fold"], "case": e["case"], "dice": d} for e, d in zip(entries, dice)],
                    str(cv_dir / "cases.csv"))
     digest = hashlib.sha256((dataset / "dataset.json").read_bytes()).hexdigest()
-    (cv_dir / RUN_RECORD).write_text(json.dumps({"dataset_dir": str(dataset), "dataset_json_sha256": digest}))
+    record = {"dataset_dir": str(dataset), "dataset_json_sha256": digest}
+    if not whole_file_only:
+        record["scored_dataset_sha256"] = scored_dataset_sha256(json.loads((dataset / "dataset.json").read_text()))
+    (cv_dir / RUN_RECORD).write_text(json.dumps(record))
     return entries
 
 
@@ -561,6 +569,23 @@ def test_montage_refuses_a_dataset_other_than_the_cv_runs(tiny_phantom_dataset, 
     with pytest.raises(ValueError, match=f"cannot read the dataset of the cv run '{cv_dir}' from .*{RUN_RECORD}"):
         plot_montage(str(cv_dir), str(tiny_phantom_dataset), str(tmp_path / "montage.png"))
     assert not (tmp_path / "montage.png").exists()
+
+
+def test_montage_accepts_a_dataset_json_changed_only_in_its_testing_list(tiny_phantom_dataset, tmp_path):
+    """The montage compared the whole dataset.json's SHA-256: a testing list or description changed after the cv run
+    (which cv itself accepts) refused the montage, though it pairs training cases only. It compares the part that
+    decides the folds (training cases, folds, labels) where the run record holds its hash; a record without it (up
+    to 0.3.14) compares the whole file as before."""
+    from custom.result_figures import plot_montage
+
+    dataset = shutil.copytree(tiny_phantom_dataset, tmp_path / "ds")
+    _montage_cv(dataset, tmp_path / "old_cv", whole_file_only=True)
+    _montage_cv(dataset, tmp_path / "cv")
+    _edit_dataset_json(dataset, _fewer_testing_cases)
+    with pytest.raises(ValueError, match="its SHA-256 differs from the one recorded"):
+        plot_montage(str(tmp_path / "old_cv"), str(dataset), str(tmp_path / "montage.png"))
+    plot_montage(str(tmp_path / "cv"), str(dataset), str(tmp_path / "montage.png"))
+    assert (tmp_path / "montage.png").stat().st_size > 0
 
 
 def test_montage_names_the_cases_without_a_dice(tiny_phantom_dataset, tmp_path, capsys):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import BUNDLE, CONFIGS, bundle_workflow, error_chain
+from monai.bundle import ConfigParser
 
 from custom.data.datalist import fold_datalist
 from custom.package import package_bundle
@@ -25,6 +26,16 @@ def test_the_shipped_record_holds_the_default_input_settings(config):
     defaults = json.loads((CONFIGS / config).read_text())
     assert {key: read_record(SHIPPED_MODEL)[key] for key in INPUT_SETTINGS} == {key: defaults[key] for key in
                                                                                 INPUT_SETTINGS}  # fmt: skip
+
+
+def test_the_shipped_record_holds_the_loss_of_train_jsons_defaults():
+    """A resume from the shipped weights compares the loss's config ids with the record's: the record holds those
+    train.json's defaults give now (``config_values``: its loss's ids with the defaults of its signature filled in),
+    so a default run, or one setting a loss argument to its default, is not refused for its loss."""
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "train.json"))
+    parser["loss_ids"] = {"_target_": "custom.config_check.config_values", "root_id": "loss"}
+    assert read_record(SHIPPED_MODEL)["loss"] == parser.get_parsed_content("loss_ids")
 
 
 def test_the_shipped_record_names_no_path_of_the_machine_it_was_written_on():

@@ -1,6 +1,7 @@
 """Training lifecycle of configs/train.json: where weights go, runs of any length, resume, fine-tunes, kill -9."""
 
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -19,10 +20,11 @@ from ignite.engine import Engine, Events
 
 from custom import config_check
 from custom.crossval import override_arguments
-from custom.data.datalist import IMAGE_DIGEST, fold_datalist
+from custom.data.datalist import IMAGE_DIGEST, fold_datalist, load_dataset_json, scored_dataset_sha256
 from custom.data.isles2018 import prepare_isles2018
 from custom.data.phantom import write_phantom
 from custom.lifecycle import CrashSafeCheckpointSaver, ValidationAtIntervalAndEnd, latest_checkpoint
+from custom.losses import WeightedCEGeneralizedDiceLoss
 from custom.monailabel_app import serve_weights, unpack_served_bundle
 from custom.package import package_bundle
 from custom.training_record import (
@@ -467,7 +469,9 @@ def test_a_run_resumed_in_the_folder_of_another_fold_dataset_or_input_settings_i
     trained fold 1 on from fold 0's weights, replacing fold 0's model.pt, without a word; so did another dataset,
     and other input settings of the same channel count. The record training writes beside its checkpoints refuses
     each before the dataset is cached, naming the checkpoint, the record, both values and the override; the folder
-    is left as it was."""
+    is left as it was. The dataset is compared by the part of dataset.json that decides training (its training
+    cases, folds, labels, modality): a dataset.json changed only in its testing list and description was refused
+    too, and is resumed; a record without that part's hash (up to 0.3.15) compares the whole file."""
     ckpt_dir = tmp_path / "f0"
     _workflow(tiny_phantom_dataset, ckpt_dir=str(ckpt_dir), output_dir=str(tmp_path / "logs"), epochs=1).run()
     record = json.loads((ckpt_dir / TRAINING_RECORD).read_text())
@@ -475,19 +479,23 @@ def test_a_run_resumed_in_the_folder_of_another_fold_dataset_or_input_settings_i
         "contralateral_channels": None, "adjacent_slices": 0, "fold": 0,
         "dataset_json": str(tiny_phantom_dataset / "dataset.json"),
         "dataset_json_sha256": hashlib.sha256((tiny_phantom_dataset / "dataset.json").read_bytes()).hexdigest(),
+        "scored_dataset_sha256": scored_dataset_sha256(load_dataset_json(tiny_phantom_dataset)),
         "trained_images": {e["image"]: e[IMAGE_DIGEST] for e in fold_datalist(tiny_phantom_dataset, 0, "train")},
-        "loss": {"loss#_target_": "custom.losses.WeightedCEGeneralizedDiceLoss", "loss#gdl_batch": True},
+        "loss": {"loss#_target_": "custom.losses.WeightedCEGeneralizedDiceLoss", "loss#gdl_batch": True,
+                 **{f"loss#{name}": parameter.default for name, parameter in
+                    inspect.signature(WeightedCEGeneralizedDiceLoss).parameters.items() if name != "gdl_batch"}},
     }  # fmt: skip
     before = {path.name: path.read_bytes() for path in ckpt_dir.iterdir() if path.is_file()}
     checkpoint = latest_checkpoint(ckpt_dir)
     other_dataset = shutil.copytree(tiny_phantom_dataset, tmp_path / "other")
-    (other_dataset / "dataset.json").write_text((other_dataset / "dataset.json").read_text() + "\n")
+    _edit_dataset_json(other_dataset, lambda contents: contents["labels"].update({"2": "other"}))
+    scored = "training cases, folds and labels of SHA-256"
     attempts = {
         "fold": ({"fold": 1}, "fold: trained with 0, this run 1 (--fold 0)"),
         "dataset": ({"dataset_dir": other_dataset},
-                    f"dataset: trained on '{tiny_phantom_dataset / 'dataset.json'}' (SHA-256 "
-                    f"{record['dataset_json_sha256'][:12]}...), this run's dataset.json has SHA-256 "
-                    f"{hashlib.sha256((other_dataset / 'dataset.json').read_bytes()).hexdigest()[:12]}... "
+                    f"dataset: trained on '{tiny_phantom_dataset / 'dataset.json'}' ({scored} "
+                    f"{record['scored_dataset_sha256'][:12]}...), this run's dataset.json has {scored} "
+                    f"{scored_dataset_sha256(load_dataset_json(other_dataset))[:12]}... "
                     f"(--dataset_dir '{tiny_phantom_dataset}')"),
         "input settings": ({"adjacent_slices": 1}, "adjacent_slices: trained with 0, this run 1 (--adjacent_slices 0)"),
     }  # fmt: skip
@@ -503,13 +511,37 @@ def test_a_run_resumed_in_the_folder_of_another_fold_dataset_or_input_settings_i
         assert "train with this run's settings into another --ckpt_dir, without --resume_ckpt" in message, name
         assert {path.name: path.read_bytes() for path in ckpt_dir.iterdir() if path.is_file()} == before, name
 
+    testing_changed = shutil.copytree(tiny_phantom_dataset, tmp_path / "testing_changed")
+    _edit_dataset_json(testing_changed, lambda contents: contents.update(
+        testing=contents["testing"][:1], numTest=1, description="testing list cut to one case"))
+    earlier = {key: value for key, value in record.items() if key != "scored_dataset_sha256"}  # as up to 0.3.15
+    (ckpt_dir / TRAINING_RECORD).write_text(json.dumps(earlier))
+    with pytest.raises(Exception) as raised:
+        _workflow(testing_changed, ckpt_dir=str(ckpt_dir), output_dir=str(tmp_path / "logs"), epochs=2,
+                  resume_ckpt=str(checkpoint)).run()  # fmt: skip
+    message = error_chain(raised.value)
+    assert f"dataset: trained on '{tiny_phantom_dataset / 'dataset.json'}' (SHA-256 " \
+           f"{record['dataset_json_sha256'][:12]}...), this run's dataset.json has SHA-256 " in message
+    (ckpt_dir / TRAINING_RECORD).write_text(json.dumps(record))
+    workflow = _workflow(testing_changed, ckpt_dir=str(ckpt_dir), output_dir=str(tmp_path / "logs"), epochs=2,
+                         resume_ckpt=str(checkpoint))  # fmt: skip
+    workflow.run()
+    assert workflow.parser.get_parsed_content("train#trainer").state.epoch == 2
+
+
+def _edit_dataset_json(dataset: Path, change) -> None:
+    contents = json.loads((dataset / "dataset.json").read_text())
+    change(contents)
+    (dataset / "dataset.json").write_text(json.dumps(contents, indent=2))
+
 
 def test_a_run_resumed_with_another_loss_is_refused_naming_each_id(tiny_phantom_dataset, tmp_path):
     """``--resume_ckpt`` with other loss switches or numbers (``--loss#gdl_batch False``, ``--loss#lambda_gdl 0``)
-    trained on from the checkpoint with another objective without a word. The record names the loss's config ids:
-    refused before the dataset is cached, naming each differing id with both values and the override (or that the
-    trained run did not set it); the folder is left as it was. A record written before the loss was recorded (up to
-    0.3.15) resumes as before."""
+    trained on from the checkpoint with another objective without a word. The record names the loss's config ids,
+    with the defaults of its signature filled in: refused before the dataset is cached, naming each differing id with
+    both values and the override; the folder is left as it was. An argument set to its default (``--loss#lambda_gdl
+    1.0``) equals one left out (it was refused as "not set in training"). A record written before the loss was
+    recorded (up to 0.3.15) resumes as before."""
     ckpt_dir, logs = tmp_path / "run", tmp_path / "logs"
     _workflow(tiny_phantom_dataset, ckpt_dir=str(ckpt_dir), output_dir=str(logs), epochs=1).run()
     before = {path.name: path.read_bytes() for path in ckpt_dir.iterdir() if path.is_file()}
@@ -521,16 +553,22 @@ def test_a_run_resumed_with_another_loss_is_refused_naming_each_id(tiny_phantom_
     assert f"checkpoint '{checkpoint}' was trained with other settings than this run's (recorded in " \
            f"'{ckpt_dir / TRAINING_RECORD}') and is not resumed" in message
     assert "loss#gdl_batch: trained with True, this run False (--loss#gdl_batch True)" in message
-    assert "loss#lambda_gdl: not set in training, this run 0 (leave --loss#lambda_gdl out)" in message
+    assert "loss#lambda_gdl: trained with 1.0, this run 0 (--loss#lambda_gdl 1.0)" in message
     assert {path.name: path.read_bytes() for path in ckpt_dir.iterdir() if path.is_file()} == before
+
+    # an argument set to its default equals one left out (it was refused as "not set in training")
+    workflow = _workflow(tiny_phantom_dataset, ckpt_dir=str(ckpt_dir), output_dir=str(logs), epochs=2,
+                         resume_ckpt=str(checkpoint), **{"loss#lambda_gdl": 1.0})  # fmt: skip
+    workflow.run()
+    assert workflow.parser.get_parsed_content("train#trainer").state.epoch == 2
 
     record = json.loads((ckpt_dir / TRAINING_RECORD).read_text())
     del record["loss"]  # as written up to 0.3.15
     (ckpt_dir / TRAINING_RECORD).write_text(json.dumps(record))
-    workflow = _workflow(tiny_phantom_dataset, ckpt_dir=str(ckpt_dir), output_dir=str(logs), epochs=2,
-                         resume_ckpt=str(checkpoint), **{"loss#lambda_gdl": 0})  # fmt: skip
+    workflow = _workflow(tiny_phantom_dataset, ckpt_dir=str(ckpt_dir), output_dir=str(logs), epochs=3,
+                         resume_ckpt=str(latest_checkpoint(ckpt_dir)), **{"loss#lambda_gdl": 0})  # fmt: skip
     workflow.run()
-    assert workflow.parser.get_parsed_content("train#trainer").state.epoch == 2
+    assert workflow.parser.get_parsed_content("train#trainer").state.epoch == 3
     assert read_record(ckpt_dir / "model.pt")["loss"]["loss#lambda_gdl"] == 0
 
 

@@ -7,6 +7,7 @@ imported where used): the MONAI-free runner imports ``output_case_name``, ``refu
 ``nifti_files_in`` and is copied with this file.
 """
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -18,6 +19,23 @@ ROLES = ("train", "validate", "evaluate")
 # The key of a fold_datalist entry holding its image's ``custom.data.studies.voxel_digest``, computed by the
 # screening that reads every image anyway: training records the digests, evaluation compares with them.
 IMAGE_DIGEST = "image_voxels_sha256"
+# The keys of dataset.json that decide the folds' results and a training run's; its testing list (``testing``,
+# ``numTest``) and description decide none.
+SCORED_DATASET_KEYS = ("modality", "labels", "num_folds", "training")
+
+
+def scored_dataset(dataset: dict) -> dict:
+    """The ``SCORED_DATASET_KEYS`` of a parsed dataset.json: what of it decides a cross-validation's results."""
+    return {key: dataset[key] for key in SCORED_DATASET_KEYS if key in dataset}
+
+
+def scored_dataset_sha256(dataset: dict) -> str:
+    """SHA-256 of the ``SCORED_DATASET_KEYS`` of a parsed dataset.json (keys sorted): what of it decides a
+    cross-validation's or a training run's results. ``compare-cv`` compares runs by it: cv trains and scores the
+    training cases only, so two runs on conversions that differ in their testing cases alone were refused as runs of
+    different datasets; ``custom.training_record`` records it so that a resume is refused for a change of this part
+    only."""
+    return hashlib.sha256(json.dumps(scored_dataset(dataset), sort_keys=True).encode()).hexdigest()
 
 
 def load_dataset_json(dataset_dir, required_keys: tuple[str, ...] = ()) -> dict:
