@@ -78,14 +78,10 @@ def run_ablation(
             failures.append(f"{name}: " + str(error).replace("\n", "\n    "))
             first_error = first_error or error
             print(f"loss variant {name} failed; going on with the other variants", flush=True)
-    if failures:
-        for table in ABLATION_FILES:  # an earlier run's table would read as this run's
-            (out / table).unlink(missing_ok=True)
-        raise RuntimeError(
-            f"{len(failures)} of {len(names)} loss variants failed, so '{out}' holds no ablation table (finished and "
-            f"kept: {', '.join(cases) or 'none'}):\n  - " + "\n  - ".join(failures)
-            + "\nFix the cause and run the same command again: the finished folds of every variant are skipped."
-        ) from first_error  # its traceback, for a failure of the ablation's own code
+    crossval.raise_failures(
+        failures, counted(len(names), "loss variant"), out, ABLATION_FILES, "ablation table", list(cases),
+        "the finished folds of every variant are skipped", first_error,
+    )
     rows = _table_rows({name: DESCRIPTIONS[name] for name in names}, cases, reference)
 
     csv_table, markdown_table = (str(out / name) for name in ABLATION_FILES)

@@ -153,6 +153,19 @@ def test_fold_whose_metrics_cannot_be_read_is_not_marked_done(tiny_phantom_datas
     assert sorted(row["case"] for row in cases) == sorted(e["case"] for e in training)
 
 
+def fail_training_of_fold_0(monkeypatch, of_overrides) -> None:
+    """Make the training run of fold 0 fail, as ``monai.bundle run`` fails, for the runs whose overrides
+    ``of_overrides`` accepts; every other run goes to the stand-in in place (``fake_bundle``)."""
+    run = custom.crossval._run_bundle
+
+    def fold_0_training_fails(config_files, arguments, overrides, log_file):
+        if of_overrides(overrides) and arguments["fold"] == 0 and "ckpt_path" not in arguments:
+            raise RuntimeError(f"bundle run failed with exit code 1; see the log '{log_file}'")
+        run(config_files, arguments, overrides, log_file)
+
+    monkeypatch.setattr(custom.crossval, "_run_bundle", fold_0_training_fails)
+
+
 def test_a_failed_fold_stops_no_other_fold_and_a_rerun_runs_only_it(
     tiny_phantom_dataset, tmp_path, monkeypatch, capsys
 ):
@@ -162,14 +175,7 @@ def test_a_failed_fold_stops_no_other_fold_and_a_rerun_runs_only_it(
     out.mkdir()
     (out / "summary.md").write_text("an earlier run's summary")
     runs = fake_bundle(monkeypatch)
-    evaluate = custom.crossval._run_bundle
-
-    def fold_0_training_fails(config_files, arguments, overrides, log_file):
-        if arguments["fold"] == 0 and "ckpt_path" not in arguments:
-            raise RuntimeError(f"bundle run failed with exit code 1; see the log '{log_file}'")
-        evaluate(config_files, arguments, overrides, log_file)
-
-    monkeypatch.setattr(custom.crossval, "_run_bundle", fold_0_training_fails)
+    fail_training_of_fold_0(monkeypatch, lambda overrides: True)
     with pytest.raises(RuntimeError) as failed:
         run_cross_validation(str(tiny_phantom_dataset), str(out), folds=2)
     assert str(failed.value) == (
@@ -202,14 +208,7 @@ def test_a_failed_loss_variant_stops_no_other_and_a_rerun_runs_only_its_failed_f
     out.mkdir()
     (out / "ablation.md").write_text("an earlier run's table")
     runs = fake_bundle(monkeypatch)
-    run = custom.crossval._run_bundle
-
-    def ce_fold_0_training_fails(config_files, arguments, overrides, log_file):
-        if overrides.get("loss#ce_weight_mode") == "fixed" and arguments["fold"] == 0 and "ckpt_path" not in arguments:
-            raise RuntimeError(f"bundle run failed with exit code 1; see the log '{log_file}'")
-        run(config_files, arguments, overrides, log_file)
-
-    monkeypatch.setattr(custom.crossval, "_run_bundle", ce_fold_0_training_fails)
+    fail_training_of_fold_0(monkeypatch, lambda overrides: overrides.get("loss#ce_weight_mode") == "fixed")
     with pytest.raises(RuntimeError) as failed:
         run_ablation(str(tiny_phantom_dataset), str(out), variants="gdl", reference="ce", folds=2)
     message = str(failed.value)
