@@ -9,7 +9,7 @@ from pathlib import Path
 
 from custom import accuracy_bench, baseline, crossval
 from custom.crossval import run_cross_validation
-from custom.data.datalist import refuse_earlier_file
+from custom.data.datalist import dataset_key, refuse_earlier_file
 from custom.deploy import is_refusal
 from custom.reporting import paired_comparison, read_case_csv, same_case_statistics, write_case_csv, write_markdown
 from custom.wording import counted
@@ -133,13 +133,13 @@ def _run_record(folder: Path) -> dict:
 
 def _refuse_other_datasets(first: Path, second: Path) -> None:
     """Refuse two runs whose records name different datasets: by the part of dataset.json that decides the folds'
-    results where both records hold it (``crossval.scored_dataset_sha256``, in the records of cv, baseline and
+    results where both records hold it (``datalist.scored_dataset_sha256``, in the records of cv, baseline and
     score-masks: two runs whose dataset.json differ in the testing list alone were refused), else (a record of an
     earlier version) by the whole file's SHA-256; a run without one passes."""
     records = [_run_record(first), _run_record(second)]
-    key, described = "scored_dataset_sha256", "SHA-256 of the training cases, folds and labels of dataset.json"
-    if not all(key in record for record in records):
-        key, described = "dataset_json_sha256", "dataset.json SHA-256"
+    key = dataset_key(*records)
+    described = {"scored_dataset_sha256": "SHA-256 of the training cases, folds and labels of dataset.json",
+                 "dataset_json_sha256": "dataset.json SHA-256"}[key]
     reference, other = (record.get(key) for record in records)
     if None not in (reference, other) and reference != other:
         # cv's tables hold no label_ml, so the same case names of another dataset were paired without a word

@@ -38,8 +38,10 @@ import numpy as np
 from custom.atomic import write_atomically, write_text_atomically
 from custom.baseline import run_baseline
 from custom.config_check import whole_number
-from custom.crossval import configuration_differences, file_sha256, override_arguments, scored_dataset_sha256
-from custom.data.datalist import fold_datalist, load_dataset_json, output_case_name, refuse_earlier_outputs
+from custom.crossval import configuration_differences, file_sha256, override_arguments
+from custom.data.datalist import (
+    fold_datalist, load_dataset_json, output_case_name, refuse_earlier_outputs, scored_dataset_sha256
+)
 from custom.data.isles2018 import prepare_isles2018
 from custom.data.phantom import write_phantom
 from custom.data.studies import read_nifti, require_same_grid
@@ -456,7 +458,7 @@ def score_masks_command(masks: str, dataset_dir: str, out: str, method: str = "m
     a case without a mask, or with both, is an error, and an existing ``out/cases.csv`` is refused unless
     ``overwrite`` (then it is removed before the masks are scored: no earlier table stays beside this run's record).
     Beside it, ``out/score_masks_run.json`` records the dataset (its folder, dataset.json SHA-256 and the SHA-256 of
-    its training cases, folds and labels, ``crossval.scored_dataset_sha256``: the part scored), the masks folder, the
+    its training cases, folds and labels, ``datalist.scored_dataset_sha256``: the part scored), the masks folder, the
     method and the fold, so that ``compare-cv`` refuses to pair the table with a run of another dataset, and pairs it
     with a cv run of the same dataset whose testing list differs (refused up to 0.3.15).
     """

@@ -26,9 +26,9 @@ from custom.clinical import (
     threshold_core,
     tmax_unit_problem,
 )
-from custom.crossval import file_sha256, scored_dataset_sha256
+from custom.crossval import file_sha256
 # refuse_unusable_cases: the screening of training and evaluation (one error naming every bad file)
-from custom.data.datalist import load_dataset_json, refuse_unusable_cases
+from custom.data.datalist import dataset_key, load_dataset_json, refuse_unusable_cases, scored_dataset_sha256
 from custom.metrics import METRIC_NAMES, case_metrics
 from custom.reporting import summarise, summary_markdown, write_case_csv, write_markdown
 
@@ -68,7 +68,7 @@ def _refuse_earlier_run(out: str, record: dict) -> None:
     """Refuse an ``out`` holding the outputs of an earlier run made with other settings (or of unknown settings),
     naming the folder and the file; a rerun with the same dataset, thresholds and ``save_masks`` rewrites the
     same results (``python -m custom perfusion compare-segmentation`` resumes that way). The dataset is the same when
-    the part of dataset.json the rule scores is (``crossval.scored_dataset_sha256``: its training cases, folds,
+    the part of dataset.json the rule scores is (``datalist.scored_dataset_sha256``: its training cases, folds,
     labels, modalities), as for cv: a changed testing list or description was refused up to 0.3.15; a record of
     then, without that hash, is compared by the whole file's SHA-256."""
     found = [name for name in OUTPUTS if os.path.exists(os.path.join(out, name))]
@@ -92,9 +92,9 @@ def _same_settings(recorded: dict, record: dict) -> bool:
     says."""
     if not isinstance(recorded, dict):
         return False
-    dataset_key = "scored_dataset_sha256" if "scored_dataset_sha256" in recorded else "dataset_json_sha256"
     settings = [key for key in record if key not in ("dataset_json_sha256", "scored_dataset_sha256")]
-    return set(recorded) <= set(record) and all(recorded.get(key) == record[key] for key in settings + [dataset_key])
+    compared = settings + [dataset_key(recorded)]
+    return set(recorded) <= set(record) and all(recorded.get(key) == record[key] for key in compared)
 
 
 def _channel_layout(modality: dict, path: str) -> dict:
@@ -151,7 +151,7 @@ def run_baseline(
     Writes ``out/cases.csv`` (one row per case, with its fold), ``out/summary.csv`` and ``out/summary.md``
     (per fold and overall), and with ``save_masks`` the predicted cores as ``out/masks/<case>.nii.gz`` (uint8,
     the image's affine), and ``out/baseline_run.json`` (the dataset, the SHA-256 of its dataset.json and of the part
-    of it that is scored, ``crossval.scored_dataset_sha256``, the thresholds).
+    of it that is scored, ``datalist.scored_dataset_sha256``, the thresholds).
     Nothing is written unless every case succeeds. The thresholds are checked first (``_checked_thresholds``); an
     ``out`` holding an earlier run's outputs is refused unless that run had the same record. Prints the summary
     table and returns its rows.

@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 
 from custom.atomic import write_atomically
-from custom.data.datalist import load_dataset_json, scored_dataset_sha256
+from custom.data.datalist import dataset_key, load_dataset_json, scored_dataset_sha256
 from custom.reporting import read_case_csv
 
 
@@ -90,7 +90,7 @@ def require_cv_dataset(cv_dir: Path, dataset_dir: Path) -> None:
     record_path = cv_dir / RUN_RECORD
     try:
         record = json.loads(record_path.read_text())
-        key = "scored_dataset_sha256" if record.get("scored_dataset_sha256") else "dataset_json_sha256"
+        key = dataset_key(record)
         recorded = record.get(key)
     except (OSError, ValueError, AttributeError) as err:
         raise ValueError(f"cannot read the dataset of the cv run '{cv_dir}' from '{record_path}' ({err}); "

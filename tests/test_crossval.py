@@ -814,7 +814,7 @@ def test_compare_cv_pairs_a_cv_run_with_baseline_and_score_masks_runs_of_another
 ):
     """baseline and score-masks recorded the whole dataset.json's SHA-256 only, so compare-cv refused to pair a cv run
     with the threshold rule or masks scored on the same training cases converted without --testing; they record the
-    hash of the scored part too, as cv does (``crossval.scored_dataset_sha256``)."""
+    hash of the scored part too, as cv does (``datalist.scored_dataset_sha256``)."""
     from custom.ablation import compare_cross_validations
     from custom.accuracy_bench import score_masks_command
     from custom.crossval import BUNDLE_ROOT, run_configuration

@@ -38,6 +38,16 @@ def scored_dataset_sha256(dataset: dict) -> str:
     return hashlib.sha256(json.dumps(scored_dataset(dataset), sort_keys=True).encode()).hexdigest()
 
 
+def dataset_key(*records: dict) -> str:
+    """The key by which run ``records`` name their dataset for comparison: ``scored_dataset_sha256`` where every one
+    holds it, else (a record of an earlier version) ``dataset_json_sha256``, the whole file's.
+
+    Why it exists: cv, baseline, score-masks and montage compare datasets by the scored part (a change of the testing
+    list alone refused their reruns and comparisons) and must still read their earlier records."""
+    scored = "scored_dataset_sha256"
+    return scored if all(record.get(scored) is not None for record in records) else "dataset_json_sha256"
+
+
 def load_dataset_json(dataset_dir, required_keys: tuple[str, ...] = ()) -> dict:
     """The parsed ``dataset.json`` of ``dataset_dir``; clear errors for a missing folder, file or required key."""
     folder = Path(dataset_dir)
