@@ -627,6 +627,10 @@ def test_a_model_exported_with_other_input_settings_is_refused_naming_them(tmp_p
     with pytest.raises(ValueError, match=refusal):
         deploy(image, model=model, out=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+    (model.parent / "training_inputs.json").write_text(json.dumps(override))  # its record says so too: named once
+    with pytest.raises(ValueError, match=rf"\(its training record '{model.parent / 'training_inputs.json'}'; (.*)"
+                                         rf"through inference.json with --{key} {value}$"):
+        deploy(image, model=model, out=tmp_path / "out")
 
 
 def test_a_model_whose_training_record_names_other_input_settings_is_refused_naming_them(exported_model, tmp_path):
