@@ -11,11 +11,12 @@ plus the ``LesionVolumeWriter`` table (``custom.clinical``: lesion and clinical 
 research use only).
 
 It imports nothing from MONAI, and from the rest of ``custom`` only its ``__version__`` (the runner's bundle version),
-``custom.atomic`` and ``custom.data.datalist`` (standard library), ``custom.clinical`` (numpy), ``custom.lesions``
-(numpy and scipy) and ``custom.data.studies`` (numpy and nibabel: the case reader and the input checks, shared with
-the converter and the dataset check); the other modules import MONAI. Keep it so: the tests run it with MONAI made
-unimportable and from a copy of these files (docs/deployment.md). It also holds the brain normalisation that the
-bundle's ``custom.transforms.NormalizeWithinBrain`` wraps, so the two cannot diverge.
+``custom.atomic``, ``custom.data.datalist`` and ``custom.training_record`` with its ``custom.wording`` (standard
+library; the training record beside a model names the input settings of its weights), ``custom.clinical`` (numpy),
+``custom.lesions`` (numpy and scipy) and ``custom.data.studies`` (numpy and nibabel: the case reader and the input
+checks, shared with the converter and the dataset check); the other modules import MONAI. Keep it so: the tests run
+it with MONAI made unimportable and from a copy of these files (docs/deployment.md). It also holds the brain
+normalisation that the bundle's ``custom.transforms.NormalizeWithinBrain`` wraps, so the two cannot diverge.
 """
 
 import argparse
@@ -41,6 +42,7 @@ from custom.data.datalist import (
 )
 from custom.data.studies import SMIR_NAME, find_case_maps, image_problems, load_case, read_nifti
 from custom.lesions import check_lesion_threshold, check_min_volume, lesion_from_probabilities, remove_small_lesions
+from custom.training_record import read_record, record_of
 
 CLASSES = ("background", "lesion")
 CLIP_PERCENTILES = (0.5, 99.5)  # brain percentiles each channel is clipped to before its z-score
@@ -217,10 +219,12 @@ def check_model(network, path, embedded: Mapping[str, str], device="cpu") -> Non
     runner's. ``embedded`` holds the files the export stored in the model (name -> text: ``metadata.json`` and the
     config files). In order:
 
-    1. input settings: a model whose embedded config files set ``contralateral_channels`` or ``adjacent_slices`` (in
-       any of them) to another value than the runner feeds (``RUNNER_INPUT_SETTINGS``) is refused, naming the
-       setting, both values and the file (the export embeds the config files, not command-line overrides: those are
-       caught by 2);
+    1. input settings: a model whose embedded config files set an input setting (in any of them) to another value
+       than the runner feeds (``RUNNER_INPUT_SETTINGS``) is refused, naming the setting, both values and the file; so
+       is one whose training record beside it (``custom.training_record.read_record``: ``training_inputs.json``,
+       where ``ckpt_export --filepath runs/fold0/model.ts`` leaves it, and in ``bundle/models/``) names another value
+       (the export embeds the config files, not command-line overrides such as ``--contralateral_channels mirror``,
+       which the record holds; a record without a setting, of an earlier version, is not compared on it);
     2. the probe: the model must map a (1, 5, 32, 32) batch to (1, 2, 32, 32) logits (another channel count or
        architecture is refused, naming the layer's complaint);
     3. the bundle version: a model of another version than this runner's (``custom.__version__``) is run, with a
@@ -228,19 +232,23 @@ def check_model(network, path, embedded: Mapping[str, str], device="cpu") -> Non
     """
     # Any config file setting another value: TorchScript keeps no order of its extra files (inputs.json, passed after
     # inference.json, is stored before it), so which file overrode which is not known.
+    recorded = read_record(path) or {}
     other = [
-        (key, value, name)
+        (key, value, f"its embedded {name}")
         for name, text in sorted(embedded.items())
         if name.endswith(".json") and name != METADATA_FILE
         for key, value in _embedded_json(path, name, text).items()
         if key in RUNNER_INPUT_SETTINGS and value != RUNNER_INPUT_SETTINGS[key]
-    ]
+    ] + [
+        (key, recorded[key], f"its training record '{record_of(path)}'")
+        for key, runners in RUNNER_INPUT_SETTINGS.items()
+        if key in recorded and recorded[key] != runners
+    ]  # fmt: skip
     if other:
         settings = ", ".join(
-            f"{key} {value!r} (its embedded {name}; this runner's: {RUNNER_INPUT_SETTINGS[key]!r})"
-            for key, value, name in other
+            f"{key} {value!r} ({source}; this runner's: {RUNNER_INPUT_SETTINGS[key]!r})" for key, value, source in other
         )
-        overrides = " ".join(f"--{key} {value}" for key, value, _ in other)
+        overrides = " ".join(dict.fromkeys(f"--{key} {value}" for key, value, _ in other))
         raise ValueError(
             f"model '{path}' was exported with other input settings than this runner's, {settings}: the runner feeds "
             f"the {len(MODALITIES)} maps only ({', '.join(MODALITIES)}); segment with its weights through "

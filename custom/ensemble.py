@@ -210,7 +210,8 @@ def write_ensemble_checkpoint(
         out: the file to write (atomically); pass it to ``ckpt_export`` as ``--ckpt_file`` and as
             ``--ensemble_ckpt_paths`` (docs/deployment.md).
         config_file: the inference config whose ``network_def`` the checkpoints fit (default: the bundle's); a
-            checkpoint whose training record names other ``input_settings`` than this config's is refused, naming it.
+            checkpoint whose training record names other ``input_settings`` than this config's (its id
+            ``input_settings``, else its ids of ``INPUT_SETTINGS``: ``_input_settings``) is refused, naming it.
         overwrite: replace an existing ``out`` (refused otherwise: ``--out bundle/models/model.pt`` replaced the
             trained weights without a word).
         input_settings: overrides of the config's ``INPUT_SETTINGS`` (``--contralateral_channels difference``), as
@@ -236,15 +237,34 @@ def write_ensemble_checkpoint(
     for key, value in input_settings.items():
         parser[key] = value
     # a member whose training record names other input settings than the config's is refused, as inference refuses it
-    settings = parser.get_parsed_content("input_settings", default=None)
+    settings = _input_settings(parser, config_file)
     network = inference_network(parser.get_parsed_content("network_def"), [str(c) for c in checkpoints],
                                 input_settings=settings)  # fmt: skip
     state = network.state_dict()
-    if settings is not None and any(read_record(checkpoint) is not None for checkpoint in checkpoints):
+    if any(read_record(checkpoint) is not None for checkpoint in checkpoints):
         embed_record(state, {key: settings[key] for key in INPUT_SETTINGS})  # each recorded member has these
     write_atomically(out, lambda temporary: torch.save(state, temporary))
     print(f"ensemble checkpoint of {len(checkpoints)} members")  # python -m custom prints the returned path after it
     return str(out)
+
+
+def _input_settings(parser, config_file) -> dict:
+    """The input settings of the inference config ``config_file`` read into ``parser`` (its overrides applied): its id
+    ``input_settings``, else (a config of the user's own without it) its ids of ``INPUT_SETTINGS``.
+
+    Why: ``write_ensemble_checkpoint`` compares its members' training records with them and embeds them; a config
+    without ``input_settings`` gave None, so its members were neither checked nor their settings embedded. A config
+    with neither is refused, naming it and the ids it lacks."""
+    if "input_settings" in parser:
+        return parser.get_parsed_content("input_settings")
+    missing = [key for key in INPUT_SETTINGS if key not in parser]
+    if missing:
+        raise ValueError(
+            f"config file '{config_file}' has no id 'input_settings', nor {', '.join(repr(key) for key in missing)}: "
+            "the members' training records cannot be compared with its input settings; add them to it, or pass "
+            f"{' '.join(f'--{key} <value>' for key in missing)} with the values the members were trained with"
+        )
+    return {key: parser.get_parsed_content(key) for key in INPUT_SETTINGS}
 
 
 class SplitUncertaintyd(MapTransform):

@@ -53,6 +53,8 @@ RUN_SETTINGS = ("fold", "dataset_json_sha256")
 # ``dataset_json_sha256`` where the record holds it (absent from records up to 0.3.15, compared by the whole file):
 # a dataset.json changed only in its testing list or description trains the same.
 SCORED_DATASET = "scored_dataset_sha256"
+# The record keys of dataset.json's hashes, with what each covers as ``check_record`` names it.
+_DATASET_HASHES = {"dataset_json_sha256": "SHA-256", SCORED_DATASET: "training cases, folds and labels of SHA-256"}
 # The record key of the loss's config ids (``custom.config_check.config_values``: ``{"loss#lambda_gdl": 0, ...}``),
 # which a resumed run must share too: it would train on with another objective. Absent from records up to 0.3.15.
 LOSS = "loss"
@@ -152,37 +154,44 @@ def check_record(
         f"'{os.path.normpath(record_of(checkpoint))}'" if embedded is None
         else "the checkpoint itself, from its members' records"
     )
-    # a record of a run without dataset.json (MONAI Label's served copy) names no dataset to compare, one of 0.3.15 or
-    # earlier no loss and no SCORED_DATASET (its whole dataset.json compared); one with it not its whole dataset.json
-    by_scored_part = record.get(SCORED_DATASET) is not None and SCORED_DATASET in settings
-    differing = [
-        key for key, value in settings.items()
-        if key in record and record[key] != value
-        and not (key in ("dataset_json_sha256", SCORED_DATASET) and record[key] is None)
-        and not (key == "dataset_json_sha256" and by_scored_part)
-        and not (key == LOSS and None in (record[key], value))
-    ]
+    differing = [key for key in settings if _compared(key, record, settings) and record[key] != settings[key]]
     if not differing:
         return
-    lines = []
-    for key in differing:
-        if key == LOSS:
-            lines += _loss_differences(record[key], settings[key])
-        elif key in ("dataset_json_sha256", SCORED_DATASET):
-            trained_on = record.get("dataset_json")
-            folder = os.path.dirname(trained_on) if trained_on else "<its dataset folder>"
-            part = "SHA-256" if key == "dataset_json_sha256" else "training cases, folds and labels of SHA-256"
-            lines.append(
-                f"dataset: trained on '{trained_on}' ({part} {record[key][:12]}...), this run's dataset.json has "
-                f"{part} {str(settings[key])[:12]}... (--dataset_dir '{folder}')"
-            )
-        else:
-            lines.append(f"{key}: trained with {record[key]!r}, this run {settings[key]!r} (--{key} {record[key]})")
+    lines = [line for key in differing for line in _difference(key, record, settings[key])]
     raise ValueError(
         f"checkpoint '{os.path.normpath(checkpoint)}' was trained with other settings than this run's (recorded in "
         f"{recorded_in}) and is not {action}; pass the overrides in brackets:\n  "
         + "\n  ".join(lines) + otherwise
     )
+
+
+def _compared(key: str, record: Mapping, settings: Mapping) -> bool:
+    """Whether ``check_record`` compares the id ``key`` of this run's ``settings`` with ``record``."""
+    if key not in record:
+        return False  # recorded only by later versions (SCORED_DATASET and LOSS: not up to 0.3.15)
+    if key in _DATASET_HASHES and record[key] is None:
+        return False  # a run without dataset.json (MONAI Label's served copy) names no dataset
+    if key == "dataset_json_sha256" and record.get(SCORED_DATASET) is not None and SCORED_DATASET in settings:
+        return False  # its scored part is compared instead: a change of the testing list alone trains the same
+    if key == LOSS and None in (record[key], settings[key]):
+        return False  # a record or a run written without its loss (``write_training_record``'s loss=None)
+    return True
+
+
+def _difference(key: str, record: Mapping, this_run) -> list[str]:
+    """The lines of ``check_record``'s refusal for the id ``key``, whose value in ``record`` differs from this run's
+    ``this_run``, each with the override that gives the recorded value."""
+    if key == LOSS:
+        return _loss_differences(record[key], this_run)
+    if key in _DATASET_HASHES:
+        trained_on = record.get("dataset_json")
+        folder = os.path.dirname(trained_on) if trained_on else "<its dataset folder>"
+        part = _DATASET_HASHES[key]
+        return [
+            f"dataset: trained on '{trained_on}' ({part} {record[key][:12]}...), this run's dataset.json has {part} "
+            f"{str(this_run)[:12]}... (--dataset_dir '{folder}')"
+        ]
+    return [f"{key}: trained with {record[key]!r}, this run {this_run!r} (--{key} {record[key]})"]
 
 
 def _loss_differences(trained: Mapping, this_run: Mapping) -> list[str]:

@@ -273,10 +273,12 @@ def test_a_written_path_is_printed_once_as_the_last_line(tmp_path, capsys):
     summary whose counts are worded in the right number ("1 testing case")."""
     from monai.networks.nets import UNet
 
+    from custom.deploy import RUNNER_INPUT_SETTINGS
+
     raw, dataset, ensemble = tmp_path / "raw", tmp_path / "dataset", tmp_path / "ensemble.pt"
     network = {"_target_": "UNet", "spatial_dims": 2, "in_channels": 5, "out_channels": 2, "channels": [4, 8],
                "strides": [2], "num_res_units": 1, "norm": "instance"}  # fmt: skip
-    (tmp_path / "tiny.json").write_text(json.dumps({"network_def": network}))
+    (tmp_path / "tiny.json").write_text(json.dumps({"network_def": network, **RUNNER_INPUT_SETTINGS}))  # 5 channels
     members = [str(tmp_path / f"fold{k}.pt") for k in (0, 1)]
     for member in members:
         torch.save(UNet(**{k: v for k, v in network.items() if k != "_target_"}).state_dict(), member)

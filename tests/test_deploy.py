@@ -28,7 +28,8 @@ from custom.transforms import NormalizeWithinBrain
 
 # What docs/deployment.md tells to copy for the runner: deploy.py and the project modules it imports.
 RUNNER_FILES = ("custom/__init__.py", "custom/deploy.py", "custom/clinical.py", "custom/lesions.py", "custom/atomic.py",
-                "custom/data/__init__.py", "custom/data/datalist.py", "custom/data/studies.py")  # fmt: skip
+                "custom/training_record.py", "custom/wording.py", "custom/data/__init__.py", "custom/data/datalist.py",
+                "custom/data/studies.py")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -174,14 +175,18 @@ def _third_party_imports(module: str, top_level_only: bool = False) -> set[str]:
     return {m for m in modules if m.split(".")[0] not in sys.stdlib_module_names}
 
 
-def test_deploy_imports_only_torch_numpy_scipy_nibabel_the_standard_library_and_five_project_modules():
+def test_deploy_imports_only_torch_numpy_scipy_nibabel_the_standard_library_and_seven_project_modules():
     assert _third_party_imports("deploy.py") == {
         "torch", "numpy", "nibabel", "custom", "custom.atomic", "custom.clinical", "custom.lesions",
-        "custom.data.datalist", "custom.data.studies",
+        "custom.training_record", "custom.data.datalist", "custom.data.studies",
     }  # fmt: skip  # custom: its __version__, the runner's bundle version
     assert _third_party_imports("clinical.py") == {"numpy", "custom.atomic"}
     assert _third_party_imports("lesions.py") == {"numpy", "scipy", "custom.clinical"}
     assert _third_party_imports("atomic.py") == set()
+    assert _third_party_imports("training_record.py", top_level_only=True) == {
+        "custom.atomic", "custom.data.datalist", "custom.wording"
+    }  # fmt: skip  # custom.data.studies imported where used (case_digests), never by the runner
+    assert _third_party_imports("wording.py") == set()
     assert _third_party_imports("data/__init__.py") == set()
     assert _third_party_imports("data/datalist.py", top_level_only=True) == set()  # readers imported where used
     assert _third_party_imports("data/studies.py") == {"numpy", "nibabel", "custom.clinical"}
@@ -197,6 +202,7 @@ def test_runner_copied_without_the_project(exported_model, tiny_phantom_dataset,
         (runner / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / name, runner / name)
     shutil.copy(torchscript, runner / "model.ts")
+    shutil.copy(BUNDLE / "models" / "training_inputs.json", runner)  # as docs/deployment.md copies it, and reads it
     image = _write(tmp_path / "image.nii.gz", _with_background(np.random.default_rng(0).uniform(1, 2, (20, 24, 2, 5))))
     case = shutil.copytree(sorted((tiny_phantom_dataset.parent / "isles2018" / "TESTING").iterdir())[0],
                            tmp_path / "case_9")  # fmt: skip
@@ -621,6 +627,39 @@ def test_a_model_exported_with_other_input_settings_is_refused_naming_them(tmp_p
     with pytest.raises(ValueError, match=refusal):
         deploy(image, model=model, out=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+    (model.parent / "training_inputs.json").write_text(json.dumps(override))  # its record says so too: named once
+    with pytest.raises(ValueError, match=rf"\(its training record '{model.parent / 'training_inputs.json'}'; (.*)"
+                                         rf"through inference.json with --{key} {value}$"):
+        deploy(image, model=model, out=tmp_path / "out")
+
+
+def test_a_model_whose_training_record_names_other_input_settings_is_refused_naming_them(exported_model, tmp_path):
+    """``ckpt_export`` embeds the config files, not its command line's overrides: a model exported with
+    ``--adjacent_slices 1`` (or any setting that keeps the 5 channels the probe checks) ran on the runner's input
+    without a word. The training record that the export leaves it beside (``--filepath runs/fold0/model.ts``) names
+    them: refused before any output, naming the model, the record, the setting with both values and the override;
+    a record of the runner's settings, or one without them (earlier versions), is accepted."""
+    from custom.deploy import RUNNER_INPUT_SETTINGS
+
+    model = tmp_path / "fold0" / "model.ts"
+    model.parent.mkdir()
+    shutil.copy(exported_model[1], model)
+    record = model.parent / "training_inputs.json"
+    image = _write(tmp_path / "image.nii.gz", _with_background(np.random.default_rng(0).uniform(1, 2, (20, 24, 2, 5))))
+    record.write_text(json.dumps({**RUNNER_INPUT_SETTINGS, "adjacent_slices": 1, "fold": 0}))
+    refusal = (rf"model '{model}' was exported with other input settings than this runner's, adjacent_slices 1 \(its "
+               rf"training record '{record}'; this runner's: 0\)(.*)through inference.json with --adjacent_slices 1$")
+    with pytest.raises(ValueError, match=refusal):
+        deploy(image, model=model, out=tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+
+    record.write_text("{")
+    with pytest.raises(ValueError, match=rf"training record '{record}' of checkpoint '{model}' cannot be read"):
+        deploy(image, model=model, out=tmp_path / "refused")
+    for accepted in ({**RUNNER_INPUT_SETTINGS, "fold": 0}, {"fold": 0}):
+        record.write_text(json.dumps(accepted))
+        deploy(image, model=model, out=tmp_path / str(len(accepted)))
+        assert (tmp_path / str(len(accepted)) / "image_seg.nii.gz").is_file()
 
 
 def test_a_model_of_another_bundle_version_runs_with_a_warning_naming_both(exported_model, tmp_path, capsys):

@@ -24,6 +24,7 @@ from custom.ensemble import (
     inference_network,
     write_ensemble_checkpoint,
 )
+from custom.training_record import INPUT_SETTINGS, embedded_record
 
 
 def _tiny_unet(seed: int) -> torch.nn.Module:
@@ -197,6 +198,45 @@ def test_ensemble_checkpoint_refuses_members_trained_with_other_input_settings(t
     assert advice == "--contralateral_channels difference" and not (tmp_path / "ensemble.pt").exists()
     main([*command, *advice.split()])
     assert (tmp_path / "ensemble.pt").is_file() and "ensemble checkpoint of 2 members" in capsys.readouterr().out
+
+
+def test_ensemble_checkpoint_of_a_config_without_input_settings_takes_its_ids_of_them(tmp_path):
+    """A ``--config_file`` of the user's own without the id ``input_settings`` gave no settings: members trained with
+    'difference' joined a 'mirror' ensemble without a word, and the file carried no record. Its top-level ids of the
+    input settings are compared and embedded instead."""
+    config = {key: value for key, value in json.loads((CONFIGS / "inference.json").read_text()).items()
+              if key != "input_settings"}  # fmt: skip
+    config_file, mirror = tmp_path / "mirror.json", {**config, "contralateral_channels": "mirror"}
+    config_file.write_text(json.dumps(mirror))
+    members = _recorded_members(tmp_path / "mixed", ("mirror", "difference"))
+    with pytest.raises(ValueError, match=rf"checkpoint '{members[1]}' was trained with other settings(.|\n)*"
+                                         r"contralateral_channels: trained with 'difference', this run 'mirror'"):
+        write_ensemble_checkpoint(*members, out=str(tmp_path / "ensemble.pt"), config_file=str(config_file))
+    assert not (tmp_path / "ensemble.pt").exists()
+    members = _recorded_members(tmp_path / "mirror", ("mirror", "mirror"))
+    write_ensemble_checkpoint(*members, out=str(tmp_path / "ensemble.pt"), config_file=str(config_file))
+    state = torch.load(tmp_path / "ensemble.pt", map_location="cpu", weights_only=True)
+    assert embedded_record(state) == {key: mirror[key] for key in INPUT_SETTINGS}
+
+
+def test_ensemble_checkpoint_of_a_config_without_any_input_settings_is_refused_naming_it(tmp_path):
+    """With neither ``input_settings`` nor its ids the members could not be checked: refused, naming the config file
+    and each missing id, before anything is written; the ids passed as options are taken."""
+    from custom.deploy import RUNNER_INPUT_SETTINGS  # inference.json's defaults
+
+    network = {**json.loads((CONFIGS / "inference.json").read_text())["network_def"], "in_channels": 10}
+    config_file = tmp_path / "network_only.json"
+    config_file.write_text(json.dumps({"network_def": network}))
+    members = _recorded_members(tmp_path, ("mirror", "mirror"))
+    with pytest.raises(ValueError) as refused:
+        write_ensemble_checkpoint(*members, out=str(tmp_path / "ensemble.pt"), config_file=str(config_file))
+    message = str(refused.value)
+    assert message.startswith(f"config file '{config_file}' has no id 'input_settings', nor ")
+    assert all(f"'{key}'" in message and f"--{key} <value>" in message for key in INPUT_SETTINGS)
+    assert not (tmp_path / "ensemble.pt").exists()
+    mirror = {**RUNNER_INPUT_SETTINGS, "contralateral_channels": "mirror"}
+    write_ensemble_checkpoint(*members, out=str(tmp_path / "ensemble.pt"), config_file=str(config_file), **mirror)
+    assert embedded_record(torch.load(tmp_path / "ensemble.pt", map_location="cpu", weights_only=True)) == mirror
 
 
 def test_an_ensemble_checkpoint_is_refused_with_other_input_settings_than_its_members(tmp_path):

@@ -32,6 +32,7 @@ from custom.training_record import (
     TRAINING_RECORD,
     case_digests,
     check_held_out,
+    check_record,
     read_record,
     trained_images_among,
     write_training_record,
@@ -533,6 +534,70 @@ def _edit_dataset_json(dataset: Path, change) -> None:
     contents = json.loads((dataset / "dataset.json").read_text())
     change(contents)
     (dataset / "dataset.json").write_text(json.dumps(contents, indent=2))
+
+
+_TRAINED = {"contralateral_channels": None, "adjacent_slices": 0, "fold": 0, "dataset_json": "/data/dataset.json",
+            "dataset_json_sha256": "a" * 64, "scored_dataset_sha256": "b" * 64, "loss": {"loss#lambda_gdl": 1.0}}
+_RESUMING = {key: _TRAINED[key] for key in ("contralateral_channels", "adjacent_slices", "fold", "dataset_json_sha256",
+                                            "scored_dataset_sha256", "loss")}  # write_training_record's comparison
+_SERVED = {**_TRAINED, "dataset_json": None, "dataset_json_sha256": None, "scored_dataset_sha256": None}
+_UP_TO_0_3_15 = {key: value for key, value in _TRAINED.items() if key not in ("scored_dataset_sha256", "loss")}
+_WHOLE_FILE = ("dataset: trained on '/data/dataset.json' (SHA-256 aaaaaaaaaaaa...), this run's dataset.json has "
+               "SHA-256 cccccccccccc... (--dataset_dir '/data')")
+_SCORED_PART = ("dataset: trained on '/data/dataset.json' (training cases, folds and labels of SHA-256 "
+                "bbbbbbbbbbbb...), this run's dataset.json has training cases, folds and labels of SHA-256 "
+                "dddddddddddd... (--dataset_dir '/data')")
+
+
+@pytest.mark.parametrize("record, settings, lines", [
+    (_TRAINED, _RESUMING, []),
+    # a record of MONAI Label's served copy (no dataset.json) names no dataset to compare
+    (_SERVED, {**_RESUMING, "dataset_json_sha256": "c" * 64, "scored_dataset_sha256": "d" * 64}, []),
+    # up to 0.3.15: no scored part, the whole dataset.json compared; no loss, the loss not compared
+    (_UP_TO_0_3_15, {**_RESUMING, "scored_dataset_sha256": "d" * 64, "loss": {"loss#lambda_gdl": 0}}, []),
+    (_UP_TO_0_3_15, {**_RESUMING, "dataset_json_sha256": "c" * 64},
+     [_WHOLE_FILE]),
+    # the scored part compared in place of the whole file: a testing-list change accepted, a training change refused
+    (_TRAINED, {**_RESUMING, "dataset_json_sha256": "c" * 64}, []),
+    (_TRAINED, {**_RESUMING, "dataset_json_sha256": "c" * 64, "scored_dataset_sha256": "d" * 64}, [_SCORED_PART]),
+    # a comparison without the scored part compares the whole file, even where the record holds its hash
+    ({**_TRAINED, "scored_dataset_sha256": "d" * 64}, {key: value for key, value in _RESUMING.items()
+                                                       if key != "scored_dataset_sha256"}, []),
+    (_TRAINED, {key: value for key, value in _RESUMING.items() if key != "scored_dataset_sha256"} | {
+        "dataset_json_sha256": "c" * 64}, [_WHOLE_FILE]),
+    # a run that recorded a dataset resumed by one without dataset.json: compared
+    (_TRAINED, {**_RESUMING, "dataset_json_sha256": None, "scored_dataset_sha256": None},
+     ["dataset: trained on '/data/dataset.json' (training cases, folds and labels of SHA-256 bbbbbbbbbbbb...), this "
+      "run's dataset.json has training cases, folds and labels of SHA-256 None... (--dataset_dir '/data')"]),
+    # a loss compared only where both sides name one
+    ({**_TRAINED, "loss": None}, {**_RESUMING, "loss": {"loss#lambda_gdl": 0}}, []),
+    (_TRAINED, {**_RESUMING, "loss": None}, []),
+    (_TRAINED, {**_RESUMING, "loss": {"loss#lambda_gdl": 0, "loss#gdl_batch": False}},
+     ["loss#gdl_batch: not set in training, this run False (leave --loss#gdl_batch out)",
+      "loss#lambda_gdl: trained with 1.0, this run 0 (--loss#lambda_gdl 1.0)"]),
+    # every difference, in the order of the settings; the input settings alone (as a loading run compares them)
+    (_TRAINED, {**_RESUMING, "adjacent_slices": 1, "fold": 2, "scored_dataset_sha256": "d" * 64},
+     ["adjacent_slices: trained with 0, this run 1 (--adjacent_slices 0)",
+      "fold: trained with 0, this run 2 (--fold 0)", _SCORED_PART]),
+    (_SERVED, {"contralateral_channels": "mirror", "adjacent_slices": 0},
+     ["contralateral_channels: trained with None, this run 'mirror' (--contralateral_channels None)"]),
+])  # fmt: skip
+def test_a_record_is_compared_on_what_it_and_the_run_both_name(tmp_path, record, settings, lines):
+    """``check_record``'s comparison, case by case (the resume tests above run them through train.json): a record
+    without dataset.json (MONAI Label's served copy) or without a loss, and a run without a loss, are not compared on
+    them; a record of 0.3.15 or earlier is compared by the whole dataset.json, a later one by its scored part only."""
+    checkpoint = tmp_path / "model.pt"
+    (tmp_path / TRAINING_RECORD).write_text(json.dumps(record))
+    if not lines:
+        check_record(checkpoint, settings, action="resumed")
+        return
+    with pytest.raises(ValueError) as raised:
+        check_record(checkpoint, settings, action="resumed", otherwise="\nor not")
+    assert str(raised.value) == (
+        f"checkpoint '{checkpoint}' was trained with other settings than this run's (recorded in "
+        f"'{tmp_path / TRAINING_RECORD}') and is not resumed; pass the overrides in brackets:\n  "
+        + "\n  ".join(lines) + "\nor not"
+    )
 
 
 def test_a_run_resumed_with_another_loss_is_refused_naming_each_id(tiny_phantom_dataset, tmp_path):
