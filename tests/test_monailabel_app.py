@@ -9,6 +9,7 @@ import subprocess
 import sys
 import traceback
 import types
+import zipfile
 from pathlib import Path
 
 import nibabel as nib
@@ -62,6 +63,21 @@ def test_served_copy_trains_into_its_models_folder(tmp_path):
     assert (served / "custom" / "lifecycle.py").is_file() and (served / "models" / "model.pt").is_file()
     with pytest.raises(FileExistsError, match="ctp_stroke"):
         unpack_served_bundle(tmp_path / "ctp_stroke.zip", tmp_path / "model")
+
+
+def test_an_archive_of_a_served_copy_leaves_out_monailabels_run_config(tmp_path, caplog):
+    """MONAI Label's multi-GPU fine-tune writes configs/monailabel_train.json into the served copy (train.json with its
+    overrides: the server's absolute study paths), and `python -m custom package` of the copy packed it with the
+    bundle's configs. The archive leaves it out, saying so; the archive is served again as the first was."""
+    served = unpack_served_bundle(package_bundle(tmp_path / "ctp_stroke.zip"), tmp_path / "model")
+    run_config = served / "configs" / "monailabel_train.json"
+    run_config.write_text(json.dumps({"train": {"dataset": {"data": [{"image": "/srv/studies/case_1.nii.gz"}]}}}))
+    archive = package_bundle(tmp_path / "fine_tuned" / "ctp_stroke.zip", bundle_root=served)
+    names = zipfile.ZipFile(archive).namelist()
+    assert "ctp_stroke/configs/train.json" in names and "ctp_stroke/configs/monailabel_train.json" not in names
+    assert f"leaving '{run_config}' out of the archive: MONAI Label's config of the served copy's last multi-GPU " \
+           "fine-tune" in caplog.text
+    check_served_bundle(unpack_served_bundle(archive, tmp_path / "handed_on"))
 
 
 def test_served_copy_takes_the_input_settings_of_its_weights(tmp_path):
