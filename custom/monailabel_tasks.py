@@ -24,9 +24,18 @@ from monailabel.tasks.infer.bundle import BundleInferTask
 from monailabel.tasks.train.bundle import BundleTrainTask
 
 logger = logging.getLogger(__name__)
-# Held by each fine-tune of a served bundle while it runs: an empty file in its models/ folder, which filelock leaves in
-# place (MONAI Label lists the *.pt files there, `python -m custom package` takes models/model.* only).
+# Held by each fine-tune of a served bundle while it runs: an empty file beside the bundle folder, in the app's model/
+# (<app>/model/.ctp_stroke.fine_tune.lock), which filelock's FileLock leaves in place on release so that every process
+# locks the same file (deleting it is unsafe on POSIX: a process that opened it before the deletion could lock the
+# deleted file while another locks a new one). Outside the bundle it never reaches a copy or an archive of the served
+# bundle; MONAI Label reads only the folders named by --conf models in model/.
 FINE_TUNE_LOCK = ".fine_tune.lock"
+
+
+def fine_tune_lock(bundle_path) -> Path:
+    """The lock file of the fine-tunes of the bundle at ``bundle_path``: ``.<name>`` + ``FINE_TUNE_LOCK`` beside it."""
+    bundle_path = Path(bundle_path)
+    return bundle_path.with_name(f".{bundle_path.name}{FINE_TUNE_LOCK}")
 
 
 def causes(err: BaseException) -> list[BaseException]:
@@ -110,16 +119,16 @@ class RefusalReportingTrainTask(BundleTrainTask):
             lock.release()
 
     def one_at_a_time(self, request) -> FileLock:
-        """Take the lock of the bundle's ``models/`` folder (``FINE_TUNE_LOCK``), or refuse the fine-tune: HTTP 429 in
-        the server (``run_sync=true``), else a RuntimeError, the last line of its log.
+        """Take the lock of the bundle's fine-tunes (``fine_tune_lock``), or refuse the fine-tune: HTTP 429 in the
+        server (``run_sync=true``), else a RuntimeError, the last line of its log.
 
         Why: MONAI Label 0.8.5 answers 429 to a second fine-tune only where it was not asked to queue it: ``POST
         /train/<model>?run_sync=true&enqueue=true`` and ``POST /train/?run_sync=true`` ran in the server beside the
         background fine-tune, both writing the served ``models/model.pt`` and ``latest_checkpoint_epoch=N.pt`` of the
         same names (seen here: the second replaced ``model.pt``, then failed removing a checkpoint the first had
-        removed, HTTP 500, while the first trained on). filelock's lock (a dependency of torch) is the kernel's
+        removed, HTTP 500, while the first trained on). filelock's lock is the kernel's
         ``flock``, released when the process holding it ends, also when ``DELETE /train/`` kills it."""
-        lock = FileLock(Path(self.bundle_path) / "models" / FINE_TUNE_LOCK, blocking=False)
+        lock = FileLock(fine_tune_lock(self.bundle_path), blocking=False)
         try:
             lock.acquire()
         except Timeout:

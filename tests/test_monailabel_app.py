@@ -498,12 +498,12 @@ def test_one_fine_tune_of_the_served_bundle_runs_at_a_time(served_tasks, tmp_pat
     that failed leaves the bundle free."""
     from fastapi import HTTPException
 
-    models = tmp_path / "app" / "model" / "ctp_stroke" / "models"
-    started = []
+    served = tmp_path / "app" / "model" / "ctp_stroke"
+    models, started = served / "models", []
     served_tasks.BundleTrainTask.fail = staticmethod(lambda: started.append("fine-tune"))
     holder = subprocess.Popen(  # the background fine-tune: another process holding the bundle's lock
         [sys.executable, "-c", "import sys; from filelock import FileLock; lock = FileLock(sys.argv[1]); "
-         "lock.acquire(); print('held', flush=True); sys.stdin.read()", str(models / served_tasks.FINE_TUNE_LOCK)],
+         "lock.acquire(); print('held', flush=True); sys.stdin.read()", str(served_tasks.fine_tune_lock(served))],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -528,6 +528,19 @@ def test_one_fine_tune_of_the_served_bundle_runs_at_a_time(served_tasks, tmp_pat
         with pytest.raises(ValueError, match="MONAI Label gave the fine-tune no labelled study to train on"):
             served_tasks.RefusalReportingTrainTask()({"model": "ctp_stroke"}, None)
     assert started == ["fine-tune", "fine-tune"]
+
+
+def test_the_fine_tune_lock_stays_outside_the_served_bundle(served_tasks, tmp_path):
+    """The lock of the served copy's fine-tunes (filelock's ``FileLock``, whose file stays on release: deleting it is
+    unsafe) was an empty ``models/.fine_tune.lock`` left in the served bundle after each fine-tune, debris in any copy
+    of it. It lies beside the bundle folder, in the app's ``model/``."""
+    served = tmp_path / "app" / "model" / "ctp_stroke"
+    models = sorted((served / "models").iterdir())
+    with pytest.raises(ValueError, match="MONAI Label gave the fine-tune no labelled study to train on"):
+        served_tasks.RefusalReportingTrainTask()({"model": "ctp_stroke"}, None)
+    assert sorted((served / "models").iterdir()) == models and not list(served.rglob(".*"))
+    assert served_tasks.fine_tune_lock(served) == served.parent / ".ctp_stroke.fine_tune.lock"
+    assert sorted(path.name for path in served.parent.iterdir()) == [".ctp_stroke.fine_tune.lock", "ctp_stroke"]
 
 
 def test_each_fine_tune_in_the_server_starts_from_train_json_as_it_is_on_disk(served_tasks):
