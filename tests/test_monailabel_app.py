@@ -1,6 +1,7 @@
 """What MONAI Label reads from the bundle, and the app preparation that does not need the server."""
 
 import asyncio
+import configparser
 import importlib.util
 import json
 import os
@@ -16,7 +17,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import CONFIGS, inference_network
+from conftest import CONFIGS, REPO, inference_network
 from monai.bundle import ConfigParser
 
 from custom.__main__ import main as command_line
@@ -288,6 +289,18 @@ def test_start_line_is_offline_and_loopback(tmp_path):
     assert "--host 127.0.0.1 --port 8123" in line
     for conf in ("models ctp_stroke", "sam2 false", "zoo_source github"):
         assert f"--conf {conf}" in line
+
+
+def test_filelock_is_declared_for_the_environments_that_run_the_app_tasks():
+    """The app's training task locks with filelock's ``FileLock(..., blocking=False)``, which filelock 3.13.4 refuses
+    (``TypeError``; 3.14.0 added it) and no install list named: it came through torch's ``filelock`` and MONAI Label
+    0.8.5's ``filelock>=3.11.0``. The label extra, the test extra (this file runs the task) and .ci/monailabel_env,
+    which builds the server's environment, declare it."""
+    setup = configparser.ConfigParser()
+    setup.read(REPO / "setup.cfg")
+    for extra in ("label", "test"):
+        assert "filelock>=3.14" in setup["options.extras_require"][extra].split(), extra
+    assert '"filelock>=3.14"' in (REPO / ".ci" / "monailabel_env").read_text()
 
 
 def _refusal_reporting_tasks(app, monkeypatch, infer, train):
