@@ -490,16 +490,34 @@ def test_a_fine_tune_run_in_the_server_is_answered_with_its_refusal_or_error(ser
 def test_a_multi_gpu_fine_tune_runs_torchrun_of_its_environment_and_fails_when_it_fails(served_tasks, tmp_path, capfd):
     """MONAI Label 0.8.5 ran ``torchrun`` from ``PATH`` (``FileNotFoundError`` under the documented start line, which
     does not activate the environment) and ignored its exit status (a refused or failed multi-GPU fine-tune ended DONE).
-    MONAI Label's command line is run with this environment's Python, and its failure fails the fine-tune."""
-    task, json_file = served_tasks.RefusalReportingTrainTask(), tmp_path / "valid.json"
+    MONAI Label's command line is run with this environment's Python, and its failure fails the fine-tune in one line
+    naming the cause: a refused fine-tune's log ended with the traceback of ``RuntimeError: the multi-GPU fine-tune
+    failed: torchrun exited with status 1; ...``, the refusal above it among the ranks' output. A fine-tune of its own
+    process exits with status 1 and the first error of the ranks (the original one of the chain, not MONAI's wrapper),
+    or torchrun's status where no rank printed one; one run in the server raises it (HTTP 500)."""
+    task, json_file, refused = served_tasks.RefusalReportingTrainTask(), tmp_path / "valid.json", tmp_path / "rank.py"
     json_file.write_text("{}")
-    torchrun = ["torchrun", "--standalone", "--nnodes=1", "--nproc_per_node=1", "-m", "json.tool"]  # a tiny program
+    refused.write_text(  # as a rank refused by the bundle ends: the refusal, then MONAI's wrapper raised from it
+        'try:\n    raise ValueError("no labelled study\\n  the labels")\nexcept ValueError as err:\n'
+        '    raise RuntimeError("Failed to instantiate component") from err\n'
+    )
+    torchrun = ["torchrun", "--standalone", "--nnodes=1", "--nproc_per_node=1"]
     env = {key: value for key, value in os.environ.items() if key != "PATH"}  # no torchrun to find
-    task.run_multi_gpu({}, torchrun + [str(json_file)], env)
-    failed = "the multi-GPU fine-tune failed: torchrun exited with status 1; the error of each rank is above in the log"
-    with pytest.raises(RuntimeError, match=failed):
-        task.run_multi_gpu({}, torchrun + [os.devnull], env)  # json.tool fails on an empty file
-    assert "Expecting value" in capfd.readouterr().err
+    task.run_multi_gpu({}, torchrun + ["-m", "json.tool", str(json_file)], env)  # a tiny program
+    with pytest.raises(SystemExit) as exited:
+        task.run_multi_gpu({}, torchrun + [str(refused)], env)
+    assert exited.value.code == "the multi-GPU fine-tune failed: ValueError: no labelled study (torchrun exited with " \
+                                "status 1); each rank's output is above in the log"
+    assert "RuntimeError: Failed to instantiate component" in capfd.readouterr().out  # the ranks' output: the log
+
+    async def in_the_server():  # json.tool fails on an empty file, printing no traceback
+        task.run_multi_gpu({}, torchrun + ["-m", "json.tool", os.devnull], env)
+
+    with pytest.raises(RuntimeError) as raised:
+        asyncio.run(in_the_server())
+    assert str(raised.value) == "the multi-GPU fine-tune failed: torchrun exited with status 1; each rank's output " \
+                                "is above in the log"
+    assert "Expecting value" in capfd.readouterr().out
 
 
 def test_one_fine_tune_of_the_served_bundle_runs_at_a_time(served_tasks, tmp_path):
