@@ -14,6 +14,7 @@ custom monailabel-app`` copies this file into the app (``lib/refusal_reporting.p
 
 import asyncio
 import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,9 +25,18 @@ from monailabel.tasks.infer.bundle import BundleInferTask
 from monailabel.tasks.train.bundle import BundleTrainTask
 
 logger = logging.getLogger(__name__)
-# Held by each fine-tune of a served bundle while it runs: an empty file in its models/ folder, which filelock leaves in
-# place (MONAI Label lists the *.pt files there, `python -m custom package` takes models/model.* only).
+# Held by each fine-tune of a served bundle while it runs: an empty file beside the bundle folder, in the app's model/
+# (<app>/model/.ctp_stroke.fine_tune.lock), which filelock's FileLock leaves in place on release so that every process
+# locks the same file (deleting it is unsafe on POSIX: a process that opened it before the deletion could lock the
+# deleted file while another locks a new one). Outside the bundle it never reaches a copy or an archive of the served
+# bundle; MONAI Label reads only the folders named by --conf models in model/.
 FINE_TUNE_LOCK = ".fine_tune.lock"
+
+
+def fine_tune_lock(bundle_path) -> Path:
+    """The lock file of the fine-tunes of the bundle at ``bundle_path``: ``.<name>`` + ``FINE_TUNE_LOCK`` beside it."""
+    bundle_path = Path(bundle_path)
+    return bundle_path.with_name(f".{bundle_path.name}{FINE_TUNE_LOCK}")
 
 
 def causes(err: BaseException) -> list[BaseException]:
@@ -57,6 +67,29 @@ def failure(what: str, err: BaseException) -> str:
     original one, not MONAI's wrapper), type and message, so that a user can report it."""
     original = causes(err)[-1]
     return f"{what} failed: {type(original).__name__}: {original} (the traceback is in the server's log)"
+
+
+# A line of torchrun's output: a rank's traceback is prefixed "[rank<N>]: " once the rank has joined the process group
+# (torch.distributed's excepthook), unprefixed before, as is torchrun's own, whose error sums up the ranks' failures.
+RANK_LINE = re.compile(r"(\[rank\d+\]: )?(.*)")
+TORCHRUN_ERROR = "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:"
+
+
+def first_error(lines) -> str | None:
+    """The first error a rank printed in ``lines`` (torchrun's output), or None: the line that ends the first traceback,
+    whose first line is the original error of a chain, since Python prints the cause first (the bundle's refusal, not
+    MONAI's wrapper ``Failed to instantiate component``). Each rank's lines are followed apart, as torchrun interleaves
+    them; a multi-line message gives its first line. torchrun's own error (``TORCHRUN_ERROR``) names no cause."""
+    in_traceback = set()
+    for line in lines:
+        rank, text = RANK_LINE.fullmatch(line.rstrip("\n")).groups()
+        if text.startswith("Traceback (most recent call last):"):
+            in_traceback.add(rank)
+        elif rank in in_traceback and text and not text[0].isspace():
+            if not text.startswith(TORCHRUN_ERROR):
+                return text
+            in_traceback.discard(rank)
+    return None
 
 
 def in_server() -> bool:
@@ -110,16 +143,16 @@ class RefusalReportingTrainTask(BundleTrainTask):
             lock.release()
 
     def one_at_a_time(self, request) -> FileLock:
-        """Take the lock of the bundle's ``models/`` folder (``FINE_TUNE_LOCK``), or refuse the fine-tune: HTTP 429 in
-        the server (``run_sync=true``), else a RuntimeError, the last line of its log.
+        """Take the lock of the bundle's fine-tunes (``fine_tune_lock``), or refuse the fine-tune: HTTP 429 in the
+        server (``run_sync=true``), else a RuntimeError, the last line of its log.
 
         Why: MONAI Label 0.8.5 answers 429 to a second fine-tune only where it was not asked to queue it: ``POST
         /train/<model>?run_sync=true&enqueue=true`` and ``POST /train/?run_sync=true`` ran in the server beside the
         background fine-tune, both writing the served ``models/model.pt`` and ``latest_checkpoint_epoch=N.pt`` of the
         same names (seen here: the second replaced ``model.pt``, then failed removing a checkpoint the first had
-        removed, HTTP 500, while the first trained on). filelock's lock (a dependency of torch) is the kernel's
+        removed, HTTP 500, while the first trained on). filelock's lock is the kernel's
         ``flock``, released when the process holding it ends, also when ``DELETE /train/`` kills it."""
-        lock = FileLock(Path(self.bundle_path) / "models" / FINE_TUNE_LOCK, blocking=False)
+        lock = FileLock(fine_tune_lock(self.bundle_path), blocking=False)
         try:
             lock.acquire()
         except Timeout:
@@ -156,15 +189,30 @@ class RefusalReportingTrainTask(BundleTrainTask):
 
     def run_multi_gpu(self, request, cmd, env):
         """Run MONAI Label's command line ``cmd`` (``torchrun`` and its arguments) with this environment's Python, and
-        raise if it fails.
+        fail the fine-tune if it fails, in one line naming the cause: the first error a rank printed (``first_error``;
+        the bundle's refusal, for one), else torchrun's exit status.
 
         Why: MONAI Label 0.8.5 runs ``torchrun`` from ``PATH``, which the documented start line (the environment's
         ``python -m monailabel.main``, not activated) does not hold (``FileNotFoundError: 'torchrun'``), or which may be
         another environment's; and it ignores torchrun's exit status, so a refused or failed multi-GPU fine-tune ended
-        DONE. The ranks' output, their errors included, goes to this log as it comes."""
+        DONE. The ranks' output, their errors included, goes to this log as it comes (torchrun's stdout and stderr in
+        one stream, as MONAI Label logs a fine-tune's process). A fine-tune of its own process then exits with status 1
+        and the line (``SystemExit``): MONAI Label marks its task ERROR by that status (``utils/async_tasks/utils.py``),
+        and no traceback of this process follows the ranks' (a RuntimeError's ended the log with ``torchrun exited
+        with status 1``, the refusal far above). In the server (``run_sync=true``) it is a RuntimeError, answered HTTP
+        500 (``http_error``)."""
         command = [sys.executable, "-m", "torch.distributed.run", *cmd[1:]]
         logger.info(f"running {command}")
-        returncode = subprocess.run(command, env=env).returncode
-        if returncode != 0:
-            raise RuntimeError(f"the multi-GPU fine-tune failed: torchrun exited with status {returncode}; the error "
-                               "of each rank is above in the log")
+        output = []
+        pipe = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
+        with subprocess.Popen(command, env=env, **pipe) as torchrun:
+            for line in torchrun.stdout:
+                print(line, end="", flush=True)
+                output.append(line)
+        if torchrun.returncode != 0:
+            error, status = first_error(output), f"torchrun exited with status {torchrun.returncode}"
+            failed = f"the multi-GPU fine-tune failed: {f'{error} ({status})' if error else status}; each rank's " \
+                     "output is above in the log"
+            if in_server():
+                raise RuntimeError(failed)
+            raise SystemExit(failed)

@@ -8,6 +8,7 @@ reach ``custom`` through ``_target_`` and not through their ``imports`` list (wh
 before it extends ``sys.path``). MONAI has no packaging command that adds such code, hence this module.
 """
 
+import logging
 import zipfile
 from pathlib import Path
 
@@ -17,12 +18,18 @@ from custom.atomic import write_atomically
 from custom.data.datalist import refuse_earlier_file
 from custom.training_record import BEST_MODEL, EXPORTS, TRAINING_RECORD
 
+logger = logging.getLogger(__name__)
+
 # What a bundle archive carries (MONAI bundle specification plus the LICENSE the model zoo requires).
 BUNDLE_FOLDERS = ("configs", "docs")
 BUNDLE_FILES = ("LICENSE",)
 # weights; model.pt is required, the exports and model.pt's training record (its input settings) optional
 MODEL_FILES = (BEST_MODEL, *EXPORTS, TRAINING_RECORD)
 REQUIRED = ("configs/metadata.json", "configs/inference.json", "LICENSE")
+# MONAI Label 0.8.5's multi-GPU fine-tune writes it into the bundle it serves (``monailabel/tasks/train/bundle.py``):
+# train.json with that fine-tune's overrides, the server's absolute study paths among them. A run output of the server,
+# not a config of the bundle: an archive of a served copy (custom.monailabel_app) leaves it out, saying so.
+MONAILABEL_RUN_CONFIG = "configs/monailabel_train.json"
 SKIPPED_NAMES = ("__pycache__",)
 SKIPPED_SUFFIXES = (".pyc", ".pyo")
 
@@ -70,9 +77,9 @@ def stale_exports(models: Path) -> list[str]:
 def bundle_members(bundle_root="bundle", include_models=True) -> list[tuple[Path, str]]:
     """(source file, path inside the bundle root) of every file a bundle archive carries.
 
-    Run outputs (``eval/``, training checkpoints other than ``models/model.*``) are left out; the
-    ``custom`` package this module belongs to goes to ``custom/``. An export that is not of ``model.pt``'s weights
-    (``stale_exports``) is refused.
+    Run outputs (``eval/``, training checkpoints other than ``models/model.*``) are left out, and so is MONAI Label's
+    ``MONAILABEL_RUN_CONFIG`` of a served copy, with a warning naming it; the ``custom`` package this module belongs to
+    goes to ``custom/``. An export that is not of ``model.pt``'s weights (``stale_exports``) is refused.
     """
     root = Path(bundle_root)
     missing = [name for name in REQUIRED if not (root / name).is_file()]
@@ -90,6 +97,10 @@ def bundle_members(bundle_root="bundle", include_models=True) -> list[tuple[Path
     members = [(root / name, name) for name in BUNDLE_FILES]
     for folder in BUNDLE_FOLDERS:
         members += [(p, p.relative_to(root).as_posix()) for p in _files_under(root / folder)]
+    if (root / MONAILABEL_RUN_CONFIG).is_file():
+        members.remove((root / MONAILABEL_RUN_CONFIG, MONAILABEL_RUN_CONFIG))
+        logger.warning(f"leaving '{root / MONAILABEL_RUN_CONFIG}' out of the archive: MONAI Label's config of the "
+                       "served copy's last multi-GPU fine-tune (the server's study paths), not one of the bundle's")
     if include_models:
         members += [(root / "models" / n, f"models/{n}") for n in MODEL_FILES if (root / "models" / n).is_file()]
     package = Path(__file__).resolve().parent

@@ -1,6 +1,7 @@
 """What MONAI Label reads from the bundle, and the app preparation that does not need the server."""
 
 import asyncio
+import configparser
 import importlib.util
 import json
 import os
@@ -9,13 +10,14 @@ import subprocess
 import sys
 import traceback
 import types
+import zipfile
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import CONFIGS, inference_network
+from conftest import CONFIGS, REPO, inference_network
 from monai.bundle import ConfigParser
 
 from custom.__main__ import main as command_line
@@ -62,6 +64,21 @@ def test_served_copy_trains_into_its_models_folder(tmp_path):
     assert (served / "custom" / "lifecycle.py").is_file() and (served / "models" / "model.pt").is_file()
     with pytest.raises(FileExistsError, match="ctp_stroke"):
         unpack_served_bundle(tmp_path / "ctp_stroke.zip", tmp_path / "model")
+
+
+def test_an_archive_of_a_served_copy_leaves_out_monailabels_run_config(tmp_path, caplog):
+    """MONAI Label's multi-GPU fine-tune writes configs/monailabel_train.json into the served copy (train.json with its
+    overrides: the server's absolute study paths), and `python -m custom package` of the copy packed it with the
+    bundle's configs. The archive leaves it out, saying so; the archive is served again as the first was."""
+    served = unpack_served_bundle(package_bundle(tmp_path / "ctp_stroke.zip"), tmp_path / "model")
+    run_config = served / "configs" / "monailabel_train.json"
+    run_config.write_text(json.dumps({"train": {"dataset": {"data": [{"image": "/srv/studies/case_1.nii.gz"}]}}}))
+    archive = package_bundle(tmp_path / "fine_tuned" / "ctp_stroke.zip", bundle_root=served)
+    names = zipfile.ZipFile(archive).namelist()
+    assert "ctp_stroke/configs/train.json" in names and "ctp_stroke/configs/monailabel_train.json" not in names
+    assert f"leaving '{run_config}' out of the archive: MONAI Label's config of the served copy's last multi-GPU " \
+           "fine-tune" in caplog.text
+    check_served_bundle(unpack_served_bundle(archive, tmp_path / "handed_on"))
 
 
 def test_served_copy_takes_the_input_settings_of_its_weights(tmp_path):
@@ -274,6 +291,18 @@ def test_start_line_is_offline_and_loopback(tmp_path):
         assert f"--conf {conf}" in line
 
 
+def test_filelock_is_declared_for_the_environments_that_run_the_app_tasks():
+    """The app's training task locks with filelock's ``FileLock(..., blocking=False)``, which filelock 3.13.4 refuses
+    (``TypeError``; 3.14.0 added it) and no install list named: it came through torch's ``filelock`` and MONAI Label
+    0.8.5's ``filelock>=3.11.0``. The label extra, the test extra (this file runs the task) and .ci/monailabel_env,
+    which builds the server's environment, declare it."""
+    setup = configparser.ConfigParser()
+    setup.read(REPO / "setup.cfg")
+    for extra in ("label", "test"):
+        assert "filelock>=3.14" in setup["options.extras_require"][extra].split(), extra
+    assert '"filelock>=3.14"' in (REPO / ".ci" / "monailabel_env").read_text()
+
+
 def _refusal_reporting_tasks(app, monkeypatch, infer, train):
     """The prepared app's ``lib/refusal_reporting.py``, imported with ``infer`` and ``train`` (stand-ins for MONAI
     Label's ``BundleInferTask`` and ``BundleTrainTask``, which the project's environment does not have) as its bases."""
@@ -461,16 +490,34 @@ def test_a_fine_tune_run_in_the_server_is_answered_with_its_refusal_or_error(ser
 def test_a_multi_gpu_fine_tune_runs_torchrun_of_its_environment_and_fails_when_it_fails(served_tasks, tmp_path, capfd):
     """MONAI Label 0.8.5 ran ``torchrun`` from ``PATH`` (``FileNotFoundError`` under the documented start line, which
     does not activate the environment) and ignored its exit status (a refused or failed multi-GPU fine-tune ended DONE).
-    MONAI Label's command line is run with this environment's Python, and its failure fails the fine-tune."""
-    task, json_file = served_tasks.RefusalReportingTrainTask(), tmp_path / "valid.json"
+    MONAI Label's command line is run with this environment's Python, and its failure fails the fine-tune in one line
+    naming the cause: a refused fine-tune's log ended with the traceback of ``RuntimeError: the multi-GPU fine-tune
+    failed: torchrun exited with status 1; ...``, the refusal above it among the ranks' output. A fine-tune of its own
+    process exits with status 1 and the first error of the ranks (the original one of the chain, not MONAI's wrapper),
+    or torchrun's status where no rank printed one; one run in the server raises it (HTTP 500)."""
+    task, json_file, refused = served_tasks.RefusalReportingTrainTask(), tmp_path / "valid.json", tmp_path / "rank.py"
     json_file.write_text("{}")
-    torchrun = ["torchrun", "--standalone", "--nnodes=1", "--nproc_per_node=1", "-m", "json.tool"]  # a tiny program
+    refused.write_text(  # as a rank refused by the bundle ends: the refusal, then MONAI's wrapper raised from it
+        'try:\n    raise ValueError("no labelled study\\n  the labels")\nexcept ValueError as err:\n'
+        '    raise RuntimeError("Failed to instantiate component") from err\n'
+    )
+    torchrun = ["torchrun", "--standalone", "--nnodes=1", "--nproc_per_node=1"]
     env = {key: value for key, value in os.environ.items() if key != "PATH"}  # no torchrun to find
-    task.run_multi_gpu({}, torchrun + [str(json_file)], env)
-    failed = "the multi-GPU fine-tune failed: torchrun exited with status 1; the error of each rank is above in the log"
-    with pytest.raises(RuntimeError, match=failed):
-        task.run_multi_gpu({}, torchrun + [os.devnull], env)  # json.tool fails on an empty file
-    assert "Expecting value" in capfd.readouterr().err
+    task.run_multi_gpu({}, torchrun + ["-m", "json.tool", str(json_file)], env)  # a tiny program
+    with pytest.raises(SystemExit) as exited:
+        task.run_multi_gpu({}, torchrun + [str(refused)], env)
+    assert exited.value.code == "the multi-GPU fine-tune failed: ValueError: no labelled study (torchrun exited with " \
+                                "status 1); each rank's output is above in the log"
+    assert "RuntimeError: Failed to instantiate component" in capfd.readouterr().out  # the ranks' output: the log
+
+    async def in_the_server():  # json.tool fails on an empty file, printing no traceback
+        task.run_multi_gpu({}, torchrun + ["-m", "json.tool", os.devnull], env)
+
+    with pytest.raises(RuntimeError) as raised:
+        asyncio.run(in_the_server())
+    assert str(raised.value) == "the multi-GPU fine-tune failed: torchrun exited with status 1; each rank's output " \
+                                "is above in the log"
+    assert "Expecting value" in capfd.readouterr().out
 
 
 def test_one_fine_tune_of_the_served_bundle_runs_at_a_time(served_tasks, tmp_path):
@@ -482,12 +529,12 @@ def test_one_fine_tune_of_the_served_bundle_runs_at_a_time(served_tasks, tmp_pat
     that failed leaves the bundle free."""
     from fastapi import HTTPException
 
-    models = tmp_path / "app" / "model" / "ctp_stroke" / "models"
-    started = []
+    served = tmp_path / "app" / "model" / "ctp_stroke"
+    models, started = served / "models", []
     served_tasks.BundleTrainTask.fail = staticmethod(lambda: started.append("fine-tune"))
     holder = subprocess.Popen(  # the background fine-tune: another process holding the bundle's lock
         [sys.executable, "-c", "import sys; from filelock import FileLock; lock = FileLock(sys.argv[1]); "
-         "lock.acquire(); print('held', flush=True); sys.stdin.read()", str(models / served_tasks.FINE_TUNE_LOCK)],
+         "lock.acquire(); print('held', flush=True); sys.stdin.read()", str(served_tasks.fine_tune_lock(served))],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -512,6 +559,19 @@ def test_one_fine_tune_of_the_served_bundle_runs_at_a_time(served_tasks, tmp_pat
         with pytest.raises(ValueError, match="MONAI Label gave the fine-tune no labelled study to train on"):
             served_tasks.RefusalReportingTrainTask()({"model": "ctp_stroke"}, None)
     assert started == ["fine-tune", "fine-tune"]
+
+
+def test_the_fine_tune_lock_stays_outside_the_served_bundle(served_tasks, tmp_path):
+    """The lock of the served copy's fine-tunes (filelock's ``FileLock``, whose file stays on release: deleting it is
+    unsafe) was an empty ``models/.fine_tune.lock`` left in the served bundle after each fine-tune, debris in any copy
+    of it. It lies beside the bundle folder, in the app's ``model/``."""
+    served = tmp_path / "app" / "model" / "ctp_stroke"
+    models = sorted((served / "models").iterdir())
+    with pytest.raises(ValueError, match="MONAI Label gave the fine-tune no labelled study to train on"):
+        served_tasks.RefusalReportingTrainTask()({"model": "ctp_stroke"}, None)
+    assert sorted((served / "models").iterdir()) == models and not list(served.rglob(".*"))
+    assert served_tasks.fine_tune_lock(served) == served.parent / ".ctp_stroke.fine_tune.lock"
+    assert sorted(path.name for path in served.parent.iterdir()) == [".ctp_stroke.fine_tune.lock", "ctp_stroke"]
 
 
 def test_each_fine_tune_in_the_server_starts_from_train_json_as_it_is_on_disk(served_tasks):
