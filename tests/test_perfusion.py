@@ -170,7 +170,7 @@ def test_a_series_ending_before_the_arterial_bolus_has_passed_is_refused(phantom
 OUTLYING_FRAMES = {  # frames shifted -> frames copied over them, by offset (HU over the brain)
     **{f"frame 0 {offset:+g}": ((0,), (1,), offset) for offset in (-20.0, 20.0)},
     **{f"frame 1 {offset:+g}": ((1,), (2,), offset) for offset in (-20.0, 20.0)},
-    **{f"frames 0 and 1 {offset:+g}": ((0, 1), (2, 2), offset) for offset in (-20.0, 20.0)},
+    **{f"frames 0 and 1 {offset:+g}": ((0, 1), (2, 2), offset) for offset in (-20.0, 20.0, 40.0)},  # +40: a warm-up
     **{f"frame 3 {offset:+g}": ((3,), (4,), offset) for offset in (-20.0, 20.0)},
     # the margin frame between the baseline (frames 0-7) and the bolus arrival (frame 9)
     **{f"frame 8 {offset:+g}": ((8,), (7,), offset) for offset in (-20.0, 20.0)},
