@@ -280,7 +280,7 @@ def test_three_outlying_frames_among_the_first_five_are_replaced_from_the_frames
 def test_a_baseline_without_a_level_shared_by_most_of_its_frames_is_refused(phantom_case):
     """Frames 0-4 at -40 HU over the brain (frames 5-8 and the margin frame 9 as acquired): the median of frames 0-9 was
     theirs, frames 5-9 were replaced by frame 4 and the median brain CBF was 347 for 19.8, with notes blaming the good
-    frames. No level is shared by most of the frames before the bolus: the series is refused, naming both groups."""
+    frames. Two thirds of the frames before the bolus share no level: the series is refused, naming both groups."""
     _, series, result = phantom_case
     shifted = series.series.astype(np.float32)
     shifted[..., :5][result.brain] -= 40.0
@@ -289,6 +289,19 @@ def test_a_baseline_without_a_level_shared_by_most_of_its_frames_is_refused(phan
                 "do not")
     with pytest.raises(ValueError, match=re.escape(expected)):
         compute_perfusion_maps(shifted, series.frame_s, name="case_x")
+
+
+def test_a_baseline_mostly_off_is_refused_rather_than_taken():
+    """case_5 (4 slices at 64, 30 frames) has 4 baseline frames and its margin frame before the arrival: frames 0-2 at
+    -40 HU were the median, the good frames 3 and 4 were replaced by them, and the median brain CBF was 121 for 15.3
+    with only a truncated-bolus note. More than a third of the frames before the arrival off: refused."""
+    slab = next(s for s in phantom.iter_cohort(0, 8, 0) if s.case == "case_5")
+    series = phantom.render_pwi(slab, 64, phantom.pwi_generator(0, slab)).series.astype(np.float32)
+    brain = compute_perfusion_maps(series, slab.patient.centre.frame_s).brain
+    series[..., :3][brain] -= 40.0
+    with pytest.raises(ValueError, match=re.escape("'case_x': the baseline level cannot be estimated: of frames 0-4 "
+                                                   "(before the bolus), frames [0, 1, 2] lie within 0.5 HU")):
+        compute_perfusion_maps(series, slab.patient.centre.frame_s, name="case_x")
 
 
 @pytest.mark.parametrize("frame", [0, 3])

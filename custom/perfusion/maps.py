@@ -38,6 +38,10 @@ FIRST_FRAMES_COMPARED = 5  # frames 0 and 1 are compared with the median of fram
 # Per slice the tolerance is also this many times the noise of the slice's mean brain HU (measured between frames): a
 # slice of few voxels (the top of the head) has a mean too noisy for FIRST_FRAME_TOLERANCE_HU alone.
 SLICE_NOISE_FACTOR = 5.0
+# The frames before the arrival give the baseline level when at least two thirds of them share it: 3 warm-up frames
+# 40 HU down among 5 pre-arrival frames were the median, the 2 good frames were replaced by them, and the median brain
+# CBF of 3 phantom cases came out 5.9-6.8 times the series' (docs/perfusion.md).
+MAX_OUTLYING_FRACTION = 1 / 3
 CANDIDATE_FRACTION = 0.01  # AIF and VOF are searched among this top fraction of brain voxels by curve area
 MIN_CANDIDATES = 20
 VESSEL_VOXELS = 8  # voxels averaged into the AIF and into the VOF
@@ -171,7 +175,7 @@ def replace_outlying_frames(hu: np.ndarray, brain: np.ndarray, checked: int, amo
     frames' (the lower median: a frame's), or when the mean over the brain of one slice is that far from the slice's
     median (or SLICE_NOISE_FACTOR times the noise of that slice's mean, where few voxels make it noisy). Refuses the
     series, naming ``name`` and the frames, when every compared frame is checked (the frames before the arrival) and
-    half of them or more are outlying: no level is shared by most of them, so none can be taken for the baseline's
+    more than MAX_OUTLYING_FRACTION of them are outlying: the level the others share is not clearly the baseline's
     (frames 0 and 1 checked against frames 0-4 are replaced as above, and that longer window decides). A copy when the
     first frame is replaced (``replaced`` empty before): the caller's array is left as it is.
 
@@ -196,13 +200,14 @@ def replace_outlying_frames(hu: np.ndarray, brain: np.ndarray, checked: int, amo
     noise = 1.4826 * float(np.median(np.abs(np.diff(slice_level, axis=1)) * np.sqrt(voxels))) / np.sqrt(2.0)
     slice_off = np.abs(deviation) > np.maximum(FIRST_FRAME_TOLERANCE_HU, SLICE_NOISE_FACTOR * noise / np.sqrt(voxels))
     off = whole_off | slice_off.any(axis=0)
-    if checked == among and 2 * off.sum() >= among:
+    if checked == among and off.sum() > MAX_OUTLYING_FRACTION * among:
         raise ValueError(
             f"'{name}': the baseline level cannot be estimated: of frames 0-{among - 1} (before the bolus), frames "
             f"{np.flatnonzero(~off).tolist()} lie within {FIRST_FRAME_TOLERANCE_HU:g} HU of their median mean brain "
             f"HU ({median:.1f} HU) and frames {np.flatnonzero(off).tolist()} do not (offsets "
-            f"{[round(float(v), 1) for v in level[off] - median]} HU over the brain, or off in one slice): no level "
-            "is shared by most of them (a scanner warm-up or a corrupt start of the series)"
+            f"{[round(float(v), 1) for v in level[off] - median]} HU over the brain, or off in one slice): more than "
+            f"{MAX_OUTLYING_FRACTION:.0%} of them are off, so which level is the baseline's is not clear (a scanner "
+            "warm-up or a corrupt start of the series)"
         )
     outliers = [t for t in range(checked) if off[t]]
     if outliers and not replaced:
@@ -298,14 +303,15 @@ def compute_perfusion_maps(
 ) -> PerfusionResult:
     """CBF, CBV, MTT, Tmax, TTP (ISLES units) of a 4D series ``hu`` (H, W, D, T) in HU with time step ``frame_s``.
 
-    Steps, in this order: frames 0 and 1 whose mean brain HU is more than FIRST_FRAME_TOLERANCE_HU from the median of
-    frames 0-4 replaced, with a note, by the nearest that is not (``replace_outlying_frames``; the brain there is that
-    of the frames' voxelwise median); with ``motion_correction`` every frame registered rigidly to the mean of frames 0
-    and 1 (``custom.perfusion.motion``, ``spacing_mm``); brain mask on the mean of frames 0 and 1 (refused when it
-    encloses bone: not in HU); baseline frames before the bolus, each frame before the arrival that far from their
-    median replaced likewise; concentration = HU minus baseline; AIF from ``aif_mask`` (H, W, D) or found automatically
-    (refused when it ends above MAX_AIF_END_FRACTION of its peak: the series ends before the arterial bolus has
-    passed; when it enhances less than MIN_AIF_TO_BRAIN_PEAK times the mean brain: not an artery; or less than
+    Steps, in this order: frames 0 and 1 whose mean brain HU (over the brain or one slice's) is more than
+    FIRST_FRAME_TOLERANCE_HU from the median of frames 0-4 replaced, with a note, by the nearest that is not
+    (``replace_outlying_frames``; the brain there is that of the frames' voxelwise median); with ``motion_correction``
+    every frame registered rigidly to the mean of frames 0 and 1 (``custom.perfusion.motion``, ``spacing_mm``); brain
+    mask on the mean of frames 0 and 1 (refused when it encloses bone: not in HU); baseline frames before the bolus,
+    each frame before the arrival that far from their median replaced likewise (refused when more than
+    MAX_OUTLYING_FRACTION of them are); concentration = HU minus baseline; AIF from ``aif_mask`` (H, W, D) or found
+    automatically (refused when it ends above MAX_AIF_END_FRACTION of its peak: the series ends before the arterial
+    bolus has passed; when it enhances less than MIN_AIF_TO_BRAIN_PEAK times the mean brain: not an artery; or less than
     MIN_AIF_TO_NOISE times the voxel noise: no bolus), scaled by area(VOF) / area(AIF) when larger (arterial
     partial volume); tissue curves smoothed in-plane (``smoothing_mm``) inside the brain;
     deconvolution (``method`` 'osvd' or 'tikhonov') of all brain voxels in one batch on ``device``.
