@@ -154,7 +154,7 @@ def bolus_arrival(hu: np.ndarray, brain: np.ndarray, path_name: str) -> int:
     # the first frame from which the rise stays above for ARRIVAL_FRAMES frames (or to the end of a cut series)
     arrival = next((t for t in range(above.size) if above[t:t + ARRIVAL_FRAMES].all()), int(np.argmax(above)))
     # the enhancement over the median level of the frames before the arrival, not over frame 0's: three frames of a
-    # warm-up 20 HU up among frames 0-4 (left to the caller's pre-arrival check) had the series refused as flat
+    # warm-up 40 HU up among frames 0-4 (left to the caller's pre-arrival check) had the series refused as flat
     level = curves.mean(axis=0)
     rise = level - np.median(level[:max(arrival, 1)])
     if float(rise.max()) < FLAT_ENHANCEMENT_HU:
