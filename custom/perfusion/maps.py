@@ -35,6 +35,13 @@ FLAT_ENHANCEMENT_HU = 1.0  # a mean brain enhancement below this means no contra
 # the median CBV by at most 10 % (docs/perfusion.md).
 FIRST_FRAME_TOLERANCE_HU = 0.5
 FIRST_FRAMES_COMPARED = 5  # frames 0 and 1 are compared with the median of frames 0-4
+# Per slice the tolerance is also this many times the noise of the slice's mean brain HU (measured between frames): a
+# slice of few voxels (the top of the head) has a mean too noisy for FIRST_FRAME_TOLERANCE_HU alone.
+SLICE_NOISE_FACTOR = 5.0
+# The frames before the arrival give the baseline level when at least two thirds of them share it: 3 warm-up frames
+# 40 HU down among 5 pre-arrival frames were the median, the 2 good frames were replaced by them, and the median brain
+# CBF of 3 phantom cases came out 5.9-6.8 times the series' (docs/perfusion.md).
+MAX_OUTLYING_FRACTION = 1 / 3
 CANDIDATE_FRACTION = 0.01  # AIF and VOF are searched among this top fraction of brain voxels by curve area
 MIN_CANDIDATES = 20
 VESSEL_VOXELS = 8  # voxels averaged into the AIF and into the VOF
@@ -134,12 +141,6 @@ def bolus_arrival(hu: np.ndarray, brain: np.ndarray, path_name: str) -> int:
     of the mean brain curve) and one whose first frames already hold contrast.
     """
     curves = hu[brain]
-    rise = curves.mean(axis=0) - curves[:, 0].mean()
-    if float(rise.max()) < FLAT_ENHANCEMENT_HU:
-        raise ValueError(
-            f"'{path_name}': flat series, the mean brain enhancement peaks at {float(rise.max()):.2f} HU "
-            f"(< {FLAT_ENHANCEMENT_HU} HU): no contrast bolus to analyse"
-        )
     # above the brain's mean HU of each frame: an offset of a whole frame (a corrupt or higher-dose frame) cancels, in
     # the choice of the vessels as in their curve (on a weak bolus, tissue voxels 20 HU up in one frame were chosen);
     # the fraction is of the vessels' own peak as stored, so the arrival of a series without outliers stays where it was
@@ -152,25 +153,62 @@ def bolus_arrival(hu: np.ndarray, brain: np.ndarray, path_name: str) -> int:
     above = vessel_rise > ARRIVAL_FRACTION * (stored - np.median(stored[:3])).max()
     # the first frame from which the rise stays above for ARRIVAL_FRAMES frames (or to the end of a cut series)
     arrival = next((t for t in range(above.size) if above[t:t + ARRIVAL_FRAMES].all()), int(np.argmax(above)))
+    # the enhancement over the median level of the frames before the arrival, not over frame 0's: three frames of a
+    # warm-up 40 HU up among frames 0-4 (left to the caller's pre-arrival check) had the series refused as flat
+    level = curves.mean(axis=0)
+    rise = level - np.median(level[:max(arrival, 1)])
+    if float(rise.max()) < FLAT_ENHANCEMENT_HU:
+        raise ValueError(
+            f"'{path_name}': flat series, the mean brain enhancement peaks at {float(rise.max()):.2f} HU "
+            f"(< {FLAT_ENHANCEMENT_HU} HU): no contrast bolus to analyse"
+        )
     if arrival < 2:
         raise ValueError(f"'{path_name}': the bolus arrives in frame {arrival}: no pre-contrast baseline frame")
     return arrival - 1
 
 
 def replace_outlying_frames(hu: np.ndarray, brain: np.ndarray, checked: int, among: int, replaced: dict,
-                            notes: list) -> np.ndarray:
-    """``hu`` (H, W, D, T) with each of its first ``checked`` frames whose mean brain HU is further than
-    FIRST_FRAME_TOLERANCE_HU from the median of the first ``among`` frames' (the lower median: a frame's) replaced by
-    the nearest of those frames that is not, recorded in ``replaced`` (frame -> the frame copied) and ``notes``. A
-    copy when the first frame is replaced (``replaced`` empty before): the caller's array is left as it is.
+                            notes: list, name: str) -> np.ndarray:
+    """``hu`` (H, W, D, T) with each of its first ``checked`` frames that is outlying among the first ``among`` replaced
+    by the nearest of those frames that is not, recorded in ``replaced`` (frame -> the frame copied) and ``notes``. A
+    frame is outlying when its mean brain HU is further than FIRST_FRAME_TOLERANCE_HU from the median of the ``among``
+    frames' (the lower median: a frame's), or when the mean over the brain of one slice is that far from the slice's
+    median (or SLICE_NOISE_FACTOR times the noise of that slice's mean, where few voxels make it noisy). Refuses the
+    series, naming ``name`` and the frames, when every compared frame is checked (the frames before the arrival) and
+    more than MAX_OUTLYING_FRACTION of them are outlying: the level the others share is not clearly the baseline's
+    (frames 0 and 1 checked against frames 0-4 are replaced as above, and that longer window decides). A copy when the
+    first frame is replaced (``replaced`` empty before): the caller's array is left as it is.
 
     Why it exists: the baseline (mean of the pre-contrast frames) takes every frame before the bolus alike. Frame 0
     compared with frame 1 alone replaced a good frame 0 by a corrupt frame 1 (frame 1 at -20 HU over the brain gave the
     test phantom case a median CBF of 79.7 for 19.8) and let two outlying first frames through (-20 HU: CBF 78.8; +20
-    HU: refused as flat)."""
-    level = hu[brain].mean(axis=0)
-    median = float(np.sort(level[:among])[(among - 1) // 2])
-    off = np.abs(level[:among] - median) > FIRST_FRAME_TOLERANCE_HU
+    HU: refused as flat). Frames 0-4 at -40 HU gave CBF 347 for 19.8 (the median of frames 0-9 was theirs), one slice
+    of 8 at +2 HU in frame 0 (+0.25 HU over the brain) passed."""
+    curves = hu[..., :among][brain]  # (N, among)
+    level = curves.mean(axis=0)
+    median = float(np.sort(level)[(among - 1) // 2])
+    whole_off = np.abs(level - median) > FIRST_FRAME_TOLERANCE_HU
+    # the same per slice, on each slice's mean over its brain voxels; the noise of those means is measured, not
+    # assumed (CT noise is correlated in-plane): the spread of their frame-to-frame differences, scaled by the voxels
+    slice_of = np.nonzero(brain)[2]
+    counts = np.bincount(slice_of)
+    slices = np.flatnonzero(counts)
+    voxels = counts[slices, None].astype(np.float64)
+    slice_level = np.stack([np.bincount(slice_of, weights=curves[:, t])[slices] for t in range(among)], 1) / voxels
+    slice_median = np.sort(slice_level, axis=1)[:, [(among - 1) // 2]]
+    deviation = slice_level - slice_median  # (slices, among)
+    noise = 1.4826 * float(np.median(np.abs(np.diff(slice_level, axis=1)) * np.sqrt(voxels))) / np.sqrt(2.0)
+    slice_off = np.abs(deviation) > np.maximum(FIRST_FRAME_TOLERANCE_HU, SLICE_NOISE_FACTOR * noise / np.sqrt(voxels))
+    off = whole_off | slice_off.any(axis=0)
+    if checked == among and off.sum() > MAX_OUTLYING_FRACTION * among:
+        raise ValueError(
+            f"'{name}': the baseline level cannot be estimated: of frames 0-{among - 1} (before the bolus), frames "
+            f"{np.flatnonzero(~off).tolist()} lie within {FIRST_FRAME_TOLERANCE_HU:g} HU of their median mean brain "
+            f"HU ({median:.1f} HU) and frames {np.flatnonzero(off).tolist()} do not (offsets "
+            f"{[round(float(v), 1) for v in level[off] - median]} HU over the brain, or off in one slice): more than "
+            f"{MAX_OUTLYING_FRACTION:.0%} of them are off, so which level is the baseline's is not clear (a scanner "
+            "warm-up or a corrupt start of the series)"
+        )
     outliers = [t for t in range(checked) if off[t]]
     if outliers and not replaced:
         hu = hu.copy()
@@ -178,11 +216,15 @@ def replace_outlying_frames(hu: np.ndarray, brain: np.ndarray, checked: int, amo
         source = min((t for t in range(among) if not off[t]), key=lambda t: (abs(t - frame), -t))
         hu[..., frame] = hu[..., source]
         replaced[frame] = source
-        notes.append(
-            f"frame {frame} replaced by frame {source}: its mean brain HU is {level[frame] - median:+.1f} HU from the "
-            f"median of frames 0-{among - 1} ({median:.1f} HU; a mask, higher-dose or corrupt frame, or one still "
-            "settling), which would have shifted the baseline"
-        )
+        if whole_off[frame]:
+            where = f"its mean brain HU is {level[frame] - median:+.1f} HU from the median of frames 0-{among - 1} " \
+                    f"({median:.1f} HU; a mask, higher-dose or corrupt frame, or one still settling)"
+        else:
+            worst = int(np.argmax(np.abs(deviation[:, frame]) * slice_off[:, frame]))
+            where = f"its mean HU over the brain of slice {slices[worst]} is {deviation[worst, frame]:+.1f} HU from " \
+                    f"that slice's median over frames 0-{among - 1} ({slice_median[worst, 0]:.1f} HU; a partial " \
+                    "acquisition glitch)"
+        notes.append(f"frame {frame} replaced by frame {source}: {where}, which would have shifted the baseline")
     return hu
 
 
@@ -261,14 +303,15 @@ def compute_perfusion_maps(
 ) -> PerfusionResult:
     """CBF, CBV, MTT, Tmax, TTP (ISLES units) of a 4D series ``hu`` (H, W, D, T) in HU with time step ``frame_s``.
 
-    Steps, in this order: frames 0 and 1 whose mean brain HU is more than FIRST_FRAME_TOLERANCE_HU from the median of
-    frames 0-4 replaced, with a note, by the nearest that is not (``replace_outlying_frames``; the brain there is that
-    of the frames' voxelwise median); with ``motion_correction`` every frame registered rigidly to the mean of frames 0
-    and 1 (``custom.perfusion.motion``, ``spacing_mm``); brain mask on the mean of frames 0 and 1 (refused when it
-    encloses bone: not in HU); baseline frames before the bolus, each frame before the arrival that far from their
-    median replaced likewise; concentration = HU minus baseline; AIF from ``aif_mask`` (H, W, D) or found automatically
-    (refused when it ends above MAX_AIF_END_FRACTION of its peak: the series ends before the arterial bolus has
-    passed; when it enhances less than MIN_AIF_TO_BRAIN_PEAK times the mean brain: not an artery; or less than
+    Steps, in this order: frames 0 and 1 whose mean brain HU (over the brain or one slice's) is more than
+    FIRST_FRAME_TOLERANCE_HU from the median of frames 0-4 replaced, with a note, by the nearest that is not
+    (``replace_outlying_frames``; the brain there is that of the frames' voxelwise median); with ``motion_correction``
+    every frame registered rigidly to the mean of frames 0 and 1 (``custom.perfusion.motion``, ``spacing_mm``); brain
+    mask on the mean of frames 0 and 1 (refused when it encloses bone: not in HU); baseline frames before the bolus,
+    each frame before the arrival that far from their median replaced likewise (refused when more than
+    MAX_OUTLYING_FRACTION of them are); concentration = HU minus baseline; AIF from ``aif_mask`` (H, W, D) or found
+    automatically (refused when it ends above MAX_AIF_END_FRACTION of its peak: the series ends before the arterial
+    bolus has passed; when it enhances less than MIN_AIF_TO_BRAIN_PEAK times the mean brain: not an artery; or less than
     MIN_AIF_TO_NOISE times the voxel noise: no bolus), scaled by area(VOF) / area(AIF) when larger (arterial
     partial volume); tissue curves smoothed in-plane (``smoothing_mm``) inside the brain;
     deconvolution (``method`` 'osvd' or 'tikhonov') of all brain voxels in one batch on ``device``.
@@ -287,7 +330,7 @@ def compute_perfusion_maps(
     if not region.any():
         raise ValueError(no_brain)
     replaced: dict[int, int] = {}
-    hu = replace_outlying_frames(hu, region, 2, compared, replaced, notes)
+    hu = replace_outlying_frames(hu, region, 2, compared, replaced, notes, name)
     if motion_correction:
         from custom.perfusion.motion import correct_motion
 
@@ -307,7 +350,7 @@ def compute_perfusion_maps(
     baseline_frames = bolus_arrival(hu, brain, name)
     if baseline_frames + 1 >= 3:
         before = len(replaced)
-        hu = replace_outlying_frames(hu, brain, baseline_frames + 1, baseline_frames + 1, replaced, notes)
+        hu = replace_outlying_frames(hu, brain, baseline_frames + 1, baseline_frames + 1, replaced, notes, name)
         if len(replaced) > before:
             baseline_frames = bolus_arrival(hu, brain, name)
     concentration = hu - hu[..., :baseline_frames].mean(axis=-1, keepdims=True)
