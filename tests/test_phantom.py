@@ -210,6 +210,34 @@ def test_same_seed_same_bytes_other_seed_other_data(tmp_path):
     assert ct.read_bytes() != other_ct.read_bytes()
 
 
+def test_the_same_seed_gives_the_same_bytes_on_every_cpu_numpy_dispatches_to(tmp_path):
+    """numpy picks its SIMD loops (exp, sin, ...) by CPU; float32 noise fields made them round differently, so the
+    shipped weights' training record (voxel digests of the seed-2026 phantom) held on one CPU and not on another.
+    The phantom is written again here with numpy's optional CPU features disabled, and must be byte-identical."""
+    import os
+    import subprocess
+    import sys
+
+    from numpy._core import _multiarray_umath as umath  # what numpy.show_runtime reads
+
+    found = [feature for feature in umath.__cpu_dispatch__ if umath.__cpu_features__.get(feature)]
+    if not found:
+        pytest.skip("this CPU has no optional SIMD features for numpy to dispatch to: one code path only")
+    script = "import sys; from custom.data.phantom import write_phantom; write_phantom(sys.argv[1], cases=2, " \
+             "test_cases=0, seed=2026, size=64)"
+    environment = {**os.environ, "NPY_DISABLE_CPU_FEATURES": " ".join(found),
+                   "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent),
+                                                  os.environ.get("PYTHONPATH", "")])}
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "baseline")], env=environment, check=True,
+                   capture_output=True)  # fmt: skip
+    dispatched = write_phantom(tmp_path / "dispatched", cases=2, test_cases=0, seed=2026, size=64)
+    files = sorted(p.relative_to(dispatched) for p in dispatched.rglob("*.nii"))
+    assert len(files) == 2 * 6
+    differing = [str(name) for name in files
+                 if (dispatched / name).read_bytes() != (tmp_path / "baseline" / name).read_bytes()]
+    assert not differing, f"{found} disabled changed {differing}"
+
+
 def test_refuses_non_empty_out_and_leaves_nothing_behind(tmp_path, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()

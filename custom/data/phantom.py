@@ -103,7 +103,9 @@ def noise_field(rng: np.random.Generator, sigma_mm: float) -> NoiseField:
     """A NoiseField with Gaussian correlation of ``sigma_mm``, sampled on a grid of sigma / 2."""
     step = sigma_mm / 2.0
     shape = tuple(int(n) for n in np.ceil(FIELD_EXTENT_MM / step) + 1)
-    smooth = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), sigma=2.0, mode="wrap")
+    # float64 from here: float32 values sent exp and friends through numpy's per-CPU SIMD loops (docs/phantom.md)
+    noise = rng.standard_normal(shape, dtype=np.float32)
+    smooth = ndimage.gaussian_filter(noise, sigma=2.0, mode="wrap", output=np.float64)
     return NoiseField(smooth / smooth.std(), step)
 
 
@@ -418,7 +420,7 @@ def severity_map(patient: Patient, x, y, z, depth):
     """
     stroke = patient.stroke
     if not stroke.present:
-        return np.zeros(x.shape, np.float32)
+        return np.zeros(x.shape)
     dx, dy = x - stroke.apex_mm[0], y - stroke.apex_mm[1]
     distance = np.hypot(dx, dy)
     angle = np.abs(wrap_angle(np.arctan2(dy, dx) - stroke.direction_rad))
@@ -430,7 +432,7 @@ def severity_map(patient: Patient, x, y, z, depth):
     profile = np.clip(1.0 - 1.5 * (along - stroke.peak_depth) ** 2, 0.0, 1.0) * smoothstep(along / 0.1)
     patches = np.exp(0.2 * patient.fields["severity"].sample(x, y, z))
     inside = (depth > 0) & (distance > inner)
-    return (stroke.peak_severity * smoothstep(across / 0.3) * profile * patches * inside).astype(np.float32)
+    return stroke.peak_severity * smoothstep(across / 0.3) * profile * patches * inside
 
 
 def physiological_maps(patient: Patient, tissue, vessels, severity, x, y, z):
