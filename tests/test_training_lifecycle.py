@@ -476,7 +476,7 @@ def test_a_run_resumed_in_the_folder_of_another_fold_dataset_or_input_settings_i
     _workflow(tiny_phantom_dataset, ckpt_dir=str(ckpt_dir), output_dir=str(tmp_path / "logs"), epochs=1).run()
     record = json.loads((ckpt_dir / TRAINING_RECORD).read_text())
     assert record == {
-        "contralateral_channels": None, "adjacent_slices": 0, "fold": 0,
+        "contralateral_channels": None, "adjacent_slices": 0, "spacing_mm": None, "fold": 0,
         "dataset_json": str(tiny_phantom_dataset / "dataset.json"),
         "dataset_json_sha256": hashlib.sha256((tiny_phantom_dataset / "dataset.json").read_bytes()).hexdigest(),
         "scored_dataset_sha256": scored_dataset_sha256(load_dataset_json(tiny_phantom_dataset)),
@@ -498,6 +498,7 @@ def test_a_run_resumed_in_the_folder_of_another_fold_dataset_or_input_settings_i
                     f"{scored_dataset_sha256(load_dataset_json(other_dataset))[:12]}... "
                     f"(--dataset_dir '{tiny_phantom_dataset}')"),
         "input settings": ({"adjacent_slices": 1}, "adjacent_slices: trained with 0, this run 1 (--adjacent_slices 0)"),
+        "spacing": ({"spacing_mm": 0.9}, "spacing_mm: trained with None, this run 0.9 (--spacing_mm None)"),
     }  # fmt: skip
     for name, (override, expected) in attempts.items():
         dataset_dir = override.pop("dataset_dir", tiny_phantom_dataset)
