@@ -219,9 +219,9 @@ def check_model(network, path, embedded: Mapping[str, str], device="cpu") -> Non
     config files). In order:
 
     1. input settings: a model whose embedded config files set ``contralateral_channels``, ``adjacent_slices`` or
-       ``spacing_mm`` (in any of them) to another value than the runner feeds (``RUNNER_INPUT_SETTINGS``) is refused, naming the
-       setting, both values and the file (the export embeds the config files, not command-line overrides: those are
-       caught by 2);
+       ``spacing_mm`` (in any of them) to another value than the runner feeds (``RUNNER_INPUT_SETTINGS``) is refused,
+       naming the setting, both values and the file (the export embeds the config files, not command-line overrides:
+       those of the channel settings are caught by 2, ``spacing_mm`` keeps 5 channels and is not);
     2. the probe: the model must map a (1, 5, 32, 32) batch to (1, 2, 32, 32) logits (another channel count or
        architecture is refused, naming the layer's complaint);
     3. the bundle version: a model of another version than this runner's (``custom.__version__``) is run, with a
