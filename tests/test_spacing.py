@@ -15,6 +15,7 @@ from monai.data import MetaTensor
 from monai.transforms import DivisiblePadd, Spacingd
 
 from custom.__main__ import main
+from custom.data.datalist import IMAGE_DIGEST
 from custom.training_record import TRAINING_RECORD, check_record, embedded_record
 from custom.transforms import NormalizeWithinBraind
 
@@ -66,9 +67,10 @@ def test_spacing_mm_null_leaves_the_transforms_unchanged_and_a_value_resamples_a
 
 def test_training_resamples_image_and_label_in_plane_and_keeps_the_slices(tmp_path):
     """0.8 x 0.8 x 5 mm to 1 mm: 70 x 50 pixels become 56 x 40 (padded to 64 x 48), the 3 slices of 5 mm stay; the
-    label is resampled by nearest neighbour: still 0/1, its 16 x 16 mm lesion 256 voxels of 1 mm."""
+    label is resampled by nearest neighbour: still 0/1, its 16 x 16 mm lesion 256 voxels of 1 mm. The entry holds
+    the image digest of fold_datalist's entries, whose name Spacingd took for a metadata dict of 'image'."""
     _, transforms = _transforms(["train.json"], "train#deterministic_transforms", 1.0)
-    item = _study(tmp_path, _affine(0.8, 0.8, 5.0))
+    item = {**_study(tmp_path, _affine(0.8, 0.8, 5.0)), IMAGE_DIGEST: "0" * 64}  # as fold_datalist gives it
     for transform in transforms:
         item = transform(item)
     image, label = item["image"], item["label"]

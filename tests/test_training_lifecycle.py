@@ -184,7 +184,7 @@ def test_fine_tuned_served_weights_are_not_evaluated_on_images_they_learnt(tiny_
     weights' (fold, dataset, ``trained_images``) and adds its studies' digests to those of the earlier fine-tunes: both
     are refused, held-out images (validation studies included) pass. A dataset run replacing the fine-tuned weights
     under the served record's fold and dataset removes them at its start (its record would not name the studies)."""
-    settings = {"contralateral_channels": None, "adjacent_slices": 0}
+    settings = {"contralateral_channels": None, "adjacent_slices": 0, "spacing_mm": None}
     run = tmp_path / "fold0"
     run.mkdir()
     write_training_record(run, settings, 0, tiny_phantom_dataset,
@@ -389,7 +389,7 @@ def test_a_replacing_run_leaves_no_unrecorded_model_under_its_record(tiny_phanto
     assert json.loads((ckpt_dir / TRAINING_RECORD).read_text())["dataset_json_sha256"] is not None
     assert not (ckpt_dir / "model.pt").exists()
     shutil.copyfile(BUNDLE / "models" / "model.pt", ckpt_dir / "model.pt")
-    settings = {"contralateral_channels": None, "adjacent_slices": 0}
+    settings = {"contralateral_channels": None, "adjacent_slices": 0, "spacing_mm": None}
     (ckpt_dir / TRAINING_RECORD).write_text(json.dumps({**settings, "fold": 0, "dataset_json": None,
                                                         "dataset_json_sha256": None, "trained_images": None}))
     write_training_record(ckpt_dir, settings, 0, tiny_phantom_dataset)
