@@ -55,6 +55,7 @@ from custom.reporting import (
     write_case_csv,
     write_markdown,
 )
+from custom.training_record import INPUT_SETTINGS
 from custom.wording import counted
 
 REPO = Path(__file__).resolve().parent.parent
@@ -69,7 +70,7 @@ DESCRIPTIONS = {
 TABLE_METRICS = ("dice", "hd95_mm", "avd_ml", "lesion_f1")
 INNER_VALIDATION_FOLD = 0
 # bundle overrides that inference.json shares with train.json (besides network_def#...)
-INFERENCE_KEYS = ("num_workers", "contralateral_channels", "adjacent_slices", "lesion_threshold", "min_lesion_ml")
+INFERENCE_KEYS = ("num_workers", *INPUT_SETTINGS, "lesion_threshold", "min_lesion_ml")
 INFERENCE_ONLY_KEYS = ("lesion_threshold", "min_lesion_ml")  # post-processing: kept out of the training runs
 # Full size as in the issue; --quick: seconds-long runs for the end-to-end test.
 FULL = {"train_cases": 40, "test_cases": 60, "size": 256}
@@ -589,8 +590,8 @@ def run_accuracy_bench(
             defaults without looking at the test phantom; nnU-Net, which predicts only the test phantom, is
             refused there.
         bundle_overrides: bundle overrides for the ``bundle`` method's training, e.g. ``--loss#ce_max_weight 1``;
-            ``network_def#...``, ``num_workers``, ``contralateral_channels``, ``adjacent_slices``,
-            ``lesion_threshold`` and ``min_lesion_ml`` reach its inference too.
+            ``network_def#...``, ``num_workers``, the input settings (``contralateral_channels``,
+            ``adjacent_slices``, ``spacing_mm``), ``lesion_threshold`` and ``min_lesion_ml`` reach its inference too.
 
     A method whose ``cases.csv`` exists in ``out`` is reused, not rerun (delete its folder to rerun); one whose
     ``facts.json`` records another budget, ``score_on``, plain-recipe validation interval or (bundle) other

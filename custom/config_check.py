@@ -29,6 +29,7 @@ from monai.utils.module import locate
 from custom.atomic import require_writable_folder
 from custom.clinical import VOLUME_TABLE
 from custom.data.datalist import refuse_earlier_outputs
+from custom.data.studies import VOXEL_MM_RANGE
 from custom.deploy import usable_device
 from custom.lifecycle import latest_checkpoint
 from custom.symmetry import ContralateralChannels
@@ -93,6 +94,11 @@ SETTING_RULES = {
     "contralateral_channels": (
         lambda v: v is None or v in ContralateralChannels.MODES,
         f"null (off) or one of {', '.join(ContralateralChannels.MODES)}",
+    ),
+    "spacing_mm": (
+        lambda v: v is None or (_number(v) and VOXEL_MM_RANGE[0] <= v <= VOXEL_MM_RANGE[1]),
+        f"null (off: each image's own grid) or a number of mm from {VOXEL_MM_RANGE[0]} to {VOXEL_MM_RANGE[1]} (the "
+        "in-plane voxel size to resample to)",
     ),
     "cache_rate": (lambda v: _number(v) and 0 <= v <= 1, "a number from 0 to 1"),
     "lesion_threshold": (lambda v: _number(v) and 0 < v < 1, "a number between 0 and 1 (exclusive)"),

@@ -52,9 +52,10 @@ MIN_LESION_ML = 0.5  # inference.json's min_lesion_ml (a test checks that they a
 SPATIAL_DIVISOR = 16  # the U-Net's four stride-2 levels need H and W divisible by 2**4
 TRACEBACK_VARIABLE = "CTP_TRACEBACK"  # set (to any text) to see the traceback of a command line's refusal
 PACKAGE = Path(__file__).resolve().parent  # this project's code, whose raise statements are its refusals
-# What the runner feeds the network: the 5 maps, no contralateral or neighbouring-slice channels. The values of
-# inference.json's input settings (custom.training_record.INPUT_SETTINGS) that take it; a test checks that they agree.
-RUNNER_INPUT_SETTINGS = {"contralateral_channels": None, "adjacent_slices": 0}
+# What the runner feeds the network: the 5 maps on the grid they come with, no contralateral or neighbouring-slice
+# channels, no resampling. The values of inference.json's input settings (custom.training_record.INPUT_SETTINGS) that
+# take it; a test checks that they agree.
+RUNNER_INPUT_SETTINGS = {"contralateral_channels": None, "adjacent_slices": 0, "spacing_mm": None}
 METADATA_FILE = "metadata.json"  # the bundle's metadata as ckpt_export and export_onnx embed it (its "version")
 
 
@@ -223,8 +224,9 @@ def check_model(network, path, embedded: Mapping[str, str], device="cpu") -> Non
        than the runner feeds (``RUNNER_INPUT_SETTINGS``) is refused, naming the setting, both values and the file; so
        is one whose training record beside it (``custom.training_record.read_record``: ``training_inputs.json``,
        where ``ckpt_export --filepath runs/fold0/model.ts`` leaves it, and in ``bundle/models/``) names another value
-       (the export embeds the config files, not command-line overrides such as ``--contralateral_channels mirror``,
-       which the record holds; a record without a setting, of an earlier version, is not compared on it);
+       (the export embeds the config files, not command-line overrides such as ``--spacing_mm 0.9``, which the record
+       holds: the channel settings' are caught by 2 too, ``spacing_mm``, which keeps 5 channels, by the record only;
+       a record without a setting, of an earlier version, is not compared on it);
     2. the probe: the model must map a (1, 5, 32, 32) batch to (1, 2, 32, 32) logits (another channel count or
        architecture is refused, naming the layer's complaint);
     3. the bundle version: a model of another version than this runner's (``custom.__version__``) is run, with a
@@ -251,7 +253,8 @@ def check_model(network, path, embedded: Mapping[str, str], device="cpu") -> Non
         overrides = " ".join(dict.fromkeys(f"--{key} {value}" for key, value, _ in other))
         raise ValueError(
             f"model '{path}' was exported with other input settings than this runner's, {settings}: the runner feeds "
-            f"the {len(MODALITIES)} maps only ({', '.join(MODALITIES)}); segment with its weights through "
+            f"the {len(MODALITIES)} maps only ({', '.join(MODALITIES)}), on the grid they come with (it does not "
+            f"resample); segment with its weights through "
             f"inference.json with {overrides}"
         )
     probe = torch.zeros((1, len(MODALITIES), 32, 32), device=device)

@@ -259,7 +259,7 @@ def start_server_command(app_dir, studies, venv, port=8000, name=BUNDLE_NAME) ->
 def prepare_monailabel_app(app_dir: str, studies: str | None = None, dataset_dir: str | None = None,
                            archive: str | None = None, bundle_root: str = "bundle", venv: str | None = None,
                            port=8000, ckpt_path: str | None = None, contralateral_channels=None,
-                           adjacent_slices=None):  # fmt: skip
+                           adjacent_slices=None, spacing_mm=None):  # fmt: skip
     """Prepare ``app_dir`` (must not exist) for ``monailabel start_server``; returns the start line.
 
     Args:
@@ -272,7 +272,7 @@ def prepare_monailabel_app(app_dir: str, studies: str | None = None, dataset_dir
         venv: the MONAI Label environment (default ``$CTP_MONAILABEL_VENV`` or ``~/.cache/ctp-monailabel/venv``).
         port: the port written into the printed command.
         ckpt_path: weights to serve instead of the archive's (e.g. ``runs/fold0/model.pt`` of a training run).
-        contralateral_channels, adjacent_slices: the input settings the served weights were trained with
+        contralateral_channels, adjacent_slices, spacing_mm: the input settings the served weights were trained with
             (``train.json``'s keys), written into the served copy's configs; ``None`` keeps the archive's.
 
     The served weights are loaded into the served configs' network before anything is moved into place,
@@ -298,7 +298,8 @@ def prepare_monailabel_app(app_dir: str, studies: str | None = None, dataset_dir
         report_refusals(sample_app, venv)
         if archive is None:
             archive = package_bundle(Path(scratch) / f"{BUNDLE_NAME}.zip", bundle_root=bundle_root)
-        given = {"contralateral_channels": contralateral_channels, "adjacent_slices": adjacent_slices}
+        given = {"contralateral_channels": contralateral_channels, "adjacent_slices": adjacent_slices,
+                 "spacing_mm": spacing_mm}
         input_settings = {key: value for key, value in given.items() if value is not None}
         served = unpack_served_bundle(archive, sample_app / "model", input_settings)
         if ckpt_path is not None:

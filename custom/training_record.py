@@ -45,7 +45,10 @@ BEST_MODEL = "model.pt"  # train.json's best (or final) model in ckpt_dir
 # Exports of BEST_MODEL's weights that a bundle's models/ may hold beside it (``python -m custom package`` packs them).
 EXPORTS = ("model.ts", "model.onnx")
 # The config ids that decide what the network sees: weights trained with them need the same values wherever they run.
-INPUT_SETTINGS = ("contralateral_channels", "adjacent_slices")
+INPUT_SETTINGS = ("contralateral_channels", "adjacent_slices", "spacing_mm")
+# Input settings added after records were first written, with the value their absence from a record means: the
+# weights were trained before the setting existed, so without it (spacing_mm: records up to 0.3.16).
+ABSENT_INPUT_SETTINGS = {"spacing_mm": None}
 # What a resumed run must share with the run it continues, besides the input settings.
 RUN_SETTINGS = ("fold", "dataset_json_sha256")
 # The record key of the SHA-256 of the part of dataset.json that decides training (``custom.data.datalist.
@@ -150,6 +153,7 @@ def check_record(
     record = read_record(checkpoint) if embedded is None else embedded
     if record is None:
         return
+    record = {**ABSENT_INPUT_SETTINGS, **record}
     recorded_in = (
         f"'{os.path.normpath(record_of(checkpoint))}'" if embedded is None
         else "the checkpoint itself, from its members' records"

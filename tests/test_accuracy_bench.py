@@ -150,8 +150,8 @@ def test_a_phantom_of_other_settings_is_refused_not_reused(tmp_path):
 
 
 def test_bundle_overrides_that_change_the_network_input_reach_inference(tmp_path, monkeypatch):
-    """A model trained with more input channels (``contralateral_channels``, ``adjacent_slices``) or another
-    ``network_def`` is only usable by an inference run with the same keys; training-only keys stay out of it;
+    """A model trained with other input settings (``contralateral_channels``, ``adjacent_slices``, ``spacing_mm``)
+    or another ``network_def`` is only usable by an inference run with the same keys; training-only keys stay out of it;
     ``lesion_threshold`` and ``min_lesion_ml`` (post-processing) reach it and only it; training gets the budget
     as ``time_budget_s`` and nothing that would size the run instead."""
     import custom.accuracy_bench as bench
@@ -168,14 +168,15 @@ def test_bundle_overrides_that_change_the_network_input_reach_inference(tmp_path
                                 "Time taken: 00:00:01.000\n")
 
     monkeypatch.setattr(bench, "_run", fake_run)
-    overrides = {"contralateral_channels": "difference", "adjacent_slices": 1, "network_def#norm": "batch",
-                 "learning_rate": 0.01, "min_lesion_ml": 0, "lesion_threshold": 0.7}
+    overrides = {"contralateral_channels": "difference", "adjacent_slices": 1, "spacing_mm": 0.9,
+                 "network_def#norm": "batch", "learning_rate": 0.01, "min_lesion_ml": 0, "lesion_threshold": 0.7}
     bench.run_bundle(tmp_path / "dataset", ["a.nii.gz"], tmp_path, 30, overrides)
 
     def value(command, key):
         return command[command.index(f"--{key}") + 1] if f"--{key}" in command else None
 
-    expected_in_both = {"contralateral_channels": "'difference'", "adjacent_slices": "1", "network_def#norm": "'batch'"}
+    expected_in_both = {"contralateral_channels": "'difference'", "adjacent_slices": "1", "spacing_mm": "0.9",
+                        "network_def#norm": "'batch'"}
     for key, expected in expected_in_both.items():
         assert value(commands["train"], key) == expected and value(commands["inference"], key) == expected
     assert value(commands["train"], "learning_rate") == "0.01" and value(commands["inference"], "learning_rate") is None

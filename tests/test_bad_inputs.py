@@ -544,7 +544,7 @@ def test_weights_of_other_input_settings_are_refused_naming_the_record(tiny_phan
 
     run = tmp_path / "difference_run"
     run.mkdir()
-    trained = {"contralateral_channels": "difference", "adjacent_slices": 0}
+    trained = {"contralateral_channels": "difference", "adjacent_slices": 0, "spacing_mm": None}
     write_training_record(run, trained, fold=0, dataset_dir=tiny_phantom_dataset)  # at its start, as a run does
     checkpoint = _network_checkpoint(run / "model.pt", in_channels=10)
     configs = ["train.json", "evaluate.json"] if path == "evaluation" else ["inference.json"]
@@ -594,7 +594,7 @@ def test_evaluating_a_checkpoint_on_cases_it_was_trained_on_is_refused(tiny_phan
     run = tmp_path / "fold0"
     run.mkdir()
     trained_cases = fold_datalist(tiny_phantom_dataset, 0, "train") if record == "images" else None
-    settings = {"contralateral_channels": None, "adjacent_slices": 0}
+    settings = {"contralateral_channels": None, "adjacent_slices": 0, "spacing_mm": None}
     write_training_record(run, settings, 0, tiny_phantom_dataset, trained_cases=trained_cases)  # as a run, first
     checkpoint = _network_checkpoint(run / "model.pt")
     workflow = bundle_workflow(
@@ -649,7 +649,7 @@ def test_a_checkpoint_of_a_dataset_converted_again_into_its_folder_is_refused_wi
 
     raw, dataset = tiny_phantom_dataset.parent / "isles2018", tmp_path / "dataset"
     prepare_isles2018(raw / "TRAINING", dataset, patients=raw / "patients.csv", folds=2, seed=0)
-    settings = {"contralateral_channels": None, "adjacent_slices": 0}
+    settings = {"contralateral_channels": None, "adjacent_slices": 0, "spacing_mm": None}
     write_training_record(tmp_path, settings, 0, dataset, trained_cases=fold_datalist(dataset, 0, "train"))
     checkpoint = _network_checkpoint(tmp_path / "model.pt")
     prepare_isles2018(raw / "TRAINING", dataset, patients=raw / "patients.csv", folds=2, seed=3, overwrite=True)

@@ -42,8 +42,9 @@ def test_network_and_preprocessing_identical_in_train_and_inference():
     train = ConfigParser.load_config_file(CONFIGS / "train.json")
     inference = ConfigParser.load_config_file(CONFIGS / "inference.json")
     assert train["network_def"] == inference["network_def"]
-    train_image_steps = [
-        {k: v for k, v in t.items() if k != "keys"} for t in train["train"]["deterministic_transforms"]
+    train_image_steps = [  # the image's part: the first of a step's modes (image, label)
+        {k: v[0] if k == "mode" else v for k, v in t.items() if k != "keys"}
+        for t in train["train"]["deterministic_transforms"]
     ]
     inference_steps = [  # but the brain mask for the post-processing (test_lesions.py)
         {k: v for k, v in t.items() if k != "keys"}
@@ -52,7 +53,7 @@ def test_network_and_preprocessing_identical_in_train_and_inference():
     ]
     assert [t["_target_"] for t in train_image_steps] == [t["_target_"] for t in inference_steps]
     assert train_image_steps[0] == inference_steps[0]  # one NIfTI reader (custom.readers): nibabel's affine
-    assert train_image_steps[3:5] == inference_steps[3:5]  # brain normalisation and padding
+    assert train_image_steps[3:6] == inference_steps[3:6]  # brain normalisation, spacing_mm resampling and padding
 
 
 def test_metadata_declares_what_the_network_does():

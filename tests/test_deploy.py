@@ -612,6 +612,7 @@ def test_the_runner_feeds_the_input_settings_of_inference_json_defaults():
 @pytest.mark.parametrize("override, setting, runners", [
     ({"contralateral_channels": "mirror"}, "contralateral_channels 'mirror'", "None"),
     ({"adjacent_slices": 1}, "adjacent_slices 1", "0"),
+    ({"spacing_mm": 0.9}, "spacing_mm 0.9", "None"),  # 5 channels: the probe passed it, and it ran unresampled
 ])  # fmt: skip
 def test_a_model_exported_with_other_input_settings_is_refused_naming_them(tmp_path, override, setting, runners):
     """The settings are in the config file the export embeds (docs/deployment.md: an override file such as

@@ -154,7 +154,7 @@ def test_cases_a_fold_model_was_trained_on_are_refused(identical_folds, two_labe
 
     cv, config = identical_folds
     cases = json.loads((two_labelled_cases / "dataset.json").read_text())["training"]
-    settings = {"contralateral_channels": None, "adjacent_slices": 0}
+    settings = {"contralateral_channels": None, "adjacent_slices": 0, "spacing_mm": None}
     record = run_record(settings, 1, two_labelled_cases, trained_cases=[{"image": cases[1]["image"]}])
     (cv / "fold_1" / "models" / TRAINING_RECORD).write_text(json.dumps(record))
     with pytest.raises(ValueError) as raised:

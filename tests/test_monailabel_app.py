@@ -118,7 +118,8 @@ def test_served_weights_of_other_recorded_input_settings_are_refused(tiny_phanto
     record leave none there (it would be another run's)."""
     run = tmp_path / "difference_run"
     run.mkdir()
-    write_training_record(run, {"contralateral_channels": "difference", "adjacent_slices": 0}, 0, tiny_phantom_dataset)
+    write_training_record(run, {"contralateral_channels": "difference", "adjacent_slices": 0, "spacing_mm": None}, 0,
+                          tiny_phantom_dataset)  # fmt: skip
     trained = run / "model.pt"
     torch.save(inference_network(in_channels=10).state_dict(), trained)
     archive = package_bundle(tmp_path / "ctp_stroke.zip")
@@ -153,7 +154,7 @@ def test_a_study_replaced_under_its_name_stays_known_to_the_fine_tuned_weights(t
     first_upload = tmp_path / "first_upload.nii.gz"
     nib.save(nib.Nifti1Image(np.arange(160, dtype=np.float32).reshape(4, 4, 2, 5), np.eye(4)), first_upload)
     shutil.copyfile(first_upload, study)
-    settings = {"contralateral_channels": None, "adjacent_slices": 0}
+    settings = {"contralateral_channels": None, "adjacent_slices": 0, "spacing_mm": None}
 
     def fine_tune():
         write_training_record(served_models, settings, 0, tmp_path / "no_dataset",

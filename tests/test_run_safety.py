@@ -52,6 +52,12 @@ def _bundle_run(*arguments, env=None):
         (["inference.json"], "infer", {"adjacent_slices": 0.5}, "config id 'adjacent_slices' must be a whole number"),
         (["inference.json"], "infer", {"contralateral_channels": "foo"}, "'contralateral_channels' must be null (off)"),
         (["train.json"], "train", {"contralateral_channels": "mirrored"}, "'contralateral_channels' must be null"),
+        # a non-positive spacing was taken by Spacingd as "keep this axis's spacing": the run went on unresampled
+        (["inference.json"], "infer", {"spacing_mm": 0}, "config id 'spacing_mm' must be null (off: each image's own "
+         "grid) or a number of mm from 0.05 to 30.0 (the in-plane voxel size to resample to), got 0"),
+        (["train.json"], "train", {"spacing_mm": -0.9}, "config id 'spacing_mm' must be null (off"),
+        (["train.json", "evaluate.json"], "train", {"spacing_mm": 31}, "config id 'spacing_mm' must be null (off"),
+        (["inference.json"], "infer", {"spacing_mm": "0.9"}, "config id 'spacing_mm' must be null (off"),
         (["inference.json"], "infer", {"min_lesion_ml": -1}, "config id 'min_lesion_ml' must be a number >= 0"),
         (["train.json", "evaluate.json"], "train", {"min_lesion_ml": "0.5"}, "config id 'min_lesion_ml' must be a"),
         (["inference.json"], "infer", {"lesion_threshold": 1}, "config id 'lesion_threshold' must be a number between"),

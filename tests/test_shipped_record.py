@@ -47,8 +47,8 @@ def test_the_shipped_record_names_no_path_of_the_machine_it_was_written_on():
     assert all(image.startswith("runs/accuracy/train/dataset/imagesTr/") for image in record["trained_images"])
 
 
-@pytest.mark.parametrize("setting", [{"contralateral_channels": "mirror"}, {"adjacent_slices": 1}],
-                         ids=["contralateral_channels mirror", "adjacent_slices 1"])
+@pytest.mark.parametrize("setting", [{"contralateral_channels": "mirror"}, {"adjacent_slices": 1}, {"spacing_mm": 0.9}],
+                         ids=["contralateral_channels mirror", "adjacent_slices 1", "spacing_mm 0.9"])
 def test_the_shipped_weights_are_refused_with_other_input_settings_naming_their_record(tiny_phantom_dataset,
                                                                                        tmp_path, setting):
     """Without a record the shipped 5-channel weights met the 10- or 15-channel network of another setting in

@@ -185,7 +185,7 @@ def test_fine_tuned_served_weights_are_not_evaluated_on_images_they_learnt(tiny_
     weights' (fold, dataset, ``trained_images``) and adds its studies' digests to those of the earlier fine-tunes: both
     are refused, held-out images (validation studies included) pass. A dataset run replacing the fine-tuned weights
     under the served record's fold and dataset removes them at its start (its record would not name the studies)."""
-    settings = {"contralateral_channels": None, "adjacent_slices": 0}
+    settings = {"contralateral_channels": None, "adjacent_slices": 0, "spacing_mm": None}
     run = tmp_path / "fold0"
     run.mkdir()
     write_training_record(run, settings, 0, tiny_phantom_dataset,
@@ -390,7 +390,7 @@ def test_a_replacing_run_leaves_no_unrecorded_model_under_its_record(tiny_phanto
     assert json.loads((ckpt_dir / TRAINING_RECORD).read_text())["dataset_json_sha256"] is not None
     assert not (ckpt_dir / "model.pt").exists()
     shutil.copyfile(BUNDLE / "models" / "model.pt", ckpt_dir / "model.pt")
-    settings = {"contralateral_channels": None, "adjacent_slices": 0}
+    settings = {"contralateral_channels": None, "adjacent_slices": 0, "spacing_mm": None}
     (ckpt_dir / TRAINING_RECORD).write_text(json.dumps({**settings, "fold": 0, "dataset_json": None,
                                                         "dataset_json_sha256": None, "trained_images": None}))
     write_training_record(ckpt_dir, settings, 0, tiny_phantom_dataset)
@@ -477,7 +477,7 @@ def test_a_run_resumed_in_the_folder_of_another_fold_dataset_or_input_settings_i
     _workflow(tiny_phantom_dataset, ckpt_dir=str(ckpt_dir), output_dir=str(tmp_path / "logs"), epochs=1).run()
     record = json.loads((ckpt_dir / TRAINING_RECORD).read_text())
     assert record == {
-        "contralateral_channels": None, "adjacent_slices": 0, "fold": 0,
+        "contralateral_channels": None, "adjacent_slices": 0, "spacing_mm": None, "fold": 0,
         "dataset_json": str(tiny_phantom_dataset / "dataset.json"),
         "dataset_json_sha256": hashlib.sha256((tiny_phantom_dataset / "dataset.json").read_bytes()).hexdigest(),
         "scored_dataset_sha256": scored_dataset_sha256(load_dataset_json(tiny_phantom_dataset)),
@@ -499,6 +499,7 @@ def test_a_run_resumed_in_the_folder_of_another_fold_dataset_or_input_settings_i
                     f"{scored_dataset_sha256(load_dataset_json(other_dataset))[:12]}... "
                     f"(--dataset_dir '{tiny_phantom_dataset}')"),
         "input settings": ({"adjacent_slices": 1}, "adjacent_slices: trained with 0, this run 1 (--adjacent_slices 0)"),
+        "spacing": ({"spacing_mm": 0.9}, "spacing_mm: trained with None, this run 0.9 (--spacing_mm None)"),
     }  # fmt: skip
     for name, (override, expected) in attempts.items():
         dataset_dir = override.pop("dataset_dir", tiny_phantom_dataset)

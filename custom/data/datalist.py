@@ -17,8 +17,10 @@ from pathlib import Path
 # evaluate.json, where a fold without any lesion is accepted (its false-positive volume is a legitimate measurement).
 ROLES = ("train", "validate", "evaluate")
 # The key of a fold_datalist entry holding its image's ``custom.data.studies.voxel_digest``, computed by the
-# screening that reads every image anyway: training records the digests, evaluation compares with them.
-IMAGE_DIGEST = "image_voxels_sha256"
+# screening that reads every image anyway: training records the digests, evaluation compares with them. Not named
+# "image_...": MONAI's Spacingd (spacing_mm) updates every "<key>_..." item of its keys as a metadata dict, and failed
+# on this string.
+IMAGE_DIGEST = "voxels_sha256"
 # The keys of dataset.json that decide the folds' results and a training run's; its testing list (``testing``,
 # ``numTest``) and description decide none.
 SCORED_DATASET_KEYS = ("modality", "labels", "num_folds", "training")
