@@ -1,3 +1,3 @@
 """Python code the CTP stroke-lesion bundle imports: only what MONAI, Ignite and PyTorch lack."""
 
-__version__ = "0.3.16"
+__version__ = "0.3.17"
