@@ -35,13 +35,13 @@ from custom.clinical import brain_mask, voxel_volume_ml
 from custom.config_check import whole_number
 # refuse_unusable_cases: the screening of training and evaluation (one error naming every bad file)
 from custom.data.datalist import load_dataset_json, refuse_earlier_outputs, refuse_unusable_cases
-from custom.deploy import class_probabilities, read_case
+from custom.deploy import RUNNER_INPUT_SETTINGS, class_probabilities, read_case
 from custom.ensemble import ALL_SLICE_FLIPS
 from custom.handlers import load_network_checkpoint
 from custom.lesions import check_lesion_threshold, check_min_volume, lesion_from_probabilities, remove_small_lesions
 from custom.metrics import case_metrics
 from custom.reporting import write_case_csv
-from custom.training_record import case_digests, read_record, record_of, trained_images_among
+from custom.training_record import case_digests, check_record, read_record, record_of, trained_images_among
 
 BUNDLE_ROOT = Path(__file__).resolve().parent.parent / "bundle"
 OUTPUTS = ("cases.csv", "summary.json", "summary.md")
@@ -242,6 +242,11 @@ def run_ensemble_bench(
         "(`python -m custom check` lists every problem).",
     )
     _refuse_cases_the_folds_learnt(checkpoints, dataset_dir, cases)
+    for path in checkpoints:  # each fold is fed as the runner feeds a model (read_case): the 5 maps on their own grid
+        check_record(path, RUNNER_INPUT_SETTINGS, action="scored by ensemble-bench", otherwise=(
+            "\nensemble-bench feeds every fold model the 5 maps on their own grid, as custom/deploy.py does; score "
+            "folds trained with other input settings with python -m custom cv (evaluate.json), which takes these "
+            "overrides"))
     refuse_earlier_outputs(out, [], overwrite, postfixes=(), tables=OUTPUTS, setting="--out")
     out = require_writable_folder(out)
     parser = ConfigParser()

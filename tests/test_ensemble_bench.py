@@ -168,6 +168,30 @@ def test_cases_a_fold_model_was_trained_on_are_refused(identical_folds, two_labe
     assert summary[0]["cases"] == 1
 
 
+@pytest.mark.parametrize("setting", [{"spacing_mm": 0.9}, {"adjacent_slices": 1}], ids=lambda s: next(iter(s)))
+def test_fold_models_trained_with_other_input_settings_are_refused_naming_them(
+    identical_folds, two_labelled_cases, tmp_path, setting
+):
+    """The bench feeds every fold the runner's input, the 5 maps on their own grid: a fold trained with ``spacing_mm``
+    (5 channels, so it loads) was scored on inputs it never saw, without a word; one trained with slice context
+    failed in load_state_dict naming no setting. Both are refused by the fold's training record, before any
+    output."""
+    from custom.deploy import RUNNER_INPUT_SETTINGS
+    from custom.training_record import TRAINING_RECORD, run_record
+
+    cv, config = identical_folds
+    settings = {"contralateral_channels": None, "adjacent_slices": 0, "spacing_mm": None, **setting}
+    (cv / "fold_1" / "models" / TRAINING_RECORD).write_text(json.dumps(run_record(settings, 1, tmp_path / "none")))
+    with pytest.raises(ValueError) as raised:
+        run_ensemble_bench(str(cv), str(two_labelled_cases), str(tmp_path / "out"), config_file=str(config))
+    (key, value), = setting.items()
+    message = str(raised.value)
+    assert f"checkpoint '{cv / 'fold_1' / 'models' / 'model.pt'}' was trained with other settings" in message
+    assert f"{key}: trained with {value!r}, this run {RUNNER_INPUT_SETTINGS[key]!r} (--{key} {value})" in message
+    assert "is not scored by ensemble-bench" in message and "python -m custom cv" in message
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_earlier_runs_tables_are_replaced_only_when_asked(identical_folds, two_labelled_cases, tmp_path):
     cv, config = identical_folds
     out = tmp_path / "out"
