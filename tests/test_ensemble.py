@@ -160,19 +160,20 @@ def test_ensemble_checkpoint_of_one_checkpoint_twice_is_refused_and_not_written(
     assert not (tmp_path / "ensemble.pt").exists()
 
 
-def _recorded_members(folder: Path, trained_with: tuple[str, ...]) -> list[Path]:
-    """One model.pt of inference.json's 10-channel network_def (seeded random weights) per ``trained_with``, each in its
-    own folder beside a training record of that ``contralateral_channels``."""
-    parser = ConfigParser()
-    parser.read_config(str(CONFIGS / "inference.json"))
-    parser["contralateral_channels"] = "mirror"  # 'difference' has the same 10 input channels
+def _recorded_members(folder: Path, trained_with: tuple, key: str = "contralateral_channels") -> list[Path]:
+    """One model.pt of inference.json's network_def for each value of input setting ``key`` in ``trained_with``
+    (seeded random weights; 10 channels for either contralateral mode), each in its own folder beside a training
+    record of that value and the other settings' defaults."""
     members = []
-    for fold, contralateral in enumerate(trained_with):
+    for fold, value in enumerate(trained_with):
+        parser = ConfigParser()
+        parser.read_config(str(CONFIGS / "inference.json"))
+        parser[key] = value
         torch.manual_seed(fold)
         (folder / f"fold{fold}").mkdir(parents=True)
         members.append(folder / f"fold{fold}" / "model.pt")
         torch.save(parser.get_parsed_content("network_def", lazy=False).state_dict(), members[-1])
-        record = {"contralateral_channels": contralateral, "adjacent_slices": 0}
+        record = {setting: parser[setting] for setting in INPUT_SETTINGS}
         (folder / f"fold{fold}" / "training_inputs.json").write_text(json.dumps(record))
     return members
 
@@ -190,14 +191,25 @@ def test_ensemble_checkpoint_refuses_members_trained_with_other_input_settings(t
         write_ensemble_checkpoint(*members, out=str(tmp_path / "ensemble.pt"), config_file=str(config_file))
     assert not (tmp_path / "ensemble.pt").exists()
 
-    differences = _recorded_members(tmp_path / "difference", ("difference", "difference"))
-    command = ["ensemble-checkpoint", *map(str, differences), "--out", str(tmp_path / "ensemble.pt")]
+
+@pytest.mark.parametrize("key, value", [("contralateral_channels", "difference"), ("spacing_mm", 0.9)])
+def test_the_refusals_override_pasted_onto_the_command_line_builds_the_ensemble_carrying_it(
+    tmp_path, capsys, key, value
+):
+    """Members trained with an input setting are refused with the default config, naming the override; the command
+    takes it (it did not: no such option), and the ensemble file carries the setting, by which inference refuses it
+    without (``spacing_mm`` keeps the 5 channels, so nothing else would)."""
+    members = _recorded_members(tmp_path, (value, value), key)
+    command = ["ensemble-checkpoint", *map(str, members), "--out", str(tmp_path / "ensemble.pt")]
     with pytest.raises(SystemExit) as refused:
         main(command)
-    advice = re.search(r"\((--contralateral_channels \S+)\)", str(refused.value)).group(1)
-    assert advice == "--contralateral_channels difference" and not (tmp_path / "ensemble.pt").exists()
+    advice = re.search(rf"\((--{key} \S+)\)", str(refused.value)).group(1)
+    assert advice == f"--{key} {value}" and not (tmp_path / "ensemble.pt").exists()
     main([*command, *advice.split()])
-    assert (tmp_path / "ensemble.pt").is_file() and "ensemble checkpoint of 2 members" in capsys.readouterr().out
+    assert "ensemble checkpoint of 2 members" in capsys.readouterr().out
+    carried = embedded_record(torch.load(tmp_path / "ensemble.pt", weights_only=True))
+    assert carried == {**{setting: None for setting in ("contralateral_channels", "spacing_mm")}, "adjacent_slices": 0,
+                       key: value}  # fmt: skip
 
 
 def test_ensemble_checkpoint_of_a_config_without_input_settings_takes_its_ids_of_them(tmp_path):

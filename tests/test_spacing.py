@@ -2,7 +2,6 @@
 ``Spacingd``), an input setting recorded with the weights like ``contralateral_channels``."""
 
 import json
-import re
 from pathlib import Path
 
 import nibabel as nib
@@ -14,9 +13,8 @@ from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from monai.transforms import DivisiblePadd, Spacingd
 
-from custom.__main__ import main
 from custom.data.datalist import IMAGE_DIGEST
-from custom.training_record import TRAINING_RECORD, check_record, embedded_record
+from custom.training_record import TRAINING_RECORD, check_record
 from custom.transforms import NormalizeWithinBraind
 
 LESION = (slice(20, 40), slice(10, 30), 1)  # 20 x 20 voxels of the middle slice
@@ -130,25 +128,3 @@ def test_a_record_without_spacing_mm_is_that_of_weights_trained_without_it(tmp_p
     with pytest.raises(ValueError, match=r"spacing_mm: trained with None, this run 0.9 \(--spacing_mm None\)"):
         check_record(checkpoint, {**settings, "spacing_mm": 0.9})
     check_record(checkpoint, {**settings, "spacing_mm": None})
-
-
-def test_ensemble_checkpoint_takes_spacing_mm_and_carries_it(tmp_path, capsys):
-    """Members trained with spacing_mm 0.9 are refused with the default config, naming the override; with it the
-    ensemble file carries spacing_mm, by which inference refuses it without."""
-    members = []
-    for fold in range(2):
-        (tmp_path / f"fold{fold}").mkdir()
-        torch.manual_seed(fold)
-        members.append(tmp_path / f"fold{fold}" / "model.pt")
-        torch.save(inference_network().state_dict(), members[-1])
-        record = {"contralateral_channels": None, "adjacent_slices": 0, "spacing_mm": 0.9}
-        (tmp_path / f"fold{fold}" / TRAINING_RECORD).write_text(json.dumps(record))
-    command = ["ensemble-checkpoint", *map(str, members), "--out", str(tmp_path / "ensemble.pt")]
-    with pytest.raises(SystemExit) as refused:
-        main(command)
-    advice = re.search(r"\((--spacing_mm \S+)\)", str(refused.value)).group(1)
-    assert advice == "--spacing_mm 0.9" and not (tmp_path / "ensemble.pt").exists()
-    main([*command, *advice.split()])
-    assert "ensemble checkpoint of 2 members" in capsys.readouterr().out
-    carried = embedded_record(torch.load(tmp_path / "ensemble.pt", weights_only=True))
-    assert carried == {"contralateral_channels": None, "adjacent_slices": 0, "spacing_mm": 0.9}
